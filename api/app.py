@@ -1,0 +1,36 @@
+"""The FastAPI application: lifespan builds the services once; routers stay thin."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from mlxq import __version__
+from mlxq.db import upgrade
+from mlxq.settings import Settings, get_settings
+
+from api import errors
+from api.routes import router
+from api.services import Services
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, *, migrate: bool = True) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if migrate:
+            upgrade(settings)
+        app.state.services = Services.build(settings)
+        yield
+        await app.state.services.aclose()
+
+    app = FastAPI(title="mlxq", version=__version__, lifespan=lifespan)
+    errors.install(app)
+    app.include_router(router)
+    return app

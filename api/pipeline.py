@@ -1,0 +1,178 @@
+"""The request path shared by every endpoint: canonical key -> response cache -> job -> result.
+
+Everything that touches SQL or the broker runs in a thread so the event loop never blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from mlxq import repos
+from mlxq.contract import GENERATE_TASK
+from mlxq.keys import is_deterministic, request_key
+
+from api.errors import APIError
+from api.services import Services
+
+log = logging.getLogger(__name__)
+
+# Fire-and-forget bookkeeping tasks are kept referenced until done.
+_background: set[asyncio.Task] = set()
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    """What the client allowed: look up (no `no-cache`), store (no `no-store`), entry lifetime."""
+
+    lookup: bool = True
+    store: bool = True
+    ttl_s: float | None = None
+
+    @classmethod
+    def parse(cls, header: str | None, body: dict[str, Any] | None) -> "CachePolicy":
+        lookup, store, ttl = True, True, None
+        for part in (header or "").lower().split(","):
+            name, _, value = part.strip().partition("=")
+            if name == "no-cache":
+                lookup = False
+            elif name == "no-store":
+                store = False
+            elif name in ("max-age", "s-maxage") and value.strip().isdigit():
+                ttl = float(value)
+        body = body or {}
+        if body.get("no-cache"):
+            lookup = False
+        if body.get("no-store"):
+            store = False
+        for name in ("ttl", "s-maxage", "max-age"):
+            if isinstance(body.get(name), (int, float)) and body[name] > 0:
+                ttl = float(body[name])
+        return cls(lookup=lookup, store=store, ttl_s=ttl)
+
+
+@dataclass
+class Outcome:
+    result: dict[str, Any]
+    cache: str  # HIT | MISS | BYPASS
+    key: str
+    job_id: str | None = None
+
+
+def _spawn(coro) -> None:
+    task = asyncio.get_running_loop().create_task(coro)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+class Pipeline:
+    def __init__(self, services: Services) -> None:
+        self.s = services
+
+    # -- SQL steps (run in threads) --------------------------------------------------------
+
+    def _lookup(self, key: str) -> dict[str, Any] | None:
+        with self.s.sessions() as session:
+            entry = repos.get_entry(session=session, key=key)
+            return entry.result if entry is not None else None
+
+    def _record_hit(self, key: str) -> None:
+        with self.s.sessions.begin() as session:
+            repos.touch_entry(session=session, key=key)
+            repos.bump(session=session, name="cache_hits")
+
+    def _record(self, name: str) -> None:
+        with self.s.sessions.begin() as session:
+            repos.bump(session=session, name=name)
+
+    def _enqueue_job(self, *, key: str, kind: str, model: str, canonical: dict[str, Any],
+                     store: bool, ttl_s: float | None, counted: str, join: bool) -> tuple[str, bool]:
+        """Create a job row (or join an identical one in flight); returns (job id, is new)."""
+        with self.s.sessions.begin() as session:
+            repos.bump(session=session, name=counted)
+            if join and (running := repos.find_inflight(session=session, key=key)) is not None:
+                return running.id, False
+            job = repos.create_job(session=session, key=key, kind=kind, model=model, request=canonical,
+                                   store=store, ttl_s=ttl_s)
+            job_id = job.id
+        return job_id, True
+
+    def _send(self, job_id: str) -> None:
+        try:
+            self.s.celery.send_task(GENERATE_TASK, args=[job_id], task_id=job_id, queue=self.s.settings.queue)
+        except Exception as exc:
+            with self.s.sessions.begin() as session:
+                repos.finish_job(session=session, job_id=job_id, status="failed",
+                                 error={"status": 503, "type": "server_error", "code": "broker_unavailable",
+                                        "message": f"could not enqueue the job: {exc}", "param": None})
+            raise APIError(503, f"The job queue is unavailable: {exc}", code="broker_unavailable") from exc
+
+    def _job_state(self, job_id: str) -> tuple[str, dict[str, Any] | None, dict[str, Any] | None]:
+        with self.s.sessions() as session:
+            job = repos.get_job(session=session, job_id=job_id)
+            if job is None:
+                raise APIError(404, f"No job {job_id}.", code="job_not_found")
+            return job.status, job.result, job.error
+
+    # -- the path --------------------------------------------------------------------------
+
+    async def submit(self, *, kind: str, canonical: dict[str, Any], policy: CachePolicy) -> Outcome:
+        """Answer from the cache, or enqueue a job (joining an identical one in flight)."""
+        key = request_key(kind, canonical)
+        cacheable = is_deterministic(canonical)
+        if cacheable and policy.lookup:
+            cached = await asyncio.to_thread(self._lookup, key)
+            if cached is not None:
+                _spawn(asyncio.to_thread(self._record_hit, key))
+                return Outcome(cached, "HIT", key)
+        outcome = "MISS" if cacheable and policy.lookup else "BYPASS"
+        job_id, is_new = await asyncio.to_thread(
+            self._enqueue_job, key=key, kind=kind, model=canonical["model"], canonical=canonical,
+            store=cacheable and policy.store, ttl_s=policy.ttl_s,
+            counted="cache_misses" if outcome == "MISS" else "cache_bypass",
+            join=cacheable and policy.lookup,
+        )
+        if is_new:
+            await asyncio.to_thread(self._send, job_id)
+        return Outcome({}, outcome, key, job_id)
+
+    async def run(self, *, kind: str, canonical: dict[str, Any], policy: CachePolicy) -> Outcome:
+        """The synchronous path: the client waits for the answer."""
+        outcome = await self.submit(kind=kind, canonical=canonical, policy=policy)
+        if outcome.job_id is not None:
+            outcome.result = await self.wait(outcome.job_id)
+        return outcome
+
+    async def wait(self, job_id: str) -> dict[str, Any]:
+        """Wait for a job's end on the stream channel (re-checking the job row now and then)."""
+        finished = asyncio.Event()
+
+        async def consume() -> None:
+            async for event in self.s.channel.listen(job_id):
+                if event.get("type") in ("done", "error"):
+                    finished.set()
+                    return
+
+        listener = asyncio.get_running_loop().create_task(consume())
+        deadline = time.monotonic() + self.s.settings.request_timeout_s
+        try:
+            while not finished.is_set():
+                try:
+                    await asyncio.wait_for(finished.wait(), timeout=1.0)
+                except TimeoutError:
+                    status, _, _ = await asyncio.to_thread(self._job_state, job_id)
+                    if status in repos.TERMINAL:
+                        break
+                    if time.monotonic() > deadline:
+                        raise APIError(504, f"Job {job_id} did not finish within "
+                                            f"{self.s.settings.request_timeout_s:.0f}s; poll /v1/jobs/{job_id}.",
+                                       code="timeout") from None
+        finally:
+            listener.cancel()
+        status, result, error = await asyncio.to_thread(self._job_state, job_id)
+        if status == "succeeded" and result is not None:
+            return result
+        raise APIError.from_job(error or {"status": 500, "message": f"job {job_id} ended {status}"})

@@ -1,0 +1,44 @@
+"""Long-lived resources of the api process, built once in the lifespan and injected."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from celery import Celery
+from fastapi import Depends, Request
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from mlxq.celery_app import make_celery
+from mlxq.channel import Channel, make_channel
+from mlxq.db import make_engine, make_sessionmaker
+from mlxq.settings import Settings
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    celery: Celery
+    channel: Channel
+
+    @classmethod
+    def build(cls, settings: Settings) -> "Services":
+        engine = make_engine(settings.database_url)
+        sessions = make_sessionmaker(engine)
+        channel = make_channel(broker_url=settings.broker_url, redis_prefix=settings.redis_prefix,
+                               sessions=sessions, poll_interval_s=settings.poll_interval_s)
+        return cls(settings, engine, sessions, make_celery(settings), channel)
+
+    async def aclose(self) -> None:
+        await self.channel.aclose()
+        self.engine.dispose()
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]

@@ -1,0 +1,41 @@
+"""The task contract between api and worker: task names and the shape of results and errors.
+
+The api sends tasks by name (it never imports the worker); a task carries only the job id,
+and the worker reads the canonical request from the job row.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypedDict
+
+GENERATE_TASK = "mlxq.generate"
+
+JobKind = Literal["chat", "completion"]
+
+
+class Usage(TypedDict):
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+class GenerationResult(TypedDict, total=False):
+    """What the worker produces; the api renders it in the client's dialect."""
+
+    text: str
+    finish_reason: str  # stop | length | tool_calls
+    usage: Usage
+    tool_calls: list[dict[str, Any]]
+
+
+class JobError(TypedDict):
+    status: int  # the HTTP status the api should answer with
+    type: str  # invalid_request_error | server_error | ...
+    message: str
+    code: str | None
+    param: str | None
+
+
+def job_error(status: int, message: str, *, type: str = "server_error", code: str | None = None,
+              param: str | None = None) -> JobError:
+    return JobError(status=status, type=type, message=message, code=code, param=param)

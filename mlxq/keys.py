@@ -1,0 +1,99 @@
+"""Canonical requests and their cache keys: the one place that decides what makes two requests equal.
+
+The canonical form is also what the worker executes, so the key always describes
+exactly the computation that produced a cached answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+# Bump when the canonical form changes: old cache entries then simply stop matching.
+KEY_VERSION = 1
+
+# Sampling and shaping fields that change the output (the rest, like stream or user, do not).
+OUTPUT_FIELDS = (
+    "tools",
+    "tool_choice",
+    "response_format",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "stop",
+    "logprobs",
+    "top_logprobs",
+    "n",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
+
+# Claude Code puts a per-request billing line at the top of its system prompt; left in, it
+# would defeat both the response cache and the prefix cache without changing the answer.
+_VOLATILE_LINE = re.compile(r"^x-anthropic-billing-header:[^\n]*(\n|$)", re.MULTILINE)
+
+
+def strip_volatile(text: str) -> str:
+    return _VOLATILE_LINE.sub("", text)
+
+
+def _content_text(content: Any) -> Any:
+    """Flatten OpenAI content parts to one string when they are all text; keep anything else."""
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        return "".join(p.get("text", "") for p in content)
+    return content
+
+
+def normalize_message(message: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in message.items() if v is not None}
+    if "content" in out:
+        out["content"] = _content_text(out["content"])
+        if isinstance(out["content"], str) and out.get("role") in ("system", "developer"):
+            out["content"] = strip_volatile(out["content"])
+    if out.get("role") == "developer":
+        out["role"] = "system"
+    return out
+
+
+def canonical_chat(body: dict[str, Any], *, default_temperature: float, default_max_tokens: int) -> dict[str, Any]:
+    """The canonical chat request: defaults filled, aliases resolved, irrelevant fields dropped."""
+    canon: dict[str, Any] = {
+        "model": body["model"],
+        "messages": [normalize_message(m) for m in body["messages"]],
+    }
+    for field in OUTPUT_FIELDS:
+        if body.get(field) is not None:
+            canon[field] = body[field]
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or default_max_tokens
+    canon["max_tokens"] = int(max_tokens)
+    canon["temperature"] = float(body["temperature"]) if body.get("temperature") is not None else default_temperature
+    if isinstance(canon.get("stop"), str):
+        canon["stop"] = [canon["stop"]]
+    if canon.get("stop") == []:
+        del canon["stop"]
+    if canon.get("n") == 1:
+        del canon["n"]
+    if canon.get("top_p") == 1.0:
+        del canon["top_p"]
+    return canon
+
+
+def request_key(kind: str, canonical: dict[str, Any]) -> str:
+    """sha256 of the versioned canonical JSON (sorted keys, no whitespace): equal in every process."""
+    blob = json.dumps(
+        {"v": KEY_VERSION, "kind": kind, "request": canonical},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def is_deterministic(canonical: dict[str, Any]) -> bool:
+    return canonical.get("temperature", 1.0) == 0 or canonical.get("seed") is not None

@@ -1,0 +1,156 @@
+"""Data access for the response cache, jobs, counters and worker heartbeats (keyword-only functions)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session
+
+from mlxq.sql import CacheEntry, Counter, Job, Worker
+
+ACTIVE = ("queued", "running")
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+# -- response cache ---------------------------------------------------------------------------
+
+def get_entry(*, session: Session, key: str, now: float | None = None) -> CacheEntry | None:
+    entry = session.get(CacheEntry, key)
+    if entry is not None and entry.expires_at is not None and entry.expires_at <= (now or time.time()):
+        return None
+    return entry
+
+
+def put_entry(*, session: Session, key: str, kind: str, model: str, result: dict[str, Any],
+              ttl_s: float | None, max_entries: int) -> None:
+    """Insert or replace an entry, then evict least-recently-used entries beyond `max_entries`."""
+    now = time.time()
+    size = len(json.dumps(result))
+    entry = session.get(CacheEntry, key)
+    if entry is None:
+        entry = CacheEntry(key=key, hits=0, created_at=now)
+        session.add(entry)
+    entry.kind, entry.model, entry.result, entry.size_bytes = kind, model, result, size
+    entry.last_access_at = now
+    entry.expires_at = now + ttl_s if ttl_s else None
+    session.flush()
+    excess = session.scalar(select(func.count()).select_from(CacheEntry)) - max_entries
+    if excess > 0:
+        oldest = select(CacheEntry.key).order_by(CacheEntry.last_access_at).limit(excess)
+        session.execute(delete(CacheEntry).where(CacheEntry.key.in_(oldest.scalar_subquery())))
+
+
+def touch_entry(*, session: Session, key: str) -> None:
+    session.execute(
+        update(CacheEntry)
+        .where(CacheEntry.key == key)
+        .values(last_access_at=time.time(), hits=CacheEntry.hits + 1)
+    )
+
+
+def purge_expired(*, session: Session) -> int:
+    result = session.execute(delete(CacheEntry).where(CacheEntry.expires_at <= time.time()))
+    return result.rowcount or 0
+
+
+def clear_cache(*, session: Session) -> int:
+    return session.execute(delete(CacheEntry)).rowcount or 0
+
+
+def cache_items(*, session: Session) -> tuple[int, int]:
+    count, size = session.execute(
+        select(func.count(), func.coalesce(func.sum(CacheEntry.size_bytes), 0))
+    ).one()
+    return int(count), int(size)
+
+
+# -- counters ---------------------------------------------------------------------------------
+
+def bump(*, session: Session, name: str, by: int = 1) -> None:
+    done = session.execute(update(Counter).where(Counter.name == name).values(value=Counter.value + by))
+    if not done.rowcount:
+        session.add(Counter(name=name, value=by))
+
+
+def counters(*, session: Session) -> dict[str, int]:
+    return {c.name: int(c.value) for c in session.scalars(select(Counter))}
+
+
+# -- jobs -------------------------------------------------------------------------------------
+
+def create_job(*, session: Session, key: str, kind: str, model: str, request: dict[str, Any],
+               store: bool, ttl_s: float | None) -> Job:
+    job = Job(id=str(uuid.uuid4()), key=key, kind=kind, model=model, status="queued", request=request,
+              store=store, ttl_s=ttl_s, created_at=time.time())
+    session.add(job)
+    return job
+
+
+def get_job(*, session: Session, job_id: str) -> Job | None:
+    return session.get(Job, job_id)
+
+
+def find_inflight(*, session: Session, key: str) -> Job | None:
+    """An active job for the same request (single flight: identical requests run once)."""
+    return session.scalars(
+        select(Job).where(Job.key == key, Job.status.in_(ACTIVE), Job.store.is_(True))
+        .order_by(Job.created_at).limit(1)
+    ).first()
+
+
+def start_job(*, session: Session, job_id: str, worker: str) -> Job | None:
+    """Mark a job running; returns None when it is already finished (a redelivered task)."""
+    job = session.get(Job, job_id)
+    if job is None or job.status in ("succeeded", "cancelled"):
+        return None
+    job.status, job.started_at, job.error, job.worker = "running", time.time(), None, worker
+    return job
+
+
+def finish_job(*, session: Session, job_id: str, status: str, result: dict[str, Any] | None = None,
+               error: dict[str, Any] | None = None) -> None:
+    session.execute(
+        update(Job).where(Job.id == job_id)
+        .values(status=status, result=result, error=error, finished_at=time.time())
+    )
+
+
+def fail_running_jobs(*, session: Session, worker: str, message: str) -> int:
+    """Jobs left running by a worker that died are failed, never left running forever."""
+    err = {"status": 503, "type": "server_error", "message": message, "code": "worker_restarted", "param": None}
+    result = session.execute(
+        update(Job).where(Job.status == "running", Job.worker == worker).values(status="failed", error=err, finished_at=time.time())
+    )
+    return result.rowcount or 0
+
+
+def queue_depth(*, session: Session) -> int:
+    return int(session.scalar(select(func.count()).select_from(Job).where(Job.status == "queued")) or 0)
+
+
+def count_jobs(*, session: Session) -> int:
+    return int(session.scalar(select(func.count()).select_from(Job)) or 0)
+
+
+# -- workers ----------------------------------------------------------------------------------
+
+def heartbeat(*, session: Session, name: str, model: str, model_loaded: bool, error: str | None,
+              started_at: float) -> None:
+    worker = session.get(Worker, name)
+    if worker is None:
+        worker = Worker(name=name, started_at=started_at)
+        session.add(worker)
+    worker.model, worker.model_loaded, worker.error = model, model_loaded, error
+    worker.started_at, worker.last_seen = started_at, time.time()
+
+
+def live_workers(*, session: Session, within_s: float) -> list[Worker]:
+    return list(session.scalars(select(Worker).where(Worker.last_seen >= time.time() - within_s)))
+
+
+def remove_worker(*, session: Session, name: str) -> None:
+    session.execute(delete(Worker).where(Worker.name == name))

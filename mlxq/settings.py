@@ -1,0 +1,68 @@
+"""Configuration, read from `MLXQ_*` environment variables and `.env`."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BUILTIN_MODEL = "SmolLM2-135M-Instruct"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MLXQ_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(default_factory=lambda: Path.home() / ".mlxq")
+    # Empty means the embedded default: SQLite files in data_dir.
+    database_url: str = ""
+    broker_url: str = ""
+    # A model directory or hub id; empty means the built-in SmolLM2 pulled into data_dir.
+    model: str = ""
+    # The id clients send in `model`; defaults to the model directory's name.
+    model_name: str = ""
+    queue: str = "mlxq"
+    # Prefix of every Redis key the service writes besides Celery's own.
+    redis_prefix: str = "mlxq"
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    cache_max_entries: int = 10_000
+    cache_ttl_s: float | None = None
+    default_temperature: float = 1.0
+    default_max_tokens: int = 512
+    # How long a synchronous request waits for its job before answering 504.
+    request_timeout_s: float = 600.0
+    # Broker and SQL stream-channel poll interval in the embedded mode.
+    poll_interval_s: float = 0.01
+    heartbeat_s: float = 2.0
+
+    @model_validator(mode="after")
+    def _defaults(self) -> "Settings":
+        self.data_dir = self.data_dir.expanduser()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'mlxq.sqlite'}"
+        if self.database_url.startswith("postgresql://") or self.database_url.startswith("postgres://"):
+            self.database_url = "postgresql+psycopg://" + self.database_url.split("://", 1)[1]
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{self.data_dir / 'broker.sqlite'}"
+        if not self.model:
+            self.model = str(self.data_dir / "models" / BUILTIN_MODEL)
+        if not self.model_name:
+            self.model_name = Path(self.model).name or self.model
+        return self
+
+    @property
+    def uses_redis(self) -> bool:
+        return self.broker_url.startswith(("redis://", "rediss://"))
+
+    @property
+    def builtin_model_dir(self) -> Path:
+        return self.data_dir / "models" / BUILTIN_MODEL
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""The MLX worker: the only place the model lives."""

@@ -1,0 +1,57 @@
+"""The Celery worker process: solo pool, one task at a time, the model loaded once at start."""
+
+from __future__ import annotations
+
+import logging
+
+from worker.blas import preload_openblas
+
+preload_openblas()  # before anything imports mlx
+
+from celery import Celery  # noqa: E402
+from celery.signals import worker_process_init, worker_shutdown  # noqa: E402
+
+from mlxq.celery_app import make_celery  # noqa: E402
+from mlxq.channel import make_channel  # noqa: E402
+from mlxq.contract import GENERATE_TASK  # noqa: E402
+from mlxq.db import make_engine, make_sessionmaker, upgrade  # noqa: E402
+from mlxq.settings import Settings, get_settings  # noqa: E402
+from worker.runtime import Runtime  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def build(settings: Settings) -> tuple[Celery, Runtime]:
+    sessions = make_sessionmaker(make_engine(settings.database_url))
+    channel = make_channel(broker_url=settings.broker_url, redis_prefix=settings.redis_prefix,
+                           sessions=sessions, poll_interval_s=settings.poll_interval_s)
+    runtime = Runtime(settings, sessions, channel)
+    app = make_celery(settings)
+
+    @app.task(name=GENERATE_TASK, acks_late=True, reject_on_worker_lost=True)
+    def generate(job_id: str) -> None:
+        runtime.run_job(job_id)
+
+    # With -P solo this runs in the main process, with no time limit: the place to load the model.
+    @worker_process_init.connect(weak=False)
+    def _load(**_: object) -> None:
+        runtime.load_model()
+        runtime.start_heartbeat()
+
+    @worker_shutdown.connect(weak=False)
+    def _stop(**_: object) -> None:
+        runtime.shutdown()
+
+    return app, runtime
+
+
+def run(settings: Settings | None = None, loglevel: str = "INFO") -> None:
+    settings = settings or get_settings()
+    logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    upgrade(settings)
+    app, runtime = build(settings)
+    argv = ["worker", "-P", "solo", "-c", "1", "-E", "-Q", settings.queue, "-l", loglevel,
+            "--without-gossip", "--without-mingle", "-n", f"mlxq-{settings.queue}@%h"]
+    if not settings.uses_redis:
+        argv.append("--without-heartbeat")
+    app.worker_main(argv)

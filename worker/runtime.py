@@ -1,0 +1,112 @@
+"""The worker's long-lived state and the job runner the Celery task delegates to.
+
+A task is like a web view: load the job, call the engine, persist, publish.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+import traceback
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from mlxq import repos
+from mlxq.channel import Channel
+from mlxq.contract import job_error
+from mlxq.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """Model, DB sessions and stream channel, made once per worker process."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], channel: Channel) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.channel = channel
+        self.name = f"{socket.gethostname()}:{settings.queue}"
+        self.started_at = time.time()
+        self.engine: Any = None
+        self.load_error: str | None = None
+        self._stop = threading.Event()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def load_model(self) -> None:
+        from worker.engine import Engine
+
+        try:
+            self.engine = Engine.load(self.settings.model)
+            log.info("model %s loaded", self.settings.model)
+        except Exception as exc:  # the worker stays up and reports why, never answers with a fake
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.error("model %s failed to load: %s", self.settings.model, self.load_error)
+        with self.sessions.begin() as session:
+            failed = repos.fail_running_jobs(session=session, worker=self.name,
+                                             message="the worker restarted while this job was running")
+        if failed:
+            log.warning("failed %d jobs left running by a previous worker process", failed)
+        self.beat()
+
+    def beat(self) -> None:
+        with self.sessions.begin() as session:
+            repos.heartbeat(session=session, name=self.name, model=self.settings.model_name,
+                            model_loaded=self.engine is not None, error=self.load_error,
+                            started_at=self.started_at)
+
+    def start_heartbeat(self) -> None:
+        def loop() -> None:
+            while not self._stop.wait(self.settings.heartbeat_s):
+                try:
+                    self.beat()
+                except Exception:
+                    log.exception("heartbeat failed")
+
+        threading.Thread(target=loop, name="mlxq-heartbeat", daemon=True).start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        try:
+            with self.sessions.begin() as session:
+                repos.remove_worker(session=session, name=self.name)
+        except Exception:
+            log.exception("could not deregister worker")
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    def run_job(self, job_id: str) -> None:
+        with self.sessions.begin() as session:
+            job = repos.start_job(session=session, job_id=job_id, worker=self.name)
+            if job is None:
+                log.info("job %s already finished or unknown; skipping", job_id)
+                return
+            kind, request, key, store, ttl_s, model = job.kind, job.request, job.key, job.store, job.ttl_s, job.model
+        if self.engine is None:
+            self._fail(job_id, job_error(503, f"model not loaded: {self.load_error}", code="model_not_loaded"))
+            return
+        try:
+            result = self.engine.generate(kind, request)
+        except Exception as exc:
+            error = getattr(exc, "error", None)
+            if error is None:
+                log.error("job %s failed: %s", job_id, traceback.format_exc())
+                error = job_error(500, f"generation failed: {type(exc).__name__}: {exc}")
+            self._fail(job_id, error)
+            return
+        with self.sessions.begin() as session:
+            repos.finish_job(session=session, job_id=job_id, status="succeeded", result=dict(result))
+            if store:
+                repos.put_entry(session=session, key=key, kind=kind, model=model, result=dict(result),
+                                ttl_s=ttl_s or self.settings.cache_ttl_s,
+                                max_entries=self.settings.cache_max_entries)
+        self.channel.publish(job_id, {"type": "done"})
+
+    def _fail(self, job_id: str, error: dict[str, Any]) -> None:
+        with self.sessions.begin() as session:
+            repos.finish_job(session=session, job_id=job_id, status="failed", error=error)
+        self.channel.publish(job_id, {"type": "error", "error": error})
