@@ -1,0 +1,180 @@
+"""Fixtures on real parts: SQLite, PostgreSQL, Redis, the real SmolLM2 and a tiny random llama.
+
+Off CI a missing server skips with a reason; under CI=true it fails.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.factories import make_tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_CACHE = Path(os.environ.get("MLXQ_TEST_MODELS", ROOT / ".data" / "models"))
+PG_ADMIN = os.environ.get("MLXQ_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS = os.environ.get("MLXQ_TEST_REDIS", "redis://127.0.0.1:6379")
+MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def unavailable(reason: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"required service unavailable under CI: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    from worker.pull import pull_builtin
+
+    return pull_builtin(MODEL_CACHE / MODEL_NAME)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", smollm2)
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database owned by this test, dropped afterwards."""
+    import psycopg
+
+    name = f"mlxq_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        unavailable(f"PostgreSQL at {PG_ADMIN}: {exc}")
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}"
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture
+def redis_url() -> Iterator[tuple[str, str]]:
+    """A Redis db number plus a key prefix / queue name owned by this test; its keys are removed after."""
+    import redis
+
+    db = 1 + uuid.uuid4().int % 15
+    url = f"{REDIS}/{db}"
+    client = redis.Redis.from_url(url, socket_connect_timeout=3)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        unavailable(f"Redis at {REDIS}: {exc}")
+    prefix = f"mlxqtest{uuid.uuid4().hex[:10]}"
+    try:
+        yield url, prefix
+    finally:
+        for pattern in (f"{prefix}*", f"*{prefix}*"):
+            keys = list(client.scan_iter(match=pattern))
+            if keys:
+                client.delete(*keys)
+        client.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    """The real api and worker as separate processes, as `mlxq api` / `mlxq worker` run them."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        self.env = {**os.environ, **env}
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_dir = log_dir
+        self.procs: list[subprocess.Popen] = []
+        self.starts = 0
+
+    def _spawn(self, *args: str) -> subprocess.Popen:
+        log = open(self.log_dir / f"{args[0]}-{self.starts}.log", "w")
+        return subprocess.Popen([sys.executable, "-m", "mlxq.cli", *args], env=self.env, stdout=log,
+                                stderr=subprocess.STDOUT, cwd=ROOT)
+
+    def start(self, *, worker: bool = True, wait_model: bool = True) -> "Service":
+        self.starts += 1
+        self.procs = [self._spawn("api", "--port", str(self.port), "--log-level", "warning")]
+        if worker:
+            self.procs.append(self._spawn("worker", "--log-level", "INFO"))
+        self.wait_health(lambda h: (h["model_loaded"] if wait_model else h["worker"]["alive"]) if worker else True)
+        return self
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.base}/health", timeout=5).json()
+
+    def wait_health(self, ok, timeout: float = 120) -> dict:
+        deadline = time.time() + timeout
+        last: object = None
+        while time.time() < deadline:
+            for p in self.procs:
+                if p.poll() is not None:
+                    raise RuntimeError(f"process exited {p.returncode}; logs in {self.log_dir}:\n{self.logs()}")
+            try:
+                last = self.health()
+                if ok(last):
+                    return last
+            except httpx.HTTPError as exc:
+                last = exc
+            time.sleep(0.2)
+        raise TimeoutError(f"service not ready: {last}\n{self.logs()}")
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.log_dir.glob("*.log")))
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs = []
+
+    def restart(self) -> "Service":
+        self.stop()
+        return self.start()
+
+
+def service_env(tmp_path: Path, model: Path, **extra: str) -> dict[str, str]:
+    env = {
+        "MLXQ_DATA_DIR": str(tmp_path / "data"),
+        "MLXQ_MODEL": str(model),
+        "MLXQ_MODEL_NAME": MODEL_NAME,
+        "MLXQ_HEARTBEAT_S": "0.5",
+    }
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def service_factory(tmp_path: Path) -> Iterator:
+    services: list[Service] = []
+
+    def make(env: dict[str, str]) -> Service:
+        log_dir = tmp_path / f"logs{len(services)}"
+        log_dir.mkdir()
+        svc = Service(env, log_dir)
+        services.append(svc)
+        return svc
+
+    yield make
+    for svc in services:
+        svc.stop()

@@ -1,0 +1,171 @@
+"""The whole path through real processes: official openai client -> api -> broker -> worker -> SmolLM2."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from sqlalchemy import create_engine, inspect, text
+
+from tests.conftest import MODEL_NAME, service_env
+
+pytestmark = pytest.mark.e2e
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def count(db_url: str, table: str) -> int:
+    engine = create_engine(db_url)
+    try:
+        if not inspect(engine).has_table(table):
+            return 0
+        with engine.connect() as conn:
+            return int(conn.execute(text(f"SELECT count(*) FROM {table}")).scalar())
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "redis+postgresql"])
+def deployment(request: pytest.FixtureRequest, tmp_path: Path, smollm2: Path) -> tuple[dict, str]:
+    """Service environment and its SQL URL: the embedded default, or Redis + PostgreSQL."""
+    env = service_env(tmp_path, smollm2)
+    if request.param == "sqlite":
+        return env, f"sqlite:///{tmp_path / 'data' / 'mlxq.sqlite'}"
+    pg = request.getfixturevalue("pg_url")
+    redis_url, prefix = request.getfixturevalue("redis_url")
+    env.update(MLXQ_DATABASE_URL=pg, MLXQ_BROKER_URL=redis_url, MLXQ_QUEUE=prefix, MLXQ_REDIS_PREFIX=prefix)
+    return env, pg
+
+
+def client(svc) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{svc.base}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def ask(svc) -> tuple[str, str]:
+    raw = client(svc).chat.completions.with_raw_response.create(model=MODEL_NAME, messages=QUESTION, temperature=0)
+    return raw.parse().choices[0].message.content, raw.headers["x-cache"]
+
+
+def test_answer_cache_hit_without_enqueue_and_survives_restart(deployment, service_factory):
+    env, db_url = deployment
+    svc = service_factory(env).start()
+    answer, cache = ask(svc)
+    assert "Paris" in answer and cache == "MISS"
+    jobs = count(db_url, "jobs")
+    assert jobs == 1
+
+    again, cache = ask(svc)
+    assert (again, cache) == (answer, "HIT")
+    assert count(db_url, "jobs") == jobs  # a hit never touches the queue
+
+    svc.restart()
+    after, cache = ask(svc)
+    assert (after, cache) == (answer, "HIT")
+    assert count(db_url, "jobs") == jobs
+    stats = svc.health()["cache"]
+    assert (stats["hits"], stats["misses"], stats["cached_items"]) == (2, 1, 1)
+    assert stats["hit_rate"] == pytest.approx(2 / 3, abs=1e-3)
+
+
+def test_cache_controls_and_nondeterministic_requests(tmp_path: Path, smollm2: Path, service_factory):
+    svc = service_factory(service_env(tmp_path, smollm2)).start()
+    oa = client(svc)
+    kw = dict(model=MODEL_NAME, messages=QUESTION, max_tokens=8)
+
+    def cache_of(**extra) -> str:
+        return oa.chat.completions.with_raw_response.create(**kw, **extra).headers["x-cache"]
+
+    assert cache_of(temperature=0, extra_headers={"Cache-Control": "no-store"}) == "MISS"
+    assert cache_of(temperature=0) == "MISS"  # no-store kept it out of the cache
+    assert cache_of(temperature=0) == "HIT"
+    assert cache_of(temperature=0, extra_headers={"Cache-Control": "no-cache"}) == "BYPASS"
+    assert cache_of(temperature=0, extra_body={"cache": {"no-cache": True}}) == "BYPASS"
+    assert cache_of(temperature=0.9) == "BYPASS"  # sampled output is never served from the cache
+    assert cache_of(temperature=0.9, seed=5) == "MISS"
+    assert cache_of(temperature=0.9, seed=5) == "HIT"
+
+
+def test_bad_input_is_an_openai_4xx_and_nothing_is_enqueued(tmp_path: Path, smollm2: Path, service_factory):
+    env = service_env(tmp_path, smollm2)
+    svc = service_factory(env).start(worker=False)
+    url = f"{svc.base}/v1/chat/completions"
+    bad = [
+        ("malformed JSON", b'{"model": "x", "messages": [', 400, None),
+        ("missing messages", b'{"model": "SmolLM2-135M-Instruct"}', 400, "messages"),
+        ("messages not a list", b'{"model": "SmolLM2-135M-Instruct", "messages": "hi"}', 400, "messages"),
+        ("temperature not a number", b'{"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", '
+                                     b'"content": "hi"}], "temperature": "hot"}', 400, "temperature"),
+        ("unknown role", b'{"model": "SmolLM2-135M-Instruct", "messages": [{"role": "robot", "content": "x"}]}',
+         400, "messages.0.role"),
+        ("unknown model", b'{"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}', 404, "model"),
+    ]
+    for name, body, status, param in bad:
+        r = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=10)
+        assert r.status_code == status, name
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"}, name
+        assert err["type"] == "invalid_request_error" and err["message"], name
+        assert err["param"] == param, (name, err)
+        assert "Traceback" not in r.text
+
+    with pytest.raises(openai.NotFoundError) as exc:
+        client(svc).chat.completions.create(model="gpt-9", messages=QUESTION)
+    assert exc.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError):
+        client(svc).chat.completions.create(model=MODEL_NAME, messages=[])
+
+    db = f"sqlite:///{tmp_path / 'data' / 'mlxq.sqlite'}"
+    assert count(db, "jobs") == 0
+    assert count(f"sqlite:///{tmp_path / 'data' / 'broker.sqlite'}", "kombu_message") == 0
+    assert svc.health()["queue_depth"] == 0
+
+
+def test_health_answers_while_the_worker_generates(tmp_path: Path, smollm2: Path, service_factory):
+    svc = service_factory(service_env(tmp_path, smollm2)).start()
+    db = f"sqlite:///{tmp_path / 'data' / 'mlxq.sqlite'}"
+    done = threading.Event()
+
+    def long_generation() -> None:
+        client(svc).chat.completions.create(
+            model=MODEL_NAME, temperature=0, max_tokens=400, extra_body={"min_p": 0.0},
+            messages=[{"role": "user", "content": "Write a very long story about a dragon."}],
+        )
+        done.set()
+
+    threading.Thread(target=long_generation, daemon=True).start()
+    deadline = time.time() + 30
+    while count_running(db) == 0 and time.time() < deadline:
+        time.sleep(0.02)
+    assert count_running(db) == 1
+    answered = 0
+    while count_running(db) == 1 and answered < 20:
+        r = httpx.get(f"{svc.base}/health", timeout=2)  # blocks only if the front end froze
+        assert r.status_code == 200 and r.json()["worker"]["alive"]
+        answered += 1
+    assert answered >= 5
+    assert done.wait(120)
+
+
+def count_running(db: str) -> int:
+    engine = create_engine(db)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(text("SELECT count(*) FROM jobs WHERE status = 'running'")).scalar())
+    finally:
+        engine.dispose()
+
+
+def test_model_that_cannot_load_gives_errors_never_fake_text(tmp_path: Path, service_factory):
+    env = service_env(tmp_path, tmp_path / "no-such-model")
+    svc = service_factory(env).start(wait_model=False)
+    health = svc.wait_health(lambda h: h["worker"]["error"] is not None)
+    assert health["model_loaded"] is False and health["status"] == "degraded"
+    assert "no-such-model" in health["worker"]["error"]
+    with pytest.raises(openai.APIStatusError) as exc:
+        client(svc).chat.completions.create(model=MODEL_NAME, messages=QUESTION, temperature=0)
+    assert exc.value.status_code == 503 and "model not loaded" in exc.value.message
+    assert svc.health()["cache"]["cached_items"] == 0

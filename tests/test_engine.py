@@ -1,0 +1,100 @@
+"""The MLX engine on real models: the tiny random llama for mechanics, SmolLM2 for the real answer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from worker.blas import preload_openblas
+
+preload_openblas()
+
+from worker.engine import Engine, RequestError  # noqa: E402
+
+USER = {"role": "user", "content": "What is the capital of France?"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model: Path) -> Engine:
+    return Engine.load(str(tiny_model))
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2: Path) -> Engine:
+    return Engine.load(str(smollm2))
+
+
+def chat(**kw) -> dict:
+    return {"messages": [USER], "temperature": 0.0, "max_tokens": 12, **kw}
+
+
+def test_builtin_smollm2_answers_paris(smol: Engine):
+    result = smol.generate("chat", chat(max_tokens=30))
+    assert result["text"] == "The capital of France is Paris."
+    assert result["finish_reason"] == "stop"
+    assert result["usage"]["prompt_tokens"] == len(smol.chat_tokens(chat()))
+
+
+def test_gguf_conversion_keeps_per_module_bits(smollm2: Path):
+    config = json.loads((smollm2 / "config.json").read_text())
+    assert config["quantization"]["bits"] == 4
+    assert config["quantization"]["model.embed_tokens"]["bits"] == 8
+    assert config["rope_traditional"] is True and config["tie_word_embeddings"] is True
+
+
+def test_tokenizer_round_trips_and_knows_special_tokens(smol: Engine):
+    text = "def f(x):\n    return x ** 2  # 12345 ünïcödé"
+    assert smol.tokenizer.decode(smol.tokenizer.encode(text, add_special_tokens=False)) == text
+    assert smol.tokenizer.encode("<|im_start|>", add_special_tokens=False) == [1]
+
+
+def test_greedy_is_deterministic_and_max_tokens_gives_length(tiny: Engine):
+    a = tiny.generate("chat", chat())
+    b = tiny.generate("chat", chat())
+    assert a == b
+    assert a["finish_reason"] == "length" and a["usage"]["completion_tokens"] == 12
+
+
+def test_seed_makes_sampling_reproducible(tiny: Engine):
+    a = tiny.generate("chat", chat(temperature=1.0, seed=7, max_tokens=20))
+    b = tiny.generate("chat", chat(temperature=1.0, seed=7, max_tokens=20))
+    c = tiny.generate("chat", chat(temperature=1.0, seed=8, max_tokens=20))
+    assert a["text"] == b["text"]
+    assert c["text"] != a["text"]
+
+
+def test_stop_string_matched_on_decoded_text(tiny: Engine):
+    full = tiny.generate("chat", chat(max_tokens=30))["text"]
+    stop = full[5:8]
+    assert stop and stop in full
+    deltas: list[str] = []
+    result = tiny.generate("chat", chat(max_tokens=30, stop=[stop]), on_delta=deltas.append)
+    assert result["text"] == full[: full.index(stop)]
+    assert result["finish_reason"] == "stop"
+    assert "".join(deltas) == result["text"]  # nothing of the stop string leaked to the stream
+
+
+def test_streamed_deltas_join_to_the_text(tiny: Engine):
+    deltas: list[str] = []
+    result = tiny.generate("chat", chat(max_tokens=20), on_delta=deltas.append)
+    assert len(deltas) > 1 and "".join(deltas) == result["text"]
+
+
+def test_prompt_longer_than_context_is_a_400_with_both_counts(tiny: Engine):
+    long = {"role": "user", "content": "word " * 3000}
+    with pytest.raises(RequestError) as err:
+        tiny.generate("chat", {"messages": [long], "temperature": 0, "max_tokens": 4})
+    assert err.value.error["status"] == 400
+    assert "2048" in err.value.error["message"] and "tokens" in err.value.error["message"]
+
+
+def test_model_key_is_hashable_and_stable(tiny_model: Path, tiny: Engine):
+    again = Engine.load(str(tiny_model))
+    assert hash(again.key) == hash(tiny.key) and again.key == tiny.key
+
+
+def test_missing_model_directory_fails_clearly(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="models pull"):
+        Engine.load(str(tmp_path / "nope"))
