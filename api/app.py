@@ -8,13 +8,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from mlxq import __version__
-from mlxq.db import upgrade
-from mlxq.settings import Settings, get_settings
-
 from api import errors
 from api.routes import router
 from api.services import Services
+from mlxq import __version__
+from mlxq.db import upgrade
+from mlxq.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ class APIError(Exception):
         self.headers = headers
 
     @classmethod
-    def from_job(cls, error: dict[str, Any]) -> "APIError":
+    def from_job(cls, error: dict[str, Any]) -> APIError:
         return cls(int(error.get("status", 500)), error.get("message", "job failed"), type=error.get("type"),
                    code=error.get("code"), param=error.get("param"))
 

@@ -11,12 +11,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from api.errors import APIError
+from api.services import Services
 from mlxq import repos
 from mlxq.contract import GENERATE_TASK
 from mlxq.keys import is_deterministic, request_key
-
-from api.errors import APIError
-from api.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +32,7 @@ class CachePolicy:
     ttl_s: float | None = None
 
     @classmethod
-    def parse(cls, header: str | None, body: dict[str, Any] | None) -> "CachePolicy":
+    def parse(cls, header: str | None, body: dict[str, Any] | None) -> CachePolicy:
         lookup, store, ttl = True, True, None
         for part in (header or "").lower().split(","):
             name, _, value = part.strip().partition("=")

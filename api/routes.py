@@ -8,13 +8,12 @@ from typing import Any
 
 from fastapi import APIRouter, Header, Response
 
-from mlxq import repos
-from mlxq.keys import canonical_chat
-
 from api.errors import APIError
 from api.pipeline import CachePolicy, Pipeline
 from api.protocol import ChatCompletionRequest, chat_completion, model_list
 from api.services import Services, ServicesDep
+from mlxq import repos
+from mlxq.keys import canonical_chat
 
 router = APIRouter()
 

@@ -25,7 +25,7 @@ class Services:
     channel: Channel
 
     @classmethod
-    def build(cls, settings: Settings) -> "Services":
+    def build(cls, settings: Settings) -> Services:
         engine = make_engine(settings.database_url)
         sessions = make_sessionmaker(engine)
         channel = make_channel(broker_url=settings.broker_url, redis_prefix=settings.redis_prefix,

@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     heartbeat_s: float = 2.0
 
     @model_validator(mode="after")
-    def _defaults(self) -> "Settings":
+    def _defaults(self) -> Settings:
         self.data_dir = self.data_dir.expanduser()
         if not self.database_url:
             self.database_url = f"sqlite:///{self.data_dir / 'mlxq.sqlite'}"

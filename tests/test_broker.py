@@ -28,7 +28,7 @@ def test_stock_transport_would_reject_the_option(tmp_path: Path):
 
     with Connection(f"sqla+sqlite:///{tmp_path / 'c.sqlite'}", transport_options={"polling_interval": 0.01}) as conn:
         with pytest.raises(TypeError, match="polling_interval"):
-            conn.default_channel.session
+            _ = conn.default_channel.session
 
 
 def test_other_urls_pass_unchanged():

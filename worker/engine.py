@@ -57,7 +57,7 @@ class Engine:
         self.context_length = context_length
 
     @classmethod
-    def load(cls, model: str) -> "Engine":
+    def load(cls, model: str) -> Engine:
         path = Path(model).expanduser()
         if not path.exists():
             raise FileNotFoundError(

@@ -60,7 +60,7 @@ def _tokenizer_files(meta: dict, out: Path) -> None:
     )
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    special = [t for t, ty in zip(tokens, types) if ty == 3]
+    special = [t for t, ty in zip(tokens, types, strict=True) if ty == 3]
     tok.add_special_tokens(special)
     bos = tokens[int(_meta(meta, "tokenizer.ggml.bos_token_id"))]
     eos = tokens[int(_meta(meta, "tokenizer.ggml.eos_token_id"))]

@@ -1,0 +1,175 @@
+"""Benchmark the spine, side by side in one run; prints one JSON line.
+
+Per deployment (embedded SQLite, and Redis + PostgreSQL when reachable): cold request latency,
+cache-hit latency p50/p99 and hits/s with 8 and 32 concurrent clients, queue-hop overhead (a
+request through mlxq minus the same generation on the engine called directly, alternated), and
+/health latency while a generation runs.
+
+    .venv/bin/python scripts/bench.py [--modes sqlite,redis] [--model DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mlxq.procs import Service  # noqa: E402
+from mlxq.settings import BUILTIN_MODEL  # noqa: E402
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+REDIS = "redis://127.0.0.1:6379/9"
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+def ms(x: float) -> float:
+    return round(x * 1000, 2)
+
+
+def body(content: str, **kw) -> dict:
+    return {"model": BUILTIN_MODEL, "messages": [{"role": "user", "content": content}], "temperature": 0, **kw}
+
+
+async def hit_load(base: str, payload: dict, clients: int, per_client: int) -> dict:
+    lat: list[float] = []
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as http:
+        async def one_client() -> None:
+            for _ in range(per_client):
+                t = time.perf_counter()
+                r = await http.post("/v1/chat/completions", json=payload)
+                lat.append(time.perf_counter() - t)
+                assert r.headers["x-cache"] == "HIT", r.text
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one_client() for _ in range(clients)))
+        wall = time.perf_counter() - start
+    return {"p50_ms": ms(pct(lat, 50)), "p99_ms": ms(pct(lat, 99)), "hits_per_s": round(len(lat) / wall, 1)}
+
+
+def queue_hop(base: str, engine, rounds: int) -> dict:
+    """Same tiny generation through mlxq (uncached) and on the engine directly, alternated."""
+    via, direct = [], []
+    http = httpx.Client(base_url=base, timeout=60)
+    for i in range(rounds):
+        req = body(f"Say the number {i}.", max_tokens=1)
+        t = time.perf_counter()
+        r = http.post("/v1/chat/completions", json=req, headers={"Cache-Control": "no-cache, no-store"})
+        via.append(time.perf_counter() - t)
+        assert r.status_code == 200, r.text
+        canonical = {"messages": req["messages"], "temperature": 0.0, "max_tokens": 1}
+        t = time.perf_counter()
+        engine.generate("chat", canonical)
+        direct.append(time.perf_counter() - t)
+    overhead = [a - b for a, b in zip(via, direct, strict=True)]
+    return {"via_mlxq_p50_ms": ms(statistics.median(via)), "engine_p50_ms": ms(statistics.median(direct)),
+            "overhead_p50_ms": ms(statistics.median(overhead)),
+            "ratio": round(statistics.median(via) / statistics.median(direct), 3)}
+
+
+def health_during_generation(base: str) -> dict:
+    lat: list[float] = []
+    done = threading.Event()
+
+    def generate() -> None:
+        httpx.post(f"{base}/v1/chat/completions", timeout=300, headers={"Cache-Control": "no-store"},
+                   json=body("Write a long story about a dragon.", max_tokens=200))
+        done.set()
+
+    threading.Thread(target=generate, daemon=True).start()
+    time.sleep(0.3)
+    with httpx.Client(base_url=base, timeout=10) as http:
+        while not done.is_set():
+            t = time.perf_counter()
+            http.get("/health")
+            lat.append(time.perf_counter() - t)
+            time.sleep(0.02)
+    return {"samples": len(lat), "p50_ms": ms(pct(lat, 50)), "p99_ms": ms(pct(lat, 99))}
+
+
+def run_mode(mode: str, model: Path, engine, tmp: Path) -> dict:
+    env = {"MLXQ_DATA_DIR": str(tmp / mode), "MLXQ_MODEL": str(model), "MLXQ_MODEL_NAME": BUILTIN_MODEL}
+    cleanup = []
+    if mode == "redis":
+        import psycopg
+        import redis
+
+        name = f"mlxq_bench_{uuid.uuid4().hex[:8]}"
+        admin = psycopg.connect(PG_ADMIN, autocommit=True)
+        admin.execute(f'CREATE DATABASE "{name}"')
+        prefix = f"mlxqbench{uuid.uuid4().hex[:6]}"
+        env.update(MLXQ_DATABASE_URL=f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
+                   MLXQ_BROKER_URL=REDIS, MLXQ_QUEUE=prefix, MLXQ_REDIS_PREFIX=prefix)
+
+        def drop() -> None:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            client = redis.Redis.from_url(REDIS)
+            keys = list(client.scan_iter(match=f"*{prefix}*"))
+            if keys:
+                client.delete(*keys)
+
+        cleanup.append(drop)
+    log_dir = tmp / f"logs-{mode}"
+    log_dir.mkdir()
+    svc = Service(env, log_dir).start()
+    try:
+        payload = body("What is the capital of France?", max_tokens=16)
+        t = time.perf_counter()
+        r = httpx.post(f"{svc.base}/v1/chat/completions", json=payload, timeout=120)
+        cold = time.perf_counter() - t
+        assert r.headers["x-cache"] == "MISS" and "Paris" in r.text, r.text
+        time.sleep(0.2)
+        result = {"cold_ms": ms(cold)}
+        for clients in (8, 32):
+            asyncio.run(hit_load(svc.base, payload, clients, 10))  # warm-up
+            result[f"hit_c{clients}"] = asyncio.run(hit_load(svc.base, payload, clients, 400 // clients * 4))
+        result["queue_hop"] = queue_hop(svc.base, engine, 15)
+        result["health_during_generation"] = health_during_generation(svc.base)
+        return result
+    finally:
+        svc.stop()
+        for fn in cleanup:
+            fn()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--modes", default="sqlite,redis")
+    parser.add_argument("--model", default=str(ROOT / ".data" / "models" / BUILTIN_MODEL))
+    args = parser.parse_args()
+    from worker.blas import preload_openblas
+
+    preload_openblas()
+    from worker.engine import Engine
+    from worker.pull import pull_builtin
+
+    model = Path(args.model)
+    if model.name == BUILTIN_MODEL:
+        pull_builtin(model)
+    engine = Engine.load(str(model))
+    engine.generate("chat", {"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 2})
+    out: dict = {"bench": "spine", "model": BUILTIN_MODEL}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in args.modes.split(","):
+            out[mode] = run_mode(mode, model, engine, Path(tmp))
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
