@@ -26,6 +26,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         if migrate:
             upgrade(settings)
         app.state.services = Services.build(settings)
+        app.state.services.stats.start()
         yield
         await app.state.services.aclose()
 

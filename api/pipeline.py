@@ -19,10 +19,6 @@ from mlxq.keys import is_deterministic, request_key
 
 log = logging.getLogger(__name__)
 
-# Fire-and-forget bookkeeping tasks are kept referenced until done.
-_background: set[asyncio.Task] = set()
-
-
 @dataclass(frozen=True)
 class CachePolicy:
     """What the client allowed: look up (no `no-cache`), store (no `no-store`), entry lifetime."""
@@ -61,43 +57,28 @@ class Outcome:
     job_id: str | None = None
 
 
-def _spawn(coro) -> None:
-    task = asyncio.get_running_loop().create_task(coro)
-    _background.add(task)
-    task.add_done_callback(_background.discard)
-
-
 class Pipeline:
     def __init__(self, services: Services) -> None:
         self.s = services
 
     # -- SQL steps (run in threads) --------------------------------------------------------
 
-    def _lookup(self, key: str) -> dict[str, Any] | None:
-        with self.s.sessions() as session:
-            entry = repos.get_entry(session=session, key=key)
-            return entry.result if entry is not None else None
-
-    def _record_hit(self, key: str) -> None:
+    def _resolve(self, *, key: str, kind: str, canonical: dict[str, Any], lookup: bool, store: bool,
+                 ttl_s: float | None) -> Outcome:
+        """One thread hop for the whole decision: cached answer, an identical job in flight, or a new job."""
+        if lookup:
+            with self.s.sessions() as session:
+                cached = repos.lookup_result(session=session, key=key)
+            if cached is not None:
+                return Outcome(cached, "HIT", key)
         with self.s.sessions.begin() as session:
-            repos.touch_entry(session=session, key=key)
-            repos.bump(session=session, name="cache_hits")
-
-    def _record(self, name: str) -> None:
-        with self.s.sessions.begin() as session:
-            repos.bump(session=session, name=name)
-
-    def _enqueue_job(self, *, key: str, kind: str, model: str, canonical: dict[str, Any],
-                     store: bool, ttl_s: float | None, counted: str, join: bool) -> tuple[str, bool]:
-        """Create a job row (or join an identical one in flight); returns (job id, is new)."""
-        with self.s.sessions.begin() as session:
-            repos.bump(session=session, name=counted)
-            if join and (running := repos.find_inflight(session=session, key=key)) is not None:
-                return running.id, False
-            job = repos.create_job(session=session, key=key, kind=kind, model=model, request=canonical,
-                                   store=store, ttl_s=ttl_s)
-            job_id = job.id
-        return job_id, True
+            running = repos.find_inflight(session=session, key=key) if lookup else None
+            if running is not None:
+                return Outcome({}, "MISS", key, running.id)
+            job_id = repos.create_job(session=session, key=key, kind=kind, model=canonical["model"],
+                                      request=canonical, store=store, ttl_s=ttl_s).id
+        self._send(job_id)  # after the commit, so the worker always finds the row
+        return Outcome({}, "MISS" if lookup else "BYPASS", key, job_id)
 
     def _send(self, job_id: str) -> None:
         try:
@@ -122,21 +103,15 @@ class Pipeline:
         """Answer from the cache, or enqueue a job (joining an identical one in flight)."""
         key = request_key(kind, canonical)
         cacheable = is_deterministic(canonical)
-        if cacheable and policy.lookup:
-            cached = await asyncio.to_thread(self._lookup, key)
-            if cached is not None:
-                _spawn(asyncio.to_thread(self._record_hit, key))
-                return Outcome(cached, "HIT", key)
-        outcome = "MISS" if cacheable and policy.lookup else "BYPASS"
-        job_id, is_new = await asyncio.to_thread(
-            self._enqueue_job, key=key, kind=kind, model=canonical["model"], canonical=canonical,
+        outcome = await asyncio.to_thread(
+            self._resolve, key=key, kind=kind, canonical=canonical, lookup=cacheable and policy.lookup,
             store=cacheable and policy.store, ttl_s=policy.ttl_s,
-            counted="cache_misses" if outcome == "MISS" else "cache_bypass",
-            join=cacheable and policy.lookup,
         )
-        if is_new:
-            await asyncio.to_thread(self._send, job_id)
-        return Outcome({}, outcome, key, job_id)
+        if outcome.cache == "HIT":
+            self.s.stats.hit(key)
+        else:
+            self.s.stats.count("cache_misses" if outcome.cache == "MISS" else "cache_bypass")
+        return outcome
 
     async def run(self, *, kind: str, canonical: dict[str, Any], policy: CachePolicy) -> Outcome:
         """The synchronous path: the client waits for the answer."""
@@ -148,10 +123,12 @@ class Pipeline:
     async def wait(self, job_id: str) -> dict[str, Any]:
         """Wait for a job's end on the stream channel (re-checking the job row now and then)."""
         finished = asyncio.Event()
+        final: dict[str, Any] = {}
 
         async def consume() -> None:
             async for event in self.s.channel.listen(job_id):
                 if event.get("type") in ("done", "error"):
+                    final.update(event)
                     finished.set()
                     return
 
@@ -171,6 +148,8 @@ class Pipeline:
                                        code="timeout") from None
         finally:
             listener.cancel()
+        if final.get("type") == "done" and final.get("result") is not None:
+            return final["result"]
         status, result, error = await asyncio.to_thread(self._job_state, job_id)
         if status == "succeeded" and result is not None:
             return result

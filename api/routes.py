@@ -6,7 +6,8 @@ import asyncio
 import time
 from typing import Any
 
-from fastapi import APIRouter, Header, Response
+from fastapi import APIRouter, Header
+from fastapi.responses import JSONResponse
 
 from api.errors import APIError
 from api.pipeline import CachePolicy, Pipeline
@@ -25,8 +26,8 @@ def check_model(services: Services, model: str) -> None:
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, services: ServicesDep, response: Response,
-                           cache_control: str | None = Header(None)) -> dict[str, Any]:
+async def chat_completions(body: ChatCompletionRequest, services: ServicesDep,
+                           cache_control: str | None = Header(None)) -> JSONResponse:
     check_model(services, body.model)
     if body.n not in (None, 1):
         raise APIError(400, "Only n=1 is supported.", param="n")
@@ -37,9 +38,8 @@ async def chat_completions(body: ChatCompletionRequest, services: ServicesDep, r
                                default_max_tokens=settings.default_max_tokens)
     outcome = await Pipeline(services).run(kind="chat", canonical=canonical,
                                            policy=CachePolicy.parse(cache_control, body.cache))
-    response.headers["X-Cache"] = outcome.cache
-    response.headers["X-Request-Key"] = outcome.key
-    return chat_completion(outcome.result, model=settings.model_name)
+    return JSONResponse(chat_completion(outcome.result, model=settings.model_name),
+                        headers={"X-Cache": outcome.cache, "X-Request-Key": outcome.key})
 
 
 @router.get("/v1/models")
@@ -49,6 +49,7 @@ async def models(services: ServicesDep) -> dict[str, Any]:
 
 def health_snapshot(services: Services) -> dict[str, Any]:
     settings = services.settings
+    services.stats.flush()
     with services.sessions() as session:
         workers = repos.live_workers(session=session, within_s=max(10.0, 3 * settings.heartbeat_s))
         depth = repos.queue_depth(session=session)

@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.stats import StatsRecorder
 from mlxq.celery_app import make_celery
 from mlxq.channel import Channel, make_channel
 from mlxq.db import make_engine, make_sessionmaker
@@ -23,6 +24,7 @@ class Services:
     sessions: sessionmaker[Session]
     celery: Celery
     channel: Channel
+    stats: StatsRecorder
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -30,9 +32,10 @@ class Services:
         sessions = make_sessionmaker(engine)
         channel = make_channel(broker_url=settings.broker_url, redis_prefix=settings.redis_prefix,
                                sessions=sessions, poll_interval_s=settings.poll_interval_s)
-        return cls(settings, engine, sessions, make_celery(settings), channel)
+        return cls(settings, engine, sessions, make_celery(settings), channel, StatsRecorder(sessions))
 
     async def aclose(self) -> None:
+        await self.stats.stop()
         await self.channel.aclose()
         self.engine.dispose()
 

@@ -18,37 +18,51 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 
 # -- response cache ---------------------------------------------------------------------------
 
-def get_entry(*, session: Session, key: str, now: float | None = None) -> CacheEntry | None:
-    entry = session.get(CacheEntry, key)
-    if entry is not None and entry.expires_at is not None and entry.expires_at <= (now or time.time()):
-        return None
-    return entry
+def _upsert(session: Session):
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:  # pragma: no cover - only SQLite and PostgreSQL are supported
+        raise NotImplementedError(dialect)
+    return insert
 
 
 def put_entry(*, session: Session, key: str, kind: str, model: str, result: dict[str, Any],
-              ttl_s: float | None, max_entries: int) -> None:
-    """Insert or replace an entry, then evict least-recently-used entries beyond `max_entries`."""
+              ttl_s: float | None) -> None:
+    """Insert or replace an entry in one statement (bounded afterwards by `evict_lru`)."""
     now = time.time()
-    size = len(json.dumps(result))
-    entry = session.get(CacheEntry, key)
-    if entry is None:
-        entry = CacheEntry(key=key, hits=0, created_at=now)
-        session.add(entry)
-    entry.kind, entry.model, entry.result, entry.size_bytes = kind, model, result, size
-    entry.last_access_at = now
-    entry.expires_at = now + ttl_s if ttl_s else None
-    session.flush()
-    excess = session.scalar(select(func.count()).select_from(CacheEntry)) - max_entries
-    if excess > 0:
-        oldest = select(CacheEntry.key).order_by(CacheEntry.last_access_at).limit(excess)
-        session.execute(delete(CacheEntry).where(CacheEntry.key.in_(oldest.scalar_subquery())))
+    values = {"kind": kind, "model": model, "result": result, "size_bytes": len(json.dumps(result)),
+              "last_access_at": now, "expires_at": now + ttl_s if ttl_s else None}
+    stmt = _upsert(session)(CacheEntry).values(key=key, hits=0, created_at=now, **values)
+    session.execute(stmt.on_conflict_do_update(index_elements=[CacheEntry.key], set_=values))
 
 
-def touch_entry(*, session: Session, key: str) -> None:
+def evict_lru(*, session: Session, max_entries: int) -> int:
+    """Delete least-recently-used entries beyond `max_entries`; returns how many."""
+    excess = (session.scalar(select(func.count()).select_from(CacheEntry)) or 0) - max_entries
+    if excess <= 0:
+        return 0
+    oldest = select(CacheEntry.key).order_by(CacheEntry.last_access_at).limit(excess)
+    return session.execute(delete(CacheEntry).where(CacheEntry.key.in_(oldest.scalar_subquery()))).rowcount or 0
+
+
+def lookup_result(*, session: Session, key: str, now: float | None = None) -> dict[str, Any] | None:
+    """The hot path of a hit: one indexed read of the stored result, no ORM object."""
+    row = session.execute(
+        select(CacheEntry.result, CacheEntry.expires_at).where(CacheEntry.key == key)
+    ).first()
+    if row is None or (row.expires_at is not None and row.expires_at <= (now or time.time())):
+        return None
+    return row.result
+
+
+def touch_entry(*, session: Session, key: str, hits: int = 1, now: float | None = None) -> None:
     session.execute(
         update(CacheEntry)
         .where(CacheEntry.key == key)
-        .values(last_access_at=time.time(), hits=CacheEntry.hits + 1)
+        .values(last_access_at=now or time.time(), hits=CacheEntry.hits + hits)
     )
 
 
@@ -103,12 +117,17 @@ def find_inflight(*, session: Session, key: str) -> Job | None:
 
 
 def start_job(*, session: Session, job_id: str, worker: str) -> Job | None:
-    """Mark a job running; returns None when it is already finished (a redelivered task)."""
-    job = session.get(Job, job_id)
-    if job is None or job.status in ("succeeded", "cancelled"):
+    """Mark a job running and return it; None when it is already finished (a redelivered task)."""
+    row = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.not_in(("succeeded", "cancelled")))
+        .values(status="running", started_at=time.time(), error=None, worker=worker)
+        .returning(Job.kind, Job.request, Job.key, Job.store, Job.ttl_s, Job.model)
+    ).first()
+    if row is None:
         return None
-    job.status, job.started_at, job.error, job.worker = "running", time.time(), None, worker
-    return job
+    return Job(id=job_id, status="running", worker=worker, kind=row.kind, request=row.request, key=row.key,
+               store=row.store, ttl_s=row.ttl_s, model=row.model)
 
 
 def finish_job(*, session: Session, job_id: str, status: str, result: dict[str, Any] | None = None,

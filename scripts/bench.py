@@ -63,24 +63,58 @@ async def hit_load(base: str, payload: dict, clients: int, per_client: int) -> d
     return {"p50_ms": ms(pct(lat, 50)), "p99_ms": ms(pct(lat, 99)), "hits_per_s": round(len(lat) / wall, 1)}
 
 
-def queue_hop(base: str, engine, rounds: int) -> dict:
-    """Same tiny generation through mlxq (uncached) and on the engine directly, alternated."""
-    via, direct = [], []
+def floor(base: str, clients: int) -> dict:
+    """The framework's own floor at the same concurrency: GET /v1/models (no SQL, no cache)."""
+    async def go() -> dict:
+        lat: list[float] = []
+        async with httpx.AsyncClient(base_url=base, limits=httpx.Limits(max_connections=clients)) as http:
+            async def one() -> None:
+                for _ in range(400 // clients * 2):
+                    t = time.perf_counter()
+                    await http.get("/v1/models")
+                    lat.append(time.perf_counter() - t)
+
+            await asyncio.gather(*(one() for _ in range(clients)))
+        return {"p50_ms": ms(pct(lat, 50)), "p99_ms": ms(pct(lat, 99))}
+
+    return asyncio.run(go())
+
+
+def queue_hop(base: str, engine, db_url: str, rounds: int) -> dict:
+    """The same short generation through mlxq (uncached) and on the engine directly, alternated.
+
+    Besides the side-by-side ratio, each request is split by its job row: overhead = client
+    latency - the worker's own run time (started_at -> finished_at), and pickup = created_at ->
+    started_at (enqueue to the worker taking it).
+    """
+    from sqlalchemy import create_engine, text
+
+    via, direct, keys = [], [], []
     http = httpx.Client(base_url=base, timeout=60)
     for i in range(rounds):
         req = body(f"Say the number {i}.", max_tokens=1)
+        time.sleep(0.2)  # let the other side's BLAS threads go idle: they spin a while after work
         t = time.perf_counter()
-        r = http.post("/v1/chat/completions", json=req, headers={"Cache-Control": "no-cache, no-store"})
+        r = http.post("/v1/chat/completions", json=req, headers={"Cache-Control": "no-cache"})
         via.append(time.perf_counter() - t)
         assert r.status_code == 200, r.text
+        keys.append(r.headers["x-request-key"])
         canonical = {"messages": req["messages"], "temperature": 0.0, "max_tokens": 1}
+        time.sleep(0.2)
         t = time.perf_counter()
         engine.generate("chat", canonical)
         direct.append(time.perf_counter() - t)
-    overhead = [a - b for a, b in zip(via, direct, strict=True)]
-    return {"via_mlxq_p50_ms": ms(statistics.median(via)), "engine_p50_ms": ms(statistics.median(direct)),
-            "overhead_p50_ms": ms(statistics.median(overhead)),
-            "ratio": round(statistics.median(via) / statistics.median(direct), 3)}
+    sql = create_engine(db_url)
+    with sql.connect() as conn:
+        rows = {k: conn.execute(text("SELECT created_at, started_at, finished_at FROM jobs WHERE key = :k"),
+                                {"k": k}).one() for k in keys}
+    sql.dispose()
+    overhead = [v - (rows[k][2] - rows[k][1]) for v, k in zip(via, keys, strict=True)]
+    pickup = [rows[k][1] - rows[k][0] for k in keys]
+    return {"via_mlxq_p50_ms": ms(statistics.median(via)), "engine_direct_p50_ms": ms(statistics.median(direct)),
+            "ratio": round(statistics.median(via) / statistics.median(direct), 3),
+            "overhead_p50_ms": ms(statistics.median(overhead)), "pickup_p50_ms": ms(statistics.median(pickup)),
+            "pickup_max_ms": ms(max(pickup))}
 
 
 def health_during_generation(base: str) -> dict:
@@ -105,6 +139,7 @@ def health_during_generation(base: str) -> dict:
 
 def run_mode(mode: str, model: Path, engine, tmp: Path) -> dict:
     env = {"MLXQ_DATA_DIR": str(tmp / mode), "MLXQ_MODEL": str(model), "MLXQ_MODEL_NAME": BUILTIN_MODEL}
+    db_url = f"sqlite:///{tmp / mode / 'mlxq.sqlite'}"
     cleanup = []
     if mode == "redis":
         import psycopg
@@ -114,7 +149,8 @@ def run_mode(mode: str, model: Path, engine, tmp: Path) -> dict:
         admin = psycopg.connect(PG_ADMIN, autocommit=True)
         admin.execute(f'CREATE DATABASE "{name}"')
         prefix = f"mlxqbench{uuid.uuid4().hex[:6]}"
-        env.update(MLXQ_DATABASE_URL=f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
+        db_url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+        env.update(MLXQ_DATABASE_URL=db_url,
                    MLXQ_BROKER_URL=REDIS, MLXQ_QUEUE=prefix, MLXQ_REDIS_PREFIX=prefix)
 
         def drop() -> None:
@@ -135,11 +171,14 @@ def run_mode(mode: str, model: Path, engine, tmp: Path) -> dict:
         cold = time.perf_counter() - t
         assert r.headers["x-cache"] == "MISS" and "Paris" in r.text, r.text
         time.sleep(0.2)
-        result = {"cold_ms": ms(cold)}
+        result: dict = {"cold_ms": ms(cold)}
+        result["hit_c1"] = asyncio.run(hit_load(svc.base, payload, 1, 300))
+        result["floor_c1"] = floor(svc.base, 1)
         for clients in (8, 32):
             asyncio.run(hit_load(svc.base, payload, clients, 10))  # warm-up
             result[f"hit_c{clients}"] = asyncio.run(hit_load(svc.base, payload, clients, 400 // clients * 4))
-        result["queue_hop"] = queue_hop(svc.base, engine, 15)
+            result[f"floor_c{clients}"] = floor(svc.base, clients)
+        result["queue_hop"] = queue_hop(svc.base, engine, db_url, 15)
         result["health_during_generation"] = health_during_generation(svc.base)
         return result
     finally:

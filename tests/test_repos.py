@@ -26,14 +26,14 @@ def sessions(request: pytest.FixtureRequest, tmp_path: Path):
 
 def put(sessions, key: str, *, max_entries: int = 100, ttl_s: float | None = None) -> None:
     with sessions.begin() as s:
-        repos.put_entry(session=s, key=key, kind="chat", model="m", result={"text": key}, ttl_s=ttl_s,
-                        max_entries=max_entries)
+        repos.put_entry(session=s, key=key, kind="chat", model="m", result={"text": key}, ttl_s=ttl_s)
+    with sessions.begin() as s:
+        repos.evict_lru(session=s, max_entries=max_entries)
 
 
 def get(sessions, key: str):
     with sessions() as s:
-        entry = repos.get_entry(session=s, key=key)
-        return entry.result if entry else None
+        return repos.lookup_result(session=s, key=key)
 
 
 def test_put_get_roundtrip_and_replace(sessions):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from worker.blas import preload_openblas
 
@@ -48,6 +49,10 @@ def build(settings: Settings) -> tuple[Celery, Runtime]:
 def run(settings: Settings | None = None, loglevel: str = "INFO") -> None:
     settings = settings or get_settings()
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.worker_nice:
+        # Where api and worker share cores, the front end must win them: it answers in
+        # milliseconds, while generation only loses a little throughput.
+        os.nice(settings.worker_nice)
     upgrade(settings)
     app, runtime = build(settings)
     argv = ["worker", "-P", "solo", "-c", "1", "-E", "-Q", settings.queue, "-l", loglevel,

@@ -102,9 +102,12 @@ class Runtime:
             repos.finish_job(session=session, job_id=job_id, status="succeeded", result=dict(result))
             if store:
                 repos.put_entry(session=session, key=key, kind=kind, model=model, result=dict(result),
-                                ttl_s=ttl_s or self.settings.cache_ttl_s,
-                                max_entries=self.settings.cache_max_entries)
-        self.channel.publish(job_id, {"type": "done"})
+                                ttl_s=ttl_s or self.settings.cache_ttl_s)
+        # The answer travels with the event, so the waiting client needs no further read.
+        self.channel.publish(job_id, {"type": "done", "result": dict(result)})
+        if store:
+            with self.sessions.begin() as session:
+                repos.evict_lru(session=session, max_entries=self.settings.cache_max_entries)
 
     def _fail(self, job_id: str, error: dict[str, Any]) -> None:
         with self.sessions.begin() as session:

@@ -1,0 +1,71 @@
+"""Cache bookkeeping, batched: no request pays for a write transaction of its own for it.
+
+Hits (with their keys, for LRU access times) and the hit/miss/bypass counters are kept in
+memory and flushed in one transaction every `interval_s`, before /health reads them, and at
+shutdown. The counters live in SQL, so every api replica adds to the same totals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import Counter
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from mlxq import repos
+
+log = logging.getLogger(__name__)
+
+
+class StatsRecorder:
+    def __init__(self, sessions: sessionmaker[Session], interval_s: float = 1.0) -> None:
+        self._sessions = sessions
+        self._interval = interval_s
+        self._pending: Counter[str] = Counter()
+        self._counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._task: asyncio.Task | None = None
+
+    def hit(self, key: str) -> None:
+        with self._lock:
+            self._pending[key] += 1
+            self._counts["cache_hits"] += 1
+
+    def count(self, name: str) -> None:
+        with self._lock:
+            self._counts[name] += 1
+
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, Counter()
+            counts, self._counts = self._counts, Counter()
+        if not pending and not counts:
+            return
+        now = time.time()
+        try:
+            with self._sessions.begin() as session:
+                for key, n in sorted(pending.items()):
+                    repos.touch_entry(session=session, key=key, hits=n, now=now)
+                for name, n in sorted(counts.items()):
+                    repos.bump(session=session, name=name, by=n)
+        except Exception:
+            log.exception("could not record cache statistics; retrying later")
+            with self._lock:
+                self._pending.update(pending)
+                self._counts.update(counts)
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await asyncio.to_thread(self.flush)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        await asyncio.to_thread(self.flush)
