@@ -25,10 +25,10 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if migrate:
             upgrade(settings)
-        app.state.services = Services.build(settings)
-        app.state.services.stats.start()
+        services = app.state.services = Services.build(settings)
+        services.stats.start()
         yield
-        await app.state.services.aclose()
+        await services.aclose()
 
     app = FastAPI(title="mlxq", version=__version__, lifespan=lifespan)
     errors.install(app)

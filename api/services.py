@@ -10,6 +10,8 @@ from fastapi import Depends, Request
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.health import health_snapshot
+from api.metrics import Metrics
 from api.stats import StatsRecorder
 from mlxq.celery_app import make_celery
 from mlxq.channel import Channel, make_channel
@@ -25,6 +27,7 @@ class Services:
     celery: Celery
     channel: Channel
     stats: StatsRecorder
+    metrics: Metrics = None  # type: ignore[assignment]  # set right after construction
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -32,7 +35,9 @@ class Services:
         sessions = make_sessionmaker(engine)
         channel = make_channel(broker_url=settings.broker_url, redis_prefix=settings.redis_prefix,
                                sessions=sessions, poll_interval_s=settings.poll_interval_s)
-        return cls(settings, engine, sessions, make_celery(settings), channel, StatsRecorder(sessions))
+        services = cls(settings, engine, sessions, make_celery(settings), channel, StatsRecorder(sessions))
+        services.metrics = Metrics(lambda: health_snapshot(services))
+        return services
 
     async def aclose(self) -> None:
         await self.stats.stop()

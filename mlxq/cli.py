@@ -83,10 +83,18 @@ def serve(host: str = typer.Option(None), port: int = typer.Option(None), log_le
             proc.kill()
 
 
+@app.command()
+def bench(modes: str = typer.Option("sqlite,redis", help="deployments to measure")) -> None:
+    """Run scripts/bench.py: cache-hit latency, queue-hop overhead, /health under load (one JSON line)."""
+    from mlxq.procs import ROOT
+
+    raise typer.Exit(subprocess.call([sys.executable, str(ROOT / "scripts" / "bench.py"), "--modes", modes]))
+
+
 @cache_app.command("stats")
 def cache_stats() -> None:
     """Print response-cache statistics."""
-    from api.routes import health_snapshot
+    from api.health import health_snapshot
     from api.services import Services
     from mlxq.db import upgrade
 

@@ -88,6 +88,12 @@ def test_cache_controls_and_nondeterministic_requests(tmp_path: Path, smollm2: P
     assert cache_of(temperature=0.9, seed=5) == "MISS"
     assert cache_of(temperature=0.9, seed=5) == "HIT"
 
+    stats = svc.health()["cache"]
+    assert (stats["hits"], stats["misses"], stats["bypass"]) == (2, 3, 3)
+    metrics = httpx.get(f"{svc.base}/metrics", timeout=5).text
+    assert "mlxq_cache_hits 2.0" in metrics and "mlxq_cache_misses 3.0" in metrics
+    assert 'mlxq_requests_total{cache="BYPASS",endpoint="chat"} 3.0' in metrics
+
 
 def test_bad_input_is_an_openai_4xx_and_nothing_is_enqueued(tmp_path: Path, smollm2: Path, service_factory):
     env = service_env(tmp_path, smollm2)

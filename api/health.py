@@ -1,0 +1,41 @@
+"""The service's state as /health, /metrics and `mlxq cache stats` report it."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from mlxq import repos
+
+if TYPE_CHECKING:
+    from api.services import Services
+
+
+def health_snapshot(services: Services) -> dict[str, Any]:
+    settings = services.settings
+    services.stats.flush()
+    with services.sessions() as session:
+        workers = repos.live_workers(session=session, within_s=max(10.0, 3 * settings.heartbeat_s))
+        depth = repos.queue_depth(session=session)
+        counts = repos.counters(session=session)
+        items, size = repos.cache_items(session=session)
+    hits, misses = counts.get("cache_hits", 0), counts.get("cache_misses", 0)
+    loaded = any(w.model_loaded for w in workers)
+    errors = [w.error for w in workers if w.error]
+    return {
+        "status": "ok" if loaded else "degraded",
+        "model": settings.model_name,
+        "model_loaded": loaded,
+        "worker": {"alive": bool(workers), "count": len(workers), "error": errors[0] if errors else None},
+        "queue_depth": depth,
+        "cache": {
+            "hits": hits,
+            "misses": misses,
+            "bypass": counts.get("cache_bypass", 0),
+            "total_requests": hits + misses + counts.get("cache_bypass", 0),
+            "hit_rate": round(hits / (hits + misses), 4) if hits + misses else 0.0,
+            "cached_items": items,
+            "bytes": size,
+        },
+        "time": time.time(),
+    }

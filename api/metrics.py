@@ -1,0 +1,49 @@
+"""Prometheus metrics: request outcomes and latency from this process, cache and queue state from SQL."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+
+class _Snapshot(Collector):
+    """Reads the same snapshot as /health at scrape time, so both always agree."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot()
+        cache = snap["cache"]
+        for name, help_text in (("hits", "Response-cache hits"), ("misses", "Response-cache misses"),
+                                ("bypass", "Requests that bypassed the response cache"),
+                                ("cached_items", "Entries in the response cache"),
+                                ("bytes", "Bytes of cached results")):
+            yield GaugeMetricFamily(f"mlxq_cache_{name}", help_text, value=cache[name])
+        yield GaugeMetricFamily("mlxq_cache_hit_rate", "hits / (hits + misses)", value=cache["hit_rate"])
+        yield GaugeMetricFamily("mlxq_queue_depth", "Jobs waiting for the worker", value=snap["queue_depth"])
+        yield GaugeMetricFamily("mlxq_workers_alive", "Workers with a recent heartbeat", value=snap["worker"]["count"])
+        yield GaugeMetricFamily("mlxq_model_loaded", "1 when a live worker holds the model",
+                                value=1 if snap["model_loaded"] else 0)
+
+
+class Metrics:
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("mlxq_requests", "Generation requests by endpoint and cache outcome",
+                                ["endpoint", "cache"], registry=self.registry)
+        self.latency = Histogram("mlxq_request_seconds", "Time to answer a generation request",
+                                 ["endpoint", "cache"], registry=self.registry,
+                                 buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.registry.register(_Snapshot(snapshot))
+
+    def observe(self, endpoint: str, cache: str, seconds: float) -> None:
+        self.requests.labels(endpoint, cache).inc()
+        self.latency.labels(endpoint, cache).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
