@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,7 @@ class Outcome:
     cache: str  # HIT | MISS | BYPASS
     key: str
     job_id: str | None = None
+    joined: bool = False  # an identical job was already in flight
 
 
 class Pipeline:
@@ -74,7 +76,7 @@ class Pipeline:
         with self.s.sessions.begin() as session:
             running = repos.find_inflight(session=session, key=key) if lookup else None
             if running is not None:
-                return Outcome({}, "MISS", key, running.id)
+                return Outcome({}, "MISS", key, running.id, joined=True)
             job_id = repos.create_job(session=session, key=key, kind=kind, model=canonical["model"],
                                       request=canonical, store=store, ttl_s=ttl_s).id
         self._send(job_id)  # after the commit, so the worker always finds the row
@@ -120,37 +122,58 @@ class Pipeline:
             outcome.result = await self.wait(outcome.job_id)
         return outcome
 
-    async def wait(self, job_id: str) -> dict[str, Any]:
-        """Wait for a job's end on the stream channel (re-checking the job row now and then)."""
-        finished = asyncio.Event()
-        final: dict[str, Any] = {}
+    async def events(self, job_id: str, *, timeout_s: float | None = None) -> AsyncIterator[dict[str, Any]]:
+        """A job's events from the stream channel, ending with `done` or `error`.
 
-        async def consume() -> None:
+        The job row is re-checked after each quiet second, so a lost event cannot hang a client;
+        past `timeout_s` the iterator raises a 504.
+        """
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+        async def pump() -> None:
             async for event in self.s.channel.listen(job_id):
-                if event.get("type") in ("done", "error"):
-                    final.update(event)
-                    finished.set()
-                    return
+                await queue.put(event)
 
-        listener = asyncio.get_running_loop().create_task(consume())
-        deadline = time.monotonic() + self.s.settings.request_timeout_s
+        pumper = asyncio.get_running_loop().create_task(pump())
+        deadline = time.monotonic() + (timeout_s or self.s.settings.request_timeout_s)
         try:
-            while not finished.is_set():
+            while True:
                 try:
-                    await asyncio.wait_for(finished.wait(), timeout=1.0)
+                    event = await asyncio.wait_for(queue.get(), timeout=1.0)
                 except TimeoutError:
-                    status, _, _ = await asyncio.to_thread(self._job_state, job_id)
-                    if status in repos.TERMINAL:
-                        break
-                    if time.monotonic() > deadline:
-                        raise APIError(504, f"Job {job_id} did not finish within "
-                                            f"{self.s.settings.request_timeout_s:.0f}s; poll /v1/jobs/{job_id}.",
+                    status, result, error = await asyncio.to_thread(self._job_state, job_id)
+                    if status == "succeeded":
+                        event = {"type": "done", "result": result}
+                    elif status in repos.TERMINAL:
+                        event = {"type": "error", "error": error or {"status": 500, "message": f"job {status}"}}
+                    elif time.monotonic() > deadline:
+                        raise APIError(504, f"Job {job_id} did not finish in time; poll /v1/jobs/{job_id}.",
                                        code="timeout") from None
+                    else:
+                        yield {"type": "waiting", "status": status}
+                        continue
+                yield event
+                if event.get("type") in ("done", "error"):
+                    return
         finally:
-            listener.cancel()
-        if final.get("type") == "done" and final.get("result") is not None:
-            return final["result"]
-        status, result, error = await asyncio.to_thread(self._job_state, job_id)
-        if status == "succeeded" and result is not None:
-            return result
-        raise APIError.from_job(error or {"status": 500, "message": f"job {job_id} ended {status}"})
+            pumper.cancel()
+
+    async def wait(self, job_id: str) -> dict[str, Any]:
+        """Wait for a job's result; its error becomes an APIError."""
+        async for event in self.events(job_id):
+            if event["type"] == "done":
+                if event.get("result") is None:  # published before results rode on the event
+                    _, result, _ = await asyncio.to_thread(self._job_state, job_id)
+                    return result or {}
+                return event["result"]
+            if event["type"] == "error":
+                raise APIError.from_job(event.get("error") or {})
+        raise APIError(500, f"job {job_id} ended without a result")
+
+    def cancel_soon(self, job_id: str) -> None:
+        """Cancel a job from anywhere, even a cancelled task: the executor runs it regardless."""
+        def cancel() -> None:
+            with self.s.sessions.begin() as session:
+                repos.cancel_job(session=session, job_id=job_id)
+
+        asyncio.get_running_loop().run_in_executor(None, cancel)

@@ -53,6 +53,30 @@ class ChatCompletionRequest(OpenAIBaseModel):
     cache: dict[str, Any] | None = None
 
 
+class CompletionRequest(OpenAIBaseModel):
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool | None = False
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    max_tokens: int | None = Field(None, ge=1)
+    n: int | None = Field(None, ge=1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: dict[str, Any] | None = None
+    suffix: str | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    user: str | None = None
+    # -- non-spec extras -------------------------------------------------------------------
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    cache: dict[str, Any] | None = None
+
+
 def _id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -72,15 +96,36 @@ def chat_completion(result: dict[str, Any], *, model: str) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": result.get("text", "")}
     if result.get("tool_calls"):
         message["tool_calls"] = result["tool_calls"]
+        message["content"] = message["content"] or None
+    logprobs = {"content": result["logprobs"]} if result.get("logprobs") is not None else None
     return {
         "id": _id("chatcmpl"),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
         "choices": [
-            {"index": 0, "message": message, "logprobs": None, "finish_reason": result.get("finish_reason", "stop")}
+            {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": result.get("finish_reason", "stop")}
         ],
         "usage": usage_block(result.get("usage", {})),
+    }
+
+
+def text_completion(results: list[dict[str, Any]], *, model: str, prefixes: list[str] | None = None) -> dict[str, Any]:
+    """Render worker results (one per prompt) as an OpenAI `text_completion` object."""
+    usage = {"prompt_tokens": sum(r.get("usage", {}).get("prompt_tokens", 0) for r in results),
+             "completion_tokens": sum(r.get("usage", {}).get("completion_tokens", 0) for r in results),
+             "cached_tokens": sum(r.get("usage", {}).get("cached_tokens", 0) for r in results)}
+    return {
+        "id": _id("cmpl"),
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": i, "text": (prefixes[i] if prefixes else "") + r.get("text", ""), "logprobs": None,
+             "finish_reason": r.get("finish_reason", "stop")}
+            for i, r in enumerate(results)
+        ],
+        "usage": usage_block(usage),
     }
 
 

@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse, Response
+from sse_starlette import ServerSentEvent
 
 from api.errors import APIError
 from api.health import health_snapshot
-from api.pipeline import CachePolicy, Pipeline
-from api.protocol import ChatCompletionRequest, chat_completion, model_list
+from api.pipeline import CachePolicy, Outcome, Pipeline
+from api.protocol import ChatCompletionRequest, CompletionRequest, chat_completion, model_list, text_completion
 from api.services import Services, ServicesDep
-from mlxq.keys import canonical_chat
+from api.streaming import ChunkWriter, event_source, from_list, openai_stream, replay
+from mlxq.keys import canonical_chat, canonical_completion
 
 router = APIRouter()
+
+# A streamed request waits this long for its job to start before committing to a 200 SSE response,
+# so that errors known up front (a prompt over the context, no model) still get a proper 4xx.
+FIRST_EVENT_WAIT_S = 2.0
 
 
 def check_model(services: Services, model: str) -> None:
@@ -25,23 +32,125 @@ def check_model(services: Services, model: str) -> None:
                             f"`{services.settings.model_name}`.", code="model_not_found", param="model")
 
 
+def cache_headers(outcome: Outcome) -> dict[str, str]:
+    headers = {"X-Cache": outcome.cache, "X-Request-Key": outcome.key}
+    if outcome.job_id:
+        headers["X-Job-Id"] = outcome.job_id
+    return headers
+
+
+async def job_events(pipeline: Pipeline, outcome: Outcome) -> AsyncIterator[dict[str, Any]]:
+    """The outcome's events: replayed from the cache, or live from its job (errors up front raise)."""
+    if outcome.job_id is None:
+        return from_list(replay(outcome.result))
+    events = pipeline.events(outcome.job_id)
+    prelude: list[dict[str, Any]] = []
+    deadline = time.monotonic() + FIRST_EVENT_WAIT_S
+    while True:
+        event = await anext(events)
+        if event["type"] == "error":
+            await events.aclose()
+            raise APIError.from_job(event.get("error") or {})
+        prelude.append(event)
+        if event["type"] != "waiting" or time.monotonic() > deadline:
+            break
+
+    async def chained() -> AsyncIterator[dict[str, Any]]:
+        for event in prelude:
+            yield event
+        async for event in events:
+            yield event
+
+    return chained()
+
+
+def stream_response(services: Services, pipeline: Pipeline, outcome: Outcome,
+                    sse: AsyncIterator[ServerSentEvent], endpoint: str, started: float) -> Response:
+    async def guarded() -> AsyncIterator[ServerSentEvent]:
+        finished = False
+        try:
+            async for item in sse:
+                yield item
+            finished = True
+        finally:
+            services.metrics.observe(endpoint, outcome.cache, time.perf_counter() - started)
+            # A client that went away stops its own job (not one it merely joined).
+            if not finished and outcome.job_id and not outcome.joined:
+                pipeline.cancel_soon(outcome.job_id)
+
+    return event_source(guarded(), cache_headers(outcome), services.settings.sse_keepalive_s)
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, services: ServicesDep,
-                           cache_control: str | None = Header(None)) -> JSONResponse:
+                           cache_control: str | None = Header(None)) -> Response:
+    started = time.perf_counter()
     check_model(services, body.model)
     if body.n not in (None, 1):
         raise APIError(400, "Only n=1 is supported.", param="n")
-    if body.stream:
-        raise APIError(400, "Streaming is not supported yet; send stream=false.", param="stream")
-    started = time.perf_counter()
     settings = services.settings
     canonical = canonical_chat(body.model_dump(exclude_none=True), default_temperature=settings.default_temperature,
                                default_max_tokens=settings.default_max_tokens)
-    outcome = await Pipeline(services).run(kind="chat", canonical=canonical,
-                                           policy=CachePolicy.parse(cache_control, body.cache))
+    pipeline = Pipeline(services)
+    policy = CachePolicy.parse(cache_control, body.cache)
+    if body.stream:
+        outcome = await pipeline.submit(kind="chat", canonical=canonical, policy=policy)
+        writer = ChunkWriter(kind="chat", model=settings.model_name,
+                             include_usage=bool((body.stream_options or {}).get("include_usage")))
+        events = await job_events(pipeline, outcome)
+        return stream_response(services, pipeline, outcome, openai_stream(events, writer), "chat", started)
+    outcome = await pipeline.run(kind="chat", canonical=canonical, policy=policy)
     services.metrics.observe("chat", outcome.cache, time.perf_counter() - started)
-    return JSONResponse(chat_completion(outcome.result, model=settings.model_name),
-                        headers={"X-Cache": outcome.cache, "X-Request-Key": outcome.key})
+    return JSONResponse(chat_completion(outcome.result, model=settings.model_name), headers=cache_headers(outcome))
+
+
+def _prompts(prompt: Any) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return list(prompt)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, services: ServicesDep,
+                      cache_control: str | None = Header(None)) -> Response:
+    started = time.perf_counter()
+    check_model(services, body.model)
+    if body.n not in (None, 1):
+        raise APIError(400, "Only n=1 is supported.", param="n")
+    if body.suffix:
+        raise APIError(400, "suffix is not supported.", param="suffix")
+    if body.logprobs:
+        raise APIError(400, "logprobs is not supported on /v1/completions; use /v1/chat/completions.",
+                       param="logprobs")
+    prompts = _prompts(body.prompt)
+    if not prompts or any(p == "" or p == [] for p in prompts):
+        raise APIError(400, "prompt must not be empty.", param="prompt")
+    if body.stream and len(prompts) > 1:
+        raise APIError(400, "Streaming supports a single prompt.", param="prompt")
+    settings = services.settings
+    raw = body.model_dump(exclude_none=True)
+    raw.pop("logprobs", None)
+    canonicals = [canonical_completion(raw, p, default_temperature=settings.default_temperature,
+                                       default_max_tokens=16) for p in prompts]
+    echo = [p if body.echo and isinstance(p, str) else "" for p in prompts]
+    pipeline = Pipeline(services)
+    policy = CachePolicy.parse(cache_control, body.cache)
+    if body.stream:
+        outcome = await pipeline.submit(kind="completion", canonical=canonicals[0], policy=policy)
+        writer = ChunkWriter(kind="completion", model=settings.model_name,
+                             include_usage=bool((body.stream_options or {}).get("include_usage")))
+        events = await job_events(pipeline, outcome)
+        sse = openai_stream(events, writer, prefix=echo[0])
+        return stream_response(services, pipeline, outcome, sse, "completion", started)
+    outcomes = await asyncio.gather(*(pipeline.run(kind="completion", canonical=c, policy=policy)
+                                      for c in canonicals))
+    cache = outcomes[0].cache if len({o.cache for o in outcomes}) == 1 else "MIXED"
+    services.metrics.observe("completion", cache, time.perf_counter() - started)
+    headers = {"X-Cache": cache, "X-Request-Key": ",".join(o.key for o in outcomes)}
+    return JSONResponse(text_completion([o.result for o in outcomes], model=settings.model_name, prefixes=echo),
+                        headers=headers)
 
 
 @router.get("/v1/models")

@@ -63,10 +63,19 @@ def normalize_message(message: dict[str, Any]) -> dict[str, Any]:
 
 def canonical_chat(body: dict[str, Any], *, default_temperature: float, default_max_tokens: int) -> dict[str, Any]:
     """The canonical chat request: defaults filled, aliases resolved, irrelevant fields dropped."""
-    canon: dict[str, Any] = {
-        "model": body["model"],
-        "messages": [normalize_message(m) for m in body["messages"]],
-    }
+    canon = {"model": body["model"], "messages": [normalize_message(m) for m in body["messages"]]}
+    return _with_output_fields(canon, body, default_temperature, default_max_tokens)
+
+
+def canonical_completion(body: dict[str, Any], prompt: str | list[int], *, default_temperature: float,
+                         default_max_tokens: int) -> dict[str, Any]:
+    """The canonical legacy completion request for one prompt (text or token ids)."""
+    return _with_output_fields({"model": body["model"], "prompt": prompt}, body, default_temperature,
+                               default_max_tokens)
+
+
+def _with_output_fields(canon: dict[str, Any], body: dict[str, Any], default_temperature: float,
+                        default_max_tokens: int) -> dict[str, Any]:
     for field in OUTPUT_FIELDS:
         if body.get(field) is not None:
             canon[field] = body[field]
@@ -81,6 +90,11 @@ def canonical_chat(body: dict[str, Any], *, default_temperature: float, default_
         del canon["n"]
     if canon.get("top_p") == 1.0:
         del canon["top_p"]
+    if canon.get("logprobs") is False:
+        del canon["logprobs"]
+    if not canon.get("tools"):
+        canon.pop("tools", None)
+        canon.pop("tool_choice", None)
     return canon
 
 

@@ -130,6 +130,20 @@ def start_job(*, session: Session, job_id: str, worker: str) -> Job | None:
                store=row.store, ttl_s=row.ttl_s, model=row.model)
 
 
+def job_status(*, session: Session, job_id: str) -> str | None:
+    return session.scalar(select(Job.status).where(Job.id == job_id))
+
+
+def cancel_job(*, session: Session, job_id: str) -> bool:
+    """Ask a queued or running job to stop; the worker notices within a poll interval."""
+    error = {"status": 499, "type": "cancelled", "message": "the job was cancelled", "code": "cancelled", "param": None}
+    done = session.execute(
+        update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
+        .values(status="cancelled", error=error, finished_at=time.time())
+    )
+    return bool(done.rowcount)
+
+
 def finish_job(*, session: Session, job_id: str, status: str, result: dict[str, Any] | None = None,
                error: dict[str, Any] | None = None) -> None:
     session.execute(

@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     # Broker and SQL stream-channel poll interval in the embedded mode.
     poll_interval_s: float = 0.01
     heartbeat_s: float = 2.0
+    # SSE keepalive comment interval while a streamed job waits or prefills.
+    sse_keepalive_s: float = 5.0
     # Niceness the worker process adds to itself (0 = none).
     worker_nice: int = 10
 

@@ -26,6 +26,24 @@ def smol(smollm2: Path) -> Engine:
     return Engine.load(str(smollm2))
 
 
+class Deltas:
+    """Collects the engine's events."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+
+    def __call__(self, event: dict) -> None:
+        self.events.append(event)
+
+    @property
+    def parts(self) -> list[str]:
+        return [e["content"] for e in self.events if e["type"] == "delta"]
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
 def chat(**kw) -> dict:
     return {"messages": [USER], "temperature": 0.0, "max_tokens": 12, **kw}
 
@@ -69,17 +87,18 @@ def test_stop_string_matched_on_decoded_text(tiny: Engine):
     full = tiny.generate("chat", chat(max_tokens=30))["text"]
     stop = full[5:8]
     assert stop and stop in full
-    deltas: list[str] = []
-    result = tiny.generate("chat", chat(max_tokens=30, stop=[stop]), on_delta=deltas.append)
+    deltas = Deltas()
+    result = tiny.generate("chat", chat(max_tokens=30, stop=[stop]), emit=deltas)
     assert result["text"] == full[: full.index(stop)]
     assert result["finish_reason"] == "stop"
-    assert "".join(deltas) == result["text"]  # nothing of the stop string leaked to the stream
+    assert deltas.text == result["text"]  # nothing of the stop string leaked to the stream
 
 
 def test_streamed_deltas_join_to_the_text(tiny: Engine):
-    deltas: list[str] = []
-    result = tiny.generate("chat", chat(max_tokens=20), on_delta=deltas.append)
-    assert len(deltas) > 1 and "".join(deltas) == result["text"]
+    deltas = Deltas()
+    result = tiny.generate("chat", chat(max_tokens=20), emit=deltas)
+    assert len(deltas.parts) > 1 and deltas.text == result["text"]
+    assert deltas.events[0] == {"type": "started", "prompt_tokens": result["usage"]["prompt_tokens"]}
 
 
 def test_prompt_longer_than_context_is_a_400_with_both_counts(tiny: Engine):

@@ -64,6 +64,8 @@ def test_every_output_field_is_covered():
 @given(field=st.sampled_from(sorted(CHANGES)), msg=texts, model=texts)
 def test_every_output_changing_field_changes_the_key(field, msg, model):
     body = {"model": model, "messages": [{"role": "user", "content": msg}], "temperature": 0}
+    if field == "tool_choice":  # meaningful only with tools offered
+        body["tools"] = CHANGES["tools"]
     assert key({**body, field: CHANGES[field]}) != key(body)
     assert key({**body, "messages": [{"role": "user", "content": msg + "!"}]}) != key(body)
     assert key({**body, "model": model + "x"}) != key(body)
@@ -73,7 +75,8 @@ def test_aliases_and_defaults_are_resolved():
     assert key({**BASE, "max_completion_tokens": 9}) == key({**BASE, "max_tokens": 9})
     assert key({**BASE, "max_tokens": 512}) == key(BASE)
     assert key({**BASE, "stop": "x"}) == key({**BASE, "stop": ["x"]})
-    assert key({**BASE, "n": 1, "top_p": 1.0}) == key(BASE)
+    assert key({**BASE, "n": 1, "top_p": 1.0, "logprobs": False}) == key(BASE)
+    assert key({**BASE, "tools": [], "tool_choice": "auto"}) == key(BASE)
     parts = {**BASE, "messages": [{"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}]}
     assert key(parts) == key(BASE)
     assert key({"model": "m", "messages": BASE["messages"]}) == key({**BASE, "temperature": 1.0})

@@ -17,10 +17,14 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.utils import dequantize_model
 
 from mlxq.contract import GenerationResult, JobError, job_error
+from worker.tool_parse import ModelToolFormat, ToolStreamFilter, model_tool_format
+from worker.tool_prompt import prepare_chat, template_knows_tools
 
 log = logging.getLogger(__name__)
 
-DeltaSink = Callable[[str], None]
+EventSink = Callable[[dict[str, Any]], None]
+# Prefill in chunks this size: each chunk reports progress (SSE keepalives during long prompts).
+PREFILL_STEP = 512
 
 
 class RequestError(Exception):
@@ -43,6 +47,13 @@ def _on_cpu() -> bool:
     return mx.default_device() == mx.cpu or not (mx.metal.is_available() or mx.cuda.is_available())
 
 
+def _parser_name(tokenizer: Any) -> str | None:
+    """The mlx-lm tool parser module inferred for this tokenizer, if any."""
+    parser = getattr(tokenizer, "tool_parser", None)
+    module = getattr(parser, "__module__", "") or ""
+    return module.rsplit(".", 1)[-1] if module.startswith("mlx_lm.tool_parsers") else None
+
+
 def _model_key(path: Path) -> ModelKey:
     weights = sorted(path.glob("*.safetensors"))
     revision = ",".join(f"{w.name}:{w.stat().st_size}:{int(w.stat().st_mtime)}" for w in weights)
@@ -55,6 +66,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.key = key
         self.context_length = context_length
+        self.tool_format: ModelToolFormat | None = model_tool_format(_parser_name(tokenizer))
 
     @classmethod
     def load(cls, model: str) -> Engine:
@@ -74,26 +86,53 @@ class Engine:
 
     # -- prompts ---------------------------------------------------------------------------
 
+    @property
+    def chat_template(self) -> str | None:
+        template = getattr(self.tokenizer, "chat_template", None)
+        return template if isinstance(template, str) else None
+
+    def chat_prompt(self, request: dict[str, Any]) -> tuple[list[int], str, list[dict[str, Any]]]:
+        """(prompt tokens, answer prefill, tools to parse for) for a canonical chat request."""
+        messages, tools, prefill, parse_tools = prepare_chat(request, template_knows_tools(self.chat_template))
+        text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.encode(text + prefill, add_special_tokens=False), prefill, parse_tools
+
     def chat_tokens(self, request: dict[str, Any]) -> list[int]:
-        messages = [dict(m) for m in request["messages"]]
-        for m in messages:
-            if m.get("content") is None:
-                m["content"] = ""
-        text = self.tokenizer.apply_chat_template(
-            messages, tools=request.get("tools") or None, add_generation_prompt=True, tokenize=False
-        )
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.chat_prompt(request)[0]
 
     def completion_tokens(self, request: dict[str, Any]) -> list[int]:
-        return self.tokenizer.encode(request["prompt"])
+        prompt = request["prompt"]
+        if isinstance(prompt, list):  # already token ids
+            return [int(t) for t in prompt]
+        return self.tokenizer.encode(prompt)
 
     # -- generation ------------------------------------------------------------------------
 
-    def generate(self, kind: str, request: dict[str, Any], on_delta: DeltaSink | None = None,
+    def _logprob_entry(self, token: int, logprobs: mx.array, top: int) -> dict[str, Any]:
+        text = self.tokenizer.decode([token])
+        entry: dict[str, Any] = {"token": text, "logprob": float(logprobs[token]),
+                                 "bytes": list(text.encode()), "top_logprobs": []}
+        if top:
+            ids = mx.argpartition(-logprobs, kth=top - 1)[:top].tolist()
+            ids.sort(key=lambda i: -float(logprobs[i]))
+            entry["top_logprobs"] = [
+                {"token": (t := self.tokenizer.decode([i])), "logprob": float(logprobs[i]), "bytes": list(t.encode())}
+                for i in ids
+            ]
+        return entry
+
+    def generate(self, kind: str, request: dict[str, Any], emit: EventSink | None = None,
                  should_stop: Callable[[], bool] | None = None) -> GenerationResult:
-        """Run one request to completion, calling `on_delta` with text safe to show so far."""
-        prompt = self.chat_tokens(request) if kind == "chat" else self.completion_tokens(request)
-        max_tokens = int(request.get("max_tokens") or 16)
+        """Run one request to completion.
+
+        `emit` receives events as they happen: `started`, `progress` (prefill), `delta` (content
+        safe to show, never part of a stop string or a tool call), and `tool_calls` at the end.
+        """
+        emit = emit or (lambda _event: None)
+        if kind == "chat":
+            prompt, prefill, tools = self.chat_prompt(request)
+        else:
+            prompt, prefill, tools = self.completion_tokens(request), "", []
         if len(prompt) + 1 > self.context_length:
             raise RequestError(
                 f"This model's maximum context length is {self.context_length} tokens; "
@@ -101,7 +140,7 @@ class Engine:
                 param="messages" if kind == "chat" else "prompt",
                 code="context_length_exceeded",
             )
-        max_tokens = min(max_tokens, self.context_length - len(prompt))
+        max_tokens = min(int(request.get("max_tokens") or 16), self.context_length - len(prompt))
         if request.get("seed") is not None:
             mx.random.seed(int(request["seed"]))
         sampler = make_sampler(
@@ -115,35 +154,62 @@ class Engine:
             presence_penalty=request.get("presence_penalty"),
             frequency_penalty=request.get("frequency_penalty"),
         )
+        want_logprobs = bool(request.get("logprobs"))
+        top_logprobs = int(request.get("top_logprobs") or 0)
         stops: list[str] = list(request.get("stop") or [])
+        if prefill:  # a forced call ends with its closing tag
+            stops.append("</tool_call>")
         # Text that could still be the start of a stop string is held back from the stream.
-        hold = max((len(s) for s in stops), default=1) - 1
+        stop_hold = max((len(s) for s in stops), default=1) - 1
+        tool_filter = ToolStreamFilter(tools, self.tool_format)
+        emit({"type": "started", "prompt_tokens": len(prompt)})
 
-        text, sent, finish, generated = "", 0, "length", 0
+        text, shown, finish, generated = prefill, 0, "length", 0
+        pending_logprobs: list[dict[str, Any]] = []
+        all_logprobs: list[dict[str, Any]] = []
         started = time.perf_counter()
+
+        def progress(done: int, total: int) -> None:
+            emit({"type": "progress", "processed": done, "total": total})
+
         for response in stream_generate(self.model, self.tokenizer, prompt, max_tokens=max_tokens,
-                                         sampler=sampler, logits_processors=processors):
+                                        sampler=sampler, logits_processors=processors,
+                                        prefill_step_size=PREFILL_STEP, prompt_progress_callback=progress):
             generated = response.generation_tokens
             text += response.text
+            if want_logprobs and response.finish_reason != "stop":
+                entry = self._logprob_entry(response.token, response.logprobs, top_logprobs)
+                pending_logprobs.append(entry)
+                all_logprobs.append(entry)
             if stops:
-                cut = min((i for i in (text.find(s, max(0, sent - hold)) for s in stops) if i >= 0),
-                          default=-1)
+                search_from = max(len(prefill), shown - stop_hold, len(text) - len(response.text) - stop_hold)
+                cut = min((i for i in (text.find(s, search_from) for s in stops) if i >= 0), default=-1)
                 if cut >= 0:
                     text, finish = text[:cut], "stop"
                     break
             if response.finish_reason is not None:
                 finish = response.finish_reason
-            if on_delta is not None and len(text) - hold > sent:
-                on_delta(text[sent: len(text) - hold])
-                sent = len(text) - hold
+            safe = tool_filter.safe_length(text[: max(len(text) - stop_hold, 0)] if stops else text)
+            if safe > shown:
+                emit({"type": "delta", "content": text[shown:safe], "logprobs": pending_logprobs or None})
+                shown, pending_logprobs = safe, []
             if should_stop is not None and should_stop():
                 finish = "cancelled"
                 break
-        if on_delta is not None and len(text) > sent:
-            on_delta(text[sent:])
+
+        rest, calls = tool_filter.finish(text, shown)
+        if rest or pending_logprobs:
+            emit({"type": "delta", "content": rest, "logprobs": pending_logprobs or None})
+        if calls:
+            emit({"type": "tool_calls", "tool_calls": calls})
         log.info("generated %d tokens (prompt %d) in %.2fs", generated, len(prompt), time.perf_counter() - started)
-        return GenerationResult(
-            text=text,
-            finish_reason="stop" if finish not in ("length", "cancelled") else finish,
+        result = GenerationResult(
+            text=text[:shown] + rest,
+            finish_reason="tool_calls" if calls else ("stop" if finish not in ("length", "cancelled") else finish),
             usage={"prompt_tokens": len(prompt), "completion_tokens": generated, "cached_tokens": 0},
         )
+        if calls:
+            result["tool_calls"] = calls
+        if want_logprobs:
+            result["logprobs"] = all_logprobs
+        return result

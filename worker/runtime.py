@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -20,6 +21,9 @@ from mlxq.contract import job_error
 from mlxq.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# A cancelled job (client gone, DELETE) stops within this long, well under a second.
+CANCEL_POLL_S = 0.25
 
 
 class Runtime:
@@ -90,13 +94,18 @@ class Runtime:
             self._fail(job_id, job_error(503, f"model not loaded: {self.load_error}", code="model_not_loaded"))
             return
         try:
-            result = self.engine.generate(kind, request)
+            result = self.engine.generate(kind, request, emit=lambda event: self.channel.publish(job_id, event),
+                                          should_stop=self._cancel_check(job_id))
         except Exception as exc:
             error = getattr(exc, "error", None)
             if error is None:
                 log.error("job %s failed: %s", job_id, traceback.format_exc())
                 error = job_error(500, f"generation failed: {type(exc).__name__}: {exc}")
             self._fail(job_id, error)
+            return
+        if result["finish_reason"] == "cancelled":
+            self._fail(job_id, job_error(499, "the job was cancelled", type="cancelled", code="cancelled"),
+                       status="cancelled")
             return
         with self.sessions.begin() as session:
             repos.finish_job(session=session, job_id=job_id, status="succeeded", result=dict(result))
@@ -109,7 +118,21 @@ class Runtime:
             with self.sessions.begin() as session:
                 repos.evict_lru(session=session, max_entries=self.settings.cache_max_entries)
 
-    def _fail(self, job_id: str, error: dict[str, Any]) -> None:
+    def _fail(self, job_id: str, error: dict[str, Any], status: str = "failed") -> None:
         with self.sessions.begin() as session:
-            repos.finish_job(session=session, job_id=job_id, status="failed", error=error)
+            repos.finish_job(session=session, job_id=job_id, status=status, error=error)
         self.channel.publish(job_id, {"type": "error", "error": error})
+
+    def _cancel_check(self, job_id: str) -> Callable[[], bool]:
+        """A cheap should_stop: looks at the job row at most every CANCEL_POLL_S seconds."""
+        last = [time.monotonic()]
+
+        def cancelled() -> bool:
+            now = time.monotonic()
+            if now - last[0] < CANCEL_POLL_S:
+                return False
+            last[0] = now
+            with self.sessions() as session:
+                return repos.job_status(session=session, job_id=job_id) == "cancelled"
+
+        return cancelled

@@ -1,0 +1,142 @@
+"""Tool-call parsing on outputs in the formats model families really emit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from worker.tool_parse import ToolStreamFilter, model_tool_format, parse_tool_calls
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"}, "days": {"type": "integer"}, "metric": {"type": "boolean"},
+        "ratio": {"type": "number"}, "tags": {"type": "array"}}}}},
+    {"type": "function", "function": {"name": "run_shell", "parameters": {"type": "object", "properties": {
+        "command": {"type": "string"}}}}},
+]
+
+
+def calls_of(text: str, parser: str | None = None):
+    content, calls = parse_tool_calls(text, TOOLS, model_tool_format(parser))
+    return content, [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls], calls
+
+
+CASES = {
+    "qwen2.5 / hermes": ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>',
+                         "json_tools"),
+    "qwen3 with think": ('<think>\nI should call get_weather({"city": "Rome"}) maybe.\n</think>\n\n<tool_call>\n'
+                         '{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>', "json_tools"),
+    "llama 3.1 json": ('{"name": "get_weather", "parameters": {"city": "Paris", "days": 3}}', None),
+    "llama python_tag": ('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris", "days": 3}}', None),
+    "mistral list": ('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}]', "mistral"),
+    "mistral v11": ('[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "days": 3}', "mistral"),
+    "bare json fenced": ('```json\n{"tool": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n```', None),
+    "function syntax": ('get_weather({"city": "Paris", "days": 3})', None),
+    "python kwargs": ('get_weather(city="Paris", days=3)', None),
+    "openai shaped": ('{"type": "function", "function": {"name": "get_weather", "arguments": '
+                      '"{\\"city\\": \\"Paris\\", \\"days\\": 3}"}}', None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_family_formats(name):
+    text, parser = CASES[name]
+    content, calls, raw = calls_of(text, parser)
+    assert calls == [("get_weather", {"city": "Paris", "days": 3})], name
+    assert isinstance(raw[0]["function"]["arguments"], str)
+    assert raw[0]["id"].startswith("call_") and raw[0]["type"] == "function"
+    assert "tool_call" not in content and "get_weather(" not in content.split("</think>")[-1]
+
+
+def test_same_formats_without_the_model_parser():
+    for name, (text, _parser) in CASES.items():
+        assert calls_of(text)[1] == [("get_weather", {"city": "Paris", "days": 3})], name
+
+
+def test_qwen3_coder_xml_parameters_are_typed_by_schema():
+    text = ("<tool_call>\n<function=get_weather>\n<parameter=city>\nNew York\n</parameter>\n"
+            "<parameter=days>\n5\n</parameter>\n<parameter=metric>\ntrue\n</parameter>\n"
+            "<parameter=ratio>\n0.5\n</parameter>\n<parameter=tags>\n[\"a\", \"b\"]\n</parameter>\n"
+            "</function>\n</tool_call>")
+    for parser in ("qwen3_coder", None):
+        _, calls, _ = calls_of(text, parser)
+        assert calls == [("get_weather", {"city": "New York", "days": 5, "metric": True, "ratio": 0.5,
+                                          "tags": ["a", "b"]})]
+
+
+def test_nested_json_and_braces_inside_strings():
+    args = {"command": "echo '{not json}' && printf \"}\"", "env": {"A": {"B": [1, {"c": "}"}]}}}
+    text = f'<tool_call>{json.dumps({"name": "run_shell", "arguments": args})}</tool_call>'
+    assert calls_of(text)[1] == [("run_shell", args)]
+
+
+def test_two_calls_kept_identical_duplicates_dropped():
+    one = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    two = '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>'
+    _, calls, raw = calls_of(one + two + one)
+    assert calls == [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})]
+    assert raw[0]["id"] != raw[1]["id"]
+
+
+def test_ids_unique_across_requests():
+    ids = {calls_of(CASES["function syntax"][0])[2][0]["id"] for _ in range(50)}
+    assert len(ids) == 50
+
+
+def test_not_tool_calls():
+    assert calls_of("I can use get_weather to look that up if you like.")[1] == []
+    assert calls_of('<tool_call>{"name": "delete_everything", "arguments": {}}</tool_call>')[1] == []
+    assert calls_of('<tool_call>{"name": "get_weather", "arguments": {"city": "Par')[1] == []
+    assert calls_of('{"city": "Paris"}')[1] == []
+    content, calls, _ = calls_of("Sure.\n<tool_call>{not json}</tool_call>")
+    assert calls == [] and "{not json}" in content
+    assert parse_tool_calls(CASES["function syntax"][0], None) == (CASES["function syntax"][0], [])
+
+
+def test_content_around_a_call_is_kept():
+    content, calls, _ = calls_of('Let me check.\n<tool_call>{"name": "run_shell", "arguments": '
+                                 '{"command": "ls"}}</tool_call>')
+    assert content == "Let me check." and calls == [("run_shell", {"command": "ls"})]
+
+
+def stream(text: str, step: int = 3) -> tuple[str, str, list]:
+    f = ToolStreamFilter(TOOLS)
+    shown, out = 0, ""
+    for end in range(step, len(text) + step, step):
+        safe = f.safe_length(text[:end])
+        if safe > shown:
+            out += text[shown:safe]
+            shown = safe
+    rest, calls = f.finish(text, shown)
+    return out, rest, calls
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_streaming_never_shows_part_of_a_call(name):
+    text = "Checking the weather now.\n" + CASES[name][0]
+    shown, rest, calls = stream(text)
+    assert len(calls) == 1, name
+    assert shown.startswith("Checking the weather now.")
+    assert shown.split("</think>")[-1].strip() in ("Checking the weather now.", "")
+    for marker in ("<tool_call", "{", "[TOOL", "get_weather(", "```", "<|python"):
+        assert marker not in shown.split("</think>")[-1], (name, shown)
+
+
+def test_streaming_plain_text_passes_through():
+    text = "The capital of France is Paris. get_weather is a tool I have."
+    shown, rest, calls = stream(text)
+    assert shown + rest == text and calls == []
+
+
+def test_streaming_think_section_is_not_held():
+    text = "<think>maybe {\"x\": 1} or get_weather(</think>\nIt is sunny."
+    shown, rest, calls = stream(text)
+    assert calls == [] and shown.startswith("<think>maybe {") and shown + rest == text
+
+
+def test_unclosed_outer_object_is_repaired():
+    # Real SmolLM2 output with a forced tool: the arguments close, the outer object does not.
+    text = '<tool_call>\n{"name": "get_weather", "arguments": \n{"city": "Paris"}\n</tool_call>\n\nIt is'
+    content, calls, _ = calls_of(text)
+    assert calls == [("get_weather", {"city": "Paris"})] and content == "It is"
