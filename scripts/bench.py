@@ -117,6 +117,36 @@ def queue_hop(base: str, engine, db_url: str, rounds: int) -> dict:
             "pickup_max_ms": ms(max(pickup))}
 
 
+def ttft(base: str, engine, rounds: int) -> dict:
+    """Time to first token: streamed through mlxq vs the engine's own first delta, alternated."""
+    via, direct = [], []
+    for i in range(rounds):
+        req = body(f"Tell me about the number {i}.", max_tokens=8, stream=True)
+        time.sleep(0.2)
+        t = time.perf_counter()
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=req, timeout=60,
+                          headers={"Cache-Control": "no-cache"}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    choices = json.loads(line[6:]).get("choices") or [{}]
+                    if choices[0].get("delta", {}).get("content"):
+                        via.append(time.perf_counter() - t)
+                        break
+        time.sleep(0.2)
+        first: list[float] = []
+        t = time.perf_counter()
+
+        def on_event(event: dict, t0: float = t, first: list[float] = first) -> None:
+            if event["type"] == "delta" and event["content"] and not first:
+                first.append(time.perf_counter() - t0)
+
+        engine.generate("chat", {"messages": req["messages"], "temperature": 0.0, "max_tokens": 8}, emit=on_event)
+        direct.append(first[0])
+    return {"mlxq_p50_ms": ms(statistics.median(via)), "engine_p50_ms": ms(statistics.median(direct)),
+            "added_p50_ms": ms(statistics.median(via) - statistics.median(direct)),
+            "ratio": round(statistics.median(via) / statistics.median(direct), 3)}
+
+
 def health_during_generation(base: str) -> dict:
     lat: list[float] = []
     done = threading.Event()
@@ -179,6 +209,7 @@ def run_mode(mode: str, model: Path, engine, tmp: Path) -> dict:
             result[f"hit_c{clients}"] = asyncio.run(hit_load(svc.base, payload, clients, 400 // clients * 4))
             result[f"floor_c{clients}"] = floor(svc.base, clients)
         result["queue_hop"] = queue_hop(svc.base, engine, db_url, 15)
+        result["ttft"] = ttft(svc.base, engine, 12)
         result["health_during_generation"] = health_during_generation(svc.base)
         return result
     finally:
