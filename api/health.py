@@ -22,6 +22,10 @@ def health_snapshot(services: Services) -> dict[str, Any]:
     hits, misses = counts.get("cache_hits", 0), counts.get("cache_misses", 0)
     loaded = any(w.model_loaded for w in workers)
     errors = [w.error for w in workers if w.error]
+    prefix = {k: 0 for k in ("hits", "misses", "tokens_saved", "skips", "entries", "bytes")}
+    for w in workers:
+        for k, v in ((w.stats or {}).get("prefix_cache") or {}).items():
+            prefix[k] = prefix.get(k, 0) + int(v)
     return {
         "status": "ok" if loaded else "degraded",
         "model": settings.model_name,
@@ -37,5 +41,6 @@ def health_snapshot(services: Services) -> dict[str, Any]:
             "cached_items": items,
             "bytes": size,
         },
+        "prefix_cache": prefix,
         "time": time.time(),
     }

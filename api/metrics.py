@@ -25,6 +25,8 @@ class _Snapshot(Collector):
                                 ("bytes", "Bytes of cached results")):
             yield GaugeMetricFamily(f"mlxq_cache_{name}", help_text, value=cache[name])
         yield GaugeMetricFamily("mlxq_cache_hit_rate", "hits / (hits + misses)", value=cache["hit_rate"])
+        for name, value in snap["prefix_cache"].items():
+            yield GaugeMetricFamily(f"mlxq_prefix_cache_{name}", f"Worker prefix KV cache: {name}", value=value)
         yield GaugeMetricFamily("mlxq_queue_depth", "Jobs waiting for the worker", value=snap["queue_depth"])
         yield GaugeMetricFamily("mlxq_workers_alive", "Workers with a recent heartbeat", value=snap["worker"]["count"])
         yield GaugeMetricFamily("mlxq_model_loaded", "1 when a live worker holds the model",

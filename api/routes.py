@@ -64,7 +64,28 @@ async def job_events(pipeline: Pipeline, outcome: Outcome) -> AsyncIterator[dict
     return chained()
 
 
-def stream_response(services: Services, pipeline: Pipeline, outcome: Outcome,
+def record(services: Services, *, endpoint: str, outcome: Outcome, canonical: dict[str, Any], started: float,
+           stream: bool) -> None:
+    """Metrics and the request log (what scripts/analyze_traces.py reads) for one answered request."""
+    elapsed = time.perf_counter() - started
+    services.metrics.observe(endpoint, outcome.cache, elapsed)
+    usage = outcome.result.get("usage") or {}
+    tools = [(t.get("function") or t).get("name") for t in canonical.get("tools") or []]
+    services.stats.log(key=outcome.key, endpoint=endpoint, cache=outcome.cache, stream=stream,
+                       prompt_tokens=usage.get("prompt_tokens"), cached_tokens=usage.get("cached_tokens"),
+                       completion_tokens=usage.get("completion_tokens"), tools=tools or None,
+                       latency_ms=round(elapsed * 1000, 2))
+
+
+async def tap(events: AsyncIterator[dict[str, Any]], outcome: Outcome) -> AsyncIterator[dict[str, Any]]:
+    """Pass events through, keeping the final result on the outcome for the request log."""
+    async for event in events:
+        if event["type"] == "done":
+            outcome.result = event.get("result") or {}
+        yield event
+
+
+def stream_response(services: Services, pipeline: Pipeline, outcome: Outcome, canonical: dict[str, Any],
                     sse: AsyncIterator[ServerSentEvent], endpoint: str, started: float) -> Response:
     async def guarded() -> AsyncIterator[ServerSentEvent]:
         finished = False
@@ -73,7 +94,7 @@ def stream_response(services: Services, pipeline: Pipeline, outcome: Outcome,
                 yield item
             finished = True
         finally:
-            services.metrics.observe(endpoint, outcome.cache, time.perf_counter() - started)
+            record(services, endpoint=endpoint, outcome=outcome, canonical=canonical, started=started, stream=True)
             # A client that went away stops its own job (not one it merely joined).
             if not finished and outcome.job_id and not outcome.joined:
                 pipeline.cancel_soon(outcome.job_id)
@@ -97,10 +118,11 @@ async def chat_completions(body: ChatCompletionRequest, services: ServicesDep,
         outcome = await pipeline.submit(kind="chat", canonical=canonical, policy=policy)
         writer = ChunkWriter(kind="chat", model=settings.model_name,
                              include_usage=bool((body.stream_options or {}).get("include_usage")))
-        events = await job_events(pipeline, outcome)
-        return stream_response(services, pipeline, outcome, openai_stream(events, writer), "chat", started)
+        events = tap(await job_events(pipeline, outcome), outcome)
+        return stream_response(services, pipeline, outcome, canonical, openai_stream(events, writer), "chat",
+                               started)
     outcome = await pipeline.run(kind="chat", canonical=canonical, policy=policy)
-    services.metrics.observe("chat", outcome.cache, time.perf_counter() - started)
+    record(services, endpoint="chat", outcome=outcome, canonical=canonical, started=started, stream=False)
     return JSONResponse(chat_completion(outcome.result, model=settings.model_name), headers=cache_headers(outcome))
 
 
@@ -141,13 +163,14 @@ async def completions(body: CompletionRequest, services: ServicesDep,
         outcome = await pipeline.submit(kind="completion", canonical=canonicals[0], policy=policy)
         writer = ChunkWriter(kind="completion", model=settings.model_name,
                              include_usage=bool((body.stream_options or {}).get("include_usage")))
-        events = await job_events(pipeline, outcome)
+        events = tap(await job_events(pipeline, outcome), outcome)
         sse = openai_stream(events, writer, prefix=echo[0])
-        return stream_response(services, pipeline, outcome, sse, "completion", started)
+        return stream_response(services, pipeline, outcome, canonicals[0], sse, "completion", started)
     outcomes = await asyncio.gather(*(pipeline.run(kind="completion", canonical=c, policy=policy)
                                       for c in canonicals))
     cache = outcomes[0].cache if len({o.cache for o in outcomes}) == 1 else "MIXED"
-    services.metrics.observe("completion", cache, time.perf_counter() - started)
+    for outcome, canonical in zip(outcomes, canonicals, strict=True):
+        record(services, endpoint="completion", outcome=outcome, canonical=canonical, started=started, stream=False)
     headers = {"X-Cache": cache, "X-Request-Key": ",".join(o.key for o in outcomes)}
     return JSONResponse(text_completion([o.result for o in outcomes], model=settings.model_name, prefixes=echo),
                         headers=headers)

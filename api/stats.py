@@ -26,6 +26,7 @@ class StatsRecorder:
         self._interval = interval_s
         self._pending: Counter[str] = Counter()
         self._counts: Counter[str] = Counter()
+        self._log: list[dict] = []
         self._lock = threading.Lock()
         self._task: asyncio.Task | None = None
 
@@ -38,11 +39,17 @@ class StatsRecorder:
         with self._lock:
             self._counts[name] += 1
 
+    def log(self, **row: object) -> None:
+        """One request-log row (key, endpoint, cache outcome, token counts, tools, latency)."""
+        with self._lock:
+            self._log.append({"at": time.time(), **row})
+
     def flush(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, Counter()
             counts, self._counts = self._counts, Counter()
-        if not pending and not counts:
+            rows, self._log = self._log, []
+        if not pending and not counts and not rows:
             return
         now = time.time()
         try:
@@ -51,11 +58,13 @@ class StatsRecorder:
                     repos.touch_entry(session=session, key=key, hits=n, now=now)
                 for name, n in sorted(counts.items()):
                     repos.bump(session=session, name=name, by=n)
+                repos.log_requests(session=session, rows=rows)
         except Exception:
             log.exception("could not record cache statistics; retrying later")
             with self._lock:
                 self._pending.update(pending)
                 self._counts.update(counts)
+                self._log[:0] = rows
 
     async def _loop(self) -> None:
         while True:

@@ -7,10 +7,10 @@ import time
 import uuid
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from mlxq.sql import CacheEntry, Counter, Job, Worker
+from mlxq.sql import CacheEntry, Counter, Job, RequestLog, Worker
 
 ACTIVE = ("queued", "running")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -172,12 +172,12 @@ def count_jobs(*, session: Session) -> int:
 # -- workers ----------------------------------------------------------------------------------
 
 def heartbeat(*, session: Session, name: str, model: str, model_loaded: bool, error: str | None,
-              started_at: float) -> None:
+              started_at: float, stats: dict[str, Any] | None = None) -> None:
     worker = session.get(Worker, name)
     if worker is None:
         worker = Worker(name=name, started_at=started_at)
         session.add(worker)
-    worker.model, worker.model_loaded, worker.error = model, model_loaded, error
+    worker.model, worker.model_loaded, worker.error, worker.stats = model, model_loaded, error, stats
     worker.started_at, worker.last_seen = started_at, time.time()
 
 
@@ -187,3 +187,14 @@ def live_workers(*, session: Session, within_s: float) -> list[Worker]:
 
 def remove_worker(*, session: Session, name: str) -> None:
     session.execute(delete(Worker).where(Worker.name == name))
+
+
+# -- request log ------------------------------------------------------------------------------
+
+def log_requests(*, session: Session, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        session.execute(insert(RequestLog), rows)
+
+
+def request_log(*, session: Session, since: float = 0.0) -> list[RequestLog]:
+    return list(session.scalars(select(RequestLog).where(RequestLog.at >= since).order_by(RequestLog.id)))

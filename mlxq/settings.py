@@ -40,6 +40,13 @@ class Settings(BaseSettings):
     heartbeat_s: float = 2.0
     # SSE keepalive comment interval while a streamed job waits or prefills.
     sse_keepalive_s: float = 5.0
+    # Prefix-trie KV cache in the worker: entries, memory bound (MB; 0 = an eighth of RAM, at most
+    # 4 GiB), disk bound for persistence (MB; 0 = same as memory), and how often it is saved.
+    prefix_cache: bool = True
+    prefix_cache_size: int = 16
+    prefix_cache_mb: int = 0
+    prefix_cache_disk_mb: int = 0
+    prefix_cache_save_s: float = 60.0
     # Niceness the worker process adds to itself (0 = none).
     worker_nice: int = 10
 

@@ -175,3 +175,26 @@ def test_model_that_cannot_load_gives_errors_never_fake_text(tmp_path: Path, ser
         client(svc).chat.completions.create(model=MODEL_NAME, messages=QUESTION, temperature=0)
     assert exc.value.status_code == 503 and "model not loaded" in exc.value.message
     assert svc.health()["cache"]["cached_items"] == 0
+
+
+def test_agent_turns_reuse_the_prefix_and_stay_warm_across_a_restart(tmp_path: Path, smollm2: Path,
+                                                                    service_factory):
+    svc = service_factory(service_env(tmp_path, smollm2)).start()
+    system = {"role": "system", "content": "You are a coding agent. Follow the repository conventions. " * 30}
+    oa = client(svc)
+    first = oa.chat.completions.create(model=MODEL_NAME, temperature=0, max_tokens=8,
+                                       messages=[system, {"role": "user", "content": "List three colours."}])
+    history = [system, {"role": "user", "content": "List three colours."},
+               {"role": "assistant", "content": first.choices[0].message.content}]
+    second = oa.chat.completions.create(model=MODEL_NAME, temperature=0, max_tokens=8,
+                                        messages=[*history, {"role": "user", "content": "Now three animals."}])
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= first.usage.prompt_tokens
+    health = svc.wait_health(lambda h: h["prefix_cache"]["hits"] >= 1)
+    assert health["prefix_cache"]["tokens_saved"] >= cached and health["prefix_cache"]["entries"] >= 1
+    assert health["cache"]["misses"] == 2  # the response cache keeps its own counts
+
+    svc.restart()  # the worker saves its prefix cache on shutdown and loads it on start
+    third = oa.chat.completions.create(model=MODEL_NAME, temperature=0, max_tokens=8,
+                                       messages=[*history, {"role": "user", "content": "Now three fruits."}])
+    assert third.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens

@@ -13,10 +13,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm import load as mlx_load
 from mlx_lm import stream_generate
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.utils import dequantize_model
 
 from mlxq.contract import GenerationResult, JobError, job_error
+from worker.prefix_cache import PrefixCache
 from worker.tool_parse import ModelToolFormat, ToolStreamFilter, model_tool_format
 from worker.tool_prompt import prepare_chat, template_knows_tools
 
@@ -67,6 +69,11 @@ class Engine:
         self.key = key
         self.context_length = context_length
         self.tool_format: ModelToolFormat | None = model_tool_format(_parser_name(tokenizer))
+        self.prefix: PrefixCache | None = None
+
+    def enable_prefix_cache(self, *, max_entries: int, max_bytes: int) -> PrefixCache:
+        self.prefix = PrefixCache(self.model, self.key, max_entries, max_bytes)
+        return self.prefix
 
     @classmethod
     def load(cls, model: str) -> Engine:
@@ -162,7 +169,12 @@ class Engine:
         # Text that could still be the start of a stop string is held back from the stream.
         stop_hold = max((len(s) for s in stops), default=1) - 1
         tool_filter = ToolStreamFilter(tools, self.tool_format)
-        emit({"type": "started", "prompt_tokens": len(prompt)})
+        fetched = self.prefix.fetch(prompt) if self.prefix is not None else None
+        prompt_cache = fetched.cache if fetched is not None else make_prompt_cache(self.model)
+        to_prefill = fetched.rest if fetched is not None else prompt
+        cached_tokens = fetched.cached_tokens if fetched is not None else 0
+        fed = list(prompt)  # what the KV cache will have seen: prompt, then each generated token
+        emit({"type": "started", "prompt_tokens": len(prompt), "cached_tokens": cached_tokens})
 
         text, shown, finish, generated = prefill, 0, "length", 0
         pending_logprobs: list[dict[str, Any]] = []
@@ -172,10 +184,12 @@ class Engine:
         def progress(done: int, total: int) -> None:
             emit({"type": "progress", "processed": done, "total": total})
 
-        for response in stream_generate(self.model, self.tokenizer, prompt, max_tokens=max_tokens,
-                                        sampler=sampler, logits_processors=processors,
-                                        prefill_step_size=PREFILL_STEP, prompt_progress_callback=progress):
+        steps = stream_generate(self.model, self.tokenizer, to_prefill, max_tokens=max_tokens, sampler=sampler,
+                                logits_processors=processors, prompt_cache=prompt_cache,
+                                prefill_step_size=PREFILL_STEP, prompt_progress_callback=progress)
+        for response in steps:
             generated = response.generation_tokens
+            fed.append(response.token)
             text += response.text
             if want_logprobs and response.finish_reason != "stop":
                 entry = self._logprob_entry(response.token, response.logprobs, top_logprobs)
@@ -197,6 +211,9 @@ class Engine:
                 finish = "cancelled"
                 break
 
+        steps.close()  # no step runs after this, so the cache holds exactly what was fed
+        if self.prefix is not None:
+            self.prefix.insert(fed, prompt_cache)
         rest, calls = tool_filter.finish(text, shown)
         if rest or pending_logprobs:
             emit({"type": "delta", "content": rest, "logprobs": pending_logprobs or None})
@@ -206,7 +223,7 @@ class Engine:
         result = GenerationResult(
             text=text[:shown] + rest,
             finish_reason="tool_calls" if calls else ("stop" if finish not in ("length", "cancelled") else finish),
-            usage={"prompt_tokens": len(prompt), "completion_tokens": generated, "cached_tokens": 0},
+            usage={"prompt_tokens": len(prompt), "completion_tokens": generated, "cached_tokens": cached_tokens},
         )
         if calls:
             result["tool_calls"] = calls

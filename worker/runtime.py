@@ -11,6 +11,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -38,6 +39,7 @@ class Runtime:
         self.engine: Any = None
         self.load_error: str | None = None
         self._stop = threading.Event()
+        self._saved_at = time.monotonic()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -47,6 +49,7 @@ class Runtime:
         try:
             self.engine = Engine.load(self.settings.model)
             log.info("model %s loaded", self.settings.model)
+            self._enable_prefix_cache()
         except Exception as exc:  # the worker stays up and reports why, never answers with a fake
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("model %s failed to load: %s", self.settings.model, self.load_error)
@@ -57,11 +60,44 @@ class Runtime:
             log.warning("failed %d jobs left running by a previous worker process", failed)
         self.beat()
 
+    # -- prefix cache ----------------------------------------------------------------------
+
+    @property
+    def prefix_dir(self) -> Path:
+        return self.settings.data_dir / "prefix_cache" / self.engine.prefix.fingerprint()
+
+    def _enable_prefix_cache(self) -> None:
+        if not self.settings.prefix_cache:
+            return
+        from worker.prefix_cache import default_bytes
+
+        max_bytes = self.settings.prefix_cache_mb << 20 or default_bytes()
+        prefix = self.engine.enable_prefix_cache(max_entries=self.settings.prefix_cache_size, max_bytes=max_bytes)
+        loaded = prefix.load(self.prefix_dir)
+        log.info("prefix cache on: %d entries, %d MB; %d entries loaded from disk",
+                 self.settings.prefix_cache_size, max_bytes >> 20, loaded)
+        self._saved_at = time.monotonic()
+
+    def save_prefix_cache(self, *, force: bool = False) -> None:
+        """Persist the prefix cache; between jobs every prefix_cache_save_s, and at shutdown."""
+        prefix = self.engine.prefix if self.engine is not None else None
+        if prefix is None or (not force and time.monotonic() - self._saved_at < self.settings.prefix_cache_save_s):
+            return
+        disk = (self.settings.prefix_cache_disk_mb << 20) or prefix.max_bytes
+        try:
+            written = prefix.save(self.prefix_dir, disk)
+            log.info("prefix cache saved: %d entries", written)
+        except Exception:
+            log.exception("could not save the prefix cache")
+        self._saved_at = time.monotonic()
+
     def beat(self) -> None:
+        prefix = self.engine.prefix if self.engine is not None else None
         with self.sessions.begin() as session:
             repos.heartbeat(session=session, name=self.name, model=self.settings.model_name,
                             model_loaded=self.engine is not None, error=self.load_error,
-                            started_at=self.started_at)
+                            started_at=self.started_at,
+                            stats={"prefix_cache": prefix.snapshot()} if prefix is not None else None)
 
     def start_heartbeat(self) -> None:
         def loop() -> None:
@@ -75,6 +111,7 @@ class Runtime:
 
     def shutdown(self) -> None:
         self._stop.set()
+        self.save_prefix_cache(force=True)
         try:
             with self.sessions.begin() as session:
                 repos.remove_worker(session=session, name=self.name)
@@ -117,6 +154,7 @@ class Runtime:
         if store:
             with self.sessions.begin() as session:
                 repos.evict_lru(session=session, max_entries=self.settings.cache_max_entries)
+        self.save_prefix_cache()
 
     def _fail(self, job_id: str, error: dict[str, Any], status: str = "failed") -> None:
         with self.sessions.begin() as session:
