@@ -26,6 +26,10 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         if migrate:
             upgrade(settings)
         services = app.state.services = Services.build(settings)
+        try:
+            services.warm_up()
+        except Exception:  # the broker may come up later; requests will say so if it does not
+            log.warning("could not warm up the database or broker connection", exc_info=True)
         services.stats.start()
         yield
         await services.aclose()

@@ -85,8 +85,14 @@ async def tap(events: AsyncIterator[dict[str, Any]], outcome: Outcome) -> AsyncI
         yield event
 
 
-def stream_response(services: Services, pipeline: Pipeline, outcome: Outcome, canonical: dict[str, Any],
-                    sse: AsyncIterator[ServerSentEvent], endpoint: str, started: float) -> Response:
+async def stream_response(services: Services, pipeline: Pipeline, outcome: Outcome, canonical: dict[str, Any],
+                          sse: AsyncIterator[ServerSentEvent], endpoint: str, started: float) -> Response:
+    if outcome.cache == "HIT":
+        # Every event of a cached answer is known: send the whole stream in one body, no SSE machinery.
+        body = b"".join([item.encode() async for item in sse])
+        record(services, endpoint=endpoint, outcome=outcome, canonical=canonical, started=started, stream=True)
+        return Response(body, media_type="text/event-stream", headers=cache_headers(outcome))
+
     async def guarded() -> AsyncIterator[ServerSentEvent]:
         finished = False
         try:
@@ -119,8 +125,8 @@ async def chat_completions(body: ChatCompletionRequest, services: ServicesDep,
         writer = ChunkWriter(kind="chat", model=settings.model_name,
                              include_usage=bool((body.stream_options or {}).get("include_usage")))
         events = tap(await job_events(pipeline, outcome), outcome)
-        return stream_response(services, pipeline, outcome, canonical, openai_stream(events, writer), "chat",
-                               started)
+        return await stream_response(services, pipeline, outcome, canonical, openai_stream(events, writer), "chat",
+                                     started)
     outcome = await pipeline.run(kind="chat", canonical=canonical, policy=policy)
     record(services, endpoint="chat", outcome=outcome, canonical=canonical, started=started, stream=False)
     return JSONResponse(chat_completion(outcome.result, model=settings.model_name), headers=cache_headers(outcome))
@@ -165,7 +171,7 @@ async def completions(body: CompletionRequest, services: ServicesDep,
                              include_usage=bool((body.stream_options or {}).get("include_usage")))
         events = tap(await job_events(pipeline, outcome), outcome)
         sse = openai_stream(events, writer, prefix=echo[0])
-        return stream_response(services, pipeline, outcome, canonicals[0], sse, "completion", started)
+        return await stream_response(services, pipeline, outcome, canonicals[0], sse, "completion", started)
     outcomes = await asyncio.gather(*(pipeline.run(kind="completion", canonical=c, policy=policy)
                                       for c in canonicals))
     cache = outcomes[0].cache if len({o.cache for o in outcomes}) == 1 else "MIXED"

@@ -39,6 +39,16 @@ class Services:
         services.metrics = Metrics(lambda: health_snapshot(services))
         return services
 
+    def warm_up(self) -> None:
+        """Open the DB pool and the broker connection now, not on the first request after a start."""
+        from sqlalchemy import text
+
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        with self.celery.producer_or_acquire() as producer:
+            # kombu builds transports lazily (the SQL one creates its engine and tables on first use).
+            producer.channel.queue_declare(queue=self.settings.queue, durable=True, auto_delete=False)
+
     async def aclose(self) -> None:
         await self.stats.stop()
         await self.channel.aclose()

@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     prefix_cache_disk_mb: int = 0
     prefix_cache_save_s: float = 60.0
     # Niceness the worker process adds to itself (0 = none).
-    worker_nice: int = 10
+    worker_nice: int = 0
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -120,8 +121,8 @@ def test_save_load_round_trip_and_bad_files_are_skipped(tiny_model: Path, tiny: 
     assert warm["usage"]["cached_tokens"] == warm["usage"]["prompt_tokens"] - 1
     assert warm["text"] == first["text"]
 
-    (tmp_path / "0bad.json").write_text('{"format": 1, "model": "%s", "mlx_lm": "%s", "tokens": [1, 2]}' % (
-        prefix.fingerprint(), __import__("mlx_lm").__version__))
+    bad = {"format": 1, "model": prefix.fingerprint(), "mlx_lm": __import__("mlx_lm").__version__, "tokens": [1, 2]}
+    (tmp_path / "0bad.json").write_text(json.dumps(bad))
     (tmp_path / "0bad.safetensors").write_bytes(b"not a safetensors file")
     (tmp_path / "1other.json").write_text('{"format": 1, "model": "someothermodel", "tokens": [1]}')
     (tmp_path / "2junk.json").write_text("{{{{")

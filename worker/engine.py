@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -90,6 +91,21 @@ class Engine:
             mx.eval(net.parameters())
         context = int(config.get("max_position_embeddings") or 8192)
         return cls(net, tokenizer, _model_key(path), context)
+
+    def warm_up(self) -> None:
+        """One short generation at start, so the first real request does not pay first-run costs.
+
+        With a loaded prefix cache it runs through the most recent entry, so its size (the copy,
+        the allocations for a long context) is paid here too; the cache's counters are left as they were.
+        """
+        prompt, cache = self.tokenizer.encode("Hello"), None
+        if self.prefix is not None and (entries := self.prefix.entries()):
+            saved = dataclasses.replace(self.prefix.stats)
+            fetched = self.prefix.fetch(entries[-1][0])
+            prompt, cache = fetched.rest, fetched.cache
+            self.prefix.stats = saved
+        for _ in stream_generate(self.model, self.tokenizer, prompt, max_tokens=2, prompt_cache=cache):
+            pass
 
     # -- prompts ---------------------------------------------------------------------------
 

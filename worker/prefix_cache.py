@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
 from mlx_lm import __version__ as mlx_lm_version
 from mlx_lm.models.cache import (
     LRUPromptCache,
@@ -171,6 +172,8 @@ class PrefixCache:
                     log.info("skipping prefix cache %s: saved by mlx-lm %s", sidecar.name, meta.get("mlx_lm"))
                     continue
                 cache = load_prompt_cache(str(sidecar.with_suffix(".safetensors")))
+                # Read it into memory now, not lazily on the first request that hits it.
+                mx.eval([c.state for c in cache])
                 tokens = [int(t) for t in meta["tokens"]]
                 if _offset(cache) != len(tokens):
                     raise ValueError(f"cache holds {_offset(cache)} tokens, sidecar lists {len(tokens)}")

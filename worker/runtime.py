@@ -50,6 +50,7 @@ class Runtime:
             self.engine = Engine.load(self.settings.model)
             log.info("model %s loaded", self.settings.model)
             self._enable_prefix_cache()
+            self.engine.warm_up()
         except Exception as exc:  # the worker stays up and reports why, never answers with a fake
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("model %s failed to load: %s", self.settings.model, self.load_error)
