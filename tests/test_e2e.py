@@ -11,6 +11,7 @@ import openai
 import pytest
 from sqlalchemy import create_engine, inspect, text
 
+from mlxq.traces import from_request_log
 from tests.conftest import MODEL_NAME, service_env
 
 pytestmark = pytest.mark.e2e
@@ -198,3 +199,9 @@ def test_agent_turns_reuse_the_prefix_and_stay_warm_across_a_restart(tmp_path: P
     third = oa.chat.completions.create(model=MODEL_NAME, temperature=0, max_tokens=8,
                                        messages=[*history, {"role": "user", "content": "Now three fruits."}])
     assert third.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+
+    svc.health()  # flushes the api's batched request log
+    report = from_request_log(f"sqlite:///{tmp_path / 'data' / 'mlxq.sqlite'}")
+    assert (report["total_requests"], report["unique_requests"]) == (3, 3)
+    assert report["prefix_tokens_saved"] >= cached + third.usage.prompt_tokens_details.cached_tokens
+
