@@ -108,6 +108,18 @@ async def stream_response(services: Services, pipeline: Pipeline, outcome: Outco
     return event_source(guarded(), cache_headers(outcome), services.settings.sse_keepalive_s)
 
 
+async def openai_streamed(services: Services, pipeline: Pipeline, *, kind: str, canonical: dict[str, Any],
+                          policy: CachePolicy, stream_options: dict[str, Any] | None, started: float,
+                          prefix: str = "") -> Response:
+    """Submit one request and answer it as an OpenAI chunk stream (live, or replayed from the cache)."""
+    outcome = await pipeline.submit(kind=kind, canonical=canonical, policy=policy)
+    writer = ChunkWriter(kind=kind, model=services.settings.model_name,
+                         include_usage=bool((stream_options or {}).get("include_usage")))
+    events = tap(await job_events(pipeline, outcome), outcome)
+    sse = openai_stream(events, writer, prefix=prefix)
+    return await stream_response(services, pipeline, outcome, canonical, sse, kind, started)
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, services: ServicesDep,
                            cache_control: str | None = Header(None)) -> Response:
@@ -121,12 +133,8 @@ async def chat_completions(body: ChatCompletionRequest, services: ServicesDep,
     pipeline = Pipeline(services)
     policy = CachePolicy.parse(cache_control, body.cache)
     if body.stream:
-        outcome = await pipeline.submit(kind="chat", canonical=canonical, policy=policy)
-        writer = ChunkWriter(kind="chat", model=settings.model_name,
-                             include_usage=bool((body.stream_options or {}).get("include_usage")))
-        events = tap(await job_events(pipeline, outcome), outcome)
-        return await stream_response(services, pipeline, outcome, canonical, openai_stream(events, writer), "chat",
-                                     started)
+        return await openai_streamed(services, pipeline, kind="chat", canonical=canonical, policy=policy,
+                                     stream_options=body.stream_options, started=started)
     outcome = await pipeline.run(kind="chat", canonical=canonical, policy=policy)
     record(services, endpoint="chat", outcome=outcome, canonical=canonical, started=started, stream=False)
     return JSONResponse(chat_completion(outcome.result, model=settings.model_name), headers=cache_headers(outcome))
@@ -166,12 +174,8 @@ async def completions(body: CompletionRequest, services: ServicesDep,
     pipeline = Pipeline(services)
     policy = CachePolicy.parse(cache_control, body.cache)
     if body.stream:
-        outcome = await pipeline.submit(kind="completion", canonical=canonicals[0], policy=policy)
-        writer = ChunkWriter(kind="completion", model=settings.model_name,
-                             include_usage=bool((body.stream_options or {}).get("include_usage")))
-        events = tap(await job_events(pipeline, outcome), outcome)
-        sse = openai_stream(events, writer, prefix=echo[0])
-        return await stream_response(services, pipeline, outcome, canonicals[0], sse, "completion", started)
+        return await openai_streamed(services, pipeline, kind="completion", canonical=canonicals[0], policy=policy,
+                                     stream_options=body.stream_options, started=started, prefix=echo[0])
     outcomes = await asyncio.gather(*(pipeline.run(kind="completion", canonical=c, policy=policy)
                                       for c in canonicals))
     cache = outcomes[0].cache if len({o.cache for o in outcomes}) == 1 else "MIXED"

@@ -233,6 +233,8 @@ def main() -> None:
     if model.name == BUILTIN_MODEL:
         pull_builtin(model)
     engine = Engine.load(str(model))
+    # Same conditions as the worker, which reuses the template's shared opening through its prefix cache.
+    engine.enable_prefix_cache(max_entries=16, max_bytes=1 << 30)
     engine.generate("chat", {"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 2})
     out: dict = {"bench": "spine", "model": BUILTIN_MODEL}
     with tempfile.TemporaryDirectory() as tmp:
