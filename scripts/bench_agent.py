@@ -90,15 +90,19 @@ def f32_copy(src: Path, dest: Path) -> Path:
     return dest
 
 
-def ttft(client: openai.OpenAI, model: str, messages: list[dict], headers: dict | None = None) -> tuple[float, str]:
+def ttft(client: openai.OpenAI, model: str, messages: list[dict], headers: dict | None = None,
+         usage: list | None = None) -> tuple[float, str]:
     t = time.perf_counter()
     first, text = None, []
     stream = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=24, stream=True,
-                                            extra_headers=headers or {})
+                                            stream_options={"include_usage": True}, extra_headers=headers or {})
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             first = first or time.perf_counter() - t
             text.append(chunk.choices[0].delta.content)
+        if chunk.usage is not None and usage is not None:
+            details = chunk.usage.prompt_tokens_details
+            usage.append((chunk.usage.prompt_tokens, details.cached_tokens if details else None))
     return (first if first is not None else time.perf_counter() - t), "".join(text)
 
 
@@ -118,10 +122,11 @@ def http_ttft(http: httpx.Client, model: str, messages: list[dict]) -> float:
 def session(client: openai.OpenAI, model: str) -> dict:
     system = {"role": "system", "content": system_prompt()}
     history: list[dict] = [system]
-    turns = []
+    turns: list[float] = []
+    usage: list[tuple[int, int | None]] = []
     for user in USERS:
         history.append({"role": "user", "content": user})
-        seconds, answer = ttft(client, model, history)
+        seconds, answer = ttft(client, model, history, usage=usage)
         turns.append(seconds)
         history.append({"role": "assistant", "content": answer})
     first = [system, {"role": "user", "content": USERS[0]}]
@@ -129,7 +134,7 @@ def session(client: openai.OpenAI, model: str) -> dict:
     with httpx.Client(base_url=str(client.base_url).removesuffix("/v1/")) as http:
         raw = [http_ttft(http, model, first) for _ in range(10)]
     return {"turns": turns, "repeat": statistics.median(repeats), "repeat_http": statistics.median(raw),
-            "history": history}
+            "history": history, "prompt_and_cached_tokens": usage}
 
 
 def health_during_generation(base: str, client: openai.OpenAI, model: str) -> dict:
@@ -188,6 +193,7 @@ def main() -> None:
             ttft(mlxq, BUILTIN_MODEL, [{"role": "user", "content": "warm up"}])
             ttft(mlxlm, str(model_dir), [{"role": "user", "content": "warm up"}])
             ours = session(mlxq, BUILTIN_MODEL)
+            prefix_session = svc.health()["prefix_cache"]
             theirs = session(mlxlm, str(model_dir))
             health = {"mlxq": health_during_generation(svc.base, mlxq, BUILTIN_MODEL),
                       "mlx_lm": health_during_generation(ref_base, mlxlm, str(model_dir))}
@@ -214,6 +220,8 @@ def main() -> None:
         "repeat_turn1_http_ms": {"mlxq": ms(ours["repeat_http"]), "mlx_lm": ms(theirs["repeat_http"]),
                                  "speedup": round(theirs["repeat_http"] / ours["repeat_http"], 1)},
         "restart_turn2_ms": {"warm": ms(warm2), "after_restart": ms(cold2), "ratio": round(cold2 / warm2, 3)},
+        "mlxq_prompt_and_cached_tokens_per_turn": ours["prompt_and_cached_tokens"],
+        "mlxq_prefix_cache_after_session": prefix_session,
         "health_during_generation": health,
         "prefix_cache_after_restart": prefix,
     }))
