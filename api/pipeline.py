@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy.exc import IntegrityError
+
 from api.errors import APIError
 from api.services import Services
 from mlxq import repos
@@ -73,14 +75,20 @@ class Pipeline:
                 cached = repos.lookup_result(session=session, key=key)
             if cached is not None:
                 return Outcome(cached, "HIT", key)
-        with self.s.sessions.begin() as session:
-            running = repos.find_inflight(session=session, key=key) if lookup else None
-            if running is not None:
-                return Outcome({}, "MISS", key, running.id, joined=True)
-            job_id = repos.create_job(session=session, key=key, kind=kind, model=canonical["model"],
-                                      request=canonical, store=store, ttl_s=ttl_s).id
-        self._send(job_id)  # after the commit, so the worker always finds the row
-        return Outcome({}, "MISS" if lookup else "BYPASS", key, job_id)
+        outcome = "MISS" if lookup else "BYPASS"
+        for _attempt in range(3):
+            try:
+                with self.s.sessions.begin() as session:
+                    running = repos.find_inflight(session=session, key=key) if store else None
+                    if running is not None:
+                        return Outcome({}, outcome, key, running.id, joined=True)
+                    job_id = repos.create_job(session=session, key=key, kind=kind, model=canonical["model"],
+                                              request=canonical, store=store, ttl_s=ttl_s).id
+            except IntegrityError:  # an identical job was created at the same moment: join it
+                continue
+            self._send(job_id)  # after the commit, so the worker always finds the row
+            return Outcome({}, outcome, key, job_id)
+        raise APIError(503, "Could not enqueue the request; try again.", code="enqueue_conflict")
 
     def _send(self, job_id: str) -> None:
         try:

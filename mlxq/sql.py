@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, Float, Index, Integer, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -47,7 +47,13 @@ class Job(Base):
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
-    __table_args__ = (Index("ix_jobs_key_status", "key", "status"),)
+    __table_args__ = (
+        Index("ix_jobs_key_status", "key", "status"),
+        # Single flight across threads and api replicas: one storing job per request key in flight.
+        Index("uq_jobs_inflight_key", "key", unique=True,
+              sqlite_where=text("status IN ('queued', 'running') AND store"),
+              postgresql_where=text("status IN ('queued', 'running') AND store")),
+    )
 
 
 class StreamEvent(Base):

@@ -163,3 +163,27 @@ def test_sampling_options_and_logprobs(oa):
     with pytest.raises(openai.BadRequestError) as exc:
         oa.chat.completions.create(model=MODEL_NAME, messages=QUESTION, n=2)
     assert exc.value.param == "n"
+
+
+def test_identical_requests_in_flight_run_once(svc):
+    import concurrent.futures
+
+    body = {"model": MODEL_NAME, "temperature": 0, "max_tokens": 40,
+            "messages": [{"role": "user", "content": f"Describe the sea. {uuid.uuid4()}"}]}
+
+    def send(_: int) -> httpx.Response:
+        return httpx.post(f"{svc.base}/v1/chat/completions", json=body, timeout=120)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(send, range(4)))
+    assert all(r.status_code == 200 for r in answers)
+    assert len({r.json()["choices"][0]["message"]["content"] for r in answers}) == 1
+    keys = {r.headers["x-request-key"] for r in answers}
+    assert len(keys) == 1
+    engine = create_engine(svc.db)
+    try:
+        with engine.connect() as conn:
+            jobs = conn.execute(text("SELECT count(*) FROM jobs WHERE key = :k"), {"k": keys.pop()}).scalar()
+    finally:
+        engine.dispose()
+    assert jobs == 1

@@ -94,3 +94,20 @@ def test_single_flight_finds_the_active_job_and_restart_fails_running_ones(sessi
         repos.finish_job(session=s, job_id=job_id, status="succeeded", result={"text": "x"})
     with sessions.begin() as s:  # a redelivered task for a finished job is skipped
         assert repos.start_job(session=s, job_id=job_id, worker="w1") is None
+
+
+def test_one_storing_job_per_key_in_flight(sessions):
+    from sqlalchemy.exc import IntegrityError
+
+    def create(store: bool = True) -> str:
+        with sessions.begin() as s:
+            return repos.create_job(session=s, key="same", kind="chat", model="m", request={}, store=store,
+                                    ttl_s=None).id
+
+    first = create()
+    with pytest.raises(IntegrityError):
+        create()
+    create(store=False)  # requests that do not store (sampled) never join or block
+    with sessions.begin() as s:
+        repos.finish_job(session=s, job_id=first, status="succeeded", result={})
+    create()  # once the first is done, the key is free again
