@@ -69,16 +69,14 @@ class Pipeline:
 
     def _resolve(self, *, key: str, kind: str, canonical: dict[str, Any], lookup: bool, store: bool,
                  ttl_s: float | None) -> Outcome:
-        """One thread hop for the whole decision: cached answer, an identical job in flight, or a new job."""
-        if lookup:
-            with self.s.sessions() as session:
-                cached = repos.lookup_result(session=session, key=key)
-            if cached is not None:
-                return Outcome(cached, "HIT", key)
+        """One thread hop and one transaction for the whole decision: cached answer, an identical job in
+        flight, or a new job."""
         outcome = "MISS" if lookup else "BYPASS"
         for _attempt in range(3):
             try:
                 with self.s.sessions.begin() as session:
+                    if lookup and (cached := repos.lookup_result(session=session, key=key)) is not None:
+                        return Outcome(cached, "HIT", key)
                     running = repos.find_inflight(session=session, key=key) if store else None
                     if running is not None:
                         return Outcome({}, outcome, key, running.id, joined=True)
