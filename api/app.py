@@ -31,6 +31,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         except Exception:  # the broker may come up later; requests will say so if it does not
             log.warning("could not warm up the database or broker connection", exc_info=True)
         services.stats.start()
+        services.reaper.start()
         yield
         await services.aclose()
 

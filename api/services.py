@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.health import health_snapshot
 from api.metrics import Metrics
+from api.reaper import JobReaper
 from api.stats import StatsRecorder
 from mlxq.celery_app import make_celery
 from mlxq.channel import Channel, make_channel
@@ -27,6 +28,7 @@ class Services:
     celery: Celery
     channel: Channel
     stats: StatsRecorder
+    reaper: JobReaper
     metrics: Metrics = None  # type: ignore[assignment]  # set right after construction
 
     @classmethod
@@ -35,7 +37,8 @@ class Services:
         sessions = make_sessionmaker(engine)
         channel = make_channel(broker_url=settings.broker_url, redis_prefix=settings.redis_prefix,
                                sessions=sessions, poll_interval_s=settings.poll_interval_s)
-        services = cls(settings, engine, sessions, make_celery(settings), channel, StatsRecorder(sessions))
+        services = cls(settings, engine, sessions, make_celery(settings), channel, StatsRecorder(sessions),
+                       JobReaper(sessions, heartbeat_s=settings.heartbeat_s))
         services.metrics = Metrics(lambda: health_snapshot(services))
         return services
 
@@ -50,6 +53,7 @@ class Services:
             producer.channel.queue_declare(queue=self.settings.queue, durable=True, auto_delete=False)
 
     async def aclose(self) -> None:
+        self.reaper.stop()
         await self.stats.stop()
         await self.channel.aclose()
         self.engine.dispose()

@@ -161,6 +161,16 @@ def fail_running_jobs(*, session: Session, worker: str, message: str) -> int:
     return result.rowcount or 0
 
 
+def fail_orphaned_jobs(*, session: Session, live_workers: list[str], older_than_s: float) -> int:
+    """Fail running jobs whose worker is no longer alive (started long enough ago to rule out a race)."""
+    err = {"status": 503, "type": "server_error", "message": "the worker running this job stopped",
+           "code": "worker_lost", "param": None}
+    query = update(Job).where(Job.status == "running", Job.started_at < time.time() - older_than_s)
+    if live_workers:
+        query = query.where(Job.worker.not_in(live_workers))
+    return session.execute(query.values(status="failed", error=err, finished_at=time.time())).rowcount or 0
+
+
 def queue_depth(*, session: Session) -> int:
     return int(session.scalar(select(func.count()).select_from(Job).where(Job.status == "queued")) or 0)
 

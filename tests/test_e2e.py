@@ -205,3 +205,29 @@ def test_agent_turns_reuse_the_prefix_and_stay_warm_across_a_restart(tmp_path: P
     assert (report["total_requests"], report["unique_requests"]) == (3, 3)
     assert report["prefix_tokens_saved"] >= cached + third.usage.prompt_tokens_details.cached_tokens
 
+
+
+def test_a_killed_worker_never_leaves_a_job_running(tmp_path: Path, smollm2: Path, service_factory):
+    svc = service_factory(service_env(tmp_path, smollm2)).start()
+    db = f"sqlite:///{tmp_path / 'data' / 'mlxq.sqlite'}"
+    errors: list[Exception] = []
+
+    def long_generation() -> None:
+        try:
+            client(svc).chat.completions.create(
+                model=MODEL_NAME, temperature=0, max_tokens=2000,
+                messages=[{"role": "user", "content": "Write a very long story about a lighthouse."}])
+        except Exception as exc:  # the answer we expect: an error, not a hang
+            errors.append(exc)
+
+    waiter = threading.Thread(target=long_generation, daemon=True)
+    waiter.start()
+    deadline = time.time() + 30
+    while count_running(db) == 0 and time.time() < deadline:
+        time.sleep(0.05)
+    svc.procs[1].kill()  # the worker, without a chance to clean up
+    waiter.join(60)
+    assert not waiter.is_alive()
+    assert isinstance(errors[0], openai.APIStatusError) and errors[0].status_code == 503
+    assert errors[0].code == "worker_lost"
+    assert count_running(db) == 0

@@ -111,3 +111,18 @@ def test_one_storing_job_per_key_in_flight(sessions):
     with sessions.begin() as s:
         repos.finish_job(session=s, job_id=first, status="succeeded", result={})
     create()  # once the first is done, the key is free again
+
+
+def test_jobs_of_a_worker_that_stopped_beating_are_failed(sessions):
+    with sessions.begin() as s:
+        gone = repos.create_job(session=s, key="g", kind="chat", model="m", request={}, store=True, ttl_s=None).id
+        alive = repos.create_job(session=s, key="a", kind="chat", model="m", request={}, store=True, ttl_s=None).id
+    with sessions.begin() as s:
+        repos.start_job(session=s, job_id=gone, worker="dead-host")
+        repos.start_job(session=s, job_id=alive, worker="live-host")
+    with sessions.begin() as s:
+        assert repos.fail_orphaned_jobs(session=s, live_workers=["live-host"], older_than_s=60) == 0  # too recent
+        assert repos.fail_orphaned_jobs(session=s, live_workers=["live-host"], older_than_s=0) == 1
+    with sessions() as s:
+        assert repos.get_job(session=s, job_id=gone).error["code"] == "worker_lost"
+        assert repos.job_status(session=s, job_id=alive) == "running"
