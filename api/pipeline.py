@@ -17,10 +17,11 @@ from sqlalchemy.exc import IntegrityError
 from api.errors import APIError
 from api.services import Services
 from mlxq import repos
-from mlxq.contract import GENERATE_TASK
+from mlxq.contract import GENERATE_TASK, job_error
 from mlxq.keys import is_deterministic, request_key
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class CachePolicy:
@@ -94,8 +95,8 @@ class Pipeline:
         except Exception as exc:
             with self.s.sessions.begin() as session:
                 repos.finish_job(session=session, job_id=job_id, status="failed",
-                                 error={"status": 503, "type": "server_error", "code": "broker_unavailable",
-                                        "message": f"could not enqueue the job: {exc}", "param": None})
+                                 error=dict(job_error(503, f"could not enqueue the job: {exc}",
+                                                      code="broker_unavailable")))
             raise APIError(503, f"The job queue is unavailable: {exc}", code="broker_unavailable") from exc
 
     def _job_state(self, job_id: str) -> tuple[str, dict[str, Any] | None, dict[str, Any] | None]:
@@ -128,11 +129,11 @@ class Pipeline:
             outcome.result = await self.wait(outcome.job_id)
         return outcome
 
-    async def events(self, job_id: str, *, timeout_s: float | None = None) -> AsyncIterator[dict[str, Any]]:
+    async def events(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
         """A job's events from the stream channel, ending with `done` or `error`.
 
         The job row is re-checked after each quiet second, so a lost event cannot hang a client;
-        past `timeout_s` the iterator raises a 504.
+        past `request_timeout_s` the iterator raises a 504.
         """
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
@@ -141,7 +142,7 @@ class Pipeline:
                 await queue.put(event)
 
         pumper = asyncio.get_running_loop().create_task(pump())
-        deadline = time.monotonic() + (timeout_s or self.s.settings.request_timeout_s)
+        deadline = time.monotonic() + self.s.settings.request_timeout_s
         try:
             while True:
                 try:
@@ -168,10 +169,7 @@ class Pipeline:
         """Wait for a job's result; its error becomes an APIError."""
         async for event in self.events(job_id):
             if event["type"] == "done":
-                if event.get("result") is None:  # published before results rode on the event
-                    _, result, _ = await asyncio.to_thread(self._job_state, job_id)
-                    return result or {}
-                return event["result"]
+                return event.get("result") or {}
             if event["type"] == "error":
                 raise APIError.from_job(event.get("error") or {})
         raise APIError(500, f"job {job_id} ended without a result")

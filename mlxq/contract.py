@@ -39,3 +39,6 @@ class JobError(TypedDict):
 def job_error(status: int, message: str, *, type: str = "server_error", code: str | None = None,
               param: str | None = None) -> JobError:
     return JobError(status=status, type=type, message=message, code=code, param=param)
+
+
+CANCELLED = job_error(499, "the job was cancelled", type="cancelled", code="cancelled")

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
+from mlxq.contract import CANCELLED, job_error
 from mlxq.sql import CacheEntry, Counter, Job, RequestLog, Worker
 
 ACTIVE = ("queued", "running")
@@ -136,10 +137,9 @@ def job_status(*, session: Session, job_id: str) -> str | None:
 
 def cancel_job(*, session: Session, job_id: str) -> bool:
     """Ask a queued or running job to stop; the worker notices within a poll interval."""
-    error = {"status": 499, "type": "cancelled", "message": "the job was cancelled", "code": "cancelled", "param": None}
     done = session.execute(
         update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
-        .values(status="cancelled", error=error, finished_at=time.time())
+        .values(status="cancelled", error=dict(CANCELLED), finished_at=time.time())
     )
     return bool(done.rowcount)
 
@@ -154,29 +154,25 @@ def finish_job(*, session: Session, job_id: str, status: str, result: dict[str, 
 
 def fail_running_jobs(*, session: Session, worker: str, message: str) -> int:
     """Jobs left running by a worker that died are failed, never left running forever."""
-    err = {"status": 503, "type": "server_error", "message": message, "code": "worker_restarted", "param": None}
+    err = job_error(503, message, code="worker_restarted")
     result = session.execute(
-        update(Job).where(Job.status == "running", Job.worker == worker).values(status="failed", error=err, finished_at=time.time())
+        update(Job).where(Job.status == "running", Job.worker == worker)
+        .values(status="failed", error=dict(err), finished_at=time.time())
     )
     return result.rowcount or 0
 
 
 def fail_orphaned_jobs(*, session: Session, live_workers: list[str], older_than_s: float) -> int:
     """Fail running jobs whose worker is no longer alive (started long enough ago to rule out a race)."""
-    err = {"status": 503, "type": "server_error", "message": "the worker running this job stopped",
-           "code": "worker_lost", "param": None}
+    err = job_error(503, "the worker running this job stopped", code="worker_lost")
     query = update(Job).where(Job.status == "running", Job.started_at < time.time() - older_than_s)
     if live_workers:
         query = query.where(Job.worker.not_in(live_workers))
-    return session.execute(query.values(status="failed", error=err, finished_at=time.time())).rowcount or 0
+    return session.execute(query.values(status="failed", error=dict(err), finished_at=time.time())).rowcount or 0
 
 
 def queue_depth(*, session: Session) -> int:
     return int(session.scalar(select(func.count()).select_from(Job).where(Job.status == "queued")) or 0)
-
-
-def count_jobs(*, session: Session) -> int:
-    return int(session.scalar(select(func.count()).select_from(Job)) or 0)
 
 
 # -- workers ----------------------------------------------------------------------------------

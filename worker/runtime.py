@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from mlxq import repos
 from mlxq.channel import Channel
-from mlxq.contract import job_error
+from mlxq.contract import CANCELLED, job_error
 from mlxq.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -142,18 +142,19 @@ class Runtime:
             self._fail(job_id, error)
             return
         if result["finish_reason"] == "cancelled":
-            self._fail(job_id, job_error(499, "the job was cancelled", type="cancelled", code="cancelled"),
-                       status="cancelled")
+            self._fail(job_id, dict(CANCELLED), status="cancelled")
             return
+        answer = dict(result)
         with self.sessions.begin() as session:
-            repos.finish_job(session=session, job_id=job_id, status="succeeded", result=dict(result))
+            repos.finish_job(session=session, job_id=job_id, status="succeeded", result=answer)
             if store:
-                repos.put_entry(session=session, key=key, kind=kind, model=model, result=dict(result),
+                repos.put_entry(session=session, key=key, kind=kind, model=model, result=answer,
                                 ttl_s=ttl_s or self.settings.cache_ttl_s)
         # The answer travels with the event, so the waiting client needs no further read.
-        self.channel.publish(job_id, {"type": "done", "result": dict(result)})
+        self.channel.publish(job_id, {"type": "done", "result": answer})
         if store:
             with self.sessions.begin() as session:
+                repos.purge_expired(session=session)
                 repos.evict_lru(session=session, max_entries=self.settings.cache_max_entries)
         self.save_prefix_cache()
 
