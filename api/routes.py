@@ -17,7 +17,7 @@ from api.pipeline import CachePolicy, Outcome, Pipeline
 from api.protocol import ChatCompletionRequest, CompletionRequest, chat_completion, model_list, text_completion
 from api.services import Services, ServicesDep
 from api.streaming import ChunkWriter, event_source, from_list, openai_stream, replay
-from mlxq.keys import canonical_chat, canonical_completion
+from mlxq.keys import canonical_chat, canonical_completion, tool_names
 
 router = APIRouter()
 
@@ -70,7 +70,7 @@ def record(services: Services, *, endpoint: str, outcome: Outcome, canonical: di
     elapsed = time.perf_counter() - started
     services.metrics.observe(endpoint, outcome.cache, elapsed)
     usage = outcome.result.get("usage") or {}
-    tools = [(t.get("function") or t).get("name") for t in canonical.get("tools") or []]
+    tools = tool_names(canonical.get("tools"))
     services.stats.log(key=outcome.key, endpoint=endpoint, cache=outcome.cache, stream=stream,
                        prompt_tokens=usage.get("prompt_tokens"), cached_tokens=usage.get("cached_tokens"),
                        completion_tokens=usage.get("completion_tokens"), tools=tools or None,

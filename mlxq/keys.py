@@ -98,6 +98,16 @@ def _with_output_fields(canon: dict[str, Any], body: dict[str, Any], default_tem
     return canon
 
 
+def tool_names(tools: list[dict[str, Any]] | None) -> list[str]:
+    """The function names a request offers (OpenAI `{"function": {...}}` or a bare function object)."""
+    names = []
+    for tool in tools or []:
+        fn = tool.get("function", tool)
+        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            names.append(fn["name"])
+    return names
+
+
 def request_key(kind: str, canonical: dict[str, Any]) -> str:
     """sha256 of the versioned canonical JSON (sorted keys, no whitespace): equal in every process."""
     blob = json.dumps(

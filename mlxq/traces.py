@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from mlxq.keys import canonical_chat, request_key
+from mlxq.keys import canonical_chat, request_key, tool_names
 
 CHARS_PER_TOKEN = 4
 
@@ -107,7 +107,7 @@ def from_jsonl(paths: list[Path]) -> dict[str, Any]:
             key = request_key("chat", canonical)
             repeats += keys[key] > 0
             keys[key] += 1
-            offered.update((t.get("function") or t).get("name") for t in canonical.get("tools") or [])
+            offered.update(tool_names(canonical.get("tools")))
             called.update(n for n in _called_tools(raw.get("messages", [])) if n)
             text = json.dumps([canonical.get("tools"), canonical["messages"]], sort_keys=True)
             prompt_chars += len(text)

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlxq.keys import tool_names
+
 ParseFn = Callable[[str, Any], Any]
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -51,15 +53,6 @@ def model_tool_format(parser_name: str | None) -> ModelToolFormat | None:
 
 def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
-
-
-def tool_names(tools: list[dict[str, Any]] | None) -> list[str]:
-    names = []
-    for tool in tools or []:
-        fn = tool.get("function", tool)
-        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
-            names.append(fn["name"])
-    return names
 
 
 def _schema_props(tools: list[dict[str, Any]] | None, name: str) -> dict[str, Any]:
@@ -338,22 +331,16 @@ class ToolStreamFilter:
         self.markers = tuple(dict.fromkeys(extra + _GENERIC_MARKERS + tuple(f"{n}(" for n in names)))
         self.active = bool(names)
 
-    def _think_end(self, text: str) -> int:
-        i = text.find(THINK_OPEN)
-        if i < 0:
-            return 0
-        j = text.find(THINK_CLOSE, i)
-        return len(text) + 1 if j < 0 else j + len(THINK_CLOSE)
-
     def safe_length(self, text: str) -> int:
         """How many leading characters of `text` can be shown as content now."""
         if not self.active:
             return len(text)
         if self.held_from is not None:
             return self.held_from
-        floor = self._think_end(text)
-        if floor > len(text):
+        thinking = _strip_think(text)[0]
+        if thinking == text:  # still inside a <think> section: nothing in it is a call
             return len(text)
+        floor = len(thinking)
         cut = len(text)
         for marker in self.markers:
             i = text.find(marker, floor)
