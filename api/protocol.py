@@ -24,27 +24,21 @@ class ChatMessage(OpenAIBaseModel):
     tool_call_id: str | None = None
 
 
-class ChatCompletionRequest(OpenAIBaseModel):
-    messages: list[ChatMessage] = Field(min_length=1)
+class GenerationRequest(OpenAIBaseModel):
+    """The sampling and delivery fields chat and legacy completions share."""
+
     model: str
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
     max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     n: int | None = Field(None, ge=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
-    response_format: dict[str, Any] | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: dict[str, Any] | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
     user: str | None = None
-    metadata: dict[str, Any] | None = None
     # -- non-spec extras -------------------------------------------------------------------
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, le=1)
@@ -53,28 +47,22 @@ class ChatCompletionRequest(OpenAIBaseModel):
     cache: dict[str, Any] | None = None
 
 
-class CompletionRequest(OpenAIBaseModel):
-    model: str
+class ChatCompletionRequest(GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class CompletionRequest(GenerationRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = False
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logprobs: int | None = Field(None, ge=0, le=5)
-    max_tokens: int | None = Field(None, ge=1)
-    n: int | None = Field(None, ge=1)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool | None = False
-    stream_options: dict[str, Any] | None = None
     suffix: str | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    user: str | None = None
-    # -- non-spec extras -------------------------------------------------------------------
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
-    cache: dict[str, Any] | None = None
 
 
 def _id(prefix: str) -> str:

@@ -12,6 +12,7 @@ import logging
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.background import run_every
 from mlxq import repos
 
 log = logging.getLogger(__name__)
@@ -32,16 +33,8 @@ class JobReaper:
             log.warning("failed %d jobs whose worker stopped sending heartbeats", failed)
         return failed
 
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.grace_s / 2)
-            try:
-                await asyncio.to_thread(self.reap)
-            except Exception:
-                log.exception("job reaper failed; retrying")
-
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._task = run_every(self.grace_s / 2, self.reap)
 
     def stop(self) -> None:
         if self._task is not None:

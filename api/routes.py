@@ -14,7 +14,14 @@ from sse_starlette import ServerSentEvent
 from api.errors import APIError
 from api.health import health_snapshot
 from api.pipeline import CachePolicy, Outcome, Pipeline
-from api.protocol import ChatCompletionRequest, CompletionRequest, chat_completion, model_list, text_completion
+from api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationRequest,
+    chat_completion,
+    model_list,
+    text_completion,
+)
 from api.services import Services, ServicesDep
 from api.streaming import ChunkWriter, event_source, from_list, openai_stream, replay
 from mlxq.keys import canonical_chat, canonical_completion, tool_names
@@ -26,10 +33,13 @@ router = APIRouter()
 FIRST_EVENT_WAIT_S = 2.0
 
 
-def check_model(services: Services, model: str) -> None:
-    if model != services.settings.model_name:
-        raise APIError(404, f"The model `{model}` does not exist; this server serves "
+def check_request(services: Services, body: GenerationRequest) -> None:
+    """What every generation endpoint refuses up front: another model, n > 1."""
+    if body.model != services.settings.model_name:
+        raise APIError(404, f"The model `{body.model}` does not exist; this server serves "
                             f"`{services.settings.model_name}`.", code="model_not_found", param="model")
+    if body.n not in (None, 1):
+        raise APIError(400, "Only n=1 is supported.", param="n")
 
 
 def cache_headers(outcome: Outcome) -> dict[str, str]:
@@ -124,9 +134,7 @@ async def openai_streamed(services: Services, pipeline: Pipeline, *, kind: str, 
 async def chat_completions(body: ChatCompletionRequest, services: ServicesDep,
                            cache_control: str | None = Header(None)) -> Response:
     started = time.perf_counter()
-    check_model(services, body.model)
-    if body.n not in (None, 1):
-        raise APIError(400, "Only n=1 is supported.", param="n")
+    check_request(services, body)
     settings = services.settings
     canonical = canonical_chat(body.model_dump(exclude_none=True), default_temperature=settings.default_temperature,
                                default_max_tokens=settings.default_max_tokens)
@@ -152,9 +160,7 @@ def _prompts(prompt: Any) -> list[str | list[int]]:
 async def completions(body: CompletionRequest, services: ServicesDep,
                       cache_control: str | None = Header(None)) -> Response:
     started = time.perf_counter()
-    check_model(services, body.model)
-    if body.n not in (None, 1):
-        raise APIError(400, "Only n=1 is supported.", param="n")
+    check_request(services, body)
     if body.suffix:
         raise APIError(400, "suffix is not supported.", param="suffix")
     if body.logprobs:

@@ -15,6 +15,7 @@ from collections import Counter
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.background import run_every
 from mlxq import repos
 
 log = logging.getLogger(__name__)
@@ -66,13 +67,8 @@ class StatsRecorder:
                 self._counts.update(counts)
                 self._log[:0] = rows
 
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            await asyncio.to_thread(self.flush)
-
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._task = run_every(self._interval, self.flush)
 
     async def stop(self) -> None:
         if self._task is not None:
