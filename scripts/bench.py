@@ -117,21 +117,26 @@ def queue_hop(base: str, engine, db_url: str, rounds: int) -> dict:
             "pickup_max_ms": ms(max(pickup))}
 
 
+def http_ttft(http: httpx.Client, payload: dict, headers: dict | None = None) -> float:
+    """Seconds to the first content chunk of a streamed chat request, on a kept-alive connection."""
+    t = time.perf_counter()
+    with http.stream("POST", "/v1/chat/completions", json=payload, headers=headers or {}, timeout=300) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                choices = json.loads(line[6:]).get("choices") or [{}]
+                if choices[0].get("delta", {}).get("content"):
+                    return time.perf_counter() - t
+    return time.perf_counter() - t
+
+
 def ttft(base: str, engine, rounds: int) -> dict:
     """Time to first token: streamed through mlxq vs the engine's own first delta, alternated."""
     via, direct = [], []
+    http = httpx.Client(base_url=base)
     for i in range(rounds):
         req = body(f"Tell me about the number {i}.", max_tokens=8, stream=True)
         time.sleep(0.2)
-        t = time.perf_counter()
-        with httpx.stream("POST", f"{base}/v1/chat/completions", json=req, timeout=60,
-                          headers={"Cache-Control": "no-cache"}) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: {"):
-                    choices = json.loads(line[6:]).get("choices") or [{}]
-                    if choices[0].get("delta", {}).get("content"):
-                        via.append(time.perf_counter() - t)
-                        break
+        via.append(http_ttft(http, req, {"Cache-Control": "no-cache"}))
         time.sleep(0.2)
         first: list[float] = []
         t = time.perf_counter()
@@ -147,13 +152,14 @@ def ttft(base: str, engine, rounds: int) -> dict:
             "ratio": round(statistics.median(via) / statistics.median(direct), 3)}
 
 
-def health_during_generation(base: str) -> dict:
+def health_during_generation(base: str, model: str = BUILTIN_MODEL) -> dict:
+    """/health latency while the server generates 200 tokens."""
     lat: list[float] = []
     done = threading.Event()
 
     def generate() -> None:
         httpx.post(f"{base}/v1/chat/completions", timeout=300, headers={"Cache-Control": "no-store"},
-                   json=body("Write a long story about a dragon.", max_tokens=200))
+                   json={**body("Write a long story about a dragon.", max_tokens=200), "model": model})
         done.set()
 
     threading.Thread(target=generate, daemon=True).start()

@@ -22,7 +22,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -31,6 +30,10 @@ import openai
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench import health_during_generation, http_ttft, ms  # noqa: E402
 
 from mlxq.procs import Service, free_port  # noqa: E402
 from mlxq.settings import BUILTIN_MODEL  # noqa: E402
@@ -106,19 +109,6 @@ def ttft(client: openai.OpenAI, model: str, messages: list[dict], headers: dict 
     return (first if first is not None else time.perf_counter() - t), "".join(text)
 
 
-def http_ttft(http: httpx.Client, model: str, messages: list[dict]) -> float:
-    """Time to the first content chunk over plain HTTP (a kept-alive connection), without the openai client."""
-    body = {"model": model, "messages": messages, "temperature": 0, "max_tokens": 24, "stream": True}
-    t = time.perf_counter()
-    with http.stream("POST", "/v1/chat/completions", json=body, timeout=300) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                choices = json.loads(line[6:]).get("choices") or [{}]
-                if choices[0].get("delta", {}).get("content"):
-                    return time.perf_counter() - t
-    return time.perf_counter() - t
-
-
 def session(client: openai.OpenAI, model: str) -> dict:
     system = {"role": "system", "content": system_prompt()}
     history: list[dict] = [system]
@@ -131,37 +121,11 @@ def session(client: openai.OpenAI, model: str) -> dict:
         history.append({"role": "assistant", "content": answer})
     first = [system, {"role": "user", "content": USERS[0]}]
     repeats = [ttft(client, model, first)[0] for _ in range(10)]
+    payload = {"model": model, "messages": first, "temperature": 0, "max_tokens": 24, "stream": True}
     with httpx.Client(base_url=str(client.base_url).removesuffix("/v1/")) as http:
-        raw = [http_ttft(http, model, first) for _ in range(10)]
+        raw = [http_ttft(http, payload) for _ in range(10)]
     return {"turns": turns, "repeat": statistics.median(repeats), "repeat_http": statistics.median(raw),
             "history": history, "prompt_and_cached_tokens": usage}
-
-
-def health_during_generation(base: str, client: openai.OpenAI, model: str) -> dict:
-    lat: list[float] = []
-    done = threading.Event()
-
-    def generate() -> None:
-        client.chat.completions.create(model=model, temperature=0, max_tokens=200,
-                                       messages=[{"role": "user", "content": "Write a long story about a robot."}],
-                                       extra_headers={"Cache-Control": "no-store"})
-        done.set()
-
-    threading.Thread(target=generate, daemon=True).start()
-    time.sleep(0.2)
-    with httpx.Client(timeout=30) as http:
-        while not done.is_set():
-            t = time.perf_counter()
-            http.get(f"{base}/health")
-            lat.append(time.perf_counter() - t)
-            time.sleep(0.05)
-    lat.sort()
-    return {"samples": len(lat), "p50_ms": round(statistics.median(lat) * 1e3, 2),
-            "p99_ms": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3, 2)}
-
-
-def ms(x: float) -> float:
-    return round(x * 1000, 1)
 
 
 def main() -> None:
@@ -195,8 +159,8 @@ def main() -> None:
             ours = session(mlxq, BUILTIN_MODEL)
             prefix_session = svc.health()["prefix_cache"]
             theirs = session(mlxlm, str(model_dir))
-            health = {"mlxq": health_during_generation(svc.base, mlxq, BUILTIN_MODEL),
-                      "mlx_lm": health_during_generation(ref_base, mlxlm, str(model_dir))}
+            health = {"mlxq": health_during_generation(svc.base),
+                      "mlx_lm": health_during_generation(ref_base, str(model_dir))}
             turn2 = ours["history"][:4]
             warm2 = statistics.median(ttft(mlxq, BUILTIN_MODEL, turn2, {"Cache-Control": "no-cache"})[0]
                                       for _ in range(3))
