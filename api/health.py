@@ -22,10 +22,12 @@ def health_snapshot(services: Services) -> dict[str, Any]:
     hits, misses = counts.get("cache_hits", 0), counts.get("cache_misses", 0)
     loaded = any(w.model_loaded for w in workers)
     errors = [w.error for w in workers if w.error]
-    prefix = {k: 0 for k in ("hits", "misses", "tokens_saved", "skips", "entries", "bytes")}
+    prefix = {k: 0 for k in ("hits", "misses", "tokens_saved", "skips", "taken", "entries", "bytes")}
+    batch = {k: 0 for k in ("active", "waiting", "tokens", "preempted")}
     for w in workers:
-        for k, v in ((w.stats or {}).get("prefix_cache") or {}).items():
-            prefix[k] = prefix.get(k, 0) + int(v)
+        for block, totals in (("prefix_cache", prefix), ("batch", batch)):
+            for k, v in ((w.stats or {}).get(block) or {}).items():
+                totals[k] = totals.get(k, 0) + int(v)
     return {
         "status": "ok" if loaded else "degraded",
         "model": settings.model_name,
@@ -42,5 +44,7 @@ def health_snapshot(services: Services) -> dict[str, Any]:
             "bytes": size,
         },
         "prefix_cache": prefix,
+        # Sequences decoding together in the workers' engines, waiting for room, and their KV token budget.
+        "batch": batch,
         "time": time.time(),
     }

@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from api.errors import APIError
 from api.services import Services
 from mlxq import repos
-from mlxq.contract import GENERATE_TASK, job_error
+from mlxq.contract import GENERATE_TASK, Priority, job_error
 from mlxq.keys import is_deterministic, request_key
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class Pipeline:
     # -- SQL steps (run in threads) --------------------------------------------------------
 
     def _resolve(self, *, key: str, kind: str, canonical: dict[str, Any], lookup: bool, store: bool,
-                 ttl_s: float | None) -> Outcome:
+                 ttl_s: float | None, priority: Priority) -> Outcome:
         """One thread hop and one transaction for the whole decision: cached answer, an identical job in
         flight, or a new job."""
         outcome = "MISS" if lookup else "BYPASS"
@@ -82,7 +82,8 @@ class Pipeline:
                     if running is not None:
                         return Outcome({}, outcome, key, running.id, joined=True)
                     job_id = repos.create_job(session=session, key=key, kind=kind, model=canonical["model"],
-                                              request=canonical, store=store, ttl_s=ttl_s).id
+                                              request=canonical, store=store, ttl_s=ttl_s,
+                                              priority=priority).id
             except IntegrityError:  # an identical job was created at the same moment: join it
                 continue
             self._send(job_id)  # after the commit, so the worker always finds the row
@@ -108,13 +109,14 @@ class Pipeline:
 
     # -- the path --------------------------------------------------------------------------
 
-    async def submit(self, *, kind: str, canonical: dict[str, Any], policy: CachePolicy) -> Outcome:
+    async def submit(self, *, kind: str, canonical: dict[str, Any], policy: CachePolicy,
+                     priority: Priority = "interactive") -> Outcome:
         """Answer from the cache, or enqueue a job (joining an identical one in flight)."""
         key = request_key(kind, canonical)
         cacheable = is_deterministic(canonical)
         outcome = await asyncio.to_thread(
             self._resolve, key=key, kind=kind, canonical=canonical, lookup=cacheable and policy.lookup,
-            store=cacheable and policy.store, ttl_s=policy.ttl_s,
+            store=cacheable and policy.store, ttl_s=policy.ttl_s, priority=priority,
         )
         if outcome.cache == "HIT":
             self.s.stats.hit(key)
@@ -122,9 +124,10 @@ class Pipeline:
             self.s.stats.count("cache_misses" if outcome.cache == "MISS" else "cache_bypass")
         return outcome
 
-    async def run(self, *, kind: str, canonical: dict[str, Any], policy: CachePolicy) -> Outcome:
+    async def run(self, *, kind: str, canonical: dict[str, Any], policy: CachePolicy,
+                  priority: Priority = "interactive") -> Outcome:
         """The synchronous path: the client waits for the answer."""
-        outcome = await self.submit(kind=kind, canonical=canonical, policy=policy)
+        outcome = await self.submit(kind=kind, canonical=canonical, policy=policy, priority=priority)
         if outcome.job_id is not None:
             outcome.result = await self.wait(outcome.job_id)
         return outcome
@@ -143,12 +146,18 @@ class Pipeline:
 
         pumper = asyncio.get_running_loop().create_task(pump())
         deadline = time.monotonic() + self.s.settings.request_timeout_s
+        ended_quietly = False
         try:
             while True:
                 try:
                     event = await asyncio.wait_for(queue.get(), timeout=1.0)
                 except TimeoutError:
                     status, result, error = await asyncio.to_thread(self._job_state, job_id)
+                    if status in repos.TERMINAL and not ended_quietly:
+                        # The row can be ahead of the channel: give the events in flight one more quiet
+                        # period to arrive before answering from the row (which has no deltas).
+                        ended_quietly = True
+                        continue
                     if status == "succeeded":
                         event = {"type": "done", "result": result}
                     elif status in repos.TERMINAL:

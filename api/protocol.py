@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mlxq.contract import Priority
+
 
 class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -33,6 +35,8 @@ class GenerationRequest(OpenAIBaseModel):
     n: int | None = Field(None, ge=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = None
+    # "flex" (OpenAI's slower, cheaper tier) runs at low priority: after interactive requests.
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: dict[str, Any] | None = None
@@ -45,6 +49,10 @@ class GenerationRequest(OpenAIBaseModel):
     repetition_penalty: float | None = Field(None, gt=0)
     # LiteLLM-style per-request cache controls: {"no-cache": true, "no-store": true, "ttl": 60}.
     cache: dict[str, Any] | None = None
+
+    @property
+    def priority(self) -> Priority:
+        return "low" if self.service_tier == "flex" else "interactive"
 
 
 class ChatCompletionRequest(GenerationRequest):

@@ -24,6 +24,7 @@ from api.protocol import (
 )
 from api.services import Services, ServicesDep
 from api.streaming import ChunkWriter, event_source, from_list, openai_stream, replay
+from mlxq.contract import Priority
 from mlxq.keys import canonical_chat, canonical_completion, tool_names
 
 router = APIRouter()
@@ -120,9 +121,9 @@ async def stream_response(services: Services, pipeline: Pipeline, outcome: Outco
 
 async def openai_streamed(services: Services, pipeline: Pipeline, *, kind: str, canonical: dict[str, Any],
                           policy: CachePolicy, stream_options: dict[str, Any] | None, started: float,
-                          prefix: str = "") -> Response:
+                          priority: Priority, prefix: str = "") -> Response:
     """Submit one request and answer it as an OpenAI chunk stream (live, or replayed from the cache)."""
-    outcome = await pipeline.submit(kind=kind, canonical=canonical, policy=policy)
+    outcome = await pipeline.submit(kind=kind, canonical=canonical, policy=policy, priority=priority)
     writer = ChunkWriter(kind=kind, model=services.settings.model_name,
                          include_usage=bool((stream_options or {}).get("include_usage")))
     events = tap(await job_events(pipeline, outcome), outcome)
@@ -142,8 +143,8 @@ async def chat_completions(body: ChatCompletionRequest, services: ServicesDep,
     policy = CachePolicy.parse(cache_control, body.cache)
     if body.stream:
         return await openai_streamed(services, pipeline, kind="chat", canonical=canonical, policy=policy,
-                                     stream_options=body.stream_options, started=started)
-    outcome = await pipeline.run(kind="chat", canonical=canonical, policy=policy)
+                                     stream_options=body.stream_options, started=started, priority=body.priority)
+    outcome = await pipeline.run(kind="chat", canonical=canonical, policy=policy, priority=body.priority)
     record(services, endpoint="chat", outcome=outcome, canonical=canonical, started=started, stream=False)
     return JSONResponse(chat_completion(outcome.result, model=settings.model_name), headers=cache_headers(outcome))
 
@@ -181,9 +182,10 @@ async def completions(body: CompletionRequest, services: ServicesDep,
     policy = CachePolicy.parse(cache_control, body.cache)
     if body.stream:
         return await openai_streamed(services, pipeline, kind="completion", canonical=canonicals[0], policy=policy,
-                                     stream_options=body.stream_options, started=started, prefix=echo[0])
-    outcomes = await asyncio.gather(*(pipeline.run(kind="completion", canonical=c, policy=policy)
-                                      for c in canonicals))
+                                     stream_options=body.stream_options, started=started, priority=body.priority,
+                                     prefix=echo[0])
+    outcomes = await asyncio.gather(*(pipeline.run(kind="completion", canonical=c, policy=policy,
+                                                   priority=body.priority) for c in canonicals))
     cache = outcomes[0].cache if len({o.cache for o in outcomes}) == 1 else "MIXED"
     for outcome, canonical in zip(outcomes, canonicals, strict=True):
         record(services, endpoint="completion", outcome=outcome, canonical=canonical, started=started, stream=False)

@@ -24,11 +24,12 @@ def make_celery(settings: Settings) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
-        # One long task at a time, acknowledged only when done; the job id makes it idempotent.
+        # Each consumer thread holds one request until it is done (acknowledged only then; the job id
+        # makes it idempotent) and reserves no more: the engine, not the broker, decides what runs.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        worker_concurrency=1,
+        worker_concurrency=settings.worker_threads,
         worker_send_task_events=True,
         task_send_sent_event=True,
         broker_transport_options=transport_options,

@@ -11,6 +11,10 @@ from typing import Any, Literal, TypedDict
 GENERATE_TASK = "mlxq.generate"
 
 JobKind = Literal["chat", "completion"]
+# Interactive requests (sync and streamed) are admitted to the batch before low-priority work
+# (batch lines, jobs that ask for it); OpenAI clients ask for low priority with `service_tier: "flex"`.
+Priority = Literal["interactive", "low"]
+PRIORITIES: tuple[Priority, ...] = ("interactive", "low")
 
 
 class Usage(TypedDict):

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from mlxq.contract import CANCELLED, job_error
+from mlxq.contract import CANCELLED, Priority, job_error
 from mlxq.sql import CacheEntry, Counter, Job, RequestLog, Worker
 
 ACTIVE = ("queued", "running")
@@ -98,9 +98,9 @@ def counters(*, session: Session) -> dict[str, int]:
 # -- jobs -------------------------------------------------------------------------------------
 
 def create_job(*, session: Session, key: str, kind: str, model: str, request: dict[str, Any],
-               store: bool, ttl_s: float | None) -> Job:
+               store: bool, ttl_s: float | None, priority: Priority = "interactive") -> Job:
     job = Job(id=str(uuid.uuid4()), key=key, kind=kind, model=model, status="queued", request=request,
-              store=store, ttl_s=ttl_s, created_at=time.time())
+              store=store, ttl_s=ttl_s, priority=priority, created_at=time.time())
     session.add(job)
     return job
 
@@ -123,16 +123,21 @@ def start_job(*, session: Session, job_id: str, worker: str) -> Job | None:
         update(Job)
         .where(Job.id == job_id, Job.status.not_in(("succeeded", "cancelled")))
         .values(status="running", started_at=time.time(), error=None, worker=worker)
-        .returning(Job.kind, Job.request, Job.key, Job.store, Job.ttl_s, Job.model)
+        .returning(Job.kind, Job.request, Job.key, Job.store, Job.ttl_s, Job.model, Job.priority)
     ).first()
     if row is None:
         return None
     return Job(id=job_id, status="running", worker=worker, kind=row.kind, request=row.request, key=row.key,
-               store=row.store, ttl_s=row.ttl_s, model=row.model)
+               store=row.store, ttl_s=row.ttl_s, model=row.model, priority=row.priority)
 
 
 def job_status(*, session: Session, job_id: str) -> str | None:
     return session.scalar(select(Job.status).where(Job.id == job_id))
+
+
+def cancelled_among(*, session: Session, job_ids: list[str]) -> list[str]:
+    """Which of these jobs were cancelled (one query for every job the worker is running)."""
+    return list(session.scalars(select(Job.id).where(Job.id.in_(job_ids), Job.status == "cancelled")))
 
 
 def cancel_job(*, session: Session, job_id: str) -> bool:

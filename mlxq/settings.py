@@ -35,8 +35,9 @@ class Settings(BaseSettings):
     default_max_tokens: int = 512
     # How long a synchronous request waits for its job before answering 504.
     request_timeout_s: float = 600.0
-    # Broker and SQL stream-channel poll interval in the embedded mode.
-    poll_interval_s: float = 0.01
+    # Embedded mode: the safety-net poll of the SQL broker and stream channel. A local wake-up signal
+    # (mlxq.bell) carries the latency; this poll only catches a lost signal, so it can be slow.
+    poll_interval_s: float = 1.0
     heartbeat_s: float = 2.0
     # SSE keepalive comment interval while a streamed job waits or prefills.
     sse_keepalive_s: float = 5.0
@@ -47,6 +48,13 @@ class Settings(BaseSettings):
     prefix_cache_mb: int = 0
     prefix_cache_disk_mb: int = 0
     prefix_cache_save_s: float = 60.0
+    # Continuous batching in the worker: sequences decoded together, the KV tokens they may hold
+    # (prompt + max_tokens of each; 0 = a quarter of RAM's worth), sequences prefilled together,
+    # and the Celery consumer threads that hand requests to the engine (each waits on one request).
+    batch_size: int = Field(16, ge=1)
+    batch_tokens: int = Field(0, ge=0)
+    prefill_batch_size: int = Field(8, ge=1)
+    worker_threads: int = Field(64, ge=1)
     # Niceness the worker process adds to itself (0 = none).
     worker_nice: int = 0
 

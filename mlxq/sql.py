@@ -40,6 +40,8 @@ class Job(Base):
     # Whether the worker may write the result into the response cache.
     store: Mapped[bool] = mapped_column(Boolean, default=True)
     ttl_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # mlxq.contract.Priority: interactive requests are admitted to the batch before low-priority work.
+    priority: Mapped[str] = mapped_column(String(16), default="interactive", server_default="interactive")
     worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)

@@ -110,7 +110,7 @@ def test_save_load_round_trip_and_bad_files_are_skipped(tiny_model: Path, tiny: 
                                                         caplog: pytest.LogCaptureFixture):
     req = turn([], "persist me")
     first = tiny.generate("chat", req)
-    assert tiny.prefix.save(tmp_path, 1 << 30) == 1
+    assert tiny.save_prefix_cache(tmp_path, 1 << 30) == 1
     files = sorted(tmp_path.iterdir())
     assert [f.suffix for f in files] == [".json", ".safetensors"]
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import time
+import queue
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,13 +12,14 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm import load as mlx_load
-from mlx_lm import stream_generate
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors, make_sampler
 from mlx_lm.utils import dequantize_model
 
-from mlxq.contract import GenerationResult, JobError, job_error
-from worker.prefix_cache import PrefixCache
+from mlxq.contract import GenerationResult, JobError, JobKind, Priority, job_error
+from worker.batcher import Batcher
+from worker.prefix_cache import PrefixCache, default_bytes
+from worker.sequence import Sampler, Sequence
 from worker.tool_parse import ModelToolFormat, ToolStreamFilter, model_tool_format
 from worker.tool_prompt import prepare_chat, template_knows_tools
 
@@ -36,6 +36,15 @@ class RequestError(Exception):
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.error: JobError = job_error(400, message, type="invalid_request_error", code=code, param=param)
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """Sequences decoded together, KV tokens they may hold (0 = a quarter of RAM), sequences prefilled together."""
+
+    size: int = 16
+    tokens: int = 0
+    prefill: int = 8
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,12 @@ def _parser_name(tokenizer: Any) -> str | None:
     return module.rsplit(".", 1)[-1] if module.startswith("mlx_lm.tool_parsers") else None
 
 
+def _vocab_size(model: nn.Module, tokenizer: Any) -> int:
+    """Rows of the embedding: token ids at or past it are not the model's."""
+    size = getattr(getattr(model, "args", None), "vocab_size", None)
+    return int(size) if size else len(tokenizer.get_vocab())
+
+
 def _model_key(path: Path) -> ModelKey:
     weights = sorted(path.glob("*.safetensors"))
     revision = ",".join(f"{w.name}:{w.stat().st_size}:{int(w.stat().st_mtime)}" for w in weights)
@@ -64,20 +79,30 @@ def _model_key(path: Path) -> ModelKey:
 
 
 class Engine:
-    def __init__(self, model: nn.Module, tokenizer: Any, key: ModelKey, context_length: int) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any, key: ModelKey, context_length: int,
+                 batch: BatchLimits | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.key = key
         self.context_length = context_length
         self.tool_format: ModelToolFormat | None = model_tool_format(_parser_name(tokenizer))
         self.prefix: PrefixCache | None = None
+        self.batch = batch or BatchLimits()
+        self._batcher: Batcher | None = None
+        self._samplers: dict[tuple[float, float, float, int], Sampler] = {}
+        self.vocab_size = _vocab_size(model, tokenizer)
 
     def enable_prefix_cache(self, *, max_entries: int, max_bytes: int) -> PrefixCache:
         self.prefix = PrefixCache(self.model, self.key, max_entries, max_bytes)
         return self.prefix
 
+    def save_prefix_cache(self, directory: Path, max_bytes: int) -> int:
+        """Persist the prefix cache from the engine thread: its arrays live on that thread's stream."""
+        prefix = self.prefix
+        return self.batcher.call(lambda: prefix.save(directory, max_bytes)) if prefix is not None else 0
+
     @classmethod
-    def load(cls, model: str) -> Engine:
+    def load(cls, model: str, batch: BatchLimits | None = None) -> Engine:
         path = Path(model).expanduser()
         if not path.exists():
             raise FileNotFoundError(
@@ -90,22 +115,11 @@ class Engine:
             net.set_dtype(mx.float32)
             mx.eval(net.parameters())
         context = int(config.get("max_position_embeddings") or 8192)
-        return cls(net, tokenizer, _model_key(path), context)
+        return cls(net, tokenizer, _model_key(path), context, batch)
 
     def warm_up(self) -> None:
-        """One short generation at start, so the first real request does not pay first-run costs.
-
-        With a loaded prefix cache it runs through the most recent entry, so its size (the copy,
-        the allocations for a long context) is paid here too; the cache's counters are left as they were.
-        """
-        prompt, cache = self.tokenizer.encode("Hello"), None
-        if self.prefix is not None and (entries := self.prefix.entries()):
-            saved = dataclasses.replace(self.prefix.stats)
-            fetched = self.prefix.fetch(entries[-1][0])
-            prompt, cache = fetched.rest, fetched.cache
-            self.prefix.stats = saved
-        for _ in stream_generate(self.model, self.tokenizer, prompt, max_tokens=2, prompt_cache=cache):
-            pass
+        """One short generation at start, so the first real request does not pay first-run costs."""
+        self.generate("completion", {"prompt": "Hello", "temperature": 0.0, "max_tokens": 2}, use_prefix_cache=False)
 
     # -- prompts ---------------------------------------------------------------------------
 
@@ -126,32 +140,39 @@ class Engine:
     def completion_tokens(self, request: dict[str, Any]) -> list[int]:
         prompt = request["prompt"]
         if isinstance(prompt, list):  # already token ids
-            return [int(t) for t in prompt]
+            tokens = [int(t) for t in prompt]
+            if bad := [t for t in tokens if not 0 <= t < self.vocab_size]:
+                # Out-of-range ids would index past the embedding inside the shared batch.
+                raise RequestError(f"prompt token ids must be in [0, {self.vocab_size}); got {bad[0]}.",
+                                   param="prompt", code="invalid_token_id")
+            return tokens
         return self.tokenizer.encode(prompt)
 
     # -- generation ------------------------------------------------------------------------
 
-    def _logprob_entry(self, token: int, logprobs: mx.array, top: int) -> dict[str, Any]:
-        text = self.tokenizer.decode([token])
-        entry: dict[str, Any] = {"token": text, "logprob": float(logprobs[token]),
-                                 "bytes": list(text.encode()), "top_logprobs": []}
-        if top:
-            ids = mx.argpartition(-logprobs, kth=top - 1)[:top].tolist()
-            ids.sort(key=lambda i: -float(logprobs[i]))
-            entry["top_logprobs"] = [
-                {"token": (t := self.tokenizer.decode([i])), "logprob": float(logprobs[i]), "bytes": list(t.encode())}
-                for i in ids
-            ]
-        return entry
+    @property
+    def batcher(self) -> Batcher:
+        """The engine thread, started on first use (after the prefix cache is set up)."""
+        if self._batcher is None:
+            self._batcher = Batcher(self.model, eos_ids=sorted(self.tokenizer.eos_token_ids),
+                                    batch_size=self.batch.size, batch_tokens=self.batch.tokens or self._auto_tokens(),
+                                    prefill_batch_size=self.batch.prefill, prefill_step=PREFILL_STEP,
+                                    prefix=lambda: self.prefix)
+        return self._batcher
 
-    def generate(self, kind: str, request: dict[str, Any], emit: EventSink | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> GenerationResult:
-        """Run one request to completion.
+    def _auto_tokens(self) -> int:
+        """KV tokens that fit in a quarter of the machine's memory."""
+        cache = make_prompt_cache(self.model)
+        self.model(mx.array([[0]]), cache=cache)
+        per_token = sum(c.nbytes / max(c.keys.shape[2], 1) for c in cache if getattr(c, "keys", None) is not None)
+        return int(default_bytes() * 2 // max(per_token, 1))
 
-        `emit` receives events as they happen: `started`, `progress` (prefill), `delta` (content
-        safe to show, never part of a stop string or a tool call), and `tool_calls` at the end.
+    def submit(self, kind: JobKind, request: dict[str, Any], *, priority: Priority = "interactive",
+               use_prefix_cache: bool = True) -> Sequence:
+        """Queue one request for the batch; read its events from the returned sequence.
+
+        Raises RequestError (in the caller's thread, before anything is queued) when the prompt does not fit.
         """
-        emit = emit or (lambda _event: None)
         if kind == "chat":
             prompt, prefill, tools = self.chat_prompt(request)
         else:
@@ -163,86 +184,89 @@ class Engine:
                 param="messages" if kind == "chat" else "prompt",
                 code="context_length_exceeded",
             )
-        max_tokens = min(int(request.get("max_tokens") or 16), self.context_length - len(prompt))
+        seq = Sequence(
+            prompt=prompt,
+            max_tokens=min(int(request.get("max_tokens") or 16), self.context_length - len(prompt)),
+            sampler=self._sampler(request),
+            processors=make_logits_processors(
+                repetition_penalty=request.get("repetition_penalty"),
+                presence_penalty=request.get("presence_penalty"),
+                frequency_penalty=request.get("frequency_penalty"),
+            ),
+            stops=list(request.get("stop") or []),
+            tool_filter=ToolStreamFilter(tools, self.tool_format),
+            detokenizer=self.tokenizer.detokenizer,
+            decode=self.tokenizer.decode,
+            priority=priority,
+            prefill=prefill,
+            logprobs=bool(request.get("logprobs")),
+            top_logprobs=int(request.get("top_logprobs") or 0),
+            use_prefix_cache=use_prefix_cache,
+        )
+        self.batcher.submit(seq)
+        return seq
+
+    def _sampler(self, request: dict[str, Any]) -> Sampler | None:
+        top_k = int(request.get("top_k") or 0)
+        params = (float(request.get("temperature", 1.0)), float(request.get("top_p") or 0.0),
+                  float(request.get("min_p") or 0.0), top_k if top_k < self.vocab_size else 0)
+        if params[0] == 0:
+            return None  # the generator's greedy sampler, one batched argmax for all greedy sequences
         if request.get("seed") is not None:
-            mx.random.seed(int(request["seed"]))
-        sampler = make_sampler(
-            temp=float(request.get("temperature", 1.0)),
-            top_p=float(request.get("top_p") or 0.0),
-            min_p=float(request.get("min_p") or 0.0),
-            top_k=int(request.get("top_k") or 0),
-        )
-        processors = make_logits_processors(
-            repetition_penalty=request.get("repetition_penalty"),
-            presence_penalty=request.get("presence_penalty"),
-            frequency_penalty=request.get("frequency_penalty"),
-        )
-        want_logprobs = bool(request.get("logprobs"))
-        top_logprobs = int(request.get("top_logprobs") or 0)
-        stops: list[str] = list(request.get("stop") or [])
-        if prefill:  # a forced call ends with its closing tag
-            stops.append("</tool_call>")
-        # Text that could still be the start of a stop string is held back from the stream.
-        stop_hold = max((len(s) for s in stops), default=1) - 1
-        tool_filter = ToolStreamFilter(tools, self.tool_format)
-        fetched = self.prefix.fetch(prompt) if self.prefix is not None else None
-        prompt_cache = fetched.cache if fetched is not None else make_prompt_cache(self.model)
-        to_prefill = fetched.rest if fetched is not None else prompt
-        cached_tokens = fetched.cached_tokens if fetched is not None else 0
-        fed = list(prompt)  # what the KV cache will have seen: prompt, then each generated token
-        emit({"type": "started", "prompt_tokens": len(prompt), "cached_tokens": cached_tokens})
+            return seeded_sampler(*params, seed=int(request["seed"]))
+        if params not in self._samplers:  # shared by equal requests, so they sample in one call
+            self._samplers[params] = make_sampler(temp=params[0], top_p=params[1], min_p=params[2], top_k=params[3])
+        return self._samplers[params]
 
-        text, shown, finish, generated = prefill, 0, "length", 0
-        pending_logprobs: list[dict[str, Any]] = []
-        all_logprobs: list[dict[str, Any]] = []
-        started = time.perf_counter()
+    def generate(self, kind: JobKind, request: dict[str, Any], emit: EventSink | None = None,
+                 should_stop: Callable[[], bool] | None = None, *, priority: Priority = "interactive",
+                 use_prefix_cache: bool = True) -> GenerationResult:
+        """Run one request to completion through the batch (tests, benchmarks, warm-up).
 
-        def progress(done: int, total: int) -> None:
-            emit({"type": "progress", "processed": done, "total": total})
+        `emit` receives events as they happen: `started`, `progress` (prefill), `delta` (content
+        safe to show, never part of a stop string or a tool call), and `tool_calls` at the end.
+        """
+        seq = self.submit(kind, request, priority=priority, use_prefix_cache=use_prefix_cache)
+        return wait(seq, emit or (lambda _event: None), should_stop)
 
-        steps = stream_generate(self.model, self.tokenizer, to_prefill, max_tokens=max_tokens, sampler=sampler,
-                                logits_processors=processors, prompt_cache=prompt_cache,
-                                prefill_step_size=PREFILL_STEP, prompt_progress_callback=progress)
-        for response in steps:
-            generated = response.generation_tokens
-            fed.append(response.token)
-            text += response.text
-            if want_logprobs and response.finish_reason != "stop":
-                entry = self._logprob_entry(response.token, response.logprobs, top_logprobs)
-                pending_logprobs.append(entry)
-                all_logprobs.append(entry)
-            if stops:
-                search_from = max(len(prefill), shown - stop_hold, len(text) - len(response.text) - stop_hold)
-                cut = min((i for i in (text.find(s, search_from) for s in stops) if i >= 0), default=-1)
-                if cut >= 0:
-                    text, finish = text[:cut], "stop"
-                    break
-            if response.finish_reason is not None:
-                finish = response.finish_reason
-            safe = tool_filter.safe_length(text[: max(len(text) - stop_hold, 0)] if stops else text)
-            if safe > shown:
-                emit({"type": "delta", "content": text[shown:safe], "logprobs": pending_logprobs or None})
-                shown, pending_logprobs = safe, []
+
+def seeded_sampler(temp: float, top_p: float, min_p: float, top_k: int, seed: int) -> Sampler:
+    """mlx-lm's sampling chain drawing from its own random key, so a seed reproduces whatever else is batched."""
+    # mlx-lm's samplers draw from the global mx.random.state, which MLX 0.32 no longer lets a caller swap
+    # per request; its filters are reused here and only the draw takes this request's key.
+    filters: list[Callable[[mx.array], mx.array]] = []
+    if 0 < top_p < 1.0:
+        filters.append(lambda x: apply_top_p(x, top_p))
+    if min_p:
+        filters.append(lambda x: apply_min_p(x, min_p))
+    if top_k > 0:
+        filters.append(lambda x: apply_top_k(x, top_k))
+    key = mx.random.key(seed)
+
+    def sample(logprobs: mx.array) -> mx.array:
+        nonlocal key
+        for f in filters:
+            logprobs = f(logprobs)
+        key, draw = mx.random.split(key)
+        return mx.random.categorical(logprobs * (1 / temp), key=draw)
+
+    return sample
+
+
+def wait(seq: Sequence, emit: EventSink, should_stop: Callable[[], bool] | None = None,
+         poll_s: float = 0.1) -> GenerationResult:
+    """Relay a sequence's events to `emit` until it ends; its result, or its error raised."""
+    while True:
+        try:
+            event = seq.events.get(timeout=poll_s)
+        except queue.Empty:
             if should_stop is not None and should_stop():
-                finish = "cancelled"
-                break
-
-        steps.close()  # no step runs after this, so the cache holds exactly what was fed
-        if self.prefix is not None:
-            self.prefix.insert(fed, prompt_cache)
-        rest, calls = tool_filter.finish(text, shown)
-        if rest or pending_logprobs:
-            emit({"type": "delta", "content": rest, "logprobs": pending_logprobs or None})
-        if calls:
-            emit({"type": "tool_calls", "tool_calls": calls})
-        log.info("generated %d tokens (prompt %d) in %.2fs", generated, len(prompt), time.perf_counter() - started)
-        result = GenerationResult(
-            text=text[:shown] + rest,
-            finish_reason="tool_calls" if calls else ("stop" if finish not in ("length", "cancelled") else finish),
-            usage={"prompt_tokens": len(prompt), "completion_tokens": generated, "cached_tokens": cached_tokens},
-        )
-        if calls:
-            result["tool_calls"] = calls
-        if want_logprobs:
-            result["logprobs"] = all_logprobs
-        return result
+                seq.cancelled.set()
+            continue
+        if event is None:
+            break
+        emit(event)
+    if seq.error is not None:
+        raise seq.error
+    assert seq.result is not None
+    return seq.result

@@ -1,4 +1,9 @@
-"""The Celery worker process: solo pool, one task at a time, the model loaded once at start."""
+"""The Celery worker process: one model, one engine thread, a Celery task per request.
+
+Celery runs a pool of `worker_threads` consumer threads. Each task hands its request to the engine
+thread and waits for it there, so every request is still one Celery task (acks, redelivery,
+cancellation and Flower work per request) while the engine decodes them all in one batch.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from worker.blas import preload_openblas
 preload_openblas()  # before anything imports mlx
 
 from celery import Celery  # noqa: E402
-from celery.signals import worker_process_init, worker_shutdown  # noqa: E402
+from celery.signals import worker_init, worker_shutdown  # noqa: E402
 
 from mlxq.celery_app import make_celery  # noqa: E402
 from mlxq.channel import make_channel  # noqa: E402
@@ -33,8 +38,8 @@ def build(settings: Settings) -> tuple[Celery, Runtime]:
     def generate(job_id: str) -> None:
         runtime.run_job(job_id)
 
-    # With -P solo this runs in the main process, with no time limit: the place to load the model.
-    @worker_process_init.connect(weak=False)
+    # Runs once in the worker's main process before it consumes anything: the place to load the model.
+    @worker_init.connect(weak=False)
     def _load(**_: object) -> None:
         runtime.load_model()
         runtime.start_heartbeat()
@@ -55,7 +60,7 @@ def run(settings: Settings | None = None, loglevel: str = "INFO") -> None:
         os.nice(settings.worker_nice)
     upgrade(settings)
     app, runtime = build(settings)
-    argv = ["worker", "-P", "solo", "-c", "1", "-E", "-Q", settings.queue, "-l", loglevel,
+    argv = ["worker", "-P", "threads", "-c", str(settings.worker_threads), "-E", "-Q", settings.queue, "-l", loglevel,
             "--without-gossip", "--without-mingle", "-n", f"mlxq-{settings.queue}@%h"]
     if not settings.uses_redis:
         argv.append("--without-heartbeat")

@@ -2,7 +2,9 @@
 
 A thin adapter over mlx-lm's `LRUPromptCache` (the trie and LRU are mlx-lm's): it keys entries
 by a hashable, stable model key (path + revision, never the model object), trims one token on an
-exact hit so the decoder has input, enforces the entry and byte bounds, counts what it saves,
+exact hit so the decoder has input, takes an entry out of the trie instead of deep-copying it when
+the request extends it and no waiting request shares it (a copy of an agent's context per turn is
+~120 MB), enforces the entry and byte bounds, counts what it saves,
 never fails a request (any error falls back to the uncached path and is counted), and persists
 entries to disk with their token ids beside them so a restarted worker starts warm.
 """
@@ -14,6 +16,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +53,7 @@ class PrefixStats:
     misses: int = 0
     tokens_saved: int = 0
     skips: int = 0  # failures of the cache path, served uncached
+    taken: int = 0  # hits that moved their entry out of the trie instead of copying it
 
 
 @dataclass
@@ -75,10 +79,17 @@ class PrefixCache:
 
     # -- the request path -------------------------------------------------------------------
 
-    def fetch(self, tokens: list[int]) -> Fetched:
-        """The nearest cached prefix of `tokens`; on any failure, a fresh cache and the whole prompt."""
+    def fetch(self, tokens: list[int], *, others: Iterable[list[int]] = ()) -> Fetched:
+        """The nearest cached prefix of `tokens`; on any failure, a fresh cache and the whole prompt.
+
+        An entry that `tokens` extends (or equals) is taken out of the trie, not copied: the request
+        inserts the extended cache when it finishes, which would drop that entry anyway. It is copied
+        only when one of `others` (prompts still waiting) extends it too, so they can share it.
+        """
         try:
-            cache, rest = self.lru.fetch_nearest_cache(self.key, tokens)
+            cache, rest = self._take(tokens, others)
+            if cache is None:
+                cache, rest = self.lru.fetch_nearest_cache(self.key, tokens)
             if cache is not None and not rest:
                 # The whole prompt is cached: give the decoder its last token again.
                 if not can_trim_prompt_cache(cache):
@@ -97,6 +108,26 @@ class PrefixCache:
         self.stats.tokens_saved += cached
         return Fetched(cache, list(rest), cached)
 
+    def _take(self, tokens: list[int], others: Iterable[list[int]]) -> tuple[list[Any] | None, list[int]]:
+        """Remove and return the entry `tokens` extends, when it is trimmable, the best match and unshared."""
+        # LRUPromptCache has no "take": its trie, LRU order and byte counts are updated here as its own
+        # pop does, following the same choice of entry as fetch_nearest_cache.
+        found = self.lru._trie.search(self.key, tokens)
+        prefix = found.exact if found.exact is not None else found.shorter
+        if not prefix or (found.longer is not None and found.common_prefix > len(prefix)):
+            return None, tokens
+        entry = self.lru._trie.get(self.key, prefix)
+        if not can_trim_prompt_cache(entry.prompt_cache):
+            return None, tokens
+        if any(other[: len(prefix)] == prefix for other in others):
+            return None, tokens
+        self.lru._trie.pop(self.key, prefix)
+        self.lru._lru.remove(self.key, prefix)
+        self.lru._n_bytes -= entry.nbytes
+        self.lru._n_bytes_by_type[entry.cache_type] -= entry.nbytes
+        self.stats.taken += 1
+        return entry.prompt_cache, tokens[len(prefix) :]
+
     def insert(self, tokens: list[int], cache: list[Any]) -> None:
         """Store the cache after a generation; `tokens` are what it was fed (prompt + generated)."""
         try:
@@ -114,7 +145,7 @@ class PrefixCache:
 
     def snapshot(self) -> dict[str, int]:
         return {"hits": self.stats.hits, "misses": self.stats.misses, "tokens_saved": self.stats.tokens_saved,
-                "skips": self.stats.skips, "entries": len(self.lru), "bytes": int(self.lru.nbytes)}
+                "skips": self.stats.skips, "taken": self.stats.taken, "entries": len(self.lru), "bytes": int(self.lru.nbytes)}
 
     # -- persistence ------------------------------------------------------------------------
 

@@ -5,12 +5,14 @@ A task is like a web view: load the job, call the engine, persist, publish.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +42,18 @@ class Runtime:
         self.load_error: str | None = None
         self._stop = threading.Event()
         self._saved_at = time.monotonic()
+        self.cancels = CancelWatch(sessions)
+        self._saving = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def load_model(self) -> None:
-        from worker.engine import Engine
+        from worker.engine import BatchLimits, Engine
 
+        limits = BatchLimits(size=self.settings.batch_size, tokens=self.settings.batch_tokens,
+                             prefill=self.settings.prefill_batch_size)
         try:
-            self.engine = Engine.load(self.settings.model)
+            self.engine = Engine.load(self.settings.model, limits)
             log.info("model %s loaded", self.settings.model)
             self._enable_prefix_cache()
             self.engine.warm_up()
@@ -80,25 +86,39 @@ class Runtime:
         self._saved_at = time.monotonic()
 
     def save_prefix_cache(self, *, force: bool = False) -> None:
-        """Persist the prefix cache; between jobs every prefix_cache_save_s, and at shutdown."""
+        """Persist the prefix cache: when the engine is idle, at most every prefix_cache_save_s, and at shutdown.
+
+        The save runs on the engine thread (the trie is its alone), so it waits for an idle engine rather
+        than stall a running batch.
+        """
         prefix = self.engine.prefix if self.engine is not None else None
         if prefix is None or (not force and time.monotonic() - self._saved_at < self.settings.prefix_cache_save_s):
             return
-        disk = (self.settings.prefix_cache_disk_mb << 20) or prefix.max_bytes
+        if not self._saving.acquire(blocking=force):
+            return
         try:
-            written = prefix.save(self.prefix_dir, disk)
+            batch = self.engine.batcher.stats()
+            if not force and (batch["active"] or batch["waiting"]):
+                return
+            disk = (self.settings.prefix_cache_disk_mb << 20) or prefix.max_bytes
+            written = self.engine.save_prefix_cache(self.prefix_dir, disk)
             log.info("prefix cache saved: %d entries", written)
         except Exception:
             log.exception("could not save the prefix cache")
-        self._saved_at = time.monotonic()
+        finally:
+            self._saved_at = time.monotonic()
+            self._saving.release()
 
     def beat(self) -> None:
-        prefix = self.engine.prefix if self.engine is not None else None
+        stats: dict[str, Any] = {}
+        if self.engine is not None:
+            stats["batch"] = self.engine.batcher.stats()
+            if self.engine.prefix is not None:
+                stats["prefix_cache"] = self.engine.prefix.snapshot()
         with self.sessions.begin() as session:
             repos.heartbeat(session=session, name=self.name, model=self.settings.model_name,
                             model_loaded=self.engine is not None, error=self.load_error,
-                            started_at=self.started_at,
-                            stats={"prefix_cache": prefix.snapshot()} if prefix is not None else None)
+                            started_at=self.started_at, stats=stats or None)
 
     def start_heartbeat(self) -> None:
         def loop() -> None:
@@ -122,18 +142,25 @@ class Runtime:
     # -- jobs ------------------------------------------------------------------------------
 
     def run_job(self, job_id: str) -> None:
+        """Load the job, hand it to the batch, relay its events, persist the outcome (one Celery thread)."""
         with self.sessions.begin() as session:
             job = repos.start_job(session=session, job_id=job_id, worker=self.name)
             if job is None:
                 log.info("job %s already finished or unknown; skipping", job_id)
                 return
             kind, request, key, store, ttl_s, model = job.kind, job.request, job.key, job.store, job.ttl_s, job.model
+            priority = job.priority
         if self.engine is None:
             self._fail(job_id, job_error(503, f"model not loaded: {self.load_error}", code="model_not_loaded"))
             return
         try:
-            result = self.engine.generate(kind, request, emit=lambda event: self.channel.publish(job_id, event),
-                                          should_stop=self._cancel_check(job_id))
+            seq = self.engine.submit(kind, request, priority=priority)
+            with self.cancels.watch(job_id, seq.cancelled):
+                for events in drain(seq.events):
+                    for event in coalesce(events):  # TODO publish_many
+                        self.channel.publish(job_id, event)
+            if seq.error is not None:
+                raise seq.error
         except Exception as exc:
             error = getattr(exc, "error", None)
             if error is None:
@@ -141,10 +168,10 @@ class Runtime:
                 error = job_error(500, f"generation failed: {type(exc).__name__}: {exc}")
             self._fail(job_id, error)
             return
-        if result["finish_reason"] == "cancelled":
+        answer = dict(seq.result or {})
+        if answer.get("finish_reason") == "cancelled":
             self._fail(job_id, dict(CANCELLED), status="cancelled")
             return
-        answer = dict(result)
         with self.sessions.begin() as session:
             repos.finish_job(session=session, job_id=job_id, status="succeeded", result=answer)
             if store:
@@ -163,16 +190,70 @@ class Runtime:
             repos.finish_job(session=session, job_id=job_id, status=status, error=error)
         self.channel.publish(job_id, {"type": "error", "error": error})
 
-    def _cancel_check(self, job_id: str) -> Callable[[], bool]:
-        """A cheap should_stop: looks at the job row at most every CANCEL_POLL_S seconds."""
-        last = [time.monotonic()]
 
-        def cancelled() -> bool:
-            now = time.monotonic()
-            if now - last[0] < CANCEL_POLL_S:
-                return False
-            last[0] = now
-            with self.sessions() as session:
-                return repos.job_status(session=session, job_id=job_id) == "cancelled"
+def drain(events: queue.SimpleQueue[dict[str, Any] | None]) -> Iterator[list[dict[str, Any]]]:
+    """Everything queued at each wake-up, as one list, until the end marker (None)."""
+    while True:
+        batch = [events.get()]
+        while batch[-1] is not None:
+            try:
+                batch.append(events.get_nowait())
+            except queue.Empty:
+                break
+        if batch[-1] is None:
+            if len(batch) > 1:
+                yield batch[:-1]
+            return
+        yield batch  # type: ignore[misc]
 
-        return cancelled
+
+def coalesce(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Adjacent deltas joined into one: a busy batch writes one event per wake-up, not one per token."""
+    out: list[dict[str, Any]] = []
+    for event in events:
+        last = out[-1] if out else None
+        if last is not None and last["type"] == event["type"] == "delta":
+            logprobs = (last.get("logprobs") or []) + (event.get("logprobs") or [])
+            out[-1] = {"type": "delta", "content": last["content"] + event["content"], "logprobs": logprobs or None}
+        else:
+            out.append(event)
+    return out
+
+
+class CancelWatch:
+    """One poll of the job rows (every CANCEL_POLL_S, only while jobs run) for every running job."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self._sessions = sessions
+        self._flags: dict[str, threading.Event] = {}
+        self._lock = threading.Condition()
+        threading.Thread(target=self._loop, name="mlxq-cancel-watch", daemon=True).start()
+
+    @contextlib.contextmanager
+    def watch(self, job_id: str, flag: threading.Event) -> Iterator[None]:
+        with self._lock:
+            self._flags[job_id] = flag
+            self._lock.notify()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._flags.pop(job_id, None)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._flags:
+                    self._lock.wait()
+                ids = list(self._flags)
+            try:
+                with self._sessions() as session:
+                    cancelled = repos.cancelled_among(session=session, job_ids=ids)
+            except Exception:
+                log.exception("cancel poll failed")
+                cancelled = []
+            with self._lock:
+                for job_id in cancelled:
+                    if (flag := self._flags.get(job_id)) is not None:
+                        flag.set()
+            time.sleep(CANCEL_POLL_S)

@@ -1,0 +1,144 @@
+"""Continuous batching in the engine, on the tiny random llama: many requests share each decoding step."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from worker.blas import preload_openblas
+
+preload_openblas()
+
+from worker.engine import BatchLimits, Engine, wait  # noqa: E402
+
+
+def chat(user: str, **kw) -> dict:
+    return {"messages": [{"role": "user", "content": user}], "temperature": 0.0, "max_tokens": 16, **kw}
+
+
+def run_together(engine: Engine, requests: list[dict], **kw) -> list[dict]:
+    results: list[dict] = [{}] * len(requests)
+
+    def one(i: int) -> None:
+        results[i] = engine.generate("chat", requests[i], **kw)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return results
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model: Path) -> Engine:
+    return Engine.load(str(tiny_model), BatchLimits(size=8))
+
+
+def test_concurrent_greedy_requests_get_what_they_get_alone(tiny: Engine):
+    requests = [chat(f"question {i}: " + "why " * i, max_tokens=12 + i) for i in range(8)]
+    alone = [tiny.generate("chat", r) for r in requests]
+    together = run_together(tiny, requests)
+    assert [r["text"] for r in together] == [r["text"] for r in alone]
+    assert [r["usage"] for r in together] == [r["usage"] for r in alone]
+
+
+def test_seeded_sampling_is_reproducible_inside_a_batch(tiny: Engine):
+    seeded = chat("tell me a story", temperature=1.0, seed=11, max_tokens=20)
+    alone = tiny.generate("chat", seeded)
+    together = run_together(tiny, [seeded, chat("a", temperature=1.0, max_tokens=20), chat("b", max_tokens=20)])
+    assert together[0]["text"] == alone["text"]
+
+
+def test_the_engine_decodes_them_together(tiny: Engine):
+    seen = []
+    seqs = [tiny.submit("chat", chat(f"interleave {i}", max_tokens=30)) for i in range(4)]
+    lock = threading.Lock()
+
+    def relay(i: int) -> None:
+        wait(seqs[i], lambda e: e["type"] == "delta" and _append(lock, seen, i))
+
+    threads = [threading.Thread(target=relay, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    # Deltas of different requests alternate, not one request after another.
+    switches = sum(1 for a, b in zip(seen, seen[1:], strict=False) if a != b)
+    assert switches > 4, seen
+
+
+def _append(lock: threading.Lock, seen: list[int], i: int) -> bool:
+    with lock:
+        seen.append(i)
+    return True
+
+
+def test_cancelling_one_leaves_the_others_untouched(tiny: Engine):
+    requests = [chat(f"cancel test {i}", max_tokens=40) for i in range(4)]
+    alone = [tiny.generate("chat", r) for r in requests]
+    seqs = [tiny.submit("chat", r) for r in requests]
+    seqs[1].cancelled.set()
+    results = [wait(s, lambda _e: None) for s in seqs]
+    assert results[1]["finish_reason"] == "cancelled"
+    assert [results[i]["text"] for i in (0, 2, 3)] == [alone[i]["text"] for i in (0, 2, 3)]
+
+
+def test_prefix_cache_inside_a_batch(tiny_model: Path):
+    engine = Engine.load(str(tiny_model), BatchLimits(size=8))
+    prefix = engine.enable_prefix_cache(max_entries=8, max_bytes=1 << 30)
+    system = {"role": "system", "content": "You are a careful agent. " * 30}
+    first = engine.generate("chat", {"messages": [system, {"role": "user", "content": "turn one"}],
+                                     "temperature": 0, "max_tokens": 8})
+    history = [system, {"role": "user", "content": "turn one"}, {"role": "assistant", "content": first["text"]}]
+    follow_up = {"messages": [*history, {"role": "user", "content": "turn two"}], "temperature": 0, "max_tokens": 8}
+    others = [chat(f"unrelated {i}", max_tokens=20) for i in range(3)]
+    results = run_together(engine, [follow_up, *others])
+    assert results[0]["usage"]["cached_tokens"] >= first["usage"]["prompt_tokens"]
+    # The follow-up extended the first turn's entry: it was moved out of the trie, not copied.
+    assert prefix.stats.taken >= 1
+
+
+def test_a_prefix_a_waiting_request_shares_is_copied_not_taken(tiny_model: Path):
+    engine = Engine.load(str(tiny_model), BatchLimits(size=8))
+    prefix = engine.enable_prefix_cache(max_entries=8, max_bytes=1 << 30)
+    base = {"messages": [{"role": "user", "content": "shared " * 40}], "temperature": 0, "max_tokens": 4}
+    engine.generate("chat", base)
+    [(entry, _cache)] = prefix.entries()
+    taken = prefix.stats.taken
+    fetched = engine.batcher.call(lambda: prefix.fetch(entry + [5, 6], others=[entry + [7, 8]]))
+    assert fetched.cached_tokens == len(entry) and prefix.stats.taken == taken
+    assert prefix.snapshot()["entries"] == 1  # still there for the waiting request
+    fetched = engine.batcher.call(lambda: prefix.fetch(entry + [5, 6]))
+    assert fetched.cached_tokens == len(entry) and prefix.stats.taken == taken + 1
+    assert prefix.snapshot()["entries"] == 0  # moved out: the request inserts its extension when done
+
+
+def test_interactive_request_overtakes_a_full_batch_of_low_priority_work(tiny_model: Path):
+    engine = Engine.load(str(tiny_model), BatchLimits(size=4))
+    low = [engine.submit("chat", chat(f"background job {i}", max_tokens=60), priority="low") for i in range(32)]
+    time.sleep(0.2)  # the batch fills with low-priority work
+    interactive = engine.submit("chat", chat("I am a person waiting", max_tokens=8))
+    result = wait(interactive, lambda _e: None)
+    unfinished = sum(1 for s in low if not s.done.is_set())
+    assert result["usage"]["completion_tokens"] == 8
+    assert unfinished >= 24, f"only {unfinished} low-priority requests were still running"
+    low_results = [wait(s, lambda _e: None) for s in low]
+    assert all(r["usage"]["completion_tokens"] == 60 for r in low_results)
+    # Preempted sequences resumed from their own cache and still give their greedy answer.
+    assert engine.batcher.stats()["preempted"] >= 1
+    alone = [engine.generate("chat", chat(f"background job {i}", max_tokens=60)) for i in range(4)]
+    assert [r["text"] for r in low_results[:4]] == [r["text"] for r in alone]
+
+
+def test_request_over_the_token_budget_waits_and_completes(tiny_model: Path):
+    engine = Engine.load(str(tiny_model), BatchLimits(size=8, tokens=200))
+    big = chat("a long question " * 20, max_tokens=80)  # over the budget beside anything else
+    small = [chat(f"small {i}", max_tokens=40) for i in range(3)]
+    results = run_together(engine, [*small, big])
+    assert all(r["finish_reason"] == "length" for r in results)
+    assert results[-1]["usage"]["completion_tokens"] == 80
+    assert engine.batcher.stats()["active"] == engine.batcher.stats()["waiting"] == 0

@@ -1,0 +1,235 @@
+"""Continuous batching: one engine thread decodes every request in flight together.
+
+Decoding is memory-bound, so sequences that share a forward pass cost little more than one. The
+engine thread loops over four small steps:
+
+- admit: move waiting sequences into mlx-lm's `BatchGenerator`, interactive before low priority,
+  within `batch_size` sequences and `batch_tokens` KV tokens (prompt + max_tokens each). A sequence
+  that does not fit waits for room; one that could never fit runs when the batch is empty. An
+  interactive sequence that finds the batch full preempts the newest low-priority one, whose KV
+  cache is kept and resumed later, so low-priority work delays it by at most one decoding step
+  plus its own prefill.
+- step: one `BatchGenerator.next()`: one decoding step for the batch and at most one prefill chunk
+  (`prefill_step` tokens per sequence) for newcomers, so a long prompt never stalls the others
+  for more than a chunk.
+- emit: hand each token to its `Sequence` (text, stop strings, tool-call filter, logprobs, deltas).
+- retire: finished or cancelled sequences leave the batch; their KV cache goes into the prefix
+  cache and their consumer is woken.
+
+Nothing here blocks on I/O: consumers read their sequence's event queue in their own threads. An
+idle engine thread waits on a condition and uses no CPU. A failure inside a step fails the
+sequences in the batch (never the thread) and starts a fresh generator.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import trim_prompt_cache
+
+from worker.prefix_cache import PrefixCache
+from worker.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+class Batcher:
+    def __init__(self, model: nn.Module, *, eos_ids: list[int], batch_size: int, batch_tokens: int,
+                 prefill_batch_size: int, prefill_step: int, prefix: Callable[[], PrefixCache | None]) -> None:
+        self.model = model
+        self.eos_ids = eos_ids
+        self.batch_size = batch_size
+        self.batch_tokens = batch_tokens
+        self.prefill_batch_size = min(prefill_batch_size, batch_size)
+        self.prefill_step = prefill_step
+        self.prefix = prefix
+        self._cond = threading.Condition()
+        self._waiting: dict[str, deque[Sequence]] = {"interactive": deque(), "low": deque()}
+        self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
+        self._active: dict[int, Sequence] = {}
+        self._gen: BatchGenerator | None = None
+        self._stopping = False
+        self.preempted = 0
+        self._thread = threading.Thread(target=self._run, name="mlxq-engine", daemon=True)
+        self._thread.start()
+
+    # -- other threads -----------------------------------------------------------------------
+
+    def submit(self, seq: Sequence) -> None:
+        with self._cond:
+            self._waiting[seq.priority].append(seq)
+            self._cond.notify()
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the engine thread between steps (the prefix cache is the engine's alone)."""
+        future: Future = Future()
+        with self._cond:
+            self._calls.append((fn, future))
+            self._cond.notify()
+        return future.result()
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return {"active": len(self._active), "waiting": sum(len(q) for q in self._waiting.values()),
+                    "tokens": self._tokens_in_flight(), "preempted": self.preempted}
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout=10)
+
+    # -- the engine thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        # The generator's stream is made on this thread: MLX streams belong to the thread that runs them.
+        stream = mx.default_stream(mx.default_device())
+        self._gen = self._new_generator(stream)
+        while True:
+            with self._cond:
+                while not (self._stopping or self._calls or self._active or any(self._waiting.values())):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                calls = list(self._calls)
+                self._calls.clear()
+            for fn, future in calls:
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:
+                    future.set_exception(exc)
+            try:
+                self._admit()
+                if self._active:
+                    self._step()
+                self._retire_cancelled()
+            except Exception as exc:
+                log.exception("batch step failed; failing %d sequences", len(self._active))
+                for seq in list(self._active.values()):
+                    seq.fail(exc)
+                self._active.clear()
+                self._gen = self._new_generator(stream)
+        for seq in [*self._active.values(), *self._waiting["interactive"], *self._waiting["low"]]:
+            seq.fail(RuntimeError("the engine stopped"))
+
+    def _new_generator(self, stream: Any) -> BatchGenerator:
+        return BatchGenerator(self.model, stop_tokens=[[t] for t in self.eos_ids],
+                              completion_batch_size=self.batch_size, prefill_batch_size=self.prefill_batch_size,
+                              prefill_step_size=self.prefill_step, stream=stream)
+
+    # -- admit -------------------------------------------------------------------------------
+
+    def _tokens_in_flight(self) -> int:
+        return sum(seq.budget for seq in self._active.values())
+
+    def _fits(self, seq: Sequence) -> bool:
+        if not self._active:
+            return True
+        return len(self._active) < self.batch_size and self._tokens_in_flight() + seq.budget <= self.batch_tokens
+
+    def _admit(self) -> None:
+        while True:
+            with self._cond:
+                queue = self._waiting["interactive"] or self._waiting["low"]
+                if not queue:
+                    return
+                seq = queue[0]
+                if not seq.cancelled.is_set() and not self._fits(seq):
+                    if seq.priority == "low" or not self._preempt_low():
+                        return
+                    continue
+                queue.popleft()
+                others = [s.prompt for q in self._waiting.values() for s in q]
+            if seq.cancelled.is_set():
+                seq.finish = "cancelled"
+                seq.complete()
+                continue
+            self._start(seq, others)
+
+    def _start(self, seq: Sequence, others: list[list[int]]) -> None:
+        assert self._gen is not None
+        if seq.resume is not None:  # preempted earlier: continue from its own KV cache
+            (cache, kept), seq.resume = seq.resume, None
+            rest, history = seq.fed[kept:], seq.fed[:kept]
+        else:
+            prefix = self.prefix() if seq.use_prefix_cache else None
+            fetched = prefix.fetch(seq.prompt, others=others) if prefix is not None else None
+            cache = fetched.cache if fetched is not None else None
+            rest = fetched.rest if fetched is not None else seq.prompt
+            seq.cached_tokens = fetched.cached_tokens if fetched is not None else 0
+            history = seq.prompt[: seq.cached_tokens]
+            seq.emit({"type": "started", "prompt_tokens": len(seq.prompt), "cached_tokens": seq.cached_tokens})
+        (seq.uid,) = self._gen.insert([rest], max_tokens=[seq.remaining], caches=[cache], all_tokens=[history],
+                                      samplers=[seq.sampler], logits_processors=[seq.processors])
+        seq.admitted_at = time.monotonic()
+        self._active[seq.uid] = seq
+
+    def _preempt_low(self) -> bool:
+        """Make room for an interactive sequence: park the newest low-priority one with its KV cache."""
+        assert self._gen is not None
+        low = [s for s in self._active.values() if s.priority == "low"]
+        if not low:
+            return False
+        seq = max(low, key=lambda s: s.admitted_at)
+        uid = seq.uid
+        cache, tokens = self._gen.remove([uid], return_prompt_caches=True)[uid]
+        del self._active[uid]
+        # Keep at least one token to feed back in, so the decoder has input when it resumes.
+        keep = min(len(tokens), len(seq.fed) - 1)
+        if _cache_offset(cache) != len(tokens) or keep <= 0:
+            cache = None  # nothing usable: prefill again from the start
+            keep = 0
+        elif len(tokens) > keep:
+            trim_prompt_cache(cache, len(tokens) - keep)
+        seq.resume, seq.uid = (cache, keep), None
+        self.preempted += 1
+        self._waiting["low"].appendleft(seq)
+        log.info("preempted a low-priority sequence (%d tokens kept) for an interactive request", keep)
+        return True
+
+    # -- step and emit -----------------------------------------------------------------------
+
+    def _step(self) -> None:
+        assert self._gen is not None
+        prompt_responses, responses = self._gen.next()
+        for p in prompt_responses:
+            seq = self._active.get(p.uid)
+            done, total = p.progress
+            if seq is not None and not p.end_of_prompt and total > self.prefill_step:
+                seq.emit({"type": "progress", "processed": done, "total": total})
+        for r in responses:
+            seq = self._active[r.uid]
+            if seq.add_token(r.token, r.logprobs, r.finish_reason):
+                self._retire(seq, r.prompt_cache, r.all_tokens)
+
+    # -- retire ------------------------------------------------------------------------------
+
+    def _retire_cancelled(self) -> None:
+        for seq in [s for s in self._active.values() if s.cancelled.is_set()]:
+            seq.finish = "cancelled"
+            self._retire(seq)
+
+    def _retire(self, seq: Sequence, cache: list[Any] | None = None, tokens: list[int] | None = None) -> None:
+        """Take a finished sequence out of the batch, keep its KV cache, wake its consumer."""
+        assert self._gen is not None and seq.uid is not None
+        if cache is None:  # finished by us (stop string, cancel), not by the generator
+            cache, tokens = self._gen.remove([seq.uid], return_prompt_caches=True)[seq.uid]
+        del self._active[seq.uid]
+        prefix = self.prefix() if seq.use_prefix_cache else None
+        if prefix is not None and cache and tokens:
+            prefix.insert(list(tokens), cache)
+        seq.complete()
+
+
+def _cache_offset(cache: list[Any] | None) -> int:
+    offsets = {getattr(c, "offset", -1) for c in cache or []}
+    return int(offsets.pop()) if len(offsets) == 1 else -1

@@ -1,0 +1,174 @@
+"""One request inside the batch: what it asked for and what it has produced so far.
+
+Everything that is per request lives here (sampler, logits processors, stop strings, the tool-call
+stream filter, logprobs, the detokenizer, cancellation, the queue of events for its consumer), so the
+batcher only moves tokens between mlx-lm's `BatchGenerator` and these objects.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+
+from mlxq.contract import GenerationResult, Priority
+from worker.tool_parse import ToolStreamFilter
+
+Event = dict[str, Any]
+Sampler = Callable[[mx.array], mx.array]
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request's state. The engine thread writes it; the consumer thread reads `events` and `result`."""
+
+    prompt: list[int]
+    max_tokens: int
+    sampler: Sampler | None
+    processors: list[Any]
+    stops: list[str]
+    tool_filter: ToolStreamFilter
+    detokenizer: Any
+    decode: Callable[[list[int]], str]
+    priority: Priority = "interactive"
+    prefill: str = ""  # answer text already in the prompt (a forced tool call)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    use_prefix_cache: bool = True
+
+    # -- filled in as it runs (engine thread) --------------------------------------------------
+    uid: int | None = None  # in the BatchGenerator while admitted
+    admitted_at: float = 0.0
+    cached_tokens: int = 0
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    shown: int = 0
+    finish: str | None = None
+    pending_logprobs: list[dict[str, Any]] = field(default_factory=list)
+    all_logprobs: list[dict[str, Any]] = field(default_factory=list)
+    # A preempted sequence resumes from (KV cache or None, how many tokens of `fed` it holds).
+    resume: tuple[list[Any] | None, int] | None = None
+
+    # -- the consumer's side ------------------------------------------------------------------------
+    events: queue.SimpleQueue[Event | None] = field(default_factory=queue.SimpleQueue)
+    result: GenerationResult | None = None
+    error: BaseException | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    submitted_at: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.text = self.prefill
+        if self.prefill:  # a forced call ends with its closing tag
+            self.stops = [*self.stops, "</tool_call>"]
+        # Text that could still be the start of a stop string is held back from the stream.
+        self.stop_hold = max((len(s) for s in self.stops), default=1) - 1
+
+    @property
+    def fed(self) -> list[int]:
+        """Every token the KV cache sees: the prompt, then each generated token."""
+        return self.prompt + self.generated
+
+    @property
+    def remaining(self) -> int:
+        return self.max_tokens - len(self.generated)
+
+    @property
+    def budget(self) -> int:
+        """KV tokens this sequence may come to hold."""
+        return len(self.prompt) + self.max_tokens
+
+    def emit(self, event: Event) -> None:
+        self.events.put(event)
+
+    # -- tokens in ---------------------------------------------------------------------------
+
+    def add_token(self, token: int, logprobs: mx.array, finish_reason: str | None) -> bool:
+        """Take one generated token; True when the sequence is finished."""
+        self.generated.append(token)
+        if finish_reason == "stop":  # an end-of-sequence token: never part of the text
+            self.detokenizer.finalize()
+        else:
+            self.detokenizer.add_token(token)
+            if self.logprobs:
+                entry = self._logprob_entry(token, logprobs)
+                self.pending_logprobs.append(entry)
+                self.all_logprobs.append(entry)
+            if finish_reason is not None:
+                self.detokenizer.finalize()
+        piece = self.detokenizer.last_segment
+        self.text += piece
+        if self.stops and self._cut_at_stop(len(piece)):
+            self.finish = "stop"
+            return True
+        if finish_reason is not None:
+            self.finish = finish_reason
+            return True
+        self._emit_safe_delta()
+        return False
+
+    def _cut_at_stop(self, new: int) -> bool:
+        search_from = max(len(self.prefill), self.shown - self.stop_hold, len(self.text) - new - self.stop_hold)
+        cut = min((i for i in (self.text.find(s, search_from) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text = self.text[:cut]
+        return cut >= 0
+
+    def _emit_safe_delta(self) -> None:
+        visible = self.text[: max(len(self.text) - self.stop_hold, 0)] if self.stops else self.text
+        safe = self.tool_filter.safe_length(visible)
+        if safe > self.shown:
+            self.emit({"type": "delta", "content": self.text[self.shown : safe],
+                       "logprobs": self.pending_logprobs or None})
+            self.shown, self.pending_logprobs = safe, []
+
+    def _logprob_entry(self, token: int, logprobs: mx.array) -> dict[str, Any]:
+        text = self.decode([token])
+        entry: dict[str, Any] = {"token": text, "logprob": float(logprobs[token]),
+                                 "bytes": list(text.encode()), "top_logprobs": []}
+        if top := self.top_logprobs:
+            ids = mx.argpartition(-logprobs, kth=top - 1)[:top].tolist()
+            ids.sort(key=lambda i: -float(logprobs[i]))
+            entry["top_logprobs"] = [
+                {"token": (t := self.decode([i])), "logprob": float(logprobs[i]), "bytes": list(t.encode())}
+                for i in ids
+            ]
+        return entry
+
+    # -- the end -----------------------------------------------------------------------------
+
+    def complete(self) -> None:
+        """Flush what was held back, build the result and wake the consumer."""
+        finish = self.finish or "length"
+        rest, calls = self.tool_filter.finish(self.text, self.shown)
+        if finish == "cancelled":
+            calls = []  # a cut-off answer is not a call
+        if rest or self.pending_logprobs:
+            self.emit({"type": "delta", "content": rest, "logprobs": self.pending_logprobs or None})
+        if calls:
+            self.emit({"type": "tool_calls", "tool_calls": calls})
+        result = GenerationResult(
+            text=self.text[: self.shown] + rest,
+            finish_reason="tool_calls" if calls else finish,
+            usage={"prompt_tokens": len(self.prompt), "completion_tokens": len(self.generated),
+                   "cached_tokens": self.cached_tokens},
+        )
+        if calls:
+            result["tool_calls"] = calls
+        if self.logprobs:
+            result["logprobs"] = self.all_logprobs
+        self.result = result
+        self._close()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self._close()
+
+    def _close(self) -> None:
+        self.done.set()
+        self.events.put(None)
