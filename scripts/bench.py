@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -26,7 +28,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mlxq.procs import Service  # noqa: E402
+from mlxq.procs import Service, free_port  # noqa: E402
 from mlxq.settings import BUILTIN_MODEL  # noqa: E402
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -171,6 +173,23 @@ def health_during_generation(base: str, model: str = BUILTIN_MODEL) -> dict:
             lat.append(time.perf_counter() - t)
             time.sleep(0.02)
     return {"samples": len(lat), "p50_ms": ms(pct(lat, 50)), "p99_ms": ms(pct(lat, 99))}
+
+
+def start_mlx_lm(model_dir: Path, log_path: Path, max_tokens: int) -> tuple[subprocess.Popen, str]:
+    """`mlx_lm.server` on a free port, with the system OpenBLAS preloaded like mlxq's worker; (process, base URL)."""
+    port = free_port()
+    env = {**os.environ, "LD_PRELOAD": "libopenblas.so.0"} if sys.platform.startswith("linux") else None
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_lm.server", "--model", str(model_dir), "--port", str(port),
+                             "--max-tokens", str(max_tokens)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    return proc, base
 
 
 def run_mode(mode: str, model: Path, engine, tmp: Path) -> dict:

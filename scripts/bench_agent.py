@@ -17,9 +17,7 @@ since the built-in model's chat template would drop a `tools` field on mlx_lm.se
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,9 +31,9 @@ sys.path.insert(0, str(ROOT))
 
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench import health_during_generation, http_ttft, ms  # noqa: E402
+from bench import health_during_generation, http_ttft, ms, start_mlx_lm  # noqa: E402
 
-from mlxq.procs import Service, free_port  # noqa: E402
+from mlxq.procs import Service  # noqa: E402
 from mlxq.settings import BUILTIN_MODEL  # noqa: E402
 
 USERS = [
@@ -136,18 +134,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         # mlx_lm.server, with the system OpenBLAS like mlxq's worker.
-        port = free_port()
-        env = {**os.environ, "LD_PRELOAD": "libopenblas.so.0"} if sys.platform.startswith("linux") else None
-        ref_log = open(tmp_path / "mlx_lm.log", "w")
-        ref = subprocess.Popen([sys.executable, "-m", "mlx_lm.server", "--model", str(model_dir), "--port", str(port),
-                                "--max-tokens", "24"], env=env, stdout=ref_log, stderr=subprocess.STDOUT)
-        ref_base = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                if httpx.get(f"{ref_base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        ref, ref_base = start_mlx_lm(model_dir, tmp_path / "mlx_lm.log", 24)
         (tmp_path / "logs").mkdir()
         svc = Service({"MLXQ_DATA_DIR": str(tmp_path / "mlxq"), "MLXQ_MODEL": str(model_dir),
                        "MLXQ_MODEL_NAME": BUILTIN_MODEL}, tmp_path / "logs").start()

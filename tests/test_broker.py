@@ -1,9 +1,12 @@
-"""The embedded broker: kombu's SQL transport with a poll interval it can actually use."""
+"""The embedded broker: kombu's SQL transport, woken by the bell, with a slow poll as the safety net."""
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
+import pytest
 from kombu import Connection, Queue
 
 from mlxq.broker import kombu_url
@@ -24,8 +27,6 @@ def test_polling_interval_is_honoured_and_not_passed_to_sqlalchemy(tmp_path: Pat
 
 def test_stock_transport_would_reject_the_option(tmp_path: Path):
     # Why mlxq.broker exists: the stock transport forwards the option to create_engine.
-    import pytest
-
     with Connection(f"sqla+sqlite:///{tmp_path / 'c.sqlite'}", transport_options={"polling_interval": 0.01}) as conn:
         with pytest.raises(TypeError, match="polling_interval"):
             _ = conn.default_channel.session
@@ -34,3 +35,80 @@ def test_stock_transport_would_reject_the_option(tmp_path: Path):
 def test_other_urls_pass_unchanged():
     assert kombu_url("redis://localhost:6379/0") == "redis://localhost:6379/0"
     assert kombu_url("sqla+postgresql://x/y").startswith("mlxqsql+postgresql://")
+
+
+def consume_one(url: str, queue: Queue, *, poll_s: float, timeout: float, got: list, ready: threading.Event) -> None:
+    """Wait for one message on `queue` (in a thread) and note when it arrived."""
+    with Connection(url, transport_options={"polling_interval": poll_s}) as conn:
+        with conn.Consumer(queue, callbacks=[lambda body, msg: (got.append((time.monotonic(), body)), msg.ack())]):
+            ready.set()
+            conn.drain_events(timeout=timeout)
+
+
+def publish(url: str, queue: Queue, body: dict, **transport_options) -> float:
+    with Connection(url, transport_options={"polling_interval": 10, **transport_options}) as conn:
+        with conn.Producer() as producer:
+            producer.publish(body, routing_key=queue.name, declare=[queue])
+    return time.monotonic()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> tuple[str, Queue]:
+    url = kombu_url(f"sqla+sqlite:///{tmp_path / 'bell.sqlite'}")
+    queue = Queue("q", routing_key="q")
+    publish(url, queue, {"warm": True}, bell=False)  # tables and queue exist before anyone waits
+    with Connection(url) as conn, conn.SimpleQueue(queue) as q:
+        q.get(timeout=2).ack()
+    return url, queue
+
+
+def test_the_bell_wakes_a_consumer_long_before_its_poll(broker: tuple[str, Queue]):
+    url, queue = broker
+    got: list = []
+    ready = threading.Event()
+    consumer = threading.Thread(
+        target=consume_one, args=(url, queue), kwargs=dict(poll_s=10, timeout=20, got=got, ready=ready)
+    )
+    consumer.start()
+    ready.wait(5)
+    time.sleep(0.3)  # let it finish its first, empty poll and wait on the bell
+    sent = publish(url, queue, {"n": 1})
+    consumer.join(20)
+    assert [body for _, body in got] == [{"n": 1}]
+    # A ring arrives in well under a millisecond; without it this would take the 10 s poll.
+    assert got[0][0] - sent < 1.0
+
+
+def test_a_lost_ring_is_caught_by_the_safety_poll(broker: tuple[str, Queue]):
+    url, queue = broker
+    got: list = []
+    ready = threading.Event()
+    consumer = threading.Thread(
+        target=consume_one, args=(url, queue), kwargs=dict(poll_s=0.5, timeout=20, got=got, ready=ready)
+    )
+    consumer.start()
+    ready.wait(5)
+    time.sleep(0.3)
+    sent = publish(url, queue, {"n": 2}, bell=False)  # every ring lost
+    consumer.join(20)
+    assert [body for _, body in got] == [{"n": 2}]
+    assert got[0][0] - sent < 5.0
+
+
+def test_an_ack_that_frees_the_only_prefetch_slot_wakes_the_consumer(broker: tuple[str, Queue]):
+    url, queue = broker
+    publish(url, queue, {"n": 1})
+    publish(url, queue, {"n": 2})
+    held: list = []
+    with Connection(url, transport_options={"polling_interval": 10}) as conn:
+        with conn.Consumer(queue, prefetch_count=1, callbacks=[lambda body, msg: held.append((body, msg))]):
+            conn.drain_events(timeout=5)
+            assert [b for b, _ in held] == [{"n": 1}]
+            # The slot is taken, so the consumer cannot take {"n": 2}; acking from another thread (as a
+            # Celery pool thread does) must wake it rather than leave it for the 10 s poll.
+            threading.Timer(0.3, held[0][1].ack).start()
+            started = time.monotonic()
+            conn.drain_events(timeout=20)
+            assert [b for b, _ in held] == [{"n": 1}, {"n": 2}]
+            assert time.monotonic() - started < 5.0
+            held[1][1].ack()

@@ -160,6 +160,12 @@ class Engine:
                                     prefix=lambda: self.prefix)
         return self._batcher
 
+    def close(self) -> None:
+        """Stop the engine thread (waiting sequences fail); MLX must not be torn down under it at exit."""
+        if self._batcher is not None:
+            self._batcher.stop()
+            self._batcher = None
+
     def _auto_tokens(self) -> int:
         """KV tokens that fit in a quarter of the machine's memory."""
         cache = make_prompt_cache(self.model)

@@ -133,6 +133,8 @@ class Runtime:
     def shutdown(self) -> None:
         self._stop.set()
         self.save_prefix_cache(force=True)
+        if self.engine is not None:
+            self.engine.close()
         try:
             with self.sessions.begin() as session:
                 repos.remove_worker(session=session, name=self.name)
@@ -157,8 +159,7 @@ class Runtime:
             seq = self.engine.submit(kind, request, priority=priority)
             with self.cancels.watch(job_id, seq.cancelled):
                 for events in drain(seq.events):
-                    for event in coalesce(events):  # TODO publish_many
-                        self.channel.publish(job_id, event)
+                    self.channel.publish_many(job_id, coalesce(events))
             if seq.error is not None:
                 raise seq.error
         except Exception as exc:
