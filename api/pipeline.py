@@ -69,7 +69,7 @@ class Pipeline:
     # -- SQL steps (run in threads) --------------------------------------------------------
 
     def _resolve(self, *, key: str, kind: str, canonical: dict[str, Any], lookup: bool, store: bool,
-                 ttl_s: float | None, priority: Priority) -> Outcome:
+                 ttl_s: float | None, priority: Priority, stream: bool) -> Outcome:
         """One thread hop and one transaction for the whole decision: cached answer, an identical job in
         flight, or a new job."""
         outcome = "MISS" if lookup else "BYPASS"
@@ -83,7 +83,7 @@ class Pipeline:
                         return Outcome({}, outcome, key, running.id, joined=True)
                     job_id = repos.create_job(session=session, key=key, kind=kind, model=canonical["model"],
                                               request=canonical, store=store, ttl_s=ttl_s,
-                                              priority=priority).id
+                                              priority=priority, stream=stream).id
             except IntegrityError:  # an identical job was created at the same moment: join it
                 continue
             self._send(job_id)  # after the commit, so the worker always finds the row
@@ -110,13 +110,14 @@ class Pipeline:
     # -- the path --------------------------------------------------------------------------
 
     async def submit(self, *, kind: str, canonical: dict[str, Any], policy: CachePolicy,
-                     priority: Priority = "interactive") -> Outcome:
+                     priority: Priority = "interactive", stream: bool = True) -> Outcome:
         """Answer from the cache, or enqueue a job (joining an identical one in flight)."""
         key = request_key(kind, canonical)
         cacheable = is_deterministic(canonical)
         outcome = await asyncio.to_thread(
             self._resolve, key=key, kind=kind, canonical=canonical, lookup=cacheable and policy.lookup,
             store=cacheable and policy.store, ttl_s=policy.ttl_s, priority=priority,
+            stream=stream,
         )
         if outcome.cache == "HIT":
             self.s.stats.hit(key)
@@ -127,7 +128,7 @@ class Pipeline:
     async def run(self, *, kind: str, canonical: dict[str, Any], policy: CachePolicy,
                   priority: Priority = "interactive") -> Outcome:
         """The synchronous path: the client waits for the answer."""
-        outcome = await self.submit(kind=kind, canonical=canonical, policy=policy, priority=priority)
+        outcome = await self.submit(kind=kind, canonical=canonical, policy=policy, priority=priority, stream=False)
         if outcome.job_id is not None:
             outcome.result = await self.wait(outcome.job_id)
         return outcome

@@ -67,8 +67,13 @@ class StatsRecorder:
                 self._counts.update(counts)
                 self._log[:0] = rows
 
+    def pending(self) -> bool:
+        """Whether a flush has anything to write."""
+        with self._lock:
+            return bool(self._pending or self._counts or self._log)
+
     def start(self) -> None:
-        self._task = run_every(self._interval, self.flush)
+        self._task = run_every(self._interval, self.flush, when=self.pending)
 
     async def stop(self) -> None:
         if self._task is not None:

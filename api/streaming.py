@@ -92,9 +92,11 @@ async def openai_stream(events: AsyncIterator[dict[str, Any]], writer: ChunkWrit
         yield sse(chunk)
     if prefix:
         yield sse(writer.delta(prefix, None))
+    sent = ""
     async for event in events:
         kind = event["type"]
         if kind == "delta":
+            sent += event["content"]
             yield sse(writer.delta(event["content"], event.get("logprobs")))
         elif kind == "tool_calls":
             for chunk in writer.tool_calls(event["tool_calls"]):
@@ -104,6 +106,9 @@ async def openai_stream(events: AsyncIterator[dict[str, Any]], writer: ChunkWrit
         elif kind == "waiting":
             yield ServerSentEvent(comment=f"keepalive {event.get('status', 'queued')}", sep="\n")
         elif kind == "done":
+            text = (event.get("result") or {}).get("text") or ""
+            if len(text) > len(sent) and text.startswith(sent):  # joined a job nobody streamed: the rest now
+                yield sse(writer.delta(text[len(sent) :], None))
             for chunk in writer.finish(event.get("result") or {}):
                 yield sse(chunk)
             break

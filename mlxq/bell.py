@@ -110,6 +110,9 @@ class Listener:
 
     def __init__(self, directory: Path) -> None:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if hasattr(os, "getuid") and directory.stat().st_uid != os.getuid():
+            # Someone else's directory in a shared /tmp: they could drop our rings; poll instead.
+            raise PermissionError(f"{directory} belongs to another user")
         self.path = directory / f"{os.getpid()}-{secrets.token_hex(4)}.sock"
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:

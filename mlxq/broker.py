@@ -3,7 +3,9 @@
 The stock transport sleeps `polling_interval` (1 s) between empty polls, so a task waits up to that long
 in the queue, and a short interval burns CPU while idle. This subclass rings a local bell (`mlxq.bell`)
 after each message is committed and waits on it between polls: a task is picked up within milliseconds,
-and `polling_interval` is only the safety net for a lost ring (or a producer on another machine).
+and `polling_interval` is only the safety net for a lost ring (or a producer on another machine). An
+idle consumer polls once per `polling_interval`, and on a SQLite file a publish, a poll and a pick-up
+skip kombu's ORM (see `Channel._sqlite`).
 
 It also strips its own options (`polling_interval`, `bell`) before the rest reach `create_engine`: the
 stock transport forwards every option there, which breaks on `polling_interval`. `bell: False` turns

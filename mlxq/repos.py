@@ -98,9 +98,9 @@ def counters(*, session: Session) -> dict[str, int]:
 # -- jobs -------------------------------------------------------------------------------------
 
 def create_job(*, session: Session, key: str, kind: str, model: str, request: dict[str, Any],
-               store: bool, ttl_s: float | None, priority: Priority = "interactive") -> Job:
+               store: bool, ttl_s: float | None, priority: Priority = "interactive", stream: bool = True) -> Job:
     job = Job(id=str(uuid.uuid4()), key=key, kind=kind, model=model, status="queued", request=request,
-              store=store, ttl_s=ttl_s, priority=priority, created_at=time.time())
+              store=store, ttl_s=ttl_s, priority=priority, stream=stream, created_at=time.time())
     session.add(job)
     return job
 
@@ -123,12 +123,12 @@ def start_job(*, session: Session, job_id: str, worker: str) -> Job | None:
         update(Job)
         .where(Job.id == job_id, Job.status.not_in(("succeeded", "cancelled")))
         .values(status="running", started_at=time.time(), error=None, worker=worker)
-        .returning(Job.kind, Job.request, Job.key, Job.store, Job.ttl_s, Job.model, Job.priority)
+        .returning(Job.kind, Job.request, Job.key, Job.store, Job.ttl_s, Job.model, Job.priority, Job.stream)
     ).first()
     if row is None:
         return None
     return Job(id=job_id, status="running", worker=worker, kind=row.kind, request=row.request, key=row.key,
-               store=row.store, ttl_s=row.ttl_s, model=row.model, priority=row.priority)
+               store=row.store, ttl_s=row.ttl_s, model=row.model, priority=row.priority, stream=row.stream)
 
 
 def job_status(*, session: Session, job_id: str) -> str | None:

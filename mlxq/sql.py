@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, Index, Integer, String, Text, text
+from sqlalchemy import JSON, BigInteger, Boolean, Float, Index, Integer, String, Text, text, true
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -42,6 +42,9 @@ class Job(Base):
     ttl_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     # mlxq.contract.Priority: interactive requests are admitted to the batch before low-priority work.
     priority: Mapped[str] = mapped_column(String(16), default="interactive", server_default="interactive")
+    # Whether a client streams it: only then does the worker publish per-token deltas (a waiting
+    # non-streamed client needs the result alone, and a delta per token per job costs CPU in a batch).
+    stream: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
     worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)

@@ -213,3 +213,32 @@ def test_a_request_over_the_batch_budget_waits_and_completes(tmp_path: Path, tin
         t.join(timeout=120)
     assert results[0].usage.completion_tokens == 200 and results[0].choices[0].finish_reason == "length"
     assert all(results[i].usage.completion_tokens == 60 for i in (1, 2, 3))
+
+
+def test_a_stream_that_joins_a_non_streamed_job_still_gets_the_whole_text(tmp_path: Path, tiny_model: Path,
+                                                                         service_factory):
+    # A non-streamed job publishes no per-token deltas; an identical streamed request joining it is sent
+    # the text at the end instead.
+    svc = service_factory(service_env(tmp_path, tiny_model)).start()
+    oa = client(svc)
+    msgs = messages(5, "joined")
+    sync: dict[str, str] = {}
+
+    def ask() -> None:
+        r = oa.chat.completions.create(model=MODEL_NAME, messages=msgs, temperature=0, max_tokens=200)
+        sync["text"] = r.choices[0].message.content or ""
+
+    first = threading.Thread(target=ask)
+    first.start()
+    time.sleep(0.3)
+    raw = oa.chat.completions.with_raw_response.create(model=MODEL_NAME, messages=msgs, temperature=0,
+                                                       max_tokens=200, stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+    first.join(timeout=120)
+    assert raw.headers["x-cache"] == "MISS" and streamed == sync["text"] and streamed
+    assert len(job_states(svc, [raw.headers["x-job-id"]])) == 1
+    assert list(job_states(svc, [raw.headers["x-job-id"]]).values()) == ["succeeded"]
+    engine = create_engine(f"sqlite:///{Path(svc.env['MLXQ_DATA_DIR']) / 'mlxq.sqlite'}")
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*), min(stream) FROM jobs")).one() == (1, 0)  # it joined
+    engine.dispose()

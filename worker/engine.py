@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,7 @@ class Engine:
         self.prefix: PrefixCache | None = None
         self.batch = batch or BatchLimits()
         self._batcher: Batcher | None = None
+        self._batcher_lock = threading.Lock()
         self._samplers: dict[tuple[float, float, float, int], Sampler] = {}
         self.vocab_size = _vocab_size(model, tokenizer)
 
@@ -153,12 +155,14 @@ class Engine:
     @property
     def batcher(self) -> Batcher:
         """The engine thread, started on first use (after the prefix cache is set up)."""
-        if self._batcher is None:
-            self._batcher = Batcher(self.model, eos_ids=sorted(self.tokenizer.eos_token_ids),
-                                    batch_size=self.batch.size, batch_tokens=self.batch.tokens or self._auto_tokens(),
-                                    prefill_batch_size=self.batch.prefill, prefill_step=PREFILL_STEP,
-                                    prefix=lambda: self.prefix)
-        return self._batcher
+        with self._batcher_lock:  # consumer threads may be first to ask: never two engine threads
+            if self._batcher is None:
+                self._batcher = Batcher(self.model, eos_ids=sorted(self.tokenizer.eos_token_ids),
+                                        batch_size=self.batch.size,
+                                        batch_tokens=self.batch.tokens or self._auto_tokens(),
+                                        prefill_batch_size=self.batch.prefill, prefill_step=PREFILL_STEP,
+                                        prefix=lambda: self.prefix)
+            return self._batcher
 
     def close(self) -> None:
         """Stop the engine thread (waiting sequences fail); MLX must not be torn down under it at exit."""
@@ -167,7 +171,7 @@ class Engine:
             self._batcher = None
 
     def _auto_tokens(self) -> int:
-        """KV tokens that fit in a quarter of the machine's memory."""
+        """KV tokens that fit in a quarter of the machine's memory (at most 8 GiB of KV)."""
         cache = make_prompt_cache(self.model)
         self.model(mx.array([[0]]), cache=cache)
         per_token = sum(c.nbytes / max(c.keys.shape[2], 1) for c in cache if getattr(c, "keys", None) is not None)

@@ -151,7 +151,7 @@ class Runtime:
                 log.info("job %s already finished or unknown; skipping", job_id)
                 return
             kind, request, key, store, ttl_s, model = job.kind, job.request, job.key, job.store, job.ttl_s, job.model
-            priority = job.priority
+            priority, stream = job.priority, job.stream
         if self.engine is None:
             self._fail(job_id, job_error(503, f"model not loaded: {self.load_error}", code="model_not_loaded"))
             return
@@ -159,7 +159,8 @@ class Runtime:
             seq = self.engine.submit(kind, request, priority=priority)
             with self.cancels.watch(job_id, seq.cancelled):
                 for events in drain(seq.events):
-                    self.channel.publish_many(job_id, coalesce(events))
+                    if shown := coalesce(events, deltas=stream):
+                        self.channel.publish_many(job_id, shown)
             if seq.error is not None:
                 raise seq.error
         except Exception as exc:
@@ -208,10 +209,16 @@ def drain(events: queue.SimpleQueue[dict[str, Any] | None]) -> Iterator[list[dic
         yield batch  # type: ignore[misc]
 
 
-def coalesce(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Adjacent deltas joined into one: a busy batch writes one event per wake-up, not one per token."""
+def coalesce(events: list[dict[str, Any]], *, deltas: bool = True) -> list[dict[str, Any]]:
+    """Adjacent deltas joined into one: a busy batch writes one event per wake-up, not one per token.
+
+    Without `deltas` (nobody streams the job) deltas and prefill progress are dropped: the result
+    carries the text, and a streaming client that joins such a job is sent it whole at the end.
+    """
     out: list[dict[str, Any]] = []
     for event in events:
+        if not deltas and event["type"] in ("delta", "progress"):
+            continue
         last = out[-1] if out else None
         if last is not None and last["type"] == event["type"] == "delta":
             logprobs = (last.get("logprobs") or []) + (event.get("logprobs") or [])

@@ -1,4 +1,4 @@
-"""job priority
+"""job priority and stream
 
 Revision ID: 0004
 Revises: 0003
@@ -16,8 +16,10 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table('jobs') as batch_op:
         batch_op.add_column(sa.Column('priority', sa.String(length=16), server_default='interactive', nullable=False))
+        batch_op.add_column(sa.Column('stream', sa.Boolean(), server_default=sa.true(), nullable=False))
 
 
 def downgrade() -> None:
     with op.batch_alter_table('jobs') as batch_op:
+        batch_op.drop_column('stream')
         batch_op.drop_column('priority')
