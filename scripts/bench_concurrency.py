@@ -2,7 +2,9 @@
 
 What it measures, one server running at a time:
 
-* Throughput under concurrency. For each client count N (default 1, 4, 8, 16), N threads each send
+* Throughput under concurrency. Both servers are up and take turns round by round (the order flipping
+  each repeat), so drift in a shared machine's load hits both alike. For each client count N
+  (default 1, 4, 8, 16), N threads each send
   one distinct, non-streamed chat request at the same moment (temperature 0, max_tokens 64, a
   prompt asking for a long essay so generation runs the full budget). Recorded: wall time for the
   N requests, generated tokens/s (sum of usage.completion_tokens / wall), and p50/p99 per-request
@@ -179,25 +181,29 @@ def warm_up(server: Server, max_tokens: int, clients: int, timeout: float) -> No
         raise RuntimeError(f"{server.name} warm-up failed: {warm.errors[0]}")
 
 
-def run_rounds(server: Server, args: argparse.Namespace) -> dict[int, Round]:
-    """Each client count `--repeat` times; the round with the median tokens/s stands for it (one round is noisy)."""
-    rounds: dict[int, Round] = {}
+def run_rounds(servers: list[Server], args: argparse.Namespace) -> dict[str, dict[int, Round]]:
+    """Each client count `--repeat` times on every server, the servers taking turns round by round (the
+    order flipping each time), so drift in the machine's load hits both alike; the round with the median
+    tokens/s stands for each (one round is noisy)."""
+    tries: dict[str, dict[int, list[Round]]] = {s.name: {} for s in servers}
     for n in args.client_counts:
-        tries = []
         for attempt in range(args.repeat):
-            time.sleep(1)  # let the previous round's BLAS threads stop spinning
-            r = load_round(server, n, args.max_tokens, f"{uuid.uuid4().hex[:6]}-c{n}-{attempt}", args.timeout)
-            tries.append(r)
-            short = sum(t < args.max_tokens for t in r.tokens)
-            print(
-                f"  {server.name} c={n}: wall {r.wall_s:.2f}s, {r.tok_s:.1f} tok/s, {sum(r.tokens)} tokens"
-                f"{f', {short} stopped early' if short else ''}{f', {len(r.errors)} errors' if r.errors else ''}",
-                flush=True,
-            )
-            for error in r.errors[:3]:
-                print(f"    error: {error}", flush=True)
-        rounds[n] = sorted(tries, key=lambda r: r.tok_s)[len(tries) // 2]
-    return rounds
+            for server in servers if attempt % 2 == 0 else servers[::-1]:
+                time.sleep(1)  # let the previous round's BLAS threads stop spinning
+                r = load_round(server, n, args.max_tokens, f"{uuid.uuid4().hex[:6]}-c{n}-{attempt}", args.timeout)
+                tries[server.name].setdefault(n, []).append(r)
+                short = sum(t < args.max_tokens for t in r.tokens)
+                print(
+                    f"  {server.name} c={n}: wall {r.wall_s:.2f}s, {r.tok_s:.1f} tok/s, {sum(r.tokens)} tokens"
+                    f"{f', {short} stopped early' if short else ''}{f', {len(r.errors)} errors' if r.errors else ''}",
+                    flush=True,
+                )
+                for error in r.errors[:3]:
+                    print(f"    error: {error}", flush=True)
+    return {
+        name: {n: sorted(rs, key=lambda r: r.tok_s)[len(rs) // 2] for n, rs in by_n.items()}
+        for name, by_n in tries.items()
+    }
 
 
 # --- CPU accounting from /proc -----------------------------------------------------------------
@@ -456,23 +462,33 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(args.log_dir or tmp)
         tmp_path.mkdir(parents=True, exist_ok=True)
-        for mode in ("embedded", "redis"):
-            with mlxq_server(mode, model_dir, tmp_path) as started:
-                if started is None:
-                    continue
+        with mlxq_server("redis", model_dir, tmp_path) as started:
+            if started is not None:
                 server, db_url = started
                 print(f"{server.name}: warming up", flush=True)
                 warm_up(server, args.max_tokens, warm_clients, args.timeout)
                 idle[server.name] = idle_cpu(server, args.idle_s)
                 pickup[server.name] = pickup_latency(server, db_url, args.pickup_requests)
-                if mode == "embedded":
-                    results["mlxq"] = run_rounds(server, args)
-        if not args.skip_baseline:
-            with mlx_lm_server(model_dir, tmp_path, args.max_tokens) as server:
-                print(f"{server.name}: warming up", flush=True)
-                warm_up(server, args.max_tokens, warm_clients, args.timeout)
-                idle[server.name] = idle_cpu(server, args.idle_s)
-                results["mlx_lm.server"] = run_rounds(server, args)
+        # The throughput rounds: mlxq embedded and mlx_lm.server both up, taking turns (the idle one costs
+        # well under 1 % of a core), so both see the same machine.
+        with (
+            mlxq_server("embedded", model_dir, tmp_path) as started,
+            (
+                nullcontext(None) if args.skip_baseline else mlx_lm_server(model_dir, tmp_path, args.max_tokens)
+            ) as baseline,
+        ):
+            assert started is not None
+            server, db_url = started
+            servers = [server] + ([baseline] if baseline is not None else [])
+            for each in servers:
+                print(f"{each.name}: warming up", flush=True)
+                warm_up(each, args.max_tokens, warm_clients, args.timeout)
+                idle[each.name] = idle_cpu(each, args.idle_s)
+            pickup[server.name] = pickup_latency(server, db_url, args.pickup_requests)
+            rounds = run_rounds(servers, args)
+            results["mlxq"] = rounds[server.name]
+            if baseline is not None:
+                results["mlx_lm.server"] = rounds[baseline.name]
 
     print(f"\n{BUILTIN_MODEL} float32, max_tokens {args.max_tokens}, temperature 0, one request per client")
     print_table(results["mlxq"], results.get("mlx_lm.server", {}))
