@@ -63,37 +63,29 @@ def broker(tmp_path: Path) -> tuple[str, Queue]:
     return url, queue
 
 
-def test_the_bell_wakes_a_consumer_long_before_its_poll(broker: tuple[str, Queue]):
-    url, queue = broker
+def delivery_delay(url: str, queue: Queue, body: dict, *, poll_s: float, bell: bool) -> float:
+    """Seconds from a publish to its delivery to a consumer already waiting (polling every `poll_s`)."""
     got: list = []
     ready = threading.Event()
     consumer = threading.Thread(
-        target=consume_one, args=(url, queue), kwargs=dict(poll_s=10, timeout=20, got=got, ready=ready)
+        target=consume_one, args=(url, queue), kwargs=dict(poll_s=poll_s, timeout=20, got=got, ready=ready)
     )
     consumer.start()
     ready.wait(5)
     time.sleep(0.3)  # let it finish its first, empty poll and wait on the bell
-    sent = publish(url, queue, {"n": 1})
+    sent = publish(url, queue, body, bell=bell)
     consumer.join(20)
-    assert [body for _, body in got] == [{"n": 1}]
+    assert [b for _, b in got] == [body]
+    return got[0][0] - sent
+
+
+def test_the_bell_wakes_a_consumer_long_before_its_poll(broker: tuple[str, Queue]):
     # A ring arrives in well under a millisecond; without it this would take the 10 s poll.
-    assert got[0][0] - sent < 1.0
+    assert delivery_delay(*broker, {"n": 1}, poll_s=10, bell=True) < 1.0
 
 
 def test_a_lost_ring_is_caught_by_the_safety_poll(broker: tuple[str, Queue]):
-    url, queue = broker
-    got: list = []
-    ready = threading.Event()
-    consumer = threading.Thread(
-        target=consume_one, args=(url, queue), kwargs=dict(poll_s=0.5, timeout=20, got=got, ready=ready)
-    )
-    consumer.start()
-    ready.wait(5)
-    time.sleep(0.3)
-    sent = publish(url, queue, {"n": 2}, bell=False)  # every ring lost
-    consumer.join(20)
-    assert [body for _, body in got] == [{"n": 2}]
-    assert got[0][0] - sent < 5.0
+    assert delivery_delay(*broker, {"n": 2}, poll_s=0.5, bell=False) < 5.0  # every ring lost
 
 
 def test_an_ack_that_frees_the_only_prefetch_slot_wakes_the_consumer(broker: tuple[str, Queue]):
