@@ -131,10 +131,6 @@ def start_job(*, session: Session, job_id: str, worker: str) -> Job | None:
                store=row.store, ttl_s=row.ttl_s, model=row.model, priority=row.priority, stream=row.stream)
 
 
-def job_status(*, session: Session, job_id: str) -> str | None:
-    return session.scalar(select(Job.status).where(Job.id == job_id))
-
-
 def cancelled_among(*, session: Session, job_ids: list[str]) -> list[str]:
     """Which of these jobs were cancelled (one query for every job the worker is running)."""
     return list(session.scalars(select(Job.id).where(Job.id.in_(job_ids), Job.status == "cancelled")))

@@ -125,4 +125,4 @@ def test_jobs_of_a_worker_that_stopped_beating_are_failed(sessions):
         assert repos.fail_orphaned_jobs(session=s, live_workers=["live-host"], older_than_s=0) == 1
     with sessions() as s:
         assert repos.get_job(session=s, job_id=gone).error["code"] == "worker_lost"
-        assert repos.job_status(session=s, job_id=alive) == "running"
+        assert repos.get_job(session=s, job_id=alive).status == "running"

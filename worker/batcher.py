@@ -36,7 +36,7 @@ import mlx.nn as nn
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import trim_prompt_cache
 
-from worker.prefix_cache import PrefixCache
+from worker.prefix_cache import PrefixCache, cache_offset
 from worker.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ class Batcher:
         del self._active[uid]
         # Keep at least one token to feed back in, so the decoder has input when it resumes.
         keep = min(len(tokens), len(seq.fed) - 1)
-        if _cache_offset(cache) != len(tokens) or keep <= 0:
+        if cache_offset(cache) != len(tokens) or keep <= 0:
             cache = None  # nothing usable: prefill again from the start
             keep = 0
         elif len(tokens) > keep:
@@ -228,8 +228,3 @@ class Batcher:
         if prefix is not None and cache and tokens:
             prefix.insert(list(tokens), cache)
         seq.complete()
-
-
-def _cache_offset(cache: list[Any] | None) -> int:
-    offsets = {getattr(c, "offset", -1) for c in cache or []}
-    return int(offsets.pop()) if len(offsets) == 1 else -1

@@ -131,7 +131,7 @@ class PrefixCache:
     def insert(self, tokens: list[int], cache: list[Any]) -> None:
         """Store the cache after a generation; `tokens` are what it was fed (prompt + generated)."""
         try:
-            offset = _offset(cache)
+            offset = cache_offset(cache)
             if offset is None:
                 raise ValueError("cache has no offset")
             if offset > len(tokens):
@@ -206,8 +206,8 @@ class PrefixCache:
                 # Read it into memory now, not lazily on the first request that hits it.
                 mx.eval([c.state for c in cache])
                 tokens = [int(t) for t in meta["tokens"]]
-                if _offset(cache) != len(tokens):
-                    raise ValueError(f"cache holds {_offset(cache)} tokens, sidecar lists {len(tokens)}")
+                if cache_offset(cache) != len(tokens):
+                    raise ValueError(f"cache holds {cache_offset(cache)} tokens, sidecar lists {len(tokens)}")
                 self.lru.insert_cache(self.key, tokens, cache)
                 loaded += 1
             except Exception as exc:
@@ -215,7 +215,8 @@ class PrefixCache:
         return loaded
 
 
-def _offset(cache: list[Any]) -> int | None:
+def cache_offset(cache: list[Any]) -> int | None:
+    """How many tokens every layer of `cache` holds; None when the layers disagree or keep no offset."""
     offsets = {getattr(c, "offset", None) for c in cache}
     if len(offsets) != 1:
         return None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,7 +59,6 @@ class Sequence:
     error: BaseException | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
-    submitted_at: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         self.text = self.prefill
