@@ -32,7 +32,9 @@ def health_snapshot(services: Services) -> dict[str, Any]:
         "status": "ok" if loaded else "degraded",
         "model": settings.model_name,
         "model_loaded": loaded,
-        "worker": {"alive": bool(workers), "count": len(workers), "error": errors[0] if errors else None},
+        "worker": {"alive": bool(workers), "count": len(workers), "error": errors[0] if errors else None,
+                   # Times `mlxq serve` restarted a worker that died.
+                   "restarts": counts.get("worker_restarts", 0)},
         "queue_depth": depth,
         "cache": {
             "hits": hits,

@@ -16,9 +16,10 @@ from sqlalchemy.exc import IntegrityError
 
 from api.errors import APIError
 from api.services import Services
-from mlxq import repos
-from mlxq.contract import GENERATE_TASK, Priority, job_error
+from mlxq import delivery, repos
+from mlxq.contract import Priority, job_error
 from mlxq.keys import is_deterministic, request_key
+from mlxq.weights import local_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,11 @@ class CachePolicy:
         if body.get("no-store"):
             store = False
         for name in ("ttl", "s-maxage", "max-age"):
-            if isinstance(body.get(name), (int, float)) and body[name] > 0:
+            if isinstance(body.get(name), (int, float)) and not isinstance(body[name], bool):
                 ttl = float(body[name])
+        if ttl is not None and ttl <= 0:
+            # A lifetime of zero: nothing cached is fresh enough, and nothing is worth storing.
+            return cls(lookup=False, store=False)
         return cls(lookup=lookup, store=store, ttl_s=ttl)
 
 
@@ -80,6 +84,7 @@ class Pipeline:
                         return Outcome(cached, "HIT", key)
                     running = repos.find_inflight(session=session, key=key) if store else None
                     if running is not None:
+                        repos.join_job(session=session, job_id=running.id)
                         return Outcome({}, outcome, key, running.id, joined=True)
                     job_id = repos.create_job(session=session, key=key, kind=kind, model=canonical["model"],
                                               request=canonical, store=store, ttl_s=ttl_s,
@@ -92,7 +97,7 @@ class Pipeline:
 
     def _send(self, job_id: str) -> None:
         try:
-            self.s.celery.send_task(GENERATE_TASK, args=[job_id], task_id=job_id, queue=self.s.settings.queue)
+            delivery.send(self.s.celery, self.s.settings.queue, job_id)
         except Exception as exc:
             with self.s.sessions.begin() as session:
                 repos.finish_job(session=session, job_id=job_id, status="failed",
@@ -107,12 +112,17 @@ class Pipeline:
                 raise APIError(404, f"No job {job_id}.", code="job_not_found")
             return job.status, job.result, job.error
 
+    async def weights(self) -> str:
+        """The served weights' fingerprint: as a live worker publishes it, else of the model directory here."""
+        published = (await self.s.model_info.get() or {}).get("fingerprint")
+        return published or local_fingerprint(self.s.settings.model) or f"unknown:{self.s.settings.model}"
+
     # -- the path --------------------------------------------------------------------------
 
     async def submit(self, *, kind: str, canonical: dict[str, Any], policy: CachePolicy,
                      priority: Priority = "interactive", stream: bool = True) -> Outcome:
         """Answer from the cache, or enqueue a job (joining an identical one in flight)."""
-        key = request_key(kind, canonical)
+        key = request_key(kind, canonical, weights=await self.weights())
         cacheable = is_deterministic(canonical)
         outcome = await asyncio.to_thread(
             self._resolve, key=key, kind=kind, canonical=canonical, lookup=cacheable and policy.lookup,
@@ -130,14 +140,20 @@ class Pipeline:
         """The synchronous path: the client waits for the answer."""
         outcome = await self.submit(kind=kind, canonical=canonical, policy=policy, priority=priority, stream=False)
         if outcome.job_id is not None:
-            outcome.result = await self.wait(outcome.job_id)
+            try:
+                outcome.result = await self.wait(outcome.job_id)
+            finally:
+                self.leave_soon(outcome.job_id, abandon=False)
         return outcome
 
-    async def events(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
+    async def events(self, job_id: str, *, replayable: bool = True) -> AsyncIterator[dict[str, Any]]:
         """A job's events from the stream channel, ending with `done` or `error`.
 
         The job row is re-checked after each quiet second, so a lost event cannot hang a client;
-        past `request_timeout_s` the iterator raises a 504.
+        past `request_timeout_s` the iterator raises a 504, and when the server begins to stop, a 503.
+        When the job restarts (its worker died), the text already relayed is not relayed twice: a
+        `replayable` (deterministic) job produces it again, so that much of the new text is skipped;
+        any other job's new text would not continue the old, so the client gets a 503 to retry.
         """
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
@@ -148,8 +164,11 @@ class Pipeline:
         pumper = asyncio.get_running_loop().create_task(pump())
         deadline = time.monotonic() + self.s.settings.request_timeout_s
         ended_quietly = False
+        relayed = skip = 0  # characters of text relayed; of the restarted job's text still to skip
         try:
             while True:
+                if self.s.closing.is_set():
+                    raise APIError(503, "The server is shutting down; retry the request.", code="shutting_down")
                 try:
                     event = await asyncio.wait_for(queue.get(), timeout=1.0)
                 except TimeoutError:
@@ -169,6 +188,21 @@ class Pipeline:
                     else:
                         yield {"type": "waiting", "status": status}
                         continue
+                if event["type"] == "restarted":
+                    if relayed and not replayable:
+                        raise APIError(503, "The worker stopped in the middle of this answer; retry the request.",
+                                       code="worker_lost")
+                    skip, relayed = relayed, 0
+                    continue
+                if event["type"] == "delta":
+                    text = event.get("content") or ""
+                    if skip:
+                        cut = min(skip, len(text))
+                        skip -= cut
+                        if cut == len(text):
+                            continue
+                        event = {**event, "content": text[cut:], "logprobs": None}
+                    relayed += len(event.get("content") or "")
                 yield event
                 if event.get("type") in ("done", "error"):
                     return
@@ -184,10 +218,11 @@ class Pipeline:
                 raise APIError.from_job(event.get("error") or {})
         raise APIError(500, f"job {job_id} ended without a result")
 
-    def cancel_soon(self, job_id: str) -> None:
-        """Cancel a job from anywhere, even a cancelled task: the executor runs it regardless."""
-        def cancel() -> None:
+    def leave_soon(self, job_id: str, *, abandon: bool) -> None:
+        """A client stops waiting for a job (from anywhere, even a cancelled task: the executor runs it
+        regardless). A client that went away early (`abandon`) cancels the job if nobody else waits."""
+        def leave() -> None:
             with self.s.sessions.begin() as session:
-                repos.cancel_job(session=session, job_id=job_id)
+                repos.leave_job(session=session, job_id=job_id, abandon=abandon)
 
-        asyncio.get_running_loop().run_in_executor(None, cancel)
+        asyncio.get_running_loop().run_in_executor(None, leave)

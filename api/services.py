@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from celery import Celery
@@ -12,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.health import health_snapshot
 from api.metrics import Metrics
+from api.model_info import ModelInfo
 from api.reaper import JobReaper
 from api.stats import StatsRecorder
 from mlxq.celery_app import make_celery
@@ -30,6 +32,11 @@ class Services:
     stats: StatsRecorder
     reaper: JobReaper
     metrics: Metrics = None  # type: ignore[assignment]  # set right after construction
+    # What the live workers publish about the model (vocabulary size...): request checks read it.
+    model_info: ModelInfo = None  # type: ignore[assignment]  # set right after construction
+    # Set when the server begins to stop (SIGTERM, SIGINT): requests still waiting answer 503 at once
+    # instead of holding the shutdown until their job ends.
+    closing: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -37,9 +44,11 @@ class Services:
         sessions = make_sessionmaker(engine)
         channel = make_channel(broker_url=settings.broker_url, redis_prefix=settings.redis_prefix,
                                sessions=sessions, poll_interval_s=settings.poll_interval_s)
-        services = cls(settings, engine, sessions, make_celery(settings), channel, StatsRecorder(sessions),
-                       JobReaper(sessions, heartbeat_s=settings.heartbeat_s))
+        celery = make_celery(settings)
+        services = cls(settings, engine, sessions, celery, channel, StatsRecorder(sessions),
+                       JobReaper(settings, sessions, celery))
         services.metrics = Metrics(lambda: health_snapshot(services))
+        services.model_info = ModelInfo(sessions, within_s=max(10.0, 3 * settings.heartbeat_s))
         return services
 
     def warm_up(self) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from api.errors import APIError
 from api.protocol import usage_block
 
 DONE = ServerSentEvent(data="[DONE]", sep="\n")
@@ -85,6 +86,17 @@ class ChunkWriter:
         return chunks
 
 
+async def guard(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    """An APIError raised once the stream has begun (shutdown, timeout, a lost worker) as an error event:
+    the status line is sent by then, so the error can only travel in the stream."""
+    try:
+        async for event in events:
+            yield event
+    except APIError as exc:
+        yield {"type": "error", "error": {"message": exc.message, "type": exc.type, "param": exc.param,
+                                          "code": exc.code}}
+
+
 async def openai_stream(events: AsyncIterator[dict[str, Any]], writer: ChunkWriter,
                         prefix: str = "") -> AsyncIterator[ServerSentEvent]:
     """Relay events as SSE at once; progress becomes a keepalive comment, errors an error object."""
@@ -93,7 +105,7 @@ async def openai_stream(events: AsyncIterator[dict[str, Any]], writer: ChunkWrit
     if prefix:
         yield sse(writer.delta(prefix, None))
     sent = ""
-    async for event in events:
+    async for event in guard(events):
         kind = event["type"]
         if kind == "delta":
             sent += event["content"]

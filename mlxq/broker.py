@@ -18,6 +18,8 @@ import logging
 import sqlite3
 import threading
 import time
+from datetime import datetime, timedelta
+from functools import cache
 from json import dumps, loads
 from queue import Empty
 
@@ -26,7 +28,7 @@ from kombu.transport.sqlalchemy import Channel as _SQLChannel
 from kombu.transport.sqlalchemy import Transport as _SQLTransport
 from kombu.utils import cached_property
 from kombu.utils.encoding import bytes_to_str
-from sqlalchemy import event
+from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.exc import OperationalError
 
 from mlxq.bell import Bell, Listener, get_bell, sql_bell_name
@@ -251,3 +253,22 @@ def kombu_url(broker_url: str) -> str:
         register()
         return f"{ALIAS}+" + broker_url.removeprefix("sqla+")
     return broker_url
+
+
+def prune_delivered(broker_url: str, *, older_than_s: float) -> int:
+    """Delete delivered messages that kombu's own SQL path keeps as invisible rows (on a database other than
+    a SQLite file; there, `Channel._get` deletes on delivery). Returns how many; 0 for other brokers."""
+    if not broker_url.startswith("sqla+") or broker_url.startswith("sqla+sqlite"):
+        return 0
+    engine = _prune_engine(broker_url.removeprefix("sqla+"))
+    cutoff = datetime.now() - timedelta(seconds=older_than_s)  # kombu stamps local naive time
+    with engine.begin() as conn:
+        if not inspect(conn).has_table("kombu_message"):
+            return 0
+        return conn.execute(text("DELETE FROM kombu_message WHERE visible = false AND timestamp < :cutoff"),
+                            {"cutoff": cutoff}).rowcount or 0
+
+
+@cache
+def _prune_engine(url: str):
+    return create_engine(url, pool_size=1, max_overflow=0)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
+import logging
 import signal
 import subprocess
 import sys
@@ -45,42 +45,53 @@ def models_pull() -> None:
 @app.command()
 def api(host: str = typer.Option(None), port: int = typer.Option(None), log_level: str = "info") -> None:
     """Start the HTTP front end alone."""
-    import uvicorn
-
-    from api.app import create_app
+    from api.server import run
 
     settings = get_settings()
-    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port,
-                log_level=log_level, access_log=False)
+    run(settings, host=host or settings.host, port=port or settings.port, log_level=log_level)
 
 
 @app.command()
 def worker(log_level: str = "INFO") -> None:
-    """Start the MLX worker alone (Celery, solo pool, one job at a time)."""
+    """Start the MLX worker alone (Celery, one engine that batches every request in flight)."""
     _ensure_builtin()
     from worker.main import run
 
     run(loglevel=log_level)
 
 
+def _stop(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 @app.command()
 def serve(host: str = typer.Option(None), port: int = typer.Option(None), log_level: str = "info") -> None:
-    """Start api and worker together (the embedded default: SQLite, no servers)."""
-    from mlxq.db import upgrade
+    """Start api and worker together (the embedded default: SQLite, no servers); the worker is restarted
+    when it dies, and SIGTERM or SIGINT stops both."""
+    from mlxq import repos
+    from mlxq.db import make_engine, make_sessionmaker, upgrade
+    from mlxq.supervisor import Supervisor
 
     settings = get_settings()
+    # Until uvicorn takes over the signals, and again after it has stopped (it re-raises the signal it
+    # caught): stop through `finally`, so the worker is never left behind.
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     _ensure_builtin()
     upgrade(settings)
-    proc = subprocess.Popen([sys.executable, "-m", "mlxq.cli", "worker", "--log-level", log_level.upper()],
-                            env=os.environ.copy())
+    sessions = make_sessionmaker(make_engine(settings.database_url))
+
+    def count_restart(_: int) -> None:
+        with sessions.begin() as session:
+            repos.bump(session=session, name="worker_restarts")
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    supervisor = Supervisor([sys.executable, "-m", "mlxq.cli", "worker", "--log-level", log_level.upper()],
+                            on_restart=count_restart).start()
     try:
         api(host=host, port=port, log_level=log_level)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        supervisor.stop()
 
 
 @app.command()

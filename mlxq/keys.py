@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 # Bump when the canonical form changes: old cache entries then simply stop matching.
-KEY_VERSION = 1
+KEY_VERSION = 2
 
 # Sampling and shaping fields that change the output (the rest, like stream or user, do not).
 OUTPUT_FIELDS = (
@@ -108,10 +108,14 @@ def tool_names(tools: list[dict[str, Any]] | None) -> list[str]:
     return names
 
 
-def request_key(kind: str, canonical: dict[str, Any]) -> str:
-    """sha256 of the versioned canonical JSON (sorted keys, no whitespace): equal in every process."""
+def request_key(kind: str, canonical: dict[str, Any], *, weights: str) -> str:
+    """sha256 of the versioned canonical JSON (sorted keys, no whitespace): equal in every process.
+
+    `weights` is the model's fingerprint (mlxq.weights): an answer is only valid for the weights that
+    made it, whatever the model is called.
+    """
     blob = json.dumps(
-        {"v": KEY_VERSION, "kind": kind, "request": canonical},
+        {"v": KEY_VERSION, "kind": kind, "weights": weights, "request": canonical},
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,

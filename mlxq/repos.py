@@ -7,11 +7,11 @@ import time
 import uuid
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from mlxq.contract import CANCELLED, Priority, job_error
-from mlxq.sql import CacheEntry, Counter, Job, RequestLog, Worker
+from mlxq.sql import CacheEntry, Counter, Job, RequestLog, StreamEvent, Worker, db_now
 
 ACTIVE = ("queued", "running")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -96,11 +96,18 @@ def counters(*, session: Session) -> dict[str, int]:
 
 
 # -- jobs -------------------------------------------------------------------------------------
+# A job's life: queued -> running -> succeeded | failed | cancelled. Only an active job changes state,
+# so a late writer (a worker presumed dead, a redelivered task) never overwrites a final one; only a
+# queued job can be claimed, so a duplicate task message is skipped; a running job whose worker died
+# goes back to queued (or fails after `max_attempts`), and `sent_at` NULL marks it for sending.
 
 def create_job(*, session: Session, key: str, kind: str, model: str, request: dict[str, Any],
-               store: bool, ttl_s: float | None, priority: Priority = "interactive", stream: bool = True) -> Job:
+               store: bool, ttl_s: float | None, priority: Priority = "interactive", stream: bool = True,
+               waiters: int = 1) -> Job:
+    now = time.time()
     job = Job(id=str(uuid.uuid4()), key=key, kind=kind, model=model, status="queued", request=request,
-              store=store, ttl_s=ttl_s, priority=priority, stream=stream, created_at=time.time())
+              store=store, ttl_s=ttl_s, priority=priority, stream=stream, created_at=now, sent_at=now,
+              attempts=0, waiters=waiters)
     session.add(job)
     return job
 
@@ -117,18 +124,38 @@ def find_inflight(*, session: Session, key: str) -> Job | None:
     ).first()
 
 
+def join_job(*, session: Session, job_id: str) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(waiters=Job.waiters + 1))
+
+
+def leave_job(*, session: Session, job_id: str, abandon: bool) -> bool:
+    """A client stops waiting; when it `abandon`s the job (went away early) and was the last one waiting,
+    the job is cancelled. Returns whether it was."""
+    session.execute(update(Job).where(Job.id == job_id).values(waiters=Job.waiters - 1))
+    if not abandon:
+        return False
+    done = session.execute(
+        update(Job).where(Job.id == job_id, Job.waiters <= 0, Job.status.in_(ACTIVE))
+        .values(status="cancelled", error=dict(CANCELLED), finished_at=time.time())
+    )
+    return bool(done.rowcount)
+
+
 def start_job(*, session: Session, job_id: str, worker: str) -> Job | None:
-    """Mark a job running and return it; None when it is already finished (a redelivered task)."""
+    """Claim a queued job for `worker` and return it; None when it is not queued (finished, cancelled, or
+    claimed already through a duplicate message)."""
     row = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status.not_in(("succeeded", "cancelled")))
-        .values(status="running", started_at=time.time(), error=None, worker=worker)
-        .returning(Job.kind, Job.request, Job.key, Job.store, Job.ttl_s, Job.model, Job.priority, Job.stream)
+        .where(Job.id == job_id, Job.status == "queued")
+        .values(status="running", started_at=time.time(), error=None, worker=worker, attempts=Job.attempts + 1)
+        .returning(Job.kind, Job.request, Job.key, Job.store, Job.ttl_s, Job.model, Job.priority, Job.stream,
+                   Job.attempts)
     ).first()
     if row is None:
         return None
     return Job(id=job_id, status="running", worker=worker, kind=row.kind, request=row.request, key=row.key,
-               store=row.store, ttl_s=row.ttl_s, model=row.model, priority=row.priority, stream=row.stream)
+               store=row.store, ttl_s=row.ttl_s, model=row.model, priority=row.priority, stream=row.stream,
+               attempts=row.attempts)
 
 
 def cancelled_among(*, session: Session, job_ids: list[str]) -> list[str]:
@@ -146,34 +173,92 @@ def cancel_job(*, session: Session, job_id: str) -> bool:
 
 
 def finish_job(*, session: Session, job_id: str, status: str, result: dict[str, Any] | None = None,
-               error: dict[str, Any] | None = None) -> None:
-    session.execute(
-        update(Job).where(Job.id == job_id)
+               error: dict[str, Any] | None = None) -> bool:
+    """Record a job's end, unless it has ended already (a late or duplicate writer changes nothing)."""
+    done = session.execute(
+        update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
         .values(status=status, result=result, error=error, finished_at=time.time())
     )
+    return bool(done.rowcount)
 
 
-def fail_running_jobs(*, session: Session, worker: str, message: str) -> int:
-    """Jobs left running by a worker that died are failed, never left running forever."""
-    err = job_error(503, message, code="worker_restarted")
-    result = session.execute(
-        update(Job).where(Job.status == "running", Job.worker == worker)
-        .values(status="failed", error=dict(err), finished_at=time.time())
+def requeue_job(*, session: Session, job_id: str) -> bool:
+    """Put a running job back in the queue without counting the attempt (its worker is shutting down)."""
+    done = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == "running")
+        .values(status="queued", worker=None, sent_at=None, attempts=Job.attempts - 1)
     )
-    return result.rowcount or 0
+    return bool(done.rowcount)
 
 
-def fail_orphaned_jobs(*, session: Session, live_workers: list[str], older_than_s: float) -> int:
-    """Fail running jobs whose worker is no longer alive (started long enough ago to rule out a race)."""
-    err = job_error(503, "the worker running this job stopped", code="worker_lost")
-    query = update(Job).where(Job.status == "running", Job.started_at < time.time() - older_than_s)
-    if live_workers:
-        query = query.where(Job.worker.not_in(live_workers))
-    return session.execute(query.values(status="failed", error=dict(err), finished_at=time.time())).rowcount or 0
+def release_job(*, session: Session, job_id: str) -> None:
+    """A worker that is stopping hands back a job it has not started: it needs its message sent again."""
+    session.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(sent_at=None))
+
+
+def requeue_running(*, session: Session, max_attempts: int, worker: str | None = None,
+                    live_workers: list[str] | None = None) -> tuple[int, int]:
+    """Running jobs of a worker that died (`worker`, or any worker not in `live_workers`) go back to the
+    queue; those that have had `max_attempts` fail instead, so a request that kills the worker cannot
+    crash-loop it. Returns (requeued, failed)."""
+    running = select(Job.id).where(Job.status == "running")
+    if worker is not None:
+        running = running.where(Job.worker == worker)
+    elif live_workers:
+        running = running.where(or_(Job.worker.is_(None), Job.worker.not_in(live_workers)))
+    ids = list(session.scalars(running))
+    if not ids:
+        return 0, 0
+    err = job_error(500, f"the worker stopped while running this job, {max_attempts} times: giving up "
+                         "(the request may crash the worker)", code="worker_crashed")
+    failed = session.execute(
+        update(Job).where(Job.id.in_(ids), Job.status == "running", Job.attempts >= max_attempts)
+        .values(status="failed", error=dict(err), finished_at=time.time())
+    ).rowcount or 0
+    requeued = session.execute(
+        update(Job).where(Job.id.in_(ids), Job.status == "running")
+        .values(status="queued", worker=None, sent_at=None)
+    ).rowcount or 0
+    return requeued, failed
+
+
+def jobs_to_send(*, session: Session, lost_before: float | None, limit: int = 500) -> list[str]:
+    """Queued jobs that need their task message (again): never sent (requeued), or, when `lost_before` is
+    given, sent before it (the caller found the broker's queue empty, so that message was lost)."""
+    unsent = Job.sent_at.is_(None)
+    cond = unsent if lost_before is None else or_(unsent, Job.sent_at < lost_before)
+    return list(session.scalars(select(Job.id).where(Job.status == "queued", cond)
+                                .order_by(Job.created_at).limit(limit)))
+
+
+def mark_sent(*, session: Session, job_ids: list[str]) -> None:
+    session.execute(update(Job).where(Job.id.in_(job_ids)).values(sent_at=time.time()))
+
+
+def fail_stale_queued(*, session: Session, older_than_s: float) -> int:
+    """Queued jobs no worker started in `older_than_s` fail: nothing stays queued forever."""
+    err = job_error(503, f"no worker started this job within {older_than_s:.0f} s", code="queue_timeout")
+    return session.execute(
+        update(Job).where(Job.status == "queued", Job.created_at < time.time() - older_than_s)
+        .values(status="failed", error=dict(err), finished_at=time.time())
+    ).rowcount or 0
 
 
 def queue_depth(*, session: Session) -> int:
     return int(session.scalar(select(func.count()).select_from(Job).where(Job.status == "queued")) or 0)
+
+
+def prune(*, session: Session, jobs_before: float, log_before: float, events_before: float) -> dict[str, int]:
+    """Retention: finished jobs, request-log rows and stream events older than the given times."""
+    active = select(Job.id).where(Job.status.in_(ACTIVE))
+    return {
+        "jobs": session.execute(delete(Job).where(Job.status.in_(TERMINAL), Job.finished_at < jobs_before)).rowcount
+        or 0,
+        "request_log": session.execute(delete(RequestLog).where(RequestLog.at < log_before)).rowcount or 0,
+        "stream_events": session.execute(
+            delete(StreamEvent).where(StreamEvent.created_at < events_before, StreamEvent.job_id.not_in(active))
+        ).rowcount or 0,
+    }
 
 
 # -- workers ----------------------------------------------------------------------------------
@@ -185,11 +270,12 @@ def heartbeat(*, session: Session, name: str, model: str, model_loaded: bool, er
         worker = Worker(name=name, started_at=started_at)
         session.add(worker)
     worker.model, worker.model_loaded, worker.error, worker.stats = model, model_loaded, error, stats
-    worker.started_at, worker.last_seen = started_at, time.time()
+    # The database's clock, which live_workers reads too: a worker's and an api's clocks never meet.
+    worker.started_at, worker.last_seen = started_at, db_now()
 
 
 def live_workers(*, session: Session, within_s: float) -> list[Worker]:
-    return list(session.scalars(select(Worker).where(Worker.last_seen >= time.time() - within_s)))
+    return list(session.scalars(select(Worker).where(Worker.last_seen >= db_now() - within_s)))
 
 
 def remove_worker(*, session: Session, name: str) -> None:

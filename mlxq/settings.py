@@ -57,6 +57,28 @@ class Settings(BaseSettings):
     worker_threads: int = Field(64, ge=1)
     # Niceness the worker process adds to itself (0 = none).
     worker_nice: int = 0
+    # Reliability: a job whose worker died runs again, at most this many times in all (so one request
+    # that kills the worker cannot crash-loop it); a job no worker starts within the timeout fails.
+    max_attempts: int = Field(2, ge=1)
+    job_queue_timeout_s: float = 24 * 3600.0
+    # A queued job whose task message is older than this while the broker's queue is empty lost its
+    # message (a worker died holding it, a broker restarted): it is sent again.
+    resend_after_s: float = 10.0
+    # Retention: finished jobs, the request log, and stream events of finished jobs.
+    job_retention_s: float = 7 * 24 * 3600.0
+    request_log_retention_s: float = 30 * 24 * 3600.0
+    stream_retention_s: float = 3600.0
+    # Set by `mlxq serve` for the worker it supervises: the worker stops when that process is gone.
+    supervisor_pid: int = 0
+    # Bad-input limits, checked by the api before anything is enqueued. A body over `max_body_mb` is a 413
+    # before it is parsed (a JSON body is held whole in memory, and a 16 MB one is already ~4M tokens of
+    # text, past any context); the counts bound the work one request can make the api and worker do while
+    # validating and templating (`max_tools` is OpenAI's own limit; `max_stop`, `max_prompts` are generous).
+    max_body_mb: float = Field(16, gt=0)
+    max_messages: int = Field(2048, ge=1)
+    max_tools: int = Field(128, ge=1)
+    max_stop: int = Field(16, ge=1)
+    max_prompts: int = Field(256, ge=1)
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:

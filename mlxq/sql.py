@@ -5,7 +5,27 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Boolean, Float, Index, Integer, String, Text, text, true
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.functions import FunctionElement
+
+
+class db_now(FunctionElement):  # noqa: N801 - used like func.now()
+    """The database server's clock in epoch seconds: the one clock every api and worker reads for
+    liveness, however far their own clocks drift apart."""
+
+    type = Float()
+    inherit_cache = True
+
+
+@compiles(db_now, "sqlite")
+def _sqlite_now(element, compiler, **kw) -> str:
+    return "((julianday('now') - 2440587.5) * 86400.0)"
+
+
+@compiles(db_now, "postgresql")
+def _pg_now(element, compiler, **kw) -> str:
+    return "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
 
 
 class Base(DeclarativeBase):
@@ -46,11 +66,17 @@ class Job(Base):
     # non-streamed client needs the result alone, and a delta per token per job costs CPU in a batch).
     stream: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
     worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # Times a worker started it: a job whose worker died runs again until `max_attempts`.
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # When its task message was last sent: a queued job whose message was lost is sent again.
+    sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Clients waiting for it: a client that goes away cancels the job only when it was the last one.
+    waiters: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
 
     __table_args__ = (
         Index("ix_jobs_key_status", "key", "status"),

@@ -104,7 +104,7 @@ def from_jsonl(paths: list[Path]) -> dict[str, Any]:
                 bad += 1
                 continue
             total += 1
-            key = request_key("chat", canonical)
+            key = request_key("chat", canonical, weights="")  # one model: only repeats matter here
             repeats += keys[key] > 0
             keys[key] += 1
             offered.update(tool_names(canonical.get("tools")))

@@ -14,10 +14,11 @@ from mlxq.keys import OUTPUT_FIELDS, canonical_chat, is_deterministic, request_k
 
 DEFAULTS = {"default_temperature": 1.0, "default_max_tokens": 512}
 BASE = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
+WEIGHTS = "0123456789abcdef"
 
 
 def key(body: dict) -> str:
-    return request_key("chat", canonical_chat(body, **DEFAULTS))
+    return request_key("chat", canonical_chat(body, **DEFAULTS), weights=WEIGHTS)
 
 
 texts = st.text(min_size=1, max_size=20)
@@ -94,10 +95,10 @@ def test_billing_header_is_not_part_of_the_key():
 
 def test_key_is_stable_across_processes_and_releases():
     # A literal: a change to canonicalization must bump KEY_VERSION and update this on purpose.
-    expected = "28a1aa16f3a68a3d8e96f10e20f56253b630622cc83e2e19fbc63d8b3bbbbe48"
+    expected = "0a7d33662d5ef1f0538deb181c02f9570d7a7d716d86fca97aebe8ee66a90b73"
     assert key(BASE) == expected
     code = ("from mlxq.keys import canonical_chat, request_key; print(request_key('chat', canonical_chat("
-            f"{BASE!r}, default_temperature=1.0, default_max_tokens=512)))")
+            f"{BASE!r}, default_temperature=1.0, default_max_tokens=512), weights={WEIGHTS!r}))")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": "123"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == expected
@@ -108,3 +109,23 @@ def test_deterministic_only_at_temperature_zero_or_with_seed():
     assert is_deterministic(canonical_chat({**BASE, "temperature": 0.7, "seed": 1}, **DEFAULTS))
     assert not is_deterministic(canonical_chat({**BASE, "temperature": 0.7}, **DEFAULTS))
     assert not is_deterministic(canonical_chat({"model": "m", "messages": BASE["messages"]}, **DEFAULTS))
+
+
+def test_new_weights_under_an_old_name_never_share_a_key():
+    canonical = canonical_chat(BASE, **DEFAULTS)
+    assert request_key("chat", canonical, weights="a" * 16) != request_key("chat", canonical, weights="b" * 16)
+
+
+def test_weights_fingerprint_follows_content_not_path(tmp_path):
+    from mlxq.weights import fingerprint
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+        (d / "config.json").write_text('{"vocab_size": 10}')
+        (d / "model.safetensors").write_bytes(b"\x00" * 3_000_000)
+    assert fingerprint(a) == fingerprint(b)
+    with (b / "model.safetensors").open("r+b") as f:  # a change in the tail of the weights
+        f.seek(2_999_000)
+        f.write(b"\x01")
+    assert fingerprint(a) != fingerprint(b)

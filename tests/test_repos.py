@@ -74,26 +74,81 @@ def test_counters_start_seeded_and_count(sessions):
         assert repos.counters(session=s)["cache_hits"] == 2
 
 
-def test_single_flight_finds_the_active_job_and_restart_fails_running_ones(sessions):
+def new_job(sessions, key: str = "k") -> str:
     with sessions.begin() as s:
-        job = repos.create_job(session=s, key="k", kind="chat", model="m", request={}, store=True, ttl_s=None)
-        job_id = job.id
+        return repos.create_job(session=s, key=key, kind="chat", model="m", request={}, store=True, ttl_s=None).id
+
+
+def status(sessions, job_id: str):
+    with sessions() as s:
+        return repos.get_job(session=s, job_id=job_id)
+
+
+def test_a_job_is_claimed_once_and_a_dead_workers_job_runs_again_until_max_attempts(sessions):
+    job_id = new_job(sessions)
     with sessions() as s:
         assert repos.find_inflight(session=s, key="k").id == job_id
         assert repos.queue_depth(session=s) == 1
+    for attempt in (1, 2):
+        with sessions.begin() as s:
+            assert repos.start_job(session=s, job_id=job_id, worker="w1").attempts == attempt
+        with sessions.begin() as s:  # a duplicate message for a claimed job is skipped
+            assert repos.start_job(session=s, job_id=job_id, worker="w1") is None
+        with sessions.begin() as s:  # the worker restarted: its job goes back to the queue, unsent
+            assert repos.requeue_running(session=s, worker="w2", max_attempts=2) == (0, 0)
+            expected = (1, 0) if attempt == 1 else (0, 1)
+            assert repos.requeue_running(session=s, worker="w1", max_attempts=2) == expected
+        if attempt == 1:
+            assert status(sessions, job_id).status == "queued"
+            with sessions() as s:
+                assert repos.jobs_to_send(session=s, lost_before=None) == [job_id]
+            with sessions.begin() as s:
+                repos.mark_sent(session=s, job_ids=[job_id])
+            with sessions() as s:
+                assert repos.jobs_to_send(session=s, lost_before=None) == []
+                assert repos.jobs_to_send(session=s, lost_before=time.time() + 1) == [job_id]
+    job = status(sessions, job_id)
+    assert job.status == "failed" and job.error["code"] == "worker_crashed" and job.attempts == 2
+    with sessions.begin() as s:  # a late answer never overwrites the final state
+        assert not repos.finish_job(session=s, job_id=job_id, status="succeeded", result={"text": "x"})
+    assert status(sessions, job_id).status == "failed"
+
+
+def test_a_job_interrupted_by_a_stopping_worker_does_not_use_up_an_attempt(sessions):
+    job_id = new_job(sessions)
     with sessions.begin() as s:
-        assert repos.start_job(session=s, job_id=job_id, worker="w1") is not None
+        repos.start_job(session=s, job_id=job_id, worker="w1")
     with sessions.begin() as s:
-        assert repos.fail_running_jobs(session=s, worker="w2", message="x") == 0
-        assert repos.fail_running_jobs(session=s, worker="w1", message="restarted") == 1
-    with sessions() as s:
-        job = repos.get_job(session=s, job_id=job_id)
-        assert job.status == "failed" and job.error["code"] == "worker_restarted"
-        assert repos.find_inflight(session=s, key="k") is None
+        assert repos.requeue_job(session=s, job_id=job_id)
+    job = status(sessions, job_id)
+    assert (job.status, job.attempts, job.sent_at) == ("queued", 0, None)
+
+
+def test_a_job_is_cancelled_only_when_its_last_waiter_leaves(sessions):
+    job_id = new_job(sessions)  # its creator waits
     with sessions.begin() as s:
-        repos.finish_job(session=s, job_id=job_id, status="succeeded", result={"text": "x"})
-    with sessions.begin() as s:  # a redelivered task for a finished job is skipped
-        assert repos.start_job(session=s, job_id=job_id, worker="w1") is None
+        repos.join_job(session=s, job_id=job_id)
+    with sessions.begin() as s:
+        assert not repos.leave_job(session=s, job_id=job_id, abandon=True)  # the joiner still waits
+    assert status(sessions, job_id).status == "queued"
+    with sessions.begin() as s:
+        assert repos.leave_job(session=s, job_id=job_id, abandon=True)
+    assert status(sessions, job_id).status == "cancelled"
+
+
+def test_retention_removes_old_finished_jobs_logs_and_events(sessions):
+    from mlxq.sql import StreamEvent
+
+    done, running = new_job(sessions, "a"), new_job(sessions, "b")
+    with sessions.begin() as s:
+        repos.finish_job(session=s, job_id=done, status="succeeded", result={})
+        repos.log_requests(session=s, rows=[{"at": 1.0, "key": "a", "endpoint": "chat", "cache": "MISS"}])
+        s.add_all([StreamEvent(job_id=j, data="{}", created_at=1.0) for j in (done, running)])
+    now = time.time() + 1
+    with sessions.begin() as s:
+        assert repos.prune(session=s, jobs_before=now, log_before=now, events_before=now) == {
+            "jobs": 1, "request_log": 1, "stream_events": 1}
+    assert status(sessions, done) is None and status(sessions, running) is not None
 
 
 def test_one_storing_job_per_key_in_flight(sessions):
@@ -113,16 +168,19 @@ def test_one_storing_job_per_key_in_flight(sessions):
     create()  # once the first is done, the key is free again
 
 
-def test_jobs_of_a_worker_that_stopped_beating_are_failed(sessions):
-    with sessions.begin() as s:
-        gone = repos.create_job(session=s, key="g", kind="chat", model="m", request={}, store=True, ttl_s=None).id
-        alive = repos.create_job(session=s, key="a", kind="chat", model="m", request={}, store=True, ttl_s=None).id
+def test_jobs_of_a_worker_that_stopped_beating_go_back_to_the_queue(sessions):
+    gone, alive = new_job(sessions, "g"), new_job(sessions, "a")
     with sessions.begin() as s:
         repos.start_job(session=s, job_id=gone, worker="dead-host")
         repos.start_job(session=s, job_id=alive, worker="live-host")
     with sessions.begin() as s:
-        assert repos.fail_orphaned_jobs(session=s, live_workers=["live-host"], older_than_s=60) == 0  # too recent
-        assert repos.fail_orphaned_jobs(session=s, live_workers=["live-host"], older_than_s=0) == 1
+        assert repos.requeue_running(session=s, live_workers=["live-host"], max_attempts=2) == (1, 0)
+    assert status(sessions, gone).status == "queued"
+    assert status(sessions, alive).status == "running"
+
+
+def test_liveness_reads_the_databases_clock(sessions):
+    with sessions.begin() as s:
+        repos.heartbeat(session=s, name="w", model="m", model_loaded=True, error=None, started_at=0.0)
     with sessions() as s:
-        assert repos.get_job(session=s, job_id=gone).error["code"] == "worker_lost"
-        assert repos.get_job(session=s, job_id=alive).status == "running"
+        assert [w.name for w in repos.live_workers(session=s, within_s=5)] == ["w"]

@@ -18,6 +18,7 @@ from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logi
 from mlx_lm.utils import dequantize_model
 
 from mlxq.contract import GenerationResult, JobError, JobKind, Priority, job_error
+from mlxq.weights import fingerprint
 from worker.batcher import Batcher
 from worker.prefix_cache import PrefixCache, default_bytes
 from worker.sequence import Sampler, Sequence
@@ -74,9 +75,7 @@ def _vocab_size(model: nn.Module, tokenizer: Any) -> int:
 
 
 def _model_key(path: Path) -> ModelKey:
-    weights = sorted(path.glob("*.safetensors"))
-    revision = ",".join(f"{w.name}:{w.stat().st_size}:{int(w.stat().st_mtime)}" for w in weights)
-    return ModelKey(str(path.resolve()), revision)
+    return ModelKey(str(path.resolve()), fingerprint(path))
 
 
 class Engine:

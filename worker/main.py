@@ -15,7 +15,7 @@ from worker.blas import preload_openblas
 preload_openblas()  # before anything imports mlx
 
 from celery import Celery  # noqa: E402
-from celery.signals import worker_init, worker_shutdown  # noqa: E402
+from celery.signals import worker_init, worker_shutdown, worker_shutting_down  # noqa: E402
 
 from mlxq.celery_app import make_celery  # noqa: E402
 from mlxq.channel import make_channel  # noqa: E402
@@ -31,8 +31,8 @@ def build(settings: Settings) -> tuple[Celery, Runtime]:
     sessions = make_sessionmaker(make_engine(settings.database_url))
     channel = make_channel(broker_url=settings.broker_url, redis_prefix=settings.redis_prefix,
                            sessions=sessions, poll_interval_s=settings.poll_interval_s)
-    runtime = Runtime(settings, sessions, channel)
     app = make_celery(settings)
+    runtime = Runtime(settings, sessions, channel, app)
 
     @app.task(name=GENERATE_TASK, acks_late=True, reject_on_worker_lost=True)
     def generate(job_id: str) -> None:
@@ -43,6 +43,11 @@ def build(settings: Settings) -> tuple[Celery, Runtime]:
     def _load(**_: object) -> None:
         runtime.load_model()
         runtime.start_heartbeat()
+
+    # Sent as the stop begins (SIGTERM, SIGINT), before Celery waits for running tasks to return.
+    @worker_shutting_down.connect(weak=False)
+    def _interrupt(**_: object) -> None:
+        runtime.begin_shutdown()
 
     @worker_shutdown.connect(weak=False)
     def _stop(**_: object) -> None:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
+import signal
 import socket
 import threading
 import time
@@ -16,11 +18,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
-from mlxq import repos
+from mlxq import delivery, repos
 from mlxq.channel import Channel
 from mlxq.contract import CANCELLED, job_error
+from mlxq.keys import request_key
 from mlxq.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -32,10 +36,11 @@ CANCEL_POLL_S = 0.25
 class Runtime:
     """Model, DB sessions and stream channel, made once per worker process."""
 
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session], channel: Channel) -> None:
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], channel: Channel, celery: Celery) -> None:
         self.settings = settings
         self.sessions = sessions
         self.channel = channel
+        self.celery = celery
         self.name = f"{socket.gethostname()}:{settings.queue}"
         self.started_at = time.time()
         self.engine: Any = None
@@ -44,6 +49,8 @@ class Runtime:
         self._saved_at = time.monotonic()
         self.cancels = CancelWatch(sessions)
         self._saving = threading.Lock()
+        # Set when the worker begins to stop: running jobs are interrupted and go back to the queue.
+        self.stopping = threading.Event()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -60,12 +67,16 @@ class Runtime:
         except Exception as exc:  # the worker stays up and reports why, never answers with a fake
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("model %s failed to load: %s", self.settings.model, self.load_error)
+        # This worker's name outlives its process: jobs it was running when it died run again (or fail
+        # after max_attempts), and their messages, which died with it, are sent again.
         with self.sessions.begin() as session:
-            failed = repos.fail_running_jobs(session=session, worker=self.name,
-                                             message="the worker restarted while this job was running")
-        if failed:
-            log.warning("failed %d jobs left running by a previous worker process", failed)
+            requeued, failed = repos.requeue_running(session=session, worker=self.name,
+                                                     max_attempts=self.settings.max_attempts)
+        if requeued or failed:
+            log.warning("a previous worker process died running jobs: %d requeued, %d failed after %d attempts",
+                        requeued, failed, self.settings.max_attempts)
         self.beat()
+        delivery.resend(self.sessions, self.celery, self.settings.queue, lost_after_s=None)
 
     # -- prefix cache ----------------------------------------------------------------------
 
@@ -112,6 +123,9 @@ class Runtime:
     def beat(self) -> None:
         stats: dict[str, Any] = {}
         if self.engine is not None:
+            # What the api checks requests against before it enqueues them, and names the weights by.
+            stats["model"] = {"vocab_size": self.engine.vocab_size, "context_length": self.engine.context_length,
+                              "fingerprint": self.engine.key.revision}
             stats["batch"] = self.engine.batcher.stats()
             if self.engine.prefix is not None:
                 stats["prefix_cache"] = self.engine.prefix.snapshot()
@@ -123,12 +137,24 @@ class Runtime:
     def start_heartbeat(self) -> None:
         def loop() -> None:
             while not self._stop.wait(self.settings.heartbeat_s):
+                if self.settings.supervisor_pid and os.getppid() != self.settings.supervisor_pid:
+                    # `mlxq serve` died without stopping us (kill -9): stop as if it had, not live on
+                    # as an orphan holding the model's memory.
+                    log.warning("the supervising process %d is gone; stopping", self.settings.supervisor_pid)
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
                 try:
                     self.beat()
                 except Exception:
                     log.exception("heartbeat failed")
 
         threading.Thread(target=loop, name="mlxq-heartbeat", daemon=True).start()
+
+    def begin_shutdown(self) -> None:
+        """Interrupt running jobs at once (they go back to the queue) so a stop takes seconds, not as long
+        as the longest generation."""
+        self.stopping.set()
+        self.cancels.cancel_all()
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -145,13 +171,20 @@ class Runtime:
 
     def run_job(self, job_id: str) -> None:
         """Load the job, hand it to the batch, relay its events, persist the outcome (one Celery thread)."""
+        if self.stopping.is_set():
+            with self.sessions.begin() as session:  # sent again by whoever starts next
+                repos.release_job(session=session, job_id=job_id)
+            return
         with self.sessions.begin() as session:
             job = repos.start_job(session=session, job_id=job_id, worker=self.name)
             if job is None:
-                log.info("job %s already finished or unknown; skipping", job_id)
+                log.info("job %s is not queued (finished, cancelled or taken); skipping", job_id)
                 return
-            kind, request, key, store, ttl_s, model = job.kind, job.request, job.key, job.store, job.ttl_s, job.model
+            kind, request, store, ttl_s, model = job.kind, job.request, job.store, job.ttl_s, job.model
             priority, stream = job.priority, job.stream
+        if job.attempts > 1:
+            # A client already streaming it has had part of the answer: it must know the rest starts over.
+            self.channel.publish(job_id, {"type": "restarted", "attempt": job.attempts})
         if self.engine is None:
             self._fail(job_id, job_error(503, f"model not loaded: {self.load_error}", code="model_not_loaded"))
             return
@@ -172,13 +205,21 @@ class Runtime:
             return
         answer = dict(seq.result or {})
         if answer.get("finish_reason") == "cancelled":
+            if self.stopping.is_set():
+                with self.sessions.begin() as session:
+                    repos.requeue_job(session=session, job_id=job_id)
+                return
             self._fail(job_id, dict(CANCELLED), status="cancelled")
             return
+        # The key names the weights that made the answer, which are this worker's.
+        key = request_key(kind, request, weights=self.engine.key.revision)
         with self.sessions.begin() as session:
-            repos.finish_job(session=session, job_id=job_id, status="succeeded", result=answer)
+            finished = repos.finish_job(session=session, job_id=job_id, status="succeeded", result=answer)
             if store:
                 repos.put_entry(session=session, key=key, kind=kind, model=model, result=answer,
                                 ttl_s=ttl_s or self.settings.cache_ttl_s)
+        if not finished:
+            log.info("job %s had ended before its answer was ready (cancelled or given up)", job_id)
         # The answer travels with the event, so the waiting client needs no further read.
         self.channel.publish(job_id, {"type": "done", "result": answer})
         if store:
@@ -247,6 +288,11 @@ class CancelWatch:
         finally:
             with self._lock:
                 self._flags.pop(job_id, None)
+
+    def cancel_all(self) -> None:
+        with self._lock:
+            for flag in self._flags.values():
+                flag.set()
 
     def _loop(self) -> None:
         while True:

@@ -1,0 +1,53 @@
+"""At-least-once delivery of jobs: a job's task message is sent, and sent again whenever it may be lost.
+
+A message is lost when a worker dies holding it (the embedded broker deletes a message on delivery; Redis
+keeps it unacknowledged for hours), when the broker restarts without persistence, or when a send fails
+after the job's row was committed. The job row, not the broker, is the record: a job that is queued but
+has no message is found here and sent again. A duplicate message is harmless, because only a queued job
+can be claimed (`repos.start_job`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
+
+from mlxq import repos
+from mlxq.contract import GENERATE_TASK
+
+log = logging.getLogger(__name__)
+
+
+def send(celery: Celery, queue: str, job_id: str) -> None:
+    celery.send_task(GENERATE_TASK, args=[job_id], task_id=job_id, queue=queue)
+
+
+def broker_depth(celery: Celery, queue: str) -> int:
+    """Messages waiting in the broker's queue (not those a worker holds)."""
+    with celery.connection_for_write() as conn:
+        # A plain (not passive) declare: Redis has no key for an empty queue, and a passive one would fail.
+        return conn.default_channel.queue_declare(queue=queue, durable=True, auto_delete=False).message_count
+
+
+def resend(sessions: sessionmaker[Session], celery: Celery, queue: str, *, lost_after_s: float | None) -> int:
+    """Send the jobs that need a message: requeued ones always; with `lost_after_s`, also those sent that
+    long ago and still queued while the broker's queue is empty (so their message is gone). Returns how
+    many were sent."""
+    lost_before = None
+    if lost_after_s is not None:
+        with sessions() as session:
+            stale = repos.jobs_to_send(session=session, lost_before=time.time() - lost_after_s, limit=1)
+        if stale and broker_depth(celery, queue) == 0:
+            lost_before = time.time() - lost_after_s
+    with sessions() as session:
+        ids = repos.jobs_to_send(session=session, lost_before=lost_before)
+    for job_id in ids:
+        send(celery, queue, job_id)
+    if ids:
+        with sessions.begin() as session:
+            repos.mark_sent(session=session, job_ids=ids)
+        log.warning("sent %d queued jobs whose task message was missing", len(ids))
+    return len(ids)
