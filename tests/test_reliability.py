@@ -1,0 +1,234 @@
+"""Faults caused for real on `mlxq serve` and on api + worker processes: kill -9 and SIGTERM, a request
+that kills its worker, clients that leave, a lost task message, a zero cache lifetime."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from mlxq.procs import ROOT, free_port
+from tests.conftest import MODEL_NAME, service_env
+
+LONG = {"model": MODEL_NAME, "temperature": 0, "max_tokens": 200}
+
+
+def ask(content: str) -> dict:
+    return {**LONG, "messages": [{"role": "user", "content": content}]}
+
+
+class Serve:
+    """`mlxq serve` as a user runs it: one process that starts and supervises its worker."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.db = Path(env["MLXQ_DATA_DIR"]) / "mlxq.sqlite"
+        self.log = log
+        self.proc = subprocess.Popen([sys.executable, "-m", "mlxq.cli", "serve", "--port", str(self.port)],
+                                     env={**os.environ, **env}, cwd=ROOT, stdout=log.open("w"),
+                                     stderr=subprocess.STDOUT)
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.base}/health", timeout=5).json()
+
+    def wait(self, ok, timeout: float = 120) -> dict:
+        deadline, last = time.time() + timeout, None
+        while time.time() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            try:
+                if ok(last := self.health()):
+                    return last
+            except httpx.HTTPError as exc:
+                last = exc
+            time.sleep(0.2)
+        raise TimeoutError(f"{last}\n{self.log.read_text()[-3000:]}")
+
+    def worker_pid(self) -> int:
+        # Any of serve's threads may have started it (the supervisor's does).
+        children = [c for task in Path(f"/proc/{self.proc.pid}/task").iterdir()
+                    for c in (task / "children").read_text().split()]
+        assert len(children) == 1, children
+        return int(children[0])
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.base}/v1", api_key="none", timeout=180, max_retries=0)
+
+    def jobs(self) -> list[tuple[str, int]]:
+        with sqlite3.connect(self.db) as db:
+            return db.execute("SELECT status, attempts FROM jobs ORDER BY created_at").fetchall()
+
+    def wait_jobs(self, ok, timeout: float = 60) -> list[tuple[str, int]]:
+        deadline = time.time() + timeout
+        while not ok(jobs := self.jobs()):
+            assert time.time() < deadline, jobs
+            time.sleep(0.05)
+        return jobs
+
+
+@pytest.fixture
+def serve(tmp_path: Path, smollm2: Path) -> Iterator[Serve]:
+    env = service_env(tmp_path, smollm2, MLXQ_RESEND_AFTER_S="2")
+    svc = Serve(env, tmp_path / "serve.log")
+    svc.wait(lambda h: h["model_loaded"])
+    yield svc
+    if svc.proc.poll() is None:
+        svc.proc.kill()
+        svc.proc.wait()
+    for pid in _pids_of(tmp_path):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _pids_of(tmp_path: Path) -> list[int]:
+    """Processes whose environment names this test's data dir (a worker left behind would show here)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(tmp_path / "data").encode() in (proc / "environ").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def in_thread(fn) -> tuple[threading.Thread, list]:
+    out: list = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except Exception as exc:
+            out.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def streamed_text(client: openai.OpenAI, request: dict) -> tuple[str, str | None]:
+    text, finish = "", None
+    for chunk in client.chat.completions.create(**request, stream=True):
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+    return text, finish
+
+
+def test_serve_restarts_a_killed_worker_and_its_jobs_run_again_for_sync_and_streamed_clients(serve: Serve):
+    client = serve.client()
+    sync_req, stream_req = ask("Write a long story about a lighthouse."), ask("Write a long poem about the sea.")
+    sync, sync_out = in_thread(lambda: client.chat.completions.create(**sync_req))
+    stream, stream_out = in_thread(lambda: streamed_text(client, stream_req))
+    serve.wait_jobs(lambda jobs: [s for s, _ in jobs] == ["running", "running"])
+    time.sleep(1.0)  # some text streamed already
+    os.kill(serve.worker_pid(), signal.SIGKILL)
+
+    sync.join(240)
+    stream.join(240)
+    answer, (text, finish) = sync_out[0], stream_out[0]
+    assert answer.choices[0].finish_reason == finish == "length"
+    assert serve.jobs() == [("succeeded", 2), ("succeeded", 2)]
+    health = serve.health()
+    assert health["worker"]["restarts"] == 1 and health["model_loaded"]
+    # Both answers are whole: what a fresh ask (now a cache hit) gives, the streamed text not doubled.
+    hit = client.chat.completions.with_raw_response.create(**stream_req)
+    assert hit.headers["x-cache"] == "HIT" and hit.parse().choices[0].message.content == text
+    assert client.chat.completions.create(**sync_req).choices[0].message.content == answer.choices[0].message.content
+
+
+def test_a_request_that_kills_the_worker_twice_fails_cleanly_and_the_worker_stays_up(serve: Serve):
+    client = serve.client()
+    waiter, out = in_thread(lambda: client.chat.completions.create(**ask("Write a long story about a dragon.")))
+    for attempt in (1, 2):  # max_attempts is 2
+        serve.wait_jobs(lambda jobs, a=attempt: jobs == [("running", a)], timeout=120)
+        os.kill(serve.worker_pid(), signal.SIGKILL)
+    waiter.join(120)
+    error = out[0]
+    assert isinstance(error, openai.InternalServerError) and error.code == "worker_crashed", error
+    assert "2 times" in error.message
+    assert serve.jobs() == [("failed", 2)]
+    health = serve.wait(lambda h: h["model_loaded"])
+    assert health["worker"]["restarts"] == 2
+    # The worker is up and serves the next request.
+    short = client.chat.completions.create(**{**ask("Say hi."), "max_tokens": 4})
+    assert short.choices[0].message.content
+
+
+def test_sigterm_stops_serve_and_its_worker_within_15s_saving_the_prefix_cache(serve: Serve, tmp_path: Path):
+    client = serve.client()
+    client.chat.completions.create(**{**ask("Name a fruit."), "max_tokens": 4})  # an entry to save
+    waiter, out = in_thread(lambda: client.chat.completions.create(**ask("Write a long story about a dragon.")))
+    serve.wait_jobs(lambda jobs: jobs[-1][0] == "running")
+    worker = serve.worker_pid()
+
+    started = time.monotonic()
+    serve.proc.send_signal(signal.SIGTERM)
+    serve.proc.wait(15)
+    while _pids_of(tmp_path) and time.monotonic() - started < 15:
+        time.sleep(0.1)
+    assert not _pids_of(tmp_path), f"left running: {_pids_of(tmp_path)}"
+    assert not Path(f"/proc/{worker}").exists()
+
+    waiter.join(5)
+    error = out[0]  # the waiting client was told at once, in its dialect
+    assert isinstance(error, openai.APIStatusError) and error.status_code == 503 and error.code == "shutting_down"
+    assert list((tmp_path / "data" / "prefix_cache").glob("*/*.safetensors"))
+    # The interrupted job went back to the queue without using up an attempt: the next start runs it.
+    assert serve.jobs()[-1] == ("queued", 0)
+
+
+def test_a_stream_joined_by_another_client_lives_on_when_the_first_goes_away(tmp_path: Path, tiny_model: Path,
+                                                                              service_factory):
+    svc = service_factory(service_env(tmp_path, tiny_model)).start()
+    request = {**LONG, "max_tokens": 200, "stream": True, "messages": [{"role": "user", "content": "go"}]}
+    with httpx.Client(timeout=60) as http, http.stream("POST", f"{svc.base}/v1/chat/completions",
+                                                      json=request) as first:
+        lines = first.iter_lines()
+        next(line for line in lines if line.startswith("data: {"))  # the first client is streaming
+        joiner = openai.OpenAI(base_url=f"{svc.base}/v1", api_key="none", timeout=60)
+        thread, out = in_thread(lambda: streamed_text(joiner, {k: v for k, v in request.items() if k != "stream"}))
+        time.sleep(0.5)
+    # The first client has gone; the joiner still gets the whole answer.
+    thread.join(60)
+    text, finish = out[0]
+    assert finish == "length" and text
+
+
+def test_a_queued_job_whose_message_was_lost_is_sent_again(tmp_path: Path, tiny_model: Path, service_factory):
+    svc = service_factory(service_env(tmp_path, tiny_model, MLXQ_RESEND_AFTER_S="1")).start(worker=False)
+    client = openai.OpenAI(base_url=f"{svc.base}/v1", api_key="none", timeout=120, max_retries=0)
+    request = {**LONG, "max_tokens": 8, "messages": [{"role": "user", "content": "lost"}]}
+    thread, out = in_thread(lambda: client.chat.completions.create(**request))
+    broker = tmp_path / "data" / "broker.sqlite"
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        with sqlite3.connect(broker) as db:
+            if db.execute("SELECT count(*) FROM kombu_message").fetchone()[0]:
+                db.execute("DELETE FROM kombu_message")  # the message is lost (a broker without persistence)
+                break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the task message never reached the broker")
+    svc.procs.append(svc._spawn("worker", "--log-level", "INFO"))
+    thread.join(120)
+    assert isinstance(out[0], openai.types.chat.ChatCompletion), out[0]
+
+
+def test_a_zero_cache_lifetime_stores_nothing(tmp_path: Path, tiny_model: Path, service_factory):
+    svc = service_factory(service_env(tmp_path, tiny_model)).start()
+    client = openai.OpenAI(base_url=f"{svc.base}/v1", api_key="none", timeout=60)
+    request = {**LONG, "max_tokens": 4, "messages": [{"role": "user", "content": "fresh"}]}
+    for _ in range(2):
+        raw = client.chat.completions.with_raw_response.create(**request, extra_headers={"Cache-Control": "max-age=0"})
+        assert raw.headers["x-cache"] != "HIT"
+    assert client.chat.completions.with_raw_response.create(**request).headers["x-cache"] == "MISS"
