@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api import errors
+from api.limits import BodyLimit
 from api.routes import router
 from api.services import Services
 from mlxq import __version__
@@ -37,5 +38,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
 
     app = FastAPI(title="mlxq", version=__version__, lifespan=lifespan)
     errors.install(app)
+    # An oversized body is refused before anything reads it.
+    app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * 2**20))
     app.include_router(router)
     return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -12,14 +13,29 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-          409: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
-          503: "server_error", 504: "server_error"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    409: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "server_error",
+    504: "server_error",
+}
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, *, type: str | None = None, code: str | None = None,
-                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str | None = None,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
@@ -27,36 +43,100 @@ class APIError(Exception):
 
     @classmethod
     def from_job(cls, error: dict[str, Any]) -> APIError:
-        return cls(int(error.get("status", 500)), error.get("message", "job failed"), type=error.get("type"),
-                   code=error.get("code"), param=error.get("param"))
+        return cls(
+            int(error.get("status", 500)),
+            error.get("message", "job failed"),
+            type=error.get("type"),
+            code=error.get("code"),
+            param=error.get("param"),
+        )
 
 
-def openai_error(status: int, message: str, *, type: str, code: str | None = None,
-                 param: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+def _utf8(text: str) -> str:
+    """Text that can be encoded: a lone surrogate the client sent (echoed in a message) must not make a 500."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def openai_error(
+    status: int,
+    message: str,
+    *,
+    type: str,
+    code: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = {"error": {"message": _utf8(message), "type": type, "param": _utf8(param) if param else param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def error_path(loc: Sequence[Any], body: Any, *, missing: bool = False) -> list[str | int]:
+    """The path of a validation error in the body as the client sent it.
+
+    Pydantic's locations also name the branch of a union they were checked against (the message
+    role, `string`, `array`, ...), which is no part of the body: a segment is kept only where it
+    indexes into the body, or is the field found missing at the end.
+    """
+    parts = list(loc[1:] if loc and loc[0] == "body" else loc)
+    if body is None:
+        return parts
+    path: list[str | int] = []
+    node = body
+    for i, part in enumerate(parts):
+        if isinstance(node, dict) and isinstance(part, str) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        elif not (missing and i == len(parts) - 1):
+            continue  # a union branch
+        path.append(part)
+    return path
+
+
+def _describe(error: dict[str, Any], body: Any) -> tuple[str, str]:
+    """(dotted path, message) of one pydantic error."""
+    kind = error.get("type")
+    missing = kind in ("missing", "union_tag_not_found")
+    path = error_path(error.get("loc", ()), body, missing=missing)
+    if kind in ("union_tag_invalid", "union_tag_not_found"):  # a message's `role`: name that field
+        path.append(str((error.get("ctx") or {}).get("discriminator", "")).strip("'\""))
+    dotted = ".".join(str(p) for p in path)
+    if not dotted:
+        return "", (
+            "The request body is missing (a JSON object is expected)."
+            if missing
+            else f"Invalid request body: {error.get('msg')}."
+        )
+    if missing:
+        return dotted, f"Missing required parameter: '{dotted}'."
+    return dotted, f"Invalid value for '{dotted}': {error.get('msg')}."
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    from api.validation import json_value_problem  # here: api.validation raises this module's APIError
+
     errors = exc.errors()
     if not errors:
         return "Invalid request body.", None
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
-        return f"Could not parse the request body as JSON: {first.get('msg', '')}", None
-    param = ".".join(loc) or None
-    details = "; ".join(
-        f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}" for e in errors[:5]
-    )
-    return f"Invalid request: {details}", param
+        return f"Could not parse the request body as JSON: {(first.get('ctx') or {}).get('error', '')}", None
+    # A lone surrogate (or NaN) is named as such even where it also made a field invalid.
+    if problem := json_value_problem(getattr(exc, "body", None)):
+        return problem
+    described = list(dict.fromkeys(_describe(e, getattr(exc, "body", None)) for e in errors))
+    (param, message), rest = described[0], described[1:]
+    if rest:
+        message += (
+            f" ({len(rest)} more: " + "; ".join(m for _, m in rest[:3]) + ("; ..." if len(rest) > 3 else "") + ")"
+        )
+    return message, param or None
 
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return openai_error(exc.status, exc.message, type=exc.type, code=exc.code, param=exc.param,
-                            headers=exc.headers)
+        return openai_error(exc.status, exc.message, type=exc.type, code=exc.code, param=exc.param, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,29 +1,199 @@
 """OpenAI request and response schemas, in the order of the official spec.
 
-Unknown fields are allowed (clients send many); non-spec extras are fenced below.
+Unknown fields are allowed (clients send many); non-spec extras are fenced below. The request models
+describe the shape of every field we accept, so a malformed value is a 400 naming its path and the
+OpenAPI schema says what a valid body is; what this server cannot honour (and the limits from the
+settings) is refused in api.validation.
+
+Optional fields default to None: a request is dumped with `exclude_none` into its canonical form (the
+cache key), which must hold what the client sent and no default a model invented.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StrictInt, Tag, model_validator
+from pydantic_core import PydanticCustomError
+from typing_extensions import TypedDict
 
 from mlxq.contract import Priority
 
+# Seeds the worker can use: mlx.core.random.key takes 0..2**64-1; OpenAI documents an int64, so the
+# intersection (a non-negative int64, which PostgreSQL's JSON and any client also hold) is accepted.
+MAX_SEED = 2**63 - 1
+# Content parts of other modalities: named in the error, since the model is text-only.
+MEDIA_PARTS = ("image_url", "input_audio", "file", "image", "audio", "input_image", "input_file", "video_url")
+
 
 class OpenAIBaseModel(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # NaN and infinities are not JSON (Python's parser accepts them anyway): refused in every float field.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
 
-class ChatMessage(OpenAIBaseModel):
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[dict[str, Any]] | None = None
+def _json_type(value: Any) -> str | None:
+    """The JSON type of a value, to pick the one branch of a union that applies (so an error names one path)."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, BaseModel):  # serializing a validated request
+        return "object"
+    return {str: "string", list: "array", dict: "object", int: "integer", float: "number"}.get(type(value))
+
+
+def one_of(message: str) -> Discriminator:
+    """A discriminator by JSON type over `Tag("string")`, `Tag("array")`, ... branches; `message` otherwise."""
+    return Discriminator(_json_type, custom_error_type="invalid_type", custom_error_message=message)
+
+
+# -- messages ----------------------------------------------------------------------------------
+
+
+class TextPart(OpenAIBaseModel):
+    type: Literal["text"]
+    text: str
+
+
+def _text_only(part: Any) -> Any:
+    """Say plainly why a part that is not text is refused, before it is read as a text part."""
+    if isinstance(part, dict) and "type" in part and part["type"] != "text":
+        if part["type"] in MEDIA_PARTS:
+            raise PydanticCustomError(
+                "unsupported_content_part",
+                "this model is text-only: content parts of type '{part_type}' are not supported",
+                {"part_type": part["type"]},
+            )
+        raise PydanticCustomError(
+            "unsupported_content_part",
+            "unsupported content part type '{part_type}'; only 'text' parts are served",
+            {"part_type": str(part["type"])},
+        )
+    return part
+
+
+ContentPart = Annotated[TextPart, BeforeValidator(_text_only)]
+Content = Annotated[
+    Annotated[str, Tag("string")] | Annotated[list[ContentPart], Tag("array"), Field(min_length=1)],
+    one_of("Input should be a string or a list of content parts"),
+]
+
+
+class FunctionCall(OpenAIBaseModel):
+    name: str
+    # OpenAI sends a JSON string; some clients send the object itself: both are accepted.
+    arguments: (
+        Annotated[
+            Annotated[str, Tag("string")] | Annotated[dict[str, Any], Tag("object")],
+            one_of("Input should be a JSON string (or a JSON object)"),
+        ]
+        | None
+    ) = None
+
+
+class ToolCall(OpenAIBaseModel):
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCall
+
+
+class SystemMessage(OpenAIBaseModel):
+    role: Literal["system", "developer"]
+    content: Content
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-    tool_call_id: str | None = None
+
+
+class UserMessage(OpenAIBaseModel):
+    role: Literal["user"]
+    content: Content
+    name: str | None = None
+
+
+class AssistantMessage(OpenAIBaseModel):
+    role: Literal["assistant"]
+    content: Content | None = None
+    refusal: str | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_validator(mode="after")
+    def _says_something(self) -> AssistantMessage:
+        if self.content is None and not self.tool_calls:
+            raise PydanticCustomError("missing_content", "an assistant message needs `content` or `tool_calls`")
+        return self
+
+
+class ToolMessage(OpenAIBaseModel):
+    role: Literal["tool"]
+    content: Content
+    tool_call_id: str
+
+
+class FunctionMessage(OpenAIBaseModel):
+    """Deprecated by OpenAI (replaced by tool messages), still accepted."""
+
+    role: Literal["function"]
+    content: str | None
+    name: str
+
+
+ChatMessage = Annotated[
+    SystemMessage | UserMessage | AssistantMessage | ToolMessage | FunctionMessage,
+    Field(discriminator="role"),
+]
+
+
+# -- tools -------------------------------------------------------------------------------------
+
+
+class FunctionDefinition(OpenAIBaseModel):
+    # OpenAI's rule plus dots (namespaced tools): the name is also written into prompts and prefills.
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatCompletionTool(OpenAIBaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIBaseModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIBaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Annotated[
+    Annotated[Literal["none", "auto", "required"], Tag("string")] | Annotated[NamedToolChoice, Tag("object")],
+    one_of('Input should be \'none\', \'auto\', \'required\' or {"type": "function", "function": {"name": ...}}'),
+]
+
+
+class ResponseFormat(OpenAIBaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+class StreamOptions(TypedDict, total=False):
+    """A typed dict rather than a model: the streaming code reads it as the plain dict it was."""
+
+    __pydantic_config__ = ConfigDict(extra="allow")  # type: ignore[misc]
+    include_usage: bool
+
+
+Stop = Annotated[
+    Annotated[str, Tag("string"), Field(min_length=1)]
+    | Annotated[list[Annotated[str, Field(min_length=1)]], Tag("array")],
+    one_of("Input should be a string or a list of strings"),
+]
+
+
+# -- requests ----------------------------------------------------------------------------------
 
 
 class GenerationRequest(OpenAIBaseModel):
@@ -31,19 +201,22 @@ class GenerationRequest(OpenAIBaseModel):
 
     model: str
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    # Token id -> bias; accepted in shape, refused when non-empty (not supported).
+    logit_bias: dict[str, float] | None = None
     max_tokens: int | None = Field(None, ge=1)
     n: int | None = Field(None, ge=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     # "flex" (OpenAI's slower, cheaper tier) runs at low priority: after interactive requests.
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
-    stop: str | list[str] | None = None
+    stop: Stop | None = None
     stream: bool | None = False
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     user: str | None = None
     # -- non-spec extras -------------------------------------------------------------------
+    # 0 disables it; past the vocabulary it is refused (api.validation, once a worker published it).
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
@@ -57,17 +230,49 @@ class GenerationRequest(OpenAIBaseModel):
 
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    # Output audio: refused (the model is text-only).
+    audio: dict[str, Any] | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
     max_completion_tokens: int | None = Field(None, ge=1)
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
+    modalities: list[Literal["text", "audio"]] | None = None
+    response_format: ResponseFormat | None = None
+    tool_choice: ToolChoice | None = None
+    tools: list[ChatCompletionTool] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+def _prompt_type(value: Any) -> str | None:
+    """Which of the four prompt shapes a value is, judged by its first item (an error then names the item)."""
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        first = value[0] if value else ""
+        if isinstance(first, list):
+            return "token_lists"
+        return "tokens" if isinstance(first, int) else "strings"
+    return None
+
+
+# Token ids are strict ints (not true, not 1.0): their range is checked in api.validation, with its own code.
+Prompt = Annotated[
+    Annotated[str, Tag("string")]
+    | Annotated[list[str], Tag("strings"), Field(min_length=1)]
+    | Annotated[list[StrictInt], Tag("tokens"), Field(min_length=1)]
+    | Annotated[list[Annotated[list[StrictInt], Field(min_length=1)]], Tag("token_lists"), Field(min_length=1)],
+    Discriminator(
+        _prompt_type,
+        custom_error_type="invalid_type",
+        custom_error_message="Input should be a string, a list of strings, a list of token ids "
+        "or a list of lists of token ids",
+    ),
+]
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Prompt
+    # Only 1 (the default) is served.
+    best_of: int | None = Field(None, ge=1)
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=5)
     suffix: str | None = None
@@ -108,17 +313,23 @@ def chat_completion(result: dict[str, Any], *, model: str) -> dict[str, Any]:
 
 def text_completion(results: list[dict[str, Any]], *, model: str, prefixes: list[str] | None = None) -> dict[str, Any]:
     """Render worker results (one per prompt) as an OpenAI `text_completion` object."""
-    usage = {"prompt_tokens": sum(r.get("usage", {}).get("prompt_tokens", 0) for r in results),
-             "completion_tokens": sum(r.get("usage", {}).get("completion_tokens", 0) for r in results),
-             "cached_tokens": sum(r.get("usage", {}).get("cached_tokens", 0) for r in results)}
+    usage = {
+        "prompt_tokens": sum(r.get("usage", {}).get("prompt_tokens", 0) for r in results),
+        "completion_tokens": sum(r.get("usage", {}).get("completion_tokens", 0) for r in results),
+        "cached_tokens": sum(r.get("usage", {}).get("cached_tokens", 0) for r in results),
+    }
     return {
         "id": _id("cmpl"),
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
         "choices": [
-            {"index": i, "text": (prefixes[i] if prefixes else "") + r.get("text", ""), "logprobs": None,
-             "finish_reason": r.get("finish_reason", "stop")}
+            {
+                "index": i,
+                "text": (prefixes[i] if prefixes else "") + r.get("text", ""),
+                "logprobs": None,
+                "finish_reason": r.get("finish_reason", "stop"),
+            }
             for i, r in enumerate(results)
         ],
         "usage": usage_block(usage),

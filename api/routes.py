@@ -24,8 +24,9 @@ from api.protocol import (
 )
 from api.services import Services, ServicesDep
 from api.streaming import ChunkWriter, event_source, from_list, openai_stream, replay
+from api.validation import check_generation, check_json_values
 from mlxq.contract import Priority
-from mlxq.keys import canonical_chat, canonical_completion, tool_names
+from mlxq.keys import canonical_chat, canonical_completion, is_deterministic, tool_names
 
 router = APIRouter()
 
@@ -34,13 +35,17 @@ router = APIRouter()
 FIRST_EVENT_WAIT_S = 2.0
 
 
-def check_request(services: Services, body: GenerationRequest) -> None:
-    """What every generation endpoint refuses up front: another model, n > 1."""
+async def check_request(services: Services, body: GenerationRequest) -> None:
+    """What every generation endpoint refuses up front, before anything is enqueued: a body that cannot
+    be encoded, another model, n > 1, and what api.validation refuses."""
+    # First: the 404 below echoes `model`, which must be encodable.
+    check_json_values(body.model_dump())
     if body.model != services.settings.model_name:
         raise APIError(404, f"The model `{body.model}` does not exist; this server serves "
                             f"`{services.settings.model_name}`.", code="model_not_found", param="model")
     if body.n not in (None, 1):
         raise APIError(400, "Only n=1 is supported.", param="n")
+    await check_generation(body, settings=services.settings, model_info=services.model_info)
 
 
 def cache_headers(outcome: Outcome) -> dict[str, str]:
@@ -50,11 +55,11 @@ def cache_headers(outcome: Outcome) -> dict[str, str]:
     return headers
 
 
-async def job_events(pipeline: Pipeline, outcome: Outcome) -> AsyncIterator[dict[str, Any]]:
+async def job_events(pipeline: Pipeline, outcome: Outcome, *, replayable: bool) -> AsyncIterator[dict[str, Any]]:
     """The outcome's events: replayed from the cache, or live from its job (errors up front raise)."""
     if outcome.job_id is None:
         return from_list(replay(outcome.result))
-    events = pipeline.events(outcome.job_id)
+    events = pipeline.events(outcome.job_id, replayable=replayable)
     prelude: list[dict[str, Any]] = []
     deadline = time.monotonic() + FIRST_EVENT_WAIT_S
     while True:
@@ -112,9 +117,9 @@ async def stream_response(services: Services, pipeline: Pipeline, outcome: Outco
             finished = True
         finally:
             record(services, endpoint=endpoint, outcome=outcome, canonical=canonical, started=started, stream=True)
-            # A client that went away stops its own job (not one it merely joined).
-            if not finished and outcome.job_id and not outcome.joined:
-                pipeline.cancel_soon(outcome.job_id)
+            # A client that went away stops the job, unless another client still waits for it.
+            if outcome.job_id:
+                pipeline.leave_soon(outcome.job_id, abandon=not finished)
 
     return event_source(guarded(), cache_headers(outcome), services.settings.sse_keepalive_s)
 
@@ -126,7 +131,12 @@ async def openai_streamed(services: Services, pipeline: Pipeline, *, kind: str, 
     outcome = await pipeline.submit(kind=kind, canonical=canonical, policy=policy, priority=priority)
     writer = ChunkWriter(kind=kind, model=services.settings.model_name,
                          include_usage=bool((stream_options or {}).get("include_usage")))
-    events = tap(await job_events(pipeline, outcome), outcome)
+    try:
+        events = tap(await job_events(pipeline, outcome, replayable=is_deterministic(canonical)), outcome)
+    except BaseException:
+        if outcome.job_id:
+            pipeline.leave_soon(outcome.job_id, abandon=True)
+        raise
     sse = openai_stream(events, writer, prefix=prefix)
     return await stream_response(services, pipeline, outcome, canonical, sse, kind, started)
 
@@ -135,7 +145,7 @@ async def openai_streamed(services: Services, pipeline: Pipeline, *, kind: str, 
 async def chat_completions(body: ChatCompletionRequest, services: ServicesDep,
                            cache_control: str | None = Header(None)) -> Response:
     started = time.perf_counter()
-    check_request(services, body)
+    await check_request(services, body)
     settings = services.settings
     canonical = canonical_chat(body.model_dump(exclude_none=True), default_temperature=settings.default_temperature,
                                default_max_tokens=settings.default_max_tokens)
@@ -161,7 +171,7 @@ def _prompts(prompt: Any) -> list[str | list[int]]:
 async def completions(body: CompletionRequest, services: ServicesDep,
                       cache_control: str | None = Header(None)) -> Response:
     started = time.perf_counter()
-    check_request(services, body)
+    await check_request(services, body)
     if body.suffix:
         raise APIError(400, "suffix is not supported.", param="suffix")
     if body.logprobs:
