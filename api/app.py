@@ -8,9 +8,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import errors
+from api import batches, errors, jobs, routes
+from api.background import run_every
 from api.limits import BodyLimit
-from api.routes import router
 from api.services import Services
 from mlxq import __version__
 from mlxq.db import upgrade
@@ -33,12 +33,18 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
             log.warning("could not warm up the database or broker connection", exc_info=True)
         services.stats.start()
         services.reaper.start()
+        # Batches move on when their last job ends: finished within a round, or at once when polled.
+        batch_rounds = run_every(services.reaper.grace_s / 2, lambda: batches.advance_open(services))
         yield
+        batch_rounds.cancel()
         await services.aclose()
 
     app = FastAPI(title="mlxq", version=__version__, lifespan=lifespan)
     errors.install(app)
     # An oversized body is refused before anything reads it.
-    app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * 2**20))
-    app.include_router(router)
+    app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * 2**20),
+                       uploads=("/v1/files", int(settings.max_file_mb * 2**20) + 2**16, "MLXQ_MAX_FILE_MB"))
+    for module in (routes, jobs, batches):
+        for r in module.routers:
+            app.include_router(r)
     return app

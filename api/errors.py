@@ -9,6 +9,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -133,6 +135,12 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return message, param or None
 
 
+def invalid_body(exc: ValidationError, body: Any) -> APIError:
+    """A body validated outside a route (a job's, a batch line's) refused as the route would refuse it."""
+    message, param = _validation_message(RequestValidationError(exc.errors(), body=body))
+    return APIError(400, message, param=param)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -146,6 +154,13 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return openai_error(exc.status_code, str(exc.detail), type=_TYPES.get(exc.status_code, "invalid_request_error"))
+
+    @app.exception_handler(DBAPIError)
+    async def _database(_: Request, exc: DBAPIError) -> JSONResponse:
+        # The database is down or restarting: a retryable 503, not a 500 (the pool reconnects once it is back).
+        log.warning("database error: %s", exc.orig)
+        return openai_error(503, "The database is unavailable; retry the request.", type="server_error",
+                            code="database_unavailable", headers={"Retry-After": "1"})
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

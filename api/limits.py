@@ -15,18 +15,24 @@ TOO_LARGE = "request_too_large"
 
 
 class BodyLimit:
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    """`max_bytes` for every path but those under `uploads`, a prefix with its own bound (file uploads)."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int, uploads: tuple[str, int, str] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.uploads = uploads
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit, setting = self.max_bytes, "MLXQ_MAX_BODY_MB"
+        if self.uploads is not None and scope.get("path", "").startswith(self.uploads[0]):
+            limit, setting = self.uploads[1], self.uploads[2]
         declared = _content_length(scope)
         if declared is not None:
-            if declared > self.max_bytes:
-                await self._refuse(send, f"The request body ({declared} bytes) is larger")
+            if declared > limit:
+                await self._refuse(send, f"The request body ({declared} bytes) is larger", limit, setting)
                 return
             # The server frames the body by its Content-Length: no more than that can arrive.
             await self.app(scope, receive, send)
@@ -39,8 +45,8 @@ class BodyLimit:
             if message["type"] != "http.request":
                 break  # the client went away: let the app see it
             size += len(message.get("body", b""))
-            if size > self.max_bytes:
-                await self._refuse(send, "The request body is larger")
+            if size > limit:
+                await self._refuse(send, "The request body is larger", limit, setting)
                 return
             if not message.get("more_body", False):
                 break
@@ -50,12 +56,12 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send: Send, what: str) -> None:
-        limit_mb = self.max_bytes / 2**20
+    async def _refuse(self, send: Send, what: str, limit: int, setting: str) -> None:
+        limit_mb = limit / 2**20
         body = json.dumps(
             {
                 "error": {
-                    "message": f"{what} than the limit of {limit_mb:g} MB (MLXQ_MAX_BODY_MB).",
+                    "message": f"{what} than the limit of {limit_mb:g} MB ({setting}).",
                     "type": "invalid_request_error",
                     "param": None,
                     "code": TOO_LARGE,

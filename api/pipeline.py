@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from api.errors import APIError
 from api.services import Services
@@ -64,6 +65,7 @@ class Outcome:
     key: str
     job_id: str | None = None
     joined: bool = False  # an identical job was already in flight
+    needs_send: bool = False  # it was a low-priority job waiting for room, which this client cannot wait for
 
 
 class Pipeline:
@@ -73,27 +75,49 @@ class Pipeline:
     # -- SQL steps (run in threads) --------------------------------------------------------
 
     def _resolve(self, *, key: str, kind: str, canonical: dict[str, Any], lookup: bool, store: bool,
-                 ttl_s: float | None, priority: Priority, stream: bool) -> Outcome:
+                 ttl_s: float | None, priority: Priority, stream: bool, as_job: bool = False,
+                 idempotency_key: str | None = None) -> Outcome:
         """One thread hop and one transaction for the whole decision: cached answer, an identical job in
-        flight, or a new job."""
+        flight, or a new job. `as_job` (a submitted job) makes a job row even for a cached answer;
+        `idempotency_key` returns the job an earlier submit with that key got."""
         outcome = "MISS" if lookup else "BYPASS"
         for _attempt in range(3):
             try:
                 with self.s.sessions.begin() as session:
-                    if lookup and (cached := repos.lookup_result(session=session, key=key)) is not None:
-                        return Outcome(cached, "HIT", key)
-                    running = repos.find_inflight(session=session, key=key) if store else None
-                    if running is not None:
-                        repos.join_job(session=session, job_id=running.id)
-                        return Outcome({}, outcome, key, running.id, joined=True)
-                    job_id = repos.create_job(session=session, key=key, kind=kind, model=canonical["model"],
-                                              request=canonical, store=store, ttl_s=ttl_s,
-                                              priority=priority, stream=stream).id
-            except IntegrityError:  # an identical job was created at the same moment: join it
+                    if idempotency_key and (known := repos.job_for_idempotency_key(
+                            session=session, key=idempotency_key)) is not None:
+                        return Outcome(known.result or {}, "HIT" if known.status == "succeeded" else outcome,
+                                       key, known.id, joined=True)
+                    found = self._decide(session, key=key, kind=kind, canonical=canonical, lookup=lookup,
+                                         store=store, ttl_s=ttl_s, priority=priority, stream=stream, as_job=as_job)
+                    if idempotency_key and found.job_id:
+                        repos.remember_idempotency_key(session=session, key=idempotency_key, job_id=found.job_id)
+            except IntegrityError:  # an identical job (or key) was created at the same moment: join it
                 continue
-            self._send(job_id)  # after the commit, so the worker always finds the row
-            return Outcome({}, outcome, key, job_id)
+            if found.cache != "HIT" and not found.joined:
+                self._send(found.job_id)  # after the commit, so the worker always finds the row
+            elif found.needs_send:  # joined a low-priority job still waiting for room: it goes now
+                delivery.resend(self.s.sessions, self.s.celery, self.s.settings, lost_after_s=None)
+            return found
         raise APIError(503, "Could not enqueue the request; try again.", code="enqueue_conflict")
+
+    def _decide(self, session: Session, *, key: str, kind: str, canonical: dict[str, Any], lookup: bool,
+                store: bool, ttl_s: float | None, priority: Priority, stream: bool, as_job: bool) -> Outcome:
+        outcome = "MISS" if lookup else "BYPASS"
+        waiters = 1  # the client asking; a submitted job's submitter never leaves
+        if lookup and (cached := repos.lookup_result(session=session, key=key)) is not None:
+            if not as_job:
+                return Outcome(cached, "HIT", key)
+            job = repos.create_job(session=session, key=key, kind=kind, model=canonical["model"], request=canonical,
+                                   store=False, ttl_s=ttl_s, priority=priority, stream=stream, result=cached)
+            return Outcome(cached, "HIT", key, job.id)
+        running = repos.find_inflight(session=session, key=key) if store else None
+        if running is not None:
+            needs_send = repos.join_job(session=session, job_id=running.id, priority=priority)
+            return Outcome({}, outcome, key, running.id, joined=True, needs_send=needs_send)
+        job = repos.create_job(session=session, key=key, kind=kind, model=canonical["model"], request=canonical,
+                               store=store, ttl_s=ttl_s, priority=priority, stream=stream, waiters=waiters)
+        return Outcome({}, outcome, key, job.id)
 
     def _send(self, job_id: str) -> None:
         try:
@@ -120,14 +144,15 @@ class Pipeline:
     # -- the path --------------------------------------------------------------------------
 
     async def submit(self, *, kind: str, canonical: dict[str, Any], policy: CachePolicy,
-                     priority: Priority = "interactive", stream: bool = True) -> Outcome:
+                     priority: Priority = "interactive", stream: bool = True, as_job: bool = False,
+                     idempotency_key: str | None = None) -> Outcome:
         """Answer from the cache, or enqueue a job (joining an identical one in flight)."""
         key = request_key(kind, canonical, weights=await self.weights())
         cacheable = is_deterministic(canonical)
         outcome = await asyncio.to_thread(
             self._resolve, key=key, kind=kind, canonical=canonical, lookup=cacheable and policy.lookup,
             store=cacheable and policy.store, ttl_s=policy.ttl_s, priority=priority,
-            stream=stream,
+            stream=stream, as_job=as_job, idempotency_key=idempotency_key,
         )
         if outcome.cache == "HIT":
             self.s.stats.hit(key)

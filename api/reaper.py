@@ -19,13 +19,11 @@ from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.background import run_every
-from mlxq import delivery, repos
+from mlxq import batch_repos, delivery, repos
 from mlxq.broker import prune_delivered
 from mlxq.settings import Settings
 
 log = logging.getLogger(__name__)
-
-PRUNE_EVERY_S = 600.0
 
 
 class JobReaper:
@@ -48,7 +46,7 @@ class JobReaper:
             log.warning("jobs of stopped workers: %d requeued, %d failed after %d attempts; %d never started",
                         requeued, failed, settings.max_attempts, stale)
         try:
-            delivery.resend(self._sessions, self._celery, settings.queue, lost_after_s=settings.resend_after_s)
+            delivery.resend(self._sessions, self._celery, settings, lost_after_s=settings.resend_after_s)
         except Exception as exc:  # the broker is down: the next round tries again
             log.warning("could not re-send queued jobs: %s", exc)
 
@@ -58,12 +56,14 @@ class JobReaper:
             removed = repos.prune(session=session, jobs_before=now - settings.job_retention_s,
                                   log_before=now - settings.request_log_retention_s,
                                   events_before=now - settings.stream_retention_s)
+        with self._sessions.begin() as session:
+            removed |= batch_repos.prune(session=session, before=now - settings.file_retention_s)
         removed["broker_messages"] = prune_delivered(settings.broker_url, older_than_s=settings.stream_retention_s)
         if any(removed.values()):
             log.info("retention: removed %s", removed)
 
     def start(self) -> None:
-        self._tasks = [run_every(self.grace_s / 2, self.reap), run_every(PRUNE_EVERY_S, self.prune)]
+        self._tasks = [run_every(self.grace_s / 2, self.reap), run_every(self.settings.housekeeping_s, self.prune)]
 
     def stop(self) -> None:
         for task in self._tasks:

@@ -14,38 +14,18 @@ from sse_starlette import ServerSentEvent
 from api.errors import APIError
 from api.health import health_snapshot
 from api.pipeline import CachePolicy, Outcome, Pipeline
-from api.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    GenerationRequest,
-    chat_completion,
-    model_list,
-    text_completion,
-)
+from api.prepare import prepare
+from api.protocol import ChatCompletionRequest, CompletionRequest, chat_completion, model_list, text_completion
 from api.services import Services, ServicesDep
 from api.streaming import ChunkWriter, event_source, from_list, openai_stream, replay
-from api.validation import check_generation, check_json_values
 from mlxq.contract import Priority
-from mlxq.keys import canonical_chat, canonical_completion, is_deterministic, tool_names
+from mlxq.keys import is_deterministic, tool_names
 
 router = APIRouter()
 
 # A streamed request waits this long for its job to start before committing to a 200 SSE response,
 # so that errors known up front (a prompt over the context, no model) still get a proper 4xx.
 FIRST_EVENT_WAIT_S = 2.0
-
-
-async def check_request(services: Services, body: GenerationRequest) -> None:
-    """What every generation endpoint refuses up front, before anything is enqueued: a body that cannot
-    be encoded, another model, n > 1, and what api.validation refuses."""
-    # First: the 404 below echoes `model`, which must be encodable.
-    check_json_values(body.model_dump())
-    if body.model != services.settings.model_name:
-        raise APIError(404, f"The model `{body.model}` does not exist; this server serves "
-                            f"`{services.settings.model_name}`.", code="model_not_found", param="model")
-    if body.n not in (None, 1):
-        raise APIError(400, "Only n=1 is supported.", param="n")
-    await check_generation(body, settings=services.settings, model_info=services.model_info)
 
 
 def cache_headers(outcome: Outcome) -> dict[str, str]:
@@ -145,50 +125,24 @@ async def openai_streamed(services: Services, pipeline: Pipeline, *, kind: str, 
 async def chat_completions(body: ChatCompletionRequest, services: ServicesDep,
                            cache_control: str | None = Header(None)) -> Response:
     started = time.perf_counter()
-    await check_request(services, body)
-    settings = services.settings
-    canonical = canonical_chat(body.model_dump(exclude_none=True), default_temperature=settings.default_temperature,
-                               default_max_tokens=settings.default_max_tokens)
-    pipeline = Pipeline(services)
+    prepared = await prepare(services, body)
+    canonical, pipeline = prepared.canonicals[0], Pipeline(services)
     policy = CachePolicy.parse(cache_control, body.cache)
     if body.stream:
         return await openai_streamed(services, pipeline, kind="chat", canonical=canonical, policy=policy,
                                      stream_options=body.stream_options, started=started, priority=body.priority)
     outcome = await pipeline.run(kind="chat", canonical=canonical, policy=policy, priority=body.priority)
     record(services, endpoint="chat", outcome=outcome, canonical=canonical, started=started, stream=False)
-    return JSONResponse(chat_completion(outcome.result, model=settings.model_name), headers=cache_headers(outcome))
-
-
-def _prompts(prompt: Any) -> list[str | list[int]]:
-    if isinstance(prompt, str):
-        return [prompt]
-    if prompt and all(isinstance(p, int) for p in prompt):
-        return [list(prompt)]
-    return list(prompt)
+    return JSONResponse(chat_completion(outcome.result, model=services.settings.model_name),
+                        headers=cache_headers(outcome))
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, services: ServicesDep,
                       cache_control: str | None = Header(None)) -> Response:
     started = time.perf_counter()
-    await check_request(services, body)
-    if body.suffix:
-        raise APIError(400, "suffix is not supported.", param="suffix")
-    if body.logprobs:
-        raise APIError(400, "logprobs is not supported on /v1/completions; use /v1/chat/completions.",
-                       param="logprobs")
-    prompts = _prompts(body.prompt)
-    if not prompts or any(p == "" or p == [] for p in prompts):
-        raise APIError(400, "prompt must not be empty.", param="prompt")
-    if body.stream and len(prompts) > 1:
-        raise APIError(400, "Streaming supports a single prompt.", param="prompt")
-    settings = services.settings
-    raw = body.model_dump(exclude_none=True)
-    raw.pop("logprobs", None)
-    canonicals = [canonical_completion(raw, p, default_temperature=settings.default_temperature,
-                                       default_max_tokens=16) for p in prompts]
-    echo = [p if body.echo and isinstance(p, str) else "" for p in prompts]
-    pipeline = Pipeline(services)
+    prepared = await prepare(services, body)
+    canonicals, echo, pipeline = prepared.canonicals, prepared.echo, Pipeline(services)
     policy = CachePolicy.parse(cache_control, body.cache)
     if body.stream:
         return await openai_streamed(services, pipeline, kind="completion", canonical=canonicals[0], policy=policy,
@@ -200,8 +154,8 @@ async def completions(body: CompletionRequest, services: ServicesDep,
     for outcome, canonical in zip(outcomes, canonicals, strict=True):
         record(services, endpoint="completion", outcome=outcome, canonical=canonical, started=started, stream=False)
     headers = {"X-Cache": cache, "X-Request-Key": ",".join(o.key for o in outcomes)}
-    return JSONResponse(text_completion([o.result for o in outcomes], model=settings.model_name, prefixes=echo),
-                        headers=headers)
+    return JSONResponse(text_completion([o.result for o in outcomes], model=services.settings.model_name,
+                                        prefixes=echo), headers=headers)
 
 
 @router.get("/v1/models")
@@ -218,3 +172,4 @@ async def health(services: ServicesDep) -> dict[str, Any]:
 async def metrics(services: ServicesDep) -> Response:
     body = await asyncio.to_thread(services.metrics.render)
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+routers = [router]

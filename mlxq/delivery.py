@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from mlxq import repos
 from mlxq.contract import GENERATE_TASK
+from mlxq.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,12 @@ def broker_depth(celery: Celery, queue: str) -> int:
         return conn.default_channel.queue_declare(queue=queue, durable=True, auto_delete=False).message_count
 
 
-def resend(sessions: sessionmaker[Session], celery: Celery, queue: str, *, lost_after_s: float | None) -> int:
-    """Send the jobs that need a message: requeued ones always; with `lost_after_s`, also those sent that
-    long ago and still queued while the broker's queue is empty (so their message is gone). Returns how
-    many were sent."""
+def resend(sessions: sessionmaker[Session], celery: Celery, settings: Settings, *,
+           lost_after_s: float | None) -> int:
+    """Send the jobs that need a message: requeued ones, and low-priority ones while there is room for
+    them (`Settings.low_window`); with `lost_after_s`, also those sent that long ago and still queued while
+    the broker's queue is empty (so their message is gone). Returns how many were sent."""
+    queue = settings.queue
     lost_before = None
     if lost_after_s is not None:
         with sessions() as session:
@@ -43,11 +46,11 @@ def resend(sessions: sessionmaker[Session], celery: Celery, queue: str, *, lost_
         if stale and broker_depth(celery, queue) == 0:
             lost_before = time.time() - lost_after_s
     with sessions() as session:
-        ids = repos.jobs_to_send(session=session, lost_before=lost_before)
+        ids = repos.jobs_to_send(session=session, lost_before=lost_before, low_window=settings.low_window)
     for job_id in ids:
         send(celery, queue, job_id)
     if ids:
         with sessions.begin() as session:
             repos.mark_sent(session=session, job_ids=ids)
-        log.warning("sent %d queued jobs whose task message was missing", len(ids))
+        log.info("sent %d queued jobs (requeued, lost, or low-priority work with room now)", len(ids))
     return len(ids)

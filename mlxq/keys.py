@@ -78,10 +78,12 @@ def _with_output_fields(canon: dict[str, Any], body: dict[str, Any], default_tem
                         default_max_tokens: int) -> dict[str, Any]:
     for field in OUTPUT_FIELDS:
         if body.get(field) is not None:
-            canon[field] = body[field]
+            # + 0.0 turns -0.0 (which `ge=0` admits) into 0.0: equal numbers must hash equal
+            canon[field] = body[field] + 0.0 if isinstance(body[field], float) else body[field]
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or default_max_tokens
     canon["max_tokens"] = int(max_tokens)
-    canon["temperature"] = float(body["temperature"]) if body.get("temperature") is not None else default_temperature
+    temperature = body["temperature"] if body.get("temperature") is not None else default_temperature
+    canon["temperature"] = float(temperature) + 0.0
     if isinstance(canon.get("stop"), str):
         canon["stop"] = [canon["stop"]]
     if canon.get("stop") == []:

@@ -11,7 +11,7 @@ from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from mlxq.contract import CANCELLED, Priority, job_error
-from mlxq.sql import CacheEntry, Counter, Job, RequestLog, StreamEvent, Worker, db_now
+from mlxq.sql import CacheEntry, Counter, IdempotencyKey, Job, RequestLog, StreamEvent, Worker, db_now
 
 ACTIVE = ("queued", "running")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -103,11 +103,16 @@ def counters(*, session: Session) -> dict[str, int]:
 
 def create_job(*, session: Session, key: str, kind: str, model: str, request: dict[str, Any],
                store: bool, ttl_s: float | None, priority: Priority = "interactive", stream: bool = True,
-               waiters: int = 1) -> Job:
+               waiters: int = 1, sent: bool = True, batch_id: str | None = None,
+               result: dict[str, Any] | None = None) -> Job:
+    """A new job: queued (`sent`: its message goes out right after the commit; else mlxq.delivery sends it
+    when there is room), or, given a cached `result`, succeeded at once."""
     now = time.time()
     job = Job(id=str(uuid.uuid4()), key=key, kind=kind, model=model, status="queued", request=request,
-              store=store, ttl_s=ttl_s, priority=priority, stream=stream, created_at=now, sent_at=now,
-              attempts=0, waiters=waiters)
+              store=store, ttl_s=ttl_s, priority=priority, stream=stream, created_at=now,
+              sent_at=now if sent else None, attempts=0, waiters=waiters, batch_id=batch_id)
+    if result is not None:
+        job.status, job.result, job.finished_at, job.sent_at = "succeeded", result, now, None
     session.add(job)
     return job
 
@@ -124,8 +129,39 @@ def find_inflight(*, session: Session, key: str) -> Job | None:
     ).first()
 
 
-def join_job(*, session: Session, job_id: str) -> None:
-    session.execute(update(Job).where(Job.id == job_id).values(waiters=Job.waiters + 1))
+def join_job(*, session: Session, job_id: str, priority: Priority = "interactive") -> bool:
+    """Another client waits for a job; an interactive one makes it interactive from now on. Returns whether
+    it still needs its message (a low-priority job waiting for room, mlxq.delivery)."""
+    values: dict[str, Any] = {"waiters": Job.waiters + 1}
+    if priority == "interactive":
+        values["priority"] = "interactive"
+    row = session.execute(update(Job).where(Job.id == job_id).values(**values)
+                          .returning(Job.sent_at, Job.status)).first()
+    return row is not None and row.sent_at is None and row.status == "queued"
+
+
+def job_for_idempotency_key(*, session: Session, key: str) -> Job | None:
+    row = session.get(IdempotencyKey, key)
+    return session.get(Job, row.job_id) if row is not None else None
+
+
+def remember_idempotency_key(*, session: Session, key: str, job_id: str) -> None:
+    """Raises IntegrityError when another submit with the same key was first (the caller then reads it)."""
+    session.add(IdempotencyKey(key=key, job_id=job_id, created_at=time.time()))
+
+
+def list_jobs(*, session: Session, status: str | None = None, limit: int = 20, after: str | None = None,
+              batch_id: str | None = None) -> list[Job]:
+    """Newest first; `after` is the last id of the previous page."""
+    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+    if status is not None:
+        query = query.where(Job.status == status)
+    if batch_id is not None:
+        query = query.where(Job.batch_id == batch_id)
+    if after is not None and (cursor := session.get(Job, after)) is not None:
+        query = query.where(or_(Job.created_at < cursor.created_at,
+                                (Job.created_at == cursor.created_at) & (Job.id < cursor.id)))
+    return list(session.scalars(query))
 
 
 def leave_job(*, session: Session, job_id: str, abandon: bool) -> bool:
@@ -222,13 +258,26 @@ def requeue_running(*, session: Session, max_attempts: int, worker: str | None =
     return requeued, failed
 
 
-def jobs_to_send(*, session: Session, lost_before: float | None, limit: int = 500) -> list[str]:
-    """Queued jobs that need their task message (again): never sent (requeued), or, when `lost_before` is
-    given, sent before it (the caller found the broker's queue empty, so that message was lost)."""
+def jobs_to_send(*, session: Session, lost_before: float | None, low_window: int = 1 << 30,
+                 limit: int = 500) -> list[str]:
+    """Queued jobs that need their task message (again): never sent (requeued, or low-priority work held
+    back), or, when `lost_before` is given, sent before it (the caller found the broker's queue empty, so
+    that message was lost). Low-priority jobs are sent only while fewer than `low_window` of them are in
+    flight: the broker and the worker's consumer threads never fill with them, so an interactive request
+    is always taken at once and goes first in the engine."""
     unsent = Job.sent_at.is_(None)
     cond = unsent if lost_before is None else or_(unsent, Job.sent_at < lost_before)
-    return list(session.scalars(select(Job.id).where(Job.status == "queued", cond)
-                                .order_by(Job.created_at).limit(limit)))
+    queued = select(Job.id).where(Job.status == "queued", cond).order_by(Job.created_at).limit(limit)
+    ids = list(session.scalars(queued.where(Job.priority != "low")))
+    in_flight = session.scalar(select(func.count()).select_from(Job).where(
+        Job.priority == "low", or_(Job.status == "running", (Job.status == "queued") & Job.sent_at.is_not(None))))
+    room = low_window - int(in_flight or 0)
+    if lost_before is not None:  # a lost message is re-sent whatever the room: it was counted in flight
+        ids += list(session.scalars(select(Job.id).where(Job.status == "queued", Job.priority == "low",
+                                                         Job.sent_at < lost_before).limit(limit)))
+    if room > 0:
+        ids += list(session.scalars(queued.where(Job.priority == "low", unsent).limit(room)))
+    return ids
 
 
 def mark_sent(*, session: Session, job_ids: list[str]) -> None:
@@ -254,6 +303,8 @@ def prune(*, session: Session, jobs_before: float, log_before: float, events_bef
     return {
         "jobs": session.execute(delete(Job).where(Job.status.in_(TERMINAL), Job.finished_at < jobs_before)).rowcount
         or 0,
+        "idempotency_keys": session.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < jobs_before))
+        .rowcount or 0,
         "request_log": session.execute(delete(RequestLog).where(RequestLog.at < log_before)).rowcount or 0,
         "stream_events": session.execute(
             delete(StreamEvent).where(StreamEvent.created_at < events_before, StreamEvent.job_id.not_in(active))

@@ -68,6 +68,16 @@ class Settings(BaseSettings):
     job_retention_s: float = 7 * 24 * 3600.0
     request_log_retention_s: float = 30 * 24 * 3600.0
     stream_retention_s: float = 3600.0
+    # How often the api prunes by the retention settings above.
+    housekeeping_s: float = 600.0
+    # Batches: lines and bytes per input file (OpenAI's limits are 50,000 and 200 MB), how long files and
+    # finished batches are kept, and how many low-priority jobs (batch lines, jobs that ask for it) are in
+    # flight at once (0 = twice batch_size): the rest wait in the database, not in the broker, so an
+    # interactive request never queues behind a batch and still finds a free worker thread.
+    max_batch_lines: int = Field(50_000, ge=1)
+    max_file_mb: float = Field(200, gt=0)
+    file_retention_s: float = 30 * 24 * 3600.0
+    low_priority_window: int = Field(0, ge=0)
     # Set by `mlxq serve` for the worker it supervises: the worker stops when that process is gone.
     supervisor_pid: int = 0
     # Bad-input limits, checked by the api before anything is enqueued. A body over `max_body_mb` is a 413
@@ -94,6 +104,10 @@ class Settings(BaseSettings):
         if not self.model_name:
             self.model_name = Path(self.model).name or self.model
         return self
+
+    @property
+    def low_window(self) -> int:
+        return self.low_priority_window or 2 * self.batch_size
 
     @property
     def uses_redis(self) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, Index, Integer, String, Text, text, true
+from sqlalchemy import JSON, BigInteger, Boolean, Float, Index, Integer, LargeBinary, String, Text, text, true
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.functions import FunctionElement
@@ -72,6 +72,8 @@ class Job(Base):
     sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     # Clients waiting for it: a client that goes away cancels the job only when it was the last one.
     waiters: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The batch that made it (its lines' jobs are cancelled with it).
+    batch_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
@@ -85,6 +87,65 @@ class Job(Base):
               sqlite_where=text("status IN ('queued', 'running') AND store"),
               postgresql_where=text("status IN ('queued', 'running') AND store")),
     )
+
+
+class IdempotencyKey(Base):
+    """A submitter's `Idempotency-Key` and the job it got (its own, or one it joined), so a retried submit
+    gets the same job."""
+
+    __tablename__ = "idempotency_keys"
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(36))
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+
+
+class File(Base):
+    """An uploaded or produced file (batch input, output, errors), in the database so every api replica
+    reads it; in the embedded default that is the SQLite file in the data dir."""
+
+    __tablename__ = "files"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(String(255))
+    bytes: Mapped[int] = mapped_column(Integer)
+    content: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+
+
+class Batch(Base):
+    """An OpenAI-style batch: validating -> in_progress -> finalizing -> completed (or failed, expired,
+    cancelling -> cancelled)."""
+
+    __tablename__ = "batches"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    endpoint: Mapped[str] = mapped_column(String(64))
+    input_file_id: Mapped[str] = mapped_column(String(64))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, nullable=True)
+    errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
+    output_file_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error_file_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+    expires_at: Mapped[float] = mapped_column(Float)
+    in_progress_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finalizing_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    completed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    failed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    expired_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    cancelling_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    cancelled_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class BatchLine(Base):
+    """One input line of a batch: its job (shared by identical lines and cache hits), or why it was refused."""
+
+    __tablename__ = "batch_lines"
+    batch_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    line: Mapped[int] = mapped_column(Integer, primary_key=True)
+    custom_id: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    job_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class StreamEvent(Base):

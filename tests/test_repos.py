@@ -147,7 +147,7 @@ def test_retention_removes_old_finished_jobs_logs_and_events(sessions):
     now = time.time() + 1
     with sessions.begin() as s:
         assert repos.prune(session=s, jobs_before=now, log_before=now, events_before=now) == {
-            "jobs": 1, "request_log": 1, "stream_events": 1}
+            "jobs": 1, "idempotency_keys": 0, "request_log": 1, "stream_events": 1}
     assert status(sessions, done) is None and status(sessions, running) is not None
 
 

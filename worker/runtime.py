@@ -26,6 +26,7 @@ from mlxq.channel import Channel
 from mlxq.contract import CANCELLED, job_error
 from mlxq.keys import request_key
 from mlxq.settings import Settings
+from mlxq.sql import Job
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class Runtime:
             log.warning("a previous worker process died running jobs: %d requeued, %d failed after %d attempts",
                         requeued, failed, self.settings.max_attempts)
         self.beat()
-        delivery.resend(self.sessions, self.celery, self.settings.queue, lost_after_s=None)
+        delivery.resend(self.sessions, self.celery, self.settings, lost_after_s=None)
 
     # -- prefix cache ----------------------------------------------------------------------
 
@@ -170,18 +171,29 @@ class Runtime:
     # -- jobs ------------------------------------------------------------------------------
 
     def run_job(self, job_id: str) -> None:
-        """Load the job, hand it to the batch, relay its events, persist the outcome (one Celery thread)."""
+        """Claim the job and run it (one Celery thread); a low-priority job's end makes room for the next."""
         if self.stopping.is_set():
             with self.sessions.begin() as session:  # sent again by whoever starts next
                 repos.release_job(session=session, job_id=job_id)
             return
         with self.sessions.begin() as session:
             job = repos.start_job(session=session, job_id=job_id, worker=self.name)
-            if job is None:
-                log.info("job %s is not queued (finished, cancelled or taken); skipping", job_id)
-                return
-            kind, request, store, ttl_s, model = job.kind, job.request, job.store, job.ttl_s, job.model
-            priority, stream = job.priority, job.stream
+        if job is None:
+            log.info("job %s is not queued (finished, cancelled or taken); skipping", job_id)
+            return
+        try:
+            self._run(job)
+        finally:
+            if job.priority == "low" and not self.stopping.is_set():
+                try:
+                    delivery.resend(self.sessions, self.celery, self.settings, lost_after_s=None)
+                except Exception:
+                    log.exception("could not send the next low-priority jobs")
+
+    def _run(self, job: Job) -> None:
+        """Hand the job to the batch, relay its events, persist the outcome."""
+        job_id, kind, request, store, ttl_s, model = job.id, job.kind, job.request, job.store, job.ttl_s, job.model
+        priority, stream = job.priority, job.stream
         if job.attempts > 1:
             # A client already streaming it has had part of the answer: it must know the rest starts over.
             self.channel.publish(job_id, {"type": "restarted", "attempt": job.attempts})

@@ -1,0 +1,128 @@
+"""Submit-and-poll jobs: `/v1/jobs`. A job is any chat or completion body, run like a request whose
+client never waits: it succeeds at once from the response cache, joins an identical job in flight, or
+is queued; nobody leaving cancels it, only `DELETE`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, Header, Query
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import ServerSentEvent
+
+from api.errors import APIError
+from api.pipeline import CachePolicy, Pipeline
+from api.prepare import ENDPOINTS, parse, prepare
+from api.protocol import chat_completion, text_completion
+from api.services import Services, ServicesDep
+from api.streaming import event_source, guard
+from mlxq import repos
+from mlxq.contract import PRIORITIES, Priority
+from mlxq.sql import Job
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+def render_result(services: Services, kind: str, result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A job's result as the endpoint it named would have answered."""
+    if result is None:
+        return None
+    model = services.settings.model_name
+    return chat_completion(result, model=model) if kind == "chat" else text_completion([result], model=model)
+
+
+def job_object(services: Services, job: Job) -> dict[str, Any]:
+    endpoint = next(e for e, (kind, _) in ENDPOINTS.items() if kind == job.kind)
+    return {
+        "id": job.id, "object": "job", "endpoint": endpoint, "status": job.status, "priority": job.priority,
+        "created_at": int(job.created_at), "started_at": job.started_at and int(job.started_at),
+        "finished_at": job.finished_at and int(job.finished_at), "attempts": job.attempts,
+        "batch_id": job.batch_id,
+        "result": render_result(services, job.kind, job.result) if job.status == "succeeded" else None,
+        "error": job.error if job.status in ("failed", "cancelled") else None,
+    }
+
+
+def _get(services: Services, job_id: str) -> dict[str, Any]:
+    with services.sessions() as session:
+        job = repos.get_job(session=session, job_id=job_id)
+        if job is None:
+            raise APIError(404, f"No job with id {job_id!r}.", code="job_not_found", param="job_id")
+        return job_object(services, job)
+
+
+@router.post("", status_code=202)
+async def submit_job(services: ServicesDep, raw: Annotated[dict[str, Any], Body()],
+                     idempotency_key: str | None = Header(None), cache_control: str | None = Header(None)) -> Response:
+    """Take a chat or completion body (`{"endpoint": …, "body": {…}, "priority": "low"}`, or the body itself,
+    its endpoint told by `messages` or `prompt`); 202 with the job."""
+    if isinstance(raw.get("body"), dict):
+        endpoint, body_raw = raw.get("endpoint", "/v1/chat/completions"), raw["body"]
+    else:
+        endpoint = "/v1/chat/completions" if "messages" in raw else "/v1/completions"
+        body_raw = {k: v for k, v in raw.items() if k != "priority"}
+    priority = raw.get("priority")
+    if priority is not None and priority not in PRIORITIES:
+        raise APIError(400, f"priority must be one of {', '.join(PRIORITIES)}.", param="priority")
+    body = parse(endpoint, body_raw)
+    if body.stream:
+        raise APIError(400, "A job is not streamed in its response; read GET /v1/jobs/{id}/events.", param="stream")
+    prepared = await prepare(services, body)
+    if len(prepared.canonicals) != 1:
+        raise APIError(400, "A job takes one prompt; send several as a batch.", param="prompt")
+    chosen: Priority = priority or prepared.priority
+    outcome = await Pipeline(services).submit(kind=prepared.kind, canonical=prepared.canonicals[0],
+                                              policy=CachePolicy.parse(cache_control, body.cache), priority=chosen,
+                                              as_job=True, idempotency_key=idempotency_key)
+    assert outcome.job_id is not None
+    job = await asyncio.to_thread(_get, services, outcome.job_id)
+    return JSONResponse(job, status_code=202, headers={"X-Cache": outcome.cache})
+
+
+@router.get("")
+async def list_jobs(services: ServicesDep, status: JobStatus | None = None,
+                    limit: Annotated[int, Query(ge=1, le=100)] = 20, after: str | None = None) -> dict[str, Any]:
+    def read() -> list[dict[str, Any]]:
+        with services.sessions() as session:
+            jobs = repos.list_jobs(session=session, status=status, limit=limit + 1, after=after)
+            return [job_object(services, job) for job in jobs]
+
+    data = await asyncio.to_thread(read)
+    page = data[:limit]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(data) > limit}
+
+
+@router.get("/{job_id}")
+async def get_job(job_id: str, services: ServicesDep) -> dict[str, Any]:
+    return await asyncio.to_thread(_get, services, job_id)
+
+
+@router.get("/{job_id}/events")
+async def job_events(job_id: str, services: ServicesDep) -> Response:
+    """The job's events as SSE (`event:` its type, `data:` the JSON of mlxq.events), from the first: a client
+    that connects late gets what was produced so far, then the rest; the stream ends after `done` or
+    `error`. Leaving does not cancel the job."""
+    await asyncio.to_thread(_get, services, job_id)  # 404 before the stream starts
+
+    async def stream():
+        async for event in guard(Pipeline(services).events(job_id)):
+            yield ServerSentEvent(data=json.dumps(event, ensure_ascii=False), event=event["type"], sep="\n")
+
+    return event_source(stream(), {"X-Job-Id": job_id}, services.settings.sse_keepalive_s)
+
+
+@router.delete("/{job_id}")
+async def cancel_job(job_id: str, services: ServicesDep) -> dict[str, Any]:
+    """Cancel a queued or running job (the worker stops it within a second); a finished job is unchanged."""
+    def cancel() -> dict[str, Any]:
+        with services.sessions.begin() as session:
+            repos.cancel_job(session=session, job_id=job_id)
+        return _get(services, job_id)
+
+    return await asyncio.to_thread(cancel)
+routers = [router]

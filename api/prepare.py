@@ -1,0 +1,81 @@
+"""From a request body to what the pipeline runs: checked, then canonical (one per prompt).
+
+The one place a generation request is accepted or refused, whoever sends it: the chat and completions
+routes, a job submitted to `/v1/jobs`, a line of a batch. So a body a route would refuse is refused
+everywhere with the same 400.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from api.errors import APIError, invalid_body
+from api.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
+from api.services import Services
+from api.validation import check_generation, check_json_values, prompt_list
+from mlxq.contract import JobKind, Priority
+from mlxq.keys import canonical_chat, canonical_completion
+
+# The endpoints a job or a batch line may name, and what each takes.
+ENDPOINTS: dict[str, tuple[JobKind, type[GenerationRequest]]] = {
+    "/v1/chat/completions": ("chat", ChatCompletionRequest),
+    "/v1/completions": ("completion", CompletionRequest),
+}
+
+
+@dataclass(frozen=True)
+class Prepared:
+    kind: JobKind
+    canonicals: list[dict[str, Any]]  # one per prompt; a chat has one
+    priority: Priority
+    echo: list[str]  # per prompt: what `echo` puts before the completion
+    body: GenerationRequest
+
+
+def parse(endpoint: str, raw: Any) -> GenerationRequest:
+    """Validate a raw body for `endpoint` as its route would."""
+    if endpoint not in ENDPOINTS:
+        raise APIError(400, f"Unsupported endpoint {endpoint!r}; use one of {', '.join(ENDPOINTS)}.",
+                       param="endpoint")
+    try:
+        return ENDPOINTS[endpoint][1].model_validate(raw)
+    except ValidationError as exc:
+        raise invalid_body(exc, raw) from None
+
+
+async def prepare(services: Services, body: GenerationRequest) -> Prepared:
+    """What every generation endpoint refuses up front, before anything is enqueued (a body that cannot be
+    encoded, another model, n > 1, what api.validation refuses), then the canonical requests."""
+    settings = services.settings
+    check_json_values(body.model_dump())  # first: the 404 below echoes `model`, which must be encodable
+    if body.model != settings.model_name:
+        raise APIError(404, f"The model `{body.model}` does not exist; this server serves "
+                            f"`{settings.model_name}`.", code="model_not_found", param="model")
+    if body.n not in (None, 1):
+        raise APIError(400, "Only n=1 is supported.", param="n")
+    await check_generation(body, settings=settings, model_info=services.model_info)
+    raw = body.model_dump(exclude_none=True)
+    if isinstance(body, ChatCompletionRequest):
+        canonical = canonical_chat(raw, default_temperature=settings.default_temperature,
+                                   default_max_tokens=settings.default_max_tokens)
+        return Prepared("chat", [canonical], body.priority, [""], body)
+    assert isinstance(body, CompletionRequest)
+    if body.suffix:
+        raise APIError(400, "suffix is not supported.", param="suffix")
+    if body.logprobs:
+        raise APIError(400, "logprobs is not supported on /v1/completions; use /v1/chat/completions.",
+                       param="logprobs")
+    prompts = prompt_list(body.prompt)
+    if not prompts or any(p == "" or p == [] for p in prompts):
+        raise APIError(400, "prompt must not be empty.", param="prompt")
+    if body.stream and len(prompts) > 1:
+        raise APIError(400, "Streaming supports a single prompt.", param="prompt")
+    raw.pop("logprobs", None)
+    # OpenAI's legacy completions default to 16 tokens.
+    canonicals = [canonical_completion(raw, p, default_temperature=settings.default_temperature,
+                                       default_max_tokens=16) for p in prompts]
+    echo = [p if body.echo and isinstance(p, str) else "" for p in prompts]
+    return Prepared("completion", canonicals, body.priority, echo, body)
