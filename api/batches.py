@@ -332,9 +332,10 @@ def advance(services: Services, batch_id: str) -> None:
             batch_repos.cancel_jobs(session=session, batch_id=batch_id)
         elif final == "completed" and batch_repos.line_counts(session=session, batch_id=batch_id)["active"]:
             return
+        # One transaction from the claim to the final state: a failure leaves the batch as it was, for the
+        # next round, never stuck half-way; a second process finds the claim taken.
         if not batch_repos.move(session=session, batch_id=batch_id, to="finalizing", frm=(batch.status,)):
             return
-    with services.sessions.begin() as session:
         output, errors = _compose(services, session, batch_id, final)
         ids = {}
         for name, lines in (("output_file_id", output), ("error_file_id", errors)):
@@ -361,7 +362,7 @@ def _entry(services: Services, line: BatchLine, job: Job | None, final: str) -> 
     entry: dict[str, Any] = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": line.custom_id,
                              "response": None, "error": None}
     if job is None:
-        entry["error"] = line.error["error"] if line.error else {"code": "invalid_request", "message": "refused"}
+        entry["error"] = line.error or {"code": "invalid_request", "message": "refused"}
     elif job.status == "succeeded":
         entry["response"] = {"status_code": 200, "request_id": job.id,
                              "body": render_result(services, job.kind, job.result)}
