@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from api.errors import APIError
 from api.services import Services
-from mlxq import delivery, repos
+from mlxq import delivery, events, repos
 from mlxq.contract import Priority, job_error
 from mlxq.keys import is_deterministic, request_key
 from mlxq.weights import local_fingerprint
@@ -204,14 +204,14 @@ class Pipeline:
                         ended_quietly = True
                         continue
                     if status == "succeeded":
-                        event = {"type": "done", "result": result}
+                        event = events.done(result or {})
                     elif status in repos.TERMINAL:
-                        event = {"type": "error", "error": error or {"status": 500, "message": f"job {status}"}}
+                        event = events.error(error or job_error(500, f"job {status}"))
                     elif time.monotonic() > deadline:
                         raise APIError(504, f"Job {job_id} did not finish in time; poll /v1/jobs/{job_id}.",
                                        code="timeout") from None
                     else:
-                        yield {"type": "waiting", "status": status}
+                        yield events.waiting(status)
                         continue
                 if event["type"] == "restarted":
                     if relayed and not replayable:
@@ -229,7 +229,7 @@ class Pipeline:
                         event = {**event, "content": text[cut:], "logprobs": None}
                     relayed += len(event.get("content") or "")
                 yield event
-                if event.get("type") in ("done", "error"):
+                if events.is_final(event):
                     return
         finally:
             pumper.cancel()

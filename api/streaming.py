@@ -12,6 +12,8 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.errors import APIError
 from api.protocol import usage_block
+from mlxq import events
+from mlxq.contract import job_error
 
 DONE = ServerSentEvent(data="[DONE]", sep="\n")
 
@@ -22,17 +24,18 @@ def sse(payload: dict[str, Any]) -> ServerSentEvent:
 
 def replay(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The events a finished result would have produced: how a cache hit streams."""
-    events: list[dict[str, Any]] = [{"type": "started"}]
+    usage = result.get("usage") or {}
+    replayed: list[dict[str, Any]] = [events.started(usage.get("prompt_tokens", 0), usage.get("cached_tokens", 0))]
     if result.get("text") or result.get("logprobs"):
-        events.append({"type": "delta", "content": result.get("text", ""), "logprobs": result.get("logprobs")})
+        replayed.append(events.delta(result.get("text", ""), result.get("logprobs")))
     if result.get("tool_calls"):
-        events.append({"type": "tool_calls", "tool_calls": result["tool_calls"]})
-    events.append({"type": "done", "result": result})
-    return events
+        replayed.append(events.tool_calls(result["tool_calls"]))
+    replayed.append(events.done(result))
+    return replayed
 
 
-async def from_list(events: Iterable[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
-    for event in events:
+async def from_list(items: Iterable[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    for event in items:
         yield event
 
 
@@ -86,18 +89,17 @@ class ChunkWriter:
         return chunks
 
 
-async def guard(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+async def guard(source: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
     """An APIError raised once the stream has begun (shutdown, timeout, a lost worker) as an error event:
     the status line is sent by then, so the error can only travel in the stream."""
     try:
-        async for event in events:
+        async for event in source:
             yield event
     except APIError as exc:
-        yield {"type": "error", "error": {"message": exc.message, "type": exc.type, "param": exc.param,
-                                          "code": exc.code}}
+        yield events.error(job_error(exc.status, exc.message, type=exc.type, code=exc.code, param=exc.param))
 
 
-async def openai_stream(events: AsyncIterator[dict[str, Any]], writer: ChunkWriter,
+async def openai_stream(source: AsyncIterator[dict[str, Any]], writer: ChunkWriter,
                         prefix: str = "") -> AsyncIterator[ServerSentEvent]:
     """Relay events as SSE at once; progress becomes a keepalive comment, errors an error object."""
     for chunk in writer.start():
@@ -105,7 +107,7 @@ async def openai_stream(events: AsyncIterator[dict[str, Any]], writer: ChunkWrit
     if prefix:
         yield sse(writer.delta(prefix, None))
     sent = ""
-    async for event in guard(events):
+    async for event in guard(source):
         kind = event["type"]
         if kind == "delta":
             sent += event["content"]

@@ -19,6 +19,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from mlxq.bell import Listener, get_bell, sql_bell_name
+from mlxq.events import is_final
 from mlxq.sql import StreamEvent
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class SQLChannel:
         now = time.time()
         with self._sessions.begin() as session:
             session.add_all([StreamEvent(job_id=job_id, data=json.dumps(e), created_at=now) for e in events])
-            if any(e.get("type") in ("done", "error") for e in events):
+            if any(is_final(e) for e in events):
                 session.execute(delete(StreamEvent).where(StreamEvent.created_at < now - RETENTION_S))
         self._bell.ring(job_id.encode())
 

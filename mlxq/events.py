@@ -1,7 +1,8 @@
 """A job's events: what the worker publishes on the stream channel, what the api relays, and what
 `GET /v1/jobs/{id}/events` sends as SSE (`event:` the type, `data:` the JSON object). A public contract.
 
-In order, for one job: `restarted` (only when a dead worker's job runs again: the text starts over),
+In order, for one job: `restarted` (only when a dead worker's job runs again: its text starts over; the
+api's relays skip what they had already sent, so their clients never see this one),
 `started` (prompt admitted), `progress` (prefill, long prompts), `delta`... (text), `tool_calls` (once,
 at the end, parsed), then exactly one of `done` (with the whole result) or `error`. The api adds
 `waiting` while the job is queued (a keepalive; never published).

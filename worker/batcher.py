@@ -36,6 +36,7 @@ import mlx.nn as nn
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import trim_prompt_cache
 
+from mlxq import events
 from worker.prefix_cache import PrefixCache, cache_offset
 from worker.sequence import Sequence
 
@@ -167,7 +168,7 @@ class Batcher:
             rest = fetched.rest if fetched is not None else seq.prompt
             seq.cached_tokens = fetched.cached_tokens if fetched is not None else 0
             history = seq.prompt[: seq.cached_tokens]
-            seq.emit({"type": "started", "prompt_tokens": len(seq.prompt), "cached_tokens": seq.cached_tokens})
+            seq.emit(events.started(len(seq.prompt), seq.cached_tokens))
         (seq.uid,) = self._gen.insert([rest], max_tokens=[seq.remaining], caches=[cache], all_tokens=[history],
                                       samplers=[seq.sampler], logits_processors=[seq.processors])
         seq.admitted_at = time.monotonic()
@@ -205,7 +206,7 @@ class Batcher:
             seq = self._active.get(p.uid)
             done, total = p.progress
             if seq is not None and not p.end_of_prompt and total > self.prefill_step:
-                seq.emit({"type": "progress", "processed": done, "total": total})
+                seq.emit(events.progress(done, total))
         for r in responses:
             seq = self._active[r.uid]
             if seq.add_token(r.token, r.logprobs, r.finish_reason):

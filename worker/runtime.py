@@ -21,7 +21,7 @@ from typing import Any
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
-from mlxq import delivery, repos
+from mlxq import delivery, events, repos
 from mlxq.channel import Channel
 from mlxq.contract import CANCELLED, job_error
 from mlxq.keys import request_key
@@ -196,15 +196,15 @@ class Runtime:
         priority, stream = job.priority, job.stream
         if job.attempts > 1:
             # A client already streaming it has had part of the answer: it must know the rest starts over.
-            self.channel.publish(job_id, {"type": "restarted", "attempt": job.attempts})
+            self.channel.publish(job_id, events.restarted(job.attempts))
         if self.engine is None:
             self._fail(job_id, job_error(503, f"model not loaded: {self.load_error}", code="model_not_loaded"))
             return
         try:
             seq = self.engine.submit(kind, request, priority=priority)
             with self.cancels.watch(job_id, seq.cancelled):
-                for events in drain(seq.events):
-                    if shown := coalesce(events, deltas=stream):
+                for relayed in drain(seq.events):
+                    if shown := coalesce(relayed, deltas=stream):
                         self.channel.publish_many(job_id, shown)
             if seq.error is not None:
                 raise seq.error
@@ -233,7 +233,7 @@ class Runtime:
         if not finished:
             log.info("job %s had ended before its answer was ready (cancelled or given up)", job_id)
         # The answer travels with the event, so the waiting client needs no further read.
-        self.channel.publish(job_id, {"type": "done", "result": answer})
+        self.channel.publish(job_id, events.done(answer))
         if store:
             with self.sessions.begin() as session:
                 repos.purge_expired(session=session)
@@ -243,16 +243,16 @@ class Runtime:
     def _fail(self, job_id: str, error: dict[str, Any], status: str = "failed") -> None:
         with self.sessions.begin() as session:
             repos.finish_job(session=session, job_id=job_id, status=status, error=error)
-        self.channel.publish(job_id, {"type": "error", "error": error})
+        self.channel.publish(job_id, events.error(error))
 
 
-def drain(events: queue.SimpleQueue[dict[str, Any] | None]) -> Iterator[list[dict[str, Any]]]:
+def drain(source: queue.SimpleQueue[dict[str, Any] | None]) -> Iterator[list[dict[str, Any]]]:
     """Everything queued at each wake-up, as one list, until the end marker (None)."""
     while True:
-        batch = [events.get()]
+        batch = [source.get()]
         while batch[-1] is not None:
             try:
-                batch.append(events.get_nowait())
+                batch.append(source.get_nowait())
             except queue.Empty:
                 break
         if batch[-1] is None:
@@ -262,20 +262,20 @@ def drain(events: queue.SimpleQueue[dict[str, Any] | None]) -> Iterator[list[dic
         yield batch  # type: ignore[misc]
 
 
-def coalesce(events: list[dict[str, Any]], *, deltas: bool = True) -> list[dict[str, Any]]:
+def coalesce(items: list[dict[str, Any]], *, deltas: bool = True) -> list[dict[str, Any]]:
     """Adjacent deltas joined into one: a busy batch writes one event per wake-up, not one per token.
 
     Without `deltas` (nobody streams the job) deltas and prefill progress are dropped: the result
     carries the text, and a streaming client that joins such a job is sent it whole at the end.
     """
     out: list[dict[str, Any]] = []
-    for event in events:
+    for event in items:
         if not deltas and event["type"] in ("delta", "progress"):
             continue
         last = out[-1] if out else None
         if last is not None and last["type"] == event["type"] == "delta":
             logprobs = (last.get("logprobs") or []) + (event.get("logprobs") or [])
-            out[-1] = {"type": "delta", "content": last["content"] + event["content"], "logprobs": logprobs or None}
+            out[-1] = events.delta(last["content"] + event["content"], logprobs or None)
         else:
             out.append(event)
     return out
