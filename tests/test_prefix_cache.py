@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -12,14 +13,20 @@ from worker.blas import preload_openblas
 
 preload_openblas()
 
+from worker import prefix_cache  # noqa: E402
 from worker.engine import Engine  # noqa: E402
+from worker.prefix_cache import LOCK, MANIFEST, PrefixCache  # noqa: E402
 
 SYSTEM = {"role": "system", "content": "You are a careful coding agent. " * 40}
 
 
 def turn(history: list[dict], user: str, **kw) -> dict:
-    return {"messages": [SYSTEM, *history, {"role": "user", "content": user}], "temperature": 0.0,
-            "max_tokens": kw.pop("max_tokens", 8), **kw}
+    return {
+        "messages": [SYSTEM, *history, {"role": "user", "content": user}],
+        "temperature": 0.0,
+        "max_tokens": kw.pop("max_tokens", 8),
+        **kw,
+    }
 
 
 @pytest.fixture
@@ -34,8 +41,10 @@ def test_growing_conversation_prefills_only_the_new_suffix(smollm2: Path):
     prefix = engine.enable_prefix_cache(max_entries=8, max_bytes=1 << 30)
     first = engine.generate("chat", turn([], "What is the capital of France?"))
     assert first["usage"]["cached_tokens"] == 0
-    history = [{"role": "user", "content": "What is the capital of France?"},
-               {"role": "assistant", "content": first["text"]}]
+    history = [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": first["text"]},
+    ]
     second = engine.generate("chat", turn(history, "And of Italy?"))
     prompt1 = first["usage"]["prompt_tokens"]
     # Everything the first turn saw (prompt and answer, re-rendered by the template) is reused.
@@ -69,11 +78,13 @@ def test_entry_bound_evicts_least_recently_used(tiny_model: Path):
     engine = Engine.load(str(tiny_model))
     prefix = engine.enable_prefix_cache(max_entries=2, max_bytes=1 << 30)
     for user in ("alpha", "beta", "gamma"):
-        engine.generate("chat", {"messages": [{"role": "user", "content": user * 50}], "temperature": 0,
-                                 "max_tokens": 2})
+        engine.generate(
+            "chat", {"messages": [{"role": "user", "content": user * 50}], "temperature": 0, "max_tokens": 2}
+        )
     assert prefix.snapshot()["entries"] == 2
-    again = engine.generate("chat", {"messages": [{"role": "user", "content": "alpha" * 50}], "temperature": 0,
-                                     "max_tokens": 2})
+    again = engine.generate(
+        "chat", {"messages": [{"role": "user", "content": "alpha" * 50}], "temperature": 0, "max_tokens": 2}
+    )
     # Evicted: only the template's shared opening (its default system prompt) can still match.
     assert again["usage"]["cached_tokens"] < again["usage"]["prompt_tokens"] - 40
 
@@ -87,8 +98,9 @@ def test_byte_bound_is_enforced(tiny_model: Path):
     limit = int(entry_bytes * 1.5)
     prefix = engine.enable_prefix_cache(max_entries=8, max_bytes=limit)
     for word in ("alpha", "beta", "gamma", "delta"):
-        engine.generate("chat", {"messages": [{"role": "user", "content": f"{word} " * 100}], "temperature": 0,
-                                 "max_tokens": 2})
+        engine.generate(
+            "chat", {"messages": [{"role": "user", "content": f"{word} " * 100}], "temperature": 0, "max_tokens": 2}
+        )
         assert prefix.snapshot()["bytes"] <= limit
     assert prefix.snapshot()["entries"] == 1
 
@@ -106,13 +118,26 @@ def test_cache_failure_falls_back_and_is_counted(tiny: Engine):
     assert tiny.prefix.stats.skips == 1
 
 
-def test_save_load_round_trip_and_bad_files_are_skipped(tiny_model: Path, tiny: Engine, tmp_path: Path,
-                                                        caplog: pytest.LogCaptureFixture):
+def fresh(tiny_model: Path, **kw) -> PrefixCache:
+    """A restarted worker's empty prefix cache, for the same weights."""
+    return Engine.load(str(tiny_model)).enable_prefix_cache(max_entries=kw.get("max_entries", 8), max_bytes=1 << 30)
+
+
+def listing(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def manifest(directory: Path) -> dict:
+    return json.loads((directory / MANIFEST).read_text())
+
+
+def test_save_load_round_trip(tiny_model: Path, tiny: Engine, tmp_path: Path):
     req = turn([], "persist me")
     first = tiny.generate("chat", req)
     assert tiny.save_prefix_cache(tmp_path, 1 << 30) == 1
-    files = sorted(tmp_path.iterdir())
-    assert [f.suffix for f in files] == [".json", ".safetensors"]
+    (entry,) = manifest(tmp_path)["entries"]
+    assert listing(tmp_path) == sorted([LOCK, MANIFEST, entry["file"]])
+    assert entry["bytes"] == (tmp_path / entry["file"]).stat().st_size
 
     restarted = Engine.load(str(tiny_model))
     prefix = restarted.enable_prefix_cache(max_entries=8, max_bytes=1 << 30)
@@ -120,13 +145,94 @@ def test_save_load_round_trip_and_bad_files_are_skipped(tiny_model: Path, tiny: 
     warm = restarted.generate("chat", req)
     assert warm["usage"]["cached_tokens"] == warm["usage"]["prompt_tokens"] - 1
     assert warm["text"] == first["text"]
+    # Saved again with nothing new: nothing is rewritten.
+    mtimes = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    assert tiny.save_prefix_cache(tmp_path, 1 << 30) == 1
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == mtimes
 
-    bad = {"format": 1, "model": prefix.fingerprint(), "mlx_lm": __import__("mlx_lm").__version__, "tokens": [1, 2]}
-    (tmp_path / "0bad.json").write_text(json.dumps(bad))
-    (tmp_path / "0bad.safetensors").write_bytes(b"not a safetensors file")
-    (tmp_path / "1other.json").write_text('{"format": 1, "model": "someothermodel", "tokens": [1]}')
-    (tmp_path / "2junk.json").write_text("{{{{")
-    fresh = Engine.load(str(tiny_model)).enable_prefix_cache(max_entries=8, max_bytes=1 << 30)
+
+def test_a_save_that_dies_midway_leaves_the_previous_one_loadable(
+    tiny_model: Path, tiny: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    tiny.generate("chat", turn([], "the first save"))
+    assert tiny.save_prefix_cache(tmp_path, 1 << 30) == 1
+    before = manifest(tmp_path)
+    tiny.generate(
+        "chat", {"messages": [{"role": "user", "content": "a second entry " * 20}], "temperature": 0, "max_tokens": 2}
+    )
+
+    # The process dies after writing the new entry's file, before the manifest is replaced.
+    real = prefix_cache._write_atomic
+
+    def dies_at_the_manifest(path: Path, write) -> None:
+        if path.name == MANIFEST:
+            raise KeyboardInterrupt("killed")
+        real(path, write)
+
+    monkeypatch.setattr(prefix_cache, "_write_atomic", dies_at_the_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        tiny.save_prefix_cache(tmp_path, 1 << 30)
+    monkeypatch.undo()
+    assert manifest(tmp_path) == before
+    # What else a crash can leave: half-written temporaries and, for good measure, a truncated entry file.
+    (tmp_path / f".{MANIFEST}.x1y2.tmp").write_text('{"format": 2, "entries": [')
+    (tmp_path / ".0123abcd.safetensors.x1y2.tmp").write_bytes(b"\x00" * 100)
+    (tmp_path / "0123abcd.safetensors").write_bytes((tmp_path / before["entries"][0]["file"]).read_bytes()[:500])
+
+    prefix = fresh(tiny_model)
+    assert prefix.load(tmp_path) == 1
+    assert [tokens for tokens, _ in prefix.entries()] == [before["entries"][0]["tokens"]]
+    assert listing(tmp_path) == sorted([LOCK, MANIFEST, before["entries"][0]["file"]])
+
+
+def test_files_no_longer_listed_are_removed_by_a_save(tiny_model: Path, tmp_path: Path):
+    engine = Engine.load(str(tiny_model))
+    engine.enable_prefix_cache(max_entries=1, max_bytes=1 << 30)
+    # Files of the earlier format (a JSON sidecar per entry) and a stray temporary.
+    for name in ("0old.json", "0old.safetensors", ".0new.safetensors.abc.tmp"):
+        (tmp_path / name).write_text("{}")
+    engine.generate(
+        "chat", {"messages": [{"role": "user", "content": "alpha " * 50}], "temperature": 0, "max_tokens": 2}
+    )
+    assert engine.save_prefix_cache(tmp_path, 1 << 30) == 1
+    first = manifest(tmp_path)["entries"][0]["file"]
+    assert listing(tmp_path) == sorted([LOCK, MANIFEST, first])
+    engine.generate(
+        "chat", {"messages": [{"role": "user", "content": "beta " * 50}], "temperature": 0, "max_tokens": 2}
+    )  # evicts alpha
+    assert engine.save_prefix_cache(tmp_path, 1 << 30) == 1
+    second = manifest(tmp_path)["entries"][0]["file"]
+    assert second != first and listing(tmp_path) == sorted([LOCK, MANIFEST, second])
+    # Within a byte budget too small for anything, nothing is listed and nothing is kept.
+    assert engine.save_prefix_cache(tmp_path, 1) == 0
+    assert listing(tmp_path) == sorted([LOCK, MANIFEST]) and manifest(tmp_path)["entries"] == []
+
+
+def test_truncated_garbage_and_foreign_files_are_skipped(
+    tiny_model: Path, tiny: Engine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    for word in ("alpha", "beta", "gamma"):
+        tiny.generate(
+            "chat", {"messages": [{"role": "user", "content": f"{word} " * 50}], "temperature": 0, "max_tokens": 2}
+        )
+    assert tiny.save_prefix_cache(tmp_path, 1 << 30) == 3
+    entries = manifest(tmp_path)["entries"]
+    truncated, garbage, good = (tmp_path / e["file"] for e in entries)
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    garbage.write_bytes(os.urandom(garbage.stat().st_size))  # the right size, so MLX itself must refuse it
     with caplog.at_level(logging.INFO, logger="worker.prefix_cache"):
-        assert fresh.load(tmp_path) == 1
-    assert "0bad.json" in caplog.text and "1other.json" in caplog.text and "2junk.json" in caplog.text
+        prefix = fresh(tiny_model)
+        assert prefix.load(tmp_path) == 1
+    assert truncated.name in caplog.text and garbage.name in caplog.text
+    assert [tokens for tokens, _ in prefix.entries()] == [entries[2]["tokens"]]
+    assert good.exists()
+
+    # A garbage manifest, or one of another format, loads nothing and removes nothing.
+    files = listing(tmp_path)
+    for text in ("{{{{", json.dumps({**manifest(tmp_path), "format": 1}), json.dumps({"format": 2, "entries": 3})):
+        (tmp_path / MANIFEST).write_text(text)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="worker.prefix_cache"):
+            assert fresh(tiny_model).load(tmp_path) == 0
+        assert MANIFEST in caplog.text and listing(tmp_path) == files
+    assert fresh(tiny_model).load(tmp_path / "missing") == 0

@@ -9,11 +9,29 @@ import pytest
 from worker.tool_parse import ToolStreamFilter, model_tool_format, parse_tool_calls
 
 TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
-        "city": {"type": "string"}, "days": {"type": "integer"}, "metric": {"type": "boolean"},
-        "ratio": {"type": "number"}, "tags": {"type": "array"}}}}},
-    {"type": "function", "function": {"name": "run_shell", "parameters": {"type": "object", "properties": {
-        "command": {"type": "string"}}}}},
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string"},
+                    "days": {"type": "integer"},
+                    "metric": {"type": "boolean"},
+                    "ratio": {"type": "number"},
+                    "tags": {"type": "array"},
+                },
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "run_shell",
+            "parameters": {"type": "object", "properties": {"command": {"type": "string"}}},
+        },
+    },
 ]
 
 
@@ -23,10 +41,15 @@ def calls_of(text: str, parser: str | None = None):
 
 
 CASES = {
-    "qwen2.5 / hermes": ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>',
-                         "json_tools"),
-    "qwen3 with think": ('<think>\nI should call get_weather({"city": "Rome"}) maybe.\n</think>\n\n<tool_call>\n'
-                         '{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>', "json_tools"),
+    "qwen2.5 / hermes": (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>',
+        "json_tools",
+    ),
+    "qwen3 with think": (
+        '<think>\nI should call get_weather({"city": "Rome"}) maybe.\n</think>\n\n<tool_call>\n'
+        '{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>',
+        "json_tools",
+    ),
     "llama 3.1 json": ('{"name": "get_weather", "parameters": {"city": "Paris", "days": 3}}', None),
     "llama python_tag": ('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris", "days": 3}}', None),
     "mistral list": ('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}]', "mistral"),
@@ -34,8 +57,11 @@ CASES = {
     "bare json fenced": ('```json\n{"tool": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n```', None),
     "function syntax": ('get_weather({"city": "Paris", "days": 3})', None),
     "python kwargs": ('get_weather(city="Paris", days=3)', None),
-    "openai shaped": ('{"type": "function", "function": {"name": "get_weather", "arguments": '
-                      '"{\\"city\\": \\"Paris\\", \\"days\\": 3}"}}', None),
+    "openai shaped": (
+        '{"type": "function", "function": {"name": "get_weather", "arguments": '
+        '"{\\"city\\": \\"Paris\\", \\"days\\": 3}"}}',
+        None,
+    ),
 }
 
 
@@ -55,19 +81,22 @@ def test_same_formats_without_the_model_parser():
 
 
 def test_qwen3_coder_xml_parameters_are_typed_by_schema():
-    text = ("<tool_call>\n<function=get_weather>\n<parameter=city>\nNew York\n</parameter>\n"
-            "<parameter=days>\n5\n</parameter>\n<parameter=metric>\ntrue\n</parameter>\n"
-            "<parameter=ratio>\n0.5\n</parameter>\n<parameter=tags>\n[\"a\", \"b\"]\n</parameter>\n"
-            "</function>\n</tool_call>")
+    text = (
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\nNew York\n</parameter>\n"
+        "<parameter=days>\n5\n</parameter>\n<parameter=metric>\ntrue\n</parameter>\n"
+        '<parameter=ratio>\n0.5\n</parameter>\n<parameter=tags>\n["a", "b"]\n</parameter>\n'
+        "</function>\n</tool_call>"
+    )
     for parser in ("qwen3_coder", None):
         _, calls, _ = calls_of(text, parser)
-        assert calls == [("get_weather", {"city": "New York", "days": 5, "metric": True, "ratio": 0.5,
-                                          "tags": ["a", "b"]})]
+        assert calls == [
+            ("get_weather", {"city": "New York", "days": 5, "metric": True, "ratio": 0.5, "tags": ["a", "b"]})
+        ]
 
 
 def test_nested_json_and_braces_inside_strings():
     args = {"command": "echo '{not json}' && printf \"}\"", "env": {"A": {"B": [1, {"c": "}"}]}}}
-    text = f'<tool_call>{json.dumps({"name": "run_shell", "arguments": args})}</tool_call>'
+    text = f"<tool_call>{json.dumps({'name': 'run_shell', 'arguments': args})}</tool_call>"
     assert calls_of(text)[1] == [("run_shell", args)]
 
 
@@ -95,8 +124,9 @@ def test_not_tool_calls():
 
 
 def test_content_around_a_call_is_kept():
-    content, calls, _ = calls_of('Let me check.\n<tool_call>{"name": "run_shell", "arguments": '
-                                 '{"command": "ls"}}</tool_call>')
+    content, calls, _ = calls_of(
+        'Let me check.\n<tool_call>{"name": "run_shell", "arguments": {"command": "ls"}}</tool_call>'
+    )
     assert content == "Let me check." and calls == [("run_shell", {"command": "ls"})]
 
 
@@ -130,7 +160,7 @@ def test_streaming_plain_text_passes_through():
 
 
 def test_streaming_think_section_is_not_held():
-    text = "<think>maybe {\"x\": 1} or get_weather(</think>\nIt is sunny."
+    text = '<think>maybe {"x": 1} or get_weather(</think>\nIt is sunny.'
     shown, rest, calls = stream(text)
     assert calls == [] and shown.startswith("<think>maybe {") and shown + rest == text
 
@@ -140,3 +170,47 @@ def test_unclosed_outer_object_is_repaired():
     text = '<tool_call>\n{"name": "get_weather", "arguments": \n{"city": "Paris"}\n</tool_call>\n\nIt is'
     content, calls, _ = calls_of(text)
     assert calls == [("get_weather", {"city": "Paris"})] and content == "It is"
+
+
+def test_text_around_a_call_keeps_its_spacing_in_the_stream_and_the_result():
+    text = 'Let me check.\n<tool_call>{"name": "run_shell", "arguments": {"command": "ls"}}</tool_call>\nDone.'
+    content, calls, _ = calls_of(text)
+    assert content == "Let me check.\nDone." and calls == [("run_shell", {"command": "ls"})]
+    shown, rest, _ = stream(text, step=1)
+    assert shown == "Let me check." and shown + rest == content
+
+
+def test_outputs_that_once_raised_are_not_calls():
+    # Python-only values, NaN, a schema that is `true`, and looping answers nested past the recursion limit.
+    tools = [*TOOLS, {"type": "function", "function": {"name": "f", "parameters": {"properties": {"x": True}}}}]
+    for text in (
+        "get_weather(city=1j)",
+        "get_weather(city={[1]: 2})",
+        "get_weather(city={1, 2})",
+        "get_weather(city=1e999)",
+        '{"name": "run_shell", "arguments": {"command": NaN}}',
+        "[" * 5000,
+        '{"a":' * 3000,
+        "get_weather(x=" + "1+" * 3000 + "1)",
+        "get_weather(" * 3000,
+    ):
+        assert parse_tool_calls(text, tools) == (text, []), text[:30]
+    _, calls = parse_tool_calls("<tool_call><function=f><parameter=x>1</parameter></function></tool_call>", tools)
+    assert [c["function"]["arguments"] for c in calls] == ['{"x": 1}']
+
+
+def test_function_syntax_respects_names_and_strings():
+    tools = [{"type": "function", "function": {"name": n}} for n in ("get", "x-get")]
+    assert calls_of_tools('x-get({"q": 1})', tools) == [("x-get", {"q": 1})]  # not also `get`
+    assert calls_of_tools("get(path=\"a)b\", note='(')", tools) == [("get", {"path": "a)b", "note": "("})]
+    # A call written inside another's arguments is part of them.
+    assert calls_of_tools('get({"cmd": "x-get({})"})', tools) == [("get", {"cmd": "x-get({})"})]
+
+
+def test_family_parser_result_in_another_shape_keeps_its_arguments():
+    text = '<tool_call>{"name": "get_weather", "parameters": {"city": "Paris"}}</tool_call>'
+    assert calls_of(text, "json_tools")[1] == [("get_weather", {"city": "Paris"})]
+
+
+def calls_of_tools(text: str, tools: list[dict]) -> list:
+    return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in parse_tool_calls(text, tools)[1]]

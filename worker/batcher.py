@@ -225,7 +225,11 @@ class Batcher:
         if cache is None:  # finished by us (stop string, cancel), not by the generator
             cache, tokens = self._gen.remove([seq.uid], return_prompt_caches=True)[seq.uid]
         del self._active[seq.uid]
-        prefix = self.prefix() if seq.use_prefix_cache else None
-        if prefix is not None and cache and tokens:
-            prefix.insert(list(tokens), cache)
-        seq.complete()
+        try:
+            prefix = self.prefix() if seq.use_prefix_cache else None
+            if prefix is not None and cache and tokens:
+                prefix.insert(list(tokens), cache)
+            seq.complete()
+        except Exception as exc:  # this sequence's failure, not the batch's: its consumer is told, never left waiting
+            log.exception("finishing a sequence failed")
+            seq.fail(exc)

@@ -6,20 +6,23 @@ exact hit so the decoder has input, takes an entry out of the trie instead of de
 the request extends it and no waiting request shares it (a copy of an agent's context per turn is
 ~120 MB), enforces the entry and byte bounds, counts what it saves,
 never fails a request (any error falls back to the uncached path and is counted), and persists
-entries to disk with their token ids beside them so a restarted worker starts warm.
+entries to disk (crash-safe, their token ids in a manifest) so a restarted worker starts warm.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import mlx.core as mx
 from mlx_lm import __version__ as mlx_lm_version
@@ -34,8 +37,13 @@ from mlx_lm.models.cache import (
 
 log = logging.getLogger(__name__)
 
-# Bump when the files on disk change shape; older files are then skipped.
-FORMAT_VERSION = 1
+# Bump when the files on disk change shape; older files are then skipped (and removed by the next save).
+FORMAT_VERSION = 2
+# A directory holds the manifest (format, model, mlx-lm version, and each entry's file, size and token
+# ids), one mlx-lm `save_prompt_cache` file per entry (the KV arrays only), and the lock file.
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+ENTRY_SUFFIX = ".safetensors"
 
 
 def default_bytes() -> int:
@@ -73,6 +81,10 @@ class PrefixCache:
     max_bytes: int
     lru: LRUPromptCache = field(init=False)
     stats: PrefixStats = field(default_factory=PrefixStats)
+    # Entry files known complete (written or loaded by this process) and their sizes; what each
+    # directory's manifest lists. A save rewrites only what these do not vouch for.
+    _complete: dict[Path, int] = field(default_factory=dict, init=False, repr=False)
+    _listed: dict[Path, list[dict[str, Any]]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.lru = LRUPromptCache(max_size=self.max_entries, max_bytes=self.max_bytes)
@@ -144,8 +156,15 @@ class PrefixCache:
             self.stats.skips += 1
 
     def snapshot(self) -> dict[str, int]:
-        return {"hits": self.stats.hits, "misses": self.stats.misses, "tokens_saved": self.stats.tokens_saved,
-                "skips": self.stats.skips, "taken": self.stats.taken, "entries": len(self.lru), "bytes": int(self.lru.nbytes)}
+        return {
+            "hits": self.stats.hits,
+            "misses": self.stats.misses,
+            "tokens_saved": self.stats.tokens_saved,
+            "skips": self.stats.skips,
+            "taken": self.stats.taken,
+            "entries": len(self.lru),
+            "bytes": int(self.lru.nbytes),
+        }
 
     # -- persistence ------------------------------------------------------------------------
 
@@ -162,57 +181,191 @@ class PrefixCache:
     def fingerprint(self) -> str:
         return hashlib.sha256(repr(self.key).encode()).hexdigest()[:16]
 
+    def _file_name(self, tokens: list[int]) -> str:
+        # Named by everything that decides the bytes, so a file, once complete, never needs rewriting.
+        ident = f"{FORMAT_VERSION}:{mlx_lm_version}:{self.fingerprint()}:{tokens}"
+        return hashlib.sha256(ident.encode()).hexdigest()[:32] + ENTRY_SUFFIX
+
     def save(self, directory: Path, max_bytes: int) -> int:
-        """Write entries (most recent first, within `max_bytes`) and drop files of evicted ones."""
+        """Write entries (most recent first, within `max_bytes`); how many the manifest now lists.
+
+        Crash-safe: each entry file is written whole under a temporary name and renamed into place,
+        and the manifest, which alone makes entries visible, is replaced last. A save that dies
+        midway leaves the previous save loadable; what it left behind is removed by the next save
+        or load, as are the files of entries the new manifest no longer lists.
+        """
         directory.mkdir(parents=True, exist_ok=True)
-        keep: set[str] = set()
-        total = 0
-        for tokens, cache in reversed(self.entries()):
-            size = sum(c.nbytes for c in cache)
-            if total + size > max_bytes:
-                continue
-            name = hashlib.sha256(f"{self.fingerprint()}:{tokens}".encode()).hexdigest()[:32]
-            keep.add(name)
-            total += size
-            target = directory / f"{name}.safetensors"
-            if target.exists() and (directory / f"{name}.json").exists():
-                continue
-            tmp = directory / f"{name}.tmp.safetensors"
-            save_prompt_cache(str(tmp), cache, metadata={"format": str(FORMAT_VERSION)})
-            os.replace(tmp, target)
-            (directory / f"{name}.json").write_text(json.dumps({
-                "format": FORMAT_VERSION, "model": self.fingerprint(), "mlx_lm": mlx_lm_version,
-                "tokens": tokens, "saved_at": time.time()}))
-        for path in directory.glob("*.json"):
-            if path.stem not in keep:
-                path.unlink(missing_ok=True)
-                (directory / f"{path.stem}.safetensors").unlink(missing_ok=True)
-        return len(keep)
+        with _locked(directory):
+            chosen, total = [], 0
+            for tokens, cache in reversed(self.entries()):
+                size = sum(c.nbytes for c in cache)
+                if total + size > max_bytes:
+                    continue
+                total += size
+                chosen.append((tokens, cache))
+            listed = []
+            for tokens, cache in reversed(chosen):  # the manifest lists them least recently used first
+                path = directory / self._file_name(tokens)
+                if path not in self._complete or self._complete[path] != _size(path):
+                    # save_prompt_cache hands the file object to mx.save_safetensors, which takes one.
+                    _write_atomic(
+                        path,
+                        lambda f, cache=cache: save_prompt_cache(f, cache, metadata={"format": str(FORMAT_VERSION)}),
+                    )
+                    self._complete[path] = _size(path)
+                listed.append({"file": path.name, "bytes": self._complete[path], "tokens": tokens})
+            manifest = directory / MANIFEST
+            if self._listed.get(directory) != listed or not manifest.exists():
+                _fsync_dir(directory)  # the entries' renames reach the disk before the manifest's
+                body = {
+                    "format": FORMAT_VERSION,
+                    "model": self.fingerprint(),
+                    "mlx_lm": mlx_lm_version,
+                    "saved_at": time.time(),
+                    "entries": listed,
+                }
+                _write_atomic(manifest, lambda f: f.write(json.dumps(body).encode()))
+                _fsync_dir(directory)
+                self._listed[directory] = listed
+            self._remove_unlisted(directory, {e["file"] for e in listed})
+        return len(listed)
 
     def load(self, directory: Path) -> int:
-        """Insert the saved entries that match this model and format; skip anything else with a log line."""
-        loaded = 0
-        sidecars = sorted(directory.glob("*.json"), key=lambda p: p.stat().st_mtime) if directory.exists() else []
-        for sidecar in sidecars:
+        """Insert the saved entries that match this model and format; skip anything else with a log line.
+
+        Never raises for what it finds on disk: a missing, foreign or unreadable manifest loads
+        nothing, and a missing, truncated or corrupt entry file is skipped.
+        """
+        if not directory.is_dir():
+            return 0
+        with _locked(directory):
+            entries = self._read_manifest(directory)
+            if entries is None:
+                return 0
+            listed = []
+            for entry in entries:
+                try:
+                    path, tokens = self._load_entry(directory, entry)
+                except Exception as exc:
+                    log.warning("skipping unreadable prefix cache entry %s: %s", _describe(entry), exc)
+                    continue
+                listed.append({"file": path.name, "bytes": self._complete[path], "tokens": tokens})
+            if len(listed) == len(entries):  # else the next save rewrites the manifest without the bad ones
+                self._listed[directory] = listed
+            self._remove_unlisted(
+                directory, {e["file"] for e in entries if isinstance(e, dict) and isinstance(e.get("file"), str)}
+            )
+        return len(listed)
+
+    def _read_manifest(self, directory: Path) -> list[Any] | None:
+        """The manifest's entries when it is this model's and format's; None (logged) otherwise."""
+        manifest = directory / MANIFEST
+        if not manifest.exists():
+            log.info("no prefix cache manifest in %s", directory)
+            return None
+        try:
+            meta = json.loads(manifest.read_bytes())
+            entries = meta["entries"]
+            if not isinstance(entries, list):
+                raise ValueError("entries is not a list")
+        except Exception as exc:
+            log.warning("skipping unreadable prefix cache manifest %s: %s", manifest, exc)
+            return None
+        if meta.get("format") != FORMAT_VERSION or meta.get("model") != self.fingerprint():
+            log.info("skipping prefix cache %s: other model or format", manifest)
+            return None
+        if meta.get("mlx_lm") != mlx_lm_version:
+            log.info("skipping prefix cache %s: saved by mlx-lm %s", manifest, meta.get("mlx_lm"))
+            return None
+        return entries
+
+    def _load_entry(self, directory: Path, entry: Any) -> tuple[Path, list[int]]:
+        name, size, tokens = entry["file"], entry["bytes"], [int(t) for t in entry["tokens"]]
+        if not isinstance(name, str) or Path(name).name != name or not name.endswith(ENTRY_SUFFIX):
+            raise ValueError(f"bad file name {name!r}")
+        path = directory / name
+        if _size(path) != size:  # caught here, before MLX maps the file
+            raise ValueError(f"file holds {_size(path)} bytes, manifest lists {size}")
+        cache = load_prompt_cache(str(path))
+        # Read it into memory now, not lazily on the first request that hits it.
+        mx.eval([c.state for c in cache])
+        if cache_offset(cache) != len(tokens):
+            raise ValueError(f"cache holds {cache_offset(cache)} tokens, manifest lists {len(tokens)}")
+        self.lru.insert_cache(self.key, tokens, cache)
+        self._complete[path] = size
+        return path, tokens
+
+    def _remove_unlisted(self, directory: Path, listed: set[str]) -> None:
+        """Delete files of entries no longer listed, earlier formats' files and temporaries of a crashed save."""
+        try:
+            stale = [
+                p
+                for p in directory.iterdir()
+                if p.name not in listed and p.name not in (MANIFEST, LOCK) and p.is_file()
+            ]
+        except OSError as exc:
+            log.warning("could not list the prefix cache in %s: %s", directory, exc)
+            return
+        for path in stale:
             try:
-                meta = json.loads(sidecar.read_text())
-                if meta.get("format") != FORMAT_VERSION or meta.get("model") != self.fingerprint():
-                    log.info("skipping prefix cache %s: other model or format", sidecar.name)
-                    continue
-                if meta.get("mlx_lm") != mlx_lm_version:
-                    log.info("skipping prefix cache %s: saved by mlx-lm %s", sidecar.name, meta.get("mlx_lm"))
-                    continue
-                cache = load_prompt_cache(str(sidecar.with_suffix(".safetensors")))
-                # Read it into memory now, not lazily on the first request that hits it.
-                mx.eval([c.state for c in cache])
-                tokens = [int(t) for t in meta["tokens"]]
-                if cache_offset(cache) != len(tokens):
-                    raise ValueError(f"cache holds {cache_offset(cache)} tokens, sidecar lists {len(tokens)}")
-                self.lru.insert_cache(self.key, tokens, cache)
-                loaded += 1
-            except Exception as exc:
-                log.warning("skipping unreadable prefix cache %s: %s", sidecar.name, exc)
-        return loaded
+                path.unlink()
+            except OSError as exc:
+                log.warning("could not remove stale prefix cache file %s: %s", path, exc)
+            self._complete.pop(path, None)
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def _describe(entry: Any) -> str:
+    return str(entry.get("file")) if isinstance(entry, dict) else repr(entry)[:60]
+
+
+def _write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """`path` written whole or not at all: a temporary file beside it, flushed to disk, then renamed over it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """One saver or loader per directory at a time, across processes: cleanup must not race a save.
+
+    Where no lock can be had (a read-only directory, a file system without locks) it goes on
+    unlocked: a load still works there, and a save fails on its own first write.
+    """
+    try:
+        f = open(directory / LOCK, "a+b")
+    except OSError as exc:
+        log.warning("prefix cache in %s not locked: %s", directory, exc)
+        yield
+        return
+    with f:  # closing the file releases the lock
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        except OSError as exc:
+            log.warning("prefix cache in %s not locked: %s", directory, exc)
+        yield
 
 
 def cache_offset(cache: list[Any]) -> int | None:

@@ -7,6 +7,7 @@ batcher only moves tokens between mlx-lm's `BatchGenerator` and these objects.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -15,8 +16,11 @@ from typing import Any
 
 import mlx.core as mx
 
+from mlxq import events
 from mlxq.contract import GenerationResult, Priority
 from worker.tool_parse import ToolStreamFilter
+
+log = logging.getLogger(__name__)
 
 Event = dict[str, Any]
 Sampler = Callable[[mx.array], mx.array]
@@ -121,14 +125,17 @@ class Sequence:
         visible = self.text[: max(len(self.text) - self.stop_hold, 0)] if self.stops else self.text
         safe = self.tool_filter.safe_length(visible)
         if safe > self.shown:
-            self.emit({"type": "delta", "content": self.text[self.shown : safe],
-                       "logprobs": self.pending_logprobs or None})
+            self.emit(events.delta(self.text[self.shown : safe], self.pending_logprobs or None))
             self.shown, self.pending_logprobs = safe, []
 
     def _logprob_entry(self, token: int, logprobs: mx.array) -> dict[str, Any]:
         text = self.decode([token])
-        entry: dict[str, Any] = {"token": text, "logprob": float(logprobs[token]),
-                                 "bytes": list(text.encode()), "top_logprobs": []}
+        entry: dict[str, Any] = {
+            "token": text,
+            "logprob": float(logprobs[token]),
+            "bytes": list(text.encode()),
+            "top_logprobs": [],
+        }
         if top := self.top_logprobs:
             ids = mx.argpartition(-logprobs, kth=top - 1)[:top].tolist()
             ids.sort(key=lambda i: -float(logprobs[i]))
@@ -143,18 +150,28 @@ class Sequence:
     def complete(self) -> None:
         """Flush what was held back, build the result and wake the consumer."""
         finish = self.finish or "length"
-        rest, calls = self.tool_filter.finish(self.text, self.shown)
-        if finish == "cancelled":
-            calls = []  # a cut-off answer is not a call
+        if finish in ("cancelled", "length"):
+            # A cut-off answer is not a call, even one that parses (repaired): its text, held back
+            # from the stream as a possible call, goes out as content, so the stream equals the text.
+            rest, calls = self.text[self.shown :], []
+        else:
+            try:
+                rest, calls = self.tool_filter.finish(self.text, self.shown)
+            except Exception:  # a parser bug must not fail the request, nor the batch it runs in
+                log.exception("tool-call parsing failed; the answer is left as text")
+                rest, calls = self.text[self.shown :], []
         if rest or self.pending_logprobs:
-            self.emit({"type": "delta", "content": rest, "logprobs": self.pending_logprobs or None})
+            self.emit(events.delta(rest, self.pending_logprobs or None))
         if calls:
-            self.emit({"type": "tool_calls", "tool_calls": calls})
+            self.emit(events.tool_calls(calls))
         result = GenerationResult(
             text=self.text[: self.shown] + rest,
             finish_reason="tool_calls" if calls else finish,
-            usage={"prompt_tokens": len(self.prompt), "completion_tokens": len(self.generated),
-                   "cached_tokens": self.cached_tokens},
+            usage={
+                "prompt_tokens": len(self.prompt),
+                "completion_tokens": len(self.generated),
+                "cached_tokens": self.cached_tokens,
+            },
         )
         if calls:
             result["tool_calls"] = calls

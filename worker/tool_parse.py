@@ -27,6 +27,7 @@ from mlxq.keys import tool_names
 ParseFn = Callable[[str, Any], Any]
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+_THINK_LINE = re.compile(rf"(?:^|\n)[ \t]*{THINK_OPEN}")
 _GENERIC_MARKERS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>", "<function=", "```")
 _NAME_KEYS = ("name", "tool", "tool_name", "function")
 _ARG_KEYS = ("arguments", "parameters", "args", "input")
@@ -58,16 +59,19 @@ def new_call_id() -> str:
 def _schema_props(tools: list[dict[str, Any]] | None, name: str) -> dict[str, Any]:
     for tool in tools or []:
         fn = tool.get("function", tool)
-        if fn.get("name") == name:
-            return (fn.get("parameters") or {}).get("properties") or {}
+        if isinstance(fn, dict) and fn.get("name") == name:
+            params = fn.get("parameters")
+            props = params.get("properties") if isinstance(params, dict) else None
+            return props if isinstance(props, dict) else {}
     return {}
 
 
 # -- values -------------------------------------------------------------------------------------
 
+
 def _typed(value: str, schema: dict[str, Any]) -> Any:
     """An XML parameter value typed by the tool's JSON schema."""
-    kind = schema.get("type")
+    kind = schema.get("type") if isinstance(schema, dict) else None  # a schema may be `true`
     kinds = kind if isinstance(kind, list) else [kind]
     text = value.strip()
     if "string" in kinds:
@@ -106,7 +110,10 @@ def _arguments_json(arguments: Any) -> str | None:
             return None
     if not isinstance(arguments, dict):
         return None
-    return json.dumps(arguments, ensure_ascii=False)
+    try:  # strict JSON: no NaN or Infinity, nothing Python-only (sets, complex numbers, bytes)
+        return json.dumps(arguments, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return None
 
 
 def _as_call(obj: Any) -> tuple[str, Any] | None:
@@ -128,25 +135,27 @@ def _as_call(obj: Any) -> tuple[str, Any] | None:
 # -- scanners ---------------------------------------------------------------------------------
 
 _decoder = json.JSONDecoder()
+_SPACE = re.compile(r"\s*")
+_JSON_START = re.compile(r"\{\s*[\"}]|\[\s*\{")
 _XML_FUNCTION = re.compile(r"<function=([^>\s]+)>(.*?)(?:</function>|$)", re.DOTALL)
 _XML_PARAM = re.compile(r"<parameter=([^>\s]+)>\n?(.*?)\n?</parameter>", re.DOTALL)
 
 
 def _json_values(text: str) -> list[tuple[Any, int, int]]:
-    """Every top-level JSON object or array in `text`, with its span (braces in strings are fine)."""
+    """Every top-level JSON object or list of objects in `text`, with its span (braces in strings are fine)."""
     found, pos = [], 0
-    while True:
-        starts = [i for i in (text.find("{", pos), text.find("[", pos)) if i >= 0]
-        if not starts:
-            return found
-        start = min(starts)
+    # Only where a call can start: an object, or a list whose first item is one. A run of "[[[[" or
+    # "[1,[1," (a degenerate answer) then costs nothing; each decode there would recurse to the limit.
+    while m := _JSON_START.search(text, pos):
+        start = m.start()
         try:
             value, end = _decoder.raw_decode(text, start)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested past the interpreter's limit
             pos = start + 1
             continue
         found.append((value, start, end))
         pos = end
+    return found
 
 
 def _calls_in_json(value: Any) -> list[tuple[str, Any]]:
@@ -179,7 +188,7 @@ def _repaired(body: str) -> list[tuple[str, Any]]:
     for k in (1, 2):
         try:
             return _calls_in_json(json.loads(text + "}" * k))
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
     return []
 
@@ -189,9 +198,10 @@ def _blocks(text: str, start: str, end: str) -> list[tuple[int, int, str]]:
     out, pos = [], 0
     while (i := text.find(start, pos)) >= 0:
         body_start = i + len(start)
-        j = text.find(end, body_start) if end else -1
+        after = _json_end(text, body_start)  # a marker inside the JSON a block holds does not end it
+        j = text.find(end, after) if end else -1
         if j < 0:
-            nxt = text.find(start, body_start)
+            nxt = text.find(start, after)
             j_end = nxt if nxt >= 0 else len(text)
             out.append((i, j_end, text[body_start:j_end]))
             pos = j_end
@@ -201,63 +211,112 @@ def _blocks(text: str, start: str, end: str) -> list[tuple[int, int, str]]:
     return out
 
 
+def _json_end(text: str, pos: int) -> int:
+    """Past the JSON object or list that starts at `pos` (after whitespace), if one does; else `pos`."""
+    start = _SPACE.match(text, pos).end()
+    if not text.startswith(("{", "["), start):
+        return pos
+    try:
+        return _decoder.raw_decode(text, start)[1]
+    except (ValueError, RecursionError):
+        return pos
+
+
 def _function_syntax(text: str, names: list[str]) -> list[tuple[str, Any, int, int]]:
-    """`name({...})` or `name(key=value, ...)` for offered names."""
+    """`name({...})` or `name(key=value, ...)` for offered names; a call inside another's arguments is not one."""
     found = []
+    last_close = text.rfind(")")
     for name in names:
-        for m in re.finditer(rf"(?<![\w.]){re.escape(name)}\s*\(", text):
+        # Not preceded by a name character: `x-get(` is not a call of `get` when `x-get` is offered.
+        for m in re.finditer(rf"(?<![\w.-]){re.escape(name)}\s*\(", text):
             open_at = m.end()
-            rest = text[open_at:].lstrip()
-            skip = len(text[open_at:]) - len(rest)
-            if rest.startswith("{"):
+            if open_at > last_close:  # "get(get(get(..." of a looping answer: nothing closes
+                break
+            start = _SPACE.match(text, open_at).end()
+            if text.startswith("{", start):
                 try:
-                    args, used = _decoder.raw_decode(rest)
-                except ValueError:
+                    args, close = _decoder.raw_decode(text, start)
+                except (ValueError, RecursionError):
                     continue
-                close = open_at + skip + used
-                tail = text[close:].lstrip()
-                if tail.startswith(")"):
-                    found.append((name, args, m.start(), close + (len(text[close:]) - len(tail)) + 1))
+                close = _SPACE.match(text, close).end()
+                if text.startswith(")", close):
+                    found.append((name, args, m.start(), close + 1))
                 continue
-            depth, i = 1, open_at
-            while i < len(text) and depth:
-                depth += {"(": 1, ")": -1}.get(text[i], 0)
-                i += 1
-            if depth:
+            end = _call_end(text, open_at)
+            if end is None:
                 continue
             try:
-                call = ast.parse(text[m.start():i].replace(name, "f", 1), mode="eval").body
+                call = ast.parse("f" + text[m.start() + len(name) : end], mode="eval").body
                 if isinstance(call, ast.Call) and not call.args:
                     kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg}
-                    if kwargs or text[open_at:i - 1].strip() == "":
-                        found.append((name, kwargs, m.start(), i))
-            except (SyntaxError, ValueError):
+                    if kwargs or text[open_at : end - 1].strip() == "":
+                        found.append((name, kwargs, m.start(), end))
+            # literal_eval raises TypeError on `{[1]: 2}`, the parser RecursionError on `1+1+...+1`
+            except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
                 continue
-    return sorted(found, key=lambda c: c[2])
+    outer, end = [], 0
+    for call in sorted(found, key=lambda c: c[2]):
+        if call[2] >= end:
+            outer.append(call)
+            end = call[3]
+    return outer
+
+
+_PY_TOKEN = re.compile(r"""[()]|"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'""")
+_MAX_CALL, _MAX_DEPTH = 1 << 16, 64  # Python's own parser gives up at 200 levels
+
+
+def _call_end(text: str, open_at: int) -> int | None:
+    """Just past the ")" closing the call opened before `open_at`; parentheses in string literals don't count."""
+    depth = 1
+    for m in _PY_TOKEN.finditer(text, open_at, min(len(text), open_at + _MAX_CALL)):
+        if m.group() == "(":
+            depth += 1
+            if depth > _MAX_DEPTH:
+                return None
+        elif m.group() == ")":
+            depth -= 1
+            if not depth:
+                return m.end()
+    return None
 
 
 # -- the parser -------------------------------------------------------------------------------
 
+
 def _strip_think(text: str) -> tuple[str, str]:
     """(thinking, rest): a leading <think> section is kept out of parsing."""
-    if THINK_OPEN in text:
-        i = text.find(THINK_OPEN)
-        j = text.find(THINK_CLOSE, i)
+    # Only a <think> that starts a line opens one: one inside a JSON string (a call's arguments) can't.
+    if m := _THINK_LINE.search(text):
+        j = text.find(THINK_CLOSE, m.end())
         if j < 0:
             return text, ""
-        return text[: j + len(THINK_CLOSE)], text[j + len(THINK_CLOSE):]
+        return text[: j + len(THINK_CLOSE)], text[j + len(THINK_CLOSE) :]
     if THINK_CLOSE in text:  # templates that open the think block in the prompt
         j = text.find(THINK_CLOSE)
-        return text[: j + len(THINK_CLOSE)], text[j + len(THINK_CLOSE):]
+        return text[: j + len(THINK_CLOSE)], text[j + len(THINK_CLOSE) :]
     return "", text
 
 
-def parse_tool_calls(text: str, tools: list[dict[str, Any]] | None,
-                     model_format: ModelToolFormat | None = None) -> tuple[str, list[dict[str, Any]]]:
+def parse_tool_calls(
+    text: str, tools: list[dict[str, Any]] | None, model_format: ModelToolFormat | None = None
+) -> tuple[str, list[dict[str, Any]]]:
     """Split model output into (content, OpenAI tool_calls). Content keeps any unparsed text."""
+    floor, spans, calls = _find_calls(text, tools, model_format)
+    if not calls:
+        return text, []
+    return _content(text, floor, spans), calls
+
+
+def _find_calls(
+    text: str,
+    tools: list[dict[str, Any]] | None,
+    model_format: ModelToolFormat | None,
+) -> tuple[int, list[tuple[int, int]], list[dict[str, Any]]]:
+    """(where the text after any <think> section starts, the calls' spans in `text`, the calls)."""
     names = tool_names(tools)
     if not names:
-        return text, []
+        return 0, [], []
     thinking, body = _strip_think(text)
     spans: list[tuple[int, int]] = []
     raw: list[tuple[str, Any]] = []
@@ -274,8 +333,7 @@ def parse_tool_calls(text: str, tools: list[dict[str, Any]] | None,
             try:
                 parsed = model_format.parse(inner.strip(), tools)
                 parsed = parsed if isinstance(parsed, list) else [parsed]
-                take([(p["name"], p.get("arguments")) for p in parsed if isinstance(p, dict) and "name" in p],
-                     (s, e))
+                take([c for c in map(_as_call, parsed) if c is not None], (s, e))
             except Exception:  # the family parser is strict; the generic ones below may still match
                 continue
     # 2. tagged formats shared across families
@@ -284,8 +342,11 @@ def parse_tool_calls(text: str, tools: list[dict[str, Any]] | None,
             for s, e, inner in _blocks(body, start, end):
                 found = _parse_tagged(inner, tools)
                 if not found and start == "[TOOL_CALLS]":
-                    found = [(m.group(1), v) for m in re.finditer(r"([\w-]+)\s*\[ARGS\]", inner)
-                             for v, _, _ in _json_values(inner[m.end():])[:1]]
+                    found = [
+                        (m.group(1), v)
+                        for m in re.finditer(r"([\w-]+)\s*\[ARGS\]", inner)
+                        for v, _, _ in _json_values(inner[m.end() :])[:1]
+                    ]
                 take(found, (s, e))
     # 3. a bare JSON object (or list of them), possibly fenced
     if not raw:
@@ -299,17 +360,46 @@ def parse_tool_calls(text: str, tools: list[dict[str, Any]] | None,
     calls, seen = [], set()
     for name, args in raw:
         arguments = _arguments_json(args)
-        if (name, arguments) in seen:
+        if arguments is None:  # never: take() kept only calls whose arguments are JSON
             continue
-        seen.add((name, arguments))
+        same = (name, json.dumps(json.loads(arguments), sort_keys=True))  # the same call, keys in any order
+        if same in seen:
+            continue
+        seen.add(same)
         calls.append({"id": new_call_id(), "type": "function", "function": {"name": name, "arguments": arguments}})
-    if not calls:
-        return text, []
-    content = body
-    for s, e in sorted(spans, reverse=True):
-        content = content[:s] + content[e:]
-    content = re.sub(r"```(?:json)?\s*```", "", content)
-    return (thinking + content).strip(), calls
+    floor = len(thinking)
+    return floor, [(s + floor, e + floor) for s, e in (_with_fence(body, *span) for span in spans)], calls
+
+
+def _with_fence(text: str, start: int, end: int) -> tuple[int, int]:
+    """The span widened to the Markdown fence around it, when the call is all the fence holds."""
+    i = start
+    while i > 0 and text[i - 1].isspace():
+        i -= 1
+    opening = next((i - len(f) for f in ("```json", "```") if text.endswith(f, 0, i)), None)
+    j = _SPACE.match(text, end).end()
+    if opening is None or not text.startswith("```", j):
+        return start, end
+    return opening, j + 3
+
+
+def _content(text: str, floor: int, spans: list[tuple[int, int]]) -> str:
+    """`text` without the calls' spans; what precedes `floor` stays as it is.
+
+    Whitespace before a call goes, and so does whitespace after one that nothing precedes, or that
+    ends the text. A text shown as far as any point before its first call (never ending in
+    whitespace) therefore keeps exactly that beginning: the stream and the result agree.
+    """
+    kept, out, pos = text[:floor], "", floor
+    for s, e in sorted(spans):
+        gap = text[pos:s]
+        if pos > floor and not (kept or out):
+            gap = gap.lstrip()
+        out += gap.rstrip()
+        pos = e
+    tail = text[pos:]
+    out += tail if kept or out else tail.lstrip()
+    return kept + out.rstrip()
 
 
 @dataclass
@@ -336,7 +426,7 @@ class ToolStreamFilter:
         if not self.active:
             return len(text)
         if self.held_from is not None:
-            return self.held_from
+            return len(text[: self.held_from].rstrip())
         thinking = _strip_think(text)[0]
         if thinking == text:  # still inside a <think> section: nothing in it is a call
             return len(text)
@@ -361,13 +451,15 @@ class ToolStreamFilter:
         if self.held_from is not None:
             cut = min(cut, self.held_from)
         # Trailing whitespace may precede a call; hold it until we know.
-        return len(text[:cut].rstrip()) if cut < len(text) or text[cut - 1:cut].isspace() else cut
+        return len(text[:cut].rstrip()) if cut < len(text) or text[cut - 1 : cut].isspace() else cut
 
     def finish(self, text: str, shown: int) -> tuple[str, list[dict[str, Any]]]:
         """(content still to show, tool calls) once generation is over."""
         if not self.active:
             return text[shown:], []
-        content, calls = parse_tool_calls(text[shown:], self.tools, self.model_format)
+        # Calls are looked for only in what was held back; the content around them is cut as the
+        # one-shot parse of the whole text cuts it, so the stream plus this equals that content.
+        floor, spans, calls = _find_calls(text[shown:], self.tools, self.model_format)
         if not calls:
             return text[shown:], []
-        return content, calls
+        return _content(text, shown + floor, [(s + shown, e + shown) for s, e in spans])[shown:], calls

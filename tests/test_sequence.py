@@ -1,0 +1,114 @@
+"""A sequence's end: cut-off answers stay text, and the stream always equals the final text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from worker.blas import preload_openblas
+
+preload_openblas()
+
+import mlx.core as mx  # noqa: E402
+from mlx_lm.tokenizer_utils import load as load_tokenizer  # noqa: E402
+
+from worker.engine import Engine  # noqa: E402
+from worker.sequence import Sequence  # noqa: E402
+from worker.tool_parse import ToolStreamFilter, parse_tool_calls  # noqa: E402
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Get the weather for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
+# A call whose outer object never closes: the parser repairs it, so only the finish reason says it was cut.
+CUT_CALL = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}'
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2: Path):
+    return load_tokenizer(smollm2)
+
+
+def run(tokenizer, text: str, finish: str | None) -> tuple[dict, list[dict]]:
+    """Feed `text` token by token into a Sequence; the last token ends it with `finish` (None: cancelled)."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    seq = Sequence(
+        prompt=[1],
+        max_tokens=len(ids),
+        sampler=None,
+        processors=[],
+        stops=[],
+        tool_filter=ToolStreamFilter(TOOLS),
+        detokenizer=tokenizer.detokenizer,
+        decode=tokenizer.decode,
+    )
+    seq.detokenizer.reset()
+    logprobs = mx.zeros((tokenizer.vocab_size,))
+    for i, token in enumerate(ids):
+        last = i == len(ids) - 1
+        if seq.add_token(token, logprobs, finish if last and finish else None):
+            break
+    if finish is None:
+        seq.finish = "cancelled"
+    seq.complete()
+    events = []
+    while (event := seq.events.get()) is not None:
+        events.append(event)
+    assert seq.result is not None
+    return dict(seq.result), events
+
+
+def streamed(events: list[dict]) -> str:
+    return "".join(e["content"] for e in events if e["type"] == "delta")
+
+
+def test_a_repairable_call_is_really_a_call_when_it_ends():
+    assert parse_tool_calls(CUT_CALL, TOOLS)[1], "the cases below must be ones the parser would take"
+
+
+@pytest.mark.parametrize("finish", ["length", None])
+def test_cut_off_call_stays_text_and_the_stream_releases_what_it_held(tokenizer, finish):
+    result, events = run(tokenizer, CUT_CALL, finish)
+    assert result["finish_reason"] == (finish or "cancelled")
+    assert "tool_calls" not in result and not any(e["type"] == "tool_calls" for e in events)
+    assert result["text"] == CUT_CALL
+    assert streamed(events) == result["text"]
+
+
+def test_finished_call_is_a_call(tokenizer):
+    result, events = run(tokenizer, CUT_CALL, "stop")
+    assert result["finish_reason"] == "tool_calls"
+    assert [c["function"]["name"] for c in result["tool_calls"]] == ["get_weather"]
+    assert result["text"] == "Let me check." and streamed(events) == "Let me check."
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2: Path):
+    engine = Engine.load(str(smollm2))
+    yield engine
+    engine.close()
+
+
+def test_real_model_cut_by_max_tokens_inside_a_call(smol: Engine):
+    # With tool_choice "required" SmolLM2 writes a call of 43 tokens; at 36 the text already parses (repaired).
+    request = {
+        "messages": [{"role": "user", "content": "Use get_weather for Paris."}],
+        "tools": TOOLS,
+        "tool_choice": "required",
+        "temperature": 0.0,
+    }
+    whole = smol.generate("chat", {**request, "max_tokens": 60})
+    assert whole["finish_reason"] == "tool_calls"
+    events: list[dict] = []
+    cut = smol.generate("chat", {**request, "max_tokens": 36}, emit=events.append)
+    assert parse_tool_calls(cut["text"], TOOLS)[1], f"no longer cut inside a parseable call: {cut['text']!r}"
+    assert cut["finish_reason"] == "length" and "tool_calls" not in cut
+    assert cut["text"].startswith("<tool_call>")
+    assert streamed(events) == cut["text"]
