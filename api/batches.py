@@ -142,6 +142,8 @@ def batch_object(session: Session, batch: Batch) -> dict[str, Any]:
             ("expired_at", batch.expired_at), ("cancelling_at", batch.cancelling_at),
             ("cancelled_at", batch.cancelled_at))},
         "request_counts": {k: counts[k] for k in ("total", "completed", "failed")},
+        # Not in OpenAI's object (its clients ignore it): what the lines have generated so far.
+        "usage": {"completion_tokens": counts["completion_tokens"]},
         "metadata": batch.meta,
     }
 

@@ -98,12 +98,13 @@ def line_counts(*, session: Session, batch_id: str) -> dict[str, int]:
         select(func.count(),
                func.sum(case((Job.status == "succeeded", 1), else_=0)),
                func.sum(case((BatchLine.job_id.is_(None) | Job.status.in_(("failed", "cancelled")), 1), else_=0)),
-               func.sum(case((Job.status.in_(ACTIVE), 1), else_=0)))
+               func.sum(case((Job.status.in_(ACTIVE), 1), else_=0)),
+               func.sum(Job.completion_tokens))
         .select_from(BatchLine).outerjoin(Job, Job.id == BatchLine.job_id)
         .where(BatchLine.batch_id == batch_id)
     ).one()
     return {"total": int(row[0] or 0), "completed": int(row[1] or 0), "failed": int(row[2] or 0),
-            "active": int(row[3] or 0)}
+            "active": int(row[3] or 0), "completion_tokens": int(row[4] or 0)}
 
 
 def cancel_jobs(*, session: Session, batch_id: str) -> int:

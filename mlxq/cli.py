@@ -7,8 +7,11 @@ import logging
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
+import httpx
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -19,8 +22,12 @@ app = typer.Typer(help="An OpenAI- and Anthropic-compatible LLM service on MLX, 
                   no_args_is_help=True)
 models_app = typer.Typer(help="Model management.", no_args_is_help=True)
 cache_app = typer.Typer(help="The response cache.", no_args_is_help=True)
+batch_app = typer.Typer(help="OpenAI-style batches on a running server.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Jobs on a running server.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(cache_app, name="cache")
+app.add_typer(batch_app, name="batch")
+app.add_typer(jobs_app, name="jobs")
 console = Console()
 
 
@@ -129,6 +136,114 @@ def cache_clear() -> None:
     with make_sessionmaker(make_engine(settings.database_url)).begin() as session:
         removed = repos.clear_cache(session=session)
     console.print(json.dumps({"removed": removed}))
+
+
+# -- batches and jobs: HTTP clients of a running server ------------------------------------------
+
+URL = typer.Option(None, "--url", help="the server (default http://MLXQ_HOST:MLXQ_PORT)")
+FINAL = ("completed", "failed", "expired", "cancelled")
+
+
+def _http(url: str | None) -> httpx.Client:
+    settings = get_settings()
+    return httpx.Client(base_url=url or f"http://{settings.host}:{settings.port}", timeout=60)
+
+
+def _ok(response: httpx.Response) -> Any:
+    if response.is_error:
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text
+        console.print(f"[red]{response.status_code}[/red] {message}")
+        raise typer.Exit(1)
+    return response.json()
+
+
+def _watch(http: httpx.Client, batch: dict[str, Any]) -> dict[str, Any]:
+    """Poll a batch to its end behind a progress bar: lines done of total, tokens/s, time left."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[tok_s]:>7.1f} tok/s"), TimeRemainingColumn())
+    started, tokens0 = time.monotonic(), batch.get("usage", {}).get("completion_tokens", 0)
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(batch["id"], total=batch["request_counts"]["total"], tok_s=0.0)
+        while batch["status"] not in FINAL:
+            time.sleep(1.0)
+            batch = _ok(http.get(f"/v1/batches/{batch['id']}"))
+            counts = batch["request_counts"]
+            tokens = batch.get("usage", {}).get("completion_tokens", 0) - tokens0
+            progress.update(task, completed=counts["completed"] + counts["failed"],
+                            tok_s=tokens / max(time.monotonic() - started, 1e-9), description=batch["status"])
+    return batch
+
+
+def _show(batch: dict[str, Any]) -> None:
+    counts = batch["request_counts"]
+    console.print(f"{batch['id']} [bold]{batch['status']}[/bold]: {counts['completed']} completed, "
+                  f"{counts['failed']} failed of {counts['total']}; output {batch['output_file_id']}, "
+                  f"errors {batch['error_file_id']}")
+    for error in ((batch.get("errors") or {}).get("data") or [])[:10]:
+        console.print(f"  [yellow]{error.get('code')}[/yellow] {error.get('message')}")
+
+
+@batch_app.command("submit")
+def batch_submit(file: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSONL, one request a line"),
+                 endpoint: str = "/v1/chat/completions", wait: bool = typer.Option(False, help="follow to the end"),
+                 url: str | None = URL) -> None:
+    """Upload FILE and start a batch over it."""
+    with _http(url) as http:
+        uploaded = _ok(http.post("/v1/files", data={"purpose": "batch"},
+                                 files={"file": (file.name, file.read_bytes(), "application/jsonl")}))
+        batch = _ok(http.post("/v1/batches", json={"input_file_id": uploaded["id"], "endpoint": endpoint,
+                                                   "completion_window": "24h"}))
+        _show(_watch(http, batch) if wait else batch)
+
+
+@batch_app.command("status")
+def batch_status(batch_id: str, url: str | None = URL) -> None:
+    """Where a batch stands."""
+    with _http(url) as http:
+        _show(_ok(http.get(f"/v1/batches/{batch_id}")))
+
+
+@batch_app.command("results")
+def batch_results(batch_id: str, output: Path = typer.Option(..., "-o", "--output", help="where to write the answers"),
+                  errors: Path | None = typer.Option(None, "--errors", help="where to write the error lines"),
+                  url: str | None = URL) -> None:
+    """Write a finished batch's output (and error) lines."""
+    with _http(url) as http:
+        batch = _ok(http.get(f"/v1/batches/{batch_id}"))
+        if batch["status"] not in FINAL:
+            console.print(f"{batch_id} is {batch['status']}; its results come when it ends")
+            raise typer.Exit(1)
+        for file_id, path in ((batch["output_file_id"], output), (batch["error_file_id"], errors)):
+            if file_id and path is not None:
+                response = http.get(f"/v1/files/{file_id}/content")
+                if response.is_error:
+                    _ok(response)
+                path.write_bytes(response.content)
+                console.print(f"wrote {path}")
+
+
+@batch_app.command("cancel")
+def batch_cancel(batch_id: str, url: str | None = URL) -> None:
+    """Cancel a batch: its running lines stop; what finished stays in its output."""
+    with _http(url) as http:
+        _show(_ok(http.post(f"/v1/batches/{batch_id}/cancel")))
+
+
+@jobs_app.command("list")
+def jobs_list(status: str | None = None, limit: int = 20, url: str | None = URL) -> None:
+    """The newest jobs."""
+    with _http(url) as http:
+        page = _ok(http.get("/v1/jobs", params={k: v for k, v in {"status": status, "limit": limit}.items() if v}))
+    table = Table("id", "status", "priority", "endpoint", "attempts", "created")
+    for job in page["data"]:
+        table.add_row(job["id"], job["status"], job["priority"], job["endpoint"], str(job["attempts"]),
+                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job["created_at"])))
+    console.print(table)
 
 
 if __name__ == "__main__":

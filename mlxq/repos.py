@@ -113,6 +113,7 @@ def create_job(*, session: Session, key: str, kind: str, model: str, request: di
               sent_at=now if sent else None, attempts=0, waiters=waiters, batch_id=batch_id)
     if result is not None:
         job.status, job.result, job.finished_at, job.sent_at = "succeeded", result, now, None
+        job.completion_tokens = _completion_tokens(result)
     session.add(job)
     return job
 
@@ -213,9 +214,15 @@ def finish_job(*, session: Session, job_id: str, status: str, result: dict[str, 
     """Record a job's end, unless it has ended already (a late or duplicate writer changes nothing)."""
     done = session.execute(
         update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
-        .values(status=status, result=result, error=error, finished_at=time.time())
+        .values(status=status, result=result, error=error, finished_at=time.time(),
+                completion_tokens=_completion_tokens(result))
     )
     return bool(done.rowcount)
+
+
+def _completion_tokens(result: dict[str, Any] | None) -> int | None:
+    tokens = ((result or {}).get("usage") or {}).get("completion_tokens")
+    return int(tokens) if isinstance(tokens, int) else None
 
 
 def requeue_job(*, session: Session, job_id: str) -> bool:

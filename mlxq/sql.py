@@ -74,6 +74,8 @@ class Job(Base):
     waiters: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # The batch that made it (its lines' jobs are cancelled with it).
     batch_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    # The answer's length, kept beside it so a batch's progress in tokens is one SUM, not a JSON walk.
+    completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)

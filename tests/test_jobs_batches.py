@@ -178,3 +178,26 @@ def test_jobs_submit_poll_join_late_cancel_idempotent_and_gone_after_retention(t
     assert http.get(f"/v1/jobs/{job_id}").json()["error"]["code"] == "job_not_found"
     assert http.post("/v1/jobs", json={**body, "stream": True}).status_code == 400
     assert http.post("/v1/jobs", json={"endpoint": "/v1/nope", "body": body}).status_code == 400
+
+
+def test_the_batch_cli_submits_waits_writes_results_and_lists_jobs(svc: Service, tmp_path: Path):
+    import subprocess
+    import sys
+
+    def mlxq(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "mlxq.cli", *args, "--url", svc.base],
+                              capture_output=True, text=True, timeout=120, env={**svc.env, "COLUMNS": "200"})
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(json.dumps(batch_line(f"cli{i}", f"cli {i}")) for i in range(5)) + "\n")
+    out = mlxq("batch", "submit", str(source), "--wait")
+    batch_id = next(word for word in out.split() if word.startswith("batch-"))
+    assert "completed: 5 completed, 0 failed of 5" in out
+    assert "completed" in mlxq("batch", "status", batch_id)
+    mlxq("batch", "results", batch_id, "-o", str(tmp_path / "out.jsonl"))
+    answers = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert sorted(a["custom_id"] for a in answers) == [f"cli{i}" for i in range(5)]
+    assert "cancelled" not in mlxq("batch", "cancel", batch_id)  # a finished batch stays as it was
+    assert mlxq("jobs", "list").count("succeeded") == 5

@@ -16,6 +16,7 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table('jobs') as batch_op:
         batch_op.add_column(sa.Column('batch_id', sa.String(length=64), nullable=True))
+        batch_op.add_column(sa.Column('completion_tokens', sa.Integer(), nullable=True))
         batch_op.create_index('ix_jobs_batch_id', ['batch_id'])
     op.create_table(
         'idempotency_keys',
@@ -70,4 +71,5 @@ def downgrade() -> None:
     op.drop_table('idempotency_keys')
     with op.batch_alter_table('jobs') as batch_op:
         batch_op.drop_index('ix_jobs_batch_id')
+        batch_op.drop_column('completion_tokens')
         batch_op.drop_column('batch_id')
