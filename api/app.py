@@ -8,8 +8,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import batches, errors, jobs, routes
+from api import batches, errors, jobs, ops
 from api.background import run_every
+from api.dialects.openai import routes as openai_routes
 from api.limits import BodyLimit
 from api.services import Services
 from mlxq import __version__
@@ -44,7 +45,6 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     # An oversized body is refused before anything reads it.
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * 2**20),
                        uploads=("/v1/files", int(settings.max_file_mb * 2**20) + 2**16, "MLXQ_MAX_FILE_MB"))
-    for module in (routes, jobs, batches):
-        for r in module.routers:
-            app.include_router(r)
+    for router in (ops.router, openai_routes.router, jobs.router, batches.files_router, batches.batches_router):
+        app.include_router(router)
     return app

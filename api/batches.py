@@ -387,4 +387,3 @@ def advance_open(services: Services) -> None:
         except Exception:
             log.exception("could not advance batch %s", batch_id)
 
-routers = [files_router, batches_router]

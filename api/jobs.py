@@ -12,10 +12,10 @@ from fastapi import APIRouter, Body, Header, Query
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import ServerSentEvent
 
+from api.dialects.openai.render import chat_completion, text_completion
 from api.errors import APIError
 from api.pipeline import CachePolicy, Pipeline
 from api.prepare import ENDPOINTS, parse, prepare
-from api.protocol import chat_completion, text_completion
 from api.services import Services, ServicesDep
 from api.streaming import event_source, guard
 from mlxq import repos
@@ -125,4 +125,3 @@ async def cancel_job(job_id: str, services: ServicesDep) -> dict[str, Any]:
         return _get(services, job_id)
 
     return await asyncio.to_thread(cancel)
-routers = [router]

@@ -12,8 +12,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from api.dialects.openai.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from api.errors import APIError, invalid_body
-from api.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from api.services import Services
 from api.validation import check_generation, check_json_values, prompt_list
 from mlxq.contract import JobKind, Priority

@@ -1,25 +1,28 @@
-"""SSE framing: job events (or a cached result) as OpenAI chunk streams. The one place for SSE."""
+"""Streams for every dialect: a job's events (live, or replayed from a cached result) carried to the
+client as SSE, and the path a streamed request takes (submit, wait for the start, stream, record, leave).
+A dialect brings only its renderer: events in, its SSE events out."""
 
 from __future__ import annotations
 
-import json
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
+from fastapi.responses import Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.errors import APIError
-from api.protocol import usage_block
+from api.pipeline import CachePolicy, Outcome, Pipeline
+from api.services import Services
 from mlxq import events
-from mlxq.contract import job_error
+from mlxq.contract import Priority, job_error
+from mlxq.keys import is_deterministic, tool_names
 
-DONE = ServerSentEvent(data="[DONE]", sep="\n")
+# A streamed request waits this long for its job to start before committing to a 200 SSE response,
+# so that errors known up front (a prompt over the context, no model) still get a proper 4xx.
+FIRST_EVENT_WAIT_S = 2.0
 
-
-def sse(payload: dict[str, Any]) -> ServerSentEvent:
-    return ServerSentEvent(data=json.dumps(payload, ensure_ascii=False), sep="\n")
+Renderer = Callable[[AsyncIterator[dict[str, Any]]], AsyncIterator[ServerSentEvent]]
 
 
 def replay(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -39,56 +42,6 @@ async def from_list(items: Iterable[dict[str, Any]]) -> AsyncIterator[dict[str, 
         yield event
 
 
-class ChunkWriter:
-    """Turns job events into OpenAI chunks for one stream: one id and `created` throughout."""
-
-    def __init__(self, *, kind: str, model: str, include_usage: bool) -> None:
-        self.kind, self.model, self.include_usage = kind, model, include_usage
-        self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.object = "chat.completion.chunk" if kind == "chat" else "text_completion"
-
-    def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
-        chunk = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                 "choices": [{"index": 0, **choice}]}
-        if self.include_usage:
-            chunk["usage"] = None
-        return chunk
-
-    def start(self) -> list[dict[str, Any]]:
-        if self.kind != "chat":
-            return []
-        return [self._chunk({"delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})]
-
-    def delta(self, content: str, logprobs: list[dict[str, Any]] | None) -> dict[str, Any]:
-        if self.kind == "chat":
-            return self._chunk({"delta": {"content": content},
-                                "logprobs": {"content": logprobs} if logprobs else None, "finish_reason": None})
-        return self._chunk({"text": content, "logprobs": None, "finish_reason": None})
-
-    def tool_calls(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        # The first fragment of each index carries id, type and name; the next the arguments.
-        chunks = []
-        for i, call in enumerate(calls):
-            head = {"index": i, "id": call["id"], "type": "function",
-                    "function": {"name": call["function"]["name"], "arguments": ""}}
-            body = {"index": i, "function": {"arguments": call["function"]["arguments"]}}
-            for part in (head, body):
-                chunks.append(self._chunk({"delta": {"tool_calls": [part]}, "logprobs": None, "finish_reason": None}))
-        return chunks
-
-    def finish(self, result: dict[str, Any]) -> list[dict[str, Any]]:
-        reason = result.get("finish_reason", "stop")
-        if self.kind == "chat":
-            chunks = [self._chunk({"delta": {}, "logprobs": None, "finish_reason": reason})]
-        else:
-            chunks = [self._chunk({"text": "", "logprobs": None, "finish_reason": reason})]
-        if self.include_usage:
-            chunks.append({"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                           "choices": [], "usage": usage_block(result.get("usage", {}))})
-        return chunks
-
-
 async def guard(source: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
     """An APIError raised once the stream has begun (shutdown, timeout, a lost worker) as an error event:
     the status line is sent by then, so the error can only travel in the stream."""
@@ -99,41 +52,94 @@ async def guard(source: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str
         yield events.error(job_error(exc.status, exc.message, type=exc.type, code=exc.code, param=exc.param))
 
 
-async def openai_stream(source: AsyncIterator[dict[str, Any]], writer: ChunkWriter,
-                        prefix: str = "") -> AsyncIterator[ServerSentEvent]:
-    """Relay events as SSE at once; progress becomes a keepalive comment, errors an error object."""
-    for chunk in writer.start():
-        yield sse(chunk)
-    if prefix:
-        yield sse(writer.delta(prefix, None))
-    sent = ""
-    async for event in guard(source):
-        kind = event["type"]
-        if kind == "delta":
-            sent += event["content"]
-            yield sse(writer.delta(event["content"], event.get("logprobs")))
-        elif kind == "tool_calls":
-            for chunk in writer.tool_calls(event["tool_calls"]):
-                yield sse(chunk)
-        elif kind == "progress":
-            yield ServerSentEvent(comment=f"keepalive {event['processed']}/{event['total']}", sep="\n")
-        elif kind == "waiting":
-            yield ServerSentEvent(comment=f"keepalive {event.get('status', 'queued')}", sep="\n")
-        elif kind == "done":
-            text = (event.get("result") or {}).get("text") or ""
-            if len(text) > len(sent) and text.startswith(sent):  # joined a job nobody streamed: the rest now
-                yield sse(writer.delta(text[len(sent) :], None))
-            for chunk in writer.finish(event.get("result") or {}):
-                yield sse(chunk)
-            break
-        elif kind == "error":
-            error = event.get("error") or {}
-            yield sse({"error": {"message": error.get("message", "generation failed"),
-                                 "type": error.get("type", "server_error"),
-                                 "param": error.get("param"), "code": error.get("code")}})
-            break
-    yield DONE
-
-
 def event_source(stream: AsyncIterator[ServerSentEvent], headers: dict[str, str], ping_s: float) -> EventSourceResponse:
     return EventSourceResponse(stream, headers=headers, ping=ping_s, sep="\n")
+
+
+def cache_headers(outcome: Outcome) -> dict[str, str]:
+    headers = {"X-Cache": outcome.cache, "X-Request-Key": outcome.key}
+    if outcome.job_id:
+        headers["X-Job-Id"] = outcome.job_id
+    return headers
+
+
+async def job_events(pipeline: Pipeline, outcome: Outcome, *, replayable: bool) -> AsyncIterator[dict[str, Any]]:
+    """The outcome's events: replayed from the cache, or live from its job (errors up front raise)."""
+    if outcome.job_id is None:
+        return from_list(replay(outcome.result))
+    live = pipeline.events(outcome.job_id, replayable=replayable)
+    prelude: list[dict[str, Any]] = []
+    deadline = time.monotonic() + FIRST_EVENT_WAIT_S
+    while True:
+        event = await anext(live)
+        if event["type"] == "error":
+            await live.aclose()
+            raise APIError.from_job(event.get("error") or {})
+        prelude.append(event)
+        if event["type"] != "waiting" or time.monotonic() > deadline:
+            break
+
+    async def chained() -> AsyncIterator[dict[str, Any]]:
+        for event in prelude:
+            yield event
+        async for event in live:
+            yield event
+
+    return chained()
+
+
+def record(services: Services, *, endpoint: str, outcome: Outcome, canonical: dict[str, Any], started: float,
+           stream: bool) -> None:
+    """Metrics and the request log (what scripts/analyze_traces.py reads) for one answered request."""
+    elapsed = time.perf_counter() - started
+    services.metrics.observe(endpoint, outcome.cache, elapsed)
+    usage = outcome.result.get("usage") or {}
+    tools = tool_names(canonical.get("tools"))
+    services.stats.log(key=outcome.key, endpoint=endpoint, cache=outcome.cache, stream=stream,
+                       prompt_tokens=usage.get("prompt_tokens"), cached_tokens=usage.get("cached_tokens"),
+                       completion_tokens=usage.get("completion_tokens"), tools=tools or None,
+                       latency_ms=round(elapsed * 1000, 2))
+
+
+async def tap(source: AsyncIterator[dict[str, Any]], outcome: Outcome) -> AsyncIterator[dict[str, Any]]:
+    """Pass events through, keeping the final result on the outcome for the request log."""
+    async for event in source:
+        if event["type"] == "done":
+            outcome.result = event.get("result") or {}
+        yield event
+
+
+async def stream_response(services: Services, pipeline: Pipeline, outcome: Outcome, canonical: dict[str, Any],
+                          sse: AsyncIterator[ServerSentEvent], endpoint: str, started: float) -> Response:
+    if outcome.cache == "HIT":
+        # Every event of a cached answer is known: send the whole stream in one body, no SSE machinery.
+        body = b"".join([item.encode() async for item in sse])
+        record(services, endpoint=endpoint, outcome=outcome, canonical=canonical, started=started, stream=True)
+        return Response(body, media_type="text/event-stream", headers=cache_headers(outcome))
+
+    async def guarded() -> AsyncIterator[ServerSentEvent]:
+        finished = False
+        try:
+            async for item in sse:
+                yield item
+            finished = True
+        finally:
+            record(services, endpoint=endpoint, outcome=outcome, canonical=canonical, started=started, stream=True)
+            # A client that went away stops the job, unless another client still waits for it.
+            if outcome.job_id:
+                pipeline.leave_soon(outcome.job_id, abandon=not finished)
+
+    return event_source(guarded(), cache_headers(outcome), services.settings.sse_keepalive_s)
+
+
+async def stream_outcome(services: Services, pipeline: Pipeline, *, kind: str, canonical: dict[str, Any],
+                         policy: CachePolicy, priority: Priority, started: float, render: Renderer) -> Response:
+    """Submit one request and answer it as the dialect's stream (live, or replayed from the cache)."""
+    outcome = await pipeline.submit(kind=kind, canonical=canonical, policy=policy, priority=priority)
+    try:
+        source = tap(await job_events(pipeline, outcome, replayable=is_deterministic(canonical)), outcome)
+    except BaseException:
+        if outcome.job_id:
+            pipeline.leave_soon(outcome.job_id, abandon=True)
+        raise
+    return await stream_response(services, pipeline, outcome, canonical, render(source), kind, started)

@@ -13,9 +13,9 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
+from api.dialects.openai.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from api.errors import APIError
 from api.model_info import ModelInfo
-from api.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from mlxq.settings import Settings
 
 # Deeper than any real request (a tool schema nests a few levels); past it the canonical form's

@@ -11,8 +11,6 @@ cache key), which must hold what the client sent and no default a model invented
 
 from __future__ import annotations
 
-import time
-import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StrictInt, Tag, model_validator
@@ -276,65 +274,3 @@ class CompletionRequest(GenerationRequest):
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=5)
     suffix: str | None = None
-
-
-def _id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def usage_block(usage: dict[str, int]) -> dict[str, Any]:
-    prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": usage.get("cached_tokens", 0)},
-    }
-
-
-def chat_completion(result: dict[str, Any], *, model: str) -> dict[str, Any]:
-    """Render a worker result as an OpenAI `chat.completion` object (fresh id on every answer)."""
-    message: dict[str, Any] = {"role": "assistant", "content": result.get("text", "")}
-    if result.get("tool_calls"):
-        message["tool_calls"] = result["tool_calls"]
-        message["content"] = message["content"] or None
-    logprobs = {"content": result["logprobs"]} if result.get("logprobs") is not None else None
-    return {
-        "id": _id("chatcmpl"),
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": result.get("finish_reason", "stop")}
-        ],
-        "usage": usage_block(result.get("usage", {})),
-    }
-
-
-def text_completion(results: list[dict[str, Any]], *, model: str, prefixes: list[str] | None = None) -> dict[str, Any]:
-    """Render worker results (one per prompt) as an OpenAI `text_completion` object."""
-    usage = {
-        "prompt_tokens": sum(r.get("usage", {}).get("prompt_tokens", 0) for r in results),
-        "completion_tokens": sum(r.get("usage", {}).get("completion_tokens", 0) for r in results),
-        "cached_tokens": sum(r.get("usage", {}).get("cached_tokens", 0) for r in results),
-    }
-    return {
-        "id": _id("cmpl"),
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": i,
-                "text": (prefixes[i] if prefixes else "") + r.get("text", ""),
-                "logprobs": None,
-                "finish_reason": r.get("finish_reason", "stop"),
-            }
-            for i, r in enumerate(results)
-        ],
-        "usage": usage_block(usage),
-    }
-
-
-def model_list(model: str) -> dict[str, Any]:
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "mlxq"}]}

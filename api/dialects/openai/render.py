@@ -1,0 +1,168 @@
+"""OpenAI's answers: a worker result as `chat.completion` / `text_completion`, job events as chunk streams."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from sse_starlette import ServerSentEvent
+
+from api.streaming import guard
+
+DONE = ServerSentEvent(data="[DONE]", sep="\n")
+
+
+def sse(payload: dict[str, Any]) -> ServerSentEvent:
+    return ServerSentEvent(data=json.dumps(payload, ensure_ascii=False), sep="\n")
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage_block(usage: dict[str, int]) -> dict[str, Any]:
+    prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": usage.get("cached_tokens", 0)},
+    }
+
+
+def chat_completion(result: dict[str, Any], *, model: str) -> dict[str, Any]:
+    """Render a worker result as an OpenAI `chat.completion` object (fresh id on every answer)."""
+    message: dict[str, Any] = {"role": "assistant", "content": result.get("text", "")}
+    if result.get("tool_calls"):
+        message["tool_calls"] = result["tool_calls"]
+        message["content"] = message["content"] or None
+    logprobs = {"content": result["logprobs"]} if result.get("logprobs") is not None else None
+    return {
+        "id": _id("chatcmpl"),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": result.get("finish_reason", "stop")}
+        ],
+        "usage": usage_block(result.get("usage", {})),
+    }
+
+
+def text_completion(results: list[dict[str, Any]], *, model: str, prefixes: list[str] | None = None) -> dict[str, Any]:
+    """Render worker results (one per prompt) as an OpenAI `text_completion` object."""
+    usage = {
+        "prompt_tokens": sum(r.get("usage", {}).get("prompt_tokens", 0) for r in results),
+        "completion_tokens": sum(r.get("usage", {}).get("completion_tokens", 0) for r in results),
+        "cached_tokens": sum(r.get("usage", {}).get("cached_tokens", 0) for r in results),
+    }
+    return {
+        "id": _id("cmpl"),
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": i,
+                "text": (prefixes[i] if prefixes else "") + r.get("text", ""),
+                "logprobs": None,
+                "finish_reason": r.get("finish_reason", "stop"),
+            }
+            for i, r in enumerate(results)
+        ],
+        "usage": usage_block(usage),
+    }
+
+
+def model_list(model: str) -> dict[str, Any]:
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "mlxq"}]}
+
+
+class ChunkWriter:
+    """Turns job events into OpenAI chunks for one stream: one id and `created` throughout."""
+
+    def __init__(self, *, kind: str, model: str, stream_options: dict[str, Any] | None = None) -> None:
+        self.kind, self.model = kind, model
+        self.include_usage = bool((stream_options or {}).get("include_usage"))
+        self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.object = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+    def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
+        chunk = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                 "choices": [{"index": 0, **choice}]}
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def start(self) -> list[dict[str, Any]]:
+        if self.kind != "chat":
+            return []
+        return [self._chunk({"delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})]
+
+    def delta(self, content: str, logprobs: list[dict[str, Any]] | None) -> dict[str, Any]:
+        if self.kind == "chat":
+            return self._chunk({"delta": {"content": content},
+                                "logprobs": {"content": logprobs} if logprobs else None, "finish_reason": None})
+        return self._chunk({"text": content, "logprobs": None, "finish_reason": None})
+
+    def tool_calls(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        # The first fragment of each index carries id, type and name; the next the arguments.
+        chunks = []
+        for i, call in enumerate(calls):
+            head = {"index": i, "id": call["id"], "type": "function",
+                    "function": {"name": call["function"]["name"], "arguments": ""}}
+            body = {"index": i, "function": {"arguments": call["function"]["arguments"]}}
+            for part in (head, body):
+                chunks.append(self._chunk({"delta": {"tool_calls": [part]}, "logprobs": None, "finish_reason": None}))
+        return chunks
+
+    def finish(self, result: dict[str, Any]) -> list[dict[str, Any]]:
+        reason = result.get("finish_reason", "stop")
+        if self.kind == "chat":
+            chunks = [self._chunk({"delta": {}, "logprobs": None, "finish_reason": reason})]
+        else:
+            chunks = [self._chunk({"text": "", "logprobs": None, "finish_reason": reason})]
+        if self.include_usage:
+            chunks.append({"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                           "choices": [], "usage": usage_block(result.get("usage", {}))})
+        return chunks
+
+
+async def openai_stream(source: AsyncIterator[dict[str, Any]], writer: ChunkWriter,
+                        prefix: str = "") -> AsyncIterator[ServerSentEvent]:
+    """Relay events as SSE at once; progress becomes a keepalive comment, errors an error object."""
+    for chunk in writer.start():
+        yield sse(chunk)
+    if prefix:
+        yield sse(writer.delta(prefix, None))
+    sent = ""
+    async for event in guard(source):
+        kind = event["type"]
+        if kind == "delta":
+            sent += event["content"]
+            yield sse(writer.delta(event["content"], event.get("logprobs")))
+        elif kind == "tool_calls":
+            for chunk in writer.tool_calls(event["tool_calls"]):
+                yield sse(chunk)
+        elif kind == "progress":
+            yield ServerSentEvent(comment=f"keepalive {event['processed']}/{event['total']}", sep="\n")
+        elif kind == "waiting":
+            yield ServerSentEvent(comment=f"keepalive {event.get('status', 'queued')}", sep="\n")
+        elif kind == "done":
+            text = (event.get("result") or {}).get("text") or ""
+            if len(text) > len(sent) and text.startswith(sent):  # joined a job nobody streamed: the rest now
+                yield sse(writer.delta(text[len(sent) :], None))
+            for chunk in writer.finish(event.get("result") or {}):
+                yield sse(chunk)
+            break
+        elif kind == "error":
+            error = event.get("error") or {}
+            yield sse({"error": {"message": error.get("message", "generation failed"),
+                                 "type": error.get("type", "server_error"),
+                                 "param": error.get("param"), "code": error.get("code")}})
+            break
+    yield DONE
