@@ -175,12 +175,15 @@ class Batcher:
         self._active[seq.uid] = seq
 
     def _preempt_low(self) -> bool:
-        """Make room for an interactive sequence: park the newest low-priority one with its KV cache."""
+        """Make room for an interactive sequence: park a low-priority one with its KV cache, the one parked
+        least often so far (the newest among those): always the newest would park the same line each
+        time, leaving it to finish alone at the end of a batch."""
         assert self._gen is not None
         low = [s for s in self._active.values() if s.priority == "low"]
         if not low:
             return False
-        seq = max(low, key=lambda s: s.admitted_at)
+        seq = min(low, key=lambda s: (s.preemptions, -s.admitted_at))
+        seq.preemptions += 1
         uid = seq.uid
         cache, tokens = self._gen.remove([uid], return_prompt_caches=True)[uid]
         del self._active[uid]

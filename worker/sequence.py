@@ -47,6 +47,7 @@ class Sequence:
     # -- filled in as it runs (engine thread) --------------------------------------------------
     uid: int | None = None  # in the BatchGenerator while admitted
     admitted_at: float = 0.0
+    preemptions: int = 0
     cached_tokens: int = 0
     generated: list[int] = field(default_factory=list)
     text: str = ""

@@ -1,0 +1,378 @@
+"""Anthropic Messages request models (`POST /v1/messages`, `POST /v1/messages/count_tokens`), as the official
+`anthropic` SDK and Claude Code send them, and their conversion to the OpenAI chat form the pipeline runs.
+
+Unknown fields are allowed (Claude Code sends new ones with each release). What this server cannot honour is
+refused here, so the 400 names the field: image and document blocks (the model is text-only), Anthropic-defined
+tools (web search, bash, text editor, ...: their schemas live on Anthropic's side). Accepted and ignored, since
+they change nothing here: `cache_control` anywhere (the worker's prefix cache needs no breakpoints), `citations`,
+the `thinking` config and `thinking`/`redacted_thinking` blocks, `metadata`, `service_tier`,
+`disable_parallel_tool_use`, a tool result's `is_error` (the OpenAI form has no place for it; Claude Code's error
+results say so in their text).
+
+`to_openai` maps a request onto the OpenAI chat body that says the same conversation, so that it has the same
+canonical form (mlxq.keys) and so the same cache key as that conversation sent through `/v1/chat/completions`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag
+from pydantic_core import PydanticCustomError
+
+from api.dialects.openai.protocol import MAX_SEED, one_of
+from mlxq.keys import strip_volatile
+
+# Blocks of other modalities: named in the error, since the model is text-only.
+MEDIA_BLOCKS = ("image", "document")
+# The OpenAI dialect's rule for function names (api.dialects.openai.protocol.FunctionDefinition), so a tool that
+# passes here also passes there; Anthropic's own rule is the same without the dot.
+TOOL_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class AnthropicBaseModel(BaseModel):
+    # NaN and infinities are not JSON (Python's parser accepts them anyway): refused in every float field.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+
+# -- content blocks ----------------------------------------------------------------------------
+
+
+class TextBlock(AnthropicBaseModel):
+    type: Literal["text"]
+    text: str
+    cache_control: dict[str, Any] | None = None
+    citations: list[Any] | None = None
+
+
+class ToolUseBlock(AnthropicBaseModel):
+    type: Literal["tool_use"]
+    id: str
+    name: str
+    input: dict[str, Any]
+    cache_control: dict[str, Any] | None = None
+
+
+class ThinkingBlock(AnthropicBaseModel):
+    """An earlier answer's reasoning, sent back by clients that keep it: dropped (the model never wrote it)."""
+
+    type: Literal["thinking"]
+    thinking: str
+    signature: str | None = None
+
+
+class RedactedThinkingBlock(AnthropicBaseModel):
+    type: Literal["redacted_thinking"]
+    data: str
+
+
+def _block_type(block: Any) -> str | None:
+    if isinstance(block, dict):
+        return block.get("type")
+    return getattr(block, "type", None)
+
+
+def _only(allowed: tuple[str, ...], where: str) -> BeforeValidator:
+    """Say plainly why a block of another type is refused in `where`, before it is read as one of `allowed`."""
+
+    def check(block: Any) -> Any:
+        kind = _block_type(block) if isinstance(block, dict) else None
+        if kind is None or kind in allowed:
+            return block
+        if kind in MEDIA_BLOCKS:
+            raise PydanticCustomError(
+                "unsupported_content_block",
+                "this model is text-only: content blocks of type '{block_type}' are not supported",
+                {"block_type": kind},
+            )
+        raise PydanticCustomError(
+            "unsupported_content_block",
+            "content blocks of type '{block_type}' are not supported in {where}, which takes blocks of type {allowed}",
+            {"block_type": str(kind), "where": where, "allowed": " or ".join(f"'{a}'" for a in allowed)},
+        )
+
+    return BeforeValidator(check)
+
+
+def _by_type(allowed: tuple[str, ...]) -> Discriminator:
+    return Discriminator(
+        _block_type,
+        custom_error_type="invalid_content_block",
+        custom_error_message=f"Input should be a content block with a `type` of {', '.join(allowed)}",
+    )
+
+
+ToolResultContentBlock = Annotated[TextBlock, _only(("text",), "a tool result")]
+
+
+class ToolResultBlock(AnthropicBaseModel):
+    type: Literal["tool_result"]
+    tool_use_id: str
+    content: (
+        Annotated[
+            Annotated[str, Tag("string")] | Annotated[list[ToolResultContentBlock], Tag("array")],
+            one_of("Input should be a string or a list of text blocks"),
+        ]
+        | None
+    ) = None
+    is_error: bool | None = None
+    cache_control: dict[str, Any] | None = None
+
+
+USER_BLOCKS = ("text", "tool_result")
+ASSISTANT_BLOCKS = ("text", "tool_use", "thinking", "redacted_thinking")
+
+UserBlock = Annotated[
+    Annotated[TextBlock, Tag("text")] | Annotated[ToolResultBlock, Tag("tool_result")],
+    _by_type(USER_BLOCKS),
+    _only(USER_BLOCKS, "a user message"),
+]
+AssistantBlock = Annotated[
+    Annotated[TextBlock, Tag("text")]
+    | Annotated[ToolUseBlock, Tag("tool_use")]
+    | Annotated[ThinkingBlock, Tag("thinking")]
+    | Annotated[RedactedThinkingBlock, Tag("redacted_thinking")],
+    _by_type(ASSISTANT_BLOCKS),
+    _only(ASSISTANT_BLOCKS, "an assistant message"),
+]
+SystemBlock = Annotated[TextBlock, _only(("text",), "the system prompt")]
+
+UserContent = Annotated[
+    Annotated[str, Tag("string")] | Annotated[list[UserBlock], Tag("array")],
+    one_of("Input should be a string or a list of content blocks"),
+]
+AssistantContent = Annotated[
+    Annotated[str, Tag("string")] | Annotated[list[AssistantBlock], Tag("array")],
+    one_of("Input should be a string or a list of content blocks"),
+]
+SystemContent = Annotated[
+    Annotated[str, Tag("string")] | Annotated[list[SystemBlock], Tag("array")],
+    one_of("Input should be a string or a list of text blocks"),
+]
+
+
+# -- messages ----------------------------------------------------------------------------------
+
+
+class UserMessage(AnthropicBaseModel):
+    role: Literal["user"]
+    content: UserContent
+
+
+class AssistantMessage(AnthropicBaseModel):
+    role: Literal["assistant"]
+    content: AssistantContent
+
+
+class SystemMessage(AnthropicBaseModel):
+    """A system turn inside `messages` (the SDK's MessageParam admits one), besides the top-level `system`."""
+
+    role: Literal["system"]
+    content: SystemContent
+
+
+Message = Annotated[UserMessage | AssistantMessage | SystemMessage, Field(discriminator="role")]
+
+
+# -- tools -------------------------------------------------------------------------------------
+
+
+def _custom_tool(tool: Any) -> Any:
+    """Anthropic-defined tools carry a versioned `type` and no schema: say why they are refused."""
+    if isinstance(tool, dict) and tool.get("type") not in (None, "custom"):
+        raise PydanticCustomError(
+            "unsupported_tool",
+            "tools of type '{tool_type}' (Anthropic-defined or server tools) are not supported; "
+            "only custom tools (name, description, input_schema) are served",
+            {"tool_type": str(tool["type"])},
+        )
+    return tool
+
+
+class Tool(AnthropicBaseModel):
+    type: Literal["custom"] | None = None
+    name: str = Field(pattern=TOOL_NAME)
+    description: str | None = None
+    input_schema: dict[str, Any]
+    cache_control: dict[str, Any] | None = None
+
+
+CustomTool = Annotated[Tool, BeforeValidator(_custom_tool)]
+
+
+class ToolChoiceAuto(AnthropicBaseModel):
+    type: Literal["auto"]
+    disable_parallel_tool_use: bool | None = None
+
+
+class ToolChoiceAny(AnthropicBaseModel):
+    type: Literal["any"]
+    disable_parallel_tool_use: bool | None = None
+
+
+class ToolChoiceTool(AnthropicBaseModel):
+    type: Literal["tool"]
+    name: str
+    disable_parallel_tool_use: bool | None = None
+
+
+class ToolChoiceNone(AnthropicBaseModel):
+    type: Literal["none"]
+
+
+ToolChoice = Annotated[ToolChoiceAuto | ToolChoiceAny | ToolChoiceTool | ToolChoiceNone, Field(discriminator="type")]
+
+
+# -- requests ----------------------------------------------------------------------------------
+
+
+class CountTokensRequest(AnthropicBaseModel):
+    """`POST /v1/messages/count_tokens`: the conversation, without what shapes the answer."""
+
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    system: SystemContent | None = None
+    tools: list[CustomTool] | None = None
+    tool_choice: ToolChoice | None = None
+    # Extended thinking: accepted and ignored (the served model thinks, or not, by its own template).
+    thinking: dict[str, Any] | None = None
+
+
+class MessagesRequest(CountTokensRequest):
+    """`POST /v1/messages`."""
+
+    max_tokens: int = Field(ge=1)
+    metadata: dict[str, Any] | None = None
+    service_tier: str | None = None
+    stop_sequences: list[Annotated[str, Field(min_length=1)]] | None = None
+    stream: bool | None = None
+    temperature: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    # -- non-spec extras, as the OpenAI dialect takes them ---------------------------------
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    # LiteLLM-style per-request cache controls: {"no-cache": true, "no-store": true, "ttl": 60}.
+    cache: dict[str, Any] | None = None
+
+
+# -- conversion --------------------------------------------------------------------------------
+
+# Carried into the OpenAI body under the same name when set (the rest is renamed or dropped).
+_SAME_NAME = ("max_tokens", "temperature", "top_p", "top_k", "stream", "seed", "min_p", "repetition_penalty", "cache")
+
+
+def _text_parts(blocks: list[TextBlock]) -> list[dict[str, Any]]:
+    return [{"type": "text", "text": b.text} for b in blocks]
+
+
+def _content(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    # The OpenAI form takes no empty list; mlxq.keys flattens a list of text parts, "" is the same as none.
+    return parts or ""
+
+
+def _system(content: str | list[TextBlock]) -> str | list[dict[str, Any]] | None:
+    """System text, its blocks kept as text parts. A block that is only Claude Code's volatile billing line is
+    dropped here, per block: mlxq.keys strips that line from the flattened text, and flattening first would make
+    it take the next block's first line with it."""
+    if isinstance(content, str):
+        return content
+    parts = [{"type": "text", "text": text} for b in content if (text := strip_volatile(b.text))]
+    return parts or None
+
+
+def _user(content: str | list[Any]) -> list[dict[str, Any]]:
+    """A user turn: its tool results become `tool` messages in order; text between them, user messages."""
+    if isinstance(content, str):
+        return [{"role": "user", "content": content}]
+    out: list[dict[str, Any]] = []
+    parts: list[dict[str, Any]] = []
+    for block in content:
+        if isinstance(block, ToolResultBlock):
+            if parts:
+                out.append({"role": "user", "content": parts})
+                parts = []
+            result = block.content if isinstance(block.content, str) else _text_parts(block.content or [])
+            out.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": result or ""})
+        else:
+            parts.append({"type": "text", "text": block.text})
+    if parts or not out:
+        out.append({"role": "user", "content": _content(parts)})
+    return out
+
+
+def _arguments(tool_input: dict[str, Any]) -> str:
+    # Formatted as the worker formats the arguments it parses (worker/tool_parse.py), so an OpenAI client that
+    # sends an answer's tool call back unchanged says the same bytes as an Anthropic client sending its input.
+    return json.dumps(tool_input, ensure_ascii=False)
+
+
+def _assistant(content: str | list[Any]) -> dict[str, Any]:
+    """An assistant turn: its text blocks as content, its tool uses as tool calls; thinking dropped."""
+    if isinstance(content, str):
+        return {"role": "assistant", "content": content}
+    parts = [{"type": "text", "text": b.text} for b in content if isinstance(b, TextBlock)]
+    calls = [
+        {"id": b.id, "type": "function", "function": {"name": b.name, "arguments": _arguments(b.input)}}
+        for b in content
+        if isinstance(b, ToolUseBlock)
+    ]
+    message: dict[str, Any] = {"role": "assistant", "content": parts or (None if calls else "")}
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def _tool_choice(choice: Any) -> str | dict[str, Any]:
+    if isinstance(choice, ToolChoiceTool):
+        return {"type": "function", "function": {"name": choice.name}}
+    return {"auto": "auto", "any": "required", "none": "none"}[choice.type]
+
+
+def to_openai(body: CountTokensRequest) -> dict[str, Any]:
+    """The OpenAI chat-completions body (what api.dialects.openai.protocol.ChatCompletionRequest validates) that
+    says the same conversation, so both dialects share one canonical request, one cache key and the prefix cache.
+
+    - `system` becomes a first system message; a list of blocks stays a list of text parts, which mlxq.keys
+      flattens the one way it flattens OpenAI parts (so the join is decided in one place for both dialects).
+    - A user turn's text blocks are text parts; each `tool_result` is a `tool` message, in order.
+    - An assistant turn's text blocks are its content and its `tool_use` blocks its `tool_calls`
+      (arguments: the input as JSON).
+    - tools → functions; tool_choice auto → "auto", any → "required", tool → the named function, none → "none";
+      stop_sequences → stop; max_tokens and sampling carried; `model` as given.
+    Consecutive turns of one role stay separate messages (the chat template sees them as sent).
+    """
+    messages: list[dict[str, Any]] = []
+    if body.system is not None and (system := _system(body.system)) is not None:
+        messages.append({"role": "system", "content": system})
+    for message in body.messages:
+        if isinstance(message, UserMessage):
+            messages.extend(_user(message.content))
+        elif isinstance(message, AssistantMessage):
+            messages.append(_assistant(message.content))
+        else:
+            messages.append({"role": "system", "content": _system(message.content) or ""})
+    out: dict[str, Any] = {"model": body.model, "messages": messages}
+    if body.tools:
+        out["tools"] = [
+            {
+                "type": "function",
+                "function": {
+                    "name": t.name,
+                    **({"description": t.description} if t.description is not None else {}),
+                    "parameters": t.input_schema,
+                },
+            }
+            for t in body.tools
+        ]
+    if body.tool_choice is not None:
+        out["tool_choice"] = _tool_choice(body.tool_choice)
+    if isinstance(body, MessagesRequest):
+        for field in _SAME_NAME:
+            if (value := getattr(body, field)) is not None:
+                out[field] = value
+        if body.stop_sequences:
+            out["stop"] = list(body.stop_sequences)
+    return out
