@@ -28,6 +28,7 @@ class GenerationResult(TypedDict, total=False):
 
     text: str
     finish_reason: str  # stop | length | tool_calls
+    stop_sequence: str  # the client's stop string that ended it, when one did
     usage: Usage
     tool_calls: list[dict[str, Any]]
 

@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 # Bump when the canonical form changes: old cache entries then simply stop matching.
-KEY_VERSION = 2
+KEY_VERSION = 3
 
 # Sampling and shaping fields that change the output (the rest, like stream or user, do not).
 OUTPUT_FIELDS = (
@@ -50,6 +50,37 @@ def _content_text(content: Any) -> Any:
     return content
 
 
+def _arguments(arguments: Any) -> Any:
+    """A call's arguments as one JSON text, however the client formatted it (or sent an object)."""
+    try:
+        value = json.loads(arguments) if isinstance(arguments, str) else arguments
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return arguments
+
+
+def _renumber_calls(messages: list[dict[str, Any]]) -> None:
+    """Tool-call ids by position (call_0, call_1, ...), results pointing at them likewise, arguments in one
+    JSON form: ids are minted per answer and per dialect (call_… here, toolu_… for Anthropic clients), so
+    the same conversation would otherwise never hash equal twice."""
+    ids: dict[Any, str] = {}
+    for message in messages:
+        calls = message.get("tool_calls")
+        if isinstance(calls, list):
+            renamed = []
+            for call in calls:
+                if isinstance(call, dict):
+                    new_id = f"call_{len(ids)}"
+                    ids[call.get("id", new_id)] = new_id
+                    call = {**call, "id": new_id}
+                    if isinstance(call.get("function"), dict) and "arguments" in call["function"]:
+                        call["function"] = {**call["function"], "arguments": _arguments(call["function"]["arguments"])}
+                renamed.append(call)
+            message["tool_calls"] = renamed
+        if message.get("role") == "tool" and message.get("tool_call_id") in ids:
+            message["tool_call_id"] = ids[message["tool_call_id"]]
+
+
 def normalize_message(message: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in message.items() if v is not None}
     if "content" in out:
@@ -63,7 +94,9 @@ def normalize_message(message: dict[str, Any]) -> dict[str, Any]:
 
 def canonical_chat(body: dict[str, Any], *, default_temperature: float, default_max_tokens: int) -> dict[str, Any]:
     """The canonical chat request: defaults filled, aliases resolved, irrelevant fields dropped."""
-    canon = {"model": body["model"], "messages": [normalize_message(m) for m in body["messages"]]}
+    messages = [normalize_message(m) for m in body["messages"]]
+    _renumber_calls(messages)
+    canon = {"model": body["model"], "messages": messages}
     return _with_output_fields(canon, body, default_temperature, default_max_tokens)
 
 

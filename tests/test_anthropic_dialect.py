@@ -361,19 +361,11 @@ def test_one_conversation_one_key():
     assert key(converted(a)) == key(o)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs mlxq.keys.normalize_message to re-dump tool-call arguments (JS clients send them compact)",
-)
 def test_one_key_whatever_the_arguments_formatting():
     a, o = tool_conversation(call_id="toolu_01abc", arguments='{"city":"Paris"}')
     assert key(converted(a)) == key(o)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs mlxq.keys to number tool-call ids by position: each dialect sees the call under its own id",
-)
 def test_one_key_whatever_the_tool_call_ids():
     a, o = tool_conversation(call_id="call_0123456789abcdef01234567", arguments='{"city": "Paris"}')
     assert key(converted(a)) == key(o)

@@ -48,6 +48,8 @@ class Sequence:
     uid: int | None = None  # in the BatchGenerator while admitted
     admitted_at: float = 0.0
     preemptions: int = 0
+    # The stop string that ended the answer, if one did (Anthropic reports it as `stop_sequence`).
+    stop_sequence: str | None = None
     cached_tokens: int = 0
     generated: list[int] = field(default_factory=list)
     text: str = ""
@@ -67,6 +69,7 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.text = self.prefill
+        self.request_stops = list(self.stops)  # the client's, not the closing tag added below
         if self.prefill:  # a forced call ends with its closing tag
             self.stops = [*self.stops, "</tool_call>"]
         # Text that could still be the start of a stop string is held back from the stream.
@@ -117,10 +120,12 @@ class Sequence:
 
     def _cut_at_stop(self, new: int) -> bool:
         search_from = max(len(self.prefill), self.shown - self.stop_hold, len(self.text) - new - self.stop_hold)
-        cut = min((i for i in (self.text.find(s, search_from) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.text = self.text[:cut]
-        return cut >= 0
+        found = [(i, s) for s in self.stops if (i := self.text.find(s, search_from)) >= 0]
+        if not found:
+            return False
+        cut, self.stop_sequence = min(found)
+        self.text = self.text[:cut]
+        return True
 
     def _emit_safe_delta(self) -> None:
         visible = self.text[: max(len(self.text) - self.stop_hold, 0)] if self.stops else self.text
@@ -174,6 +179,8 @@ class Sequence:
                 "cached_tokens": self.cached_tokens,
             },
         )
+        if finish == "stop" and not calls and self.stop_sequence in self.request_stops:
+            result["stop_sequence"] = self.stop_sequence
         if calls:
             result["tool_calls"] = calls
         if self.logprobs:
