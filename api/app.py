@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from api import batches, errors, jobs, ops
 from api.background import run_every
+from api.dialects.anthropic import routes as anthropic_routes
 from api.dialects.openai import routes as openai_routes
 from api.limits import BodyLimit
 from api.services import Services
@@ -41,10 +42,11 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         await services.aclose()
 
     app = FastAPI(title="mlxq", version=__version__, lifespan=lifespan)
-    errors.install(app)
+    errors.install(app, anthropic_routes.ERROR_SHAPES)
     # An oversized body is refused before anything reads it.
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * 2**20),
                        uploads=("/v1/files", int(settings.max_file_mb * 2**20) + 2**16, "MLXQ_MAX_FILE_MB"))
-    for router in (ops.router, openai_routes.router, jobs.router, batches.files_router, batches.batches_router):
+    for router in (ops.router, openai_routes.router, anthropic_routes.router, jobs.router, batches.files_router,
+                   batches.batches_router):
         app.include_router(router)
     return app

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -141,28 +141,41 @@ def invalid_body(exc: ValidationError, body: Any) -> APIError:
     return APIError(400, message, param=param)
 
 
-def install(app: FastAPI) -> None:
+# Paths whose clients expect another dialect's error body: (path prefix, body of (status, message)).
+ErrorShape = Callable[[int, str], dict[str, Any]]
+
+
+def install(app: FastAPI, shapes: Sequence[tuple[str, ErrorShape]] = ()) -> None:
+    def respond(request: Request, status: int, message: str, *, type: str, code: str | None = None,
+                param: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+        for prefix, shape in shapes:
+            if request.url.path.startswith(prefix):
+                return JSONResponse(shape(status, _utf8(message)), status_code=status, headers=headers)
+        return openai_error(status, message, type=type, code=code, param=param, headers=headers)
+
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return openai_error(exc.status, exc.message, type=exc.type, code=exc.code, param=exc.param, headers=exc.headers)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return respond(request, exc.status, exc.message, type=exc.type, code=exc.code, param=exc.param,
+                       headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        return openai_error(400, message, type="invalid_request_error", param=param)
+        return respond(request, 400, message, type="invalid_request_error", param=param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return openai_error(exc.status_code, str(exc.detail), type=_TYPES.get(exc.status_code, "invalid_request_error"))
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return respond(request, exc.status_code, str(exc.detail),
+                       type=_TYPES.get(exc.status_code, "invalid_request_error"))
 
     @app.exception_handler(DBAPIError)
-    async def _database(_: Request, exc: DBAPIError) -> JSONResponse:
+    async def _database(request: Request, exc: DBAPIError) -> JSONResponse:
         # The database is down or restarting: a retryable 503, not a 500 (the pool reconnects once it is back).
         log.warning("database error: %s", exc.orig)
-        return openai_error(503, "The database is unavailable; retry the request.", type="server_error",
-                            code="database_unavailable", headers={"Retry-After": "1"})
+        return respond(request, 503, "The database is unavailable; retry the request.", type="server_error",
+                       code="database_unavailable", headers={"Retry-After": "1"})
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return openai_error(500, "Internal server error.", type="server_error")
+        return respond(request, 500, "Internal server error.", type="server_error")

@@ -15,7 +15,7 @@ from sse_starlette import ServerSentEvent
 from api.dialects.openai.render import chat_completion, text_completion
 from api.errors import APIError
 from api.pipeline import CachePolicy, Pipeline
-from api.prepare import ENDPOINTS, parse, prepare
+from api.prepare import KIND_ENDPOINTS, parse, prepare
 from api.services import Services, ServicesDep
 from api.streaming import event_source, guard
 from mlxq import repos
@@ -36,7 +36,7 @@ def render_result(services: Services, kind: str, result: dict[str, Any] | None) 
 
 
 def job_object(services: Services, job: Job) -> dict[str, Any]:
-    endpoint = next(e for e, (kind, _) in ENDPOINTS.items() if kind == job.kind)
+    endpoint = KIND_ENDPOINTS.get(job.kind, job.kind)
     return {
         "id": job.id, "object": "job", "endpoint": endpoint, "status": job.status, "priority": job.priority,
         "created_at": int(job.created_at), "started_at": job.started_at and int(job.started_at),

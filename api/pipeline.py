@@ -148,7 +148,7 @@ class Pipeline:
                      idempotency_key: str | None = None) -> Outcome:
         """Answer from the cache, or enqueue a job (joining an identical one in flight)."""
         key = request_key(kind, canonical, weights=await self.weights())
-        cacheable = is_deterministic(canonical)
+        cacheable = is_deterministic(canonical) or self.s.settings.cache_sampled
         outcome = await asyncio.to_thread(
             self._resolve, key=key, kind=kind, canonical=canonical, lookup=cacheable and policy.lookup,
             store=cacheable and policy.store, ttl_s=policy.ttl_s, priority=priority,

@@ -7,6 +7,7 @@ everywhere with the same 400.
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,12 +19,17 @@ from api.services import Services
 from api.validation import check_generation, check_json_values, prompt_list
 from mlxq.contract import JobKind, Priority
 from mlxq.keys import canonical_chat, canonical_completion
+from mlxq.settings import Settings
 
 # The endpoints a job or a batch line may name, and what each takes.
 ENDPOINTS: dict[str, tuple[JobKind, type[GenerationRequest]]] = {
     "/v1/chat/completions": ("chat", ChatCompletionRequest),
     "/v1/completions": ("completion", CompletionRequest),
 }
+
+
+KIND_ENDPOINTS = {"chat": "/v1/chat/completions", "completion": "/v1/completions",
+                  "count": "/v1/messages/count_tokens"}
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,13 @@ class Prepared:
     priority: Priority
     echo: list[str]  # per prompt: what `echo` puts before the completion
     body: GenerationRequest
+
+
+def serves(settings: Settings, name: str) -> bool:
+    """Whether `name` is the served model, by its own name or an alias (MLXQ_MODEL_ALIASES)."""
+    return name == settings.model_name or any(
+        fnmatch.fnmatchcase(name, pattern) and target in ("", settings.model_name)
+        for pattern, target in settings.model_aliases.items())
 
 
 def parse(endpoint: str, raw: Any) -> GenerationRequest:
@@ -51,9 +64,11 @@ async def prepare(services: Services, body: GenerationRequest) -> Prepared:
     encoded, another model, n > 1, what api.validation refuses), then the canonical requests."""
     settings = services.settings
     check_json_values(body.model_dump())  # first: the 404 below echoes `model`, which must be encodable
-    if body.model != settings.model_name:
+    if not serves(settings, body.model):
         raise APIError(404, f"The model `{body.model}` does not exist; this server serves "
                             f"`{settings.model_name}`.", code="model_not_found", param="model")
+    # Canonical under the served name: the answer and its cache entry do not depend on the alias used.
+    body = body.model_copy(update={"model": settings.model_name})
     if body.n not in (None, 1):
         raise APIError(400, "Only n=1 is supported.", param="n")
     await check_generation(body, settings=settings, model_info=services.model_info)

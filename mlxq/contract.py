@@ -10,7 +10,8 @@ from typing import Any, Literal, TypedDict
 
 GENERATE_TASK = "mlxq.generate"
 
-JobKind = Literal["chat", "completion"]
+# "count": a chat request's prompt tokens through the model's template (Anthropic's count_tokens), no generation.
+JobKind = Literal["chat", "completion", "count"]
 # Interactive requests (sync and streamed) are admitted to the batch before low-priority work
 # (batch lines, jobs that ask for it); OpenAI clients ask for low priority with `service_tier: "flex"`.
 Priority = Literal["interactive", "low"]

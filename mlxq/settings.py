@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BUILTIN_MODEL = "SmolLM2-135M-Instruct"
@@ -22,6 +22,13 @@ class Settings(BaseSettings):
     model: str = ""
     # The id clients send in `model`; defaults to the model directory's name.
     model_name: str = ""
+    # Other names clients may send for the served model (fnmatch patterns; a value of "" or the served name
+    # means the served model). Claude Code sends its own model names (a main and a small fast one); by
+    # default every name is the served model. `{}` refuses any name but the served one (404).
+    model_aliases: dict[str, str] = {"*": ""}
+    # Cache sampled requests (temperature > 0, no seed) too: an identical retry of an agent turn is then
+    # a hit, at the cost of always answering it with the same sample.
+    cache_sampled: bool = False
     queue: str = "mlxq"
     # Prefix of every Redis key the service writes besides Celery's own.
     redis_prefix: str = "mlxq"
@@ -89,6 +96,14 @@ class Settings(BaseSettings):
     max_tools: int = Field(128, ge=1)
     max_stop: int = Field(16, ge=1)
     max_prompts: int = Field(256, ge=1)
+    # Flower (`mlxq flower`, Celery's monitor; needs the Redis broker). Basic auth always: bound to loopback
+    # without a password, a one-time password is made and printed; bound elsewhere, a password is required.
+    # Refused: a ',' in either (Flower splits --basic-auth on commas into several logins) and a ':' in the
+    # user (basic auth ends the user at the first colon, so that user could never log in).
+    flower_host: str = "127.0.0.1"
+    flower_port: int = Field(5555, ge=1, le=65535)
+    flower_user: str = "mlxq"
+    flower_password: SecretStr = SecretStr("")
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:

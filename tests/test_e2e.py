@@ -97,7 +97,7 @@ def test_cache_controls_and_nondeterministic_requests(tmp_path: Path, smollm2: P
 
 
 def test_bad_input_is_an_openai_4xx_and_nothing_is_enqueued(tmp_path: Path, smollm2: Path, service_factory):
-    env = service_env(tmp_path, smollm2)
+    env = service_env(tmp_path, smollm2, MLXQ_MODEL_ALIASES="{}")  # strict names: another is a 404
     svc = service_factory(env).start(worker=False)
     url = f"{svc.base}/v1/chat/completions"
     bad = [

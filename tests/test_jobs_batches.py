@@ -47,7 +47,8 @@ def job_rows(svc: Service, tmp_path: Path) -> list[tuple[str, str | None]]:
 
 @pytest.fixture
 def svc(tmp_path: Path, tiny_model: Path, service_factory) -> Service:
-    return service_factory(service_env(tmp_path, tiny_model, MLXQ_RESEND_AFTER_S="2")).start()
+    # Strict model names, so a line naming another model is refused.
+    return service_factory(service_env(tmp_path, tiny_model, MLXQ_RESEND_AFTER_S="2", MLXQ_MODEL_ALIASES="{}")).start()
 
 
 def client_for(svc: Service) -> openai.OpenAI:

@@ -192,8 +192,7 @@ class Runtime:
 
     def _run(self, job: Job) -> None:
         """Hand the job to the batch, relay its events, persist the outcome."""
-        job_id, kind, request, store, ttl_s, model = job.id, job.kind, job.request, job.store, job.ttl_s, job.model
-        priority, stream = job.priority, job.stream
+        job_id, kind, request, priority, stream = job.id, job.kind, job.request, job.priority, job.stream
         if job.attempts > 1:
             # A client already streaming it has had part of the answer: it must know the rest starts over.
             self.channel.publish(job_id, events.restarted(job.attempts))
@@ -201,13 +200,12 @@ class Runtime:
             self._fail(job_id, job_error(503, f"model not loaded: {self.load_error}", code="model_not_loaded"))
             return
         try:
-            seq = self.engine.submit(kind, request, priority=priority)
-            with self.cancels.watch(job_id, seq.cancelled):
-                for relayed in drain(seq.events):
-                    if shown := coalesce(relayed, deltas=stream):
-                        self.channel.publish_many(job_id, shown)
-            if seq.error is not None:
-                raise seq.error
+            if kind == "count":  # the tokenizer alone, on this thread: nothing for the batch to do
+                tokens = len(self.engine.chat_tokens(request))
+                answer: dict[str, Any] = {"input_tokens": tokens, "finish_reason": "stop",
+                                          "usage": {"prompt_tokens": tokens, "completion_tokens": 0, "cached_tokens": 0}}
+            else:
+                answer = self._relay(job_id, self.engine.submit(kind, request, priority=priority), stream)
         except Exception as exc:
             error = getattr(exc, "error", None)
             if error is None:
@@ -215,7 +213,6 @@ class Runtime:
                 error = job_error(500, f"generation failed: {type(exc).__name__}: {exc}")
             self._fail(job_id, error)
             return
-        answer = dict(seq.result or {})
         if answer.get("finish_reason") == "cancelled":
             if self.stopping.is_set():
                 with self.sessions.begin() as session:
@@ -223,6 +220,21 @@ class Runtime:
                 return
             self._fail(job_id, dict(CANCELLED), status="cancelled")
             return
+        self._succeed(job, answer)
+
+    def _relay(self, job_id: str, seq: Any, stream: bool) -> dict[str, Any]:
+        """Relay a sequence's events to the channel until it ends; its answer."""
+        with self.cancels.watch(job_id, seq.cancelled):
+            for relayed in drain(seq.events):
+                if shown := coalesce(relayed, deltas=stream):
+                    self.channel.publish_many(job_id, shown)
+        if seq.error is not None:
+            raise seq.error
+        return dict(seq.result or {})
+
+    def _succeed(self, job: Job, answer: dict[str, Any]) -> None:
+        """Persist the answer (job row, response cache), then tell the waiting clients."""
+        job_id, kind, request, store, ttl_s, model = job.id, job.kind, job.request, job.store, job.ttl_s, job.model
         # The key names the weights that made the answer, which are this worker's.
         key = request_key(kind, request, weights=self.engine.key.revision)
         with self.sessions.begin() as session:

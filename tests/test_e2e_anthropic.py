@@ -1,0 +1,136 @@
+"""The Anthropic Messages API through the official `anthropic` client on real processes and the real SmolLM2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from mlxq.procs import Service
+from tests.conftest import MODEL_NAME, service_env
+
+WEATHER = {"name": "get_weather", "description": "Current weather in a city.",
+           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory: pytest.TempPathFactory, smollm2: Path) -> Service:
+    tmp_path = tmp_path_factory.mktemp("anthropic")
+    (tmp_path / "logs").mkdir()
+    service = Service(service_env(tmp_path, smollm2), tmp_path / "logs").start()
+    yield service
+    service.stop()
+
+
+def claude(svc: Service) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=svc.base, api_key="unused", max_retries=0, timeout=120)
+
+
+def ask(text: str, **extra) -> dict:
+    # The SDK (2.x) no longer takes `temperature`: greedy decoding goes in the body by hand.
+    return {"model": MODEL_NAME, "max_tokens": 24, "extra_body": {"temperature": 0},
+            "messages": [{"role": "user", "content": text}], **extra}
+
+
+def test_a_text_answer_and_the_same_streamed(svc: Service):
+    client = claude(svc)
+    answer = client.messages.create(**ask("What is the capital of France?"))
+    assert answer.type == "message" and answer.role == "assistant" and answer.model == MODEL_NAME
+    assert "Paris" in answer.content[0].text
+    assert answer.stop_reason in ("end_turn", "max_tokens") and answer.usage.output_tokens > 0
+    with client.messages.stream(**ask("What is the capital of France?")) as stream:
+        streamed = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert streamed == answer.content[0].text == final.content[0].text
+    assert final.stop_reason == answer.stop_reason
+
+
+def test_stop_sequences_end_with_stop_sequence(svc: Service):
+    answer = claude(svc).messages.create(**ask("Count from 1 to 10, separated by commas.", max_tokens=40,
+                                               stop_sequences=["5"]))
+    assert answer.stop_reason == "stop_sequence" and answer.stop_sequence == "5"
+    assert "5" not in answer.content[0].text and "4" in answer.content[0].text
+
+
+def test_a_tool_use_round_trip(svc: Service):
+    client = claude(svc)
+    first = client.messages.create(**ask("What's the weather in Paris? Use the tool.", max_tokens=80,
+                                         tools=[WEATHER], tool_choice={"type": "tool", "name": "get_weather"}))
+    assert first.stop_reason == "tool_use"
+    call = next(block for block in first.content if block.type == "tool_use")
+    assert call.name == "get_weather" and isinstance(call.input, dict) and call.id.startswith("toolu_")
+    followup = client.messages.create(**{**ask("", max_tokens=40, tools=[WEATHER]), "messages": [
+        {"role": "user", "content": "What's the weather in Paris? Use the tool."},
+        {"role": "assistant", "content": [block.model_dump() for block in first.content]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "Sunny, 21 °C"}]},
+    ]})
+    assert followup.content and followup.usage.input_tokens + followup.usage.cache_read_input_tokens > 0
+
+
+def test_count_tokens_matches_the_tokenizer(svc: Service, smollm2: Path):
+    from transformers import AutoTokenizer
+
+    messages = [{"role": "user", "content": "How many tokens is this?"}]
+    counted = claude(svc).messages.count_tokens(model=MODEL_NAME, system="Be brief.", messages=messages)
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2))
+    text = tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."}, *messages],
+                                         add_generation_prompt=True, tokenize=False)
+    assert counted.input_tokens == len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def test_errors_are_anthropic_shaped_and_raised_as_the_right_classes(svc: Service):
+    client = claude(svc)
+    with pytest.raises(anthropic.BadRequestError) as bad:
+        client.messages.create(model=MODEL_NAME, max_tokens=8, messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}])
+    assert "text-only" in bad.value.message
+    assert bad.value.body["type"] == "error" and bad.value.body["error"]["type"] == "invalid_request_error"
+    with pytest.raises(anthropic.BadRequestError):
+        client.messages.create(model=MODEL_NAME, max_tokens=8, messages=[{"role": "user", "content": "x" * 40000}])
+    raw = httpx.post(f"{svc.base}/v1/messages", json={"model": MODEL_NAME, "messages": []}, timeout=30)
+    assert raw.status_code == 400 and raw.json()["type"] == "error"
+
+
+def test_openai_and_anthropic_forms_of_one_conversation_share_one_cache_entry(svc: Service):
+    question = "Name one primary color."
+    via_openai = openai.OpenAI(base_url=f"{svc.base}/v1", api_key="unused").chat.completions.with_raw_response.create(
+        model=MODEL_NAME, max_tokens=16, temperature=0, messages=[{"role": "system", "content": "Answer in one word."},
+                                                                   {"role": "user", "content": question}])
+    via_claude = claude(svc).messages.with_raw_response.create(
+        model=MODEL_NAME, max_tokens=16, extra_body={"temperature": 0}, system="Answer in one word.",
+        messages=[{"role": "user", "content": question}])
+    assert via_claude.headers["x-request-key"] == via_openai.headers["x-request-key"]
+    assert via_claude.headers["x-cache"] == "HIT"
+    assert via_claude.parse().content[0].text == via_openai.parse().choices[0].message.content
+
+
+def test_a_claude_code_shaped_request_is_answered_and_its_billing_line_shares_the_prefix_cache(svc: Service):
+    def request(billing: str, **overrides) -> dict:
+        return {"model": "claude-sonnet-4-5", "max_tokens": 32000, "stream": False,
+                "system": [{"type": "text", "text": f"x-anthropic-billing-header: cc_version=2.0.{billing}; cch={billing};"},
+                           {"type": "text", "text": "You are Claude Code, a coding agent. " * 20,
+                            "cache_control": {"type": "ephemeral"}}],
+                "messages": [{"role": "user", "content": [{"type": "text", "text": "Say hi in two words."}]}],
+                "metadata": {"user_id": "u"}, "thinking": {"type": "disabled"}, **overrides}
+
+    headers = {"anthropic-version": "2023-06-01", "x-api-key": "unused", "anthropic-beta": "claude-code-20250219"}
+
+    def post(body: dict) -> dict:
+        response = httpx.post(f"{svc.base}/v1/messages?beta=true", json=body, headers=headers, timeout=120)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert answer["model"] == MODEL_NAME and answer["content"][0]["type"] == "text"
+        assert answer["stop_reason"] in ("end_turn", "max_tokens")
+        return answer
+
+    # As Claude Code sends it (no temperature: sampled, so never response-cached), max_tokens past the
+    # context clamped; short here only to bound the test's time.
+    post(request("1", max_tokens=8))
+    second = post(request("2", max_tokens=8))
+    # Only the billing line differs: the second prompt comes from the first's prefix cache.
+    assert second["usage"]["cache_read_input_tokens"] >= 100
+    # max_tokens 32000, more than the whole context: clamped to what fits after the prompt.
+    assert post(request("3", temperature=0))["usage"]["output_tokens"] > 0
