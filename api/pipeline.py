@@ -6,6 +6,7 @@ Everything that touches SQL or the broker runs in a thread so the event loop nev
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -95,7 +96,8 @@ class Pipeline:
             except IntegrityError:  # an identical job (or key) was created at the same moment: join it
                 continue
             if found.cache != "HIT" and not found.joined:
-                self._send(found.job_id)  # after the commit, so the worker always finds the row
+                # After the commit, so the worker always finds the row.
+                self._send(found.job_id, kind=kind, chars=len(json.dumps(canonical)))
             elif found.needs_send:  # joined a low-priority job still waiting for room: it goes now
                 delivery.resend(self.s.sessions, self.s.celery, self.s.settings, lost_after_s=None)
             return found
@@ -119,9 +121,9 @@ class Pipeline:
                                store=store, ttl_s=ttl_s, priority=priority, stream=stream, waiters=waiters)
         return Outcome({}, outcome, key, job.id)
 
-    def _send(self, job_id: str) -> None:
+    def _send(self, job_id: str, *, kind: str, chars: int) -> None:
         try:
-            delivery.send(self.s.celery, self.s.settings.queue, job_id)
+            delivery.send(self.s.celery, self.s.settings.queue, job_id, kind=kind, chars=chars)
         except Exception as exc:
             with self.s.sessions.begin() as session:
                 repos.finish_job(session=session, job_id=job_id, status="failed",

@@ -102,6 +102,14 @@ def serve(host: str = typer.Option(None), port: int = typer.Option(None), log_le
 
 
 @app.command()
+def flower() -> None:
+    """Start Flower (Celery's monitor) on the Redis broker, behind basic auth (MLXQ_FLOWER_*)."""
+    from mlxq.flower import run
+
+    run(get_settings())
+
+
+@app.command()
 def bench(modes: str = typer.Option("sqlite,redis", help="deployments to measure")) -> None:
     """Run scripts/bench.py: cache-hit latency, queue-hop overhead, /health under load (one JSON line)."""
     from mlxq.procs import ROOT

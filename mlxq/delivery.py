@@ -22,8 +22,15 @@ from mlxq.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def send(celery: Celery, queue: str, job_id: str) -> None:
-    celery.send_task(GENERATE_TASK, args=[job_id], task_id=job_id, queue=queue)
+def task_label(job_id: str, kind: str, chars: int) -> str:
+    """A task's `argsrepr`: what Flower and the worker's log show for it. Short, and never the prompt."""
+    return f"job {job_id[:8]} {kind} {chars} chars"
+
+
+def send(celery: Celery, queue: str, job_id: str, *, kind: str, chars: int) -> None:
+    """Send a job's task message; `chars` is the size of its canonical request as stored (JSON)."""
+    celery.send_task(GENERATE_TASK, args=[job_id], task_id=job_id, queue=queue,
+                     argsrepr=task_label(job_id, kind, chars), kwargsrepr="{}")
 
 
 def broker_depth(celery: Celery, queue: str) -> int:
@@ -47,8 +54,10 @@ def resend(sessions: sessionmaker[Session], celery: Celery, settings: Settings, 
             lost_before = time.time() - lost_after_s
     with sessions() as session:
         ids = repos.jobs_to_send(session=session, lost_before=lost_before, low_window=settings.low_window)
+        labels = repos.task_labels(session=session, job_ids=ids)
     for job_id in ids:
-        send(celery, queue, job_id)
+        kind, chars = labels[job_id]
+        send(celery, queue, job_id, kind=kind, chars=chars)
     if ids:
         with sessions.begin() as session:
             repos.mark_sent(session=session, job_ids=ids)

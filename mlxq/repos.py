@@ -7,7 +7,7 @@ import time
 import uuid
 from typing import Any
 
-from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy import Text, cast, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from mlxq.contract import CANCELLED, Priority, job_error
@@ -285,6 +285,13 @@ def jobs_to_send(*, session: Session, lost_before: float | None, low_window: int
     if room > 0:
         ids += list(session.scalars(queued.where(Job.priority == "low", unsent).limit(room)))
     return ids
+
+
+def task_labels(*, session: Session, job_ids: list[str]) -> dict[str, tuple[str, int]]:
+    """Each job's kind and the size of its stored request (characters of its JSON), for its task label."""
+    size = func.length(cast(Job.request, Text))
+    rows = session.execute(select(Job.id, Job.kind, size).where(Job.id.in_(job_ids))) if job_ids else []
+    return {job_id: (kind, int(chars or 0)) for job_id, kind, chars in rows}
 
 
 def mark_sent(*, session: Session, job_ids: list[str]) -> None:

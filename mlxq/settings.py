@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,6 +30,12 @@ class Settings(BaseSettings):
     # Cache sampled requests (temperature > 0, no seed) too: an identical retry of an agent turn is then
     # a hit, at the cost of always answering it with the same sample.
     cache_sampled: bool = False
+    # API keys, comma-separated (more can be stored hashed in the database: `mlxq keys add`). With any
+    # key set, every endpoint but /health needs one (Authorization: Bearer, or x-api-key); jobs, batches
+    # and files belong to the key that made them, and each key has its own response-cache namespace
+    # unless `cache_scope` is "global".
+    api_keys: SecretStr = SecretStr("")
+    cache_scope: Literal["key", "global"] = "key"
     queue: str = "mlxq"
     # Prefix of every Redis key the service writes besides Celery's own.
     redis_prefix: str = "mlxq"
