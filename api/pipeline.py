@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from api.errors import APIError
@@ -199,7 +199,10 @@ class Pipeline:
                 try:
                     event = await asyncio.wait_for(queue.get(), timeout=1.0)
                 except TimeoutError:
-                    status, result, error = await asyncio.to_thread(self._job_state, job_id)
+                    try:
+                        status, result, error = await asyncio.to_thread(self._job_state, job_id)
+                    except DBAPIError:  # the database is restarting: keep waiting, within the deadline
+                        status, result, error = "unknown", None, None
                     if status in repos.TERMINAL and not ended_quietly:
                         # The row can be ahead of the channel: give the events in flight one more quiet
                         # period to arrive before answering from the row (which has no deltas).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
 from celery import Celery
 from fastapi import Depends, Request
@@ -37,6 +37,7 @@ class Services:
     # Set when the server begins to stop (SIGTERM, SIGINT): requests still waiting answer 503 at once
     # instead of holding the shutdown until their job ends.
     closing: threading.Event = field(default_factory=threading.Event)
+    _broker_ping: Any = None
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -50,6 +51,21 @@ class Services:
         services.metrics = Metrics(lambda: health_snapshot(services))
         services.model_info = ModelInfo(sessions, within_s=max(10.0, 3 * settings.heartbeat_s))
         return services
+
+    def broker_problem(self) -> str | None:
+        """Why the Redis broker cannot be reached, or None (a ping, bounded to half a second)."""
+        if not self.settings.uses_redis:
+            return None
+        if self._broker_ping is None:
+            import redis
+
+            self._broker_ping = redis.Redis.from_url(self.settings.broker_url, socket_connect_timeout=0.5,
+                                                     socket_timeout=0.5)
+        try:
+            self._broker_ping.ping()
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
 
     def warm_up(self) -> None:
         """Open the DB pool and the broker connection now, not on the first request after a start."""

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from fastapi.responses import Response
+from sqlalchemy.exc import DBAPIError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.errors import APIError
@@ -50,6 +51,9 @@ async def guard(source: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str
             yield event
     except APIError as exc:
         yield events.error(job_error(exc.status, exc.message, type=exc.type, code=exc.code, param=exc.param))
+    except DBAPIError:
+        yield events.error(job_error(503, "The database is unavailable; retry the request.",
+                                     code="database_unavailable"))
 
 
 def event_source(stream: AsyncIterator[ServerSentEvent], headers: dict[str, str], ping_s: float) -> EventSourceResponse:

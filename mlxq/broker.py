@@ -272,3 +272,30 @@ def prune_delivered(broker_url: str, *, older_than_s: float) -> int:
 @cache
 def _prune_engine(url: str):
     return create_engine(url, pool_size=1, max_overflow=0)
+
+
+def survive_redis_restarts() -> None:
+    """Keep a worker alive across a Redis restart (kombu 5.x, up to at least 5.7).
+
+    When the connection to Redis is lost, Celery closes it and the channel then restores its unacknowledged
+    messages through a client that closing has already dropped: `'NoneType' object has no attribute
+    'hostname'`. That AttributeError escapes Celery's connection-error handling, and the worker logs
+    "Unrecoverable error" and exits. Caught here, the consumer reconnects as it does for any lost
+    connection. The messages stay in Redis's unacked set, and mlxq.delivery re-sends their jobs (a job
+    row, not its message, is the record), so nothing is lost.
+    """
+    from kombu.transport import redis as kombu_redis
+
+    if getattr(kombu_redis.QoS.restore_unacked, "_mlxq", False):
+        return
+    original = kombu_redis.QoS.restore_unacked
+
+    def restore_unacked(self, client=None):
+        try:
+            return original(self, client)
+        except AttributeError as exc:
+            log.warning("could not restore unacknowledged messages after losing Redis (%s); their jobs are "
+                        "re-sent from the database", exc)
+
+    restore_unacked._mlxq = True  # type: ignore[attr-defined]
+    kombu_redis.QoS.restore_unacked = restore_unacked

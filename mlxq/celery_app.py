@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from mlxq.broker import kombu_url
+from mlxq.broker import kombu_url, survive_redis_restarts
 from mlxq.db import prepare_sqlite_broker
 from mlxq.settings import Settings
 
@@ -14,6 +14,7 @@ def make_celery(settings: Settings) -> Celery:
     app = Celery("mlxq", broker=kombu_url(settings.broker_url), set_as_current=False)
     transport_options: dict = {}
     if settings.uses_redis:
+        survive_redis_restarts()
         # A generation can run long; redeliver only after the worker is surely gone.
         transport_options["visibility_timeout"] = 6 * 3600
     else:

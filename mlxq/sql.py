@@ -45,6 +45,8 @@ class CacheEntry(Base):
     created_at: Mapped[float] = mapped_column(Float)
     last_access_at: Mapped[float] = mapped_column(Float, index=True)
     expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # The API key's namespace that stored it ("" when the cache is global or keys are off).
+    namespace: Mapped[str] = mapped_column(String(64), default="", server_default="", index=True)
 
 
 class Job(Base):
@@ -74,6 +76,9 @@ class Job(Base):
     waiters: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # The batch that made it (its lines' jobs are cancelled with it).
     batch_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    # The API key that made it (mlxq.auth.owner_id; None with keys off) and its cache namespace.
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    namespace: Mapped[str] = mapped_column(String(64), default="", server_default="")
     # The answer's length, kept beside it so a batch's progress in tokens is one SUM, not a JSON walk.
     completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
@@ -89,6 +94,16 @@ class Job(Base):
               sqlite_where=text("status IN ('queued', 'running') AND store"),
               postgresql_where=text("status IN ('queued', 'running') AND store")),
     )
+
+
+class ApiKey(Base):
+    """An API key stored hashed (`mlxq keys add`); keys in MLXQ_API_KEYS are never stored."""
+
+    __tablename__ = "api_keys"
+    key_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[float] = mapped_column(Float)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class IdempotencyKey(Base):
@@ -112,6 +127,7 @@ class File(Base):
     bytes: Mapped[int] = mapped_column(Integer)
     content: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[float] = mapped_column(Float, index=True)
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 
 
 class Batch(Base):
@@ -137,6 +153,7 @@ class Batch(Base):
     expired_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     cancelling_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     cancelled_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 
 
 class BatchLine(Base):

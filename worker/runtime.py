@@ -14,11 +14,12 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from celery import Celery
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from mlxq import delivery, events, repos
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 
 # A cancelled job (client gone, DELETE) stops within this long, well under a second.
 CANCEL_POLL_S = 0.25
+# How long a finished job's outcome is retried while the database is unreachable.
+DB_RETRY_S = 600.0
 
 
 class Runtime:
@@ -195,7 +198,7 @@ class Runtime:
         job_id, kind, request, priority, stream = job.id, job.kind, job.request, job.priority, job.stream
         if job.attempts > 1:
             # A client already streaming it has had part of the answer: it must know the rest starts over.
-            self.channel.publish(job_id, events.restarted(job.attempts))
+            self._publish(job_id, [events.restarted(job.attempts)])
         if self.engine is None:
             self._fail(job_id, job_error(503, f"model not loaded: {self.load_error}", code="model_not_loaded"))
             return
@@ -227,7 +230,7 @@ class Runtime:
         with self.cancels.watch(job_id, seq.cancelled):
             for relayed in drain(seq.events):
                 if shown := coalesce(relayed, deltas=stream):
-                    self.channel.publish_many(job_id, shown)
+                    self._publish(job_id, shown)
         if seq.error is not None:
             raise seq.error
         return dict(seq.result or {})
@@ -237,15 +240,19 @@ class Runtime:
         job_id, kind, request, store, ttl_s, model = job.id, job.kind, job.request, job.store, job.ttl_s, job.model
         # The key names the weights that made the answer, which are this worker's.
         key = request_key(kind, request, weights=self.engine.key.revision)
-        with self.sessions.begin() as session:
-            finished = repos.finish_job(session=session, job_id=job_id, status="succeeded", result=answer)
-            if store:
-                repos.put_entry(session=session, key=key, kind=kind, model=model, result=answer,
-                                ttl_s=ttl_s or self.settings.cache_ttl_s)
-        if not finished:
+
+        def persist() -> bool:
+            with self.sessions.begin() as session:
+                finished = repos.finish_job(session=session, job_id=job_id, status="succeeded", result=answer)
+                if store:
+                    repos.put_entry(session=session, key=key, kind=kind, model=model, result=answer,
+                                    ttl_s=ttl_s or self.settings.cache_ttl_s)
+                return finished
+
+        if not self._write(job_id, persist):
             log.info("job %s had ended before its answer was ready (cancelled or given up)", job_id)
         # The answer travels with the event, so the waiting client needs no further read.
-        self.channel.publish(job_id, events.done(answer))
+        self._publish(job_id, [events.done(answer)])
         if store:
             with self.sessions.begin() as session:
                 repos.purge_expired(session=session)
@@ -253,9 +260,35 @@ class Runtime:
         self.save_prefix_cache()
 
     def _fail(self, job_id: str, error: dict[str, Any], status: str = "failed") -> None:
-        with self.sessions.begin() as session:
-            repos.finish_job(session=session, job_id=job_id, status=status, error=error)
-        self.channel.publish(job_id, events.error(error))
+        def persist() -> bool:
+            with self.sessions.begin() as session:
+                return repos.finish_job(session=session, job_id=job_id, status=status, error=error)
+
+        self._write(job_id, persist)
+        self._publish(job_id, [events.error(error)])
+
+    def _publish(self, job_id: str, items: list[dict[str, Any]]) -> None:
+        """Events are a courtesy to waiting clients; the job row is the record. A broker that is down (a Redis
+        restart) loses some events, never the job: the api answers from the row, and fills in a stream's
+        missing text from the result."""
+        try:
+            self.channel.publish_many(job_id, items)
+        except Exception as exc:
+            log.warning("could not publish events of job %s (%s); its clients read the job row", job_id, exc)
+
+    def _write(self, job_id: str, persist: Callable[[], bool]) -> bool:
+        """A job's outcome must land: while the database is unreachable (a restart), retry for DB_RETRY_S,
+        rather than leave the row running behind a live worker that nothing would reap."""
+        delay, deadline = 0.5, time.monotonic() + DB_RETRY_S
+        while True:
+            try:
+                return persist()
+            except DBAPIError as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("could not record job %s (%s); retrying in %.1f s", job_id, exc.orig, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 8.0)
 
 
 def drain(source: queue.SimpleQueue[dict[str, Any] | None]) -> Iterator[list[dict[str, Any]]]:
