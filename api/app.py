@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import batches, errors, jobs, ops
+from api import batches, cache_admin, errors, jobs, ops
 from api.background import run_every
 from api.dialects.anthropic import routes as anthropic_routes
 from api.dialects.openai import routes as openai_routes
@@ -47,6 +47,6 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * 2**20),
                        uploads=("/v1/files", int(settings.max_file_mb * 2**20) + 2**16, "MLXQ_MAX_FILE_MB"))
     for router in (ops.router, openai_routes.router, anthropic_routes.router, jobs.router, batches.files_router,
-                   batches.batches_router):
+                   batches.batches_router, cache_admin.router):
         app.include_router(router)
     return app

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.errors import APIError
@@ -52,3 +53,17 @@ class Authenticator:
         if digest not in valid:
             raise APIError(401, "The API key is not valid.", code="invalid_api_key")
         return auth.owner_id(digest)
+
+
+async def authenticate(request: Request) -> None:
+    """The routers' dependency: a 401 (in the caller's dialect) without a valid key; the caller's owner id
+    on `request.state.owner` otherwise."""
+    request.state.owner = await request.app.state.services.auth.owner(request)
+
+
+def owner_of(request: Request) -> str | None:
+    return getattr(request.state, "owner", None)
+
+
+Owner = Annotated[str | None, Depends(owner_of)]
+AUTHENTICATED = [Depends(authenticate)]

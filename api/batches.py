@@ -21,6 +21,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
+from api.auth import AUTHENTICATED, Owner
 from api.errors import APIError
 from api.jobs import render_result
 from api.pipeline import Pipeline
@@ -33,8 +34,8 @@ from mlxq.sql import File as FileRow
 
 log = logging.getLogger(__name__)
 
-files_router = APIRouter(prefix="/v1/files", tags=["files"])
-batches_router = APIRouter(prefix="/v1/batches", tags=["batches"])
+files_router = APIRouter(prefix="/v1/files", tags=["files"], dependencies=AUTHENTICATED)
+batches_router = APIRouter(prefix="/v1/batches", tags=["batches"], dependencies=AUTHENTICATED)
 
 PURPOSES = ("batch", "batch_output")
 # Line problems listed in the batch's `errors` (all of them are in the error file).
@@ -49,15 +50,16 @@ def file_object(file: FileRow) -> dict[str, Any]:
             "status_details": None}
 
 
-def _file(session: Session, file_id: str) -> FileRow:
+def _file(session: Session, file_id: str, owner: str | None) -> FileRow:
+    """The file, if it is the caller's: another key's file is as absent as an unknown one (404)."""
     file = batch_repos.get_file(session=session, file_id=file_id)
-    if file is None:
+    if file is None or (owner is not None and file.owner != owner):
         raise APIError(404, f"No file with id {file_id!r}.", code="file_not_found", param="file_id")
     return file
 
 
 @files_router.post("")
-async def upload_file(services: ServicesDep, file: Annotated[UploadFile, File()],
+async def upload_file(services: ServicesDep, owner: Owner, file: Annotated[UploadFile, File()],
                       purpose: Annotated[str, Form()]) -> dict[str, Any]:
     if purpose != "batch":
         raise APIError(400, "Only purpose 'batch' is supported.", param="purpose")
@@ -70,18 +72,18 @@ async def upload_file(services: ServicesDep, file: Annotated[UploadFile, File()]
     def store() -> dict[str, Any]:
         with services.sessions.begin() as session:
             row = batch_repos.create_file(session=session, purpose=purpose, filename=file.filename or "upload.jsonl",
-                                          content=content)
+                                          content=content, owner=owner)
             return file_object(row)
 
     return await asyncio.to_thread(store)
 
 
 @files_router.get("")
-async def list_files(services: ServicesDep, purpose: str | None = None,
+async def list_files(services: ServicesDep, owner: Owner, purpose: str | None = None,
                      limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000, after: str | None = None) -> dict[str, Any]:
     def read() -> list[dict[str, Any]]:
         with services.sessions() as session:
-            return [file_object(f) for f in batch_repos.list_files(session=session, purpose=purpose, limit=limit + 1,
+            return [file_object(f) for f in batch_repos.list_files(session=session, owner=owner, purpose=purpose, limit=limit + 1,
                                                                     after=after)]
 
     data = await asyncio.to_thread(read)
@@ -91,27 +93,28 @@ async def list_files(services: ServicesDep, purpose: str | None = None,
 
 
 @files_router.get("/{file_id}")
-async def get_file(file_id: str, services: ServicesDep) -> dict[str, Any]:
+async def get_file(file_id: str, services: ServicesDep, owner: Owner) -> dict[str, Any]:
     def read() -> dict[str, Any]:
         with services.sessions() as session:
-            return file_object(_file(session, file_id))
+            return file_object(_file(session, file_id, owner))
 
     return await asyncio.to_thread(read)
 
 
 @files_router.get("/{file_id}/content")
-async def file_content(file_id: str, services: ServicesDep) -> Response:
+async def file_content(file_id: str, services: ServicesDep, owner: Owner) -> Response:
     def read() -> bytes:
         with services.sessions() as session:
-            return _file(session, file_id).content
+            return _file(session, file_id, owner).content
 
     return Response(await asyncio.to_thread(read), media_type="application/jsonl")
 
 
 @files_router.delete("/{file_id}")
-async def delete_file(file_id: str, services: ServicesDep) -> dict[str, Any]:
+async def delete_file(file_id: str, services: ServicesDep, owner: Owner) -> dict[str, Any]:
     def delete() -> None:
         with services.sessions.begin() as session:
+            _file(session, file_id, owner)
             if not batch_repos.delete_file(session=session, file_id=file_id):
                 raise APIError(404, f"No file with id {file_id!r}.", code="file_not_found", param="file_id")
 
@@ -153,11 +156,12 @@ def _line_error(line: int, code: str, message: str, custom_id: Any = None) -> di
             "job": None, "error": {"code": code, "message": f"line {line}: {message}", "line": line}}
 
 
-async def _read_lines(services: Services, endpoint: str, content: bytes) -> list[dict[str, Any]]:
+async def _read_lines(services: Services, endpoint: str, content: bytes, owner: str | None) -> list[dict[str, Any]]:
     """Each non-blank line checked as its endpoint would check it: {line, custom_id, job | None, error | None},
     `job` being (kind, canonical, key). Runs on the event loop (the checks may read the model's facts) in
     slices, so a large file never holds the loop for long."""
-    weights = await Pipeline(services).weights()
+    pipeline = Pipeline(services)
+    weights, namespace = await pipeline.weights(), pipeline.namespace(owner)
     out: list[dict[str, Any]] = []
     seen: set[str] = set()
     for n, raw_line in enumerate(content.split(b"\n"), start=1):
@@ -202,19 +206,20 @@ async def _read_lines(services: Services, endpoint: str, content: bytes) -> list
             out.append(_line_error(n, exc.code or "invalid_request", exc.message, custom_id))
             continue
         canonical = prepared.canonicals[0]
-        key = request_key(prepared.kind, canonical, weights=weights)
+        key = request_key(prepared.kind, canonical, weights=weights, namespace=namespace)
         out.append({"line": n, "custom_id": custom_id, "job": (prepared.kind, canonical, key), "error": None})
     return out
 
 
-def _create(services: Services, request: BatchRequest, lines: list[dict[str, Any]], window_s: float) -> str:
+def _create(services: Services, request: BatchRequest, lines: list[dict[str, Any]], window_s: float,
+            owner: str | None) -> str:
     """The batch row, its lines and their jobs, in one transaction: all or nothing."""
-    ttl = services.settings.cache_ttl_s
+    ttl, namespace = services.settings.cache_ttl_s, Pipeline(services).namespace(owner)
     with services.sessions.begin() as session:
         batch = batch_repos.create_batch(session=session, endpoint=request.endpoint,
                                          input_file_id=request.input_file_id,
                                          completion_window=request.completion_window, window_s=window_s,
-                                         metadata=request.metadata)
+                                         metadata=request.metadata, owner=owner)
         by_key: dict[str, str] = {}
         rows = []
         for line in lines:
@@ -223,7 +228,7 @@ def _create(services: Services, request: BatchRequest, lines: list[dict[str, Any
                 kind, canonical, key = line["job"]
                 job_id = by_key.get(key)
                 if job_id is None:
-                    job_id = by_key[key] = _job_for(session, batch.id, kind, canonical, key, ttl)
+                    job_id = by_key[key] = _job_for(session, batch.id, kind, canonical, key, ttl, owner, namespace)
             rows.append({"line": line["line"], "custom_id": line["custom_id"], "job_id": job_id,
                          "error": line["error"]})
         batch_repos.add_lines(session=session, batch_id=batch.id, lines=rows)
@@ -234,11 +239,11 @@ def _create(services: Services, request: BatchRequest, lines: list[dict[str, Any
 
 
 def _job_for(session: Session, batch_id: str, kind: str, canonical: dict[str, Any], key: str,
-             ttl_s: float | None) -> str:
+             ttl_s: float | None, owner: str | None, namespace: str) -> str:
     """A line's job: the cached answer, an identical job in flight, or a new low-priority job."""
     cacheable = is_deterministic(canonical)
     common = {"key": key, "kind": kind, "model": canonical["model"], "request": canonical, "ttl_s": ttl_s,
-              "priority": "low", "stream": False, "batch_id": batch_id}
+              "priority": "low", "stream": False, "batch_id": batch_id, "owner": owner, "namespace": namespace}
     if cacheable and (cached := repos.lookup_result(session=session, key=key)) is not None:
         return repos.create_job(session=session, store=False, result=cached, **common).id
     if cacheable and (running := repos.find_inflight(session=session, key=key)) is not None:
@@ -248,7 +253,7 @@ def _job_for(session: Session, batch_id: str, kind: str, canonical: dict[str, An
 
 
 @batches_router.post("")
-async def create_batch(services: ServicesDep, request: Annotated[BatchRequest, Body()]) -> dict[str, Any]:
+async def create_batch(services: ServicesDep, owner: Owner, request: Annotated[BatchRequest, Body()]) -> dict[str, Any]:
     if request.endpoint not in ENDPOINTS:
         raise APIError(400, f"Unsupported endpoint {request.endpoint!r}; use one of {', '.join(ENDPOINTS)}.",
                        param="endpoint")
@@ -256,26 +261,36 @@ async def create_batch(services: ServicesDep, request: Annotated[BatchRequest, B
 
     def read_input() -> bytes:
         with services.sessions() as session:
-            file = _file(session, request.input_file_id)
+            file = _file(session, request.input_file_id, owner)
             if file.purpose != "batch":
                 raise APIError(400, f"File {file.id} has purpose {file.purpose!r}, not 'batch'.",
                                param="input_file_id")
             return file.content
 
     content = await asyncio.to_thread(read_input)
-    lines = await _read_lines(services, request.endpoint, content)
+    lines = await _read_lines(services, request.endpoint, content, owner)
     if not lines:
         raise APIError(400, "The input file has no lines.", param="input_file_id")
     if len(lines) > settings.max_batch_lines:
         raise APIError(400, f"The input file has {len(lines)} lines; at most {settings.max_batch_lines} are "
                             "allowed in one batch.", param="input_file_id")
     window_s = int(request.completion_window[:-1]) * 3600.0
-    batch_id = await asyncio.to_thread(_create, services, request, lines, window_s)
+    batch_id = await asyncio.to_thread(_create, services, request, lines, window_s, owner)
     await asyncio.to_thread(delivery.resend, services.sessions, services.celery, settings, lost_after_s=None)
-    return await asyncio.to_thread(read_batch, services, batch_id)
+    return await asyncio.to_thread(read_batch, services, batch_id, owner)
 
 
-def read_batch(services: Services, batch_id: str) -> dict[str, Any]:
+def _batch(session: Session, batch_id: str, owner: str | None) -> Batch:
+    """The batch, if it is the caller's: another key's batch is as absent as an unknown one (404)."""
+    batch = batch_repos.get_batch(session=session, batch_id=batch_id)
+    if batch is None or (owner is not None and batch.owner != owner):
+        raise APIError(404, f"No batch with id {batch_id!r}.", code="batch_not_found", param="batch_id")
+    return batch
+
+
+def read_batch(services: Services, batch_id: str, owner: str | None) -> dict[str, Any]:
+    with services.sessions() as session:
+        _batch(session, batch_id, owner)
     advance(services, batch_id)
     with services.sessions() as session:
         batch = batch_repos.get_batch(session=session, batch_id=batch_id)
@@ -285,16 +300,16 @@ def read_batch(services: Services, batch_id: str) -> dict[str, Any]:
 
 
 @batches_router.get("/{batch_id}")
-async def get_batch(batch_id: str, services: ServicesDep) -> dict[str, Any]:
-    return await asyncio.to_thread(read_batch, services, batch_id)
+async def get_batch(batch_id: str, services: ServicesDep, owner: Owner) -> dict[str, Any]:
+    return await asyncio.to_thread(read_batch, services, batch_id, owner)
 
 
 @batches_router.get("")
-async def list_batches(services: ServicesDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+async def list_batches(services: ServicesDep, owner: Owner, limit: Annotated[int, Query(ge=1, le=100)] = 20,
                        after: str | None = None) -> dict[str, Any]:
     def read() -> list[dict[str, Any]]:
         with services.sessions() as session:
-            return [batch_object(session, b) for b in batch_repos.list_batches(session=session, limit=limit + 1,
+            return [batch_object(session, b) for b in batch_repos.list_batches(session=session, owner=owner, limit=limit + 1,
                                                                               after=after)]
 
     data = await asyncio.to_thread(read)
@@ -304,12 +319,11 @@ async def list_batches(services: ServicesDep, limit: Annotated[int, Query(ge=1, 
 
 
 @batches_router.post("/{batch_id}/cancel")
-async def cancel_batch(batch_id: str, services: ServicesDep) -> dict[str, Any]:
+async def cancel_batch(batch_id: str, services: ServicesDep, owner: Owner) -> dict[str, Any]:
     """Stop the batch's jobs (the worker drops them within a second); the output keeps what finished."""
     def cancel() -> dict[str, Any]:
         with services.sessions.begin() as session:
-            if batch_repos.get_batch(session=session, batch_id=batch_id) is None:
-                raise APIError(404, f"No batch with id {batch_id!r}.", code="batch_not_found", param="batch_id")
+            _batch(session, batch_id, owner)
             if batch_repos.move(session=session, batch_id=batch_id, to="cancelling",
                                 frm=("validating", "in_progress")):
                 batch_repos.cancel_jobs(session=session, batch_id=batch_id)
@@ -345,7 +359,7 @@ def advance(services: Services, batch_id: str) -> None:
                 content = ("\n".join(json.dumps(line, ensure_ascii=False) for line in lines) + "\n").encode()
                 ids[name] = batch_repos.create_file(session=session, purpose="batch_output",
                                                     filename=f"{batch_id}_{name.split('_')[0]}.jsonl",
-                                                    content=content).id
+                                                    content=content, owner=batch.owner).id
         batch_repos.move(session=session, batch_id=batch_id, to=final, frm=("finalizing",), **ids)
     log.info("batch %s %s: %d answered, %d errors", batch_id, final, len(output), len(errors))
 

@@ -16,7 +16,8 @@ def health_snapshot(services: Services) -> dict[str, Any]:
     services.stats.flush()
     with services.sessions() as session:
         workers = repos.live_workers(session=session, within_s=max(10.0, 3 * settings.heartbeat_s))
-        depth = repos.queue_depth(session=session)
+        jobs = repos.job_counts(session=session)
+        depth = jobs.get("queued", 0)
         counts = repos.counters(session=session)
         items, size = repos.cache_items(session=session)
     hits, misses = counts.get("cache_hits", 0), counts.get("cache_misses", 0)
@@ -39,6 +40,7 @@ def health_snapshot(services: Services) -> dict[str, Any]:
                    # Times `mlxq serve` restarted a worker that died.
                    "restarts": counts.get("worker_restarts", 0)},
         "queue_depth": depth,
+        "jobs": {status: jobs.get(status, 0) for status in (*repos.ACTIVE, *repos.TERMINAL)},
         "cache": {
             "hits": hits,
             "misses": misses,

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Body, Header, Query
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import ServerSentEvent
 
+from api.auth import AUTHENTICATED, Owner
 from api.dialects.openai.render import chat_completion, text_completion
 from api.errors import APIError
 from api.pipeline import CachePolicy, Pipeline
@@ -22,7 +23,7 @@ from mlxq import repos
 from mlxq.contract import PRIORITIES, Priority
 from mlxq.sql import Job
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=AUTHENTICATED)
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -47,16 +48,17 @@ def job_object(services: Services, job: Job) -> dict[str, Any]:
     }
 
 
-def _get(services: Services, job_id: str) -> dict[str, Any]:
+def _get(services: Services, job_id: str, owner: str | None) -> dict[str, Any]:
+    """The job, if it is the caller's: another key's job is as absent as an unknown one (404)."""
     with services.sessions() as session:
         job = repos.get_job(session=session, job_id=job_id)
-        if job is None:
+        if job is None or (owner is not None and job.owner != owner):
             raise APIError(404, f"No job with id {job_id!r}.", code="job_not_found", param="job_id")
         return job_object(services, job)
 
 
 @router.post("", status_code=202)
-async def submit_job(services: ServicesDep, raw: Annotated[dict[str, Any], Body()],
+async def submit_job(services: ServicesDep, owner: Owner, raw: Annotated[dict[str, Any], Body()],
                      idempotency_key: str | None = Header(None), cache_control: str | None = Header(None)) -> Response:
     """Take a chat or completion body (`{"endpoint": …, "body": {…}, "priority": "low"}`, or the body itself,
     its endpoint told by `messages` or `prompt`); 202 with the job."""
@@ -77,18 +79,18 @@ async def submit_job(services: ServicesDep, raw: Annotated[dict[str, Any], Body(
     chosen: Priority = priority or prepared.priority
     outcome = await Pipeline(services).submit(kind=prepared.kind, canonical=prepared.canonicals[0],
                                               policy=CachePolicy.parse(cache_control, body.cache), priority=chosen,
-                                              as_job=True, idempotency_key=idempotency_key)
+                                              as_job=True, idempotency_key=idempotency_key, owner=owner)
     assert outcome.job_id is not None
-    job = await asyncio.to_thread(_get, services, outcome.job_id)
+    job = await asyncio.to_thread(_get, services, outcome.job_id, None)
     return JSONResponse(job, status_code=202, headers={"X-Cache": outcome.cache})
 
 
 @router.get("")
-async def list_jobs(services: ServicesDep, status: JobStatus | None = None,
+async def list_jobs(services: ServicesDep, owner: Owner, status: JobStatus | None = None,
                     limit: Annotated[int, Query(ge=1, le=100)] = 20, after: str | None = None) -> dict[str, Any]:
     def read() -> list[dict[str, Any]]:
         with services.sessions() as session:
-            jobs = repos.list_jobs(session=session, status=status, limit=limit + 1, after=after)
+            jobs = repos.list_jobs(session=session, owner=owner, status=status, limit=limit + 1, after=after)
             return [job_object(services, job) for job in jobs]
 
     data = await asyncio.to_thread(read)
@@ -98,16 +100,16 @@ async def list_jobs(services: ServicesDep, status: JobStatus | None = None,
 
 
 @router.get("/{job_id}")
-async def get_job(job_id: str, services: ServicesDep) -> dict[str, Any]:
-    return await asyncio.to_thread(_get, services, job_id)
+async def get_job(job_id: str, services: ServicesDep, owner: Owner) -> dict[str, Any]:
+    return await asyncio.to_thread(_get, services, job_id, owner)
 
 
 @router.get("/{job_id}/events")
-async def job_events(job_id: str, services: ServicesDep) -> Response:
+async def job_events(job_id: str, services: ServicesDep, owner: Owner) -> Response:
     """The job's events as SSE (`event:` its type, `data:` the JSON of mlxq.events), from the first: a client
     that connects late gets what was produced so far, then the rest; the stream ends after `done` or
     `error`. Leaving does not cancel the job."""
-    await asyncio.to_thread(_get, services, job_id)  # 404 before the stream starts
+    await asyncio.to_thread(_get, services, job_id, owner)  # 404 before the stream starts
 
     async def stream():
         async for event in guard(Pipeline(services).events(job_id)):
@@ -117,11 +119,12 @@ async def job_events(job_id: str, services: ServicesDep) -> Response:
 
 
 @router.delete("/{job_id}")
-async def cancel_job(job_id: str, services: ServicesDep) -> dict[str, Any]:
+async def cancel_job(job_id: str, services: ServicesDep, owner: Owner) -> dict[str, Any]:
     """Cancel a queued or running job (the worker stops it within a second); a finished job is unchanged."""
     def cancel() -> dict[str, Any]:
+        _get(services, job_id, owner)
         with services.sessions.begin() as session:
             repos.cancel_job(session=session, job_id=job_id)
-        return _get(services, job_id)
+        return _get(services, job_id, owner)
 
     return await asyncio.to_thread(cancel)

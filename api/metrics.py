@@ -28,6 +28,13 @@ class _Snapshot(Collector):
         for name, value in snap["prefix_cache"].items():
             yield GaugeMetricFamily(f"mlxq_prefix_cache_{name}", f"Worker prefix KV cache: {name}", value=value)
         yield GaugeMetricFamily("mlxq_queue_depth", "Jobs waiting for the worker", value=snap["queue_depth"])
+        jobs = GaugeMetricFamily("mlxq_jobs", "Jobs by state (kept for MLXQ_JOB_RETENTION_S)", labels=["status"])
+        for status, count in snap["jobs"].items():
+            jobs.add_metric([status], count)
+        yield jobs
+        for name, value in snap["batch"].items():
+            yield GaugeMetricFamily(f"mlxq_batch_{name}", f"Engine batch: {name} (workers' last heartbeat)",
+                                    value=value)
         yield GaugeMetricFamily("mlxq_workers_alive", "Workers with a recent heartbeat", value=snap["worker"]["count"])
         yield GaugeMetricFamily("mlxq_model_loaded", "1 when a live worker holds the model",
                                 value=1 if snap["model_loaded"] else 0)

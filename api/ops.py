@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import Response
 
+from api.auth import AUTHENTICATED
 from api.health import health_snapshot
 from api.services import ServicesDep
 
@@ -19,7 +20,7 @@ async def health(services: ServicesDep) -> dict[str, Any]:
     return await asyncio.to_thread(health_snapshot, services)
 
 
-@router.get("/metrics")
+@router.get("/metrics", dependencies=AUTHENTICATED)
 async def metrics(services: ServicesDep) -> Response:
     body = await asyncio.to_thread(services.metrics.render)
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")

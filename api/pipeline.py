@@ -77,7 +77,7 @@ class Pipeline:
 
     def _resolve(self, *, key: str, kind: str, canonical: dict[str, Any], lookup: bool, store: bool,
                  ttl_s: float | None, priority: Priority, stream: bool, as_job: bool = False,
-                 idempotency_key: str | None = None) -> Outcome:
+                 idempotency_key: str | None = None, owner: str | None = None, namespace: str = "") -> Outcome:
         """One thread hop and one transaction for the whole decision: cached answer, an identical job in
         flight, or a new job. `as_job` (a submitted job) makes a job row even for a cached answer;
         `idempotency_key` returns the job an earlier submit with that key got."""
@@ -90,7 +90,8 @@ class Pipeline:
                         return Outcome(known.result or {}, "HIT" if known.status == "succeeded" else outcome,
                                        key, known.id, joined=True)
                     found = self._decide(session, key=key, kind=kind, canonical=canonical, lookup=lookup,
-                                         store=store, ttl_s=ttl_s, priority=priority, stream=stream, as_job=as_job)
+                                         store=store, ttl_s=ttl_s, priority=priority, stream=stream, as_job=as_job,
+                                         owner=owner, namespace=namespace)
                     if idempotency_key and found.job_id:
                         repos.remember_idempotency_key(session=session, key=idempotency_key, job_id=found.job_id)
             except IntegrityError:  # an identical job (or key) was created at the same moment: join it
@@ -104,21 +105,28 @@ class Pipeline:
         raise APIError(503, "Could not enqueue the request; try again.", code="enqueue_conflict")
 
     def _decide(self, session: Session, *, key: str, kind: str, canonical: dict[str, Any], lookup: bool,
-                store: bool, ttl_s: float | None, priority: Priority, stream: bool, as_job: bool) -> Outcome:
+                store: bool, ttl_s: float | None, priority: Priority, stream: bool, as_job: bool,
+                owner: str | None, namespace: str) -> Outcome:
         outcome = "MISS" if lookup else "BYPASS"
         waiters = 1  # the client asking; a submitted job's submitter never leaves
         if lookup and (cached := repos.lookup_result(session=session, key=key)) is not None:
             if not as_job:
                 return Outcome(cached, "HIT", key)
             job = repos.create_job(session=session, key=key, kind=kind, model=canonical["model"], request=canonical,
-                                   store=False, ttl_s=ttl_s, priority=priority, stream=stream, result=cached)
+                                   store=False, ttl_s=ttl_s, priority=priority, stream=stream, result=cached,
+                                   owner=owner, namespace=namespace)
             return Outcome(cached, "HIT", key, job.id)
         running = repos.find_inflight(session=session, key=key) if store else None
         if running is not None:
             needs_send = repos.join_job(session=session, job_id=running.id, priority=priority)
             return Outcome({}, outcome, key, running.id, joined=True, needs_send=needs_send)
+        ceiling = self.s.settings.max_queue_depth
+        if ceiling and repos.queue_depth(session=session) >= ceiling:
+            raise APIError(429, f"{ceiling} requests are already waiting; retry shortly.", code="queue_full",
+                           headers={"Retry-After": "1"})
         job = repos.create_job(session=session, key=key, kind=kind, model=canonical["model"], request=canonical,
-                               store=store, ttl_s=ttl_s, priority=priority, stream=stream, waiters=waiters)
+                               store=store, ttl_s=ttl_s, priority=priority, stream=stream, waiters=waiters,
+                               owner=owner, namespace=namespace)
         return Outcome({}, outcome, key, job.id)
 
     def _send(self, job_id: str, *, kind: str, chars: int) -> None:
@@ -138,6 +146,10 @@ class Pipeline:
                 raise APIError(404, f"No job {job_id}.", code="job_not_found")
             return job.status, job.result, job.error
 
+    def namespace(self, owner: str | None) -> str:
+        """The response-cache namespace of `owner`: its own, unless MLXQ_CACHE_SCOPE=global."""
+        return owner if owner and self.s.settings.cache_scope == "key" else ""
+
     async def weights(self) -> str:
         """The served weights' fingerprint: as a live worker publishes it, else of the model directory here."""
         published = (await self.s.model_info.get() or {}).get("fingerprint")
@@ -147,14 +159,18 @@ class Pipeline:
 
     async def submit(self, *, kind: str, canonical: dict[str, Any], policy: CachePolicy,
                      priority: Priority = "interactive", stream: bool = True, as_job: bool = False,
-                     idempotency_key: str | None = None) -> Outcome:
-        """Answer from the cache, or enqueue a job (joining an identical one in flight)."""
-        key = request_key(kind, canonical, weights=await self.weights())
+                     idempotency_key: str | None = None, owner: str | None = None) -> Outcome:
+        """Answer from the cache, or enqueue a job (joining an identical one in flight), as `owner` (the API
+        key's id; None with keys off)."""
+        namespace = self.namespace(owner)
+        key = request_key(kind, canonical, weights=await self.weights(), namespace=namespace)
+        if idempotency_key and owner:
+            idempotency_key = f"{owner}:{idempotency_key}"  # one key's retries, never another's jobs
         cacheable = is_deterministic(canonical) or self.s.settings.cache_sampled
         outcome = await asyncio.to_thread(
             self._resolve, key=key, kind=kind, canonical=canonical, lookup=cacheable and policy.lookup,
             store=cacheable and policy.store, ttl_s=policy.ttl_s, priority=priority,
-            stream=stream, as_job=as_job, idempotency_key=idempotency_key,
+            stream=stream, as_job=as_job, idempotency_key=idempotency_key, owner=owner, namespace=namespace,
         )
         if outcome.cache == "HIT":
             self.s.stats.hit(key)
@@ -163,9 +179,10 @@ class Pipeline:
         return outcome
 
     async def run(self, *, kind: str, canonical: dict[str, Any], policy: CachePolicy,
-                  priority: Priority = "interactive") -> Outcome:
+                  priority: Priority = "interactive", owner: str | None = None) -> Outcome:
         """The synchronous path: the client waits for the answer."""
-        outcome = await self.submit(kind=kind, canonical=canonical, policy=policy, priority=priority, stream=False)
+        outcome = await self.submit(kind=kind, canonical=canonical, policy=policy, priority=priority, stream=False,
+                                    owner=owner)
         if outcome.job_id is not None:
             try:
                 outcome.result = await self.wait(outcome.job_id)

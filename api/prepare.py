@@ -76,7 +76,7 @@ async def prepare(services: Services, body: GenerationRequest) -> Prepared:
     if isinstance(body, ChatCompletionRequest):
         canonical = canonical_chat(raw, default_temperature=settings.default_temperature,
                                    default_max_tokens=settings.default_max_tokens)
-        return Prepared("chat", [canonical], body.priority, [""], body)
+        return Prepared("chat", _clamped([canonical], settings), body.priority, [""], body)
     assert isinstance(body, CompletionRequest)
     if body.suffix:
         raise APIError(400, "suffix is not supported.", param="suffix")
@@ -93,4 +93,13 @@ async def prepare(services: Services, body: GenerationRequest) -> Prepared:
     canonicals = [canonical_completion(raw, p, default_temperature=settings.default_temperature,
                                        default_max_tokens=16) for p in prompts]
     echo = [p if body.echo and isinstance(p, str) else "" for p in prompts]
-    return Prepared("completion", canonicals, body.priority, echo, body)
+    return Prepared("completion", _clamped(canonicals, settings), body.priority, echo, body)
+
+
+def _clamped(canonicals: list[dict[str, Any]], settings: Settings) -> list[dict[str, Any]]:
+    """max_tokens within MLXQ_MAX_TOKENS_CEILING: clamped as the context clamps it (the answer ends with
+    finish_reason length), not refused."""
+    if settings.max_tokens_ceiling:
+        for canonical in canonicals:
+            canonical["max_tokens"] = min(canonical["max_tokens"], settings.max_tokens_ceiling)
+    return canonicals

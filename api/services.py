@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.auth import Authenticator
 from api.health import health_snapshot
 from api.metrics import Metrics
 from api.model_info import ModelInfo
@@ -34,6 +35,7 @@ class Services:
     metrics: Metrics = None  # type: ignore[assignment]  # set right after construction
     # What the live workers publish about the model (vocabulary size...): request checks read it.
     model_info: ModelInfo = None  # type: ignore[assignment]  # set right after construction
+    auth: Authenticator = None  # type: ignore[assignment]  # set right after construction
     # Set when the server begins to stop (SIGTERM, SIGINT): requests still waiting answer 503 at once
     # instead of holding the shutdown until their job ends.
     closing: threading.Event = field(default_factory=threading.Event)
@@ -49,6 +51,7 @@ class Services:
         services = cls(settings, engine, sessions, celery, channel, StatsRecorder(sessions),
                        JobReaper(settings, sessions, celery))
         services.metrics = Metrics(lambda: health_snapshot(services))
+        services.auth = Authenticator(settings, sessions)
         services.model_info = ModelInfo(sessions, within_s=max(10.0, 3 * settings.heartbeat_s))
         return services
 

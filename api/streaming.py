@@ -137,9 +137,10 @@ async def stream_response(services: Services, pipeline: Pipeline, outcome: Outco
 
 
 async def stream_outcome(services: Services, pipeline: Pipeline, *, kind: str, canonical: dict[str, Any],
-                         policy: CachePolicy, priority: Priority, started: float, render: Renderer) -> Response:
+                         policy: CachePolicy, priority: Priority, started: float, render: Renderer,
+                         owner: str | None) -> Response:
     """Submit one request and answer it as the dialect's stream (live, or replayed from the cache)."""
-    outcome = await pipeline.submit(kind=kind, canonical=canonical, policy=policy, priority=priority)
+    outcome = await pipeline.submit(kind=kind, canonical=canonical, policy=policy, priority=priority, owner=owner)
     try:
         source = tap(await job_events(pipeline, outcome, replayable=is_deterministic(canonical)), outcome)
     except BaseException:

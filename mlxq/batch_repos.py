@@ -28,9 +28,9 @@ def new_id(prefix: str) -> str:
 
 # -- files ------------------------------------------------------------------------------------
 
-def create_file(*, session: Session, purpose: str, filename: str, content: bytes) -> File:
+def create_file(*, session: Session, purpose: str, filename: str, content: bytes, owner: str | None) -> File:
     file = File(id=new_id("file"), purpose=purpose, filename=filename, bytes=len(content), content=content,
-                created_at=time.time())
+                created_at=time.time(), owner=owner)
     session.add(file)
     return file
 
@@ -39,9 +39,11 @@ def get_file(*, session: Session, file_id: str) -> File | None:
     return session.get(File, file_id)
 
 
-def list_files(*, session: Session, purpose: str | None = None, limit: int = 100,
+def list_files(*, session: Session, owner: str | None, purpose: str | None = None, limit: int = 100,
                after: str | None = None) -> list[File]:
     query = select(File).order_by(File.created_at.desc(), File.id.desc()).limit(limit)
+    if owner is not None:
+        query = query.where(File.owner == owner)
     if purpose is not None:
         query = query.where(File.purpose == purpose)
     if after is not None and (cursor := session.get(File, after)) is not None:
@@ -57,11 +59,11 @@ def delete_file(*, session: Session, file_id: str) -> bool:
 # -- batches ----------------------------------------------------------------------------------
 
 def create_batch(*, session: Session, endpoint: str, input_file_id: str, completion_window: str,
-                 window_s: float, metadata: dict[str, Any] | None) -> Batch:
+                 window_s: float, metadata: dict[str, Any] | None, owner: str | None) -> Batch:
     now = time.time()
     batch = Batch(id=new_id("batch"), endpoint=endpoint, input_file_id=input_file_id,
                   completion_window=completion_window, status="validating", meta=metadata, created_at=now,
-                  expires_at=now + window_s)
+                  expires_at=now + window_s, owner=owner)
     session.add(batch)
     return batch
 
@@ -70,8 +72,10 @@ def get_batch(*, session: Session, batch_id: str) -> Batch | None:
     return session.get(Batch, batch_id)
 
 
-def list_batches(*, session: Session, limit: int = 20, after: str | None = None) -> list[Batch]:
+def list_batches(*, session: Session, owner: str | None, limit: int = 20, after: str | None = None) -> list[Batch]:
     query = select(Batch).order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit)
+    if owner is not None:
+        query = query.where(Batch.owner == owner)
     if after is not None and (cursor := session.get(Batch, after)) is not None:
         query = query.where((Batch.created_at < cursor.created_at)
                             | ((Batch.created_at == cursor.created_at) & (Batch.id < cursor.id)))

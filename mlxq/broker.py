@@ -277,25 +277,28 @@ def _prune_engine(url: str):
 def survive_redis_restarts() -> None:
     """Keep a worker alive across a Redis restart (kombu 5.x, up to at least 5.7).
 
-    When the connection to Redis is lost, Celery closes it and the channel then restores its unacknowledged
-    messages through a client that closing has already dropped: `'NoneType' object has no attribute
-    'hostname'`. That AttributeError escapes Celery's connection-error handling, and the worker logs
-    "Unrecoverable error" and exits. Caught here, the consumer reconnects as it does for any lost
-    connection. The messages stay in Redis's unacked set, and mlxq.delivery re-sends their jobs (a job
-    row, not its message, is the record), so nothing is lost.
+    When the connection to Redis is lost, Celery closes it, and the channel then restores its unacknowledged
+    messages, and later acknowledges the tasks that finish meanwhile, through a connection that closing
+    has already dropped: `'NoneType' object has no attribute 'hostname'` (or `'client'`). That
+    AttributeError escapes Celery's connection-error handling, and the worker logs "Unrecoverable error"
+    and exits. Caught here, the consumer reconnects as it does for any lost connection. The messages stay
+    in Redis's unacked set: a finished job's comes back as a duplicate that is skipped (only a queued job
+    can be claimed), and mlxq.delivery re-sends an unfinished job's (its row, not its message, is the
+    record), so nothing is lost.
     """
     from kombu.transport import redis as kombu_redis
 
-    if getattr(kombu_redis.QoS.restore_unacked, "_mlxq", False):
-        return
-    original = kombu_redis.QoS.restore_unacked
+    for name in ("restore_unacked", "ack", "reject"):
+        original = getattr(kombu_redis.QoS, name)
+        if getattr(original, "_mlxq", False):
+            continue
 
-    def restore_unacked(self, client=None):
-        try:
-            return original(self, client)
-        except AttributeError as exc:
-            log.warning("could not restore unacknowledged messages after losing Redis (%s); their jobs are "
-                        "re-sent from the database", exc)
+        def guarded(self, *args, _original=original, _name=name, **kwargs):
+            try:
+                return _original(self, *args, **kwargs)
+            except AttributeError as exc:
+                log.warning("Redis connection lost: could not %s (%s); the jobs are re-sent from the database",
+                            _name.replace("_", " "), exc)
 
-    restore_unacked._mlxq = True  # type: ignore[attr-defined]
-    kombu_redis.QoS.restore_unacked = restore_unacked
+        guarded._mlxq = True  # type: ignore[attr-defined]
+        setattr(kombu_redis.QoS, name, guarded)

@@ -28,6 +28,8 @@ app.add_typer(models_app, name="models")
 app.add_typer(cache_app, name="cache")
 app.add_typer(batch_app, name="batch")
 app.add_typer(jobs_app, name="jobs")
+keys_app = typer.Typer(help="API keys stored hashed in the database.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 console = Console()
 
 
@@ -120,13 +122,11 @@ def bench(modes: str = typer.Option("sqlite,redis", help="deployments to measure
 @cache_app.command("stats")
 def cache_stats() -> None:
     """Print response-cache statistics."""
-    from api.health import health_snapshot
-    from api.services import Services
-    from mlxq.db import upgrade
+    from mlxq import repos
 
-    settings = get_settings()
-    upgrade(settings)
-    stats = health_snapshot(Services.build(settings))["cache"]
+    with _sessions()() as session:
+        items, size = repos.cache_items(session=session)
+        stats = {**repos.counters(session=session), "cached_items": items, "bytes": size}
     table = Table("stat", "value")
     for k, v in stats.items():
         table.add_row(k, str(v))
@@ -137,13 +137,55 @@ def cache_stats() -> None:
 def cache_clear() -> None:
     """Delete every response-cache entry."""
     from mlxq import repos
+
+    with _sessions().begin() as session:
+        removed = repos.clear_cache(session=session)
+    console.print(json.dumps({"removed": removed}))
+
+
+# -- API keys ------------------------------------------------------------------------------------
+
+def _sessions():
     from mlxq.db import make_engine, make_sessionmaker, upgrade
 
     settings = get_settings()
     upgrade(settings)
-    with make_sessionmaker(make_engine(settings.database_url)).begin() as session:
-        removed = repos.clear_cache(session=session)
-    console.print(json.dumps({"removed": removed}))
+    return make_sessionmaker(make_engine(settings.database_url))
+
+
+@keys_app.command("add")
+def keys_add(name: str = typer.Argument(..., help="who or what the key is for")) -> None:
+    """Make a key; it is shown once (only its hash is stored)."""
+    from mlxq import auth
+
+    with _sessions().begin() as session:
+        key = auth.add_key(session=session, name=name)
+    console.print(f"[green]{key}[/green]  (id {auth.owner_id(auth.hash_key(key))}; shown once: keep it)")
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """Stored keys: id (hash prefix), name, created, revoked."""
+    from mlxq import auth
+
+    table = Table("id", "name", "created", "revoked")
+    with _sessions()() as session:
+        for key in auth.list_keys(session=session):
+            table.add_row(auth.owner_id(key.key_hash), key.name, time.strftime("%Y-%m-%d %H:%M", time.localtime(key.created_at)),
+                          time.strftime("%Y-%m-%d %H:%M", time.localtime(key.revoked_at)) if key.revoked_at else "")
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str = typer.Argument(..., help="the id `mlxq keys list` shows")) -> None:
+    """Revoke a stored key (the api stops accepting it within seconds)."""
+    from mlxq import auth
+
+    with _sessions().begin() as session:
+        revoked = auth.revoke_key(session=session, prefix=key_id)
+    console.print(f"revoked {revoked} key(s)")
+    if not revoked:
+        raise typer.Exit(1)
 
 
 # -- batches and jobs: HTTP clients of a running server ------------------------------------------

@@ -47,4 +47,8 @@ def job_error(status: int, message: str, *, type: str = "server_error", code: st
     return JobError(status=status, type=type, message=message, code=code, param=param)
 
 
+# The counter the api bumps to make every worker drop its prefix cache (DELETE /v1/cache/prefix); each
+# worker compares it with the value it last saw, at every heartbeat.
+PREFIX_CACHE_CLEARS = "prefix_cache_clears"
+
 CANCELLED = job_error(499, "the job was cancelled", type="cancelled", code="cancelled")

@@ -143,14 +143,18 @@ def tool_names(tools: list[dict[str, Any]] | None) -> list[str]:
     return names
 
 
-def request_key(kind: str, canonical: dict[str, Any], *, weights: str) -> str:
+def request_key(kind: str, canonical: dict[str, Any], *, weights: str, namespace: str = "") -> str:
     """sha256 of the versioned canonical JSON (sorted keys, no whitespace): equal in every process.
 
     `weights` is the model's fingerprint (mlxq.weights): an answer is only valid for the weights that
-    made it, whatever the model is called.
+    made it, whatever the model is called. `namespace` is the API key's own cache (MLXQ_CACHE_SCOPE=key):
+    a hit must not tell one key what another asked.
     """
+    salt = {"v": KEY_VERSION, "kind": kind, "weights": weights, "request": canonical}
+    if namespace:
+        salt["namespace"] = namespace
     blob = json.dumps(
-        {"v": KEY_VERSION, "kind": kind, "weights": weights, "request": canonical},
+        salt,
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,

@@ -31,10 +31,10 @@ def _upsert(session: Session):
 
 
 def put_entry(*, session: Session, key: str, kind: str, model: str, result: dict[str, Any],
-              ttl_s: float | None) -> None:
+              ttl_s: float | None, namespace: str = "") -> None:
     """Insert or replace an entry in one statement (bounded afterwards by `evict_lru`)."""
     now = time.time()
-    values = {"kind": kind, "model": model, "result": result, "size_bytes": len(json.dumps(result)),
+    values = {"kind": kind, "model": model, "namespace": namespace, "result": result, "size_bytes": len(json.dumps(result)),
               "last_access_at": now, "expires_at": now + ttl_s if ttl_s else None}
     stmt = _upsert(session)(CacheEntry).values(key=key, hits=0, created_at=now, **values)
     session.execute(stmt.on_conflict_do_update(index_elements=[CacheEntry.key], set_=values))
@@ -72,8 +72,14 @@ def purge_expired(*, session: Session) -> int:
     return result.rowcount or 0
 
 
-def clear_cache(*, session: Session) -> int:
-    return session.execute(delete(CacheEntry)).rowcount or 0
+def clear_cache(*, session: Session, namespace: str | None = None, older_than_s: float | None = None) -> int:
+    """Delete response-cache entries: all, or one namespace's, or those stored longer ago than `older_than_s`."""
+    query = delete(CacheEntry)
+    if namespace is not None:
+        query = query.where(CacheEntry.namespace == namespace)
+    if older_than_s is not None:
+        query = query.where(CacheEntry.created_at < time.time() - older_than_s)
+    return session.execute(query).rowcount or 0
 
 
 def cache_items(*, session: Session) -> tuple[int, int]:
@@ -104,13 +110,14 @@ def counters(*, session: Session) -> dict[str, int]:
 def create_job(*, session: Session, key: str, kind: str, model: str, request: dict[str, Any],
                store: bool, ttl_s: float | None, priority: Priority = "interactive", stream: bool = True,
                waiters: int = 1, sent: bool = True, batch_id: str | None = None,
-               result: dict[str, Any] | None = None) -> Job:
+               result: dict[str, Any] | None = None, owner: str | None = None, namespace: str = "") -> Job:
     """A new job: queued (`sent`: its message goes out right after the commit; else mlxq.delivery sends it
     when there is room), or, given a cached `result`, succeeded at once."""
     now = time.time()
     job = Job(id=str(uuid.uuid4()), key=key, kind=kind, model=model, status="queued", request=request,
               store=store, ttl_s=ttl_s, priority=priority, stream=stream, created_at=now,
-              sent_at=now if sent else None, attempts=0, waiters=waiters, batch_id=batch_id)
+              sent_at=now if sent else None, attempts=0, waiters=waiters, batch_id=batch_id, owner=owner,
+              namespace=namespace)
     if result is not None:
         job.status, job.result, job.finished_at, job.sent_at = "succeeded", result, now, None
         job.completion_tokens = _completion_tokens(result)
@@ -151,10 +158,12 @@ def remember_idempotency_key(*, session: Session, key: str, job_id: str) -> None
     session.add(IdempotencyKey(key=key, job_id=job_id, created_at=time.time()))
 
 
-def list_jobs(*, session: Session, status: str | None = None, limit: int = 20, after: str | None = None,
-              batch_id: str | None = None) -> list[Job]:
-    """Newest first; `after` is the last id of the previous page."""
+def list_jobs(*, session: Session, owner: str | None, status: str | None = None, limit: int = 20,
+              after: str | None = None, batch_id: str | None = None) -> list[Job]:
+    """Newest first; `after` is the last id of the previous page. Only `owner`'s (None: keys are off)."""
     query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+    if owner is not None:
+        query = query.where(Job.owner == owner)
     if status is not None:
         query = query.where(Job.status == status)
     if batch_id is not None:
@@ -186,13 +195,13 @@ def start_job(*, session: Session, job_id: str, worker: str) -> Job | None:
         .where(Job.id == job_id, Job.status == "queued")
         .values(status="running", started_at=time.time(), error=None, worker=worker, attempts=Job.attempts + 1)
         .returning(Job.kind, Job.request, Job.key, Job.store, Job.ttl_s, Job.model, Job.priority, Job.stream,
-                   Job.attempts)
+                   Job.attempts, Job.namespace)
     ).first()
     if row is None:
         return None
     return Job(id=job_id, status="running", worker=worker, kind=row.kind, request=row.request, key=row.key,
                store=row.store, ttl_s=row.ttl_s, model=row.model, priority=row.priority, stream=row.stream,
-               attempts=row.attempts)
+               attempts=row.attempts, namespace=row.namespace)
 
 
 def cancelled_among(*, session: Session, job_ids: list[str]) -> list[str]:
@@ -305,6 +314,10 @@ def fail_stale_queued(*, session: Session, older_than_s: float) -> int:
         update(Job).where(Job.status == "queued", Job.created_at < time.time() - older_than_s)
         .values(status="failed", error=dict(err), finished_at=time.time())
     ).rowcount or 0
+
+
+def job_counts(*, session: Session) -> dict[str, int]:
+    return {status: int(n) for status, n in session.execute(select(Job.status, func.count()).group_by(Job.status))}
 
 
 def queue_depth(*, session: Session) -> int:

@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     # unless `cache_scope` is "global".
     api_keys: SecretStr = SecretStr("")
     cache_scope: Literal["key", "global"] = "key"
+    # Back-pressure: with this many jobs queued, a request that would queue one more is a 429 with
+    # Retry-After (0 = no ceiling); and a ceiling on max_tokens, clamped, not refused (0 = none).
+    max_queue_depth: int = Field(0, ge=0)
+    max_tokens_ceiling: int = Field(0, ge=0)
     queue: str = "mlxq"
     # Prefix of every Redis key the service writes besides Celery's own.
     redis_prefix: str = "mlxq"

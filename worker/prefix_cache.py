@@ -89,6 +89,10 @@ class PrefixCache:
     def __post_init__(self) -> None:
         self.lru = LRUPromptCache(max_size=self.max_entries, max_bytes=self.max_bytes)
 
+    def clear(self) -> None:
+        """Drop every entry (an operator's `DELETE /v1/cache/prefix`); the next save empties the disk too."""
+        self.lru = LRUPromptCache(max_size=self.max_entries, max_bytes=self.max_bytes)
+
     # -- the request path -------------------------------------------------------------------
 
     def fetch(self, tokens: list[int], *, others: Iterable[list[int]] = ()) -> Fetched:

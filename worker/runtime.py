@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from mlxq import delivery, events, repos
 from mlxq.channel import Channel
-from mlxq.contract import CANCELLED, job_error
+from mlxq.contract import CANCELLED, PREFIX_CACHE_CLEARS, job_error
 from mlxq.keys import request_key
 from mlxq.settings import Settings
 from mlxq.sql import Job
@@ -55,6 +55,7 @@ class Runtime:
         self._saving = threading.Lock()
         # Set when the worker begins to stop: running jobs are interrupted and go back to the queue.
         self.stopping = threading.Event()
+        self._prefix_clears: int | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -125,6 +126,7 @@ class Runtime:
             self._saving.release()
 
     def beat(self) -> None:
+        self._maybe_clear_prefix_cache()
         stats: dict[str, Any] = {}
         if self.engine is not None:
             # What the api checks requests against before it enqueues them, and names the weights by.
@@ -137,6 +139,19 @@ class Runtime:
             repos.heartbeat(session=session, name=self.name, model=self.settings.model_name,
                             model_loaded=self.engine is not None, error=self.load_error,
                             started_at=self.started_at, stats=stats or None)
+
+    def _maybe_clear_prefix_cache(self) -> None:
+        """Drop the prefix cache when an operator asked (the `prefix_cache_clears` counter moved since the
+        last beat), on the engine thread that owns it, and save the empty state."""
+        with self.sessions() as session:
+            clears = repos.counters(session=session).get(PREFIX_CACHE_CLEARS, 0)
+        seen, self._prefix_clears = self._prefix_clears, clears
+        if seen is None or clears == seen or self.engine is None or self.engine.prefix is None:
+            return
+        prefix = self.engine.prefix
+        self.engine.batcher.call(prefix.clear)
+        log.info("prefix cache cleared on request")
+        self.save_prefix_cache(force=True)
 
     def start_heartbeat(self) -> None:
         def loop() -> None:
@@ -239,14 +254,14 @@ class Runtime:
         """Persist the answer (job row, response cache), then tell the waiting clients."""
         job_id, kind, request, store, ttl_s, model = job.id, job.kind, job.request, job.store, job.ttl_s, job.model
         # The key names the weights that made the answer, which are this worker's.
-        key = request_key(kind, request, weights=self.engine.key.revision)
+        key = request_key(kind, request, weights=self.engine.key.revision, namespace=job.namespace)
 
         def persist() -> bool:
             with self.sessions.begin() as session:
                 finished = repos.finish_job(session=session, job_id=job_id, status="succeeded", result=answer)
                 if store:
                     repos.put_entry(session=session, key=key, kind=kind, model=model, result=answer,
-                                    ttl_s=ttl_s or self.settings.cache_ttl_s)
+                                    ttl_s=ttl_s or self.settings.cache_ttl_s, namespace=job.namespace)
                 return finished
 
         if not self._write(job_id, persist):

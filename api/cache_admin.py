@@ -1,0 +1,49 @@
+"""Cache administration, behind the API key: both caches' statistics, and emptying them.
+
+With per-key caches (MLXQ_CACHE_SCOPE=key, keys on) a key sees and clears its own namespace only."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+
+from api.auth import AUTHENTICATED, Owner
+from api.health import health_snapshot
+from api.pipeline import Pipeline
+from api.services import ServicesDep
+from mlxq import repos
+from mlxq.contract import PREFIX_CACHE_CLEARS
+
+router = APIRouter(prefix="/v1/cache", tags=["cache"], dependencies=AUTHENTICATED)
+
+
+@router.get("/stats")
+async def cache_stats(services: ServicesDep) -> dict[str, Any]:
+    snapshot = await asyncio.to_thread(health_snapshot, services)
+    return {"response_cache": snapshot["cache"], "prefix_cache": snapshot["prefix_cache"]}
+
+
+@router.delete("")
+async def clear_response_cache(services: ServicesDep, owner: Owner,
+                               older_than_s: Annotated[float | None, Query(ge=0)] = None) -> dict[str, Any]:
+    """Delete response-cache entries (all, or those stored more than `older_than_s` ago)."""
+    namespace = Pipeline(services).namespace(owner) if owner is not None else None
+
+    def clear() -> int:
+        with services.sessions.begin() as session:
+            return repos.clear_cache(session=session, namespace=namespace, older_than_s=older_than_s)
+
+    return {"deleted": await asyncio.to_thread(clear)}
+
+
+@router.delete("/prefix")
+async def clear_prefix_cache(services: ServicesDep) -> dict[str, Any]:
+    """Make every worker drop its prefix KV cache (within a heartbeat; saved empty)."""
+    def bump() -> None:
+        with services.sessions.begin() as session:
+            repos.bump(session=session, name=PREFIX_CACHE_CLEARS)
+
+    await asyncio.to_thread(bump)
+    return {"prefix_cache": "clearing"}
