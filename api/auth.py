@@ -24,25 +24,28 @@ class Authenticator:
         self._env = auth.env_key_hashes(settings.api_keys.get_secret_value())
         self._sessions = sessions
         self._stored: set[str] = set()
+        self._closed = bool(self._env)
         self._read_at = float("-inf")
         self._lock = asyncio.Lock()
 
-    def _read(self) -> set[str]:
+    def _read(self) -> tuple[set[str], bool]:
         with self._sessions() as session:
-            return auth.active_hashes(session=session)
+            return auth.stored_keys(session=session)
 
-    async def _valid(self) -> set[str]:
+    async def _valid(self) -> set[str] | None:
+        """The valid key hashes; None when the service is open (no key was ever configured)."""
         if time.monotonic() - self._read_at >= REFRESH_S:
             async with self._lock:
                 if time.monotonic() - self._read_at >= REFRESH_S:
-                    self._stored = await asyncio.to_thread(self._read)
+                    self._stored, any_stored = await asyncio.to_thread(self._read)
+                    self._closed = bool(self._env) or any_stored
                     self._read_at = time.monotonic()
-        return self._env | self._stored
+        return self._env | self._stored if self._closed else None
 
     async def owner(self, request: Request) -> str | None:
         """The caller's owner id; None when no key is configured. A missing or unknown key is a 401."""
         valid = await self._valid()
-        if not valid:
+        if valid is None:
             return None
         header = request.headers.get("authorization", "")
         key = header[7:].strip() if header[:7].lower() == "bearer " else request.headers.get("x-api-key", "")

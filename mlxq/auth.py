@@ -45,5 +45,8 @@ def revoke_key(*, session: Session, prefix: str) -> int:
                            .values(revoked_at=time.time())).rowcount or 0
 
 
-def active_hashes(*, session: Session) -> set[str]:
-    return set(session.scalars(select(ApiKey.key_hash).where(ApiKey.revoked_at.is_(None))))
+def stored_keys(*, session: Session) -> tuple[set[str], bool]:
+    """(the hashes of the active stored keys, whether any key was ever stored): once one was, the service
+    stays closed, even when every stored key is revoked."""
+    rows = session.execute(select(ApiKey.key_hash, ApiKey.revoked_at)).all()
+    return {h for h, revoked in rows if revoked is None}, bool(rows)

@@ -35,9 +35,10 @@ def keyed(tmp_path: Path, tiny_model: Path, service_factory) -> Service:
 
 def test_keys_are_required_and_each_key_sees_only_its_own(keyed: Service):
     assert httpx.get(f"{keyed.base}/health").status_code == 200  # open, for load balancers
-    for key in (None, "wrong"):
-        with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=f"{keyed.base}/v1", api_key=key or "", max_retries=0).chat.completions.create(**ASK)
+    with pytest.raises(openai.AuthenticationError):
+        oa(keyed, "wrong").chat.completions.create(**ASK)
+    missing = httpx.post(f"{keyed.base}/v1/chat/completions", json=ASK)
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "missing_api_key"
     with pytest.raises(anthropic.AuthenticationError) as denied:
         anthropic.Anthropic(base_url=keyed.base, api_key="wrong", max_retries=0).messages.create(
             model=MODEL_NAME, max_tokens=4, messages=[{"role": "user", "content": "hi"}])
