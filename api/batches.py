@@ -328,7 +328,9 @@ async def cancel_batch(batch_id: str, services: ServicesDep, owner: Owner) -> di
                                 frm=("validating", "in_progress")):
                 batch_repos.cancel_jobs(session=session, batch_id=batch_id)
         with services.sessions() as session:  # answered as `cancelling`, as OpenAI does
-            return batch_object(session, batch_repos.get_batch(session=session, batch_id=batch_id))
+            batch = batch_repos.get_batch(session=session, batch_id=batch_id)
+            assert batch is not None  # found just above, in this request
+            return batch_object(session, batch)
 
     return await asyncio.to_thread(cancel)
 
@@ -367,7 +369,8 @@ def advance(services: Services, batch_id: str) -> None:
 def _compose(services: Services, session: Session, batch_id: str,
              final: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(output lines, error lines), each line of the input once, in order."""
-    output, errors = [], []
+    output: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
     for line, job in batch_repos.results(session=session, batch_id=batch_id):
         entry = _entry(services, line, job, final)
         (output if entry["error"] is None and entry["response"]["status_code"] == 200 else errors).append(entry)

@@ -9,7 +9,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ from api.errors import APIError
 from api.services import Services
 from mlxq import delivery, events, repos
 from mlxq.contract import Priority, job_error
+from mlxq.events import Event
 from mlxq.keys import is_deterministic, request_key
 from mlxq.weights import local_fingerprint
 
@@ -97,6 +98,7 @@ class Pipeline:
             except IntegrityError:  # an identical job (or key) was created at the same moment: join it
                 continue
             if found.cache != "HIT" and not found.joined:
+                assert found.job_id is not None  # a new job: _decide made its row
                 # After the commit, so the worker always finds the row.
                 self._send(found.job_id, kind=kind, chars=len(json.dumps(canonical)))
             elif found.needs_send:  # joined a low-priority job still waiting for room: it goes now
@@ -190,7 +192,7 @@ class Pipeline:
                 self.leave_soon(outcome.job_id, abandon=False)
         return outcome
 
-    async def events(self, job_id: str, *, replayable: bool = True) -> AsyncIterator[dict[str, Any]]:
+    async def events(self, job_id: str, *, replayable: bool = True) -> AsyncGenerator[Event, None]:
         """A job's events from the stream channel, ending with `done` or `error`.
 
         The job row is re-checked after each quiet second, so a lost event cannot hang a client;
@@ -199,7 +201,7 @@ class Pipeline:
         `replayable` (deterministic) job produces it again, so that much of the new text is skipped;
         any other job's new text would not continue the old, so the client gets a 503 to retry.
         """
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
 
         async def pump() -> None:
             async for event in self.s.channel.listen(job_id):

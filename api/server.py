@@ -8,6 +8,7 @@ waiting for a job would hold that wait for as long as the job runs. Here the sig
 from __future__ import annotations
 
 from types import FrameType
+from typing import cast
 
 import uvicorn
 from fastapi import FastAPI
@@ -16,13 +17,13 @@ from api.app import create_app
 from mlxq.settings import Settings
 
 # After the waiting requests have answered 503, what uvicorn still gives open connections before it
-# cancels them.
-GRACEFUL_S = 3.0
+# cancels them (whole seconds: uvicorn's `timeout_graceful_shutdown` is an int).
+GRACEFUL_S = 3
 
 
 class Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        app: FastAPI = self.config.app
+        app = cast(FastAPI, self.config.app)  # run() below hands uvicorn the FastAPI app itself
         if (services := getattr(app.state, "services", None)) is not None:
             services.closing.set()
         super().handle_exit(sig, frame)

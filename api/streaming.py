@@ -17,19 +17,20 @@ from api.pipeline import CachePolicy, Outcome, Pipeline
 from api.services import Services
 from mlxq import events
 from mlxq.contract import Priority, job_error
+from mlxq.events import Event
 from mlxq.keys import is_deterministic, tool_names
 
 # A streamed request waits this long for its job to start before committing to a 200 SSE response,
 # so that errors known up front (a prompt over the context, no model) still get a proper 4xx.
 FIRST_EVENT_WAIT_S = 2.0
 
-Renderer = Callable[[AsyncIterator[dict[str, Any]]], AsyncIterator[ServerSentEvent]]
+Renderer = Callable[[AsyncIterator[Event]], AsyncIterator[ServerSentEvent]]
 
 
-def replay(result: dict[str, Any]) -> list[dict[str, Any]]:
+def replay(result: dict[str, Any]) -> list[Event]:
     """The events a finished result would have produced: how a cache hit streams."""
     usage = result.get("usage") or {}
-    replayed: list[dict[str, Any]] = [events.started(usage.get("prompt_tokens", 0), usage.get("cached_tokens", 0))]
+    replayed: list[Event] = [events.started(usage.get("prompt_tokens", 0), usage.get("cached_tokens", 0))]
     if result.get("text") or result.get("logprobs"):
         replayed.append(events.delta(result.get("text", ""), result.get("logprobs")))
     if result.get("tool_calls"):
@@ -38,12 +39,12 @@ def replay(result: dict[str, Any]) -> list[dict[str, Any]]:
     return replayed
 
 
-async def from_list(items: Iterable[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+async def from_list(items: Iterable[Event]) -> AsyncIterator[Event]:
     for event in items:
         yield event
 
 
-async def guard(source: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+async def guard(source: AsyncIterator[Event]) -> AsyncIterator[Event]:
     """An APIError raised once the stream has begun (shutdown, timeout, a lost worker) as an error event:
     the status line is sent by then, so the error can only travel in the stream."""
     try:
@@ -67,12 +68,12 @@ def cache_headers(outcome: Outcome) -> dict[str, str]:
     return headers
 
 
-async def job_events(pipeline: Pipeline, outcome: Outcome, *, replayable: bool) -> AsyncIterator[dict[str, Any]]:
+async def job_events(pipeline: Pipeline, outcome: Outcome, *, replayable: bool) -> AsyncIterator[Event]:
     """The outcome's events: replayed from the cache, or live from its job (errors up front raise)."""
     if outcome.job_id is None:
         return from_list(replay(outcome.result))
     live = pipeline.events(outcome.job_id, replayable=replayable)
-    prelude: list[dict[str, Any]] = []
+    prelude: list[Event] = []
     deadline = time.monotonic() + FIRST_EVENT_WAIT_S
     while True:
         event = await anext(live)
@@ -83,7 +84,7 @@ async def job_events(pipeline: Pipeline, outcome: Outcome, *, replayable: bool) 
         if event["type"] != "waiting" or time.monotonic() > deadline:
             break
 
-    async def chained() -> AsyncIterator[dict[str, Any]]:
+    async def chained() -> AsyncIterator[Event]:
         for event in prelude:
             yield event
         async for event in live:
@@ -105,7 +106,7 @@ def record(services: Services, *, endpoint: str, outcome: Outcome, canonical: di
                        latency_ms=round(elapsed * 1000, 2))
 
 
-async def tap(source: AsyncIterator[dict[str, Any]], outcome: Outcome) -> AsyncIterator[dict[str, Any]]:
+async def tap(source: AsyncIterator[Event], outcome: Outcome) -> AsyncIterator[Event]:
     """Pass events through, keeping the final result on the outcome for the request log."""
     async for event in source:
         if event["type"] == "done":

@@ -10,7 +10,7 @@ import time
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from mlxq.sql import ApiKey
+from mlxq.sql import ApiKey, rowcount
 
 
 def hash_key(key: str) -> str:
@@ -41,8 +41,10 @@ def revoke_key(*, session: Session, prefix: str) -> int:
     """Revoke the keys whose owner id (hash prefix, as `mlxq keys list` shows) starts with `prefix`."""
     if len(prefix) < 6:
         raise ValueError("give at least 6 characters of the key's id")
-    return session.execute(update(ApiKey).where(ApiKey.key_hash.startswith(prefix), ApiKey.revoked_at.is_(None))
-                           .values(revoked_at=time.time())).rowcount or 0
+    return rowcount(session.execute(
+        update(ApiKey).where(ApiKey.key_hash.startswith(prefix), ApiKey.revoked_at.is_(None))
+        .values(revoked_at=time.time())
+    ))
 
 
 def stored_keys(*, session: Session) -> tuple[set[str], bool]:

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, defer
 
 from mlxq.contract import CANCELLED
 from mlxq.repos import ACTIVE
-from mlxq.sql import Batch, BatchLine, File, Job
+from mlxq.sql import Batch, BatchLine, File, Job, rowcount
 
 # Statuses a batch leaves only to a final one.
 OPEN = ("validating", "in_progress", "finalizing", "cancelling")
@@ -53,7 +53,7 @@ def list_files(*, session: Session, owner: str | None, purpose: str | None = Non
 
 
 def delete_file(*, session: Session, file_id: str) -> bool:
-    return bool(session.execute(delete(File).where(File.id == file_id)).rowcount)
+    return bool(rowcount(session.execute(delete(File).where(File.id == file_id))))
 
 
 # -- batches ----------------------------------------------------------------------------------
@@ -93,7 +93,7 @@ def move(*, session: Session, batch_id: str, to: str, frm: tuple[str, ...], **va
     stamp = {f"{to}_at": time.time()} if hasattr(Batch, f"{to}_at") else {}
     done = session.execute(update(Batch).where(Batch.id == batch_id, Batch.status.in_(frm))
                            .values(status=to, **stamp, **values))
-    return bool(done.rowcount)
+    return bool(rowcount(done))
 
 
 def line_counts(*, session: Session, batch_id: str) -> dict[str, int]:
@@ -113,10 +113,10 @@ def line_counts(*, session: Session, batch_id: str) -> dict[str, int]:
 
 def cancel_jobs(*, session: Session, batch_id: str) -> int:
     """Cancel the batch's own jobs still queued or running (not jobs it shares with other clients)."""
-    return session.execute(
+    return rowcount(session.execute(
         update(Job).where(Job.batch_id == batch_id, Job.status.in_(ACTIVE))
         .values(status="cancelled", error=dict(CANCELLED), finished_at=time.time())
-    ).rowcount or 0
+    ))
 
 
 def results(*, session: Session, batch_id: str) -> list[tuple[BatchLine, Job | None]]:
@@ -135,8 +135,8 @@ def open_batches(*, session: Session) -> list[Batch]:
 def prune(*, session: Session, before: float) -> dict[str, int]:
     """Retention: finished batches (and their lines) and files older than `before`."""
     old = select(Batch.id).where(Batch.status.not_in(OPEN), Batch.created_at < before)
-    lines = session.execute(delete(BatchLine).where(BatchLine.batch_id.in_(old))).rowcount or 0
+    lines = rowcount(session.execute(delete(BatchLine).where(BatchLine.batch_id.in_(old))))
     return {"batch_lines": lines,
-            "batches": session.execute(delete(Batch).where(Batch.status.not_in(OPEN),
-                                                           Batch.created_at < before)).rowcount or 0,
-            "files": session.execute(delete(File).where(File.created_at < before)).rowcount or 0}
+            "batches": rowcount(session.execute(delete(Batch).where(Batch.status.not_in(OPEN),
+                                                                    Batch.created_at < before))),
+            "files": rowcount(session.execute(delete(File).where(File.created_at < before)))}

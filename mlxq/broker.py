@@ -22,6 +22,7 @@ from datetime import datetime, timedelta
 from functools import cache
 from json import dumps, loads
 from queue import Empty
+from typing import Any
 
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport.sqlalchemy import Channel as _SQLChannel
@@ -46,7 +47,7 @@ def _sqlite_normal_sync(dbapi_conn, _record) -> None:
 
 
 class Channel(_SQLChannel):
-    def __init__(self, connection, **kwargs):
+    def __init__(self, connection: Any, **kwargs: Any) -> None:
         self._db: sqlite3.Connection | None = None
         self._db_checked = False
         self._db_lock = threading.Lock()
@@ -170,8 +171,9 @@ class Channel(_SQLChannel):
 
 class Transport(_SQLTransport):
     Channel = Channel
-    # The plain-sqlite3 path raises sqlite3's own errors; both mean "retry" to kombu and Celery.
-    connection_errors = (OperationalError, sqlite3.OperationalError)
+    # The plain-sqlite3 path raises sqlite3's own errors; both mean "retry" to kombu and Celery. (mypy types
+    # the attribute by kombu's own one-element tuple; kombu takes any tuple of exception types.)
+    connection_errors = (OperationalError, sqlite3.OperationalError)  # type: ignore[assignment]
 
     _listener: Listener | None = None
     _listener_failed = False
@@ -182,9 +184,11 @@ class Transport(_SQLTransport):
     @cached_property
     def bell(self) -> Bell | None:
         """The bell of this broker database, shared by every producer and consumer on this machine."""
-        if not self.client.transport_options.get("bell", True):
+        # kombu's Connection, set in __init__; kombu's hints see only its class attributes' None defaults.
+        client: Any = self.client
+        if not client.transport_options.get("bell", True):
             return None
-        return get_bell(sql_bell_name("broker", self.client.hostname))
+        return get_bell(sql_bell_name("broker", client.hostname))
 
     def _listen(self) -> None:
         # Made by the first drain (so only consumers listen) and before its first poll, so a message

@@ -13,14 +13,18 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from mlxq.bell import Listener, get_bell, sql_bell_name
-from mlxq.events import is_final
+from mlxq.events import Event, is_final
 from mlxq.sql import StreamEvent
+
+if TYPE_CHECKING:
+    import redis
+    import redis.asyncio as aioredis
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +33,9 @@ RETENTION_S = 3600.0
 
 
 class Channel(Protocol):
-    def publish(self, job_id: str, event: dict[str, Any]) -> None: ...
+    def publish(self, job_id: str, event: Event) -> None: ...
 
-    def publish_many(self, job_id: str, events: list[dict[str, Any]]) -> None:
+    def publish_many(self, job_id: str, events: list[Event]) -> None:
         """Several events of one job, in order, at the cost of one."""
         ...
 
@@ -92,10 +96,10 @@ class SQLChannel:
         self._wakeups: _Wakeups | None = None
         self._no_wakeups = False
 
-    def publish(self, job_id: str, event: dict[str, Any]) -> None:
+    def publish(self, job_id: str, event: Event) -> None:
         self.publish_many(job_id, [event])
 
-    def publish_many(self, job_id: str, events: list[dict[str, Any]]) -> None:
+    def publish_many(self, job_id: str, events: list[Event]) -> None:
         if not events:
             return
         now = time.time()
@@ -157,16 +161,16 @@ class RedisChannel:
     def __init__(self, url: str, prefix: str) -> None:
         self._url = url
         self._prefix = prefix
-        self._sync = None
-        self._async = None
+        self._sync: redis.Redis | None = None
+        self._async: aioredis.Redis | None = None
 
     def _key(self, job_id: str) -> str:
         return f"{self._prefix}:stream:{job_id}"
 
-    def publish(self, job_id: str, event: dict[str, Any]) -> None:
+    def publish(self, job_id: str, event: Event) -> None:
         self.publish_many(job_id, [event])
 
-    def publish_many(self, job_id: str, events: list[dict[str, Any]]) -> None:
+    def publish_many(self, job_id: str, events: list[Event]) -> None:
         import redis
 
         if not events:
@@ -187,7 +191,10 @@ class RedisChannel:
         last = "0-0"
         while True:
             # Block in Redis, not in a poll loop: an event reaches the reader at once.
-            reply = await self._async.xread({self._key(job_id): last}, block=1000, count=256)
+            # RESP2's shape (redis-py's default protocol): [[stream, [(id, fields), ...]], ...]; redis-py's hints
+            # give the union of every protocol's shapes.
+            reply = cast("list[list[Any]] | None",
+                         await self._async.xread({self._key(job_id): last}, block=1000, count=256))
             for _stream, entries in reply or []:
                 for entry_id, fields in entries:
                     last = entry_id

@@ -32,6 +32,7 @@ class GenerationResult(TypedDict, total=False):
     stop_sequence: str  # the client's stop string that ended it, when one did
     usage: Usage
     tool_calls: list[dict[str, Any]]
+    logprobs: list[dict[str, Any]]  # each generated token's, when the request asked for them
 
 
 class JobError(TypedDict):

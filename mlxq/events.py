@@ -10,6 +10,7 @@ at the end, parsed), then exactly one of `done` (with the whole result) or `erro
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal, TypedDict
 
 from mlxq.contract import GenerationResult, JobError
@@ -62,6 +63,9 @@ class Error(TypedDict):
 
 
 JobEvent = Restarted | Started | Progress | Delta | ToolCalls | Waiting | Done | Error
+# An event as code passes it along: one of the above as built here, or the same object decoded from JSON off
+# the stream channel. Read-only (a relay that changes one builds a new dict); every TypedDict above is one.
+Event = Mapping[str, Any]
 
 
 def restarted(attempt: int) -> Restarted:
@@ -96,5 +100,5 @@ def error(err: JobError | dict[str, Any]) -> Error:
     return {"type": "error", "error": err}  # type: ignore[typeddict-item]
 
 
-def is_final(event: JobEvent | dict[str, Any]) -> bool:
+def is_final(event: Event) -> bool:
     return event.get("type") in FINAL

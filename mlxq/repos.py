@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Text, cast, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from mlxq.contract import CANCELLED, Priority, job_error
-from mlxq.sql import CacheEntry, Counter, IdempotencyKey, Job, RequestLog, StreamEvent, Worker, db_now
+from mlxq.sql import CacheEntry, Counter, IdempotencyKey, Job, RequestLog, StreamEvent, Worker, db_now, rowcount
+
+if TYPE_CHECKING:
+    from sqlalchemy.dialects import postgresql, sqlite
 
 ACTIVE = ("queued", "running")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -19,15 +23,18 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 
 # -- response cache ---------------------------------------------------------------------------
 
-def _upsert(session: Session):
+def _upsert(session: Session) -> Callable[..., postgresql.Insert | sqlite.Insert]:
+    """The dialect's INSERT, which has `on_conflict_do_update`."""
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    elif dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    else:  # pragma: no cover - only SQLite and PostgreSQL are supported
-        raise NotImplementedError(dialect)
-    return insert
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert
+    raise NotImplementedError(dialect)  # pragma: no cover - only SQLite and PostgreSQL are supported
 
 
 def put_entry(*, session: Session, key: str, kind: str, model: str, result: dict[str, Any],
@@ -46,7 +53,7 @@ def evict_lru(*, session: Session, max_entries: int) -> int:
     if excess <= 0:
         return 0
     oldest = select(CacheEntry.key).order_by(CacheEntry.last_access_at).limit(excess)
-    return session.execute(delete(CacheEntry).where(CacheEntry.key.in_(oldest.scalar_subquery()))).rowcount or 0
+    return rowcount(session.execute(delete(CacheEntry).where(CacheEntry.key.in_(oldest.scalar_subquery()))))
 
 
 def lookup_result(*, session: Session, key: str, now: float | None = None) -> dict[str, Any] | None:
@@ -69,7 +76,7 @@ def touch_entry(*, session: Session, key: str, hits: int = 1, now: float | None 
 
 def purge_expired(*, session: Session) -> int:
     result = session.execute(delete(CacheEntry).where(CacheEntry.expires_at <= time.time()))
-    return result.rowcount or 0
+    return rowcount(result)
 
 
 def clear_cache(*, session: Session, namespace: str | None = None, older_than_s: float | None = None) -> int:
@@ -79,7 +86,7 @@ def clear_cache(*, session: Session, namespace: str | None = None, older_than_s:
         query = query.where(CacheEntry.namespace == namespace)
     if older_than_s is not None:
         query = query.where(CacheEntry.created_at < time.time() - older_than_s)
-    return session.execute(query).rowcount or 0
+    return rowcount(session.execute(query))
 
 
 def cache_items(*, session: Session) -> tuple[int, int]:
@@ -93,7 +100,7 @@ def cache_items(*, session: Session) -> tuple[int, int]:
 
 def bump(*, session: Session, name: str, by: int = 1) -> None:
     done = session.execute(update(Counter).where(Counter.name == name).values(value=Counter.value + by))
-    if not done.rowcount:
+    if not rowcount(done):
         session.add(Counter(name=name, value=by))
 
 
@@ -184,7 +191,7 @@ def leave_job(*, session: Session, job_id: str, abandon: bool) -> bool:
         update(Job).where(Job.id == job_id, Job.waiters <= 0, Job.status.in_(ACTIVE))
         .values(status="cancelled", error=dict(CANCELLED), finished_at=time.time())
     )
-    return bool(done.rowcount)
+    return bool(rowcount(done))
 
 
 def start_job(*, session: Session, job_id: str, worker: str) -> Job | None:
@@ -215,18 +222,18 @@ def cancel_job(*, session: Session, job_id: str) -> bool:
         update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
         .values(status="cancelled", error=dict(CANCELLED), finished_at=time.time())
     )
-    return bool(done.rowcount)
+    return bool(rowcount(done))
 
 
 def finish_job(*, session: Session, job_id: str, status: str, result: dict[str, Any] | None = None,
-               error: dict[str, Any] | None = None) -> bool:
+               error: Mapping[str, Any] | None = None) -> bool:
     """Record a job's end, unless it has ended already (a late or duplicate writer changes nothing)."""
     done = session.execute(
         update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
         .values(status=status, result=result, error=error, finished_at=time.time(),
                 completion_tokens=_completion_tokens(result))
     )
-    return bool(done.rowcount)
+    return bool(rowcount(done))
 
 
 def _completion_tokens(result: dict[str, Any] | None) -> int | None:
@@ -240,7 +247,7 @@ def requeue_job(*, session: Session, job_id: str) -> bool:
         update(Job).where(Job.id == job_id, Job.status == "running")
         .values(status="queued", worker=None, sent_at=None, attempts=Job.attempts - 1)
     )
-    return bool(done.rowcount)
+    return bool(rowcount(done))
 
 
 def release_job(*, session: Session, job_id: str) -> None:
@@ -263,14 +270,14 @@ def requeue_running(*, session: Session, max_attempts: int, worker: str | None =
         return 0, 0
     err = job_error(500, f"the worker stopped while running this job, {max_attempts} times: giving up "
                          "(the request may crash the worker)", code="worker_crashed")
-    failed = session.execute(
+    failed = rowcount(session.execute(
         update(Job).where(Job.id.in_(ids), Job.status == "running", Job.attempts >= max_attempts)
         .values(status="failed", error=dict(err), finished_at=time.time())
-    ).rowcount or 0
-    requeued = session.execute(
+    ))
+    requeued = rowcount(session.execute(
         update(Job).where(Job.id.in_(ids), Job.status == "running")
         .values(status="queued", worker=None, sent_at=None)
-    ).rowcount or 0
+    ))
     return requeued, failed
 
 
@@ -298,8 +305,10 @@ def jobs_to_send(*, session: Session, lost_before: float | None, low_window: int
 
 def task_labels(*, session: Session, job_ids: list[str]) -> dict[str, tuple[str, int]]:
     """Each job's kind and the size of its stored request (characters of its JSON), for its task label."""
+    if not job_ids:
+        return {}
     size = func.length(cast(Job.request, Text))
-    rows = session.execute(select(Job.id, Job.kind, size).where(Job.id.in_(job_ids))) if job_ids else []
+    rows = session.execute(select(Job.id, Job.kind, size).where(Job.id.in_(job_ids)))
     return {job_id: (kind, int(chars or 0)) for job_id, kind, chars in rows}
 
 
@@ -310,10 +319,10 @@ def mark_sent(*, session: Session, job_ids: list[str]) -> None:
 def fail_stale_queued(*, session: Session, older_than_s: float) -> int:
     """Queued jobs no worker started in `older_than_s` fail: nothing stays queued forever."""
     err = job_error(503, f"no worker started this job within {older_than_s:.0f} s", code="queue_timeout")
-    return session.execute(
+    return rowcount(session.execute(
         update(Job).where(Job.status == "queued", Job.created_at < time.time() - older_than_s)
         .values(status="failed", error=dict(err), finished_at=time.time())
-    ).rowcount or 0
+    ))
 
 
 def job_counts(*, session: Session) -> dict[str, int]:
@@ -328,14 +337,13 @@ def prune(*, session: Session, jobs_before: float, log_before: float, events_bef
     """Retention: finished jobs, request-log rows and stream events older than the given times."""
     active = select(Job.id).where(Job.status.in_(ACTIVE))
     return {
-        "jobs": session.execute(delete(Job).where(Job.status.in_(TERMINAL), Job.finished_at < jobs_before)).rowcount
-        or 0,
-        "idempotency_keys": session.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < jobs_before))
-        .rowcount or 0,
-        "request_log": session.execute(delete(RequestLog).where(RequestLog.at < log_before)).rowcount or 0,
-        "stream_events": session.execute(
-            delete(StreamEvent).where(StreamEvent.created_at < events_before, StreamEvent.job_id.not_in(active))
-        ).rowcount or 0,
+        "jobs": rowcount(session.execute(
+            delete(Job).where(Job.status.in_(TERMINAL), Job.finished_at < jobs_before))),
+        "idempotency_keys": rowcount(session.execute(
+            delete(IdempotencyKey).where(IdempotencyKey.created_at < jobs_before))),
+        "request_log": rowcount(session.execute(delete(RequestLog).where(RequestLog.at < log_before))),
+        "stream_events": rowcount(session.execute(
+            delete(StreamEvent).where(StreamEvent.created_at < events_before, StreamEvent.job_id.not_in(active)))),
     }
 
 

@@ -38,8 +38,8 @@ class Settings(BaseSettings):
     cache_scope: Literal["key", "global"] = "key"
     # Back-pressure: with this many jobs queued, a request that would queue one more is a 429 with
     # Retry-After (0 = no ceiling); and a ceiling on max_tokens, clamped, not refused (0 = none).
-    max_queue_depth: int = Field(0, ge=0)
-    max_tokens_ceiling: int = Field(0, ge=0)
+    max_queue_depth: int = Field(default=0, ge=0)
+    max_tokens_ceiling: int = Field(default=0, ge=0)
     queue: str = "mlxq"
     # Prefix of every Redis key the service writes besides Celery's own.
     redis_prefix: str = "mlxq"
@@ -69,15 +69,15 @@ class Settings(BaseSettings):
     # Continuous batching in the worker: sequences decoded together, the KV tokens they may hold
     # (prompt + max_tokens of each; 0 = a quarter of RAM's worth), sequences prefilled together,
     # and the Celery consumer threads that hand requests to the engine (each waits on one request).
-    batch_size: int = Field(16, ge=1)
-    batch_tokens: int = Field(0, ge=0)
-    prefill_batch_size: int = Field(8, ge=1)
-    worker_threads: int = Field(64, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    batch_tokens: int = Field(default=0, ge=0)
+    prefill_batch_size: int = Field(default=8, ge=1)
+    worker_threads: int = Field(default=64, ge=1)
     # Niceness the worker process adds to itself (0 = none).
     worker_nice: int = 0
     # Reliability: a job whose worker died runs again, at most this many times in all (so one request
     # that kills the worker cannot crash-loop it); a job no worker starts within the timeout fails.
-    max_attempts: int = Field(2, ge=1)
+    max_attempts: int = Field(default=2, ge=1)
     job_queue_timeout_s: float = 24 * 3600.0
     # A queued job whose task message is older than this while the broker's queue is empty lost its
     # message (a worker died holding it, a broker restarted): it is sent again.
@@ -92,27 +92,27 @@ class Settings(BaseSettings):
     # finished batches are kept, and how many low-priority jobs (batch lines, jobs that ask for it) are in
     # flight at once (0 = twice batch_size): the rest wait in the database, not in the broker, so an
     # interactive request never queues behind a batch and still finds a free worker thread.
-    max_batch_lines: int = Field(50_000, ge=1)
-    max_file_mb: float = Field(200, gt=0)
+    max_batch_lines: int = Field(default=50_000, ge=1)
+    max_file_mb: float = Field(default=200, gt=0)
     file_retention_s: float = 30 * 24 * 3600.0
-    low_priority_window: int = Field(0, ge=0)
+    low_priority_window: int = Field(default=0, ge=0)
     # Set by `mlxq serve` for the worker it supervises: the worker stops when that process is gone.
     supervisor_pid: int = 0
     # Bad-input limits, checked by the api before anything is enqueued. A body over `max_body_mb` is a 413
     # before it is parsed (a JSON body is held whole in memory, and a 16 MB one is already ~4M tokens of
     # text, past any context); the counts bound the work one request can make the api and worker do while
     # validating and templating (`max_tools` is OpenAI's own limit; `max_stop`, `max_prompts` are generous).
-    max_body_mb: float = Field(16, gt=0)
-    max_messages: int = Field(2048, ge=1)
-    max_tools: int = Field(128, ge=1)
-    max_stop: int = Field(16, ge=1)
-    max_prompts: int = Field(256, ge=1)
+    max_body_mb: float = Field(default=16, gt=0)
+    max_messages: int = Field(default=2048, ge=1)
+    max_tools: int = Field(default=128, ge=1)
+    max_stop: int = Field(default=16, ge=1)
+    max_prompts: int = Field(default=256, ge=1)
     # Flower (`mlxq flower`, Celery's monitor; needs the Redis broker). Basic auth always: bound to loopback
     # without a password, a one-time password is made and printed; bound elsewhere, a password is required.
     # Refused: a ',' in either (Flower splits --basic-auth on commas into several logins) and a ':' in the
     # user (basic auth ends the user at the first colon, so that user could never log in).
     flower_host: str = "127.0.0.1"
-    flower_port: int = Field(5555, ge=1, le=65535)
+    flower_port: int = Field(default=5555, ge=1, le=65535)
     flower_user: str = "mlxq"
     flower_password: SecretStr = SecretStr("")
 

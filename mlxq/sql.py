@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+import builtins
+from typing import Any, cast
 
 from sqlalchemy import JSON, BigInteger, Boolean, Float, Index, Integer, LargeBinary, String, Text, text, true
+from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.functions import FunctionElement
@@ -26,6 +28,12 @@ def _sqlite_now(element, compiler, **kw) -> str:
 @compiles(db_now, "postgresql")
 def _pg_now(element, compiler, **kw) -> str:
     return "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
+
+
+def rowcount(result: Result) -> int:
+    """The rows an UPDATE or DELETE matched (`rowcount or 0`). `Session.execute` is typed as returning a
+    plain `Result`, but for these statements it returns a `CursorResult`, which has `rowcount`."""
+    return cast(CursorResult, result).rowcount or 0
 
 
 class Base(DeclarativeBase):
@@ -125,7 +133,7 @@ class File(Base):
     purpose: Mapped[str] = mapped_column(String(32))
     filename: Mapped[str] = mapped_column(String(255))
     bytes: Mapped[int] = mapped_column(Integer)
-    content: Mapped[bytes] = mapped_column(LargeBinary)
+    content: Mapped[builtins.bytes] = mapped_column(LargeBinary)  # `bytes` here is the column above
     created_at: Mapped[float] = mapped_column(Float, index=True)
     owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 

@@ -66,7 +66,7 @@ def _openai_body(body: dict[str, Any]) -> dict[str, Any]:
     return {**body, "messages": messages, "tools": tools or None, "system": None}
 
 
-def _called_tools(messages: list[dict[str, Any]]) -> Iterable[str]:
+def _called_tools(messages: list[dict[str, Any]]) -> Iterable[str | None]:
     for m in messages:
         for call in m.get("tool_calls") or []:
             yield (call.get("function") or {}).get("name")

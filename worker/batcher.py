@@ -169,8 +169,11 @@ class Batcher:
             seq.cached_tokens = fetched.cached_tokens if fetched is not None else 0
             history = seq.prompt[: seq.cached_tokens]
             seq.emit(events.started(len(seq.prompt), seq.cached_tokens))
-        (seq.uid,) = self._gen.insert([rest], max_tokens=[seq.remaining], caches=[cache], all_tokens=[history],
-                                      samplers=[seq.sampler], logits_processors=[seq.processors])
+        # mlx-lm takes None entries (a new cache; the generator's own sampler), though its hints say otherwise.
+        caches: list[Any] = [cache]
+        samplers: list[Any] = [seq.sampler]
+        (seq.uid,) = self._gen.insert([rest], max_tokens=[seq.remaining], caches=caches, all_tokens=[history],
+                                      samplers=samplers, logits_processors=[seq.processors])
         seq.admitted_at = time.monotonic()
         self._active[seq.uid] = seq
 
@@ -185,6 +188,7 @@ class Batcher:
         seq = min(low, key=lambda s: (s.preemptions, -s.admitted_at))
         seq.preemptions += 1
         uid = seq.uid
+        assert uid is not None  # every active sequence has one
         cache, tokens = self._gen.remove([uid], return_prompt_caches=True)[uid]
         del self._active[uid]
         # Keep at least one token to feed back in, so the decoder has input when it resumes.

@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -18,6 +18,7 @@ from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logi
 from mlx_lm.utils import dequantize_model
 
 from mlxq.contract import GenerationResult, JobError, JobKind, Priority, job_error
+from mlxq.events import Event
 from mlxq.weights import fingerprint
 from worker.batcher import Batcher
 from worker.prefix_cache import PrefixCache, default_bytes
@@ -25,9 +26,12 @@ from worker.sequence import Sampler, Sequence
 from worker.tool_parse import ModelToolFormat, ToolStreamFilter, model_tool_format
 from worker.tool_prompt import prepare_chat, template_knows_tools
 
+if TYPE_CHECKING:
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
 log = logging.getLogger(__name__)
 
-EventSink = Callable[[dict[str, Any]], None]
+EventSink = Callable[[Event], None]
 # Prefill in chunks this size: each chunk reports progress (SSE keepalives during long prompts).
 PREFILL_STEP = 512
 
@@ -109,7 +113,9 @@ class Engine:
             raise FileNotFoundError(
                 f"model directory {path} not found (run `mlxq models pull` for the built-in model)"
             )
-        net, tokenizer, config = mlx_load(str(path), return_config=True)
+        # With return_config=True it is (model, tokenizer, config); mlx-lm's hint is the union of both forms.
+        loaded = mlx_load(str(path), return_config=True)
+        net, tokenizer, config = cast("tuple[nn.Module, TokenizerWrapper, dict[str, Any]]", loaded)
         if _on_cpu():
             # MLX's CPU backend has no fast quantized kernels: float32 is its fastest path.
             dequantize_model(net)

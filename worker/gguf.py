@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any, cast
 
 import mlx.core as mx
 
@@ -37,12 +38,12 @@ def _mlx_name(gguf_name: str) -> str:
     return f"{_TOP_NAMES[base]}.{suffix}"
 
 
-def _meta(meta: dict, key: str):
+def _meta(meta: dict[str, Any], key: str) -> Any:
     value = meta[key]
     return value.item() if hasattr(value, "item") and getattr(value, "size", 2) == 1 else value
 
 
-def _tokenizer_files(meta: dict, out: Path) -> None:
+def _tokenizer_files(meta: dict[str, Any], out: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -81,14 +82,16 @@ def _tokenizer_files(meta: dict, out: Path) -> None:
 
 def convert_gguf(gguf_path: Path, out: Path) -> Path:
     """Write config.json, model.safetensors and tokenizer files for `gguf_path` into `out`."""
-    weights, meta = mx.load(str(gguf_path), return_metadata=True)
+    # With return_metadata=True it is (arrays, metadata); mlx's stub gives every form of the result as one union.
+    loaded = mx.load(str(gguf_path), return_metadata=True)
+    weights, meta = cast(tuple[dict[str, mx.array], dict[str, Any]], loaded)
     if str(meta["general.architecture"]) != "llama":
         raise ValueError(f"only llama GGUF files are supported, got {meta['general.architecture']}")
     out.mkdir(parents=True, exist_ok=True)
     renamed = {_mlx_name(k): v for k, v in weights.items()}
 
     # Each module keeps the bits its packed weight implies (Q4_1 blocks, Q8_0 embeddings).
-    quant: dict = {"group_size": GROUP_SIZE, "bits": 4}
+    quant: dict[str, Any] = {"group_size": GROUP_SIZE, "bits": 4}
     for name, scales in renamed.items():
         if not name.endswith(".scales"):
             continue

@@ -12,6 +12,7 @@ entries to disk (crash-safe, their token ids in a manifest) so a restarted worke
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -82,8 +83,9 @@ class PrefixCache:
     lru: LRUPromptCache = field(init=False)
     stats: PrefixStats = field(default_factory=PrefixStats)
     # Entry files known complete (written or loaded by this process) and their sizes; what each
-    # directory's manifest lists. A save rewrites only what these do not vouch for.
-    _complete: dict[Path, int] = field(default_factory=dict, init=False, repr=False)
+    # directory's manifest lists. A save rewrites only what these do not vouch for. (A size is None only
+    # if the file vanished right after it was written.)
+    _complete: dict[Path, int | None] = field(default_factory=dict, init=False, repr=False)
     _listed: dict[Path, list[dict[str, Any]]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -200,7 +202,8 @@ class PrefixCache:
         """
         directory.mkdir(parents=True, exist_ok=True)
         with _locked(directory):
-            chosen, total = [], 0
+            chosen: list[tuple[list[int], list[Any]]] = []
+            total = 0
             for tokens, cache in reversed(self.entries()):
                 size = sum(c.nbytes for c in cache)
                 if total + size > max_bytes:
@@ -211,11 +214,7 @@ class PrefixCache:
             for tokens, cache in reversed(chosen):  # the manifest lists them least recently used first
                 path = directory / self._file_name(tokens)
                 if path not in self._complete or self._complete[path] != _size(path):
-                    # save_prompt_cache hands the file object to mx.save_safetensors, which takes one.
-                    _write_atomic(
-                        path,
-                        lambda f, cache=cache: save_prompt_cache(f, cache, metadata={"format": str(FORMAT_VERSION)}),
-                    )
+                    _write_atomic(path, functools.partial(_save_entry, cache=cache))
                     self._complete[path] = _size(path)
                 listed.append({"file": path.name, "bytes": self._complete[path], "tokens": tokens})
             manifest = directory / MANIFEST
@@ -327,6 +326,13 @@ def _size(path: Path) -> int | None:
 
 def _describe(entry: Any) -> str:
     return str(entry.get("file")) if isinstance(entry, dict) else repr(entry)[:60]
+
+
+def _save_entry(f: BinaryIO, cache: list[Any]) -> None:
+    """One entry's KV cache into an open file."""
+    # save_prompt_cache hands the file object to mx.save_safetensors, which takes one; mlx-lm's hint says
+    # it takes a file name.
+    save_prompt_cache(f, cache, metadata={"format": str(FORMAT_VERSION)})  # type: ignore[arg-type]
 
 
 def _write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from mlxq import delivery, events, repos
 from mlxq.channel import Channel
-from mlxq.contract import CANCELLED, PREFIX_CACHE_CLEARS, job_error
+from mlxq.contract import CANCELLED, PREFIX_CACHE_CLEARS, JobError, job_error
 from mlxq.keys import request_key
 from mlxq.settings import Settings
 from mlxq.sql import Job
@@ -274,7 +274,7 @@ class Runtime:
                 repos.evict_lru(session=session, max_entries=self.settings.cache_max_entries)
         self.save_prefix_cache()
 
-    def _fail(self, job_id: str, error: dict[str, Any], status: str = "failed") -> None:
+    def _fail(self, job_id: str, error: JobError | dict[str, Any], status: str = "failed") -> None:
         def persist() -> bool:
             with self.sessions.begin() as session:
                 return repos.finish_job(session=session, job_id=job_id, status=status, error=error)
@@ -282,7 +282,7 @@ class Runtime:
         self._write(job_id, persist)
         self._publish(job_id, [events.error(error)])
 
-    def _publish(self, job_id: str, items: list[dict[str, Any]]) -> None:
+    def _publish(self, job_id: str, items: list[events.Event]) -> None:
         """Events are a courtesy to waiting clients; the job row is the record. A broker that is down (a Redis
         restart) loses some events, never the job: the api answers from the row, and fills in a stream's
         missing text from the result."""
@@ -306,29 +306,31 @@ class Runtime:
                 delay = min(delay * 2, 8.0)
 
 
-def drain(source: queue.SimpleQueue[dict[str, Any] | None]) -> Iterator[list[dict[str, Any]]]:
+def drain(source: queue.SimpleQueue[events.Event | None]) -> Iterator[list[events.Event]]:
     """Everything queued at each wake-up, as one list, until the end marker (None)."""
     while True:
-        batch = [source.get()]
-        while batch[-1] is not None:
+        batch: list[events.Event] = []
+        item = source.get()
+        while item is not None:
+            batch.append(item)
             try:
-                batch.append(source.get_nowait())
+                item = source.get_nowait()
             except queue.Empty:
                 break
-        if batch[-1] is None:
-            if len(batch) > 1:
-                yield batch[:-1]
+        else:  # the end marker
+            if batch:
+                yield batch
             return
-        yield batch  # type: ignore[misc]
+        yield batch
 
 
-def coalesce(items: list[dict[str, Any]], *, deltas: bool = True) -> list[dict[str, Any]]:
+def coalesce(items: list[events.Event], *, deltas: bool = True) -> list[events.Event]:
     """Adjacent deltas joined into one: a busy batch writes one event per wake-up, not one per token.
 
     Without `deltas` (nobody streams the job) deltas and prefill progress are dropped: the result
     carries the text, and a streaming client that joins such a job is sent it whole at the end.
     """
-    out: list[dict[str, Any]] = []
+    out: list[events.Event] = []
     for event in items:
         if not deltas and event["type"] in ("delta", "progress"):
             continue

@@ -12,7 +12,7 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 
@@ -22,7 +22,7 @@ from worker.tool_parse import ToolStreamFilter
 
 log = logging.getLogger(__name__)
 
-Event = dict[str, Any]
+Event = events.Event
 Sampler = Callable[[mx.array], mx.array]
 
 
@@ -143,7 +143,8 @@ class Sequence:
             "top_logprobs": [],
         }
         if top := self.top_logprobs:
-            ids = mx.argpartition(-logprobs, kth=top - 1)[:top].tolist()
+            # A 1-D integer array: tolist() gives a list of int (mlx's hint covers every shape and dtype).
+            ids = cast("list[int]", mx.argpartition(-logprobs, kth=top - 1)[:top].tolist())
             ids.sort(key=lambda i: -float(logprobs[i]))
             entry["top_logprobs"] = [
                 {"token": (t := self.decode([i])), "logprob": float(logprobs[i]), "bytes": list(t.encode())}
@@ -156,6 +157,7 @@ class Sequence:
     def complete(self) -> None:
         """Flush what was held back, build the result and wake the consumer."""
         finish = self.finish or "length"
+        calls: list[dict[str, Any]]
         if finish in ("cancelled", "length"):
             # A cut-off answer is not a call, even one that parses (repaired): its text, held back
             # from the stream as a possible call, goes out as content, so the stream equals the text.

@@ -20,7 +20,7 @@ import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from mlxq.keys import tool_names
 
@@ -211,9 +211,14 @@ def _blocks(text: str, start: str, end: str) -> list[tuple[int, int, str]]:
     return out
 
 
+def _skip_space(text: str, pos: int) -> int:
+    """Past the whitespace at `pos`."""
+    return cast("re.Match[str]", _SPACE.match(text, pos)).end()  # `\s*` matches at every position
+
+
 def _json_end(text: str, pos: int) -> int:
     """Past the JSON object or list that starts at `pos` (after whitespace), if one does; else `pos`."""
-    start = _SPACE.match(text, pos).end()
+    start = _skip_space(text, pos)
     if not text.startswith(("{", "["), start):
         return pos
     try:
@@ -224,7 +229,7 @@ def _json_end(text: str, pos: int) -> int:
 
 def _function_syntax(text: str, names: list[str]) -> list[tuple[str, Any, int, int]]:
     """`name({...})` or `name(key=value, ...)` for offered names; a call inside another's arguments is not one."""
-    found = []
+    found: list[tuple[str, Any, int, int]] = []
     last_close = text.rfind(")")
     for name in names:
         # Not preceded by a name character: `x-get(` is not a call of `get` when `x-get` is offered.
@@ -232,13 +237,13 @@ def _function_syntax(text: str, names: list[str]) -> list[tuple[str, Any, int, i
             open_at = m.end()
             if open_at > last_close:  # "get(get(get(..." of a looping answer: nothing closes
                 break
-            start = _SPACE.match(text, open_at).end()
+            start = _skip_space(text, open_at)
             if text.startswith("{", start):
                 try:
                     args, close = _decoder.raw_decode(text, start)
                 except (ValueError, RecursionError):
                     continue
-                close = _SPACE.match(text, close).end()
+                close = _skip_space(text, close)
                 if text.startswith(")", close):
                     found.append((name, args, m.start(), close + 1))
                 continue
@@ -254,11 +259,12 @@ def _function_syntax(text: str, names: list[str]) -> list[tuple[str, Any, int, i
             # literal_eval raises TypeError on `{[1]: 2}`, the parser RecursionError on `1+1+...+1`
             except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
                 continue
-    outer, end = [], 0
-    for call in sorted(found, key=lambda c: c[2]):
-        if call[2] >= end:
-            outer.append(call)
-            end = call[3]
+    outer: list[tuple[str, Any, int, int]] = []
+    end = 0
+    for hit in sorted(found, key=lambda c: c[2]):
+        if hit[2] >= end:
+            outer.append(hit)
+            end = hit[3]
     return outer
 
 
@@ -377,7 +383,7 @@ def _with_fence(text: str, start: int, end: int) -> tuple[int, int]:
     while i > 0 and text[i - 1].isspace():
         i -= 1
     opening = next((i - len(f) for f in ("```json", "```") if text.endswith(f, 0, i)), None)
-    j = _SPACE.match(text, end).end()
+    j = _skip_space(text, end)
     if opening is None or not text.startswith("```", j):
         return start, end
     return opening, j + 3

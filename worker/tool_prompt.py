@@ -23,7 +23,7 @@ DEFAULT_SYSTEM = "You are a helpful assistant."
 
 
 def template_knows_tools(chat_template: str | None) -> bool:
-    return bool(chat_template) and "tools" in chat_template
+    return bool(chat_template and "tools" in chat_template)
 
 
 def _arguments_obj(arguments: Any) -> Any:

@@ -17,6 +17,7 @@ from typing import Any
 from sse_starlette import ServerSentEvent
 
 from api.streaming import guard
+from mlxq.events import Event
 
 # finish_reason (mlxq.contract) → stop_reason; a stop string that ended the answer is `stop_sequence` instead.
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
@@ -212,12 +213,12 @@ class MessageStreamWriter:
 
 
 async def anthropic_stream(
-    source: AsyncIterator[dict[str, Any]], writer: MessageStreamWriter
+    source: AsyncIterator[Event], writer: MessageStreamWriter
 ) -> AsyncIterator[ServerSentEvent]:
     """Relay events as the Messages event stream at once: `message_start` first, `ping` while the job waits or
     prefills (clients drop a silent connection), an `error` event (and nothing after it) if the job fails."""
-    for event in writer.start():
-        yield sse(event)
+    for item in writer.start():
+        yield sse(item)
     sent = ""
     async for event in guard(source):
         kind = event["type"]

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from sse_starlette import ServerSentEvent
 
 from api.streaming import guard
+from mlxq.events import Event
 
 DONE = ServerSentEvent(data="[DONE]", sep="\n")
 
@@ -87,7 +88,7 @@ def model_list(model: str) -> dict[str, Any]:
 class ChunkWriter:
     """Turns job events into OpenAI chunks for one stream: one id and `created` throughout."""
 
-    def __init__(self, *, kind: str, model: str, stream_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, *, kind: str, model: str, stream_options: Mapping[str, Any] | None = None) -> None:
         self.kind, self.model = kind, model
         self.include_usage = bool((stream_options or {}).get("include_usage"))
         self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
@@ -135,7 +136,7 @@ class ChunkWriter:
         return chunks
 
 
-async def openai_stream(source: AsyncIterator[dict[str, Any]], writer: ChunkWriter,
+async def openai_stream(source: AsyncIterator[Event], writer: ChunkWriter,
                         prefix: str = "") -> AsyncIterator[ServerSentEvent]:
     """Relay events as SSE at once; progress becomes a keepalive comment, errors an error object."""
     for chunk in writer.start():
