@@ -51,6 +51,7 @@ def health_snapshot(services: Services) -> dict[str, Any]:
             "bytes": size,
         },
         "prefix_cache": prefix,
+        "counters": counts,
         # Sequences decoding together in the workers' engines, waiting for room, and their KV token budget.
         "batch": batch,
         "time": time.time(),

@@ -5,9 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+# Names of the shared counters (mlxq.repos.bump) behind mlxq_requests_total and mlxq_generated_tokens_total.
+REQUESTS = "requests"
+GENERATED_TOKENS = "generated_tokens"
 
 
 class _Snapshot(Collector):
@@ -27,6 +31,14 @@ class _Snapshot(Collector):
         yield GaugeMetricFamily("mlxq_cache_hit_rate", "hits / (hits + misses)", value=cache["hit_rate"])
         for name, value in snap["prefix_cache"].items():
             yield GaugeMetricFamily(f"mlxq_prefix_cache_{name}", f"Worker prefix KV cache: {name}", value=value)
+        requests = CounterMetricFamily("mlxq_requests", "Generation requests by endpoint and cache outcome",
+                                       labels=["endpoint", "cache"])
+        for name, value in snap["counters"].items():
+            if name.startswith(f"{REQUESTS}:"):
+                requests.add_metric(name.split(":")[1:3], value)
+        yield requests
+        yield CounterMetricFamily("mlxq_generated_tokens", "Tokens generated (cache hits excluded)",
+                                  value=snap["counters"].get(GENERATED_TOKENS, 0))
         yield GaugeMetricFamily("mlxq_queue_depth", "Jobs waiting for the worker", value=snap["queue_depth"])
         jobs = GaugeMetricFamily("mlxq_jobs", "Jobs by state (kept for MLXQ_JOB_RETENTION_S)", labels=["status"])
         for status, count in snap["jobs"].items():
@@ -41,17 +53,17 @@ class _Snapshot(Collector):
 
 
 class Metrics:
+    """Counters and gauges come from the database (the same in every api process and replica: scrape any);
+    the latency histogram is this process's own."""
+
     def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("mlxq_requests", "Generation requests by endpoint and cache outcome",
-                                ["endpoint", "cache"], registry=self.registry)
         self.latency = Histogram("mlxq_request_seconds", "Time to answer a generation request",
                                  ["endpoint", "cache"], registry=self.registry,
                                  buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
         self.registry.register(_Snapshot(snapshot))
 
     def observe(self, endpoint: str, cache: str, seconds: float) -> None:
-        self.requests.labels(endpoint, cache).inc()
         self.latency.labels(endpoint, cache).observe(seconds)
 
     def render(self) -> bytes:

@@ -36,9 +36,9 @@ class StatsRecorder:
             self._pending[key] += 1
             self._counts["cache_hits"] += 1
 
-    def count(self, name: str) -> None:
+    def count(self, name: str, by: int = 1) -> None:
         with self._lock:
-            self._counts[name] += 1
+            self._counts[name] += by
 
     def log(self, **row: object) -> None:
         """One request-log row (key, endpoint, cache outcome, token counts, tools, latency)."""

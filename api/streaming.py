@@ -13,6 +13,7 @@ from sqlalchemy.exc import DBAPIError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.errors import APIError
+from api.metrics import GENERATED_TOKENS, REQUESTS
 from api.pipeline import CachePolicy, Outcome, Pipeline
 from api.services import Services
 from mlxq import events
@@ -99,6 +100,10 @@ def record(services: Services, *, endpoint: str, outcome: Outcome, canonical: di
     elapsed = time.perf_counter() - started
     services.metrics.observe(endpoint, outcome.cache, elapsed)
     usage = outcome.result.get("usage") or {}
+    # Shared counters (the database's), so every api process and replica reports the same totals.
+    services.stats.count(f"{REQUESTS}:{endpoint}:{outcome.cache}")
+    if outcome.cache != "HIT" and usage.get("completion_tokens"):
+        services.stats.count(GENERATED_TOKENS, by=int(usage["completion_tokens"]))
     tools = tool_names(canonical.get("tools"))
     services.stats.log(key=outcome.key, endpoint=endpoint, cache=outcome.cache, stream=stream,
                        prompt_tokens=usage.get("prompt_tokens"), cached_tokens=usage.get("cached_tokens"),

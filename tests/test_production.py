@@ -51,6 +51,12 @@ def test_keys_are_required_and_each_key_sees_only_its_own(keyed: Service):
     # Per-key caches: B asking the same is a miss (a HIT would tell B what A asked); A again is a hit.
     assert b.chat.completions.with_raw_response.create(**ASK).headers["x-cache"] == "MISS"
     assert a.chat.completions.with_raw_response.create(**ASK).headers["x-cache"] == "HIT"
+    metrics = httpx.get(f"{keyed.base}/metrics", headers={"x-api-key": KEY_A}).text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(metrics) for s in family.samples}
+    assert samples[("mlxq_requests_total", (("cache", "MISS"), ("endpoint", "chat")))] == 2
+    assert samples[("mlxq_requests_total", (("cache", "HIT"), ("endpoint", "chat")))] == 1
+    assert samples[("mlxq_generated_tokens_total", ())] >= 2
 
     http_a = httpx.Client(base_url=keyed.base, headers={"Authorization": f"Bearer {KEY_A}"}, timeout=30)
     http_b = httpx.Client(base_url=keyed.base, headers={"x-api-key": KEY_B}, timeout=30)
