@@ -114,9 +114,8 @@ def flower() -> None:
 @app.command()
 def bench(modes: str = typer.Option("sqlite,redis", help="deployments to measure")) -> None:
     """Run scripts/bench.py: cache-hit latency, queue-hop overhead, /health under load (one JSON line)."""
-    from mlxq.procs import ROOT
-
-    raise typer.Exit(subprocess.call([sys.executable, str(ROOT / "scripts" / "bench.py"), "--modes", modes]))
+    root = Path(__file__).resolve().parent.parent
+    raise typer.Exit(subprocess.call([sys.executable, str(root / "scripts" / "bench.py"), "--modes", modes]))
 
 
 @cache_app.command("stats")

@@ -51,8 +51,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench import ms  # noqa: E402
 from bench_concurrency import TOPICS, essay_prompt  # noqa: E402
 
-from mlxq.procs import Service  # noqa: E402
 from mlxq.settings import BUILTIN_MODEL  # noqa: E402
+from tests.procs import Service  # noqa: E402
 
 ENDPOINT = "/v1/chat/completions"
 TARGET_SPEEDUP = 3.0  # batch tokens/s over one-by-one tokens/s, at least

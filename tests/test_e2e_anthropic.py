@@ -9,8 +9,8 @@ import httpx
 import openai
 import pytest
 
-from mlxq.procs import Service
 from tests.conftest import MODEL_NAME, service_env
+from tests.procs import Service
 
 WEATHER = {"name": "get_weather", "description": "Current weather in a city.",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}

@@ -21,9 +21,9 @@ import pytest
 from pydantic import SecretStr
 
 from mlxq.flower import NEEDS_REDIS, credentials, flower_argv, run
-from mlxq.procs import ROOT, Service, free_port
 from mlxq.settings import Settings
 from tests.conftest import MODEL_NAME, service_env, unavailable
+from tests.procs import ROOT, Service, free_port
 
 pytestmark = pytest.mark.e2e
 

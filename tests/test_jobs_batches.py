@@ -12,8 +12,8 @@ import httpx
 import openai
 import pytest
 
-from mlxq.procs import Service
 from tests.conftest import MODEL_NAME, service_env
+from tests.procs import Service
 
 
 def batch_line(custom_id: str, content: str, max_tokens: int = 8) -> dict:

@@ -17,8 +17,8 @@ import httpx
 import openai
 import pytest
 
-from mlxq.procs import ROOT, free_port
 from tests.conftest import MODEL_NAME, service_env
+from tests.procs import ROOT, free_port
 
 LONG = {"model": MODEL_NAME, "temperature": 0, "max_tokens": 200}
 

@@ -1,4 +1,5 @@
-"""Run the api and worker as separate processes, as `mlxq api` and `mlxq worker` do (tests, benchmarks)."""
+"""Run the api and worker as separate processes, as `mlxq api` and `mlxq worker` do: the harness of the tests
+and benchmarks (scripts/ put the repository root on sys.path to import it), not part of the service."""
 
 from __future__ import annotations
 
