@@ -44,9 +44,19 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     app = FastAPI(title="mlxq", version=__version__, lifespan=lifespan)
     errors.install(app, anthropic_routes.ERROR_SHAPES)
     # An oversized body is refused before anything reads it.
-    app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * 2**20),
-                       uploads=("/v1/files", int(settings.max_file_mb * 2**20) + 2**16, "MLXQ_MAX_FILE_MB"))
-    for router in (ops.router, openai_routes.router, anthropic_routes.router, jobs.router, batches.files_router,
-                   batches.batches_router, cache_admin.router):
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=int(settings.max_body_mb * 2**20),
+        uploads=("/v1/files", int(settings.max_file_mb * 2**20) + 2**16, "MLXQ_MAX_FILE_MB"),
+    )
+    for router in (
+        ops.router,
+        openai_routes.router,
+        anthropic_routes.router,
+        jobs.router,
+        batches.files_router,
+        batches.batches_router,
+        cache_admin.router,
+    ):
         app.include_router(router)
     return app

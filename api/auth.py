@@ -50,8 +50,9 @@ class Authenticator:
         header = request.headers.get("authorization", "")
         key = header[7:].strip() if header[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
         if not key:
-            raise APIError(401, "An API key is required: send Authorization: Bearer <key> (or x-api-key).",
-                           code="missing_api_key")
+            raise APIError(
+                401, "An API key is required: send Authorization: Bearer <key> (or x-api-key).", code="missing_api_key"
+            )
         digest = auth.hash_key(key)
         if digest not in valid:
             raise APIError(401, "The API key is not valid.", code="invalid_api_key")

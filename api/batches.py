@@ -44,10 +44,19 @@ ERRORS_SHOWN = 100
 
 # -- files ------------------------------------------------------------------------------------
 
+
 def file_object(file: FileRow) -> dict[str, Any]:
-    return {"id": file.id, "object": "file", "bytes": file.bytes, "created_at": int(file.created_at),
-            "filename": file.filename, "purpose": file.purpose, "status": "processed", "expires_at": None,
-            "status_details": None}
+    return {
+        "id": file.id,
+        "object": "file",
+        "bytes": file.bytes,
+        "created_at": int(file.created_at),
+        "filename": file.filename,
+        "purpose": file.purpose,
+        "status": "processed",
+        "expires_at": None,
+        "status_details": None,
+    }
 
 
 def _file(session: Session, file_id: str, owner: str | None) -> FileRow:
@@ -59,37 +68,54 @@ def _file(session: Session, file_id: str, owner: str | None) -> FileRow:
 
 
 @files_router.post("")
-async def upload_file(services: ServicesDep, owner: Owner, file: Annotated[UploadFile, File()],
-                      purpose: Annotated[str, Form()]) -> dict[str, Any]:
+async def upload_file(
+    services: ServicesDep, owner: Owner, file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]
+) -> dict[str, Any]:
     if purpose != "batch":
         raise APIError(400, "Only purpose 'batch' is supported.", param="purpose")
     limit = int(services.settings.max_file_mb * 2**20)
     content = await file.read(limit + 1)
     if len(content) > limit:
-        raise APIError(413, f"The file is larger than {services.settings.max_file_mb:g} MB.",
-                       code="file_too_large", param="file")
+        raise APIError(
+            413, f"The file is larger than {services.settings.max_file_mb:g} MB.", code="file_too_large", param="file"
+        )
 
     def store() -> dict[str, Any]:
         with services.sessions.begin() as session:
-            row = batch_repos.create_file(session=session, purpose=purpose, filename=file.filename or "upload.jsonl",
-                                          content=content, owner=owner)
+            row = batch_repos.create_file(
+                session=session, purpose=purpose, filename=file.filename or "upload.jsonl", content=content, owner=owner
+            )
             return file_object(row)
 
     return await asyncio.to_thread(store)
 
 
 @files_router.get("")
-async def list_files(services: ServicesDep, owner: Owner, purpose: str | None = None,
-                     limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000, after: str | None = None) -> dict[str, Any]:
+async def list_files(
+    services: ServicesDep,
+    owner: Owner,
+    purpose: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+    after: str | None = None,
+) -> dict[str, Any]:
     def read() -> list[dict[str, Any]]:
         with services.sessions() as session:
-            return [file_object(f) for f in batch_repos.list_files(session=session, owner=owner, purpose=purpose, limit=limit + 1,
-                                                                    after=after)]
+            return [
+                file_object(f)
+                for f in batch_repos.list_files(
+                    session=session, owner=owner, purpose=purpose, limit=limit + 1, after=after
+                )
+            ]
 
     data = await asyncio.to_thread(read)
     page = data[:limit]
-    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None, "has_more": len(data) > limit}
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": len(data) > limit,
+    }
 
 
 @files_router.get("/{file_id}")
@@ -124,6 +150,7 @@ async def delete_file(file_id: str, services: ServicesDep, owner: Owner) -> dict
 
 # -- batches ----------------------------------------------------------------------------------
 
+
 class BatchRequest(BaseModel):
     input_file_id: str
     endpoint: str
@@ -135,15 +162,29 @@ def batch_object(session: Session, batch: Batch) -> dict[str, Any]:
     counts = batch_repos.line_counts(session=session, batch_id=batch.id)
     errors = {"object": "list", "data": batch.errors} if batch.errors else None
     return {
-        "id": batch.id, "object": "batch", "endpoint": batch.endpoint, "errors": errors,
-        "input_file_id": batch.input_file_id, "completion_window": batch.completion_window,
-        "status": batch.status, "output_file_id": batch.output_file_id, "error_file_id": batch.error_file_id,
-        **{name: int(value) if value is not None else None for name, value in (
-            ("created_at", batch.created_at), ("in_progress_at", batch.in_progress_at),
-            ("expires_at", batch.expires_at), ("finalizing_at", batch.finalizing_at),
-            ("completed_at", batch.completed_at), ("failed_at", batch.failed_at),
-            ("expired_at", batch.expired_at), ("cancelling_at", batch.cancelling_at),
-            ("cancelled_at", batch.cancelled_at))},
+        "id": batch.id,
+        "object": "batch",
+        "endpoint": batch.endpoint,
+        "errors": errors,
+        "input_file_id": batch.input_file_id,
+        "completion_window": batch.completion_window,
+        "status": batch.status,
+        "output_file_id": batch.output_file_id,
+        "error_file_id": batch.error_file_id,
+        **{
+            name: int(value) if value is not None else None
+            for name, value in (
+                ("created_at", batch.created_at),
+                ("in_progress_at", batch.in_progress_at),
+                ("expires_at", batch.expires_at),
+                ("finalizing_at", batch.finalizing_at),
+                ("completed_at", batch.completed_at),
+                ("failed_at", batch.failed_at),
+                ("expired_at", batch.expired_at),
+                ("cancelling_at", batch.cancelling_at),
+                ("cancelled_at", batch.cancelled_at),
+            )
+        },
         "request_counts": {k: counts[k] for k in ("total", "completed", "failed")},
         # Not in OpenAI's object (its clients ignore it): what the lines have generated so far.
         "usage": {"completion_tokens": counts["completion_tokens"]},
@@ -152,8 +193,12 @@ def batch_object(session: Session, batch: Batch) -> dict[str, Any]:
 
 
 def _line_error(line: int, code: str, message: str, custom_id: Any = None) -> dict[str, Any]:
-    return {"line": line, "custom_id": custom_id if isinstance(custom_id, str) else None,
-            "job": None, "error": {"code": code, "message": f"line {line}: {message}", "line": line}}
+    return {
+        "line": line,
+        "custom_id": custom_id if isinstance(custom_id, str) else None,
+        "job": None,
+        "error": {"code": code, "message": f"line {line}: {message}", "line": line},
+    }
 
 
 async def _read_lines(services: Services, endpoint: str, content: bytes, owner: str | None) -> list[dict[str, Any]]:
@@ -182,8 +227,9 @@ async def _read_lines(services: Services, endpoint: str, content: bytes, owner: 
             out.append(_line_error(n, "missing_custom_id", "custom_id must be a non-empty string.", custom_id))
             continue
         if custom_id in seen:
-            out.append(_line_error(n, "duplicate_custom_id", f"custom_id {custom_id!r} is used by an earlier line.",
-                                   custom_id))
+            out.append(
+                _line_error(n, "duplicate_custom_id", f"custom_id {custom_id!r} is used by an earlier line.", custom_id)
+            )
             continue
         seen.add(custom_id)
         if item.get("method", "POST") != "POST":
@@ -211,15 +257,21 @@ async def _read_lines(services: Services, endpoint: str, content: bytes, owner: 
     return out
 
 
-def _create(services: Services, request: BatchRequest, lines: list[dict[str, Any]], window_s: float,
-            owner: str | None) -> str:
+def _create(
+    services: Services, request: BatchRequest, lines: list[dict[str, Any]], window_s: float, owner: str | None
+) -> str:
     """The batch row, its lines and their jobs, in one transaction: all or nothing."""
     ttl, namespace = services.settings.cache_ttl_s, Pipeline(services).namespace(owner)
     with services.sessions.begin() as session:
-        batch = batch_repos.create_batch(session=session, endpoint=request.endpoint,
-                                         input_file_id=request.input_file_id,
-                                         completion_window=request.completion_window, window_s=window_s,
-                                         metadata=request.metadata, owner=owner)
+        batch = batch_repos.create_batch(
+            session=session,
+            endpoint=request.endpoint,
+            input_file_id=request.input_file_id,
+            completion_window=request.completion_window,
+            window_s=window_s,
+            metadata=request.metadata,
+            owner=owner,
+        )
         by_key: dict[str, str] = {}
         rows = []
         for line in lines:
@@ -229,8 +281,9 @@ def _create(services: Services, request: BatchRequest, lines: list[dict[str, Any
                 job_id = by_key.get(key)
                 if job_id is None:
                     job_id = by_key[key] = _job_for(session, batch.id, kind, canonical, key, ttl, owner, namespace)
-            rows.append({"line": line["line"], "custom_id": line["custom_id"], "job_id": job_id,
-                         "error": line["error"]})
+            rows.append(
+                {"line": line["line"], "custom_id": line["custom_id"], "job_id": job_id, "error": line["error"]}
+            )
         batch_repos.add_lines(session=session, batch_id=batch.id, lines=rows)
         problems = [r["error"] for r in rows if r["error"]]
         batch.errors = problems[:ERRORS_SHOWN] or None
@@ -238,12 +291,30 @@ def _create(services: Services, request: BatchRequest, lines: list[dict[str, Any
         return batch.id
 
 
-def _job_for(session: Session, batch_id: str, kind: str, canonical: dict[str, Any], key: str,
-             ttl_s: float | None, owner: str | None, namespace: str) -> str:
+def _job_for(
+    session: Session,
+    batch_id: str,
+    kind: str,
+    canonical: dict[str, Any],
+    key: str,
+    ttl_s: float | None,
+    owner: str | None,
+    namespace: str,
+) -> str:
     """A line's job: the cached answer, an identical job in flight, or a new low-priority job."""
     cacheable = is_deterministic(canonical)
-    common = {"key": key, "kind": kind, "model": canonical["model"], "request": canonical, "ttl_s": ttl_s,
-              "priority": "low", "stream": False, "batch_id": batch_id, "owner": owner, "namespace": namespace}
+    common = {
+        "key": key,
+        "kind": kind,
+        "model": canonical["model"],
+        "request": canonical,
+        "ttl_s": ttl_s,
+        "priority": "low",
+        "stream": False,
+        "batch_id": batch_id,
+        "owner": owner,
+        "namespace": namespace,
+    }
     if cacheable and (cached := repos.lookup_result(session=session, key=key)) is not None:
         return repos.create_job(session=session, store=False, result=cached, **common).id
     if cacheable and (running := repos.find_inflight(session=session, key=key)) is not None:
@@ -255,16 +326,16 @@ def _job_for(session: Session, batch_id: str, kind: str, canonical: dict[str, An
 @batches_router.post("")
 async def create_batch(services: ServicesDep, owner: Owner, request: Annotated[BatchRequest, Body()]) -> dict[str, Any]:
     if request.endpoint not in ENDPOINTS:
-        raise APIError(400, f"Unsupported endpoint {request.endpoint!r}; use one of {', '.join(ENDPOINTS)}.",
-                       param="endpoint")
+        raise APIError(
+            400, f"Unsupported endpoint {request.endpoint!r}; use one of {', '.join(ENDPOINTS)}.", param="endpoint"
+        )
     settings = services.settings
 
     def read_input() -> bytes:
         with services.sessions() as session:
             file = _file(session, request.input_file_id, owner)
             if file.purpose != "batch":
-                raise APIError(400, f"File {file.id} has purpose {file.purpose!r}, not 'batch'.",
-                               param="input_file_id")
+                raise APIError(400, f"File {file.id} has purpose {file.purpose!r}, not 'batch'.", param="input_file_id")
             return file.content
 
     content = await asyncio.to_thread(read_input)
@@ -272,8 +343,11 @@ async def create_batch(services: ServicesDep, owner: Owner, request: Annotated[B
     if not lines:
         raise APIError(400, "The input file has no lines.", param="input_file_id")
     if len(lines) > settings.max_batch_lines:
-        raise APIError(400, f"The input file has {len(lines)} lines; at most {settings.max_batch_lines} are "
-                            "allowed in one batch.", param="input_file_id")
+        raise APIError(
+            400,
+            f"The input file has {len(lines)} lines; at most {settings.max_batch_lines} are allowed in one batch.",
+            param="input_file_id",
+        )
     window_s = int(request.completion_window[:-1]) * 3600.0
     batch_id = await asyncio.to_thread(_create, services, request, lines, window_s, owner)
     await asyncio.to_thread(delivery.resend, services.sessions, services.celery, settings, lost_after_s=None)
@@ -305,27 +379,35 @@ async def get_batch(batch_id: str, services: ServicesDep, owner: Owner) -> dict[
 
 
 @batches_router.get("")
-async def list_batches(services: ServicesDep, owner: Owner, limit: Annotated[int, Query(ge=1, le=100)] = 20,
-                       after: str | None = None) -> dict[str, Any]:
+async def list_batches(
+    services: ServicesDep, owner: Owner, limit: Annotated[int, Query(ge=1, le=100)] = 20, after: str | None = None
+) -> dict[str, Any]:
     def read() -> list[dict[str, Any]]:
         with services.sessions() as session:
-            return [batch_object(session, b) for b in batch_repos.list_batches(session=session, owner=owner, limit=limit + 1,
-                                                                              after=after)]
+            return [
+                batch_object(session, b)
+                for b in batch_repos.list_batches(session=session, owner=owner, limit=limit + 1, after=after)
+            ]
 
     data = await asyncio.to_thread(read)
     page = data[:limit]
-    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None, "has_more": len(data) > limit}
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": len(data) > limit,
+    }
 
 
 @batches_router.post("/{batch_id}/cancel")
 async def cancel_batch(batch_id: str, services: ServicesDep, owner: Owner) -> dict[str, Any]:
     """Stop the batch's jobs (the worker drops them within a second); the output keeps what finished."""
+
     def cancel() -> dict[str, Any]:
         with services.sessions.begin() as session:
             _batch(session, batch_id, owner)
-            if batch_repos.move(session=session, batch_id=batch_id, to="cancelling",
-                                frm=("validating", "in_progress")):
+            if batch_repos.move(session=session, batch_id=batch_id, to="cancelling", frm=("validating", "in_progress")):
                 batch_repos.cancel_jobs(session=session, batch_id=batch_id)
         with services.sessions() as session:  # answered as `cancelling`, as OpenAI does
             batch = batch_repos.get_batch(session=session, batch_id=batch_id)
@@ -336,6 +418,7 @@ async def cancel_batch(batch_id: str, services: ServicesDep, owner: Owner) -> di
 
 
 # -- progress and output ----------------------------------------------------------------------
+
 
 def advance(services: Services, batch_id: str) -> None:
     """Move an open batch on: expire it past its window; finish it when none of its jobs is active (or
@@ -359,15 +442,20 @@ def advance(services: Services, batch_id: str) -> None:
         for name, lines in (("output_file_id", output), ("error_file_id", errors)):
             if lines:
                 content = ("\n".join(json.dumps(line, ensure_ascii=False) for line in lines) + "\n").encode()
-                ids[name] = batch_repos.create_file(session=session, purpose="batch_output",
-                                                    filename=f"{batch_id}_{name.split('_')[0]}.jsonl",
-                                                    content=content, owner=batch.owner).id
+                ids[name] = batch_repos.create_file(
+                    session=session,
+                    purpose="batch_output",
+                    filename=f"{batch_id}_{name.split('_')[0]}.jsonl",
+                    content=content,
+                    owner=batch.owner,
+                ).id
         batch_repos.move(session=session, batch_id=batch_id, to=final, frm=("finalizing",), **ids)
     log.info("batch %s %s: %d answered, %d errors", batch_id, final, len(output), len(errors))
 
 
-def _compose(services: Services, session: Session, batch_id: str,
-             final: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _compose(
+    services: Services, session: Session, batch_id: str, final: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(output lines, error lines), each line of the input once, in order."""
     output: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
@@ -378,17 +466,27 @@ def _compose(services: Services, session: Session, batch_id: str,
 
 
 def _entry(services: Services, line: BatchLine, job: Job | None, final: str) -> dict[str, Any]:
-    entry: dict[str, Any] = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": line.custom_id,
-                             "response": None, "error": None}
+    entry: dict[str, Any] = {
+        "id": f"batch_req_{uuid.uuid4().hex}",
+        "custom_id": line.custom_id,
+        "response": None,
+        "error": None,
+    }
     if job is None:
         entry["error"] = line.error or {"code": "invalid_request", "message": "refused"}
     elif job.status == "succeeded":
-        entry["response"] = {"status_code": 200, "request_id": job.id,
-                             "body": render_result(services, job.kind, job.result)}
+        entry["response"] = {
+            "status_code": 200,
+            "request_id": job.id,
+            "body": render_result(services, job.kind, job.result),
+        }
     elif job.status in ("failed", "cancelled"):
         error = job.error or {}
-        entry["response"] = {"status_code": int(error.get("status", 500)), "request_id": job.id,
-                             "body": {"error": {k: error.get(k) for k in ("message", "type", "param", "code")}}}
+        entry["response"] = {
+            "status_code": int(error.get("status", 500)),
+            "request_id": job.id,
+            "body": {"error": {k: error.get(k) for k in ("message", "type", "param", "code")}},
+        }
     else:  # still queued or running: the batch was cancelled or expired first
         entry["error"] = {"code": f"batch_{final}", "message": f"The batch was {final} before this request ran."}
     return entry
@@ -403,4 +501,3 @@ def advance_open(services: Services) -> None:
             advance(services, batch_id)
         except Exception:
             log.exception("could not advance batch %s", batch_id)
-

@@ -26,8 +26,9 @@ async def cache_stats(services: ServicesDep) -> dict[str, Any]:
 
 
 @router.delete("")
-async def clear_response_cache(services: ServicesDep, owner: Owner,
-                               older_than_s: Annotated[float | None, Query(ge=0)] = None) -> dict[str, Any]:
+async def clear_response_cache(
+    services: ServicesDep, owner: Owner, older_than_s: Annotated[float | None, Query(ge=0)] = None
+) -> dict[str, Any]:
     """Delete response-cache entries (all, or those stored more than `older_than_s` ago)."""
     namespace = Pipeline(services).namespace(owner) if owner is not None else None
 
@@ -41,6 +42,7 @@ async def clear_response_cache(services: ServicesDep, owner: Owner,
 @router.delete("/prefix")
 async def clear_prefix_cache(services: ServicesDep) -> dict[str, Any]:
     """Make every worker drop its prefix KV cache (within a heartbeat; saved empty)."""
+
     def bump() -> None:
         with services.sessions.begin() as session:
             repos.bump(session=session, name=PREFIX_CACHE_CLEARS)

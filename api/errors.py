@@ -146,8 +146,16 @@ ErrorShape = Callable[[int, str], dict[str, Any]]
 
 
 def install(app: FastAPI, shapes: Sequence[tuple[str, ErrorShape]] = ()) -> None:
-    def respond(request: Request, status: int, message: str, *, type: str, code: str | None = None,
-                param: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    def respond(
+        request: Request,
+        status: int,
+        message: str,
+        *,
+        type: str,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> JSONResponse:
         for prefix, shape in shapes:
             if request.url.path.startswith(prefix):
                 return JSONResponse(shape(status, _utf8(message)), status_code=status, headers=headers)
@@ -155,8 +163,9 @@ def install(app: FastAPI, shapes: Sequence[tuple[str, ErrorShape]] = ()) -> None
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return respond(request, exc.status, exc.message, type=exc.type, code=exc.code, param=exc.param,
-                       headers=exc.headers)
+        return respond(
+            request, exc.status, exc.message, type=exc.type, code=exc.code, param=exc.param, headers=exc.headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -165,15 +174,22 @@ def install(app: FastAPI, shapes: Sequence[tuple[str, ErrorShape]] = ()) -> None
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return respond(request, exc.status_code, str(exc.detail),
-                       type=_TYPES.get(exc.status_code, "invalid_request_error"))
+        return respond(
+            request, exc.status_code, str(exc.detail), type=_TYPES.get(exc.status_code, "invalid_request_error")
+        )
 
     @app.exception_handler(DBAPIError)
     async def _database(request: Request, exc: DBAPIError) -> JSONResponse:
         # The database is down or restarting: a retryable 503, not a 500 (the pool reconnects once it is back).
         log.warning("database error: %s", exc.orig)
-        return respond(request, 503, "The database is unavailable; retry the request.", type="server_error",
-                       code="database_unavailable", headers={"Retry-After": "1"})
+        return respond(
+            request,
+            503,
+            "The database is unavailable; retry the request.",
+            type="server_error",
+            code="database_unavailable",
+            headers={"Retry-After": "1"},
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

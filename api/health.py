@@ -36,9 +36,13 @@ def health_snapshot(services: Services) -> dict[str, Any]:
         "broker": {"ok": broker is None, "error": broker},
         "model": settings.model_name,
         "model_loaded": loaded,
-        "worker": {"alive": bool(workers), "count": len(workers), "error": errors[0] if errors else None,
-                   # Times `mlxq serve` restarted a worker that died.
-                   "restarts": counts.get("worker_restarts", 0)},
+        "worker": {
+            "alive": bool(workers),
+            "count": len(workers),
+            "error": errors[0] if errors else None,
+            # Times `mlxq serve` restarted a worker that died.
+            "restarts": counts.get("worker_restarts", 0),
+        },
         "queue_depth": depth,
         "jobs": {status: jobs.get(status, 0) for status in (*repos.ACTIVE, *repos.TERMINAL)},
         "cache": {

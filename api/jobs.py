@@ -39,9 +39,15 @@ def render_result(services: Services, kind: str, result: dict[str, Any] | None) 
 def job_object(services: Services, job: Job) -> dict[str, Any]:
     endpoint = KIND_ENDPOINTS.get(job.kind, job.kind)
     return {
-        "id": job.id, "object": "job", "endpoint": endpoint, "status": job.status, "priority": job.priority,
-        "created_at": int(job.created_at), "started_at": job.started_at and int(job.started_at),
-        "finished_at": job.finished_at and int(job.finished_at), "attempts": job.attempts,
+        "id": job.id,
+        "object": "job",
+        "endpoint": endpoint,
+        "status": job.status,
+        "priority": job.priority,
+        "created_at": int(job.created_at),
+        "started_at": job.started_at and int(job.started_at),
+        "finished_at": job.finished_at and int(job.finished_at),
+        "attempts": job.attempts,
         "batch_id": job.batch_id,
         "result": render_result(services, job.kind, job.result) if job.status == "succeeded" else None,
         "error": job.error if job.status in ("failed", "cancelled") else None,
@@ -58,8 +64,13 @@ def _get(services: Services, job_id: str, owner: str | None) -> dict[str, Any]:
 
 
 @router.post("", status_code=202)
-async def submit_job(services: ServicesDep, owner: Owner, raw: Annotated[dict[str, Any], Body()],
-                     idempotency_key: str | None = Header(None), cache_control: str | None = Header(None)) -> Response:
+async def submit_job(
+    services: ServicesDep,
+    owner: Owner,
+    raw: Annotated[dict[str, Any], Body()],
+    idempotency_key: str | None = Header(None),
+    cache_control: str | None = Header(None),
+) -> Response:
     """Take a chat or completion body (`{"endpoint": …, "body": {…}, "priority": "low"}`, or the body itself,
     its endpoint told by `messages` or `prompt`); 202 with the job."""
     if isinstance(raw.get("body"), dict):
@@ -77,17 +88,28 @@ async def submit_job(services: ServicesDep, owner: Owner, raw: Annotated[dict[st
     if len(prepared.canonicals) != 1:
         raise APIError(400, "A job takes one prompt; send several as a batch.", param="prompt")
     chosen: Priority = priority or prepared.priority
-    outcome = await Pipeline(services).submit(kind=prepared.kind, canonical=prepared.canonicals[0],
-                                              policy=CachePolicy.parse(cache_control, body.cache), priority=chosen,
-                                              as_job=True, idempotency_key=idempotency_key, owner=owner)
+    outcome = await Pipeline(services).submit(
+        kind=prepared.kind,
+        canonical=prepared.canonicals[0],
+        policy=CachePolicy.parse(cache_control, body.cache),
+        priority=chosen,
+        as_job=True,
+        idempotency_key=idempotency_key,
+        owner=owner,
+    )
     assert outcome.job_id is not None
     job = await asyncio.to_thread(_get, services, outcome.job_id, None)
     return JSONResponse(job, status_code=202, headers={"X-Cache": outcome.cache})
 
 
 @router.get("")
-async def list_jobs(services: ServicesDep, owner: Owner, status: JobStatus | None = None,
-                    limit: Annotated[int, Query(ge=1, le=100)] = 20, after: str | None = None) -> dict[str, Any]:
+async def list_jobs(
+    services: ServicesDep,
+    owner: Owner,
+    status: JobStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: str | None = None,
+) -> dict[str, Any]:
     def read() -> list[dict[str, Any]]:
         with services.sessions() as session:
             jobs = repos.list_jobs(session=session, owner=owner, status=status, limit=limit + 1, after=after)
@@ -95,8 +117,13 @@ async def list_jobs(services: ServicesDep, owner: Owner, status: JobStatus | Non
 
     data = await asyncio.to_thread(read)
     page = data[:limit]
-    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None, "has_more": len(data) > limit}
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": len(data) > limit,
+    }
 
 
 @router.get("/{job_id}")
@@ -121,6 +148,7 @@ async def job_events(job_id: str, services: ServicesDep, owner: Owner) -> Respon
 @router.delete("/{job_id}")
 async def cancel_job(job_id: str, services: ServicesDep, owner: Owner) -> dict[str, Any]:
     """Cancel a queued or running job (the worker stops it within a second); a finished job is unchanged."""
+
     def cancel() -> dict[str, Any]:
         _get(services, job_id, owner)
         with services.sessions.begin() as session:

@@ -23,33 +23,42 @@ class _Snapshot(Collector):
     def collect(self) -> Iterator[Metric]:
         snap = self._snapshot()
         cache = snap["cache"]
-        for name, help_text in (("hits", "Response-cache hits"), ("misses", "Response-cache misses"),
-                                ("bypass", "Requests that bypassed the response cache"),
-                                ("cached_items", "Entries in the response cache"),
-                                ("bytes", "Bytes of cached results")):
+        for name, help_text in (
+            ("hits", "Response-cache hits"),
+            ("misses", "Response-cache misses"),
+            ("bypass", "Requests that bypassed the response cache"),
+            ("cached_items", "Entries in the response cache"),
+            ("bytes", "Bytes of cached results"),
+        ):
             yield GaugeMetricFamily(f"mlxq_cache_{name}", help_text, value=cache[name])
         yield GaugeMetricFamily("mlxq_cache_hit_rate", "hits / (hits + misses)", value=cache["hit_rate"])
         for name, value in snap["prefix_cache"].items():
             yield GaugeMetricFamily(f"mlxq_prefix_cache_{name}", f"Worker prefix KV cache: {name}", value=value)
-        requests = CounterMetricFamily("mlxq_requests", "Generation requests by endpoint and cache outcome",
-                                       labels=["endpoint", "cache"])
+        requests = CounterMetricFamily(
+            "mlxq_requests", "Generation requests by endpoint and cache outcome", labels=["endpoint", "cache"]
+        )
         for name, value in snap["counters"].items():
             if name.startswith(f"{REQUESTS}:"):
                 requests.add_metric(name.split(":")[1:3], value)
         yield requests
-        yield CounterMetricFamily("mlxq_generated_tokens", "Tokens generated (cache hits excluded)",
-                                  value=snap["counters"].get(GENERATED_TOKENS, 0))
+        yield CounterMetricFamily(
+            "mlxq_generated_tokens",
+            "Tokens generated (cache hits excluded)",
+            value=snap["counters"].get(GENERATED_TOKENS, 0),
+        )
         yield GaugeMetricFamily("mlxq_queue_depth", "Jobs waiting for the worker", value=snap["queue_depth"])
         jobs = GaugeMetricFamily("mlxq_jobs", "Jobs by state (kept for MLXQ_JOB_RETENTION_S)", labels=["status"])
         for status, count in snap["jobs"].items():
             jobs.add_metric([status], count)
         yield jobs
         for name, value in snap["batch"].items():
-            yield GaugeMetricFamily(f"mlxq_batch_{name}", f"Engine batch: {name} (workers' last heartbeat)",
-                                    value=value)
+            yield GaugeMetricFamily(
+                f"mlxq_batch_{name}", f"Engine batch: {name} (workers' last heartbeat)", value=value
+            )
         yield GaugeMetricFamily("mlxq_workers_alive", "Workers with a recent heartbeat", value=snap["worker"]["count"])
-        yield GaugeMetricFamily("mlxq_model_loaded", "1 when a live worker holds the model",
-                                value=1 if snap["model_loaded"] else 0)
+        yield GaugeMetricFamily(
+            "mlxq_model_loaded", "1 when a live worker holds the model", value=1 if snap["model_loaded"] else 0
+        )
 
 
 class Metrics:
@@ -58,9 +67,13 @@ class Metrics:
 
     def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
         self.registry = CollectorRegistry()
-        self.latency = Histogram("mlxq_request_seconds", "Time to answer a generation request",
-                                 ["endpoint", "cache"], registry=self.registry,
-                                 buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.latency = Histogram(
+            "mlxq_request_seconds",
+            "Time to answer a generation request",
+            ["endpoint", "cache"],
+            registry=self.registry,
+            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
         self.registry.register(_Snapshot(snapshot))
 
     def observe(self, endpoint: str, cache: str, seconds: float) -> None:

@@ -76,9 +76,22 @@ class Pipeline:
 
     # -- SQL steps (run in threads) --------------------------------------------------------
 
-    def _resolve(self, *, key: str, kind: str, canonical: dict[str, Any], lookup: bool, store: bool,
-                 ttl_s: float | None, priority: Priority, stream: bool, as_job: bool = False,
-                 idempotency_key: str | None = None, owner: str | None = None, namespace: str = "") -> Outcome:
+    def _resolve(
+        self,
+        *,
+        key: str,
+        kind: str,
+        canonical: dict[str, Any],
+        lookup: bool,
+        store: bool,
+        ttl_s: float | None,
+        priority: Priority,
+        stream: bool,
+        as_job: bool = False,
+        idempotency_key: str | None = None,
+        owner: str | None = None,
+        namespace: str = "",
+    ) -> Outcome:
         """One thread hop and one transaction for the whole decision: cached answer, an identical job in
         flight, or a new job. `as_job` (a submitted job) makes a job row even for a cached answer;
         `idempotency_key` returns the job an earlier submit with that key got."""
@@ -86,13 +99,31 @@ class Pipeline:
         for _attempt in range(3):
             try:
                 with self.s.sessions.begin() as session:
-                    if idempotency_key and (known := repos.job_for_idempotency_key(
-                            session=session, key=idempotency_key)) is not None:
-                        return Outcome(known.result or {}, "HIT" if known.status == "succeeded" else outcome,
-                                       key, known.id, joined=True)
-                    found = self._decide(session, key=key, kind=kind, canonical=canonical, lookup=lookup,
-                                         store=store, ttl_s=ttl_s, priority=priority, stream=stream, as_job=as_job,
-                                         owner=owner, namespace=namespace)
+                    if (
+                        idempotency_key
+                        and (known := repos.job_for_idempotency_key(session=session, key=idempotency_key)) is not None
+                    ):
+                        return Outcome(
+                            known.result or {},
+                            "HIT" if known.status == "succeeded" else outcome,
+                            key,
+                            known.id,
+                            joined=True,
+                        )
+                    found = self._decide(
+                        session,
+                        key=key,
+                        kind=kind,
+                        canonical=canonical,
+                        lookup=lookup,
+                        store=store,
+                        ttl_s=ttl_s,
+                        priority=priority,
+                        stream=stream,
+                        as_job=as_job,
+                        owner=owner,
+                        namespace=namespace,
+                    )
                     if idempotency_key and found.job_id:
                         repos.remember_idempotency_key(session=session, key=idempotency_key, job_id=found.job_id)
             except IntegrityError:  # an identical job (or key) was created at the same moment: join it
@@ -106,17 +137,41 @@ class Pipeline:
             return found
         raise APIError(503, "Could not enqueue the request; try again.", code="enqueue_conflict")
 
-    def _decide(self, session: Session, *, key: str, kind: str, canonical: dict[str, Any], lookup: bool,
-                store: bool, ttl_s: float | None, priority: Priority, stream: bool, as_job: bool,
-                owner: str | None, namespace: str) -> Outcome:
+    def _decide(
+        self,
+        session: Session,
+        *,
+        key: str,
+        kind: str,
+        canonical: dict[str, Any],
+        lookup: bool,
+        store: bool,
+        ttl_s: float | None,
+        priority: Priority,
+        stream: bool,
+        as_job: bool,
+        owner: str | None,
+        namespace: str,
+    ) -> Outcome:
         outcome = "MISS" if lookup else "BYPASS"
         waiters = 1  # the client asking; a submitted job's submitter never leaves
         if lookup and (cached := repos.lookup_result(session=session, key=key)) is not None:
             if not as_job:
                 return Outcome(cached, "HIT", key)
-            job = repos.create_job(session=session, key=key, kind=kind, model=canonical["model"], request=canonical,
-                                   store=False, ttl_s=ttl_s, priority=priority, stream=stream, result=cached,
-                                   owner=owner, namespace=namespace)
+            job = repos.create_job(
+                session=session,
+                key=key,
+                kind=kind,
+                model=canonical["model"],
+                request=canonical,
+                store=False,
+                ttl_s=ttl_s,
+                priority=priority,
+                stream=stream,
+                result=cached,
+                owner=owner,
+                namespace=namespace,
+            )
             return Outcome(cached, "HIT", key, job.id)
         running = repos.find_inflight(session=session, key=key) if store else None
         if running is not None:
@@ -124,11 +179,26 @@ class Pipeline:
             return Outcome({}, outcome, key, running.id, joined=True, needs_send=needs_send)
         ceiling = self.s.settings.max_queue_depth
         if ceiling and repos.queue_depth(session=session) >= ceiling:
-            raise APIError(429, f"{ceiling} requests are already waiting; retry shortly.", code="queue_full",
-                           headers={"Retry-After": "1"})
-        job = repos.create_job(session=session, key=key, kind=kind, model=canonical["model"], request=canonical,
-                               store=store, ttl_s=ttl_s, priority=priority, stream=stream, waiters=waiters,
-                               owner=owner, namespace=namespace)
+            raise APIError(
+                429,
+                f"{ceiling} requests are already waiting; retry shortly.",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            )
+        job = repos.create_job(
+            session=session,
+            key=key,
+            kind=kind,
+            model=canonical["model"],
+            request=canonical,
+            store=store,
+            ttl_s=ttl_s,
+            priority=priority,
+            stream=stream,
+            waiters=waiters,
+            owner=owner,
+            namespace=namespace,
+        )
         return Outcome({}, outcome, key, job.id)
 
     def _send(self, job_id: str, *, kind: str, chars: int) -> None:
@@ -136,9 +206,12 @@ class Pipeline:
             delivery.send(self.s.celery, self.s.settings.queue, job_id, kind=kind, chars=chars)
         except Exception as exc:
             with self.s.sessions.begin() as session:
-                repos.finish_job(session=session, job_id=job_id, status="failed",
-                                 error=dict(job_error(503, f"could not enqueue the job: {exc}",
-                                                      code="broker_unavailable")))
+                repos.finish_job(
+                    session=session,
+                    job_id=job_id,
+                    status="failed",
+                    error=dict(job_error(503, f"could not enqueue the job: {exc}", code="broker_unavailable")),
+                )
             raise APIError(503, f"The job queue is unavailable: {exc}", code="broker_unavailable") from exc
 
     def _job_state(self, job_id: str) -> tuple[str, dict[str, Any] | None, dict[str, Any] | None]:
@@ -159,9 +232,18 @@ class Pipeline:
 
     # -- the path --------------------------------------------------------------------------
 
-    async def submit(self, *, kind: str, canonical: dict[str, Any], policy: CachePolicy,
-                     priority: Priority = "interactive", stream: bool = True, as_job: bool = False,
-                     idempotency_key: str | None = None, owner: str | None = None) -> Outcome:
+    async def submit(
+        self,
+        *,
+        kind: str,
+        canonical: dict[str, Any],
+        policy: CachePolicy,
+        priority: Priority = "interactive",
+        stream: bool = True,
+        as_job: bool = False,
+        idempotency_key: str | None = None,
+        owner: str | None = None,
+    ) -> Outcome:
         """Answer from the cache, or enqueue a job (joining an identical one in flight), as `owner` (the API
         key's id; None with keys off)."""
         namespace = self.namespace(owner)
@@ -170,9 +252,19 @@ class Pipeline:
             idempotency_key = f"{owner}:{idempotency_key}"  # one key's retries, never another's jobs
         cacheable = is_deterministic(canonical) or self.s.settings.cache_sampled
         outcome = await asyncio.to_thread(
-            self._resolve, key=key, kind=kind, canonical=canonical, lookup=cacheable and policy.lookup,
-            store=cacheable and policy.store, ttl_s=policy.ttl_s, priority=priority,
-            stream=stream, as_job=as_job, idempotency_key=idempotency_key, owner=owner, namespace=namespace,
+            self._resolve,
+            key=key,
+            kind=kind,
+            canonical=canonical,
+            lookup=cacheable and policy.lookup,
+            store=cacheable and policy.store,
+            ttl_s=policy.ttl_s,
+            priority=priority,
+            stream=stream,
+            as_job=as_job,
+            idempotency_key=idempotency_key,
+            owner=owner,
+            namespace=namespace,
         )
         if outcome.cache == "HIT":
             self.s.stats.hit(key)
@@ -180,11 +272,19 @@ class Pipeline:
             self.s.stats.count("cache_misses" if outcome.cache == "MISS" else "cache_bypass")
         return outcome
 
-    async def run(self, *, kind: str, canonical: dict[str, Any], policy: CachePolicy,
-                  priority: Priority = "interactive", owner: str | None = None) -> Outcome:
+    async def run(
+        self,
+        *,
+        kind: str,
+        canonical: dict[str, Any],
+        policy: CachePolicy,
+        priority: Priority = "interactive",
+        owner: str | None = None,
+    ) -> Outcome:
         """The synchronous path: the client waits for the answer."""
-        outcome = await self.submit(kind=kind, canonical=canonical, policy=policy, priority=priority, stream=False,
-                                    owner=owner)
+        outcome = await self.submit(
+            kind=kind, canonical=canonical, policy=policy, priority=priority, stream=False, owner=owner
+        )
         if outcome.job_id is not None:
             try:
                 outcome.result = await self.wait(outcome.job_id)
@@ -232,15 +332,19 @@ class Pipeline:
                     elif status in repos.TERMINAL:
                         event = events.error(error or job_error(500, f"job {status}"))
                     elif time.monotonic() > deadline:
-                        raise APIError(504, f"Job {job_id} did not finish in time; poll /v1/jobs/{job_id}.",
-                                       code="timeout") from None
+                        raise APIError(
+                            504, f"Job {job_id} did not finish in time; poll /v1/jobs/{job_id}.", code="timeout"
+                        ) from None
                     else:
                         yield events.waiting(status)
                         continue
                 if event["type"] == "restarted":
                     if relayed and not replayable:
-                        raise APIError(503, "The worker stopped in the middle of this answer; retry the request.",
-                                       code="worker_lost")
+                        raise APIError(
+                            503,
+                            "The worker stopped in the middle of this answer; retry the request.",
+                            code="worker_lost",
+                        )
                     skip, relayed = relayed, 0
                     continue
                 if event["type"] == "delta":
@@ -270,6 +374,7 @@ class Pipeline:
     def leave_soon(self, job_id: str, *, abandon: bool) -> None:
         """A client stops waiting for a job (from anywhere, even a cancelled task: the executor runs it
         regardless). A client that went away early (`abandon`) cancels the job if nobody else waits."""
+
         def leave() -> None:
             with self.s.sessions.begin() as session:
                 repos.leave_job(session=session, job_id=job_id, abandon=abandon)

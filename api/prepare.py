@@ -28,8 +28,7 @@ ENDPOINTS: dict[str, tuple[JobKind, type[GenerationRequest]]] = {
 }
 
 
-KIND_ENDPOINTS = {"chat": "/v1/chat/completions", "completion": "/v1/completions",
-                  "count": "/v1/messages/count_tokens"}
+KIND_ENDPOINTS = {"chat": "/v1/chat/completions", "completion": "/v1/completions", "count": "/v1/messages/count_tokens"}
 
 
 @dataclass(frozen=True)
@@ -45,14 +44,14 @@ def serves(settings: Settings, name: str) -> bool:
     """Whether `name` is the served model, by its own name or an alias (MLXQ_MODEL_ALIASES)."""
     return name == settings.model_name or any(
         fnmatch.fnmatchcase(name, pattern) and target in ("", settings.model_name)
-        for pattern, target in settings.model_aliases.items())
+        for pattern, target in settings.model_aliases.items()
+    )
 
 
 def parse(endpoint: str, raw: Any) -> GenerationRequest:
     """Validate a raw body for `endpoint` as its route would."""
     if endpoint not in ENDPOINTS:
-        raise APIError(400, f"Unsupported endpoint {endpoint!r}; use one of {', '.join(ENDPOINTS)}.",
-                       param="endpoint")
+        raise APIError(400, f"Unsupported endpoint {endpoint!r}; use one of {', '.join(ENDPOINTS)}.", param="endpoint")
     try:
         return ENDPOINTS[endpoint][1].model_validate(raw)
     except ValidationError as exc:
@@ -65,8 +64,12 @@ async def prepare(services: Services, body: GenerationRequest) -> Prepared:
     settings = services.settings
     check_json_values(body.model_dump())  # first: the 404 below echoes `model`, which must be encodable
     if not serves(settings, body.model):
-        raise APIError(404, f"The model `{body.model}` does not exist; this server serves "
-                            f"`{settings.model_name}`.", code="model_not_found", param="model")
+        raise APIError(
+            404,
+            f"The model `{body.model}` does not exist; this server serves `{settings.model_name}`.",
+            code="model_not_found",
+            param="model",
+        )
     # Canonical under the served name: the answer and its cache entry do not depend on the alias used.
     body = body.model_copy(update={"model": settings.model_name})
     if body.n not in (None, 1):
@@ -74,15 +77,15 @@ async def prepare(services: Services, body: GenerationRequest) -> Prepared:
     await check_generation(body, settings=settings, model_info=services.model_info)
     raw = body.model_dump(exclude_none=True)
     if isinstance(body, ChatCompletionRequest):
-        canonical = canonical_chat(raw, default_temperature=settings.default_temperature,
-                                   default_max_tokens=settings.default_max_tokens)
+        canonical = canonical_chat(
+            raw, default_temperature=settings.default_temperature, default_max_tokens=settings.default_max_tokens
+        )
         return Prepared("chat", _clamped([canonical], settings), body.priority, [""], body)
     assert isinstance(body, CompletionRequest)
     if body.suffix:
         raise APIError(400, "suffix is not supported.", param="suffix")
     if body.logprobs:
-        raise APIError(400, "logprobs is not supported on /v1/completions; use /v1/chat/completions.",
-                       param="logprobs")
+        raise APIError(400, "logprobs is not supported on /v1/completions; use /v1/chat/completions.", param="logprobs")
     prompts = prompt_list(body.prompt)
     if not prompts or any(p == "" or p == [] for p in prompts):
         raise APIError(400, "prompt must not be empty.", param="prompt")
@@ -90,8 +93,10 @@ async def prepare(services: Services, body: GenerationRequest) -> Prepared:
         raise APIError(400, "Streaming supports a single prompt.", param="prompt")
     raw.pop("logprobs", None)
     # OpenAI's legacy completions default to 16 tokens.
-    canonicals = [canonical_completion(raw, p, default_temperature=settings.default_temperature,
-                                       default_max_tokens=16) for p in prompts]
+    canonicals = [
+        canonical_completion(raw, p, default_temperature=settings.default_temperature, default_max_tokens=16)
+        for p in prompts
+    ]
     echo = [p if body.echo and isinstance(p, str) else "" for p in prompts]
     return Prepared("completion", _clamped(canonicals, settings), body.priority, echo, body)
 

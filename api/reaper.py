@@ -39,12 +39,18 @@ class JobReaper:
         settings = self.settings
         with self._sessions.begin() as session:
             live = [w.name for w in repos.live_workers(session=session, within_s=self.grace_s)]
-            requeued, failed = repos.requeue_running(session=session, live_workers=live,
-                                                     max_attempts=settings.max_attempts)
+            requeued, failed = repos.requeue_running(
+                session=session, live_workers=live, max_attempts=settings.max_attempts
+            )
             stale = repos.fail_stale_queued(session=session, older_than_s=settings.job_queue_timeout_s)
         if requeued or failed or stale:
-            log.warning("jobs of stopped workers: %d requeued, %d failed after %d attempts; %d never started",
-                        requeued, failed, settings.max_attempts, stale)
+            log.warning(
+                "jobs of stopped workers: %d requeued, %d failed after %d attempts; %d never started",
+                requeued,
+                failed,
+                settings.max_attempts,
+                stale,
+            )
         try:
             delivery.resend(self._sessions, self._celery, settings, lost_after_s=settings.resend_after_s)
         except Exception as exc:  # the broker is down: the next round tries again
@@ -53,9 +59,12 @@ class JobReaper:
     def prune(self) -> None:
         settings, now = self.settings, time.time()
         with self._sessions.begin() as session:
-            removed = repos.prune(session=session, jobs_before=now - settings.job_retention_s,
-                                  log_before=now - settings.request_log_retention_s,
-                                  events_before=now - settings.stream_retention_s)
+            removed = repos.prune(
+                session=session,
+                jobs_before=now - settings.job_retention_s,
+                log_before=now - settings.request_log_retention_s,
+                events_before=now - settings.stream_retention_s,
+            )
         with self._sessions.begin() as session:
             removed |= batch_repos.prune(session=session, before=now - settings.file_retention_s)
         removed["broker_messages"] = prune_delivered(settings.broker_url, older_than_s=settings.stream_retention_s)

@@ -30,6 +30,12 @@ class Server(uvicorn.Server):
 
 
 def run(settings: Settings, *, host: str, port: int, log_level: str) -> None:
-    config = uvicorn.Config(create_app(settings), host=host, port=port, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=GRACEFUL_S)
+    config = uvicorn.Config(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=GRACEFUL_S,
+    )
     Server(config).run()

@@ -45,11 +45,16 @@ class Services:
     def build(cls, settings: Settings) -> Services:
         engine = make_engine(settings.database_url)
         sessions = make_sessionmaker(engine)
-        channel = make_channel(broker_url=settings.broker_url, redis_prefix=settings.redis_prefix,
-                               sessions=sessions, poll_interval_s=settings.poll_interval_s)
+        channel = make_channel(
+            broker_url=settings.broker_url,
+            redis_prefix=settings.redis_prefix,
+            sessions=sessions,
+            poll_interval_s=settings.poll_interval_s,
+        )
         celery = make_celery(settings)
-        services = cls(settings, engine, sessions, celery, channel, StatsRecorder(sessions),
-                       JobReaper(settings, sessions, celery))
+        services = cls(
+            settings, engine, sessions, celery, channel, StatsRecorder(sessions), JobReaper(settings, sessions, celery)
+        )
         services.metrics = Metrics(lambda: health_snapshot(services))
         services.auth = Authenticator(settings, sessions)
         services.model_info = ModelInfo(sessions, within_s=max(10.0, 3 * settings.heartbeat_s))
@@ -62,8 +67,9 @@ class Services:
         if self._broker_ping is None:
             import redis
 
-            self._broker_ping = redis.Redis.from_url(self.settings.broker_url, socket_connect_timeout=0.5,
-                                                     socket_timeout=0.5)
+            self._broker_ping = redis.Redis.from_url(
+                self.settings.broker_url, socket_connect_timeout=0.5, socket_timeout=0.5
+            )
         try:
             self._broker_ping.ping()
         except Exception as exc:

@@ -54,8 +54,9 @@ async def guard(source: AsyncIterator[Event]) -> AsyncIterator[Event]:
     except APIError as exc:
         yield events.error(job_error(exc.status, exc.message, type=exc.type, code=exc.code, param=exc.param))
     except DBAPIError:
-        yield events.error(job_error(503, "The database is unavailable; retry the request.",
-                                     code="database_unavailable"))
+        yield events.error(
+            job_error(503, "The database is unavailable; retry the request.", code="database_unavailable")
+        )
 
 
 def event_source(stream: AsyncIterator[ServerSentEvent], headers: dict[str, str], ping_s: float) -> EventSourceResponse:
@@ -94,8 +95,9 @@ async def job_events(pipeline: Pipeline, outcome: Outcome, *, replayable: bool) 
     return chained()
 
 
-def record(services: Services, *, endpoint: str, outcome: Outcome, canonical: dict[str, Any], started: float,
-           stream: bool) -> None:
+def record(
+    services: Services, *, endpoint: str, outcome: Outcome, canonical: dict[str, Any], started: float, stream: bool
+) -> None:
     """Metrics and the request log (what scripts/analyze_traces.py reads) for one answered request."""
     elapsed = time.perf_counter() - started
     services.metrics.observe(endpoint, outcome.cache, elapsed)
@@ -105,10 +107,17 @@ def record(services: Services, *, endpoint: str, outcome: Outcome, canonical: di
     if outcome.cache != "HIT" and usage.get("completion_tokens"):
         services.stats.count(GENERATED_TOKENS, by=int(usage["completion_tokens"]))
     tools = tool_names(canonical.get("tools"))
-    services.stats.log(key=outcome.key, endpoint=endpoint, cache=outcome.cache, stream=stream,
-                       prompt_tokens=usage.get("prompt_tokens"), cached_tokens=usage.get("cached_tokens"),
-                       completion_tokens=usage.get("completion_tokens"), tools=tools or None,
-                       latency_ms=round(elapsed * 1000, 2))
+    services.stats.log(
+        key=outcome.key,
+        endpoint=endpoint,
+        cache=outcome.cache,
+        stream=stream,
+        prompt_tokens=usage.get("prompt_tokens"),
+        cached_tokens=usage.get("cached_tokens"),
+        completion_tokens=usage.get("completion_tokens"),
+        tools=tools or None,
+        latency_ms=round(elapsed * 1000, 2),
+    )
 
 
 async def tap(source: AsyncIterator[Event], outcome: Outcome) -> AsyncIterator[Event]:
@@ -119,8 +128,15 @@ async def tap(source: AsyncIterator[Event], outcome: Outcome) -> AsyncIterator[E
         yield event
 
 
-async def stream_response(services: Services, pipeline: Pipeline, outcome: Outcome, canonical: dict[str, Any],
-                          sse: AsyncIterator[ServerSentEvent], endpoint: str, started: float) -> Response:
+async def stream_response(
+    services: Services,
+    pipeline: Pipeline,
+    outcome: Outcome,
+    canonical: dict[str, Any],
+    sse: AsyncIterator[ServerSentEvent],
+    endpoint: str,
+    started: float,
+) -> Response:
     if outcome.cache == "HIT":
         # Every event of a cached answer is known: send the whole stream in one body, no SSE machinery.
         body = b"".join([item.encode() async for item in sse])
@@ -142,9 +158,18 @@ async def stream_response(services: Services, pipeline: Pipeline, outcome: Outco
     return event_source(guarded(), cache_headers(outcome), services.settings.sse_keepalive_s)
 
 
-async def stream_outcome(services: Services, pipeline: Pipeline, *, kind: str, canonical: dict[str, Any],
-                         policy: CachePolicy, priority: Priority, started: float, render: Renderer,
-                         owner: str | None) -> Response:
+async def stream_outcome(
+    services: Services,
+    pipeline: Pipeline,
+    *,
+    kind: str,
+    canonical: dict[str, Any],
+    policy: CachePolicy,
+    priority: Priority,
+    started: float,
+    render: Renderer,
+    owner: str | None,
+) -> Response:
     """Submit one request and answer it as the dialect's stream (live, or replayed from the cache)."""
     outcome = await pipeline.submit(kind=kind, canonical=canonical, policy=policy, priority=priority, owner=owner)
     try:

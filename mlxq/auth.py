@@ -41,10 +41,13 @@ def revoke_key(*, session: Session, prefix: str) -> int:
     """Revoke the keys whose owner id (hash prefix, as `mlxq keys list` shows) starts with `prefix`."""
     if len(prefix) < 6:
         raise ValueError("give at least 6 characters of the key's id")
-    return rowcount(session.execute(
-        update(ApiKey).where(ApiKey.key_hash.startswith(prefix), ApiKey.revoked_at.is_(None))
-        .values(revoked_at=time.time())
-    ))
+    return rowcount(
+        session.execute(
+            update(ApiKey)
+            .where(ApiKey.key_hash.startswith(prefix), ApiKey.revoked_at.is_(None))
+            .values(revoked_at=time.time())
+        )
+    )
 
 
 def stored_keys(*, session: Session) -> tuple[set[str], bool]:

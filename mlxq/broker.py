@@ -269,8 +269,12 @@ def prune_delivered(broker_url: str, *, older_than_s: float) -> int:
     with engine.begin() as conn:
         if not inspect(conn).has_table("kombu_message"):
             return 0
-        return conn.execute(text("DELETE FROM kombu_message WHERE visible = false AND timestamp < :cutoff"),
-                            {"cutoff": cutoff}).rowcount or 0
+        return (
+            conn.execute(
+                text("DELETE FROM kombu_message WHERE visible = false AND timestamp < :cutoff"), {"cutoff": cutoff}
+            ).rowcount
+            or 0
+        )
 
 
 @cache
@@ -301,8 +305,11 @@ def survive_redis_restarts() -> None:
             try:
                 return _original(self, *args, **kwargs)
             except AttributeError as exc:
-                log.warning("Redis connection lost: could not %s (%s); the jobs are re-sent from the database",
-                            _name.replace("_", " "), exc)
+                log.warning(
+                    "Redis connection lost: could not %s (%s); the jobs are re-sent from the database",
+                    _name.replace("_", " "),
+                    exc,
+                )
 
         guarded._mlxq = True  # type: ignore[attr-defined]
         setattr(kombu_redis.QoS, name, guarded)

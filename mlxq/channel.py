@@ -193,8 +193,9 @@ class RedisChannel:
             # Block in Redis, not in a poll loop: an event reaches the reader at once.
             # RESP2's shape (redis-py's default protocol): [[stream, [(id, fields), ...]], ...]; redis-py's hints
             # give the union of every protocol's shapes.
-            reply = cast("list[list[Any]] | None",
-                         await self._async.xread({self._key(job_id): last}, block=1000, count=256))
+            reply = cast(
+                "list[list[Any]] | None", await self._async.xread({self._key(job_id): last}, block=1000, count=256)
+            )
             for _stream, entries in reply or []:
                 for entry_id, fields in entries:
                     last = entry_id

@@ -18,8 +18,9 @@ from rich.table import Table
 
 from mlxq.settings import get_settings
 
-app = typer.Typer(help="An OpenAI- and Anthropic-compatible LLM service on MLX, built as a job queue.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="An OpenAI- and Anthropic-compatible LLM service on MLX, built as a job queue.", no_args_is_help=True
+)
 models_app = typer.Typer(help="Model management.", no_args_is_help=True)
 cache_app = typer.Typer(help="The response cache.", no_args_is_help=True)
 batch_app = typer.Typer(help="OpenAI-style batches on a running server.", no_args_is_help=True)
@@ -95,8 +96,9 @@ def serve(host: str = typer.Option(None), port: int = typer.Option(None), log_le
             repos.bump(session=session, name="worker_restarts")
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    supervisor = Supervisor([sys.executable, "-m", "mlxq.cli", "worker", "--log-level", log_level.upper()],
-                            on_restart=count_restart).start()
+    supervisor = Supervisor(
+        [sys.executable, "-m", "mlxq.cli", "worker", "--log-level", log_level.upper()], on_restart=count_restart
+    ).start()
     try:
         api(host=host, port=port, log_level=log_level)
     finally:
@@ -144,6 +146,7 @@ def cache_clear() -> None:
 
 # -- API keys ------------------------------------------------------------------------------------
 
+
 def _sessions():
     from mlxq.db import make_engine, make_sessionmaker, upgrade
 
@@ -170,8 +173,12 @@ def keys_list() -> None:
     table = Table("id", "name", "created", "revoked")
     with _sessions()() as session:
         for key in auth.list_keys(session=session):
-            table.add_row(auth.owner_id(key.key_hash), key.name, time.strftime("%Y-%m-%d %H:%M", time.localtime(key.created_at)),
-                          time.strftime("%Y-%m-%d %H:%M", time.localtime(key.revoked_at)) if key.revoked_at else "")
+            table.add_row(
+                auth.owner_id(key.key_hash),
+                key.name,
+                time.strftime("%Y-%m-%d %H:%M", time.localtime(key.created_at)),
+                time.strftime("%Y-%m-%d %H:%M", time.localtime(key.revoked_at)) if key.revoked_at else "",
+            )
     console.print(table)
 
 
@@ -213,8 +220,13 @@ def _watch(http: httpx.Client, batch: dict[str, Any]) -> dict[str, Any]:
     """Poll a batch to its end behind a progress bar: lines done of total, tokens/s, time left."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[tok_s]:>7.1f} tok/s"), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[tok_s]:>7.1f} tok/s"),
+        TimeRemainingColumn(),
+    )
     started, tokens0 = time.monotonic(), batch.get("usage", {}).get("completion_tokens", 0)
     with Progress(*columns, console=console) as progress:
         task = progress.add_task(batch["id"], total=batch["request_counts"]["total"], tok_s=0.0)
@@ -223,30 +235,47 @@ def _watch(http: httpx.Client, batch: dict[str, Any]) -> dict[str, Any]:
             batch = _ok(http.get(f"/v1/batches/{batch['id']}"))
             counts = batch["request_counts"]
             tokens = batch.get("usage", {}).get("completion_tokens", 0) - tokens0
-            progress.update(task, completed=counts["completed"] + counts["failed"],
-                            tok_s=tokens / max(time.monotonic() - started, 1e-9), description=batch["status"])
+            progress.update(
+                task,
+                completed=counts["completed"] + counts["failed"],
+                tok_s=tokens / max(time.monotonic() - started, 1e-9),
+                description=batch["status"],
+            )
     return batch
 
 
 def _show(batch: dict[str, Any]) -> None:
     counts = batch["request_counts"]
-    console.print(f"{batch['id']} [bold]{batch['status']}[/bold]: {counts['completed']} completed, "
-                  f"{counts['failed']} failed of {counts['total']}; output {batch['output_file_id']}, "
-                  f"errors {batch['error_file_id']}")
+    console.print(
+        f"{batch['id']} [bold]{batch['status']}[/bold]: {counts['completed']} completed, "
+        f"{counts['failed']} failed of {counts['total']}; output {batch['output_file_id']}, "
+        f"errors {batch['error_file_id']}"
+    )
     for error in ((batch.get("errors") or {}).get("data") or [])[:10]:
         console.print(f"  [yellow]{error.get('code')}[/yellow] {error.get('message')}")
 
 
 @batch_app.command("submit")
-def batch_submit(file: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSONL, one request a line"),
-                 endpoint: str = "/v1/chat/completions", wait: bool = typer.Option(False, help="follow to the end"),
-                 url: str | None = URL) -> None:
+def batch_submit(
+    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSONL, one request a line"),
+    endpoint: str = "/v1/chat/completions",
+    wait: bool = typer.Option(False, help="follow to the end"),
+    url: str | None = URL,
+) -> None:
     """Upload FILE and start a batch over it."""
     with _http(url) as http:
-        uploaded = _ok(http.post("/v1/files", data={"purpose": "batch"},
-                                 files={"file": (file.name, file.read_bytes(), "application/jsonl")}))
-        batch = _ok(http.post("/v1/batches", json={"input_file_id": uploaded["id"], "endpoint": endpoint,
-                                                   "completion_window": "24h"}))
+        uploaded = _ok(
+            http.post(
+                "/v1/files",
+                data={"purpose": "batch"},
+                files={"file": (file.name, file.read_bytes(), "application/jsonl")},
+            )
+        )
+        batch = _ok(
+            http.post(
+                "/v1/batches", json={"input_file_id": uploaded["id"], "endpoint": endpoint, "completion_window": "24h"}
+            )
+        )
         _show(_watch(http, batch) if wait else batch)
 
 
@@ -258,9 +287,12 @@ def batch_status(batch_id: str, url: str | None = URL) -> None:
 
 
 @batch_app.command("results")
-def batch_results(batch_id: str, output: Path = typer.Option(..., "-o", "--output", help="where to write the answers"),
-                  errors: Path | None = typer.Option(None, "--errors", help="where to write the error lines"),
-                  url: str | None = URL) -> None:
+def batch_results(
+    batch_id: str,
+    output: Path = typer.Option(..., "-o", "--output", help="where to write the answers"),
+    errors: Path | None = typer.Option(None, "--errors", help="where to write the error lines"),
+    url: str | None = URL,
+) -> None:
     """Write a finished batch's output (and error) lines."""
     with _http(url) as http:
         batch = _ok(http.get(f"/v1/batches/{batch_id}"))
@@ -290,8 +322,14 @@ def jobs_list(status: str | None = None, limit: int = 20, url: str | None = URL)
         page = _ok(http.get("/v1/jobs", params={k: v for k, v in {"status": status, "limit": limit}.items() if v}))
     table = Table("id", "status", "priority", "endpoint", "attempts", "created")
     for job in page["data"]:
-        table.add_row(job["id"], job["status"], job["priority"], job["endpoint"], str(job["attempts"]),
-                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job["created_at"])))
+        table.add_row(
+            job["id"],
+            job["status"],
+            job["priority"],
+            job["endpoint"],
+            str(job["attempts"]),
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job["created_at"])),
+        )
     console.print(table)
 
 

@@ -43,8 +43,9 @@ class JobError(TypedDict):
     param: str | None
 
 
-def job_error(status: int, message: str, *, type: str = "server_error", code: str | None = None,
-              param: str | None = None) -> JobError:
+def job_error(
+    status: int, message: str, *, type: str = "server_error", code: str | None = None, param: str | None = None
+) -> JobError:
     return JobError(status=status, type=type, message=message, code=code, param=param)
 
 

@@ -29,8 +29,14 @@ def task_label(job_id: str, kind: str, chars: int) -> str:
 
 def send(celery: Celery, queue: str, job_id: str, *, kind: str, chars: int) -> None:
     """Send a job's task message; `chars` is the size of its canonical request as stored (JSON)."""
-    celery.send_task(GENERATE_TASK, args=[job_id], task_id=job_id, queue=queue,
-                     argsrepr=task_label(job_id, kind, chars), kwargsrepr="{}")
+    celery.send_task(
+        GENERATE_TASK,
+        args=[job_id],
+        task_id=job_id,
+        queue=queue,
+        argsrepr=task_label(job_id, kind, chars),
+        kwargsrepr="{}",
+    )
 
 
 def broker_depth(celery: Celery, queue: str) -> int:
@@ -40,8 +46,7 @@ def broker_depth(celery: Celery, queue: str) -> int:
         return conn.default_channel.queue_declare(queue=queue, durable=True, auto_delete=False).message_count
 
 
-def resend(sessions: sessionmaker[Session], celery: Celery, settings: Settings, *,
-           lost_after_s: float | None) -> int:
+def resend(sessions: sessionmaker[Session], celery: Celery, settings: Settings, *, lost_after_s: float | None) -> int:
     """Send the jobs that need a message: requeued ones, and low-priority ones while there is room for
     them (`Settings.low_window`); with `lost_after_s`, also those sent that long ago and still queued while
     the broker's queue is empty (so their message is gone). Returns how many were sent."""

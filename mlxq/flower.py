@@ -21,8 +21,9 @@ from typing import NoReturn
 
 from mlxq.settings import Settings
 
-NEEDS_REDIS = ("Flower needs the Redis broker: set MLXQ_BROKER_URL=redis://…; the embedded broker has no "
-               "events Flower can read.")
+NEEDS_REDIS = (
+    "Flower needs the Redis broker: set MLXQ_BROKER_URL=redis://…; the embedded broker has no events Flower can read."
+)
 
 
 def _fail(message: str) -> NoReturn:
@@ -53,8 +54,10 @@ def credentials(settings: Settings) -> tuple[str, bool]:
     if password:
         return f"{user}:{password}", False
     if not is_loopback(settings.flower_host):
-        _fail(f"MLXQ_FLOWER_PASSWORD is required when Flower listens on {settings.flower_host} "
-              "(only a loopback address may start without one, with a one-time password)")
+        _fail(
+            f"MLXQ_FLOWER_PASSWORD is required when Flower listens on {settings.flower_host} "
+            "(only a loopback address may start without one, with a one-time password)"
+        )
     return f"{user}:{secrets.token_urlsafe(16)}", True
 
 
@@ -65,8 +68,13 @@ TASKS_COLUMNS = "name,uuid,state,args,received,runtime,worker"
 
 def flower_argv(settings: Settings, basic_auth: str) -> list[str]:
     """The `celery flower` arguments (after the app, which carries the broker URL and the queue)."""
-    return ["flower", f"--address={settings.flower_host}", f"--port={settings.flower_port}",
-            f"--basic-auth={basic_auth}", f"--tasks-columns={TASKS_COLUMNS}"]
+    return [
+        "flower",
+        f"--address={settings.flower_host}",
+        f"--port={settings.flower_port}",
+        f"--basic-auth={basic_auth}",
+        f"--tasks-columns={TASKS_COLUMNS}",
+    ]
 
 
 def run(settings: Settings) -> NoReturn:
@@ -76,8 +84,12 @@ def run(settings: Settings) -> NoReturn:
         _fail(NEEDS_REDIS)
     basic_auth, made = credentials(settings)
     if made:
-        print(f"mlxq flower: no MLXQ_FLOWER_PASSWORD set; for this run log in as {settings.flower_user} with "
-              f"password {basic_auth.split(':', 1)[1]}", file=sys.stderr, flush=True)
+        print(
+            f"mlxq flower: no MLXQ_FLOWER_PASSWORD set; for this run log in as {settings.flower_user} with "
+            f"password {basic_auth.split(':', 1)[1]}",
+            file=sys.stderr,
+            flush=True,
+        )
     from mlxq.celery_app import make_celery
 
     # In-process, through Celery's own command line with the mlxq app: Flower sees the same broker URL,

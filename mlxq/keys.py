@@ -100,15 +100,18 @@ def canonical_chat(body: dict[str, Any], *, default_temperature: float, default_
     return _with_output_fields(canon, body, default_temperature, default_max_tokens)
 
 
-def canonical_completion(body: dict[str, Any], prompt: str | list[int], *, default_temperature: float,
-                         default_max_tokens: int) -> dict[str, Any]:
+def canonical_completion(
+    body: dict[str, Any], prompt: str | list[int], *, default_temperature: float, default_max_tokens: int
+) -> dict[str, Any]:
     """The canonical legacy completion request for one prompt (text or token ids)."""
-    return _with_output_fields({"model": body["model"], "prompt": prompt}, body, default_temperature,
-                               default_max_tokens)
+    return _with_output_fields(
+        {"model": body["model"], "prompt": prompt}, body, default_temperature, default_max_tokens
+    )
 
 
-def _with_output_fields(canon: dict[str, Any], body: dict[str, Any], default_temperature: float,
-                        default_max_tokens: int) -> dict[str, Any]:
+def _with_output_fields(
+    canon: dict[str, Any], body: dict[str, Any], default_temperature: float, default_max_tokens: int
+) -> dict[str, Any]:
     for field in OUTPUT_FIELDS:
         if body.get(field) is not None:
             # + 0.0 turns -0.0 (which `ge=0` admits) into 0.0: equal numbers must hash equal

@@ -23,6 +23,7 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 
 # -- response cache ---------------------------------------------------------------------------
 
+
 def _upsert(session: Session) -> Callable[..., postgresql.Insert | sqlite.Insert]:
     """The dialect's INSERT, which has `on_conflict_do_update`."""
     dialect = session.get_bind().dialect.name
@@ -37,12 +38,27 @@ def _upsert(session: Session) -> Callable[..., postgresql.Insert | sqlite.Insert
     raise NotImplementedError(dialect)  # pragma: no cover - only SQLite and PostgreSQL are supported
 
 
-def put_entry(*, session: Session, key: str, kind: str, model: str, result: dict[str, Any],
-              ttl_s: float | None, namespace: str = "") -> None:
+def put_entry(
+    *,
+    session: Session,
+    key: str,
+    kind: str,
+    model: str,
+    result: dict[str, Any],
+    ttl_s: float | None,
+    namespace: str = "",
+) -> None:
     """Insert or replace an entry in one statement (bounded afterwards by `evict_lru`)."""
     now = time.time()
-    values = {"kind": kind, "model": model, "namespace": namespace, "result": result, "size_bytes": len(json.dumps(result)),
-              "last_access_at": now, "expires_at": now + ttl_s if ttl_s else None}
+    values = {
+        "kind": kind,
+        "model": model,
+        "namespace": namespace,
+        "result": result,
+        "size_bytes": len(json.dumps(result)),
+        "last_access_at": now,
+        "expires_at": now + ttl_s if ttl_s else None,
+    }
     stmt = _upsert(session)(CacheEntry).values(key=key, hits=0, created_at=now, **values)
     session.execute(stmt.on_conflict_do_update(index_elements=[CacheEntry.key], set_=values))
 
@@ -58,9 +74,7 @@ def evict_lru(*, session: Session, max_entries: int) -> int:
 
 def lookup_result(*, session: Session, key: str, now: float | None = None) -> dict[str, Any] | None:
     """The hot path of a hit: one indexed read of the stored result, no ORM object."""
-    row = session.execute(
-        select(CacheEntry.result, CacheEntry.expires_at).where(CacheEntry.key == key)
-    ).first()
+    row = session.execute(select(CacheEntry.result, CacheEntry.expires_at).where(CacheEntry.key == key)).first()
     if row is None or (row.expires_at is not None and row.expires_at <= (now or time.time())):
         return None
     return row.result
@@ -90,13 +104,12 @@ def clear_cache(*, session: Session, namespace: str | None = None, older_than_s:
 
 
 def cache_items(*, session: Session) -> tuple[int, int]:
-    count, size = session.execute(
-        select(func.count(), func.coalesce(func.sum(CacheEntry.size_bytes), 0))
-    ).one()
+    count, size = session.execute(select(func.count(), func.coalesce(func.sum(CacheEntry.size_bytes), 0))).one()
     return int(count), int(size)
 
 
 # -- counters ---------------------------------------------------------------------------------
+
 
 def bump(*, session: Session, name: str, by: int = 1) -> None:
     done = session.execute(update(Counter).where(Counter.name == name).values(value=Counter.value + by))
@@ -114,17 +127,47 @@ def counters(*, session: Session) -> dict[str, int]:
 # queued job can be claimed, so a duplicate task message is skipped; a running job whose worker died
 # goes back to queued (or fails after `max_attempts`), and `sent_at` NULL marks it for sending.
 
-def create_job(*, session: Session, key: str, kind: str, model: str, request: dict[str, Any],
-               store: bool, ttl_s: float | None, priority: Priority = "interactive", stream: bool = True,
-               waiters: int = 1, sent: bool = True, batch_id: str | None = None,
-               result: dict[str, Any] | None = None, owner: str | None = None, namespace: str = "") -> Job:
+
+def create_job(
+    *,
+    session: Session,
+    key: str,
+    kind: str,
+    model: str,
+    request: dict[str, Any],
+    store: bool,
+    ttl_s: float | None,
+    priority: Priority = "interactive",
+    stream: bool = True,
+    waiters: int = 1,
+    sent: bool = True,
+    batch_id: str | None = None,
+    result: dict[str, Any] | None = None,
+    owner: str | None = None,
+    namespace: str = "",
+) -> Job:
     """A new job: queued (`sent`: its message goes out right after the commit; else mlxq.delivery sends it
     when there is room), or, given a cached `result`, succeeded at once."""
     now = time.time()
-    job = Job(id=str(uuid.uuid4()), key=key, kind=kind, model=model, status="queued", request=request,
-              store=store, ttl_s=ttl_s, priority=priority, stream=stream, created_at=now,
-              sent_at=now if sent else None, attempts=0, waiters=waiters, batch_id=batch_id, owner=owner,
-              namespace=namespace)
+    job = Job(
+        id=str(uuid.uuid4()),
+        key=key,
+        kind=kind,
+        model=model,
+        status="queued",
+        request=request,
+        store=store,
+        ttl_s=ttl_s,
+        priority=priority,
+        stream=stream,
+        created_at=now,
+        sent_at=now if sent else None,
+        attempts=0,
+        waiters=waiters,
+        batch_id=batch_id,
+        owner=owner,
+        namespace=namespace,
+    )
     if result is not None:
         job.status, job.result, job.finished_at, job.sent_at = "succeeded", result, now, None
         job.completion_tokens = _completion_tokens(result)
@@ -139,8 +182,7 @@ def get_job(*, session: Session, job_id: str) -> Job | None:
 def find_inflight(*, session: Session, key: str) -> Job | None:
     """An active job for the same request (single flight: identical requests run once)."""
     return session.scalars(
-        select(Job).where(Job.key == key, Job.status.in_(ACTIVE), Job.store.is_(True))
-        .order_by(Job.created_at).limit(1)
+        select(Job).where(Job.key == key, Job.status.in_(ACTIVE), Job.store.is_(True)).order_by(Job.created_at).limit(1)
     ).first()
 
 
@@ -150,8 +192,9 @@ def join_job(*, session: Session, job_id: str, priority: Priority = "interactive
     values: dict[str, Any] = {"waiters": Job.waiters + 1}
     if priority == "interactive":
         values["priority"] = "interactive"
-    row = session.execute(update(Job).where(Job.id == job_id).values(**values)
-                          .returning(Job.sent_at, Job.status)).first()
+    row = session.execute(
+        update(Job).where(Job.id == job_id).values(**values).returning(Job.sent_at, Job.status)
+    ).first()
     return row is not None and row.sent_at is None and row.status == "queued"
 
 
@@ -165,8 +208,15 @@ def remember_idempotency_key(*, session: Session, key: str, job_id: str) -> None
     session.add(IdempotencyKey(key=key, job_id=job_id, created_at=time.time()))
 
 
-def list_jobs(*, session: Session, owner: str | None, status: str | None = None, limit: int = 20,
-              after: str | None = None, batch_id: str | None = None) -> list[Job]:
+def list_jobs(
+    *,
+    session: Session,
+    owner: str | None,
+    status: str | None = None,
+    limit: int = 20,
+    after: str | None = None,
+    batch_id: str | None = None,
+) -> list[Job]:
     """Newest first; `after` is the last id of the previous page. Only `owner`'s (None: keys are off)."""
     query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
     if owner is not None:
@@ -176,8 +226,9 @@ def list_jobs(*, session: Session, owner: str | None, status: str | None = None,
     if batch_id is not None:
         query = query.where(Job.batch_id == batch_id)
     if after is not None and (cursor := session.get(Job, after)) is not None:
-        query = query.where(or_(Job.created_at < cursor.created_at,
-                                (Job.created_at == cursor.created_at) & (Job.id < cursor.id)))
+        query = query.where(
+            or_(Job.created_at < cursor.created_at, (Job.created_at == cursor.created_at) & (Job.id < cursor.id))
+        )
     return list(session.scalars(query))
 
 
@@ -188,7 +239,8 @@ def leave_job(*, session: Session, job_id: str, abandon: bool) -> bool:
     if not abandon:
         return False
     done = session.execute(
-        update(Job).where(Job.id == job_id, Job.waiters <= 0, Job.status.in_(ACTIVE))
+        update(Job)
+        .where(Job.id == job_id, Job.waiters <= 0, Job.status.in_(ACTIVE))
         .values(status="cancelled", error=dict(CANCELLED), finished_at=time.time())
     )
     return bool(rowcount(done))
@@ -201,14 +253,36 @@ def start_job(*, session: Session, job_id: str, worker: str) -> Job | None:
         update(Job)
         .where(Job.id == job_id, Job.status == "queued")
         .values(status="running", started_at=time.time(), error=None, worker=worker, attempts=Job.attempts + 1)
-        .returning(Job.kind, Job.request, Job.key, Job.store, Job.ttl_s, Job.model, Job.priority, Job.stream,
-                   Job.attempts, Job.namespace)
+        .returning(
+            Job.kind,
+            Job.request,
+            Job.key,
+            Job.store,
+            Job.ttl_s,
+            Job.model,
+            Job.priority,
+            Job.stream,
+            Job.attempts,
+            Job.namespace,
+        )
     ).first()
     if row is None:
         return None
-    return Job(id=job_id, status="running", worker=worker, kind=row.kind, request=row.request, key=row.key,
-               store=row.store, ttl_s=row.ttl_s, model=row.model, priority=row.priority, stream=row.stream,
-               attempts=row.attempts, namespace=row.namespace)
+    return Job(
+        id=job_id,
+        status="running",
+        worker=worker,
+        kind=row.kind,
+        request=row.request,
+        key=row.key,
+        store=row.store,
+        ttl_s=row.ttl_s,
+        model=row.model,
+        priority=row.priority,
+        stream=row.stream,
+        attempts=row.attempts,
+        namespace=row.namespace,
+    )
 
 
 def cancelled_among(*, session: Session, job_ids: list[str]) -> list[str]:
@@ -219,19 +293,32 @@ def cancelled_among(*, session: Session, job_ids: list[str]) -> list[str]:
 def cancel_job(*, session: Session, job_id: str) -> bool:
     """Ask a queued or running job to stop; the worker notices within a poll interval."""
     done = session.execute(
-        update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(ACTIVE))
         .values(status="cancelled", error=dict(CANCELLED), finished_at=time.time())
     )
     return bool(rowcount(done))
 
 
-def finish_job(*, session: Session, job_id: str, status: str, result: dict[str, Any] | None = None,
-               error: Mapping[str, Any] | None = None) -> bool:
+def finish_job(
+    *,
+    session: Session,
+    job_id: str,
+    status: str,
+    result: dict[str, Any] | None = None,
+    error: Mapping[str, Any] | None = None,
+) -> bool:
     """Record a job's end, unless it has ended already (a late or duplicate writer changes nothing)."""
     done = session.execute(
-        update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
-        .values(status=status, result=result, error=error, finished_at=time.time(),
-                completion_tokens=_completion_tokens(result))
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(ACTIVE))
+        .values(
+            status=status,
+            result=result,
+            error=error,
+            finished_at=time.time(),
+            completion_tokens=_completion_tokens(result),
+        )
     )
     return bool(rowcount(done))
 
@@ -244,7 +331,8 @@ def _completion_tokens(result: dict[str, Any] | None) -> int | None:
 def requeue_job(*, session: Session, job_id: str) -> bool:
     """Put a running job back in the queue without counting the attempt (its worker is shutting down)."""
     done = session.execute(
-        update(Job).where(Job.id == job_id, Job.status == "running")
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running")
         .values(status="queued", worker=None, sent_at=None, attempts=Job.attempts - 1)
     )
     return bool(rowcount(done))
@@ -255,8 +343,9 @@ def release_job(*, session: Session, job_id: str) -> None:
     session.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(sent_at=None))
 
 
-def requeue_running(*, session: Session, max_attempts: int, worker: str | None = None,
-                    live_workers: list[str] | None = None) -> tuple[int, int]:
+def requeue_running(
+    *, session: Session, max_attempts: int, worker: str | None = None, live_workers: list[str] | None = None
+) -> tuple[int, int]:
     """Running jobs of a worker that died (`worker`, or any worker not in `live_workers`) go back to the
     queue; those that have had `max_attempts` fail instead, so a request that kills the worker cannot
     crash-loop it. Returns (requeued, failed)."""
@@ -268,21 +357,32 @@ def requeue_running(*, session: Session, max_attempts: int, worker: str | None =
     ids = list(session.scalars(running))
     if not ids:
         return 0, 0
-    err = job_error(500, f"the worker stopped while running this job, {max_attempts} times: giving up "
-                         "(the request may crash the worker)", code="worker_crashed")
-    failed = rowcount(session.execute(
-        update(Job).where(Job.id.in_(ids), Job.status == "running", Job.attempts >= max_attempts)
-        .values(status="failed", error=dict(err), finished_at=time.time())
-    ))
-    requeued = rowcount(session.execute(
-        update(Job).where(Job.id.in_(ids), Job.status == "running")
-        .values(status="queued", worker=None, sent_at=None)
-    ))
+    err = job_error(
+        500,
+        f"the worker stopped while running this job, {max_attempts} times: giving up "
+        "(the request may crash the worker)",
+        code="worker_crashed",
+    )
+    failed = rowcount(
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(ids), Job.status == "running", Job.attempts >= max_attempts)
+            .values(status="failed", error=dict(err), finished_at=time.time())
+        )
+    )
+    requeued = rowcount(
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(ids), Job.status == "running")
+            .values(status="queued", worker=None, sent_at=None)
+        )
+    )
     return requeued, failed
 
 
-def jobs_to_send(*, session: Session, lost_before: float | None, low_window: int = 1 << 30,
-                 limit: int = 500) -> list[str]:
+def jobs_to_send(
+    *, session: Session, lost_before: float | None, low_window: int = 1 << 30, limit: int = 500
+) -> list[str]:
     """Queued jobs that need their task message (again): never sent (requeued, or low-priority work held
     back), or, when `lost_before` is given, sent before it (the caller found the broker's queue empty, so
     that message was lost). Low-priority jobs are sent only while fewer than `low_window` of them are in
@@ -292,12 +392,20 @@ def jobs_to_send(*, session: Session, lost_before: float | None, low_window: int
     cond = unsent if lost_before is None else or_(unsent, Job.sent_at < lost_before)
     queued = select(Job.id).where(Job.status == "queued", cond).order_by(Job.created_at).limit(limit)
     ids = list(session.scalars(queued.where(Job.priority != "low")))
-    in_flight = session.scalar(select(func.count()).select_from(Job).where(
-        Job.priority == "low", or_(Job.status == "running", (Job.status == "queued") & Job.sent_at.is_not(None))))
+    in_flight = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.priority == "low", or_(Job.status == "running", (Job.status == "queued") & Job.sent_at.is_not(None)))
+    )
     room = low_window - int(in_flight or 0)
     if lost_before is not None:  # a lost message is re-sent whatever the room: it was counted in flight
-        ids += list(session.scalars(select(Job.id).where(Job.status == "queued", Job.priority == "low",
-                                                         Job.sent_at < lost_before).limit(limit)))
+        ids += list(
+            session.scalars(
+                select(Job.id)
+                .where(Job.status == "queued", Job.priority == "low", Job.sent_at < lost_before)
+                .limit(limit)
+            )
+        )
     if room > 0:
         ids += list(session.scalars(queued.where(Job.priority == "low", unsent).limit(room)))
     return ids
@@ -319,10 +427,13 @@ def mark_sent(*, session: Session, job_ids: list[str]) -> None:
 def fail_stale_queued(*, session: Session, older_than_s: float) -> int:
     """Queued jobs no worker started in `older_than_s` fail: nothing stays queued forever."""
     err = job_error(503, f"no worker started this job within {older_than_s:.0f} s", code="queue_timeout")
-    return rowcount(session.execute(
-        update(Job).where(Job.status == "queued", Job.created_at < time.time() - older_than_s)
-        .values(status="failed", error=dict(err), finished_at=time.time())
-    ))
+    return rowcount(
+        session.execute(
+            update(Job)
+            .where(Job.status == "queued", Job.created_at < time.time() - older_than_s)
+            .values(status="failed", error=dict(err), finished_at=time.time())
+        )
+    )
 
 
 def job_counts(*, session: Session) -> dict[str, int]:
@@ -337,20 +448,32 @@ def prune(*, session: Session, jobs_before: float, log_before: float, events_bef
     """Retention: finished jobs, request-log rows and stream events older than the given times."""
     active = select(Job.id).where(Job.status.in_(ACTIVE))
     return {
-        "jobs": rowcount(session.execute(
-            delete(Job).where(Job.status.in_(TERMINAL), Job.finished_at < jobs_before))),
-        "idempotency_keys": rowcount(session.execute(
-            delete(IdempotencyKey).where(IdempotencyKey.created_at < jobs_before))),
+        "jobs": rowcount(session.execute(delete(Job).where(Job.status.in_(TERMINAL), Job.finished_at < jobs_before))),
+        "idempotency_keys": rowcount(
+            session.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < jobs_before))
+        ),
         "request_log": rowcount(session.execute(delete(RequestLog).where(RequestLog.at < log_before))),
-        "stream_events": rowcount(session.execute(
-            delete(StreamEvent).where(StreamEvent.created_at < events_before, StreamEvent.job_id.not_in(active)))),
+        "stream_events": rowcount(
+            session.execute(
+                delete(StreamEvent).where(StreamEvent.created_at < events_before, StreamEvent.job_id.not_in(active))
+            )
+        ),
     }
 
 
 # -- workers ----------------------------------------------------------------------------------
 
-def heartbeat(*, session: Session, name: str, model: str, model_loaded: bool, error: str | None,
-              started_at: float, stats: dict[str, Any] | None = None) -> None:
+
+def heartbeat(
+    *,
+    session: Session,
+    name: str,
+    model: str,
+    model_loaded: bool,
+    error: str | None,
+    started_at: float,
+    stats: dict[str, Any] | None = None,
+) -> None:
     worker = session.get(Worker, name)
     if worker is None:
         worker = Worker(name=name, started_at=started_at)
@@ -369,6 +492,7 @@ def remove_worker(*, session: Session, name: str) -> None:
 
 
 # -- request log ------------------------------------------------------------------------------
+
 
 def log_requests(*, session: Session, rows: list[dict[str, Any]]) -> None:
     if rows:

@@ -98,9 +98,13 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_key_status", "key", "status"),
         # Single flight across threads and api replicas: one storing job per request key in flight.
-        Index("uq_jobs_inflight_key", "key", unique=True,
-              sqlite_where=text("status IN ('queued', 'running') AND store"),
-              postgresql_where=text("status IN ('queued', 'running') AND store")),
+        Index(
+            "uq_jobs_inflight_key",
+            "key",
+            unique=True,
+            sqlite_where=text("status IN ('queued', 'running') AND store"),
+            postgresql_where=text("status IN ('queued', 'running') AND store"),
+        ),
     )
 
 

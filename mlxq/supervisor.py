@@ -28,9 +28,17 @@ log = logging.getLogger(__name__)
 
 
 class Supervisor:
-    def __init__(self, argv: list[str], *, env: dict[str, str] | None = None,
-                 on_restart: Callable[[int], None] | None = None, backoff_s: float = 1.0,
-                 max_backoff_s: float = 30.0, stable_s: float = 60.0, stop_timeout_s: float = 12.0) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        on_restart: Callable[[int], None] | None = None,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 30.0,
+        stable_s: float = 60.0,
+        stop_timeout_s: float = 12.0,
+    ) -> None:
         self.argv = argv
         self.env = {**(env if env is not None else os.environ), "MLXQ_SUPERVISOR_PID": str(os.getpid())}
         self.on_restart = on_restart

@@ -46,9 +46,11 @@ def from_request_log(db_url: str) -> dict[str, Any]:
 
 def _openai_body(body: dict[str, Any]) -> dict[str, Any]:
     """Anthropic messages bodies become OpenAI-shaped for the canonical key (system first, text blocks)."""
-    if "system" not in body and not any(isinstance(m.get("content"), list) and any(
-            b.get("type") in ("tool_use", "tool_result") for b in m["content"] if isinstance(b, dict))
-            for m in body.get("messages", [])):
+    if "system" not in body and not any(
+        isinstance(m.get("content"), list)
+        and any(b.get("type") in ("tool_use", "tool_result") for b in m["content"] if isinstance(b, dict))
+        for m in body.get("messages", [])
+    ):
         return body
     messages = []
     system = body.get("system")
@@ -58,11 +60,16 @@ def _openai_body(body: dict[str, Any]) -> dict[str, Any]:
     for m in body.get("messages", []):
         content = m.get("content")
         if isinstance(content, list):
-            content = "".join(b.get("text", "") if b.get("type") == "text" else json.dumps(b, sort_keys=True)
-                              for b in content if isinstance(b, dict))
+            content = "".join(
+                b.get("text", "") if b.get("type") == "text" else json.dumps(b, sort_keys=True)
+                for b in content
+                if isinstance(b, dict)
+            )
         messages.append({"role": m.get("role"), "content": content})
-    tools = [{"type": "function", "function": {"name": t.get("name"), "parameters": t.get("input_schema", {})}}
-             for t in body.get("tools") or []]
+    tools = [
+        {"type": "function", "function": {"name": t.get("name"), "parameters": t.get("input_schema", {})}}
+        for t in body.get("tools") or []
+    ]
     return {**body, "messages": messages, "tools": tools or None, "system": None}
 
 

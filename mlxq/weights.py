@@ -15,8 +15,15 @@ import hashlib
 from functools import lru_cache
 from pathlib import Path
 
-_WHOLE = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-          "chat_template.jinja", "chat_template.json", "generation_config.json")
+_WHOLE = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
 _EDGE = 1 << 20
 
 

@@ -52,6 +52,7 @@ async def hit_load(base: str, payload: dict, clients: int, per_client: int) -> d
     lat: list[float] = []
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as http:
+
         async def one_client() -> None:
             for _ in range(per_client):
                 t = time.perf_counter()
@@ -67,9 +68,11 @@ async def hit_load(base: str, payload: dict, clients: int, per_client: int) -> d
 
 def floor(base: str, clients: int) -> dict:
     """The framework's own floor at the same concurrency: GET /v1/models (no SQL, no cache)."""
+
     async def go() -> dict:
         lat: list[float] = []
         async with httpx.AsyncClient(base_url=base, limits=httpx.Limits(max_connections=clients)) as http:
+
             async def one() -> None:
                 for _ in range(400 // clients * 2):
                     t = time.perf_counter()
@@ -108,15 +111,21 @@ def queue_hop(base: str, engine, db_url: str, rounds: int) -> dict:
         direct.append(time.perf_counter() - t)
     sql = create_engine(db_url)
     with sql.connect() as conn:
-        rows = {k: conn.execute(text("SELECT created_at, started_at, finished_at FROM jobs WHERE key = :k"),
-                                {"k": k}).one() for k in keys}
+        rows = {
+            k: conn.execute(text("SELECT created_at, started_at, finished_at FROM jobs WHERE key = :k"), {"k": k}).one()
+            for k in keys
+        }
     sql.dispose()
     overhead = [v - (rows[k][2] - rows[k][1]) for v, k in zip(via, keys, strict=True)]
     pickup = [rows[k][1] - rows[k][0] for k in keys]
-    return {"via_mlxq_p50_ms": ms(statistics.median(via)), "engine_direct_p50_ms": ms(statistics.median(direct)),
-            "ratio": round(statistics.median(via) / statistics.median(direct), 3),
-            "overhead_p50_ms": ms(statistics.median(overhead)), "pickup_p50_ms": ms(statistics.median(pickup)),
-            "pickup_max_ms": ms(max(pickup))}
+    return {
+        "via_mlxq_p50_ms": ms(statistics.median(via)),
+        "engine_direct_p50_ms": ms(statistics.median(direct)),
+        "ratio": round(statistics.median(via) / statistics.median(direct), 3),
+        "overhead_p50_ms": ms(statistics.median(overhead)),
+        "pickup_p50_ms": ms(statistics.median(pickup)),
+        "pickup_max_ms": ms(max(pickup)),
+    }
 
 
 def http_ttft(http: httpx.Client, payload: dict, headers: dict | None = None) -> float:
@@ -149,9 +158,12 @@ def ttft(base: str, engine, rounds: int) -> dict:
 
         engine.generate("chat", {"messages": req["messages"], "temperature": 0.0, "max_tokens": 8}, emit=on_event)
         direct.append(first[0])
-    return {"mlxq_p50_ms": ms(statistics.median(via)), "engine_p50_ms": ms(statistics.median(direct)),
-            "added_p50_ms": ms(statistics.median(via) - statistics.median(direct)),
-            "ratio": round(statistics.median(via) / statistics.median(direct), 3)}
+    return {
+        "mlxq_p50_ms": ms(statistics.median(via)),
+        "engine_p50_ms": ms(statistics.median(direct)),
+        "added_p50_ms": ms(statistics.median(via) - statistics.median(direct)),
+        "ratio": round(statistics.median(via) / statistics.median(direct), 3),
+    }
 
 
 def health_during_generation(base: str, model: str = BUILTIN_MODEL) -> dict:
@@ -160,8 +172,12 @@ def health_during_generation(base: str, model: str = BUILTIN_MODEL) -> dict:
     done = threading.Event()
 
     def generate() -> None:
-        httpx.post(f"{base}/v1/chat/completions", timeout=300, headers={"Cache-Control": "no-store"},
-                   json={**body("Write a long story about a dragon.", max_tokens=200), "model": model})
+        httpx.post(
+            f"{base}/v1/chat/completions",
+            timeout=300,
+            headers={"Cache-Control": "no-store"},
+            json={**body("Write a long story about a dragon.", max_tokens=200), "model": model},
+        )
         done.set()
 
     threading.Thread(target=generate, daemon=True).start()
@@ -180,8 +196,22 @@ def start_mlx_lm(model_dir: Path, log_path: Path, max_tokens: int) -> tuple[subp
     port = free_port()
     env = {**os.environ, "LD_PRELOAD": "libopenblas.so.0"} if sys.platform.startswith("linux") else None
     log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_lm.server", "--model", str(model_dir), "--port", str(port),
-                             "--max-tokens", str(max_tokens)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm.server",
+            "--model",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--max-tokens",
+            str(max_tokens),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
@@ -205,8 +235,7 @@ def run_mode(mode: str, model: Path, engine, tmp: Path) -> dict:
         admin.execute(f'CREATE DATABASE "{name}"')
         prefix = f"mlxqbench{uuid.uuid4().hex[:6]}"
         db_url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-        env.update(MLXQ_DATABASE_URL=db_url,
-                   MLXQ_BROKER_URL=REDIS, MLXQ_QUEUE=prefix, MLXQ_REDIS_PREFIX=prefix)
+        env.update(MLXQ_DATABASE_URL=db_url, MLXQ_BROKER_URL=REDIS, MLXQ_QUEUE=prefix, MLXQ_REDIS_PREFIX=prefix)
 
         def drop() -> None:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

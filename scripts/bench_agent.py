@@ -46,26 +46,51 @@ USERS = [
 
 
 def tools() -> list[dict]:
-    names = ["read_file", "write_file", "list_dir", "run_shell", "search_code", "git_diff", "git_commit",
-             "run_tests", "http_get", "ask_user"]
-    return [{"type": "function", "function": {
-        "name": n, "description": f"{n.replace('_', ' ').capitalize()} in the user's repository. Use it "
-                                  f"whenever the task needs it; arguments are validated strictly.",
-        "parameters": {"type": "object", "properties": {
-            "path": {"type": "string", "description": "A path relative to the repository root."},
-            "content": {"type": "string", "description": "Text to write or a command to run."},
-            "timeout_s": {"type": "integer", "description": "Give up after this many seconds."}},
-            "required": ["path"]}}} for n in names]
+    names = [
+        "read_file",
+        "write_file",
+        "list_dir",
+        "run_shell",
+        "search_code",
+        "git_diff",
+        "git_commit",
+        "run_tests",
+        "http_get",
+        "ask_user",
+    ]
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": n,
+                "description": f"{n.replace('_', ' ').capitalize()} in the user's repository. Use it "
+                f"whenever the task needs it; arguments are validated strictly.",
+                "parameters": {
+                    "type": "object",
+                    "properties": {
+                        "path": {"type": "string", "description": "A path relative to the repository root."},
+                        "content": {"type": "string", "description": "Text to write or a command to run."},
+                        "timeout_s": {"type": "integer", "description": "Give up after this many seconds."},
+                    },
+                    "required": ["path"],
+                },
+            },
+        }
+        for n in names
+    ]
 
 
 def system_prompt() -> str:
     rules = "\n".join(
         f"{i}. Rule {i}: keep changes small, explain the reason for each edit, never touch files outside "
         f"the repository, run the tests after every change, and report what you ran and what it printed."
-        for i in range(1, 29))
+        for i in range(1, 29)
+    )
     schemas = "\n".join(json.dumps(t) for t in tools())
-    return (f"You are an expert coding agent working in the user's repository.\n{rules}\n\n"
-            f"# Tools\nYou may call these functions:\n<tools>\n{schemas}\n</tools>")
+    return (
+        f"You are an expert coding agent working in the user's repository.\n{rules}\n\n"
+        f"# Tools\nYou may call these functions:\n<tools>\n{schemas}\n</tools>"
+    )
 
 
 def f32_copy(src: Path, dest: Path) -> Path:
@@ -91,12 +116,20 @@ def f32_copy(src: Path, dest: Path) -> Path:
     return dest
 
 
-def ttft(client: openai.OpenAI, model: str, messages: list[dict], headers: dict | None = None,
-         usage: list | None = None) -> tuple[float, str]:
+def ttft(
+    client: openai.OpenAI, model: str, messages: list[dict], headers: dict | None = None, usage: list | None = None
+) -> tuple[float, str]:
     t = time.perf_counter()
     first, text = None, []
-    stream = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=24, stream=True,
-                                            stream_options={"include_usage": True}, extra_headers=headers or {})
+    stream = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        temperature=0,
+        max_tokens=24,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers=headers or {},
+    )
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             first = first or time.perf_counter() - t
@@ -122,8 +155,13 @@ def session(client: openai.OpenAI, model: str) -> dict:
     payload = {"model": model, "messages": first, "temperature": 0, "max_tokens": 24, "stream": True}
     with httpx.Client(base_url=str(client.base_url).removesuffix("/v1/")) as http:
         raw = [http_ttft(http, payload) for _ in range(10)]
-    return {"turns": turns, "repeat": statistics.median(repeats), "repeat_http": statistics.median(raw),
-            "history": history, "prompt_and_cached_tokens": usage}
+    return {
+        "turns": turns,
+        "repeat": statistics.median(repeats),
+        "repeat_http": statistics.median(raw),
+        "history": history,
+        "prompt_and_cached_tokens": usage,
+    }
 
 
 def main() -> None:
@@ -136,8 +174,10 @@ def main() -> None:
         # mlx_lm.server, with the system OpenBLAS like mlxq's worker.
         ref, ref_base = start_mlx_lm(model_dir, tmp_path / "mlx_lm.log", 24)
         (tmp_path / "logs").mkdir()
-        svc = Service({"MLXQ_DATA_DIR": str(tmp_path / "mlxq"), "MLXQ_MODEL": str(model_dir),
-                       "MLXQ_MODEL_NAME": BUILTIN_MODEL}, tmp_path / "logs").start()
+        svc = Service(
+            {"MLXQ_DATA_DIR": str(tmp_path / "mlxq"), "MLXQ_MODEL": str(model_dir), "MLXQ_MODEL_NAME": BUILTIN_MODEL},
+            tmp_path / "logs",
+        ).start()
         try:
             mlxq = openai.OpenAI(base_url=f"{svc.base}/v1", api_key="x", max_retries=0, timeout=300)
             mlxlm = openai.OpenAI(base_url=f"{ref_base}/v1", api_key="x", max_retries=0, timeout=300)
@@ -146,11 +186,14 @@ def main() -> None:
             ours = session(mlxq, BUILTIN_MODEL)
             prefix_session = svc.health()["prefix_cache"]
             theirs = session(mlxlm, str(model_dir))
-            health = {"mlxq": health_during_generation(svc.base),
-                      "mlx_lm": health_during_generation(ref_base, str(model_dir))}
+            health = {
+                "mlxq": health_during_generation(svc.base),
+                "mlx_lm": health_during_generation(ref_base, str(model_dir)),
+            }
             turn2 = ours["history"][:4]
-            warm2 = statistics.median(ttft(mlxq, BUILTIN_MODEL, turn2, {"Cache-Control": "no-cache"})[0]
-                                      for _ in range(3))
+            warm2 = statistics.median(
+                ttft(mlxq, BUILTIN_MODEL, turn2, {"Cache-Control": "no-cache"})[0] for _ in range(3)
+            )
             svc.restart()
             cold2, _ = ttft(mlxq, BUILTIN_MODEL, turn2, {"Cache-Control": "no-cache"})
             prefix = svc.health()["prefix_cache"]
@@ -160,22 +203,36 @@ def main() -> None:
             ref.wait(timeout=20)
     later_ours = statistics.median(ours["turns"][1:])
     later_theirs = statistics.median(theirs["turns"][1:])
-    print(json.dumps({
-        "bench": "agent", "model": BUILTIN_MODEL,
-        "ttft_ms": {"mlxq": [ms(t) for t in ours["turns"]], "mlx_lm": [ms(t) for t in theirs["turns"]]},
-        "turn1_ratio": round(ours["turns"][0] / theirs["turns"][0], 3),
-        "later_turns_median_ms": {"mlxq": ms(later_ours), "mlx_lm": ms(later_theirs),
-                                  "ratio": round(later_ours / later_theirs, 3)},
-        "repeat_turn1_ms": {"mlxq": ms(ours["repeat"]), "mlx_lm": ms(theirs["repeat"]),
-                            "speedup": round(theirs["repeat"] / ours["repeat"], 1)},
-        "repeat_turn1_http_ms": {"mlxq": ms(ours["repeat_http"]), "mlx_lm": ms(theirs["repeat_http"]),
-                                 "speedup": round(theirs["repeat_http"] / ours["repeat_http"], 1)},
-        "restart_turn2_ms": {"warm": ms(warm2), "after_restart": ms(cold2), "ratio": round(cold2 / warm2, 3)},
-        "mlxq_prompt_and_cached_tokens_per_turn": ours["prompt_and_cached_tokens"],
-        "mlxq_prefix_cache_after_session": prefix_session,
-        "health_during_generation": health,
-        "prefix_cache_after_restart": prefix,
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "agent",
+                "model": BUILTIN_MODEL,
+                "ttft_ms": {"mlxq": [ms(t) for t in ours["turns"]], "mlx_lm": [ms(t) for t in theirs["turns"]]},
+                "turn1_ratio": round(ours["turns"][0] / theirs["turns"][0], 3),
+                "later_turns_median_ms": {
+                    "mlxq": ms(later_ours),
+                    "mlx_lm": ms(later_theirs),
+                    "ratio": round(later_ours / later_theirs, 3),
+                },
+                "repeat_turn1_ms": {
+                    "mlxq": ms(ours["repeat"]),
+                    "mlx_lm": ms(theirs["repeat"]),
+                    "speedup": round(theirs["repeat"] / ours["repeat"], 1),
+                },
+                "repeat_turn1_http_ms": {
+                    "mlxq": ms(ours["repeat_http"]),
+                    "mlx_lm": ms(theirs["repeat_http"]),
+                    "speedup": round(theirs["repeat_http"] / ours["repeat_http"], 1),
+                },
+                "restart_turn2_ms": {"warm": ms(warm2), "after_restart": ms(cold2), "ratio": round(cold2 / warm2, 3)},
+                "mlxq_prompt_and_cached_tokens_per_turn": ours["prompt_and_cached_tokens"],
+                "mlxq_prefix_cache_after_session": prefix_session,
+                "health_during_generation": health,
+                "prefix_cache_after_restart": prefix,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

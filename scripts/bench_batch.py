@@ -115,8 +115,9 @@ def ttft(client: openai.OpenAI, content: str) -> float | None:
     """Seconds to the first content chunk of a streamed chat request (max_tokens 8), read to its end."""
     start = time.perf_counter()
     first = None
-    stream = client.chat.completions.create(model=BUILTIN_MODEL, messages=messages(content), temperature=0,
-                                            max_tokens=8, stream=True)
+    stream = client.chat.completions.create(
+        model=BUILTIN_MODEL, messages=messages(content), temperature=0, max_tokens=8, stream=True
+    )
     for chunk in stream:
         if first is None and chunk.choices and chunk.choices[0].delta.content:
             first = time.perf_counter() - start
@@ -143,7 +144,8 @@ def one_by_one(client: openai.OpenAI, prompts: list[str], max_tokens: int) -> Ar
     for content in prompts:
         try:
             raw = client.chat.completions.with_raw_response.create(
-                model=BUILTIN_MODEL, messages=messages(content), temperature=0, max_tokens=max_tokens)
+                model=BUILTIN_MODEL, messages=messages(content), temperature=0, max_tokens=max_tokens
+            )
         except openai.APIError as exc:
             arm.errors.append(f"{type(exc).__name__}: {exc}")
             continue
@@ -155,12 +157,25 @@ def one_by_one(client: openai.OpenAI, prompts: list[str], max_tokens: int) -> Ar
     return arm
 
 
-def batch(client: openai.OpenAI, base: str, db_url: str, prompts: list[str], max_tokens: int,
-          args: argparse.Namespace, tag: str) -> BatchRun:
+def batch(
+    client: openai.OpenAI,
+    base: str,
+    db_url: str,
+    prompts: list[str],
+    max_tokens: int,
+    args: argparse.Namespace,
+    tag: str,
+) -> BatchRun:
     """Upload, create, poll to the end (sampling progress and /health, probing TTFT), read the output."""
-    lines = [{"custom_id": f"line-{i}", "method": "POST", "url": ENDPOINT,
-              "body": {"model": BUILTIN_MODEL, "messages": messages(p), "temperature": 0, "max_tokens": max_tokens}}
-             for i, p in enumerate(prompts)]
+    lines = [
+        {
+            "custom_id": f"line-{i}",
+            "method": "POST",
+            "url": ENDPOINT,
+            "body": {"model": BUILTIN_MODEL, "messages": messages(p), "temperature": 0, "max_tokens": max_tokens},
+        }
+        for i, p in enumerate(prompts)
+    ]
     content = ("\n".join(json.dumps(line) for line in lines) + "\n").encode()
     run = BatchRun("batch")
     done = threading.Event()
@@ -223,8 +238,13 @@ def line_times(db_url: str, batch_id: str, t0: float) -> list[tuple[float, float
 
     sql = create_engine(db_url)
     with sql.connect() as conn:
-        rows = conn.execute(text("SELECT started_at, finished_at, completion_tokens FROM jobs WHERE batch_id = :b "
-                                 "AND status = 'succeeded' ORDER BY finished_at"), {"b": batch_id}).all()
+        rows = conn.execute(
+            text(
+                "SELECT started_at, finished_at, completion_tokens FROM jobs WHERE batch_id = :b "
+                "AND status = 'succeeded' ORDER BY finished_at"
+            ),
+            {"b": batch_id},
+        ).all()
     sql.dispose()
     return [(started - t0, finished - t0, tokens or 0) for started, finished, tokens in rows]
 
@@ -234,8 +254,9 @@ def line_times(db_url: str, batch_id: str, t0: float) -> list[tuple[float, float
 
 def warm_up(client: openai.OpenAI, base: str, db_url: str, args: argparse.Namespace) -> None:
     """One chat request and one small batch: first-run costs (kernels, thread pools, batch paths) paid here."""
-    client.chat.completions.create(model=BUILTIN_MODEL, messages=messages("[warm-up] Say hello."), temperature=0,
-                                   max_tokens=8)
+    client.chat.completions.create(
+        model=BUILTIN_MODEL, messages=messages("[warm-up] Say hello."), temperature=0, max_tokens=8
+    )
     quick = argparse.Namespace(**{**vars(args), "ttft_probes": 0})
     batch(client, base, db_url, prompt_set("warm-up", 0, "b", 4), 8, quick, "warm-up")
 
@@ -265,21 +286,29 @@ def round_summary(oneby1: Arm, run: BatchRun, idle: list[float], order: list[str
         "ttft_idle_all_ms": [ms(v) for v in idle],
         "ttft_during_batch_all_ms": [ms(p.ttft) for p in run.probes],
         # Lines that stopped before max_tokens: a different mix between the arms would skew tokens/s.
-        "short_lines": {"oneby1": sum(t < max_tokens for t in oneby1.tokens),
-                        "batch": sum(t < max_tokens for t in run.tokens)},
+        "short_lines": {
+            "oneby1": sum(t < max_tokens for t in oneby1.tokens),
+            "batch": sum(t < max_tokens for t in run.tokens),
+        },
         "errors": {"oneby1": len(oneby1.errors), "batch": len(run.errors)},
         "cache_hits_oneby1": oneby1.cache_hits,
         # /health's batch block while the batch ran (refreshed by the worker's 2 s heartbeat).
-        "health_batch": {"active_max": max(active, default=None),
-                         "active_median": median_of(active),
-                         "waiting_max": max(waiting, default=None),
-                         "preempted": (preempted[-1] - preempted[0]) if preempted else None,
-                         "samples": len(active)},
+        "health_batch": {
+            "active_max": max(active, default=None),
+            "active_median": median_of(active),
+            "waiting_max": max(waiting, default=None),
+            "preempted": (preempted[-1] - preempted[0]) if preempted else None,
+            "samples": len(active),
+        },
     }
 
 
-def run_rounds(client: openai.OpenAI, base: str, db_url: str, args: argparse.Namespace,
-               ) -> tuple[list[dict], list[tuple[Arm, BatchRun]]]:
+def run_rounds(
+    client: openai.OpenAI,
+    base: str,
+    db_url: str,
+    args: argparse.Namespace,
+) -> tuple[list[dict], list[tuple[Arm, BatchRun]]]:
     run_id = uuid.uuid4().hex[:6]
     summaries, traces = [], []
     for r in range(args.repeat):
@@ -293,15 +322,26 @@ def run_rounds(client: openai.OpenAI, base: str, db_url: str, args: argparse.Nam
             time.sleep(1)  # let the previous arm's BLAS threads stop spinning
             if arm == "oneby1":
                 oneby1 = one_by_one(client, prompt_set(run_id, r, "o", args.prompts), args.max_tokens)
-                say(f"round {r}: one by one {oneby1.wall_s:.1f} s, {sum(oneby1.tokens)} tokens, "
-                    f"{oneby1.tok_s:.1f} tok/s, {len(oneby1.errors)} errors, {oneby1.cache_hits} cache hits")
+                say(
+                    f"round {r}: one by one {oneby1.wall_s:.1f} s, {sum(oneby1.tokens)} tokens, "
+                    f"{oneby1.tok_s:.1f} tok/s, {len(oneby1.errors)} errors, {oneby1.cache_hits} cache hits"
+                )
             else:
-                run = batch(client, base, db_url, prompt_set(run_id, r, "b", args.prompts), args.max_tokens, args,
-                            f"{run_id}-{r}")
+                run = batch(
+                    client,
+                    base,
+                    db_url,
+                    prompt_set(run_id, r, "b", args.prompts),
+                    args.max_tokens,
+                    args,
+                    f"{run_id}-{r}",
+                )
                 active = [s["batch"]["active"] for s in run.samples if s.get("batch")]
-                say(f"round {r}: batch {run.wall_s:.1f} s, {sum(run.tokens)} tokens, {run.tok_s:.1f} tok/s, "
+                say(
+                    f"round {r}: batch {run.wall_s:.1f} s, {sum(run.tokens)} tokens, {run.tok_s:.1f} tok/s, "
                     f"{len(run.errors)} error lines; /health batch.active samples {active}; "
-                    f"TTFT during {[round(ms(p.ttft)) for p in run.probes]} ms")
+                    f"TTFT during {[round(ms(p.ttft)) for p in run.probes]} ms"
+                )
         assert oneby1 is not None and run is not None
         summary = round_summary(oneby1, run, idle, order, args.max_tokens)
         say(f"round {r}: speedup {summary['speedup']}x, TTFT ratio {summary['ttft_ratio']}")
@@ -314,8 +354,16 @@ def run_rounds(client: openai.OpenAI, base: str, db_url: str, args: argparse.Nam
 
 
 def medians(rounds: list[dict]) -> dict[str, float | None]:
-    keys = ("oneby1_wall_s", "oneby1_tok_s", "batch_wall_s", "batch_tok_s", "speedup", "ttft_idle_ms",
-            "ttft_during_batch_ms", "ttft_ratio")
+    keys = (
+        "oneby1_wall_s",
+        "oneby1_tok_s",
+        "batch_wall_s",
+        "batch_tok_s",
+        "speedup",
+        "ttft_idle_ms",
+        "ttft_during_batch_ms",
+        "ttft_ratio",
+    )
     out = {}
     for key in keys:
         values = [r[key] for r in rounds if r[key] is not None]
@@ -325,10 +373,18 @@ def medians(rounds: list[dict]) -> dict[str, float | None]:
 
 def targets(summary: dict[str, float | None]) -> dict[str, dict]:
     speedup, ratio = summary["speedup"], summary["ttft_ratio"]
-    return {"speedup": {"target": f">= {TARGET_SPEEDUP:g}x", "value": speedup,
-                        "met": speedup is not None and speedup >= TARGET_SPEEDUP},
-            "ttft_ratio": {"target": f"<= {TARGET_TTFT_RATIO:g}x", "value": ratio,
-                           "met": ratio is not None and ratio <= TARGET_TTFT_RATIO}}
+    return {
+        "speedup": {
+            "target": f">= {TARGET_SPEEDUP:g}x",
+            "value": speedup,
+            "met": speedup is not None and speedup >= TARGET_SPEEDUP,
+        },
+        "ttft_ratio": {
+            "target": f"<= {TARGET_TTFT_RATIO:g}x",
+            "value": ratio,
+            "met": ratio is not None and ratio <= TARGET_TTFT_RATIO,
+        },
+    }
 
 
 def plot(out: Path, oneby1: Arm, run: BatchRun, idle: list[float], args: argparse.Namespace) -> None:
@@ -353,10 +409,21 @@ def plot(out: Path, oneby1: Arm, run: BatchRun, idle: list[float], args: argpars
             if overlap > 0:
                 spread[i] += tokens * overlap / span
     widths = [max(edges[i + 1] - edges[i], 1e-9) for i in range(bins)]
-    top.stairs([v / w for v, w in zip(done_in, widths, strict=True)], edges, fill=True, alpha=0.3, color="C0",
-               label=f"batch: tokens of lines finished per {bin_s:g} s")
-    top.stairs([v / w for v, w in zip(spread, widths, strict=True)], edges, color="C4", lw=1.5,
-               label="batch: each line's tokens spread over its run")
+    top.stairs(
+        [v / w for v, w in zip(done_in, widths, strict=True)],
+        edges,
+        fill=True,
+        alpha=0.3,
+        color="C0",
+        label=f"batch: tokens of lines finished per {bin_s:g} s",
+    )
+    top.stairs(
+        [v / w for v, w in zip(spread, widths, strict=True)],
+        edges,
+        color="C4",
+        lw=1.5,
+        label="batch: each line's tokens spread over its run",
+    )
     top.axhline(run.tok_s, color="C0", ls="--", label=f"batch mean {run.tok_s:.0f} tok/s")
     top.axhline(oneby1.tok_s, color="C1", ls="--", label=f"one by one mean {oneby1.tok_s:.0f} tok/s")
     top.axhline(TARGET_SPEEDUP * oneby1.tok_s, color="C1", ls=":", label=f"target {TARGET_SPEEDUP:g}x one by one")
@@ -374,12 +441,19 @@ def plot(out: Path, oneby1: Arm, run: BatchRun, idle: list[float], args: argpars
     handles = top.get_legend_handles_labels()[0] + cumulative.get_legend_handles_labels()[0]
     top.legend(handles=handles, fontsize=8, loc="upper left")
     top.grid(alpha=0.3)
-    top.set_title(f"{BUILTIN_MODEL}: {args.prompts} prompts x max_tokens {args.max_tokens}, batch vs one by one "
-                  f"({run.tok_s / oneby1.tok_s:.2f}x)" if oneby1.tok_s else BUILTIN_MODEL, fontsize=10)
+    top.set_title(
+        f"{BUILTIN_MODEL}: {args.prompts} prompts x max_tokens {args.max_tokens}, batch vs one by one "
+        f"({run.tok_s / oneby1.tok_s:.2f}x)"
+        if oneby1.tok_s
+        else BUILTIN_MODEL,
+        fontsize=10,
+    )
 
     health = [(s["t"], s["batch"]) for s in run.samples if s.get("batch")]
     if health:
-        bottom.step([t for t, _ in health], [b["active"] for t, b in health], where="post", label="/health batch.active")
+        bottom.step(
+            [t for t, _ in health], [b["active"] for t, b in health], where="post", label="/health batch.active"
+        )
         bottom.step([t for t, _ in health], [b["waiting"] for t, b in health], where="post", label="batch.waiting")
     bottom.set_ylabel("sequences")
     bottom.set_xlabel("seconds since the batch was submitted")
@@ -387,12 +461,19 @@ def plot(out: Path, oneby1: Arm, run: BatchRun, idle: list[float], args: argpars
     bottom.grid(alpha=0.3)
     probes = bottom.twinx()
     if run.probes:
-        probes.scatter([p.sent for p in run.probes], [ms(p.ttft) for p in run.probes], color="C3", marker="x",
-                       label="interactive TTFT during the batch")
+        probes.scatter(
+            [p.sent for p in run.probes],
+            [ms(p.ttft) for p in run.probes],
+            color="C3",
+            marker="x",
+            label="interactive TTFT during the batch",
+        )
     if idle:
         idle_ms = ms(statistics.median(idle))
         probes.axhline(idle_ms, color="C3", ls="--", lw=1, label=f"idle TTFT {idle_ms:.0f} ms")
-        probes.axhline(TARGET_TTFT_RATIO * idle_ms, color="C3", ls=":", lw=1, label=f"target {TARGET_TTFT_RATIO:g}x idle")
+        probes.axhline(
+            TARGET_TTFT_RATIO * idle_ms, color="C3", ls=":", lw=1, label=f"target {TARGET_TTFT_RATIO:g}x idle"
+        )
     probes.set_ylabel("TTFT ms", color="C3")
     probes.set_ylim(bottom=0)
     handles = bottom.get_legend_handles_labels()[0] + probes.get_legend_handles_labels()[0]
@@ -453,9 +534,21 @@ def main() -> None:
     pick = sorted(range(len(rounds)), key=lambda i: rounds[i]["speedup"] or 0)[len(rounds) // 2]
     oneby1, run = traces[pick]
     plot(Path(args.plot), oneby1, run, [p / 1000 for p in rounds[pick]["ttft_idle_all_ms"]], args)
-    print(json.dumps({"bench": "batch", "model": BUILTIN_MODEL, "prompts": args.prompts,
-                      "max_tokens": args.max_tokens, "repeat": args.repeat, "rounds": rounds,
-                      "median": summary, "targets": targets(summary), "plot": str(args.plot)}))
+    print(
+        json.dumps(
+            {
+                "bench": "batch",
+                "model": BUILTIN_MODEL,
+                "prompts": args.prompts,
+                "max_tokens": args.max_tokens,
+                "repeat": args.repeat,
+                "rounds": rounds,
+                "median": summary,
+                "targets": targets(summary),
+                "plot": str(args.plot),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

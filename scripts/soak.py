@@ -69,14 +69,29 @@ HOT = [
     "Say hello in Spanish.",
     "What colour is the sky?",
 ]
-TOPICS = ["volcanoes", "honeybees", "the Silk Road", "bridges", "chess", "ocean currents", "the printing press",
-          "rain forests", "the telephone", "comets", "glaciers", "lighthouses"]
+TOPICS = [
+    "volcanoes",
+    "honeybees",
+    "the Silk Road",
+    "bridges",
+    "chess",
+    "ocean currents",
+    "the printing press",
+    "rain forests",
+    "the telephone",
+    "comets",
+    "glaciers",
+    "lighthouses",
+]
 # Invalid requests and what they must be refused with (any 4xx; the status is informational).
 BAD: list[tuple[str, str, bytes | dict]] = [
     ("malformed json", "/v1/chat/completions", b'{"model": "x", "messages": ['),
     ("missing messages", "/v1/chat/completions", {"model": "{model}"}),
-    ("temperature not a number", "/v1/chat/completions",
-     {"model": "{model}", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}),
+    (
+        "temperature not a number",
+        "/v1/chat/completions",
+        {"model": "{model}", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"},
+    ),
     ("unknown role", "/v1/chat/completions", {"model": "{model}", "messages": [{"role": "robot", "content": "x"}]}),
     ("unknown model", "/v1/chat/completions", {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}),
     ("n=2", "/v1/chat/completions", {"model": "{model}", "messages": [{"role": "user", "content": "hi"}], "n": 2}),
@@ -170,8 +185,9 @@ class Clients:
         limits = httpx.Limits(max_connections=200, max_keepalive_connections=100)
         self.http = httpx.AsyncClient(base_url=base, timeout=timeout, limits=limits)
         # max_retries=0: every refusal is counted as the service gave it, not hidden by the client's retries.
-        self.oa = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=timeout,
-                                     http_client=self.http)
+        self.oa = openai.AsyncOpenAI(
+            base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=timeout, http_client=self.http
+        )
 
     def distinct(self) -> str:
         self.counter += 1
@@ -214,7 +230,8 @@ class Clients:
 
     async def _chat(self, text: str, max_tokens: int) -> tuple[str, str | None, str]:
         raw = await self.oa.chat.completions.with_raw_response.create(
-            model=self.model, messages=self.messages(text), temperature=0, max_tokens=max_tokens)
+            model=self.model, messages=self.messages(text), temperature=0, max_tokens=max_tokens
+        )
         reply = raw.parse()
         if not reply.choices or reply.choices[0].message.content is None:
             return "empty", "an answer without content", raw.http_response.text[:200]
@@ -228,8 +245,9 @@ class Clients:
 
     async def _completion(self) -> tuple[str, str | None, str]:
         text = self.rng.choice(HOT) if self.rng.random() < 0.5 else self.distinct()
-        raw = await self.oa.completions.with_raw_response.create(model=self.model, prompt=text, temperature=0,
-                                                                 max_tokens=16)
+        raw = await self.oa.completions.with_raw_response.create(
+            model=self.model, prompt=text, temperature=0, max_tokens=16
+        )
         reply = raw.parse()
         if not reply.choices or reply.choices[0].text is None:
             return "empty", "an answer without text", raw.http_response.text[:200]
@@ -238,8 +256,13 @@ class Clients:
     async def _stream(self) -> tuple[str, str | None, str]:
         text = self.rng.choice(HOT) if self.rng.random() < 0.5 else self.distinct()
         # Read the raw SSE lines, so that a stream cut short (no `data: [DONE]`) is seen as such.
-        payload = {"model": self.model, "messages": self.messages(text), "temperature": 0,
-                   "max_tokens": self.rng.randint(8, 32), "stream": True}
+        payload = {
+            "model": self.model,
+            "messages": self.messages(text),
+            "temperature": 0,
+            "max_tokens": self.rng.randint(8, 32),
+            "stream": True,
+        }
         async with self.http.stream("POST", "/v1/chat/completions", json=payload) as r:
             if r.status_code != 200:
                 await r.aread()
@@ -255,8 +278,13 @@ class Clients:
         return "stream", None, ""
 
     async def _disconnect(self) -> tuple[str, str | None, str]:
-        payload = {"model": self.model, "messages": self.messages(self.distinct()), "temperature": 0,
-                   "max_tokens": 32, "stream": True}
+        payload = {
+            "model": self.model,
+            "messages": self.messages(self.distinct()),
+            "temperature": 0,
+            "max_tokens": 32,
+            "stream": True,
+        }
         keep = self.rng.randint(1, 2)
         async with self.http.stream("POST", "/v1/chat/completions", json=payload) as r:
             if r.status_code != 200:
@@ -299,8 +327,9 @@ async def client_loop(clients: Clients, deadline: float, results: list[Result]) 
         results.append(await clients.one(clients.rng.choices(kinds, weights)[0]))
 
 
-async def load(base: str, model: str, n_clients: int, duration: float, timeout: float, seed: int) -> tuple[
-        list[Result], float]:
+async def load(
+    base: str, model: str, n_clients: int, duration: float, timeout: float, seed: int
+) -> tuple[list[Result], float]:
     clients = Clients(base, model, timeout, random.Random(seed))
     results: list[Result] = []
     start = time.monotonic()
@@ -391,16 +420,25 @@ def summarize(results: list[Result], wall: float) -> dict[str, Any]:
         "by_outcome": dict(Counter(r.outcome for r in results)),
         "errors_by_kind": dict(failures),
         "error_examples": examples,
-        "latency_ms": {kind: {"n": len(v), "p50": round(pct(v, 50) * 1000, 1), "p95": round(pct(v, 95) * 1000, 1)}
-                       for kind, v in sorted(by_kind.items())},
+        "latency_ms": {
+            kind: {"n": len(v), "p50": round(pct(v, 50) * 1000, 1), "p95": round(pct(v, 95) * 1000, 1)}
+            for kind, v in sorted(by_kind.items())
+        },
     }
 
 
 def warm_up(base: str, model: str) -> None:
     """One request before the clock starts: the worker's first forward pass compiles and allocates."""
     with httpx.Client(base_url=base, timeout=120) as http:
-        r = http.post("/v1/chat/completions", json={"model": model, "temperature": 0, "max_tokens": 4,
-                                                    "messages": [{"role": "user", "content": "Warm up."}]})
+        r = http.post(
+            "/v1/chat/completions",
+            json={
+                "model": model,
+                "temperature": 0,
+                "max_tokens": 4,
+                "messages": [{"role": "user", "content": "Warm up."}],
+            },
+        )
         r.raise_for_status()
 
 
@@ -436,11 +474,15 @@ def main() -> int:
             try:
                 warm_up(svc.base, BUILTIN_MODEL)
                 mem_start = memory(svc)
-                print(f"soak: {args.clients} clients for {args.duration:g}s on {svc.base} ({args.mode})",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"soak: {args.clients} clients for {args.duration:g}s on {svc.base} ({args.mode})",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 with MemoryTrace(svc, args.rss_every_s) as trace:
-                    results, wall = asyncio.run(load(svc.base, BUILTIN_MODEL, args.clients, args.duration,
-                                                     args.timeout, args.seed))
+                    results, wall = asyncio.run(
+                        load(svc.base, BUILTIN_MODEL, args.clients, args.duration, args.timeout, args.seed)
+                    )
                 mem_end_load = memory(svc)
                 jobs, depth, settle_s = quiesce(svc, db_url, args.quiesce_s)
                 mem_end = memory(svc)
@@ -452,11 +494,20 @@ def main() -> int:
             finally:
                 svc.stop()
 
-    summary = {"mode": args.mode, "clients": args.clients, "duration_s": args.duration, "wall_s": round(wall, 1),
-               **summarize(results, wall)}
-    summary["rss_mb"] = {"start": mem_start, "end_of_load": mem_end_load, "end": mem_end,
-                         "peak": {"api": trace.peak("api"), "worker": trace.peak("worker")},
-                         "samples": trace.samples}
+    summary = {
+        "mode": args.mode,
+        "clients": args.clients,
+        "duration_s": args.duration,
+        "wall_s": round(wall, 1),
+        **summarize(results, wall),
+    }
+    summary["rss_mb"] = {
+        "start": mem_start,
+        "end_of_load": mem_end_load,
+        "end": mem_end,
+        "peak": {"api": trace.peak("api"), "worker": trace.peak("worker")},
+        "samples": trace.samples,
+    }
     summary["jobs_by_status"] = jobs
     summary["queue_depth_after"] = depth
     summary["settle_s"] = settle_s
@@ -466,8 +517,9 @@ def main() -> int:
     summary["prefix_cache"] = health.get("prefix_cache")
     failures = [f"{n} requests: {why}" for why, n in summary["errors_by_kind"].items()]
     if set(jobs) - TERMINAL:
-        failures.append(f"jobs not terminal after {args.quiesce_s:g}s: "
-                        f"{ {k: v for k, v in jobs.items() if k not in TERMINAL} }")
+        failures.append(
+            f"jobs not terminal after {args.quiesce_s:g}s: { {k: v for k, v in jobs.items() if k not in TERMINAL} }"
+        )
     if depth != 0:
         failures.append(f"queue depth {depth} after the run")
     if not all(alive.values()):

@@ -6,5 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh worker,dev
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 .venv/bin/mypy  # its configuration, [tool.mypy] in pyproject.toml, names the packages: api, mlxq, worker
 exec .venv/bin/python -m pytest "$@"

@@ -34,8 +34,9 @@ class Service:
 
     def _spawn(self, *args: str) -> subprocess.Popen:
         log = open(self.log_dir / f"{args[0]}-{self.starts}.log", "w")
-        return subprocess.Popen([sys.executable, "-m", "mlxq.cli", *args], env=self.env, stdout=log,
-                                stderr=subprocess.STDOUT, cwd=ROOT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "mlxq.cli", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+        )
 
     def start(self, *, worker: bool = True, wait_model: bool = True) -> Service:
         self.starts += 1

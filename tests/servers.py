@@ -65,9 +65,22 @@ class RedisServer:
     def start(self) -> RedisServer:
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persist else ["--appendonly", "no"]
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
-             "--dir", str(self.dir), "--logfile", str(self.log)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                *persistence,
+                "--dir",
+                str(self.dir),
+                "--logfile",
+                str(self.log),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
         )
         if not _wait_port(self.port, 15):
             self.stop(kill=True)
@@ -103,6 +116,7 @@ class RedisServer:
 
 def _pg_bin() -> Path:
     """The newest PostgreSQL server's bin directory (Debian keeps them out of PATH), else PATH's."""
+
     def major(pg_ctl: Path) -> int:
         version = pg_ctl.parent.parent.name
         return int(version) if version.isdigit() else 0

@@ -18,23 +18,41 @@ def analyze(*args: str) -> dict:
     out = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
+
 SYSTEM = "You are an agent. " * 50
 
 
 def openai_body(user: str) -> dict:
-    return {"model": "m", "temperature": 0, "messages": [{"role": "system", "content": SYSTEM},
-                                                        {"role": "user", "content": user}],
-            "tools": [{"type": "function", "function": {"name": "read_file", "parameters": {}}}]}
+    return {
+        "model": "m",
+        "temperature": 0,
+        "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}],
+        "tools": [{"type": "function", "function": {"name": "read_file", "parameters": {}}}],
+    }
 
 
 def test_jsonl_traces_from_other_proxies(tmp_path: Path):
-    anthropic = {"model": "claude", "system": [{"type": "text", "text": SYSTEM}], "max_tokens": 64,
-                 "tools": [{"name": "bash", "input_schema": {"type": "object"}}],
-                 "messages": [{"role": "user", "content": "hi"},
-                              {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "bash",
-                                                                 "input": {"cmd": "ls"}}]}]}
-    lines = [json.dumps(openai_body("one")), json.dumps({"request": openai_body("two")}),
-             json.dumps(openai_body("one")), json.dumps(anthropic), "not json", ""]
+    anthropic = {
+        "model": "claude",
+        "system": [{"type": "text", "text": SYSTEM}],
+        "max_tokens": 64,
+        "tools": [{"name": "bash", "input_schema": {"type": "object"}}],
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {
+                "role": "assistant",
+                "content": [{"type": "tool_use", "id": "t1", "name": "bash", "input": {"cmd": "ls"}}],
+            },
+        ],
+    }
+    lines = [
+        json.dumps(openai_body("one")),
+        json.dumps({"request": openai_body("two")}),
+        json.dumps(openai_body("one")),
+        json.dumps(anthropic),
+        "not json",
+        "",
+    ]
     trace = tmp_path / "t.jsonl"
     trace.write_text("\n".join(lines))
     report = analyze(str(trace))
@@ -49,14 +67,54 @@ def test_request_log_report(tmp_path: Path):
     url = f"sqlite:///{tmp_path / 'log.sqlite'}"
     upgrade(Settings(data_dir=tmp_path, database_url=url))
     rows = [
-        {"at": 1.0, "key": "a", "endpoint": "chat", "cache": "MISS", "stream": False, "prompt_tokens": 100,
-         "cached_tokens": 0, "completion_tokens": 5, "tools": ["read_file"], "latency_ms": 10.0},
-        {"at": 2.0, "key": "b", "endpoint": "chat", "cache": "MISS", "stream": True, "prompt_tokens": 120,
-         "cached_tokens": 90, "completion_tokens": 5, "tools": ["read_file", "bash"], "latency_ms": 8.0},
-        {"at": 3.0, "key": "a", "endpoint": "chat", "cache": "HIT", "stream": False, "prompt_tokens": 100,
-         "cached_tokens": 0, "completion_tokens": 5, "tools": ["read_file"], "latency_ms": 1.0},
-        {"at": 4.0, "key": "c", "endpoint": "chat", "cache": "BYPASS", "stream": False, "prompt_tokens": 50,
-         "cached_tokens": 40, "completion_tokens": 5, "tools": None, "latency_ms": 9.0},
+        {
+            "at": 1.0,
+            "key": "a",
+            "endpoint": "chat",
+            "cache": "MISS",
+            "stream": False,
+            "prompt_tokens": 100,
+            "cached_tokens": 0,
+            "completion_tokens": 5,
+            "tools": ["read_file"],
+            "latency_ms": 10.0,
+        },
+        {
+            "at": 2.0,
+            "key": "b",
+            "endpoint": "chat",
+            "cache": "MISS",
+            "stream": True,
+            "prompt_tokens": 120,
+            "cached_tokens": 90,
+            "completion_tokens": 5,
+            "tools": ["read_file", "bash"],
+            "latency_ms": 8.0,
+        },
+        {
+            "at": 3.0,
+            "key": "a",
+            "endpoint": "chat",
+            "cache": "HIT",
+            "stream": False,
+            "prompt_tokens": 100,
+            "cached_tokens": 0,
+            "completion_tokens": 5,
+            "tools": ["read_file"],
+            "latency_ms": 1.0,
+        },
+        {
+            "at": 4.0,
+            "key": "c",
+            "endpoint": "chat",
+            "cache": "BYPASS",
+            "stream": False,
+            "prompt_tokens": 50,
+            "cached_tokens": 40,
+            "completion_tokens": 5,
+            "tools": None,
+            "latency_ms": 9.0,
+        },
     ]
     with make_sessionmaker(make_engine(url)).begin() as session:
         repos.log_requests(session=session, rows=rows)

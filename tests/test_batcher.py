@@ -91,8 +91,9 @@ def test_prefix_cache_inside_a_batch(tiny_model: Path):
     engine = Engine.load(str(tiny_model), BatchLimits(size=8))
     prefix = engine.enable_prefix_cache(max_entries=8, max_bytes=1 << 30)
     system = {"role": "system", "content": "You are a careful agent. " * 30}
-    first = engine.generate("chat", {"messages": [system, {"role": "user", "content": "turn one"}],
-                                     "temperature": 0, "max_tokens": 8})
+    first = engine.generate(
+        "chat", {"messages": [system, {"role": "user", "content": "turn one"}], "temperature": 0, "max_tokens": 8}
+    )
     history = [system, {"role": "user", "content": "turn one"}, {"role": "assistant", "content": first["text"]}]
     follow_up = {"messages": [*history, {"role": "user", "content": "turn two"}], "temperature": 0, "max_tokens": 8}
     others = [chat(f"unrelated {i}", max_tokens=20) for i in range(3)]

@@ -189,8 +189,11 @@ def test_persistence(monkeypatch: pytest.MonkeyPatch):
     data = str(worker.data_dir)
     # The worker keeps its prefix cache in <data dir>/prefix_cache (worker/runtime.py).
     assert 'data_dir / "prefix_cache"' in (ROOT / "worker" / "runtime.py").read_text()
-    assert mounts("worker") == {data: "data", str(worker.builtin_model_dir.parent): "models",
-                                f"{data}/prefix_cache": "prefix-cache"}
+    assert mounts("worker") == {
+        data: "data",
+        str(worker.builtin_model_dir.parent): "models",
+        f"{data}/prefix_cache": "prefix-cache",
+    }
     assert mounts("api") == {data: "data", str(worker.builtin_model_dir.parent): "models"}
     assert SERVICES["api"]["volumes"][-1].endswith(":ro")
     used = {v for name in SERVICES for v in mounts(name).values()}

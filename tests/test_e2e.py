@@ -95,8 +95,11 @@ def test_cache_controls_and_nondeterministic_requests(tmp_path: Path, smollm2: P
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"{svc.base}/metrics", timeout=5).text
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for family in text_string_to_metric_families(text) for s in family.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
     assert samples[("mlxq_cache_hits", ())] == 2 and samples[("mlxq_cache_misses", ())] == 3
     assert samples[("mlxq_requests_total", (("cache", "BYPASS"), ("endpoint", "chat")))] == 3
 
@@ -109,10 +112,19 @@ def test_bad_input_is_an_openai_4xx_and_nothing_is_enqueued(tmp_path: Path, smol
         ("malformed JSON", b'{"model": "x", "messages": [', 400, None),
         ("missing messages", b'{"model": "SmolLM2-135M-Instruct"}', 400, "messages"),
         ("messages not a list", b'{"model": "SmolLM2-135M-Instruct", "messages": "hi"}', 400, "messages"),
-        ("temperature not a number", b'{"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", '
-                                     b'"content": "hi"}], "temperature": "hot"}', 400, "temperature"),
-        ("unknown role", b'{"model": "SmolLM2-135M-Instruct", "messages": [{"role": "robot", "content": "x"}]}',
-         400, "messages.0.role"),
+        (
+            "temperature not a number",
+            b'{"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", '
+            b'"content": "hi"}], "temperature": "hot"}',
+            400,
+            "temperature",
+        ),
+        (
+            "unknown role",
+            b'{"model": "SmolLM2-135M-Instruct", "messages": [{"role": "robot", "content": "x"}]}',
+            400,
+            "messages.0.role",
+        ),
         ("unknown model", b'{"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}', 404, "model"),
     ]
     for name, body, status, param in bad:
@@ -143,7 +155,10 @@ def test_health_answers_while_the_worker_generates(tmp_path: Path, smollm2: Path
 
     def long_generation() -> None:
         client(svc).chat.completions.create(
-            model=MODEL_NAME, temperature=0, max_tokens=400, extra_body={"min_p": 0.0},
+            model=MODEL_NAME,
+            temperature=0,
+            max_tokens=400,
+            extra_body={"min_p": 0.0},
             messages=[{"role": "user", "content": "Write a very long story about a dragon."}],
         )
         done.set()
@@ -183,17 +198,27 @@ def test_model_that_cannot_load_gives_errors_never_fake_text(tmp_path: Path, ser
     assert svc.health()["cache"]["cached_items"] == 0
 
 
-def test_agent_turns_reuse_the_prefix_and_stay_warm_across_a_restart(tmp_path: Path, smollm2: Path,
-                                                                    service_factory):
+def test_agent_turns_reuse_the_prefix_and_stay_warm_across_a_restart(tmp_path: Path, smollm2: Path, service_factory):
     svc = service_factory(service_env(tmp_path, smollm2)).start()
     system = {"role": "system", "content": "You are a coding agent. Follow the repository conventions. " * 30}
     oa = client(svc)
-    first = oa.chat.completions.create(model=MODEL_NAME, temperature=0, max_tokens=8,
-                                       messages=[system, {"role": "user", "content": "List three colours."}])
-    history = [system, {"role": "user", "content": "List three colours."},
-               {"role": "assistant", "content": first.choices[0].message.content}]
-    second = oa.chat.completions.create(model=MODEL_NAME, temperature=0, max_tokens=8,
-                                        messages=[*history, {"role": "user", "content": "Now three animals."}])
+    first = oa.chat.completions.create(
+        model=MODEL_NAME,
+        temperature=0,
+        max_tokens=8,
+        messages=[system, {"role": "user", "content": "List three colours."}],
+    )
+    history = [
+        system,
+        {"role": "user", "content": "List three colours."},
+        {"role": "assistant", "content": first.choices[0].message.content},
+    ]
+    second = oa.chat.completions.create(
+        model=MODEL_NAME,
+        temperature=0,
+        max_tokens=8,
+        messages=[*history, {"role": "user", "content": "Now three animals."}],
+    )
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert cached >= first.usage.prompt_tokens
     # Stats come with the worker's heartbeat; one taken between the turn's lookup (which moves the entry
@@ -203,8 +228,12 @@ def test_agent_turns_reuse_the_prefix_and_stay_warm_across_a_restart(tmp_path: P
     assert health["cache"]["misses"] == 2  # the response cache keeps its own counts
 
     svc.restart()  # the worker saves its prefix cache on shutdown and loads it on start
-    third = oa.chat.completions.create(model=MODEL_NAME, temperature=0, max_tokens=8,
-                                       messages=[*history, {"role": "user", "content": "Now three fruits."}])
+    third = oa.chat.completions.create(
+        model=MODEL_NAME,
+        temperature=0,
+        max_tokens=8,
+        messages=[*history, {"role": "user", "content": "Now three fruits."}],
+    )
     assert third.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
 
     svc.health()  # flushes the api's batched request log
@@ -213,17 +242,22 @@ def test_agent_turns_reuse_the_prefix_and_stay_warm_across_a_restart(tmp_path: P
     assert report["prefix_tokens_saved"] >= cached + third.usage.prompt_tokens_details.cached_tokens
 
 
-
-def test_a_killed_workers_job_goes_back_to_the_queue_and_the_next_worker_answers(tmp_path: Path, smollm2: Path,
-                                                                                 service_factory):
+def test_a_killed_workers_job_goes_back_to_the_queue_and_the_next_worker_answers(
+    tmp_path: Path, smollm2: Path, service_factory
+):
     svc = service_factory(service_env(tmp_path, smollm2)).start()
     db = f"sqlite:///{tmp_path / 'data' / 'mlxq.sqlite'}"
     answers: list[object] = []
-    request = {"model": MODEL_NAME, "temperature": 0, "max_tokens": 400,
-               "messages": [{"role": "user", "content": "Write a very long story about a lighthouse."}]}
+    request = {
+        "model": MODEL_NAME,
+        "temperature": 0,
+        "max_tokens": 400,
+        "messages": [{"role": "user", "content": "Write a very long story about a lighthouse."}],
+    }
 
-    waiter = threading.Thread(target=lambda: answers.append(client(svc).chat.completions.create(**request)),
-                              daemon=True)
+    waiter = threading.Thread(
+        target=lambda: answers.append(client(svc).chat.completions.create(**request)), daemon=True
+    )
     waiter.start()
     deadline = time.time() + 30
     while count_jobs(db, "running") == 0 and time.time() < deadline:

@@ -12,8 +12,11 @@ import pytest
 from tests.conftest import MODEL_NAME, service_env
 from tests.procs import Service
 
-WEATHER = {"name": "get_weather", "description": "Current weather in a city.",
-           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+WEATHER = {
+    "name": "get_weather",
+    "description": "Current weather in a city.",
+    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +34,13 @@ def claude(svc: Service) -> anthropic.Anthropic:
 
 def ask(text: str, **extra) -> dict:
     # The SDK (2.x) no longer takes `temperature`: greedy decoding goes in the body by hand.
-    return {"model": MODEL_NAME, "max_tokens": 24, "extra_body": {"temperature": 0},
-            "messages": [{"role": "user", "content": text}], **extra}
+    return {
+        "model": MODEL_NAME,
+        "max_tokens": 24,
+        "extra_body": {"temperature": 0},
+        "messages": [{"role": "user", "content": text}],
+        **extra,
+    }
 
 
 def test_a_text_answer_and_the_same_streamed(svc: Service):
@@ -49,24 +57,39 @@ def test_a_text_answer_and_the_same_streamed(svc: Service):
 
 
 def test_stop_sequences_end_with_stop_sequence(svc: Service):
-    answer = claude(svc).messages.create(**ask("Count from 1 to 10, separated by commas.", max_tokens=40,
-                                               stop_sequences=["5"]))
+    answer = claude(svc).messages.create(
+        **ask("Count from 1 to 10, separated by commas.", max_tokens=40, stop_sequences=["5"])
+    )
     assert answer.stop_reason == "stop_sequence" and answer.stop_sequence == "5"
     assert "5" not in answer.content[0].text and "4" in answer.content[0].text
 
 
 def test_a_tool_use_round_trip(svc: Service):
     client = claude(svc)
-    first = client.messages.create(**ask("What's the weather in Paris? Use the tool.", max_tokens=80,
-                                         tools=[WEATHER], tool_choice={"type": "tool", "name": "get_weather"}))
+    first = client.messages.create(
+        **ask(
+            "What's the weather in Paris? Use the tool.",
+            max_tokens=80,
+            tools=[WEATHER],
+            tool_choice={"type": "tool", "name": "get_weather"},
+        )
+    )
     assert first.stop_reason == "tool_use"
     call = next(block for block in first.content if block.type == "tool_use")
     assert call.name == "get_weather" and isinstance(call.input, dict) and call.id.startswith("toolu_")
-    followup = client.messages.create(**{**ask("", max_tokens=40, tools=[WEATHER]), "messages": [
-        {"role": "user", "content": "What's the weather in Paris? Use the tool."},
-        {"role": "assistant", "content": [block.model_dump() for block in first.content]},
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "Sunny, 21 °C"}]},
-    ]})
+    followup = client.messages.create(
+        **{
+            **ask("", max_tokens=40, tools=[WEATHER]),
+            "messages": [
+                {"role": "user", "content": "What's the weather in Paris? Use the tool."},
+                {"role": "assistant", "content": [block.model_dump() for block in first.content]},
+                {
+                    "role": "user",
+                    "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "Sunny, 21 °C"}],
+                },
+            ],
+        }
+    )
     assert followup.content and followup.usage.input_tokens + followup.usage.cache_read_input_tokens > 0
 
 
@@ -76,16 +99,27 @@ def test_count_tokens_matches_the_tokenizer(svc: Service, smollm2: Path):
     messages = [{"role": "user", "content": "How many tokens is this?"}]
     counted = claude(svc).messages.count_tokens(model=MODEL_NAME, system="Be brief.", messages=messages)
     tokenizer = AutoTokenizer.from_pretrained(str(smollm2))
-    text = tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."}, *messages],
-                                         add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, *messages], add_generation_prompt=True, tokenize=False
+    )
     assert counted.input_tokens == len(tokenizer.encode(text, add_special_tokens=False))
 
 
 def test_errors_are_anthropic_shaped_and_raised_as_the_right_classes(svc: Service):
     client = claude(svc)
     with pytest.raises(anthropic.BadRequestError) as bad:
-        client.messages.create(model=MODEL_NAME, max_tokens=8, messages=[{"role": "user", "content": [
-            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}])
+        client.messages.create(
+            model=MODEL_NAME,
+            max_tokens=8,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}
+                    ],
+                }
+            ],
+        )
     assert "text-only" in bad.value.message
     assert bad.value.body["type"] == "error" and bad.value.body["error"]["type"] == "invalid_request_error"
     with pytest.raises(anthropic.BadRequestError):
@@ -97,11 +131,18 @@ def test_errors_are_anthropic_shaped_and_raised_as_the_right_classes(svc: Servic
 def test_openai_and_anthropic_forms_of_one_conversation_share_one_cache_entry(svc: Service):
     question = "Name one primary color."
     via_openai = openai.OpenAI(base_url=f"{svc.base}/v1", api_key="unused").chat.completions.with_raw_response.create(
-        model=MODEL_NAME, max_tokens=16, temperature=0, messages=[{"role": "system", "content": "Answer in one word."},
-                                                                   {"role": "user", "content": question}])
+        model=MODEL_NAME,
+        max_tokens=16,
+        temperature=0,
+        messages=[{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": question}],
+    )
     via_claude = claude(svc).messages.with_raw_response.create(
-        model=MODEL_NAME, max_tokens=16, extra_body={"temperature": 0}, system="Answer in one word.",
-        messages=[{"role": "user", "content": question}])
+        model=MODEL_NAME,
+        max_tokens=16,
+        extra_body={"temperature": 0},
+        system="Answer in one word.",
+        messages=[{"role": "user", "content": question}],
+    )
     assert via_claude.headers["x-request-key"] == via_openai.headers["x-request-key"]
     assert via_claude.headers["x-cache"] == "HIT"
     assert via_claude.parse().content[0].text == via_openai.parse().choices[0].message.content
@@ -109,12 +150,23 @@ def test_openai_and_anthropic_forms_of_one_conversation_share_one_cache_entry(sv
 
 def test_a_claude_code_shaped_request_is_answered_and_its_billing_line_shares_the_prefix_cache(svc: Service):
     def request(billing: str, **overrides) -> dict:
-        return {"model": "claude-sonnet-4-5", "max_tokens": 32000, "stream": False,
-                "system": [{"type": "text", "text": f"x-anthropic-billing-header: cc_version=2.0.{billing}; cch={billing};"},
-                           {"type": "text", "text": "You are Claude Code, a coding agent. " * 20,
-                            "cache_control": {"type": "ephemeral"}}],
-                "messages": [{"role": "user", "content": [{"type": "text", "text": "Say hi in two words."}]}],
-                "metadata": {"user_id": "u"}, "thinking": {"type": "disabled"}, **overrides}
+        return {
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 32000,
+            "stream": False,
+            "system": [
+                {"type": "text", "text": f"x-anthropic-billing-header: cc_version=2.0.{billing}; cch={billing};"},
+                {
+                    "type": "text",
+                    "text": "You are Claude Code, a coding agent. " * 20,
+                    "cache_control": {"type": "ephemeral"},
+                },
+            ],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "Say hi in two words."}]}],
+            "metadata": {"user_id": "u"},
+            "thinking": {"type": "disabled"},
+            **overrides,
+        }
 
     headers = {"anthropic-version": "2023-06-01", "x-api-key": "unused", "anthropic-beta": "claude-code-20250219"}
 

@@ -28,21 +28,30 @@ def messages(i: int, tag: str = "") -> list[dict]:
 
 
 def alone(oa: openai.OpenAI, msgs: list[dict], max_tokens: int) -> str:
-    r = oa.chat.completions.create(model=MODEL_NAME, messages=msgs, temperature=0, max_tokens=max_tokens,
-                                   extra_headers=NO_CACHE)
+    r = oa.chat.completions.create(
+        model=MODEL_NAME, messages=msgs, temperature=0, max_tokens=max_tokens, extra_headers=NO_CACHE
+    )
     return r.choices[0].message.content or ""
 
 
-def streamed_together(oa: openai.OpenAI, requests: list[list[dict]], max_tokens: int,
-                      **kw) -> tuple[list[str], list[int]]:
+def streamed_together(
+    oa: openai.OpenAI, requests: list[list[dict]], max_tokens: int, **kw
+) -> tuple[list[str], list[int]]:
     """Stream every request at once; their texts and the order in which their chunks arrived."""
     texts = [""] * len(requests)
     arrivals: list[int] = []
     lock = threading.Lock()
 
     def one(i: int) -> None:
-        stream = oa.chat.completions.create(model=MODEL_NAME, messages=requests[i], temperature=0,
-                                            max_tokens=max_tokens, stream=True, extra_headers=NO_CACHE, **kw)
+        stream = oa.chat.completions.create(
+            model=MODEL_NAME,
+            messages=requests[i],
+            temperature=0,
+            max_tokens=max_tokens,
+            stream=True,
+            extra_headers=NO_CACHE,
+            **kw,
+        )
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 with lock:
@@ -62,8 +71,12 @@ def tiny_env(request: pytest.FixtureRequest, tmp_path: Path, tiny_model: Path) -
     env = service_env(tmp_path, tiny_model)
     if request.param != "sqlite":
         redis_url, prefix = request.getfixturevalue("redis_url")
-        env.update(MLXQ_DATABASE_URL=request.getfixturevalue("pg_url"), MLXQ_BROKER_URL=redis_url,
-                   MLXQ_QUEUE=prefix, MLXQ_REDIS_PREFIX=prefix)
+        env.update(
+            MLXQ_DATABASE_URL=request.getfixturevalue("pg_url"),
+            MLXQ_BROKER_URL=redis_url,
+            MLXQ_QUEUE=prefix,
+            MLXQ_REDIS_PREFIX=prefix,
+        )
     return env
 
 
@@ -81,9 +94,16 @@ def test_concurrent_requests_get_their_own_text_and_streams_interleave(tiny_env,
 def test_smollm2_batch_gives_the_answers_it_gives_alone(tmp_path: Path, smollm2: Path, service_factory):
     svc = service_factory(service_env(tmp_path, smollm2)).start()
     oa = client(svc)
-    questions = ["What is the capital of France?", "Name a primary colour.", "What is 2 + 2?",
-                 "Say hello in Spanish.", "What is the largest planet?", "Name a fruit.",
-                 "What colour is the sky?", "How many legs does a spider have?"]
+    questions = [
+        "What is the capital of France?",
+        "Name a primary colour.",
+        "What is 2 + 2?",
+        "Say hello in Spanish.",
+        "What is the largest planet?",
+        "Name a fruit.",
+        "What colour is the sky?",
+        "How many legs does a spider have?",
+    ]
     requests = [[{"role": "user", "content": q}] for q in questions]
     expected = [alone(oa, m, 24) for m in requests]
     texts, _ = streamed_together(oa, requests, 24)
@@ -101,8 +121,10 @@ def test_cancelling_one_stream_leaves_the_others_untouched(tmp_path: Path, tiny_
 
     def one(i: int) -> None:
         body = {"model": MODEL_NAME, "messages": requests[i], "temperature": 0, "max_tokens": 60, "stream": True}
-        with httpx.Client(timeout=120) as http, http.stream("POST", f"{svc.base}/v1/chat/completions", json=body,
-                                                            headers=NO_CACHE) as r:
+        with (
+            httpx.Client(timeout=120) as http,
+            http.stream("POST", f"{svc.base}/v1/chat/completions", json=body, headers=NO_CACHE) as r,
+        ):
             job_ids[i] = r.headers["x-job-id"]
             for n, line in enumerate(r.iter_lines()):
                 if i == 1 and n >= 4:
@@ -151,10 +173,15 @@ def test_a_cached_prefix_counts_inside_a_batch(tmp_path: Path, tiny_model: Path,
     svc = service_factory(service_env(tmp_path, tiny_model)).start()
     oa = client(svc)
     system = {"role": "system", "content": "You are a meticulous coding agent. " * 40}
-    first = oa.chat.completions.create(model=MODEL_NAME, messages=[system, {"role": "user", "content": "one"}],
-                                       temperature=0, max_tokens=8)
-    follow = [system, {"role": "user", "content": "one"}, {"role": "assistant", "content": first.choices[0].message.content},
-              {"role": "user", "content": "two"}]
+    first = oa.chat.completions.create(
+        model=MODEL_NAME, messages=[system, {"role": "user", "content": "one"}], temperature=0, max_tokens=8
+    )
+    follow = [
+        system,
+        {"role": "user", "content": "one"},
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "two"},
+    ]
     usage: dict[int, openai.types.CompletionUsage] = {}
 
     def one(i: int) -> None:
@@ -170,23 +197,30 @@ def test_a_cached_prefix_counts_inside_a_batch(tmp_path: Path, tiny_model: Path,
     assert usage[0].prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
 
 
-def test_interactive_request_starts_before_32_low_priority_requests_finish(tmp_path: Path, tiny_model: Path,
-                                                                        service_factory):
+def test_interactive_request_starts_before_32_low_priority_requests_finish(
+    tmp_path: Path, tiny_model: Path, service_factory
+):
     svc = service_factory(service_env(tmp_path, tiny_model, MLXQ_BATCH_SIZE="4")).start()
     oa = client(svc)
     done: list[float] = []
 
     def low(i: int) -> None:
-        oa.chat.completions.create(model=MODEL_NAME, messages=messages(i, f"background {uuid.uuid4()}"),
-                                   temperature=0, max_tokens=48, service_tier="flex")
+        oa.chat.completions.create(
+            model=MODEL_NAME,
+            messages=messages(i, f"background {uuid.uuid4()}"),
+            temperature=0,
+            max_tokens=48,
+            service_tier="flex",
+        )
         done.append(time.monotonic())
 
     threads = [threading.Thread(target=low, args=(i,)) for i in range(32)]
     for t in threads:
         t.start()
     svc.wait_health(lambda h: h["batch"]["active"] >= 4, timeout=60)
-    r = oa.chat.completions.create(model=MODEL_NAME, messages=messages(99, "a person waits"), temperature=0,
-                                   max_tokens=8, extra_headers=NO_CACHE)
+    r = oa.chat.completions.create(
+        model=MODEL_NAME, messages=messages(99, "a person waits"), temperature=0, max_tokens=8, extra_headers=NO_CACHE
+    )
     answered = time.monotonic()
     for t in threads:
         t.join(timeout=300)
@@ -203,8 +237,9 @@ def test_a_request_over_the_batch_budget_waits_and_completes(tmp_path: Path, tin
     def one(i: int) -> None:
         big = i == 0
         msgs = [{"role": "user", "content": ("a long question " * 30) if big else f"small {i}"}]
-        results[i] = oa.chat.completions.create(model=MODEL_NAME, messages=msgs, temperature=0,
-                                                max_tokens=200 if big else 60, extra_headers=NO_CACHE)
+        results[i] = oa.chat.completions.create(
+            model=MODEL_NAME, messages=msgs, temperature=0, max_tokens=200 if big else 60, extra_headers=NO_CACHE
+        )
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
     for t in threads:
@@ -215,8 +250,9 @@ def test_a_request_over_the_batch_budget_waits_and_completes(tmp_path: Path, tin
     assert all(results[i].usage.completion_tokens == 60 for i in (1, 2, 3))
 
 
-def test_a_stream_that_joins_a_non_streamed_job_still_gets_the_whole_text(tmp_path: Path, tiny_model: Path,
-                                                                         service_factory):
+def test_a_stream_that_joins_a_non_streamed_job_still_gets_the_whole_text(
+    tmp_path: Path, tiny_model: Path, service_factory
+):
     # A non-streamed job publishes no per-token deltas; an identical streamed request joining it is sent
     # the text at the end instead.
     svc = service_factory(service_env(tmp_path, tiny_model)).start()
@@ -231,8 +267,9 @@ def test_a_stream_that_joins_a_non_streamed_job_still_gets_the_whole_text(tmp_pa
     first = threading.Thread(target=ask)
     first.start()
     time.sleep(0.3)
-    raw = oa.chat.completions.with_raw_response.create(model=MODEL_NAME, messages=msgs, temperature=0,
-                                                       max_tokens=200, stream=True)
+    raw = oa.chat.completions.with_raw_response.create(
+        model=MODEL_NAME, messages=msgs, temperature=0, max_tokens=200, stream=True
+    )
     streamed = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
     first.join(timeout=120)
     assert raw.headers["x-cache"] == "MISS" and streamed == sync["text"] and streamed

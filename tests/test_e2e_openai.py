@@ -18,9 +18,16 @@ from tests.procs import Service
 pytestmark = pytest.mark.e2e
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-TOOLS = [{"type": "function", "function": {
-    "name": "get_weather", "description": "Get the current weather for a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Get the current weather for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
 FORCED = {"type": "function", "function": {"name": "get_weather"}}
 
 
@@ -51,8 +58,14 @@ def job_status(svc, job_id: str) -> str:
 def test_stream_joins_to_the_same_text_with_usage_and_replays_from_cache(oa):
     plain = oa.chat.completions.create(model=MODEL_NAME, messages=QUESTION, temperature=0).choices[0].message.content
     raw = oa.chat.completions.with_raw_response.create(
-        model=MODEL_NAME, messages=QUESTION, temperature=0, max_tokens=40, stream=True,
-        stream_options={"include_usage": True}, extra_headers={"Cache-Control": "no-cache"})
+        model=MODEL_NAME,
+        messages=QUESTION,
+        temperature=0,
+        max_tokens=40,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers={"Cache-Control": "no-cache"},
+    )
     assert raw.headers["x-cache"] == "BYPASS"
     chunks = list(raw.parse())
     assert len({c.id for c in chunks}) == 1 and len({c.created for c in chunks}) == 1
@@ -62,8 +75,13 @@ def test_stream_joins_to_the_same_text_with_usage_and_replays_from_cache(oa):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
     assert all(c.usage is None for c in chunks[:-1])
 
-    key = {"model": MODEL_NAME, "messages": [{"role": "user", "content": f"Name a colour. {uuid.uuid4()}"}],
-           "temperature": 0, "max_tokens": 12, "stream": True}
+    key = {
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": f"Name a colour. {uuid.uuid4()}"}],
+        "temperature": 0,
+        "max_tokens": 12,
+        "stream": True,
+    }
     first = oa.chat.completions.with_raw_response.create(**key)
     first_chunks = [c for c in first.parse() if c.choices]
     first_text = "".join(c.choices[0].delta.content or "" for c in first_chunks)
@@ -75,17 +93,30 @@ def test_stream_joins_to_the_same_text_with_usage_and_replays_from_cache(oa):
 
 
 def test_forced_tool_call_reaches_the_client_and_the_follow_up_runs(oa):
-    r = oa.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Weather in Paris?"}],
-                                   tools=TOOLS, tool_choice=FORCED, temperature=0, max_tokens=60)
+    r = oa.chat.completions.create(
+        model=MODEL_NAME,
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=TOOLS,
+        tool_choice=FORCED,
+        temperature=0,
+        max_tokens=60,
+    )
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls"
     call = choice.message.tool_calls[0]
     assert call.function.name == "get_weather" and call.id.startswith("call_")
     assert isinstance(json.loads(call.function.arguments), dict)
 
-    stream = oa.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Weather in Paris?"}],
-                                        tools=TOOLS, tool_choice=FORCED, temperature=0, max_tokens=60, stream=True,
-                                        extra_headers={"Cache-Control": "no-cache"})
+    stream = oa.chat.completions.create(
+        model=MODEL_NAME,
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=TOOLS,
+        tool_choice=FORCED,
+        temperature=0,
+        max_tokens=60,
+        stream=True,
+        extra_headers={"Cache-Control": "no-cache"},
+    )
     deltas = [c.choices[0] for c in stream if c.choices]
     parts = [tc for d in deltas for tc in (d.delta.tool_calls or [])]
     assert parts[0].id and parts[0].type == "function" and parts[0].function.name == "get_weather"
@@ -94,16 +125,24 @@ def test_forced_tool_call_reaches_the_client_and_the_follow_up_runs(oa):
     assert deltas[-1].finish_reason == "tool_calls"
     assert not any("<tool_call>" in (d.delta.content or "") for d in deltas)
 
-    follow = [{"role": "user", "content": "Weather in Paris?"}, choice.message.model_dump(exclude_none=True),
-              {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temp_c": 21, "sky": "sunny"})}]
+    follow = [
+        {"role": "user", "content": "Weather in Paris?"},
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temp_c": 21, "sky": "sunny"})},
+    ]
     answer = oa.chat.completions.create(model=MODEL_NAME, messages=follow, tools=TOOLS, temperature=0, max_tokens=20)
     assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
     assert answer.usage.prompt_tokens > r.usage.prompt_tokens
 
 
 def test_disconnect_mid_stream_cancels_the_job_and_frees_the_worker(svc):
-    body = {"model": MODEL_NAME, "temperature": 0, "max_tokens": 2000, "stream": True,
-            "messages": [{"role": "user", "content": f"Write a very long story. {uuid.uuid4()}"}]}
+    body = {
+        "model": MODEL_NAME,
+        "temperature": 0,
+        "max_tokens": 2000,
+        "stream": True,
+        "messages": [{"role": "user", "content": f"Write a very long story. {uuid.uuid4()}"}],
+    }
     with httpx.Client(timeout=60) as http:
         with http.stream("POST", f"{svc.base}/v1/chat/completions", json=body) as r:
             job_id = r.headers["x-job-id"]
@@ -117,8 +156,12 @@ def test_disconnect_mid_stream_cancels_the_job_and_frees_the_worker(svc):
         time.sleep(0.05)
     assert job_status(svc, job_id) == "cancelled"
     started = time.monotonic()
-    quick = httpx.post(f"{svc.base}/v1/chat/completions", timeout=60, headers={"Cache-Control": "no-store"},
-                       json={"model": MODEL_NAME, "messages": QUESTION, "temperature": 0, "max_tokens": 2})
+    quick = httpx.post(
+        f"{svc.base}/v1/chat/completions",
+        timeout=60,
+        headers={"Cache-Control": "no-store"},
+        json={"model": MODEL_NAME, "messages": QUESTION, "temperature": 0, "max_tokens": 2},
+    )
     assert quick.status_code == 200
     assert time.monotonic() - started < 10  # not stuck behind a 2000-token generation
 
@@ -136,26 +179,46 @@ def test_prompt_over_the_context_is_a_400_with_both_counts(oa):
 def test_legacy_completions(oa):
     r = oa.completions.create(model=MODEL_NAME, prompt="The capital of France is", max_tokens=6, temperature=0)
     assert r.object == "text_completion" and r.choices[0].text and r.usage.prompt_tokens > 0
-    both = oa.completions.create(model=MODEL_NAME, prompt=["The capital of France is", "One, two,"],
-                                 max_tokens=4, temperature=0)
-    assert [c.index for c in both.choices] == [0, 1] and both.choices[0].text == r.choices[0].text[: len(
-        both.choices[0].text)]
-    streamed = oa.completions.create(model=MODEL_NAME, prompt="The capital of France is", max_tokens=6,
-                                     temperature=0, stream=True)
+    both = oa.completions.create(
+        model=MODEL_NAME, prompt=["The capital of France is", "One, two,"], max_tokens=4, temperature=0
+    )
+    assert [c.index for c in both.choices] == [0, 1] and both.choices[0].text == r.choices[0].text[
+        : len(both.choices[0].text)
+    ]
+    streamed = oa.completions.create(
+        model=MODEL_NAME, prompt="The capital of France is", max_tokens=6, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed if c.choices) == r.choices[0].text
     echo = oa.completions.create(model=MODEL_NAME, prompt="One, two,", max_tokens=3, temperature=0, echo=True)
     assert echo.choices[0].text.startswith("One, two,")
 
 
 def test_sampling_options_and_logprobs(oa):
-    a = oa.chat.completions.create(model=MODEL_NAME, messages=QUESTION, temperature=0.9, seed=11, max_tokens=12,
-                                   top_p=0.9, extra_body={"top_k": 20, "min_p": 0.05}, presence_penalty=0.5)
-    b = oa.chat.completions.create(model=MODEL_NAME, messages=QUESTION, temperature=0.9, seed=11, max_tokens=12,
-                                   top_p=0.9, extra_body={"top_k": 20, "min_p": 0.05}, presence_penalty=0.5,
-                                   extra_headers={"Cache-Control": "no-cache"})
+    a = oa.chat.completions.create(
+        model=MODEL_NAME,
+        messages=QUESTION,
+        temperature=0.9,
+        seed=11,
+        max_tokens=12,
+        top_p=0.9,
+        extra_body={"top_k": 20, "min_p": 0.05},
+        presence_penalty=0.5,
+    )
+    b = oa.chat.completions.create(
+        model=MODEL_NAME,
+        messages=QUESTION,
+        temperature=0.9,
+        seed=11,
+        max_tokens=12,
+        top_p=0.9,
+        extra_body={"top_k": 20, "min_p": 0.05},
+        presence_penalty=0.5,
+        extra_headers={"Cache-Control": "no-cache"},
+    )
     assert a.choices[0].message.content == b.choices[0].message.content
-    lp = oa.chat.completions.create(model=MODEL_NAME, messages=QUESTION, temperature=0, max_tokens=4,
-                                    logprobs=True, top_logprobs=3)
+    lp = oa.chat.completions.create(
+        model=MODEL_NAME, messages=QUESTION, temperature=0, max_tokens=4, logprobs=True, top_logprobs=3
+    )
     tokens = lp.choices[0].logprobs.content
     assert len(tokens) == 4 and all(len(t.top_logprobs) == 3 for t in tokens)
     assert "".join(t.token for t in tokens) == lp.choices[0].message.content
@@ -168,8 +231,12 @@ def test_sampling_options_and_logprobs(oa):
 def test_identical_requests_in_flight_run_once(svc):
     import concurrent.futures
 
-    body = {"model": MODEL_NAME, "temperature": 0, "max_tokens": 40,
-            "messages": [{"role": "user", "content": f"Describe the sea. {uuid.uuid4()}"}]}
+    body = {
+        "model": MODEL_NAME,
+        "temperature": 0,
+        "max_tokens": 40,
+        "messages": [{"role": "user", "content": f"Describe the sea. {uuid.uuid4()}"}],
+    }
 
     def send(_: int) -> httpx.Response:
         return httpx.post(f"{svc.base}/v1/chat/completions", json=body, timeout=120)

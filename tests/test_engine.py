@@ -98,7 +98,11 @@ def test_streamed_deltas_join_to_the_text(tiny: Engine):
     deltas = Deltas()
     result = tiny.generate("chat", chat(max_tokens=20), emit=deltas)
     assert len(deltas.parts) > 1 and deltas.text == result["text"]
-    assert deltas.events[0] == {"type": "started", "prompt_tokens": result["usage"]["prompt_tokens"], "cached_tokens": 0}
+    assert deltas.events[0] == {
+        "type": "started",
+        "prompt_tokens": result["usage"]["prompt_tokens"],
+        "cached_tokens": 0,
+    }
 
 
 def test_prompt_longer_than_context_is_a_400_with_both_counts(tiny: Engine):

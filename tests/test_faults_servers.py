@@ -96,8 +96,13 @@ class Call:
             return self.error.status_code == 503
         # openai raises a plain APIError for an `error` object inside a stream; its body is that object.
         body = getattr(self.error, "body", None)
-        return (self.stream and type(self.error) is openai.APIError and isinstance(body, dict)
-                and body.get("type") == "server_error" and body.get("code") is not None)
+        return (
+            self.stream
+            and type(self.error) is openai.APIError
+            and isinstance(body, dict)
+            and body.get("type") == "server_error"
+            and body.get("code") is not None
+        )
 
     def describe(self) -> str:
         if self.error is None and self.text is None:
@@ -246,11 +251,17 @@ def healthy(code: object, body: object) -> bool:
 QUIET = {"cache", "prefix_cache", "batch", "time", "model"}
 
 
-def report(svc: Service, server: RedisServer | PostgresServer, calls: list[Call], health: HealthLog,
-           counts: dict[str, int] | None = None) -> str:
+def report(
+    svc: Service,
+    server: RedisServer | PostgresServer,
+    calls: list[Call],
+    health: HealthLog,
+    counts: dict[str, int] | None = None,
+) -> str:
     """Everything the lead needs to see when an assertion fails."""
     return (
-        "\ncalls:\n" + "\n".join(f"  {c.describe()}" for c in calls)
+        "\ncalls:\n"
+        + "\n".join(f"  {c.describe()}" for c in calls)
         + f"\n/health during the outage:\n{health.summary()}"
         + f"\njobs: {counts}"
         + f"\n{type(server).__name__} log:\n{server.logs()}"
@@ -268,12 +279,15 @@ def outage_scenario(svc: Service, db_url: str, server: RedisServer | PostgresSer
     warm = ask(svc, Call(f"{run}-warm", stream=False))
     assert warm.error is None, report(svc, server, [warm], HealthLog())
 
-    calls = [Call(f"{run}-{i}", stream=i % 3 == 2, max_tokens=LONG_TOKENS if i % 2 else SHORT_TOKENS)
-             for i in range(IN_FLIGHT)]
+    calls = [
+        Call(f"{run}-{i}", stream=i % 3 == 2, max_tokens=LONG_TOKENS if i % 2 else SHORT_TOKENS)
+        for i in range(IN_FLIGHT)
+    ]
     threads = launch(svc, calls)
     # Stop the server once every request is a job and the worker is generating (tokens are flowing).
-    assert wait_for(lambda: sum(job_counts(db_url).values()) >= IN_FLIGHT + 1
-                    and job_counts(db_url).get("running", 0) >= 1, 30), report(svc, server, calls, HealthLog())
+    assert wait_for(
+        lambda: sum(job_counts(db_url).values()) >= IN_FLIGHT + 1 and job_counts(db_url).get("running", 0) >= 1, 30
+    ), report(svc, server, calls, HealthLog())
     time.sleep(1.0)
     assert not any(c.error or c.text for c in calls), "the requests finished before the outage; raise SHORT_TOKENS"
 
@@ -282,8 +296,9 @@ def outage_scenario(svc: Service, db_url: str, server: RedisServer | PostgresSer
     said_degraded = health.wait_for(svc, degraded, DOWN_HEALTH_S)
 
     # New requests during the outage: a clean 503 fast (or, at worst, the answer), never a hang or a 500.
-    during = [ask(svc, Call(f"{run}-down-{kind}", stream=kind == "stream"), timeout=QUICK_S)
-              for kind in ("sync", "stream")]
+    during = [
+        ask(svc, Call(f"{run}-down-{kind}", stream=kind == "stream"), timeout=QUICK_S) for kind in ("sync", "stream")
+    ]
     hit = ask(svc, Call(f"{run}-warm", stream=False), timeout=QUICK_S) if hit_while_down else None
     health.wait_for(svc, lambda *_: False, OUTAGE_S - (time.monotonic() - health.since))  # /health all along
     server.start()
@@ -307,8 +322,9 @@ def outage_scenario(svc: Service, db_url: str, server: RedisServer | PostgresSer
     assert said_degraded, f"/health did not say degraded (or 503) within {DOWN_HEALTH_S:g}s of the outage{details}"
     assert back, f"/health did not say ok within {RECOVER_S:g}s of the server's return{details}"
     for c in during:
-        assert c.error is None or (isinstance(c.error, openai.APIStatusError) and c.error.status_code == 503), \
+        assert c.error is None or (isinstance(c.error, openai.APIStatusError) and c.error.status_code == 503), (
             f"a request sent during the outage: {c.describe()}{details}"
+        )
         assert c.elapsed < QUICK_S, f"a request sent during the outage took {c.elapsed:.1f}s{details}"
     if hit is not None:
         assert hit.error is None and hit.text == warm.text, f"a cached answer was not served: {hit.describe()}{details}"
@@ -319,8 +335,9 @@ def outage_scenario(svc: Service, db_url: str, server: RedisServer | PostgresSer
     for c in calls:
         if c.stream:
             again = ask(svc, Call(c.tag, stream=False, max_tokens=c.max_tokens))
-            assert again.error is None and again.text == c.text, \
+            assert again.error is None and again.text == c.text, (
                 f"stream {c.tag} got {len(c.text or '')} chars, the stored answer has {len(again.text or '')}{details}"
+            )
     fresh = ask(svc, Call(f"{run}-after", stream=False))
     assert fresh.error is None, f"no answer after recovery: {fresh.describe()}{details}"
 
@@ -332,12 +349,19 @@ def test_redis_restart_mid_run(tmp_path: Path, tiny_model: Path, private_redis: 
     outage_scenario(svc, f"sqlite:///{tmp_path / 'data' / 'mlxq.sqlite'}", private_redis, hit_while_down=True)
 
 
-def test_postgres_restart_mid_run(tmp_path: Path, tiny_model: Path, private_postgres: PostgresServer,
-                                  redis_url: tuple[str, str], service_factory):
+def test_postgres_restart_mid_run(
+    tmp_path: Path, tiny_model: Path, private_postgres: PostgresServer, redis_url: tuple[str, str], service_factory
+):
     """PostgreSQL (jobs, response cache, heartbeats) restarts while requests run; the shared Redis brokers."""
     db_url = private_postgres.create_database("mlxq")
     broker, prefix = redis_url
-    env = service_env(tmp_path, tiny_model, MLXQ_DATABASE_URL=db_url, MLXQ_BROKER_URL=broker,
-                      MLXQ_QUEUE=prefix, MLXQ_REDIS_PREFIX=prefix)
+    env = service_env(
+        tmp_path,
+        tiny_model,
+        MLXQ_DATABASE_URL=db_url,
+        MLXQ_BROKER_URL=broker,
+        MLXQ_QUEUE=prefix,
+        MLXQ_REDIS_PREFIX=prefix,
+    )
     svc = service_factory(env).start()
     outage_scenario(svc, db_url, private_postgres, hit_while_down=False)

@@ -51,7 +51,9 @@ def test_credentials():
     settings = Settings(_env_file=None, flower_user="ops", flower_password="s3cret:with-colon")
     assert credentials(settings) == ("ops:s3cret:with-colon", False)
     for host in ("127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"):
-        made, was_made = credentials(settings.model_copy(update={"flower_host": host, "flower_password": SecretStr("")}))
+        made, was_made = credentials(
+            settings.model_copy(update={"flower_host": host, "flower_password": SecretStr("")})
+        )
         assert was_made and made.startswith("ops:") and len(made) > 20 and "," not in made
     assert "--basic-auth=ops:pw" in flower_argv(settings, "ops:pw")
 
@@ -81,25 +83,40 @@ class Flower:
 
 
 @pytest.fixture
-def stack(tmp_path: Path, tiny_model: Path, redis_url: tuple[str, str],
-          service_factory: Callable[[dict[str, str]], Service]) -> Iterator[tuple[Service, Flower]]:
+def stack(
+    tmp_path: Path, tiny_model: Path, redis_url: tuple[str, str], service_factory: Callable[[dict[str, str]], Service]
+) -> Iterator[tuple[Service, Flower]]:
     """api + worker on this test's Redis db and queue (SQLite jobs), and `mlxq flower` watching them."""
     broker, prefix = redis_url
     env = service_env(tmp_path, tiny_model, MLXQ_BROKER_URL=broker, MLXQ_QUEUE=prefix, MLXQ_REDIS_PREFIX=prefix)
     port = free_port()
     log = tmp_path / "flower.log"
-    flower_env = {**os.environ, **env, "MLXQ_FLOWER_PORT": str(port), "MLXQ_FLOWER_USER": USER,
-                  "MLXQ_FLOWER_PASSWORD": PASSWORD}
+    flower_env = {
+        **os.environ,
+        **env,
+        "MLXQ_FLOWER_PORT": str(port),
+        "MLXQ_FLOWER_USER": USER,
+        "MLXQ_FLOWER_PASSWORD": PASSWORD,
+    }
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "mlxq.cli", "flower"], env=flower_env, cwd=ROOT,
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlxq.cli", "flower"], env=flower_env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+        )
     try:
         svc = service_factory(env).start()
         flower = Flower(f"http://127.0.0.1:{port}", "", proc, log)
         # The worker's heartbeat event reaching Flower proves its event receiver is live before any task runs.
-        flower.worker = flower.wait("this test's worker", lambda: next(
-            (name for name, alive in flower.get("/api/workers", status=1).json().items()
-             if name.startswith(f"mlxq-{prefix}@") and alive), None))
+        flower.worker = flower.wait(
+            "this test's worker",
+            lambda: next(
+                (
+                    name
+                    for name, alive in flower.get("/api/workers", status=1).json().items()
+                    if name.startswith(f"mlxq-{prefix}@") and alive
+                ),
+                None,
+            ),
+        )
         yield svc, flower
     finally:
         proc.terminate()
@@ -114,8 +131,9 @@ def run_requests(svc: Service) -> list[dict[str, Any]]:
     """Two chat requests and one completion through the official client; the jobs they made, newest first."""
     oa = openai.OpenAI(base_url=f"{svc.base}/v1", api_key="unused", max_retries=0, timeout=120)
     for i in range(2):
-        oa.chat.completions.create(model=MODEL_NAME, temperature=0, max_tokens=4,
-                                   messages=[{"role": "user", "content": f"{SECRET} {i}"}])
+        oa.chat.completions.create(
+            model=MODEL_NAME, temperature=0, max_tokens=4, messages=[{"role": "user", "content": f"{SECRET} {i}"}]
+        )
     oa.completions.create(model=MODEL_NAME, prompt=f"{SECRET} as a completion", temperature=0, max_tokens=4)
     jobs = httpx.get(f"{svc.base}/v1/jobs", timeout=10).json()["data"]
     assert [j["status"] for j in jobs] == ["succeeded"] * 3
@@ -159,15 +177,32 @@ def test_flower_tasks_page_in_chromium(stack: tuple[Service, Flower], tmp_path: 
         unavailable("Debian's chromium is not installed (apt-get install -y chromium)")
     svc, flower = stack
     jobs = run_requests(svc)
-    flower.wait("the tasks", lambda: all(
-        t.get("state") == "SUCCESS" for t in (flower.get("/api/tasks").json().get(j["id"], {}) for j in jobs)))
+    flower.wait(
+        "the tasks",
+        lambda: all(
+            t.get("state") == "SUCCESS" for t in (flower.get("/api/tasks").json().get(j["id"], {}) for j in jobs)
+        ),
+    )
 
     # The page fills its table from /tasks/datatable after it loads: give its scripts virtual time to run.
     url = flower.base.replace("://", f"://{USER}:{PASSWORD}@") + "/tasks"
     dom = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-         f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=10000", "--dump-dom", url],
-        capture_output=True, text=True, timeout=60).stdout
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'chromium'}",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
     assert "mlxq.generate" in dom, dom[-2000:]
     for job in jobs:
         assert job["id"] in dom

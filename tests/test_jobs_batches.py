@@ -17,9 +17,17 @@ from tests.procs import Service
 
 
 def batch_line(custom_id: str, content: str, max_tokens: int = 8) -> dict:
-    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
-            "body": {"model": MODEL_NAME, "temperature": 0, "max_tokens": max_tokens,
-                     "messages": [{"role": "user", "content": content}]}}
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {
+            "model": MODEL_NAME,
+            "temperature": 0,
+            "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": content}],
+        },
+    }
 
 
 def upload(client: openai.OpenAI, lines: list[dict], extra: str = "") -> str:
@@ -27,8 +35,9 @@ def upload(client: openai.OpenAI, lines: list[dict], extra: str = "") -> str:
     return client.files.create(file=("in.jsonl", io.BytesIO(data.encode())), purpose="batch").id
 
 
-def wait_batch(client: openai.OpenAI, batch_id: str, timeout: float = 180, until=("completed", "failed",
-                                                                               "cancelled", "expired")):
+def wait_batch(
+    client: openai.OpenAI, batch_id: str, timeout: float = 180, until=("completed", "failed", "cancelled", "expired")
+):
     deadline = time.time() + timeout
     while (batch := client.batches.retrieve(batch_id)).status not in until:
         assert time.time() < deadline, batch
@@ -56,7 +65,8 @@ def client_for(svc: Service) -> openai.OpenAI:
 
 
 def test_a_batch_answers_every_valid_line_once_serves_duplicates_from_the_cache_and_reports_the_invalid(
-        svc: Service, tmp_path: Path):
+    svc: Service, tmp_path: Path
+):
     client = client_for(svc)
     cached = batch_line("x", "asked before the batch")
     client.chat.completions.create(**cached["body"])  # now in the response cache
@@ -64,8 +74,9 @@ def test_a_batch_answers_every_valid_line_once_serves_duplicates_from_the_cache_
     bad_model = batch_line("bad-model", "hello")
     bad_model["body"]["model"] = "no-such-model"
     file_id = upload(client, [*lines, bad_model], extra="{not json\n")
-    batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h",
-                                  metadata={"run": "test"})
+    batch = client.batches.create(
+        input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h", metadata={"run": "test"}
+    )
     assert batch.status == "in_progress" and batch.metadata == {"run": "test"}
     assert {(e.line, e.code) for e in batch.errors.data} == {(20, "model_not_found"), (21, "invalid_json")}
 
@@ -81,7 +92,9 @@ def test_a_batch_answers_every_valid_line_once_serves_duplicates_from_the_cache_
     assert by_id["q0"]["body"]["choices"][0]["message"] == by_id["q6"]["body"]["choices"][0]["message"]
     assert len({r["request_id"] for r in by_id.values()}) == 7  # 6 distinct questions + the cached one
     assert [(e["custom_id"], e["error"]["code"] if e["error"] else None) for e in errors] == [
-        ("bad-model", "model_not_found"), (None, "invalid_json")]
+        ("bad-model", "model_not_found"),
+        (None, "invalid_json"),
+    ]
     # Every job of the batch ran at low priority and none is left.
     assert {status for status, batch_id in job_rows(svc, tmp_path) if batch_id == batch.id} == {"succeeded"}
     listed = client.batches.list()
@@ -95,8 +108,9 @@ def test_a_batch_answers_every_valid_line_once_serves_duplicates_from_the_cache_
 def test_a_batch_survives_its_worker_being_killed_with_every_line_exactly_once(svc: Service, tmp_path: Path):
     client = client_for(svc)
     lines = [batch_line(f"k{i}", f"long answer {i}", max_tokens=200) for i in range(24)]
-    batch = client.batches.create(input_file_id=upload(client, lines), endpoint="/v1/chat/completions",
-                                  completion_window="24h")
+    batch = client.batches.create(
+        input_file_id=upload(client, lines), endpoint="/v1/chat/completions", completion_window="24h"
+    )
     deadline = time.time() + 60
     while client.batches.retrieve(batch.id).request_counts.completed < 3:
         assert time.time() < deadline
@@ -113,8 +127,9 @@ def test_a_batch_survives_its_worker_being_killed_with_every_line_exactly_once(s
 def test_cancelling_a_running_batch_stops_its_lines_and_keeps_what_finished(svc: Service, tmp_path: Path):
     client = client_for(svc)
     lines = [batch_line(f"c{i}", f"cancel me {i}", max_tokens=400) for i in range(40)]
-    batch = client.batches.create(input_file_id=upload(client, lines), endpoint="/v1/chat/completions",
-                                  completion_window="24h")
+    batch = client.batches.create(
+        input_file_id=upload(client, lines), endpoint="/v1/chat/completions", completion_window="24h"
+    )
     deadline = time.time() + 60
     while client.batches.retrieve(batch.id).request_counts.completed < 1:
         assert time.time() < deadline
@@ -131,10 +146,10 @@ def test_cancelling_a_running_batch_stops_its_lines_and_keeps_what_finished(svc:
     assert svc.health()["batch"]["active"] == 0
 
 
-def test_jobs_submit_poll_join_late_cancel_idempotent_and_gone_after_retention(tmp_path: Path, tiny_model: Path,
-                                                                               service_factory):
-    svc = service_factory(service_env(tmp_path, tiny_model, MLXQ_JOB_RETENTION_S="3",
-                                      MLXQ_HOUSEKEEPING_S="1")).start()
+def test_jobs_submit_poll_join_late_cancel_idempotent_and_gone_after_retention(
+    tmp_path: Path, tiny_model: Path, service_factory
+):
+    svc = service_factory(service_env(tmp_path, tiny_model, MLXQ_JOB_RETENTION_S="3", MLXQ_HOUSEKEEPING_S="1")).start()
     http = httpx.Client(base_url=svc.base, timeout=60)
     body = {"model": MODEL_NAME, "temperature": 0, "max_tokens": 64, "messages": [{"role": "user", "content": "j"}]}
     first = http.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k1"})
@@ -162,8 +177,9 @@ def test_jobs_submit_poll_join_late_cancel_idempotent_and_gone_after_retention(t
     hit = http.post("/v1/jobs", json=body)
     assert hit.json()["status"] == "succeeded" and hit.headers["x-cache"] == "HIT"
 
-    long = http.post("/v1/jobs", json={**body, "max_tokens": 2000, "messages": [{"role": "user", "content": "l"}],
-                                       "priority": "low"}).json()
+    long = http.post(
+        "/v1/jobs", json={**body, "max_tokens": 2000, "messages": [{"role": "user", "content": "l"}], "priority": "low"}
+    ).json()
     assert long["priority"] == "low"
     time.sleep(0.5)
     cancelled = http.delete(f"/v1/jobs/{long['id']}").json()
@@ -186,8 +202,13 @@ def test_the_batch_cli_submits_waits_writes_results_and_lists_jobs(svc: Service,
     import sys
 
     def mlxq(*args: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "mlxq.cli", *args, "--url", svc.base],
-                              capture_output=True, text=True, timeout=120, env={**svc.env, "COLUMNS": "200"})
+        done = subprocess.run(
+            [sys.executable, "-m", "mlxq.cli", *args, "--url", svc.base],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**svc.env, "COLUMNS": "200"},
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout
 

@@ -24,7 +24,8 @@ def key(body: dict) -> str:
 texts = st.text(min_size=1, max_size=20)
 messages = st.lists(
     st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]), "content": texts}),
-    min_size=1, max_size=4,
+    min_size=1,
+    max_size=4,
 )
 
 
@@ -32,8 +33,18 @@ messages = st.lists(
 def test_key_ignores_order_whitespace_and_irrelevant_fields(msgs, stream, user):
     body = {"model": "m", "messages": msgs, "temperature": 0, "max_tokens": 20}
     shuffled = dict(reversed(list(body.items())))
-    noisy = json.loads(json.dumps({**shuffled, "stream": stream, "user": user,
-                                   "stream_options": {"include_usage": True}, "metadata": {"a": 1}}, indent=3))
+    noisy = json.loads(
+        json.dumps(
+            {
+                **shuffled,
+                "stream": stream,
+                "user": user,
+                "stream_options": {"include_usage": True},
+                "metadata": {"a": 1},
+            },
+            indent=3,
+        )
+    )
     assert key(noisy) == key(body)
 
 
@@ -78,15 +89,23 @@ def test_aliases_and_defaults_are_resolved():
     assert key({**BASE, "stop": "x"}) == key({**BASE, "stop": ["x"]})
     assert key({**BASE, "n": 1, "top_p": 1.0, "logprobs": False}) == key(BASE)
     assert key({**BASE, "tools": [], "tool_choice": "auto"}) == key(BASE)
-    parts = {**BASE, "messages": [{"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}]}
+    parts = {
+        **BASE,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}],
+    }
     assert key(parts) == key(BASE)
     assert key({"model": "m", "messages": BASE["messages"]}) == key({**BASE, "temperature": 1.0})
 
 
 def test_billing_header_is_not_part_of_the_key():
     def body(header: str) -> dict:
-        return {**BASE, "messages": [{"role": "system", "content": f"{header}You are Claude Code."},
-                                     {"role": "user", "content": "hi"}]}
+        return {
+            **BASE,
+            "messages": [
+                {"role": "system", "content": f"{header}You are Claude Code."},
+                {"role": "user", "content": "hi"},
+            ],
+        }
 
     a = body("x-anthropic-billing-header: cc_version=1.0.1; cch=abc;\n")
     b = body("x-anthropic-billing-header: cc_version=1.0.1; cch=def;\n")
@@ -97,10 +116,17 @@ def test_key_is_stable_across_processes_and_releases():
     # A literal: a change to canonicalization must bump KEY_VERSION and update this on purpose.
     expected = "9ec9472947b6b340815ef3eeada3022a4ff8ce0680bc69f08f52c91a24d3e20d"
     assert key(BASE) == expected
-    code = ("from mlxq.keys import canonical_chat, request_key; print(request_key('chat', canonical_chat("
-            f"{BASE!r}, default_temperature=1.0, default_max_tokens=512), weights={WEIGHTS!r}))")
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": "123"},
-                         capture_output=True, text=True, check=True)
+    code = (
+        "from mlxq.keys import canonical_chat, request_key; print(request_key('chat', canonical_chat("
+        f"{BASE!r}, default_temperature=1.0, default_max_tokens=512), weights={WEIGHTS!r}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONHASHSEED": "123"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.strip() == expected
 
 

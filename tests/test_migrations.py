@@ -16,8 +16,9 @@ from mlxq.sql import Base
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_upgrade_from_empty_matches_the_models_and_downgrades_to_base(backend: str, tmp_path: Path,
-                                                                       request: pytest.FixtureRequest):
+def test_upgrade_from_empty_matches_the_models_and_downgrades_to_base(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+):
     url = f"sqlite:///{tmp_path / 'm.sqlite'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))

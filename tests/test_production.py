@@ -41,7 +41,8 @@ def test_keys_are_required_and_each_key_sees_only_its_own(keyed: Service):
     assert missing.status_code == 401 and missing.json()["error"]["code"] == "missing_api_key"
     with pytest.raises(anthropic.AuthenticationError) as denied:
         anthropic.Anthropic(base_url=keyed.base, api_key="wrong", max_retries=0).messages.create(
-            model=MODEL_NAME, max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+            model=MODEL_NAME, max_tokens=4, messages=[{"role": "user", "content": "hi"}]
+        )
     assert denied.value.body["type"] == "error"
     assert httpx.get(f"{keyed.base}/metrics").status_code == 401
     assert httpx.get(f"{keyed.base}/metrics", headers={"x-api-key": KEY_A}).status_code == 200
@@ -52,8 +53,11 @@ def test_keys_are_required_and_each_key_sees_only_its_own(keyed: Service):
     assert b.chat.completions.with_raw_response.create(**ASK).headers["x-cache"] == "MISS"
     assert a.chat.completions.with_raw_response.create(**ASK).headers["x-cache"] == "HIT"
     metrics = httpx.get(f"{keyed.base}/metrics", headers={"x-api-key": KEY_A}).text
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for family in text_string_to_metric_families(metrics) for s in family.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(metrics)
+        for s in family.samples
+    }
     assert samples[("mlxq_requests_total", (("cache", "MISS"), ("endpoint", "chat")))] == 2
     assert samples[("mlxq_requests_total", (("cache", "HIT"), ("endpoint", "chat")))] == 1
     assert samples[("mlxq_generated_tokens_total", ())] >= 2
@@ -87,20 +91,27 @@ def test_keys_are_required_and_each_key_sees_only_its_own(keyed: Service):
 
 
 def test_a_global_cache_scope_shares_answers_across_keys(tmp_path: Path, tiny_model: Path, service_factory):
-    svc = service_factory(service_env(tmp_path, tiny_model, MLXQ_API_KEYS=f"{KEY_A},{KEY_B}",
-                                      MLXQ_CACHE_SCOPE="global")).start()
+    svc = service_factory(
+        service_env(tmp_path, tiny_model, MLXQ_API_KEYS=f"{KEY_A},{KEY_B}", MLXQ_CACHE_SCOPE="global")
+    ).start()
     oa(svc, KEY_A).chat.completions.create(**ASK)
     assert oa(svc, KEY_B).chat.completions.with_raw_response.create(**ASK).headers["x-cache"] == "HIT"
 
 
-def test_stored_keys_are_managed_with_the_cli_and_revocation_takes_effect(tmp_path: Path, tiny_model: Path,
-                                                                          service_factory):
+def test_stored_keys_are_managed_with_the_cli_and_revocation_takes_effect(
+    tmp_path: Path, tiny_model: Path, service_factory
+):
     env = service_env(tmp_path, tiny_model)
     svc = service_factory(env).start()
 
     def mlxq(*args: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "mlxq.cli", "keys", *args], capture_output=True, text=True,
-                              env={**svc.env, "COLUMNS": "200"}, timeout=60)
+        done = subprocess.run(
+            [sys.executable, "-m", "mlxq.cli", "keys", *args],
+            capture_output=True,
+            text=True,
+            env={**svc.env, "COLUMNS": "200"},
+            timeout=60,
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout
 
@@ -122,8 +133,11 @@ def test_metrics_parse_and_move_and_a_full_queue_is_a_429(tmp_path: Path, tiny_m
 
     def samples() -> dict[str, float]:
         text = httpx.get(f"{svc.base}/metrics").text
-        return {f"{s.name}{sorted(s.labels.items())}": s.value
-                for family in text_string_to_metric_families(text) for s in family.samples}
+        return {
+            f"{s.name}{sorted(s.labels.items())}": s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
 
     before = samples()
     client = oa(svc, None)
@@ -142,11 +156,13 @@ def test_metrics_parse_and_move_and_a_full_queue_is_a_429(tmp_path: Path, tiny_m
     assert "mlxq_batch_active[]" in after and "mlxq_jobs[('status', 'queued')]" in after
 
 
-def test_two_api_processes_share_jobs_streams_and_the_cache(tmp_path: Path, tiny_model: Path, service_factory,
-                                                            pg_url: str, redis_url: tuple[str, str]):
+def test_two_api_processes_share_jobs_streams_and_the_cache(
+    tmp_path: Path, tiny_model: Path, service_factory, pg_url: str, redis_url: tuple[str, str]
+):
     url, prefix = redis_url
-    env = service_env(tmp_path, tiny_model, MLXQ_DATABASE_URL=pg_url, MLXQ_BROKER_URL=url,
-                      MLXQ_REDIS_PREFIX=prefix, MLXQ_QUEUE=prefix)
+    env = service_env(
+        tmp_path, tiny_model, MLXQ_DATABASE_URL=pg_url, MLXQ_BROKER_URL=url, MLXQ_REDIS_PREFIX=prefix, MLXQ_QUEUE=prefix
+    )
     first = service_factory(env).start()
     second = service_factory(env).start(worker=False)
     job = httpx.post(f"{first.base}/v1/jobs", json={**ASK, "max_tokens": 32}).json()
@@ -156,5 +172,6 @@ def test_two_api_processes_share_jobs_streams_and_the_cache(tmp_path: Path, tiny
     assert httpx.get(f"{second.base}/v1/jobs/{job['id']}").json()["status"] == "succeeded"
     oa(first, None).chat.completions.create(**{**ASK, "messages": [{"role": "user", "content": "shared"}]})
     hit = oa(second, None).chat.completions.with_raw_response.create(
-        **{**ASK, "messages": [{"role": "user", "content": "shared"}]})
+        **{**ASK, "messages": [{"role": "user", "content": "shared"}]}
+    )
     assert hit.headers["x-cache"] == "HIT"

@@ -35,9 +35,13 @@ class Serve:
         self.base = f"http://127.0.0.1:{self.port}"
         self.db = Path(env["MLXQ_DATA_DIR"]) / "mlxq.sqlite"
         self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "mlxq.cli", "serve", "--port", str(self.port)],
-                                     env={**os.environ, **env}, cwd=ROOT, stdout=log.open("w"),
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlxq.cli", "serve", "--port", str(self.port)],
+            env={**os.environ, **env},
+            cwd=ROOT,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+        )
 
     def health(self) -> dict:
         return httpx.get(f"{self.base}/health", timeout=5).json()
@@ -56,8 +60,9 @@ class Serve:
 
     def worker_pid(self) -> int:
         # Any of serve's threads may have started it (the supervisor's does).
-        children = [c for task in Path(f"/proc/{self.proc.pid}/task").iterdir()
-                    for c in (task / "children").read_text().split()]
+        children = [
+            c for task in Path(f"/proc/{self.proc.pid}/task").iterdir() for c in (task / "children").read_text().split()
+        ]
         assert len(children) == 1, children
         return int(children[0])
 
@@ -187,12 +192,15 @@ def test_sigterm_stops_serve_and_its_worker_within_15s_saving_the_prefix_cache(s
     assert serve.jobs()[-1] == ("queued", 0)
 
 
-def test_a_stream_joined_by_another_client_lives_on_when_the_first_goes_away(tmp_path: Path, tiny_model: Path,
-                                                                              service_factory):
+def test_a_stream_joined_by_another_client_lives_on_when_the_first_goes_away(
+    tmp_path: Path, tiny_model: Path, service_factory
+):
     svc = service_factory(service_env(tmp_path, tiny_model)).start()
     request = {**LONG, "max_tokens": 200, "stream": True, "messages": [{"role": "user", "content": "go"}]}
-    with httpx.Client(timeout=60) as http, http.stream("POST", f"{svc.base}/v1/chat/completions",
-                                                      json=request) as first:
+    with (
+        httpx.Client(timeout=60) as http,
+        http.stream("POST", f"{svc.base}/v1/chat/completions", json=request) as first,
+    ):
         lines = first.iter_lines()
         next(line for line in lines if line.startswith("data: {"))  # the first client is streaming
         joiner = openai.OpenAI(base_url=f"{svc.base}/v1", api_key="none", timeout=60)

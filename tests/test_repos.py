@@ -147,7 +147,11 @@ def test_retention_removes_old_finished_jobs_logs_and_events(sessions):
     now = time.time() + 1
     with sessions.begin() as s:
         assert repos.prune(session=s, jobs_before=now, log_before=now, events_before=now) == {
-            "jobs": 1, "idempotency_keys": 0, "request_log": 1, "stream_events": 1}
+            "jobs": 1,
+            "idempotency_keys": 0,
+            "request_log": 1,
+            "stream_events": 1,
+        }
     assert status(sessions, done) is None and status(sessions, running) is not None
 
 
@@ -156,8 +160,9 @@ def test_one_storing_job_per_key_in_flight(sessions):
 
     def create(store: bool = True) -> str:
         with sessions.begin() as s:
-            return repos.create_job(session=s, key="same", kind="chat", model="m", request={}, store=store,
-                                    ttl_s=None).id
+            return repos.create_job(
+                session=s, key="same", kind="chat", model="m", request={}, store=store, ttl_s=None
+            ).id
 
     first = create()
     with pytest.raises(IntegrityError):

@@ -44,8 +44,17 @@ log = logging.getLogger(__name__)
 
 
 class Batcher:
-    def __init__(self, model: nn.Module, *, eos_ids: list[int], batch_size: int, batch_tokens: int,
-                 prefill_batch_size: int, prefill_step: int, prefix: Callable[[], PrefixCache | None]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        eos_ids: list[int],
+        batch_size: int,
+        batch_tokens: int,
+        prefill_batch_size: int,
+        prefill_step: int,
+        prefix: Callable[[], PrefixCache | None],
+    ) -> None:
         self.model = model
         self.eos_ids = eos_ids
         self.batch_size = batch_size
@@ -80,8 +89,12 @@ class Batcher:
 
     def stats(self) -> dict[str, int]:
         with self._cond:
-            return {"active": len(self._active), "waiting": sum(len(q) for q in self._waiting.values()),
-                    "tokens": self._tokens_in_flight(), "preempted": self.preempted}
+            return {
+                "active": len(self._active),
+                "waiting": sum(len(q) for q in self._waiting.values()),
+                "tokens": self._tokens_in_flight(),
+                "preempted": self.preempted,
+            }
 
     def stop(self) -> None:
         with self._cond:
@@ -123,9 +136,14 @@ class Batcher:
             seq.fail(RuntimeError("the engine stopped"))
 
     def _new_generator(self, stream: Any) -> BatchGenerator:
-        return BatchGenerator(self.model, stop_tokens=[[t] for t in self.eos_ids],
-                              completion_batch_size=self.batch_size, prefill_batch_size=self.prefill_batch_size,
-                              prefill_step_size=self.prefill_step, stream=stream)
+        return BatchGenerator(
+            self.model,
+            stop_tokens=[[t] for t in self.eos_ids],
+            completion_batch_size=self.batch_size,
+            prefill_batch_size=self.prefill_batch_size,
+            prefill_step_size=self.prefill_step,
+            stream=stream,
+        )
 
     # -- admit -------------------------------------------------------------------------------
 
@@ -172,8 +190,14 @@ class Batcher:
         # mlx-lm takes None entries (a new cache; the generator's own sampler), though its hints say otherwise.
         caches: list[Any] = [cache]
         samplers: list[Any] = [seq.sampler]
-        (seq.uid,) = self._gen.insert([rest], max_tokens=[seq.remaining], caches=caches, all_tokens=[history],
-                                      samplers=samplers, logits_processors=[seq.processors])
+        (seq.uid,) = self._gen.insert(
+            [rest],
+            max_tokens=[seq.remaining],
+            caches=caches,
+            all_tokens=[history],
+            samplers=samplers,
+            logits_processors=[seq.processors],
+        )
         seq.admitted_at = time.monotonic()
         self._active[seq.uid] = seq
 

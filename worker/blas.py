@@ -12,8 +12,12 @@ import logging
 import sys
 
 log = logging.getLogger(__name__)
-_CANDIDATES = ("libopenblas.so.0", "libopenblas.so", "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
-               "/usr/lib/aarch64-linux-gnu/libopenblas.so.0")
+_CANDIDATES = (
+    "libopenblas.so.0",
+    "libopenblas.so",
+    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+)
 
 
 def preload_openblas() -> str | None:
@@ -27,6 +31,5 @@ def preload_openblas() -> str | None:
             return name
         except OSError:
             continue
-    log.warning("system OpenBLAS not found (Debian: apt-get install libopenblas0-pthread); "
-                "MLX on CPU will be slow")
+    log.warning("system OpenBLAS not found (Debian: apt-get install libopenblas0-pthread); MLX on CPU will be slow")
     return None

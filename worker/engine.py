@@ -83,8 +83,9 @@ def _model_key(path: Path) -> ModelKey:
 
 
 class Engine:
-    def __init__(self, model: nn.Module, tokenizer: Any, key: ModelKey, context_length: int,
-                 batch: BatchLimits | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, tokenizer: Any, key: ModelKey, context_length: int, batch: BatchLimits | None = None
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.key = key
@@ -110,9 +111,7 @@ class Engine:
     def load(cls, model: str, batch: BatchLimits | None = None) -> Engine:
         path = Path(model).expanduser()
         if not path.exists():
-            raise FileNotFoundError(
-                f"model directory {path} not found (run `mlxq models pull` for the built-in model)"
-            )
+            raise FileNotFoundError(f"model directory {path} not found (run `mlxq models pull` for the built-in model)")
         # With return_config=True it is (model, tokenizer, config); mlx-lm's hint is the union of both forms.
         loaded = mlx_load(str(path), return_config=True)
         net, tokenizer, config = cast("tuple[nn.Module, TokenizerWrapper, dict[str, Any]]", loaded)
@@ -150,8 +149,11 @@ class Engine:
             tokens = [int(t) for t in prompt]
             if bad := [t for t in tokens if not 0 <= t < self.vocab_size]:
                 # Out-of-range ids would index past the embedding inside the shared batch.
-                raise RequestError(f"prompt token ids must be in [0, {self.vocab_size}); got {bad[0]}.",
-                                   param="prompt", code="invalid_token_id")
+                raise RequestError(
+                    f"prompt token ids must be in [0, {self.vocab_size}); got {bad[0]}.",
+                    param="prompt",
+                    code="invalid_token_id",
+                )
             return tokens
         return self.tokenizer.encode(prompt)
 
@@ -162,11 +164,15 @@ class Engine:
         """The engine thread, started on first use (after the prefix cache is set up)."""
         with self._batcher_lock:  # consumer threads may be first to ask: never two engine threads
             if self._batcher is None:
-                self._batcher = Batcher(self.model, eos_ids=sorted(self.tokenizer.eos_token_ids),
-                                        batch_size=self.batch.size,
-                                        batch_tokens=self.batch.tokens or self._auto_tokens(),
-                                        prefill_batch_size=self.batch.prefill, prefill_step=PREFILL_STEP,
-                                        prefix=lambda: self.prefix)
+                self._batcher = Batcher(
+                    self.model,
+                    eos_ids=sorted(self.tokenizer.eos_token_ids),
+                    batch_size=self.batch.size,
+                    batch_tokens=self.batch.tokens or self._auto_tokens(),
+                    prefill_batch_size=self.batch.prefill,
+                    prefill_step=PREFILL_STEP,
+                    prefix=lambda: self.prefix,
+                )
             return self._batcher
 
     def close(self) -> None:
@@ -182,8 +188,14 @@ class Engine:
         per_token = sum(c.nbytes / max(c.keys.shape[2], 1) for c in cache if getattr(c, "keys", None) is not None)
         return int(default_bytes() * 2 // max(per_token, 1))
 
-    def submit(self, kind: JobKind, request: dict[str, Any], *, priority: Priority = "interactive",
-               use_prefix_cache: bool = True) -> Sequence:
+    def submit(
+        self,
+        kind: JobKind,
+        request: dict[str, Any],
+        *,
+        priority: Priority = "interactive",
+        use_prefix_cache: bool = True,
+    ) -> Sequence:
         """Queue one request for the batch; read its events from the returned sequence.
 
         Raises RequestError (in the caller's thread, before anything is queued) when the prompt does not fit.
@@ -223,8 +235,12 @@ class Engine:
 
     def _sampler(self, request: dict[str, Any]) -> Sampler | None:
         top_k = int(request.get("top_k") or 0)
-        params = (float(request.get("temperature", 1.0)), float(request.get("top_p") or 0.0),
-                  float(request.get("min_p") or 0.0), top_k if top_k < self.vocab_size else 0)
+        params = (
+            float(request.get("temperature", 1.0)),
+            float(request.get("top_p") or 0.0),
+            float(request.get("min_p") or 0.0),
+            top_k if top_k < self.vocab_size else 0,
+        )
         if params[0] == 0:
             return None  # the generator's greedy sampler, one batched argmax for all greedy sequences
         if request.get("seed") is not None:
@@ -233,9 +249,16 @@ class Engine:
             self._samplers[params] = make_sampler(temp=params[0], top_p=params[1], min_p=params[2], top_k=params[3])
         return self._samplers[params]
 
-    def generate(self, kind: JobKind, request: dict[str, Any], emit: EventSink | None = None,
-                 should_stop: Callable[[], bool] | None = None, *, priority: Priority = "interactive",
-                 use_prefix_cache: bool = True) -> GenerationResult:
+    def generate(
+        self,
+        kind: JobKind,
+        request: dict[str, Any],
+        emit: EventSink | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        *,
+        priority: Priority = "interactive",
+        use_prefix_cache: bool = True,
+    ) -> GenerationResult:
         """Run one request to completion through the batch (tests, benchmarks, warm-up).
 
         `emit` receives events as they happen: `started`, `progress` (prefill), `delta` (content
@@ -268,8 +291,9 @@ def seeded_sampler(temp: float, top_p: float, min_p: float, top_k: int, seed: in
     return sample
 
 
-def wait(seq: Sequence, emit: EventSink, should_stop: Callable[[], bool] | None = None,
-         poll_s: float = 0.1) -> GenerationResult:
+def wait(
+    seq: Sequence, emit: EventSink, should_stop: Callable[[], bool] | None = None, poll_s: float = 0.1
+) -> GenerationResult:
     """Relay a sequence's events to `emit` until it ends; its result, or its error raised."""
     while True:
         try:

@@ -29,8 +29,12 @@ log = logging.getLogger(__name__)
 
 def build(settings: Settings) -> tuple[Celery, Runtime]:
     sessions = make_sessionmaker(make_engine(settings.database_url))
-    channel = make_channel(broker_url=settings.broker_url, redis_prefix=settings.redis_prefix,
-                           sessions=sessions, poll_interval_s=settings.poll_interval_s)
+    channel = make_channel(
+        broker_url=settings.broker_url,
+        redis_prefix=settings.redis_prefix,
+        sessions=sessions,
+        poll_interval_s=settings.poll_interval_s,
+    )
     app = make_celery(settings)
     runtime = Runtime(settings, sessions, channel, app)
 
@@ -65,8 +69,22 @@ def run(settings: Settings | None = None, loglevel: str = "INFO") -> None:
         os.nice(settings.worker_nice)
     upgrade(settings)
     app, runtime = build(settings)
-    argv = ["worker", "-P", "threads", "-c", str(settings.worker_threads), "-E", "-Q", settings.queue, "-l", loglevel,
-            "--without-gossip", "--without-mingle", "-n", f"mlxq-{settings.queue}@%h"]
+    argv = [
+        "worker",
+        "-P",
+        "threads",
+        "-c",
+        str(settings.worker_threads),
+        "-E",
+        "-Q",
+        settings.queue,
+        "-l",
+        loglevel,
+        "--without-gossip",
+        "--without-mingle",
+        "-n",
+        f"mlxq-{settings.queue}@%h",
+    ]
     if not settings.uses_redis:
         argv.append("--without-heartbeat")
     app.worker_main(argv)

@@ -62,8 +62,9 @@ class Runtime:
     def load_model(self) -> None:
         from worker.engine import BatchLimits, Engine
 
-        limits = BatchLimits(size=self.settings.batch_size, tokens=self.settings.batch_tokens,
-                             prefill=self.settings.prefill_batch_size)
+        limits = BatchLimits(
+            size=self.settings.batch_size, tokens=self.settings.batch_tokens, prefill=self.settings.prefill_batch_size
+        )
         try:
             self.engine = Engine.load(self.settings.model, limits)
             log.info("model %s loaded", self.settings.model)
@@ -75,11 +76,16 @@ class Runtime:
         # This worker's name outlives its process: jobs it was running when it died run again (or fail
         # after max_attempts), and their messages, which died with it, are sent again.
         with self.sessions.begin() as session:
-            requeued, failed = repos.requeue_running(session=session, worker=self.name,
-                                                     max_attempts=self.settings.max_attempts)
+            requeued, failed = repos.requeue_running(
+                session=session, worker=self.name, max_attempts=self.settings.max_attempts
+            )
         if requeued or failed:
-            log.warning("a previous worker process died running jobs: %d requeued, %d failed after %d attempts",
-                        requeued, failed, self.settings.max_attempts)
+            log.warning(
+                "a previous worker process died running jobs: %d requeued, %d failed after %d attempts",
+                requeued,
+                failed,
+                self.settings.max_attempts,
+            )
         self.beat()
         delivery.resend(self.sessions, self.celery, self.settings, lost_after_s=None)
 
@@ -97,8 +103,12 @@ class Runtime:
         max_bytes = self.settings.prefix_cache_mb << 20 or default_bytes()
         prefix = self.engine.enable_prefix_cache(max_entries=self.settings.prefix_cache_size, max_bytes=max_bytes)
         loaded = prefix.load(self.prefix_dir)
-        log.info("prefix cache on: %d entries, %d MB; %d entries loaded from disk",
-                 self.settings.prefix_cache_size, max_bytes >> 20, loaded)
+        log.info(
+            "prefix cache on: %d entries, %d MB; %d entries loaded from disk",
+            self.settings.prefix_cache_size,
+            max_bytes >> 20,
+            loaded,
+        )
         self._saved_at = time.monotonic()
 
     def save_prefix_cache(self, *, force: bool = False) -> None:
@@ -130,15 +140,24 @@ class Runtime:
         stats: dict[str, Any] = {}
         if self.engine is not None:
             # What the api checks requests against before it enqueues them, and names the weights by.
-            stats["model"] = {"vocab_size": self.engine.vocab_size, "context_length": self.engine.context_length,
-                              "fingerprint": self.engine.key.revision}
+            stats["model"] = {
+                "vocab_size": self.engine.vocab_size,
+                "context_length": self.engine.context_length,
+                "fingerprint": self.engine.key.revision,
+            }
             stats["batch"] = self.engine.batcher.stats()
             if self.engine.prefix is not None:
                 stats["prefix_cache"] = self.engine.prefix.snapshot()
         with self.sessions.begin() as session:
-            repos.heartbeat(session=session, name=self.name, model=self.settings.model_name,
-                            model_loaded=self.engine is not None, error=self.load_error,
-                            started_at=self.started_at, stats=stats or None)
+            repos.heartbeat(
+                session=session,
+                name=self.name,
+                model=self.settings.model_name,
+                model_loaded=self.engine is not None,
+                error=self.load_error,
+                started_at=self.started_at,
+                stats=stats or None,
+            )
 
     def _maybe_clear_prefix_cache(self) -> None:
         """Drop the prefix cache when an operator asked (the `prefix_cache_clears` counter moved since the
@@ -220,8 +239,11 @@ class Runtime:
         try:
             if kind == "count":  # the tokenizer alone, on this thread: nothing for the batch to do
                 tokens = len(self.engine.chat_tokens(request))
-                answer: dict[str, Any] = {"input_tokens": tokens, "finish_reason": "stop",
-                                          "usage": {"prompt_tokens": tokens, "completion_tokens": 0, "cached_tokens": 0}}
+                answer: dict[str, Any] = {
+                    "input_tokens": tokens,
+                    "finish_reason": "stop",
+                    "usage": {"prompt_tokens": tokens, "completion_tokens": 0, "cached_tokens": 0},
+                }
             else:
                 answer = self._relay(job_id, self.engine.submit(kind, request, priority=priority), stream)
         except Exception as exc:
@@ -260,8 +282,15 @@ class Runtime:
             with self.sessions.begin() as session:
                 finished = repos.finish_job(session=session, job_id=job_id, status="succeeded", result=answer)
                 if store:
-                    repos.put_entry(session=session, key=key, kind=kind, model=model, result=answer,
-                                    ttl_s=ttl_s or self.settings.cache_ttl_s, namespace=job.namespace)
+                    repos.put_entry(
+                        session=session,
+                        key=key,
+                        kind=kind,
+                        model=model,
+                        result=answer,
+                        ttl_s=ttl_s or self.settings.cache_ttl_s,
+                        namespace=job.namespace,
+                    )
                 return finished
 
         if not self._write(job_id, persist):

@@ -16,7 +16,7 @@ FALLBACK_INSTRUCTIONS = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
     "For each function call, return a json object with function name and arguments within "
-    "<tool_call></tool_call> XML tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{{"name": <function-name>, "arguments": '
     "<args-json-object>}}\n</tool_call>"
 )
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -56,9 +56,13 @@ def _text_history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         m = dict(m)
         if m.get("role") == "assistant" and m.get("tool_calls"):
             calls = "\n".join(
-                "<tool_call>\n" + json.dumps({"name": c["function"]["name"],
-                                              "arguments": _arguments_obj(c["function"].get("arguments"))})
-                + "\n</tool_call>" for c in m.pop("tool_calls"))
+                "<tool_call>\n"
+                + json.dumps(
+                    {"name": c["function"]["name"], "arguments": _arguments_obj(c["function"].get("arguments"))}
+                )
+                + "\n</tool_call>"
+                for c in m.pop("tool_calls")
+            )
             m["content"] = ((m.get("content") or "") + "\n" + calls).strip()
         elif m.get("role") == "tool":
             m = {"role": "user", "content": f"<tool_response>\n{m.get('content') or ''}\n</tool_response>"}
@@ -83,8 +87,9 @@ def _native_history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def prepare_chat(request: dict[str, Any], native: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None,
-                                                                  str, list[dict[str, Any]]]:
+def prepare_chat(
+    request: dict[str, Any], native: bool
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, str, list[dict[str, Any]]]:
     """(messages, tools for the template, text to prefill the answer with, tools to parse for)."""
     tools, forced, mode = _choice(request.get("tool_choice"), list(request.get("tools") or []))
     messages = [dict(m) for m in request["messages"]]

@@ -212,9 +212,7 @@ class MessageStreamWriter:
         return error_body(int(error.get("status") or 500), error.get("message") or "generation failed")
 
 
-async def anthropic_stream(
-    source: AsyncIterator[Event], writer: MessageStreamWriter
-) -> AsyncIterator[ServerSentEvent]:
+async def anthropic_stream(source: AsyncIterator[Event], writer: MessageStreamWriter) -> AsyncIterator[ServerSentEvent]:
     """Relay events as the Messages event stream at once: `message_start` first, `ping` while the job waits or
     prefills (clients drop a silent connection), an `error` event (and nothing after it) if the job fails."""
     for item in writer.start():

@@ -24,8 +24,9 @@ ERROR_SHAPES = (("/v1/messages", error_body),)
 
 
 @router.post("/v1/messages")
-async def messages(body: MessagesRequest, services: ServicesDep, owner: Owner,
-                   cache_control: str | None = Header(None)) -> Response:
+async def messages(
+    body: MessagesRequest, services: ServicesDep, owner: Owner, cache_control: str | None = Header(None)
+) -> Response:
     started = time.perf_counter()
     prepared = await prepare(services, parse("/v1/chat/completions", to_openai(body)))
     canonical, pipeline = prepared.canonicals[0], Pipeline(services)
@@ -33,11 +34,20 @@ async def messages(body: MessagesRequest, services: ServicesDep, owner: Owner,
     model = services.settings.model_name
     if body.stream:
         writer = MessageStreamWriter(model=model)
-        return await stream_outcome(services, pipeline, kind="chat", canonical=canonical, policy=policy,
-                                    priority=prepared.priority, started=started, owner=owner,
-                                    render=lambda source: anthropic_stream(source, writer))
-    outcome = await pipeline.run(kind="chat", canonical=canonical, policy=policy, priority=prepared.priority,
-                                 owner=owner)
+        return await stream_outcome(
+            services,
+            pipeline,
+            kind="chat",
+            canonical=canonical,
+            policy=policy,
+            priority=prepared.priority,
+            started=started,
+            owner=owner,
+            render=lambda source: anthropic_stream(source, writer),
+        )
+    outcome = await pipeline.run(
+        kind="chat", canonical=canonical, policy=policy, priority=prepared.priority, owner=owner
+    )
     record(services, endpoint="messages", outcome=outcome, canonical=canonical, started=started, stream=False)
     return JSONResponse(message(outcome.result, model=model), headers=cache_headers(outcome))
 
@@ -48,6 +58,7 @@ async def count_tokens(body: CountTokensRequest, services: ServicesDep, owner: O
     process that holds them); counted once per distinct request, then from the response cache."""
     openai_body = {**to_openai(body), "max_tokens": 1, "temperature": 0}
     prepared = await prepare(services, parse("/v1/chat/completions", openai_body))
-    outcome = await Pipeline(services).run(kind="count", canonical=prepared.canonicals[0], policy=CachePolicy(),
-                                           owner=owner)
+    outcome = await Pipeline(services).run(
+        kind="count", canonical=prepared.canonicals[0], policy=CachePolicy(), owner=owner
+    )
     return {"input_tokens": int(outcome.result.get("input_tokens", 0))}

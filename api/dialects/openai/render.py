@@ -80,8 +80,15 @@ def text_completion(results: list[dict[str, Any]], *, model: str, prefixes: list
 
 def model_list(model: str) -> dict[str, Any]:
     """The served model, in OpenAI's list and Anthropic's at once (each client reads its own fields)."""
-    entry = {"id": model, "object": "model", "created": 0, "owned_by": "mlxq",
-             "type": "model", "display_name": model, "created_at": "1970-01-01T00:00:00Z"}
+    entry = {
+        "id": model,
+        "object": "model",
+        "created": 0,
+        "owned_by": "mlxq",
+        "type": "model",
+        "display_name": model,
+        "created_at": "1970-01-01T00:00:00Z",
+    }
     return {"object": "list", "data": [entry], "has_more": False, "first_id": model, "last_id": model}
 
 
@@ -96,8 +103,13 @@ class ChunkWriter:
         self.object = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
     def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
-        chunk = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                 "choices": [{"index": 0, **choice}]}
+        chunk = {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, **choice}],
+        }
         if self.include_usage:
             chunk["usage"] = None
         return chunk
@@ -109,16 +121,25 @@ class ChunkWriter:
 
     def delta(self, content: str, logprobs: list[dict[str, Any]] | None) -> dict[str, Any]:
         if self.kind == "chat":
-            return self._chunk({"delta": {"content": content},
-                                "logprobs": {"content": logprobs} if logprobs else None, "finish_reason": None})
+            return self._chunk(
+                {
+                    "delta": {"content": content},
+                    "logprobs": {"content": logprobs} if logprobs else None,
+                    "finish_reason": None,
+                }
+            )
         return self._chunk({"text": content, "logprobs": None, "finish_reason": None})
 
     def tool_calls(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
         # The first fragment of each index carries id, type and name; the next the arguments.
         chunks = []
         for i, call in enumerate(calls):
-            head = {"index": i, "id": call["id"], "type": "function",
-                    "function": {"name": call["function"]["name"], "arguments": ""}}
+            head = {
+                "index": i,
+                "id": call["id"],
+                "type": "function",
+                "function": {"name": call["function"]["name"], "arguments": ""},
+            }
             body = {"index": i, "function": {"arguments": call["function"]["arguments"]}}
             for part in (head, body):
                 chunks.append(self._chunk({"delta": {"tool_calls": [part]}, "logprobs": None, "finish_reason": None}))
@@ -131,13 +152,22 @@ class ChunkWriter:
         else:
             chunks = [self._chunk({"text": "", "logprobs": None, "finish_reason": reason})]
         if self.include_usage:
-            chunks.append({"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                           "choices": [], "usage": usage_block(result.get("usage", {}))})
+            chunks.append(
+                {
+                    "id": self.id,
+                    "object": self.object,
+                    "created": self.created,
+                    "model": self.model,
+                    "choices": [],
+                    "usage": usage_block(result.get("usage", {})),
+                }
+            )
         return chunks
 
 
-async def openai_stream(source: AsyncIterator[Event], writer: ChunkWriter,
-                        prefix: str = "") -> AsyncIterator[ServerSentEvent]:
+async def openai_stream(
+    source: AsyncIterator[Event], writer: ChunkWriter, prefix: str = ""
+) -> AsyncIterator[ServerSentEvent]:
     """Relay events as SSE at once; progress becomes a keepalive comment, errors an error object."""
     for chunk in writer.start():
         yield sse(chunk)
@@ -165,8 +195,15 @@ async def openai_stream(source: AsyncIterator[Event], writer: ChunkWriter,
             break
         elif kind == "error":
             error = event.get("error") or {}
-            yield sse({"error": {"message": error.get("message", "generation failed"),
-                                 "type": error.get("type", "server_error"),
-                                 "param": error.get("param"), "code": error.get("code")}})
+            yield sse(
+                {
+                    "error": {
+                        "message": error.get("message", "generation failed"),
+                        "type": error.get("type", "server_error"),
+                        "param": error.get("param"),
+                        "code": error.get("code"),
+                    }
+                }
+            )
             break
     yield DONE
