@@ -13,6 +13,8 @@ from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.metrics import ENDPOINTS, request_counter
+
 log = logging.getLogger(__name__)
 
 _TYPES = {
@@ -156,6 +158,9 @@ def install(app: FastAPI, shapes: Sequence[tuple[str, ErrorShape]] = ()) -> None
         param: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> JSONResponse:
+        endpoint = ENDPOINTS.get(request.url.path)
+        if endpoint is not None and (services := getattr(request.app.state, "services", None)) is not None:
+            services.stats.count(request_counter(endpoint, status, "none"))
         for prefix, shape in shapes:
             if request.url.path.startswith(prefix):
                 return JSONResponse(shape(status, _utf8(message)), status_code=status, headers=headers)

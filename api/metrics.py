@@ -11,6 +11,14 @@ from prometheus_client.registry import Collector
 
 # Names of the shared counters (mlxq.repos.bump) behind mlxq_requests_total and mlxq_generated_tokens_total.
 REQUESTS = "requests"
+# The generation routes' endpoint labels, for requests refused before they have an outcome.
+ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/messages": "messages"}
+
+
+def request_counter(endpoint: str, status: int, cache: str) -> str:
+    return f"{REQUESTS}:{endpoint}:{status}:{cache}"
+
+
 GENERATED_TOKENS = "generated_tokens"
 
 
@@ -35,11 +43,14 @@ class _Snapshot(Collector):
         for name, value in snap["prefix_cache"].items():
             yield GaugeMetricFamily(f"mlxq_prefix_cache_{name}", f"Worker prefix KV cache: {name}", value=value)
         requests = CounterMetricFamily(
-            "mlxq_requests", "Generation requests by endpoint and cache outcome", labels=["endpoint", "cache"]
+            "mlxq_requests",
+            "Generation requests by endpoint, HTTP status and cache outcome (none for a refused request)",
+            labels=["endpoint", "status", "cache"],
         )
         for name, value in snap["counters"].items():
-            if name.startswith(f"{REQUESTS}:"):
-                requests.add_metric(name.split(":")[1:3], value)
+            parts = name.split(":")
+            if parts[0] == REQUESTS and len(parts) == 4:
+                requests.add_metric(parts[1:], value)
         yield requests
         yield CounterMetricFamily(
             "mlxq_generated_tokens",

@@ -13,7 +13,7 @@ from sqlalchemy.exc import DBAPIError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.errors import APIError
-from api.metrics import GENERATED_TOKENS, REQUESTS
+from api.metrics import GENERATED_TOKENS, request_counter
 from api.pipeline import CachePolicy, Outcome, Pipeline
 from api.services import Services
 from mlxq import events
@@ -103,7 +103,7 @@ def record(
     services.metrics.observe(endpoint, outcome.cache, elapsed)
     usage = outcome.result.get("usage") or {}
     # Shared counters (the database's), so every api process and replica reports the same totals.
-    services.stats.count(f"{REQUESTS}:{endpoint}:{outcome.cache}")
+    services.stats.count(request_counter(endpoint, 200, outcome.cache))
     if outcome.cache != "HIT" and usage.get("completion_tokens"):
         services.stats.count(GENERATED_TOKENS, by=int(usage["completion_tokens"]))
     tools = tool_names(canonical.get("tools"))

@@ -101,7 +101,7 @@ def test_cache_controls_and_nondeterministic_requests(tmp_path: Path, smollm2: P
         for s in family.samples
     }
     assert samples[("mlxq_cache_hits", ())] == 2 and samples[("mlxq_cache_misses", ())] == 3
-    assert samples[("mlxq_requests_total", (("cache", "BYPASS"), ("endpoint", "chat")))] == 3
+    assert samples[("mlxq_requests_total", (("cache", "BYPASS"), ("endpoint", "chat"), ("status", "200")))] == 3
 
 
 def test_bad_input_is_an_openai_4xx_and_nothing_is_enqueued(tmp_path: Path, smollm2: Path, service_factory):

@@ -58,8 +58,10 @@ def test_keys_are_required_and_each_key_sees_only_its_own(keyed: Service):
         for family in text_string_to_metric_families(metrics)
         for s in family.samples
     }
-    assert samples[("mlxq_requests_total", (("cache", "MISS"), ("endpoint", "chat")))] == 2
-    assert samples[("mlxq_requests_total", (("cache", "HIT"), ("endpoint", "chat")))] == 1
+    assert samples[("mlxq_requests_total", (("cache", "MISS"), ("endpoint", "chat"), ("status", "200")))] == 2
+    assert samples[("mlxq_requests_total", (("cache", "HIT"), ("endpoint", "chat"), ("status", "200")))] == 1
+    # The refused requests above: a 401 wrong key, a 401 missing key.
+    assert samples[("mlxq_requests_total", (("cache", "none"), ("endpoint", "chat"), ("status", "401")))] == 2
     assert samples[("mlxq_generated_tokens_total", ())] >= 2
 
     http_a = httpx.Client(base_url=keyed.base, headers={"Authorization": f"Bearer {KEY_A}"}, timeout=30)
