@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from api.auth import AUTHENTICATED, Owner
 from api.errors import APIError
-from api.jobs import render_result
+from api.jobs import list_page, render_result
 from api.pipeline import Pipeline
 from api.prepare import ENDPOINTS, parse, prepare
 from api.services import Services, ServicesDep
@@ -107,15 +107,7 @@ async def list_files(
                 )
             ]
 
-    data = await asyncio.to_thread(read)
-    page = data[:limit]
-    return {
-        "object": "list",
-        "data": page,
-        "first_id": page[0]["id"] if page else None,
-        "last_id": page[-1]["id"] if page else None,
-        "has_more": len(data) > limit,
-    }
+    return list_page(await asyncio.to_thread(read), limit)
 
 
 @files_router.get("/{file_id}")
@@ -389,15 +381,7 @@ async def list_batches(
                 for b in batch_repos.list_batches(session=session, owner=owner, limit=limit + 1, after=after)
             ]
 
-    data = await asyncio.to_thread(read)
-    page = data[:limit]
-    return {
-        "object": "list",
-        "data": page,
-        "first_id": page[0]["id"] if page else None,
-        "last_id": page[-1]["id"] if page else None,
-        "has_more": len(data) > limit,
-    }
+    return list_page(await asyncio.to_thread(read), limit)
 
 
 @batches_router.post("/{batch_id}/cancel")

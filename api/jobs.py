@@ -28,6 +28,18 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=AUTHENTICATED)
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
+def list_page(rows: list[dict[str, Any]], limit: int) -> dict[str, Any]:
+    """An OpenAI-style page from `limit + 1` rows read (the extra one only tells whether there are more)."""
+    page = rows[:limit]
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": len(rows) > limit,
+    }
+
+
 def render_result(services: Services, kind: str, result: dict[str, Any] | None) -> dict[str, Any] | None:
     """A job's result as the endpoint it named would have answered."""
     if result is None:
@@ -115,15 +127,7 @@ async def list_jobs(
             jobs = repos.list_jobs(session=session, owner=owner, status=status, limit=limit + 1, after=after)
             return [job_object(services, job) for job in jobs]
 
-    data = await asyncio.to_thread(read)
-    page = data[:limit]
-    return {
-        "object": "list",
-        "data": page,
-        "first_id": page[0]["id"] if page else None,
-        "last_id": page[-1]["id"] if page else None,
-        "has_more": len(data) > limit,
-    }
+    return list_page(await asyncio.to_thread(read), limit)
 
 
 @router.get("/{job_id}")

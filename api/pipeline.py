@@ -154,24 +154,21 @@ class Pipeline:
         namespace: str,
     ) -> Outcome:
         outcome = "MISS" if lookup else "BYPASS"
-        waiters = 1  # the client asking; a submitted job's submitter never leaves
+        job_fields = {
+            "key": key,
+            "kind": kind,
+            "model": canonical["model"],
+            "request": canonical,
+            "ttl_s": ttl_s,
+            "priority": priority,
+            "stream": stream,
+            "owner": owner,
+            "namespace": namespace,
+        }
         if lookup and (cached := repos.lookup_result(session=session, key=key)) is not None:
             if not as_job:
                 return Outcome(cached, "HIT", key)
-            job = repos.create_job(
-                session=session,
-                key=key,
-                kind=kind,
-                model=canonical["model"],
-                request=canonical,
-                store=False,
-                ttl_s=ttl_s,
-                priority=priority,
-                stream=stream,
-                result=cached,
-                owner=owner,
-                namespace=namespace,
-            )
+            job = repos.create_job(session=session, store=False, result=cached, **job_fields)
             return Outcome(cached, "HIT", key, job.id)
         running = repos.find_inflight(session=session, key=key) if store else None
         if running is not None:
@@ -185,20 +182,8 @@ class Pipeline:
                 code="queue_full",
                 headers={"Retry-After": "1"},
             )
-        job = repos.create_job(
-            session=session,
-            key=key,
-            kind=kind,
-            model=canonical["model"],
-            request=canonical,
-            store=store,
-            ttl_s=ttl_s,
-            priority=priority,
-            stream=stream,
-            waiters=waiters,
-            owner=owner,
-            namespace=namespace,
-        )
+        # The client asking waits for it (a submitted job's submitter never leaves).
+        job = repos.create_job(session=session, store=store, **job_fields)
         return Outcome({}, outcome, key, job.id)
 
     def _send(self, job_id: str, *, kind: str, chars: int) -> None:

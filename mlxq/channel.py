@@ -15,11 +15,11 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from mlxq.bell import Listener, get_bell, sql_bell_name
-from mlxq.events import Event, is_final
+from mlxq.events import Event
 from mlxq.sql import StreamEvent
 
 if TYPE_CHECKING:
@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Events stay readable this long after publication (late single-flight joiners, slow readers).
+# Redis: a job's events stay readable this long after its last publication (late joiners, slow readers);
+# the SQL channel's are kept MLXQ_STREAM_RETENTION_S by the api's house-keeping.
 RETENTION_S = 3600.0
 
 
@@ -102,11 +103,10 @@ class SQLChannel:
     def publish_many(self, job_id: str, events: list[Event]) -> None:
         if not events:
             return
+        # Old events are pruned by the api's house-keeping (repos.prune), not here on every job's end.
         now = time.time()
         with self._sessions.begin() as session:
             session.add_all([StreamEvent(job_id=job_id, data=json.dumps(e), created_at=now) for e in events])
-            if any(is_final(e) for e in events):
-                session.execute(delete(StreamEvent).where(StreamEvent.created_at < now - RETENTION_S))
         self._bell.ring(job_id.encode())
 
     def _read(self, job_id: str, after: int) -> list[tuple[int, str]]:
