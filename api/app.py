@@ -8,10 +8,10 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import batches, cache_admin, errors, jobs, ops
-from api.background import run_every
+from api import batches, cache_admin, errors, files, jobs, ops
 from api.dialects.anthropic import routes as anthropic_routes
 from api.dialects.openai import routes as openai_routes
+from api.housekeeping import HouseKeeping
 from api.limits import BodyLimit
 from api.services import Services
 from mlxq import __version__
@@ -34,11 +34,10 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         except Exception:  # the broker may come up later; requests will say so if it does not
             log.warning("could not warm up the database or broker connection", exc_info=True)
         services.stats.start()
-        services.reaper.start()
-        # Batches move on when their last job ends: finished within a round, or at once when polled.
-        batch_rounds = run_every(services.reaper.grace_s / 2, lambda: batches.advance_open(services))
+        housekeeping = HouseKeeping(services)
+        housekeeping.start()
         yield
-        batch_rounds.cancel()
+        housekeeping.stop()
         await services.aclose()
 
     app = FastAPI(title="mlxq", version=__version__, lifespan=lifespan)
@@ -54,8 +53,8 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         openai_routes.router,
         anthropic_routes.router,
         jobs.router,
-        batches.files_router,
-        batches.batches_router,
+        files.router,
+        batches.router,
         cache_admin.router,
     ):
         app.include_router(router)

@@ -1,4 +1,4 @@
-"""Periodic work of the api process (stats flushes, the job reaper), off the event loop."""
+"""Periodic work of the api process (stats flushes, the house-keeping), off the event loop."""
 
 from __future__ import annotations
 

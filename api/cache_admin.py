@@ -10,18 +10,16 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 
 from api.auth import AUTHENTICATED, Owner
-from api.health import health_snapshot
-from api.pipeline import Pipeline
 from api.services import ServicesDep
-from mlxq import repos
 from mlxq.contract import PREFIX_CACHE_CLEARS
+from mlxq.repos import cache_entries, counters
 
 router = APIRouter(prefix="/v1/cache", tags=["cache"], dependencies=AUTHENTICATED)
 
 
 @router.get("/stats")
 async def cache_stats(services: ServicesDep) -> dict[str, Any]:
-    snapshot = await asyncio.to_thread(health_snapshot, services)
+    snapshot = await asyncio.to_thread(services.health.snapshot)
     return {"response_cache": snapshot["cache"], "prefix_cache": snapshot["prefix_cache"]}
 
 
@@ -30,11 +28,11 @@ async def clear_response_cache(
     services: ServicesDep, owner: Owner, older_than_s: Annotated[float | None, Query(ge=0)] = None
 ) -> dict[str, Any]:
     """Delete response-cache entries (all, or those stored more than `older_than_s` ago)."""
-    namespace = Pipeline(services).namespace(owner) if owner is not None else None
+    namespace = services.admission.namespace(owner) if owner is not None else None
 
     def clear() -> int:
         with services.sessions.begin() as session:
-            return repos.clear_cache(session=session, namespace=namespace, older_than_s=older_than_s)
+            return cache_entries.clear_cache(session=session, namespace=namespace, older_than_s=older_than_s)
 
     return {"deleted": await asyncio.to_thread(clear)}
 
@@ -45,7 +43,7 @@ async def clear_prefix_cache(services: ServicesDep) -> dict[str, Any]:
 
     def bump() -> None:
         with services.sessions.begin() as session:
-            repos.bump(session=session, name=PREFIX_CACHE_CLEARS)
+            counters.bump(session=session, name=PREFIX_CACHE_CLEARS)
 
     await asyncio.to_thread(bump)
     return {"prefix_cache": "clearing"}

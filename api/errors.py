@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.json_values import json_value_problem
 from api.metrics import ENDPOINTS, request_counter
 
 log = logging.getLogger(__name__)
@@ -61,17 +62,10 @@ def _utf8(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def openai_error(
-    status: int,
-    message: str,
-    *,
-    type: str,
-    code: str | None = None,
-    param: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    body = {"error": {"message": _utf8(message), "type": type, "param": _utf8(param) if param else param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+def openai_error_body(message: str, *, type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object (`{"error": {message, type, param, code}}`): the one builder of it, for answers,
+    stream errors, the body limit and batch output lines."""
+    return {"error": {"message": _utf8(message), "type": type, "param": _utf8(param) if param else param, "code": code}}
 
 
 def error_path(loc: Sequence[Any], body: Any, *, missing: bool = False) -> list[str | int]:
@@ -117,8 +111,6 @@ def _describe(error: dict[str, Any], body: Any) -> tuple[str, str]:
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    from api.validation import json_value_problem  # here: api.validation raises this module's APIError
-
     errors = exc.errors()
     if not errors:
         return "Invalid request body.", None
@@ -164,7 +156,8 @@ def install(app: FastAPI, shapes: Sequence[tuple[str, ErrorShape]] = ()) -> None
         for prefix, shape in shapes:
             if request.url.path.startswith(prefix):
                 return JSONResponse(shape(status, _utf8(message)), status_code=status, headers=headers)
-        return openai_error(status, message, type=type, code=code, param=param, headers=headers)
+        body = openai_error_body(message, type=type, code=code, param=param)
+        return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:

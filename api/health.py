@@ -3,30 +3,61 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from mlxq import repos
+from sqlalchemy.orm import Session, sessionmaker
 
-if TYPE_CHECKING:
-    from api.services import Services
+from api.stats import StatsRecorder
+from mlxq.repos import cache_entries, counters, jobs, workers
+from mlxq.settings import Settings
+from mlxq.states import JOB_ACTIVE, JOB_FINAL, JobStatus
 
 
-def health_snapshot(services: Services) -> dict[str, Any]:
-    settings = services.settings
-    services.stats.flush()
-    with services.sessions() as session:
-        workers = repos.live_workers(session=session, within_s=max(10.0, 3 * settings.heartbeat_s))
-        jobs = repos.job_counts(session=session)
-        depth = jobs.get("queued", 0)
-        counts = repos.counters(session=session)
-        items, size = repos.cache_items(session=session)
+class Health:
+    """Made once per api process; `snapshot` is what /health answers and /metrics exposes."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], stats: StatsRecorder) -> None:
+        self._settings = settings
+        self._sessions = sessions
+        self._stats = stats
+        self._broker_ping: Any = None
+
+    def broker_problem(self) -> str | None:
+        """Why the Redis broker cannot be reached, or None (a ping, bounded to half a second)."""
+        if not self._settings.uses_redis:
+            return None
+        if self._broker_ping is None:
+            import redis
+
+            self._broker_ping = redis.Redis.from_url(
+                self._settings.broker_url, socket_connect_timeout=0.5, socket_timeout=0.5
+            )
+        try:
+            self._broker_ping.ping()
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    def snapshot(self) -> dict[str, Any]:
+        return health_snapshot(self._settings, self._sessions, self._stats, self.broker_problem())
+
+
+def health_snapshot(
+    settings: Settings, sessions: sessionmaker[Session], stats: StatsRecorder, broker: str | None
+) -> dict[str, Any]:
+    stats.flush()
+    with sessions() as session:
+        live = workers.live_workers(session=session, within_s=max(10.0, 3 * settings.heartbeat_s))
+        by_status = jobs.job_counts(session=session)
+        depth = by_status.get(JobStatus.QUEUED, 0)
+        counts = counters.counters(session=session)
+        items, size = cache_entries.cache_items(session=session)
     hits, misses = counts.get("cache_hits", 0), counts.get("cache_misses", 0)
-    loaded = any(w.model_loaded for w in workers)
-    broker = services.broker_problem()
-    errors = [w.error for w in workers if w.error]
+    loaded = any(w.model_loaded for w in live)
+    errors = [w.error for w in live if w.error]
     prefix = {k: 0 for k in ("hits", "misses", "tokens_saved", "skips", "taken", "entries", "bytes")}
     batch = {k: 0 for k in ("active", "waiting", "tokens", "preempted")}
-    for w in workers:
+    for w in live:
         for block, totals in (("prefix_cache", prefix), ("batch", batch)):
             for k, v in ((w.stats or {}).get(block) or {}).items():
                 totals[k] = totals.get(k, 0) + int(v)
@@ -37,14 +68,14 @@ def health_snapshot(services: Services) -> dict[str, Any]:
         "model": settings.model_name,
         "model_loaded": loaded,
         "worker": {
-            "alive": bool(workers),
-            "count": len(workers),
+            "alive": bool(live),
+            "count": len(live),
             "error": errors[0] if errors else None,
             # Times `mlxq serve` restarted a worker that died.
             "restarts": counts.get("worker_restarts", 0),
         },
         "queue_depth": depth,
-        "jobs": {status: jobs.get(status, 0) for status in (*repos.ACTIVE, *repos.TERMINAL)},
+        "jobs": {str(status): by_status.get(status, 0) for status in (*JOB_ACTIVE, *JOB_FINAL)},
         "cache": {
             "hits": hits,
             "misses": misses,

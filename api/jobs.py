@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query
 from fastapi.responses import JSONResponse, Response
@@ -15,29 +15,17 @@ from sse_starlette import ServerSentEvent
 from api.auth import AUTHENTICATED, Owner
 from api.dialects.openai.render import chat_completion, text_completion
 from api.errors import APIError
-from api.pipeline import CachePolicy, Pipeline
+from api.pages import list_page
 from api.prepare import KIND_ENDPOINTS, parse, prepare
 from api.services import Services, ServicesDep
 from api.streaming import event_source, guard
-from mlxq import repos
 from mlxq.contract import PRIORITIES, Priority
+from mlxq.jobspec import CachePolicy
+from mlxq.repos import jobs
 from mlxq.sql import Job
+from mlxq.states import JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=AUTHENTICATED)
-
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-
-
-def list_page(rows: list[dict[str, Any]], limit: int) -> dict[str, Any]:
-    """An OpenAI-style page from `limit + 1` rows read (the extra one only tells whether there are more)."""
-    page = rows[:limit]
-    return {
-        "object": "list",
-        "data": page,
-        "first_id": page[0]["id"] if page else None,
-        "last_id": page[-1]["id"] if page else None,
-        "has_more": len(rows) > limit,
-    }
 
 
 def render_result(services: Services, kind: str, result: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -61,15 +49,15 @@ def job_object(services: Services, job: Job) -> dict[str, Any]:
         "finished_at": job.finished_at and int(job.finished_at),
         "attempts": job.attempts,
         "batch_id": job.batch_id,
-        "result": render_result(services, job.kind, job.result) if job.status == "succeeded" else None,
-        "error": job.error if job.status in ("failed", "cancelled") else None,
+        "result": render_result(services, job.kind, job.result) if job.status == JobStatus.SUCCEEDED else None,
+        "error": job.error if job.status in (JobStatus.FAILED, JobStatus.CANCELLED) else None,
     }
 
 
 def _get(services: Services, job_id: str, owner: str | None) -> dict[str, Any]:
     """The job, if it is the caller's: another key's job is as absent as an unknown one (404)."""
     with services.sessions() as session:
-        job = repos.get_job(session=session, job_id=job_id)
+        job = jobs.get_job(session=session, job_id=job_id)
         if job is None or (owner is not None and job.owner != owner):
             raise APIError(404, f"No job with id {job_id!r}.", code="job_not_found", param="job_id")
         return job_object(services, job)
@@ -100,15 +88,15 @@ async def submit_job(
     if len(prepared.canonicals) != 1:
         raise APIError(400, "A job takes one prompt; send several as a batch.", param="prompt")
     chosen: Priority = priority or prepared.priority
-    outcome = await Pipeline(services).submit(
-        kind=prepared.kind,
-        canonical=prepared.canonicals[0],
+    spec = await services.admission.spec_for(
+        prepared.kind,
+        prepared.canonicals[0],
+        owner=owner,
         policy=CachePolicy.parse(cache_control, body.cache),
         priority=chosen,
-        as_job=True,
-        idempotency_key=idempotency_key,
-        owner=owner,
+        stream=True,  # its deltas are published: GET /v1/jobs/{id}/events relays them
     )
+    outcome = await services.admission.submit(services.admission.with_idempotency_key(spec, idempotency_key))
     assert outcome.job_id is not None
     job = await asyncio.to_thread(_get, services, outcome.job_id, None)
     return JSONResponse(job, status_code=202, headers={"X-Cache": outcome.cache})
@@ -124,8 +112,8 @@ async def list_jobs(
 ) -> dict[str, Any]:
     def read() -> list[dict[str, Any]]:
         with services.sessions() as session:
-            jobs = repos.list_jobs(session=session, owner=owner, status=status, limit=limit + 1, after=after)
-            return [job_object(services, job) for job in jobs]
+            rows = jobs.list_jobs(session=session, owner=owner, status=status, limit=limit + 1, after=after)
+            return [job_object(services, job) for job in rows]
 
     return list_page(await asyncio.to_thread(read), limit)
 
@@ -143,7 +131,7 @@ async def job_events(job_id: str, services: ServicesDep, owner: Owner) -> Respon
     await asyncio.to_thread(_get, services, job_id, owner)  # 404 before the stream starts
 
     async def stream():
-        async for event in guard(Pipeline(services).events(job_id)):
+        async for event in guard(services.follower.events(job_id)):
             yield ServerSentEvent(data=json.dumps(event, ensure_ascii=False), event=event["type"], sep="\n")
 
     return event_source(stream(), {"X-Job-Id": job_id}, services.settings.sse_keepalive_s)
@@ -156,7 +144,7 @@ async def cancel_job(job_id: str, services: ServicesDep, owner: Owner) -> dict[s
     def cancel() -> dict[str, Any]:
         _get(services, job_id, owner)
         with services.sessions.begin() as session:
-            repos.cancel_job(session=session, job_id=job_id)
+            jobs.cancel_job(session=session, job_id=job_id)
         return _get(services, job_id, owner)
 
     return await asyncio.to_thread(cancel)

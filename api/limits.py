@@ -11,6 +11,8 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.errors import openai_error_body
+
 TOO_LARGE = "request_too_large"
 
 
@@ -58,16 +60,8 @@ class BodyLimit:
 
     async def _refuse(self, send: Send, what: str, limit: int, setting: str) -> None:
         limit_mb = limit / 2**20
-        body = json.dumps(
-            {
-                "error": {
-                    "message": f"{what} than the limit of {limit_mb:g} MB ({setting}).",
-                    "type": "invalid_request_error",
-                    "param": None,
-                    "code": TOO_LARGE,
-                }
-            }
-        ).encode()
+        message = f"{what} than the limit of {limit_mb:g} MB ({setting})."
+        body = json.dumps(openai_error_body(message, type="invalid_request_error", code=TOO_LARGE)).encode()
         # The unread rest of the body is not wanted: close the connection after the answer.
         await send(
             {

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-# Names of the shared counters (mlxq.repos.bump) behind mlxq_requests_total and mlxq_generated_tokens_total.
+# Names of the shared counters (mlxq.repos.counters) behind mlxq_requests_total and mlxq_generated_tokens_total.
 REQUESTS = "requests"
+# The `endpoint` label of a generation request, whether it is streamed or not.
+Endpoint = Literal["chat", "completion", "messages", "responses"]
 # The generation routes' endpoint labels, for requests refused before they have an outcome.
-ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/messages": "messages"}
+ENDPOINTS: dict[str, Endpoint] = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completion",
+    "/v1/messages": "messages",
+    "/v1/responses": "responses",
+}
 
 
 def request_counter(endpoint: str, status: int, cache: str) -> str:

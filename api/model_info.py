@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from mlxq import repos
+from mlxq.repos import workers
 
 
 class ModelInfo:
@@ -42,7 +42,7 @@ class ModelInfo:
     def read(self) -> dict[str, Any] | None:
         """The block itself, from the database now (blocking)."""
         with self._sessions() as session:
-            workers = repos.live_workers(session=session, within_s=self._within_s)
-            blocks = [(w.last_seen, (w.stats or {}).get("model")) for w in workers]
+            live = workers.live_workers(session=session, within_s=self._within_s)
+            blocks = [(w.last_seen, (w.stats or {}).get("model")) for w in live]
         published = [(seen, block) for seen, block in blocks if isinstance(block, dict)]
         return max(published, key=lambda item: item[0])[1] if published else None

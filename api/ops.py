@@ -9,7 +9,6 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from api.auth import AUTHENTICATED
-from api.health import health_snapshot
 from api.services import ServicesDep
 
 router = APIRouter()
@@ -17,7 +16,7 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(services: ServicesDep) -> dict[str, Any]:
-    return await asyncio.to_thread(health_snapshot, services)
+    return await asyncio.to_thread(services.health.snapshot)
 
 
 @router.get("/metrics", dependencies=AUTHENTICATED)

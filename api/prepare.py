@@ -1,4 +1,4 @@
-"""From a request body to what the pipeline runs: checked, then canonical (one per prompt).
+"""From a request body to what admission takes: checked, then canonical (one per prompt).
 
 The one place a generation request is accepted or refused, whoever sends it: the chat and completions
 routes, a job submitted to `/v1/jobs`, a line of a batch. So a body a route would refuse is refused

@@ -16,7 +16,7 @@ from collections import Counter
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.background import run_every
-from mlxq import repos
+from mlxq.repos import cache_entries, counters, request_log
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,10 @@ class StatsRecorder:
         try:
             with self._sessions.begin() as session:
                 for key, n in sorted(pending.items()):
-                    repos.touch_entry(session=session, key=key, hits=n, now=now)
+                    cache_entries.touch_entry(session=session, key=key, hits=n, now=now)
                 for name, n in sorted(counts.items()):
-                    repos.bump(session=session, name=name, by=n)
-                repos.log_requests(session=session, rows=rows)
+                    counters.bump(session=session, name=name, by=n)
+                request_log.log_requests(session=session, rows=rows)
         except Exception:
             log.exception("could not record cache statistics; retrying later")
             with self._lock:

@@ -103,7 +103,7 @@ class SQLChannel:
     def publish_many(self, job_id: str, events: list[Event]) -> None:
         if not events:
             return
-        # Old events are pruned by the api's house-keeping (repos.prune), not here on every job's end.
+        # Old events are pruned by the api's house-keeping (mlxq.retention), not here on every job's end.
         now = time.time()
         with self._sessions.begin() as session:
             session.add_all([StreamEvent(job_id=job_id, data=json.dumps(e), created_at=now) for e in events])

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypedDict
 
+from mlxq.states import FinishReason
+
 GENERATE_TASK = "mlxq.generate"
 
 # "count": a chat request's prompt tokens through the model's template (Anthropic's count_tokens), no generation.
@@ -28,7 +30,7 @@ class GenerationResult(TypedDict, total=False):
     """What the worker produces; the api renders it in the client's dialect."""
 
     text: str
-    finish_reason: str  # stop | length | tool_calls
+    finish_reason: FinishReason
     stop_sequence: str  # the client's stop string that ended it, when one did
     usage: Usage
     tool_calls: list[dict[str, Any]]

@@ -14,11 +14,11 @@ CHARS_PER_TOKEN = 4
 
 
 def from_request_log(db_url: str) -> dict[str, Any]:
-    from mlxq import repos
     from mlxq.db import make_engine, make_sessionmaker
+    from mlxq.repos import request_log
 
     with make_sessionmaker(make_engine(db_url))() as session:
-        rows = repos.request_log(session=session)
+        rows = request_log.request_log(session=session)
     seen: set[str] = set()
     repeats = 0
     tools: Counter[str] = Counter()

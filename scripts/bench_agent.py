@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench import health_during_generation, http_ttft, ms, start_mlx_lm  # noqa: E402
 
+from mlxq.procs import Service  # noqa: E402
 from mlxq.settings import BUILTIN_MODEL  # noqa: E402
-from tests.procs import Service  # noqa: E402
 
 USERS = [
     "Look at src/app.py and tell me what the main function does.",

@@ -51,15 +51,16 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench import ms  # noqa: E402
 from bench_concurrency import TOPICS, essay_prompt  # noqa: E402
 
+from mlxq.procs import Service  # noqa: E402
 from mlxq.settings import BUILTIN_MODEL  # noqa: E402
-from tests.procs import Service  # noqa: E402
+from mlxq.states import BATCH_FINAL, BatchStatus  # noqa: E402
 
 ENDPOINT = "/v1/chat/completions"
 TARGET_SPEEDUP = 3.0  # batch tokens/s over one-by-one tokens/s, at least
 TARGET_TTFT_RATIO = 2.0  # interactive TTFT during the batch over idle, at most
 POLL_S = 0.25
 HEALTH_EVERY_S = 1.0  # /health's batch block is refreshed by the worker's heartbeat (2 s) anyway
-FINAL = ("completed", "failed", "expired", "cancelled")
+FINAL = tuple(BATCH_FINAL)
 
 
 def say(*parts: Any) -> None:
@@ -216,7 +217,7 @@ def batch(
     prober.join()
     # A probe counts as "during the batch" when its first token came before the batch was seen completed.
     run.probes = [p for p in run.probes if p.sent + p.ttft <= run.wall_s]
-    if job.status != "completed":
+    if job.status != BatchStatus.COMPLETED:
         raise RuntimeError(f"batch {job.id} ended {job.status}: {job.errors}")
 
     if job.output_file_id:

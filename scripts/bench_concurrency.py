@@ -51,8 +51,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench import PG_ADMIN, ms, pct, start_mlx_lm  # noqa: E402
 from bench_agent import f32_copy  # noqa: E402
 
+from mlxq.procs import Service  # noqa: E402
 from mlxq.settings import BUILTIN_MODEL  # noqa: E402
-from tests.procs import Service  # noqa: E402
 
 # A spare Redis db, away from bench.py's 9; keys get a unique prefix and are removed afterwards.
 REDIS = "redis://127.0.0.1:6379/14"

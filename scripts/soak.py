@@ -1,6 +1,6 @@
 """Soak test: many concurrent clients of every kind for a bounded time, then the invariants.
 
-Starts its own api + worker (`tests.procs.Service`) on a temporary data dir and runs `--clients` (50)
+Starts its own api + worker (`mlxq.procs.Service`) on a temporary data dir and runs `--clients` (50)
 client loops for `--duration` seconds (60) on loopback, each sending, back to back, a random mix of:
 
 * hit         chat, temperature 0, one of a few hot prompts (answered from the response cache once warm)
@@ -52,13 +52,14 @@ import openai
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from mlxq.procs import Service  # noqa: E402
 from mlxq.settings import BUILTIN_MODEL  # noqa: E402
-from tests.procs import Service  # noqa: E402
+from mlxq.states import JOB_FINAL  # noqa: E402
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 # A spare Redis db, away from bench.py's 9 and bench_concurrency.py's 14.
 REDIS = "redis://127.0.0.1:6379/12"
-TERMINAL = {"succeeded", "failed", "cancelled"}
+TERMINAL = set(JOB_FINAL)
 
 # Relative weights of the request kinds each client draws from.
 MIX = {"hit": 30, "miss": 20, "stream": 15, "disconnect": 10, "completion": 15, "bad": 10}

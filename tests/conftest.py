@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from mlxq.procs import Service
 from tests.factories import make_tiny_model
-from tests.procs import Service
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_CACHE = Path(os.environ.get("MLXQ_TEST_MODELS", ROOT / ".data" / "models"))

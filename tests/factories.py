@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+from mlxq.jobspec import CachePolicy, JobSpec
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
@@ -41,3 +43,15 @@ def make_tiny_model(dest: Path, tokenizer_from: Path, *, seed: int = 0) -> Path:
         if (tokenizer_from / name).exists():
             shutil.copy(tokenizer_from / name, dest / name)
     return dest
+
+
+def job_spec(key: str, *, store: bool = True) -> JobSpec:
+    """An interactive chat job's spec with an empty request (for the repositories' tests)."""
+    return JobSpec(
+        key=key,
+        kind="chat",
+        canonical={"model": "m"},
+        cache=CachePolicy(store=store),
+        priority="interactive",
+        stream=True,
+    )

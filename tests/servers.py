@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.procs import free_port
+from mlxq.procs import free_port
 
 PG_USER = "postgres"
 

@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mlxq import repos
 from mlxq.db import make_engine, make_sessionmaker, upgrade
+from mlxq.repos import request_log
 from mlxq.settings import Settings
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "analyze_traces.py"
@@ -117,7 +117,7 @@ def test_request_log_report(tmp_path: Path):
         },
     ]
     with make_sessionmaker(make_engine(url)).begin() as session:
-        repos.log_requests(session=session, rows=rows)
+        request_log.log_requests(session=session, rows=rows)
     report = analyze("--db", url)
     assert (report["total_requests"], report["unique_requests"]) == (4, 3)
     assert report["hit_rate"] == round(1 / 3, 4) and report["potential_hit_rate"] == 0.25

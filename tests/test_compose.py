@@ -13,7 +13,7 @@ import pytest
 import typer.main
 import yaml
 
-from mlxq.cli import app
+from cli.main import app
 from mlxq.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,7 +106,7 @@ def test_services_and_commands():
     for name, service in SERVICES.items():
         command = service.get("command")
         if command and command[0] == "mlxq":
-            assert command[1] in commands, f"{name}: `mlxq {command[1]}` is not a command of mlxq.cli"
+            assert command[1] in commands, f"{name}: `mlxq {command[1]}` is not a command of cli.main"
 
 
 def test_images_carry_the_extras_they_need():
@@ -187,8 +187,8 @@ def test_persistence(monkeypatch: pytest.MonkeyPatch):
     assert mounts("postgres") == {"/var/lib/postgresql/data": "pgdata"}
     worker = settings_of("worker", monkeypatch)
     data = str(worker.data_dir)
-    # The worker keeps its prefix cache in <data dir>/prefix_cache (worker/runtime.py).
-    assert 'data_dir / "prefix_cache"' in (ROOT / "worker" / "runtime.py").read_text()
+    # The worker keeps its prefix cache in <data dir>/prefix_cache (worker/prefix_saves.py).
+    assert 'data_dir / "prefix_cache"' in (ROOT / "worker" / "prefix_saves.py").read_text()
     assert mounts("worker") == {
         data: "data",
         str(worker.builtin_model_dir.parent): "models",

@@ -9,8 +9,8 @@ import httpx
 import openai
 import pytest
 
+from mlxq.procs import Service
 from tests.conftest import MODEL_NAME, service_env
-from tests.procs import Service
 
 WEATHER = {
     "name": "get_weather",
@@ -186,3 +186,24 @@ def test_a_claude_code_shaped_request_is_answered_and_its_billing_line_shares_th
     assert second["usage"]["cache_read_input_tokens"] >= 100
     # max_tokens 32000, more than the whole context: clamped to what fits after the prompt.
     assert post(request("3", temperature=0))["usage"]["output_tokens"] > 0
+
+
+def test_metrics_count_streamed_and_sync_messages_under_one_endpoint(svc: Service):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def messages_requests() -> float:
+        svc.health()  # flushes the api's pending counters
+        text = httpx.get(f"{svc.base}/metrics", timeout=5).text
+        return sum(
+            s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "mlxq_requests_total" and s.labels["endpoint"] == "messages" and s.labels["status"] == "200"
+        )
+
+    client, before = claude(svc), messages_requests()
+    body = ask("Name a colour.", extra_headers={"Cache-Control": "no-cache"})
+    client.messages.create(**body)
+    with client.messages.stream(**body) as stream:
+        stream.get_final_message()
+    assert messages_requests() == before + 2

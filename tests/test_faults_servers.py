@@ -22,10 +22,10 @@ import openai
 import pytest
 from sqlalchemy import create_engine, func, select
 
-from mlxq.repos import TERMINAL
+from mlxq.procs import Service
 from mlxq.sql import Job
+from mlxq.states import JOB_FINAL as TERMINAL
 from tests.conftest import MODEL_NAME, service_env, unavailable
-from tests.procs import Service
 from tests.servers import PostgresServer, RedisServer, ServerMissing
 
 pytestmark = pytest.mark.e2e

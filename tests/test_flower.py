@@ -21,9 +21,9 @@ import pytest
 from pydantic import SecretStr
 
 from mlxq.flower import NEEDS_REDIS, credentials, flower_argv, run
+from mlxq.procs import ROOT, Service, free_port
 from mlxq.settings import Settings
 from tests.conftest import MODEL_NAME, service_env, unavailable
-from tests.procs import ROOT, Service, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -100,7 +100,7 @@ def stack(
     }
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mlxq.cli", "flower"], env=flower_env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "cli", "flower"], env=flower_env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
         )
     try:
         svc = service_factory(env).start()

@@ -12,8 +12,8 @@ import httpx
 import openai
 import pytest
 
+from mlxq.procs import Service
 from tests.conftest import MODEL_NAME, service_env
-from tests.procs import Service
 
 
 def batch_line(custom_id: str, content: str, max_tokens: int = 8) -> dict:
@@ -203,7 +203,7 @@ def test_the_batch_cli_submits_waits_writes_results_and_lists_jobs(svc: Service,
 
     def mlxq(*args: str) -> str:
         done = subprocess.run(
-            [sys.executable, "-m", "mlxq.cli", *args, "--url", svc.base],
+            [sys.executable, "-m", "cli", *args, "--url", svc.base],
             capture_output=True,
             text=True,
             timeout=120,

@@ -17,8 +17,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from mlxq.procs import Service
 from tests.conftest import MODEL_NAME, service_env
-from tests.procs import Service
 
 KEY_A, KEY_B = "key-a-0123456789", "key-b-0123456789"
 ASK = {"model": MODEL_NAME, "temperature": 0, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
@@ -108,7 +108,7 @@ def test_stored_keys_are_managed_with_the_cli_and_revocation_takes_effect(
 
     def mlxq(*args: str) -> str:
         done = subprocess.run(
-            [sys.executable, "-m", "mlxq.cli", "keys", *args],
+            [sys.executable, "-m", "cli", "keys", *args],
             capture_output=True,
             text=True,
             env={**svc.env, "COLUMNS": "200"},

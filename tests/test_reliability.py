@@ -17,8 +17,8 @@ import httpx
 import openai
 import pytest
 
+from mlxq.procs import ROOT, free_port
 from tests.conftest import MODEL_NAME, service_env
-from tests.procs import ROOT, free_port
 
 LONG = {"model": MODEL_NAME, "temperature": 0, "max_tokens": 200}
 
@@ -36,7 +36,7 @@ class Serve:
         self.db = Path(env["MLXQ_DATA_DIR"]) / "mlxq.sqlite"
         self.log = log
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlxq.cli", "serve", "--port", str(self.port)],
+            [sys.executable, "-m", "cli", "serve", "--port", str(self.port)],
             env={**os.environ, **env},
             cwd=ROOT,
             stdout=log.open("w"),

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from mlxq import repos
+from mlxq import retention
 from mlxq.db import make_engine, make_sessionmaker, upgrade
+from mlxq.repos import cache_entries, counters, jobs, request_log, workers
 from mlxq.settings import Settings
+from tests.factories import job_spec
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -26,14 +28,14 @@ def sessions(request: pytest.FixtureRequest, tmp_path: Path):
 
 def put(sessions, key: str, *, max_entries: int = 100, ttl_s: float | None = None) -> None:
     with sessions.begin() as s:
-        repos.put_entry(session=s, key=key, kind="chat", model="m", result={"text": key}, ttl_s=ttl_s)
+        cache_entries.put_entry(session=s, key=key, kind="chat", model="m", result={"text": key}, ttl_s=ttl_s)
     with sessions.begin() as s:
-        repos.evict_lru(session=s, max_entries=max_entries)
+        cache_entries.evict_lru(session=s, max_entries=max_entries)
 
 
 def get(sessions, key: str):
     with sessions() as s:
-        return repos.lookup_result(session=s, key=key)
+        return cache_entries.lookup_result(session=s, key=key)
 
 
 def test_put_get_roundtrip_and_replace(sessions):
@@ -42,7 +44,7 @@ def test_put_get_roundtrip_and_replace(sessions):
     assert get(sessions, "b") is None
     put(sessions, "a")
     with sessions() as s:
-        assert repos.cache_items(session=s)[0] == 1
+        assert cache_entries.cache_items(session=s)[0] == 1
 
 
 def test_lru_bound_by_entries_evicts_least_recently_used(sessions):
@@ -50,7 +52,7 @@ def test_lru_bound_by_entries_evicts_least_recently_used(sessions):
         put(sessions, k, max_entries=3)
         time.sleep(0.01)
     with sessions.begin() as s:
-        repos.touch_entry(session=s, key="a")  # a is now the most recently used
+        cache_entries.touch_entry(session=s, key="a")  # a is now the most recently used
     put(sessions, "d", max_entries=3)
     assert get(sessions, "b") is None
     assert all(get(sessions, k) for k in ("a", "c", "d"))
@@ -62,64 +64,64 @@ def test_ttl_expires_entries(sessions):
     time.sleep(0.1)
     assert get(sessions, "t") is None
     with sessions.begin() as s:
-        assert repos.purge_expired(session=s) == 1
+        assert cache_entries.purge_expired(session=s) == 1
 
 
 def test_counters_start_seeded_and_count(sessions):
     with sessions.begin() as s:
-        assert repos.counters(session=s) == {"cache_hits": 0, "cache_misses": 0, "cache_bypass": 0}
-        repos.bump(session=s, name="cache_hits")
-        repos.bump(session=s, name="cache_hits")
+        assert counters.counters(session=s) == {"cache_hits": 0, "cache_misses": 0, "cache_bypass": 0}
+        counters.bump(session=s, name="cache_hits")
+        counters.bump(session=s, name="cache_hits")
     with sessions() as s:
-        assert repos.counters(session=s)["cache_hits"] == 2
+        assert counters.counters(session=s)["cache_hits"] == 2
 
 
 def new_job(sessions, key: str = "k") -> str:
     with sessions.begin() as s:
-        return repos.create_job(session=s, key=key, kind="chat", model="m", request={}, store=True, ttl_s=None).id
+        return jobs.create_job(session=s, spec=job_spec(key), sent=True).id
 
 
 def status(sessions, job_id: str):
     with sessions() as s:
-        return repos.get_job(session=s, job_id=job_id)
+        return jobs.get_job(session=s, job_id=job_id)
 
 
 def test_a_job_is_claimed_once_and_a_dead_workers_job_runs_again_until_max_attempts(sessions):
     job_id = new_job(sessions)
     with sessions() as s:
-        assert repos.find_inflight(session=s, key="k").id == job_id
-        assert repos.queue_depth(session=s) == 1
+        assert jobs.find_inflight(session=s, key="k").id == job_id
+        assert jobs.queue_depth(session=s) == 1
     for attempt in (1, 2):
         with sessions.begin() as s:
-            assert repos.start_job(session=s, job_id=job_id, worker="w1").attempts == attempt
+            assert jobs.start_job(session=s, job_id=job_id, worker="w1").attempts == attempt
         with sessions.begin() as s:  # a duplicate message for a claimed job is skipped
-            assert repos.start_job(session=s, job_id=job_id, worker="w1") is None
+            assert jobs.start_job(session=s, job_id=job_id, worker="w1") is None
         with sessions.begin() as s:  # the worker restarted: its job goes back to the queue, unsent
-            assert repos.requeue_running(session=s, worker="w2", max_attempts=2) == (0, 0)
+            assert jobs.requeue_running(session=s, worker="w2", max_attempts=2) == (0, 0)
             expected = (1, 0) if attempt == 1 else (0, 1)
-            assert repos.requeue_running(session=s, worker="w1", max_attempts=2) == expected
+            assert jobs.requeue_running(session=s, worker="w1", max_attempts=2) == expected
         if attempt == 1:
             assert status(sessions, job_id).status == "queued"
             with sessions() as s:
-                assert repos.jobs_to_send(session=s, lost_before=None) == [job_id]
+                assert jobs.jobs_to_send(session=s, lost_before=None) == [job_id]
             with sessions.begin() as s:
-                repos.mark_sent(session=s, job_ids=[job_id])
+                jobs.mark_sent(session=s, job_ids=[job_id])
             with sessions() as s:
-                assert repos.jobs_to_send(session=s, lost_before=None) == []
-                assert repos.jobs_to_send(session=s, lost_before=time.time() + 1) == [job_id]
+                assert jobs.jobs_to_send(session=s, lost_before=None) == []
+                assert jobs.jobs_to_send(session=s, lost_before=time.time() + 1) == [job_id]
     job = status(sessions, job_id)
     assert job.status == "failed" and job.error["code"] == "worker_crashed" and job.attempts == 2
     with sessions.begin() as s:  # a late answer never overwrites the final state
-        assert not repos.finish_job(session=s, job_id=job_id, status="succeeded", result={"text": "x"})
+        assert not jobs.finish_job(session=s, job_id=job_id, status="succeeded", result={"text": "x"})
     assert status(sessions, job_id).status == "failed"
 
 
 def test_a_job_interrupted_by_a_stopping_worker_does_not_use_up_an_attempt(sessions):
     job_id = new_job(sessions)
     with sessions.begin() as s:
-        repos.start_job(session=s, job_id=job_id, worker="w1")
+        jobs.start_job(session=s, job_id=job_id, worker="w1")
     with sessions.begin() as s:
-        assert repos.requeue_job(session=s, job_id=job_id)
+        assert jobs.requeue_job(session=s, job_id=job_id)
     job = status(sessions, job_id)
     assert (job.status, job.attempts, job.sent_at) == ("queued", 0, None)
 
@@ -127,12 +129,12 @@ def test_a_job_interrupted_by_a_stopping_worker_does_not_use_up_an_attempt(sessi
 def test_a_job_is_cancelled_only_when_its_last_waiter_leaves(sessions):
     job_id = new_job(sessions)  # its creator waits
     with sessions.begin() as s:
-        repos.join_job(session=s, job_id=job_id)
+        jobs.join_job(session=s, job_id=job_id)
     with sessions.begin() as s:
-        assert not repos.leave_job(session=s, job_id=job_id, abandon=True)  # the joiner still waits
+        assert not jobs.leave_job(session=s, job_id=job_id, abandon=True)  # the joiner still waits
     assert status(sessions, job_id).status == "queued"
     with sessions.begin() as s:
-        assert repos.leave_job(session=s, job_id=job_id, abandon=True)
+        assert jobs.leave_job(session=s, job_id=job_id, abandon=True)
     assert status(sessions, job_id).status == "cancelled"
 
 
@@ -141,12 +143,12 @@ def test_retention_removes_old_finished_jobs_logs_and_events(sessions):
 
     done, running = new_job(sessions, "a"), new_job(sessions, "b")
     with sessions.begin() as s:
-        repos.finish_job(session=s, job_id=done, status="succeeded", result={})
-        repos.log_requests(session=s, rows=[{"at": 1.0, "key": "a", "endpoint": "chat", "cache": "MISS"}])
+        jobs.finish_job(session=s, job_id=done, status="succeeded", result={})
+        request_log.log_requests(session=s, rows=[{"at": 1.0, "key": "a", "endpoint": "chat", "cache": "MISS"}])
         s.add_all([StreamEvent(job_id=j, data="{}", created_at=1.0) for j in (done, running)])
     now = time.time() + 1
     with sessions.begin() as s:
-        assert repos.prune(session=s, jobs_before=now, log_before=now, events_before=now) == {
+        assert retention.prune_requests(session=s, jobs_before=now, log_before=now, events_before=now) == {
             "jobs": 1,
             "idempotency_keys": 0,
             "request_log": 1,
@@ -160,32 +162,30 @@ def test_one_storing_job_per_key_in_flight(sessions):
 
     def create(store: bool = True) -> str:
         with sessions.begin() as s:
-            return repos.create_job(
-                session=s, key="same", kind="chat", model="m", request={}, store=store, ttl_s=None
-            ).id
+            return jobs.create_job(session=s, spec=job_spec("same", store=store), sent=True).id
 
     first = create()
     with pytest.raises(IntegrityError):
         create()
     create(store=False)  # requests that do not store (sampled) never join or block
     with sessions.begin() as s:
-        repos.finish_job(session=s, job_id=first, status="succeeded", result={})
+        jobs.finish_job(session=s, job_id=first, status="succeeded", result={})
     create()  # once the first is done, the key is free again
 
 
 def test_jobs_of_a_worker_that_stopped_beating_go_back_to_the_queue(sessions):
     gone, alive = new_job(sessions, "g"), new_job(sessions, "a")
     with sessions.begin() as s:
-        repos.start_job(session=s, job_id=gone, worker="dead-host")
-        repos.start_job(session=s, job_id=alive, worker="live-host")
+        jobs.start_job(session=s, job_id=gone, worker="dead-host")
+        jobs.start_job(session=s, job_id=alive, worker="live-host")
     with sessions.begin() as s:
-        assert repos.requeue_running(session=s, live_workers=["live-host"], max_attempts=2) == (1, 0)
+        assert jobs.requeue_running(session=s, live_workers=["live-host"], max_attempts=2) == (1, 0)
     assert status(sessions, gone).status == "queued"
     assert status(sessions, alive).status == "running"
 
 
 def test_liveness_reads_the_databases_clock(sessions):
     with sessions.begin() as s:
-        repos.heartbeat(session=s, name="w", model="m", model_loaded=True, error=None, started_at=0.0)
+        workers.heartbeat(session=s, name="w", model="m", model_loaded=True, error=None, started_at=0.0)
     with sessions() as s:
-        assert [w.name for w in repos.live_workers(session=s, within_s=5)] == ["w"]
+        assert [w.name for w in workers.live_workers(session=s, within_s=5)] == ["w"]

@@ -16,8 +16,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
+from mlxq.procs import Service
 from tests.conftest import MODEL_NAME, service_env
-from tests.procs import Service
 
 pytestmark = pytest.mark.e2e
 

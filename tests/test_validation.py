@@ -18,8 +18,8 @@ import openai
 import pytest
 from sqlalchemy import create_engine, text
 
+from mlxq.procs import Service
 from tests.conftest import MODEL_NAME, service_env
-from tests.procs import Service
 
 pytestmark = pytest.mark.e2e
 

@@ -37,6 +37,7 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import trim_prompt_cache
 
 from mlxq import events
+from mlxq.states import FinishReason
 from worker.prefix_cache import PrefixCache, cache_offset
 from worker.sequence import Sequence
 
@@ -169,7 +170,7 @@ class Batcher:
                 queue.popleft()
                 others = [s.prompt for q in self._waiting.values() for s in q]
             if seq.cancelled.is_set():
-                seq.finish = "cancelled"
+                seq.finish = FinishReason.CANCELLED
                 seq.complete()
                 continue
             self._start(seq, others)
@@ -247,7 +248,7 @@ class Batcher:
 
     def _retire_cancelled(self) -> None:
         for seq in [s for s in self._active.values() if s.cancelled.is_set()]:
-            seq.finish = "cancelled"
+            seq.finish = FinishReason.CANCELLED
             self._retire(seq)
 
     def _retire(self, seq: Sequence, cache: list[Any] | None = None, tokens: list[int] | None = None) -> None:

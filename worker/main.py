@@ -21,8 +21,11 @@ from mlxq.celery_app import make_celery  # noqa: E402
 from mlxq.channel import make_channel  # noqa: E402
 from mlxq.contract import GENERATE_TASK  # noqa: E402
 from mlxq.db import make_engine, make_sessionmaker, upgrade  # noqa: E402
+from mlxq.delivery import Delivery  # noqa: E402
 from mlxq.settings import Settings, get_settings  # noqa: E402
+from worker.cancel_watch import CancelWatch  # noqa: E402
 from worker.runtime import Runtime  # noqa: E402
+from worker.state import WorkerState  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +39,17 @@ def build(settings: Settings) -> tuple[Celery, Runtime]:
         poll_interval_s=settings.poll_interval_s,
     )
     app = make_celery(settings)
-    runtime = Runtime(settings, sessions, channel, app)
+    delivery = Delivery(sessions, app, settings)
+    runtime = Runtime(WorkerState(settings, sessions, channel, delivery, CancelWatch(sessions)))
 
     @app.task(name=GENERATE_TASK, acks_late=True, reject_on_worker_lost=True)
     def generate(job_id: str) -> None:
-        runtime.run_job(job_id)
+        runtime.jobs.run_job(job_id)
 
     # Runs once in the worker's main process before it consumes anything: the place to load the model.
     @worker_init.connect(weak=False)
     def _load(**_: object) -> None:
-        runtime.load_model()
-        runtime.start_heartbeat()
+        runtime.start()
 
     # Sent as the stop begins (SIGTERM, SIGINT), before Celery waits for running tasks to return.
     @worker_shutting_down.connect(weak=False)

@@ -18,6 +18,7 @@ import mlx.core as mx
 
 from mlxq import events
 from mlxq.contract import GenerationResult, Priority
+from mlxq.states import FinishReason
 from worker.tool_parse import ToolStreamFilter
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     text: str = ""
     shown: int = 0
-    finish: str | None = None
+    finish: FinishReason | None = None
     pending_logprobs: list[dict[str, Any]] = field(default_factory=list)
     all_logprobs: list[dict[str, Any]] = field(default_factory=list)
     # A preempted sequence resumes from (KV cache or None, how many tokens of `fed` it holds).
@@ -110,10 +111,10 @@ class Sequence:
         piece = self.detokenizer.last_segment
         self.text += piece
         if self.stops and self._cut_at_stop(len(piece)):
-            self.finish = "stop"
+            self.finish = FinishReason.STOP
             return True
         if finish_reason is not None:
-            self.finish = finish_reason
+            self.finish = FinishReason(finish_reason)
             return True
         self._emit_safe_delta()
         return False
@@ -156,9 +157,9 @@ class Sequence:
 
     def complete(self) -> None:
         """Flush what was held back, build the result and wake the consumer."""
-        finish = self.finish or "length"
+        finish = self.finish or FinishReason.LENGTH
         calls: list[dict[str, Any]]
-        if finish in ("cancelled", "length"):
+        if finish in (FinishReason.CANCELLED, FinishReason.LENGTH):
             # A cut-off answer is not a call, even one that parses (repaired): its text, held back
             # from the stream as a possible call, goes out as content, so the stream equals the text.
             rest, calls = self.text[self.shown :], []
@@ -174,14 +175,14 @@ class Sequence:
             self.emit(events.tool_calls(calls))
         result = GenerationResult(
             text=self.text[: self.shown] + rest,
-            finish_reason="tool_calls" if calls else finish,
+            finish_reason=FinishReason.TOOL_CALLS if calls else finish,
             usage={
                 "prompt_tokens": len(self.prompt),
                 "completion_tokens": len(self.generated),
                 "cached_tokens": self.cached_tokens,
             },
         )
-        if finish == "stop" and not calls and self.stop_sequence in self.request_stops:
+        if finish == FinishReason.STOP and not calls and self.stop_sequence in self.request_stops:
             result["stop_sequence"] = self.stop_sequence
         if calls:
             result["tool_calls"] = calls

@@ -10,6 +10,7 @@ from typing import Any
 
 from sse_starlette import ServerSentEvent
 
+from api.errors import openai_error_body
 from api.streaming import guard
 from mlxq.events import Event
 
@@ -196,14 +197,12 @@ async def openai_stream(
         elif kind == "error":
             error = event.get("error") or {}
             yield sse(
-                {
-                    "error": {
-                        "message": error.get("message", "generation failed"),
-                        "type": error.get("type", "server_error"),
-                        "param": error.get("param"),
-                        "code": error.get("code"),
-                    }
-                }
+                openai_error_body(
+                    error.get("message", "generation failed"),
+                    type=error.get("type", "server_error"),
+                    code=error.get("code"),
+                    param=error.get("param"),
+                )
             )
             break
     yield DONE

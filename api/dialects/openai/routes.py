@@ -1,21 +1,19 @@
-"""OpenAI's routes: validate, run through the pipeline, render."""
+"""OpenAI's routes: check and canonicalize (api.prepare), make the job specs, answer (api.respond)."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any
 
 from fastapi import APIRouter, Header
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from api.auth import AUTHENTICATED, Owner
 from api.dialects.openai.protocol import ChatCompletionRequest, CompletionRequest
 from api.dialects.openai.render import ChunkWriter, chat_completion, model_list, openai_stream, text_completion
-from api.pipeline import CachePolicy, Pipeline
 from api.prepare import prepare
+from api.respond import answer
 from api.services import ServicesDep
-from api.streaming import cache_headers, record, stream_outcome
+from mlxq.jobspec import CachePolicy
 
 router = APIRouter(dependencies=AUTHENTICATED)
 
@@ -24,27 +22,23 @@ router = APIRouter(dependencies=AUTHENTICATED)
 async def chat_completions(
     body: ChatCompletionRequest, services: ServicesDep, owner: Owner, cache_control: str | None = Header(None)
 ) -> Response:
-    started = time.perf_counter()
     prepared = await prepare(services, body)
-    canonical, pipeline = prepared.canonicals[0], Pipeline(services)
-    policy = CachePolicy.parse(cache_control, body.cache)
-    if body.stream:
-        writer = ChunkWriter(kind="chat", model=services.settings.model_name, stream_options=body.stream_options)
-        return await stream_outcome(
-            services,
-            pipeline,
-            kind="chat",
-            canonical=canonical,
-            policy=policy,
-            priority=body.priority,
-            started=started,
-            owner=owner,
-            render=lambda source: openai_stream(source, writer),
-        )
-    outcome = await pipeline.run(kind="chat", canonical=canonical, policy=policy, priority=body.priority, owner=owner)
-    record(services, endpoint="chat", outcome=outcome, canonical=canonical, started=started, stream=False)
-    return JSONResponse(
-        chat_completion(outcome.result, model=services.settings.model_name), headers=cache_headers(outcome)
+    model = services.settings.model_name
+    spec = await services.admission.spec_for(
+        "chat",
+        prepared.canonicals[0],
+        owner=owner,
+        policy=CachePolicy.parse(cache_control, body.cache),
+        priority=prepared.priority,
+        stream=bool(body.stream),
+    )
+    writer = ChunkWriter(kind="chat", model=model, stream_options=body.stream_options)
+    return await answer(
+        services,
+        [spec],
+        endpoint="chat",
+        render=lambda results: chat_completion(results[0], model=model),
+        stream=(lambda source: openai_stream(source, writer)) if body.stream else None,
     )
 
 
@@ -52,36 +46,22 @@ async def chat_completions(
 async def completions(
     body: CompletionRequest, services: ServicesDep, owner: Owner, cache_control: str | None = Header(None)
 ) -> Response:
-    started = time.perf_counter()
     prepared = await prepare(services, body)
-    canonicals, echo, pipeline = prepared.canonicals, prepared.echo, Pipeline(services)
+    model, echo = services.settings.model_name, prepared.echo
     policy = CachePolicy.parse(cache_control, body.cache)
-    if body.stream:
-        writer = ChunkWriter(kind="completion", model=services.settings.model_name, stream_options=body.stream_options)
-        return await stream_outcome(
-            services,
-            pipeline,
-            kind="completion",
-            canonical=canonicals[0],
-            policy=policy,
-            priority=body.priority,
-            started=started,
-            owner=owner,
-            render=lambda source: openai_stream(source, writer, prefix=echo[0]),
+    specs = [
+        await services.admission.spec_for(
+            "completion", canonical, owner=owner, policy=policy, priority=prepared.priority, stream=bool(body.stream)
         )
-    outcomes = await asyncio.gather(
-        *(
-            pipeline.run(kind="completion", canonical=c, policy=policy, priority=body.priority, owner=owner)
-            for c in canonicals
-        )
-    )
-    cache = outcomes[0].cache if len({o.cache for o in outcomes}) == 1 else "MIXED"
-    for outcome, canonical in zip(outcomes, canonicals, strict=True):
-        record(services, endpoint="completion", outcome=outcome, canonical=canonical, started=started, stream=False)
-    headers = {"X-Cache": cache, "X-Request-Key": ",".join(o.key for o in outcomes)}
-    return JSONResponse(
-        text_completion([o.result for o in outcomes], model=services.settings.model_name, prefixes=echo),
-        headers=headers,
+        for canonical in prepared.canonicals
+    ]
+    writer = ChunkWriter(kind="completion", model=model, stream_options=body.stream_options)
+    return await answer(
+        services,
+        specs,
+        endpoint="completion",
+        render=lambda results: text_completion(results, model=model, prefixes=echo),
+        stream=(lambda source: openai_stream(source, writer, prefix=echo[0])) if body.stream else None,
     )
 
 

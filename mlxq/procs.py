@@ -1,5 +1,6 @@
-"""Run the api and worker as separate processes, as `mlxq api` and `mlxq worker` do: the harness of the tests
-and benchmarks (scripts/ put the repository root on sys.path to import it), not part of the service."""
+"""The process harness of the tests and the benchmarks: the api and worker as separate processes, started
+through the CLI as `mlxq api` and `mlxq worker` start them. Here, in the shared package, so that both may
+import it; it imports neither api nor worker, and the service never uses it."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ class Service:
     def _spawn(self, *args: str) -> subprocess.Popen:
         log = open(self.log_dir / f"{args[0]}-{self.starts}.log", "w")
         return subprocess.Popen(
-            [sys.executable, "-m", "mlxq.cli", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+            [sys.executable, "-m", "cli", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
         )
 
     def start(self, *, worker: bool = True, wait_model: bool = True) -> Service:

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mlxq.settings import get_settings
+from mlxq.states import BATCH_FINAL
 
 app = typer.Typer(
     help="An OpenAI- and Anthropic-compatible LLM service on MLX, built as a job queue.", no_args_is_help=True
@@ -78,8 +79,8 @@ def _stop(signum: int, _frame: object) -> None:
 def serve(host: str = typer.Option(None), port: int = typer.Option(None), log_level: str = "info") -> None:
     """Start api and worker together (the embedded default: SQLite, no servers); the worker is restarted
     when it dies, and SIGTERM or SIGINT stops both."""
-    from mlxq import repos
     from mlxq.db import make_engine, make_sessionmaker, upgrade
+    from mlxq.repos import counters
     from mlxq.supervisor import Supervisor
 
     settings = get_settings()
@@ -93,11 +94,11 @@ def serve(host: str = typer.Option(None), port: int = typer.Option(None), log_le
 
     def count_restart(_: int) -> None:
         with sessions.begin() as session:
-            repos.bump(session=session, name="worker_restarts")
+            counters.bump(session=session, name="worker_restarts")
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     supervisor = Supervisor(
-        [sys.executable, "-m", "mlxq.cli", "worker", "--log-level", log_level.upper()], on_restart=count_restart
+        [sys.executable, "-m", "cli", "worker", "--log-level", log_level.upper()], on_restart=count_restart
     ).start()
     try:
         api(host=host, port=port, log_level=log_level)
@@ -123,11 +124,11 @@ def bench(modes: str = typer.Option("sqlite,redis", help="deployments to measure
 @cache_app.command("stats")
 def cache_stats() -> None:
     """Print response-cache statistics."""
-    from mlxq import repos
+    from mlxq.repos import cache_entries, counters
 
     with _sessions()() as session:
-        items, size = repos.cache_items(session=session)
-        stats = {**repos.counters(session=session), "cached_items": items, "bytes": size}
+        items, size = cache_entries.cache_items(session=session)
+        stats = {**counters.counters(session=session), "cached_items": items, "bytes": size}
     table = Table("stat", "value")
     for k, v in stats.items():
         table.add_row(k, str(v))
@@ -137,10 +138,10 @@ def cache_stats() -> None:
 @cache_app.command("clear")
 def cache_clear() -> None:
     """Delete every response-cache entry."""
-    from mlxq import repos
+    from mlxq.repos import cache_entries
 
     with _sessions().begin() as session:
-        removed = repos.clear_cache(session=session)
+        removed = cache_entries.clear_cache(session=session)
     console.print(json.dumps({"removed": removed}))
 
 
@@ -197,7 +198,7 @@ def keys_revoke(key_id: str = typer.Argument(..., help="the id `mlxq keys list` 
 # -- batches and jobs: HTTP clients of a running server ------------------------------------------
 
 URL = typer.Option(None, "--url", help="the server (default http://MLXQ_HOST:MLXQ_PORT)")
-FINAL = ("completed", "failed", "expired", "cancelled")
+FINAL = tuple(BATCH_FINAL)
 
 
 def _http(url: str | None) -> httpx.Client:

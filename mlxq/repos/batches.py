@@ -1,4 +1,4 @@
-"""Data access for files and batches (keyword-only functions, like mlxq.repos).
+"""Batches and their lines (keyword-only functions).
 
 A batch's lines point at jobs; the jobs hold the results. A line's job may be shared: identical lines,
 a cached answer, an identical job already in flight. So progress, resumption after a worker dies, and
@@ -8,65 +8,15 @@ the output (each line once, in order) all read from the jobs, never from a secon
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any
 
 from sqlalchemy import case, delete, func, insert, select, update
-from sqlalchemy.orm import Session, defer
+from sqlalchemy.orm import Session
 
 from mlxq.contract import CANCELLED
-from mlxq.repos import ACTIVE
-from mlxq.sql import Batch, BatchLine, File, Job, rowcount
-
-# Statuses a batch leaves only to a final one.
-OPEN = ("validating", "in_progress", "finalizing", "cancelling")
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-# -- files ------------------------------------------------------------------------------------
-
-
-def create_file(*, session: Session, purpose: str, filename: str, content: bytes, owner: str | None) -> File:
-    file = File(
-        id=new_id("file"),
-        purpose=purpose,
-        filename=filename,
-        bytes=len(content),
-        content=content,
-        created_at=time.time(),
-        owner=owner,
-    )
-    session.add(file)
-    return file
-
-
-def get_file(*, session: Session, file_id: str) -> File | None:
-    return session.get(File, file_id)
-
-
-def list_files(
-    *, session: Session, owner: str | None, purpose: str | None = None, limit: int = 100, after: str | None = None
-) -> list[File]:
-    query = select(File).order_by(File.created_at.desc(), File.id.desc()).limit(limit)
-    if owner is not None:
-        query = query.where(File.owner == owner)
-    if purpose is not None:
-        query = query.where(File.purpose == purpose)
-    if after is not None and (cursor := session.get(File, after)) is not None:
-        query = query.where(
-            (File.created_at < cursor.created_at) | ((File.created_at == cursor.created_at) & (File.id < cursor.id))
-        )
-    return list(session.scalars(query.options(defer(File.content))))
-
-
-def delete_file(*, session: Session, file_id: str) -> bool:
-    return bool(rowcount(session.execute(delete(File).where(File.id == file_id))))
-
-
-# -- batches ----------------------------------------------------------------------------------
+from mlxq.repos.files import new_id
+from mlxq.sql import Batch, BatchLine, Job, rowcount
+from mlxq.states import BATCH_OPEN, JOB_ACTIVE, BatchStatus, JobStatus
 
 
 def create_batch(
@@ -85,7 +35,7 @@ def create_batch(
         endpoint=endpoint,
         input_file_id=input_file_id,
         completion_window=completion_window,
-        status="validating",
+        status=BatchStatus.VALIDATING,
         meta=metadata,
         created_at=now,
         expires_at=now + window_s,
@@ -116,7 +66,7 @@ def add_lines(*, session: Session, batch_id: str, lines: list[dict[str, Any]]) -
         session.execute(insert(BatchLine), [{"batch_id": batch_id, **line} for line in lines])
 
 
-def move(*, session: Session, batch_id: str, to: str, frm: tuple[str, ...], **values: Any) -> bool:
+def move(*, session: Session, batch_id: str, to: BatchStatus, frm: tuple[BatchStatus, ...], **values: Any) -> bool:
     """Move a batch from one of `frm` to `to`, stamping `<to>_at`; False when another process was first."""
     stamp = {f"{to}_at": time.time()} if hasattr(Batch, f"{to}_at") else {}
     done = session.execute(
@@ -130,9 +80,11 @@ def line_counts(*, session: Session, batch_id: str) -> dict[str, int]:
     row = session.execute(
         select(
             func.count(),
-            func.sum(case((Job.status == "succeeded", 1), else_=0)),
-            func.sum(case((BatchLine.job_id.is_(None) | Job.status.in_(("failed", "cancelled")), 1), else_=0)),
-            func.sum(case((Job.status.in_(ACTIVE), 1), else_=0)),
+            func.sum(case((Job.status == JobStatus.SUCCEEDED, 1), else_=0)),
+            func.sum(
+                case((BatchLine.job_id.is_(None) | Job.status.in_((JobStatus.FAILED, JobStatus.CANCELLED)), 1), else_=0)
+            ),
+            func.sum(case((Job.status.in_(JOB_ACTIVE), 1), else_=0)),
             func.sum(Job.completion_tokens),
         )
         .select_from(BatchLine)
@@ -153,8 +105,8 @@ def cancel_jobs(*, session: Session, batch_id: str) -> int:
     return rowcount(
         session.execute(
             update(Job)
-            .where(Job.batch_id == batch_id, Job.status.in_(ACTIVE))
-            .values(status="cancelled", error=dict(CANCELLED), finished_at=time.time())
+            .where(Job.batch_id == batch_id, Job.status.in_(JOB_ACTIVE))
+            .values(status=JobStatus.CANCELLED, error=dict(CANCELLED), finished_at=time.time())
         )
     )
 
@@ -171,15 +123,14 @@ def results(*, session: Session, batch_id: str) -> list[tuple[BatchLine, Job | N
 
 
 def open_batches(*, session: Session) -> list[Batch]:
-    return list(session.scalars(select(Batch).where(Batch.status.in_(("in_progress", "cancelling")))))
+    return list(
+        session.scalars(select(Batch).where(Batch.status.in_((BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING))))
+    )
 
 
 def prune(*, session: Session, before: float) -> dict[str, int]:
-    """Retention: finished batches (and their lines) and files older than `before`."""
-    old = select(Batch.id).where(Batch.status.not_in(OPEN), Batch.created_at < before)
+    """Retention: finished batches (and their lines) older than `before`."""
+    old = select(Batch.id).where(Batch.status.not_in(BATCH_OPEN), Batch.created_at < before)
     lines = rowcount(session.execute(delete(BatchLine).where(BatchLine.batch_id.in_(old))))
-    return {
-        "batch_lines": lines,
-        "batches": rowcount(session.execute(delete(Batch).where(Batch.status.not_in(OPEN), Batch.created_at < before))),
-        "files": rowcount(session.execute(delete(File).where(File.created_at < before))),
-    }
+    finished = delete(Batch).where(Batch.status.not_in(BATCH_OPEN), Batch.created_at < before)
+    return {"batch_lines": lines, "batches": rowcount(session.execute(finished))}

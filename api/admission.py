@@ -1,0 +1,172 @@
+"""Admission: the one decision every request goes through (sync and streamed routes, `/v1/jobs`, batch
+lines): answer from the response cache, join an identical job in flight, or make a new job.
+
+request body -> api.prepare (canonical) -> `spec_for` (key, cache policy: a JobSpec) -> `decide` (one
+transaction) -> mlxq.delivery (the task message) -> api.follow (the job's events) -> the dialect's renderer.
+
+Everything that touches SQL or the broker runs in a thread, so the event loop never blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.errors import APIError
+from api.model_info import ModelInfo
+from api.stats import StatsRecorder
+from mlxq.contract import JobKind, Priority
+from mlxq.delivery import BrokerUnavailable, Delivery
+from mlxq.jobspec import CachePolicy, JobSpec
+from mlxq.keys import is_deterministic, request_key
+from mlxq.repos import cache_entries, idempotency_keys, jobs
+from mlxq.settings import Settings
+from mlxq.states import CacheOutcome, JobStatus
+from mlxq.weights import local_fingerprint
+
+
+@dataclass
+class Outcome:
+    """What admission decided for one request."""
+
+    result: dict[str, Any]  # the cached answer; filled in later for a job (api.follow)
+    cache: CacheOutcome
+    key: str
+    job_id: str | None = None  # None: answered from the cache with no job row
+    joined: bool = False  # an identical job (or an earlier submit with the same idempotency key) already existed
+    waiting_for_room: bool = False  # it joined a low-priority job still waiting for room (mlxq.delivery)
+
+    @property
+    def new(self) -> bool:
+        return self.job_id is not None and not self.joined and self.cache != CacheOutcome.HIT
+
+
+class Admission:
+    """Made once per api process (api.services) and injected."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        delivery: Delivery,
+        stats: StatsRecorder,
+        model_info: ModelInfo,
+    ) -> None:
+        self._settings = settings
+        self._sessions = sessions
+        self._delivery = delivery
+        self._stats = stats
+        self._model_info = model_info
+
+    # -- request -> spec -------------------------------------------------------------------
+
+    def namespace(self, owner: str | None) -> str:
+        """The response-cache namespace of `owner`: its own, unless MLXQ_CACHE_SCOPE=global."""
+        return owner if owner and self._settings.cache_scope == "key" else ""
+
+    async def weights(self) -> str:
+        """The served weights' fingerprint: as a live worker publishes it, else of the model directory here."""
+        published = (await self._model_info.get() or {}).get("fingerprint")
+        return published or local_fingerprint(self._settings.model) or f"unknown:{self._settings.model}"
+
+    async def spec_for(
+        self,
+        kind: JobKind,
+        canonical: dict[str, Any],
+        *,
+        owner: str | None,
+        policy: CachePolicy = CachePolicy(),
+        priority: Priority = "interactive",
+        stream: bool = False,
+    ) -> JobSpec:
+        """The job spec of one canonical request as `owner` (the API key's id; None with keys off). Callers
+        that differ (a submitted job, a batch line) `dataclasses.replace` the fields that say how."""
+        namespace = self.namespace(owner)
+        key = request_key(kind, canonical, weights=await self.weights(), namespace=namespace)
+        cacheable = is_deterministic(canonical) or self._settings.cache_sampled
+        return JobSpec(
+            key=key,
+            kind=kind,
+            canonical=canonical,
+            cache=policy.effective(cacheable),
+            priority=priority,
+            stream=stream,
+            owner=owner,
+            namespace=namespace,
+        )
+
+    def with_idempotency_key(self, spec: JobSpec, key: str | None) -> JobSpec:
+        """A submitted job's spec: kept as a row even when cached, retried safely under `key` (one API key's
+        retries never find another key's jobs)."""
+        if key and spec.owner:
+            key = f"{spec.owner}:{key}"
+        return dataclasses.replace(spec, keep_row=True, idempotency_key=key or None)
+
+    # -- the decision ----------------------------------------------------------------------
+
+    def decide(self, session: Session, spec: JobSpec) -> Outcome:
+        """Inside the caller's transaction: the cached answer, an identical job in flight, or a new job.
+        Raises IntegrityError when an identical job was created at the same moment (the caller retries)."""
+        missed = CacheOutcome.MISS if spec.cache.lookup else CacheOutcome.BYPASS
+        if spec.idempotency_key and (
+            known := idempotency_keys.job_for_idempotency_key(session=session, key=spec.idempotency_key)
+        ):
+            hit = known.status == JobStatus.SUCCEEDED
+            return Outcome(known.result or {}, CacheOutcome.HIT if hit else missed, spec.key, known.id, joined=True)
+        outcome = self._decide(session, spec, missed)
+        if spec.idempotency_key and outcome.job_id:
+            idempotency_keys.remember_idempotency_key(session=session, key=spec.idempotency_key, job_id=outcome.job_id)
+        return outcome
+
+    def _decide(self, session: Session, spec: JobSpec, missed: CacheOutcome) -> Outcome:
+        if spec.cache.lookup and (cached := cache_entries.lookup_result(session=session, key=spec.key)) is not None:
+            if not spec.keep_row:
+                return Outcome(cached, CacheOutcome.HIT, spec.key)
+            job = jobs.create_job(session=session, spec=spec, sent=False, result=cached)
+            return Outcome(cached, CacheOutcome.HIT, spec.key, job.id)
+        running = jobs.find_inflight(session=session, key=spec.key) if spec.cache.store else None
+        if running is not None:
+            waiting = jobs.join_job(session=session, job_id=running.id, priority=spec.priority)
+            return Outcome({}, missed, spec.key, running.id, joined=True, waiting_for_room=waiting)
+        ceiling = self._settings.max_queue_depth
+        if spec.counted and ceiling and jobs.queue_depth(session=session) >= ceiling:
+            raise APIError(
+                429,
+                f"{ceiling} requests are already waiting; retry shortly.",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            )
+        job = jobs.create_job(session=session, spec=spec, sent=self._delivery.sends_at_once(spec))
+        return Outcome({}, missed, spec.key, job.id)
+
+    def _admit(self, spec: JobSpec) -> Outcome:
+        """One thread hop and one transaction for the whole decision, then the delivery of its job."""
+        for _attempt in range(3):
+            try:
+                with self._sessions.begin() as session:
+                    outcome = self.decide(session, spec)
+            except IntegrityError:  # an identical job (or key) was created at the same moment: join it
+                continue
+            if outcome.job_id is not None and (outcome.new or outcome.waiting_for_room):
+                try:  # after the commit, so the worker always finds the row
+                    self._delivery.admitted(
+                        outcome.job_id, spec, new=outcome.new, waiting_for_room=outcome.waiting_for_room
+                    )
+                except BrokerUnavailable as exc:
+                    raise APIError(503, f"The job queue is unavailable: {exc}", code="broker_unavailable") from exc
+            return outcome
+        raise APIError(503, "Could not enqueue the request; try again.", code="enqueue_conflict")
+
+    async def submit(self, spec: JobSpec) -> Outcome:
+        """Admit one request (module doc) and count its cache outcome."""
+        outcome = await asyncio.to_thread(self._admit, spec)
+        if outcome.cache == CacheOutcome.HIT:
+            self._stats.hit(spec.key)
+        else:
+            self._stats.count("cache_misses" if outcome.cache == CacheOutcome.MISS else "cache_bypass")
+        return outcome

@@ -1,0 +1,104 @@
+"""Answering admitted requests, for every dialect: the one place a route's request forks into the sync
+answer (the client waits for the result) and the stream (SSE, live or replayed from the cache).
+
+A route brings its job specs and two renderers: `render` (results -> its JSON body) and, when streamed,
+`stream` (events -> its SSE events). Then submit, follow, record, leave: the same for every dialect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import ServerSentEvent
+
+from api.admission import Outcome
+from api.metrics import Endpoint
+from api.record import record
+from api.services import Services
+from api.streaming import Renderer, event_source, job_events, tap
+from mlxq.jobspec import JobSpec
+from mlxq.keys import is_deterministic
+from mlxq.states import CacheOutcome
+
+JSONRenderer = Callable[[list[dict[str, Any]]], dict[str, Any]]
+
+
+def cache_headers(outcomes: list[Outcome]) -> dict[str, str]:
+    """`X-Cache` (one outcome, or MIXED), `X-Request-Key` (comma-separated) and `X-Job-Id` for a single job."""
+    kinds = {o.cache for o in outcomes}
+    headers = {
+        "X-Cache": outcomes[0].cache if len(kinds) == 1 else CacheOutcome.MIXED,
+        "X-Request-Key": ",".join(o.key for o in outcomes),
+    }
+    if len(outcomes) == 1 and outcomes[0].job_id:
+        headers["X-Job-Id"] = outcomes[0].job_id
+    return headers
+
+
+async def run(services: Services, spec: JobSpec) -> Outcome:
+    """The synchronous path: admit, and wait for the answer (the outcome's `result`)."""
+    outcome = await services.admission.submit(spec)
+    if outcome.job_id is not None:
+        try:
+            outcome.result = await services.follower.wait(outcome.job_id)
+        finally:
+            services.follower.leave_soon(outcome.job_id, abandon=False)
+    return outcome
+
+
+async def answer(
+    services: Services,
+    specs: list[JobSpec],
+    *,
+    endpoint: Endpoint,
+    render: JSONRenderer,
+    stream: Renderer | None = None,
+) -> Response:
+    """Admit `specs` (one per prompt; a streamed request has one) and answer them, synchronously with
+    `render`, or as the dialect's SSE stream with `stream`."""
+    started = time.perf_counter()
+    if stream is not None:
+        (spec,) = specs
+        return await _stream(services, spec, endpoint=endpoint, render=stream, started=started)
+    outcomes = await asyncio.gather(*(run(services, spec) for spec in specs))
+    for spec, outcome in zip(specs, outcomes, strict=True):
+        record(services, endpoint=endpoint, spec=spec, outcome=outcome, started=started, stream=False)
+    return JSONResponse(render([o.result for o in outcomes]), headers=cache_headers(list(outcomes)))
+
+
+async def _stream(
+    services: Services, spec: JobSpec, *, endpoint: Endpoint, render: Renderer, started: float
+) -> Response:
+    outcome = await services.admission.submit(spec)
+    follower = services.follower
+    try:
+        source = tap(await job_events(follower, outcome, replayable=is_deterministic(spec.canonical)), outcome)
+    except BaseException:
+        if outcome.job_id:
+            follower.leave_soon(outcome.job_id, abandon=True)
+        raise
+    sse = render(source)
+    headers = cache_headers([outcome])
+    if outcome.cache == CacheOutcome.HIT:
+        # Every event of a cached answer is known: send the whole stream in one body, no SSE machinery.
+        body = b"".join([item.encode() async for item in sse])
+        record(services, endpoint=endpoint, spec=spec, outcome=outcome, started=started, stream=True)
+        return Response(body, media_type="text/event-stream", headers=headers)
+
+    async def guarded() -> AsyncIterator[ServerSentEvent]:
+        finished = False
+        try:
+            async for item in sse:
+                yield item
+            finished = True
+        finally:
+            record(services, endpoint=endpoint, spec=spec, outcome=outcome, started=started, stream=True)
+            # A client that went away stops the job, unless another client still waits for it.
+            if outcome.job_id:
+                follower.leave_soon(outcome.job_id, abandon=not finished)
+
+    return event_source(guarded(), headers, services.settings.sse_keepalive_s)

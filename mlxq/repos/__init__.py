@@ -1,0 +1,1 @@
+"""Data access, one module per table (keyword-only functions, as FastAPI's template writes them)."""

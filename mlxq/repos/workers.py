@@ -1,0 +1,37 @@
+"""Worker heartbeats: who is alive (by the database's clock), and what each publishes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from mlxq.sql import Worker, db_now
+
+
+def heartbeat(
+    *,
+    session: Session,
+    name: str,
+    model: str,
+    model_loaded: bool,
+    error: str | None,
+    started_at: float,
+    stats: dict[str, Any] | None = None,
+) -> None:
+    worker = session.get(Worker, name)
+    if worker is None:
+        worker = Worker(name=name, started_at=started_at)
+        session.add(worker)
+    worker.model, worker.model_loaded, worker.error, worker.stats = model, model_loaded, error, stats
+    # The database's clock, which live_workers reads too: a worker's and an api's clocks never meet.
+    worker.started_at, worker.last_seen = started_at, db_now()
+
+
+def live_workers(*, session: Session, within_s: float) -> list[Worker]:
+    return list(session.scalars(select(Worker).where(Worker.last_seen >= db_now() - within_s)))
+
+
+def remove_worker(*, session: Session, name: str) -> None:
+    session.execute(delete(Worker).where(Worker.name == name))

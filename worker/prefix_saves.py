@@ -1,0 +1,67 @@
+"""The prefix cache on disk: loaded when the model is, saved when the engine is idle (at most every
+`prefix_cache_save_s`), at shutdown, and after an operator cleared it, so a restarted worker starts warm."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from worker.state import WorkerState
+
+log = logging.getLogger(__name__)
+
+
+class PrefixSaves:
+    def __init__(self, state: WorkerState) -> None:
+        self._state = state
+        self._saved_at = time.monotonic()
+        self._saving = threading.Lock()
+
+    @property
+    def directory(self) -> Path:
+        return self._state.settings.data_dir / "prefix_cache" / self._state.engine.prefix.fingerprint()
+
+    def enable(self) -> None:
+        """Turn the engine's prefix cache on (unless MLXQ_PREFIX_CACHE=false) and load what was saved."""
+        settings, engine = self._state.settings, self._state.engine
+        if not settings.prefix_cache:
+            return
+        from worker.prefix_cache import default_bytes
+
+        max_bytes = settings.prefix_cache_mb << 20 or default_bytes()
+        prefix = engine.enable_prefix_cache(max_entries=settings.prefix_cache_size, max_bytes=max_bytes)
+        loaded = prefix.load(self.directory)
+        log.info(
+            "prefix cache on: %d entries, %d MB; %d entries loaded from disk",
+            settings.prefix_cache_size,
+            max_bytes >> 20,
+            loaded,
+        )
+        self._saved_at = time.monotonic()
+
+    def save(self, *, force: bool = False) -> None:
+        """Persist the prefix cache: when the engine is idle, at most every prefix_cache_save_s, and at shutdown.
+
+        The save runs on the engine thread (the trie is its alone), so it waits for an idle engine rather
+        than stall a running batch.
+        """
+        settings, engine = self._state.settings, self._state.engine
+        prefix = engine.prefix if engine is not None else None
+        if prefix is None or (not force and time.monotonic() - self._saved_at < settings.prefix_cache_save_s):
+            return
+        if not self._saving.acquire(blocking=force):
+            return
+        try:
+            batch = engine.batcher.stats()
+            if not force and (batch["active"] or batch["waiting"]):
+                return
+            disk = (settings.prefix_cache_disk_mb << 20) or prefix.max_bytes
+            written = engine.save_prefix_cache(self.directory, disk)
+            log.info("prefix cache saved: %d entries", written)
+        except Exception:
+            log.exception("could not save the prefix cache")
+        finally:
+            self._saved_at = time.monotonic()
+            self._saving.release()
