@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from api import batches, cache_admin, errors, files, jobs, ops
 from api.dialects.anthropic import routes as anthropic_routes
 from api.dialects.openai import routes as openai_routes
+from api.dialects.responses import routes as responses_routes
 from api.housekeeping import HouseKeeping
 from api.limits import BodyLimit
 from api.services import Services
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         ops.router,
         openai_routes.router,
         anthropic_routes.router,
+        responses_routes.router,
         jobs.router,
         files.router,
         batches.router,

@@ -21,6 +21,8 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from api.batch_lines import Line
+from api.dialects.responses.protocol import ResponsesRequest
+from api.dialects.responses.render import new_response_id, response_object
 from api.errors import openai_error_body
 from api.jobs import render_result
 from api.services import Services
@@ -98,7 +100,7 @@ def advance(services: Services, batch_id: str) -> None:
             session=session, batch_id=batch_id, to=BatchStatus.FINALIZING, frm=(BatchStatus(batch.status),)
         ):
             return
-        output, errors = _compose(services, session, batch_id, final)
+        output, errors = _compose(services, session, batch_id, batch.endpoint, final)
         ids = {}
         for name, composed in (("output_file_id", output), ("error_file_id", errors)):
             if composed:
@@ -127,18 +129,29 @@ def advance_open(services: Services) -> int:
 
 
 def _compose(
-    services: Services, session: Session, batch_id: str, final: BatchStatus
+    services: Services, session: Session, batch_id: str, endpoint: str, final: BatchStatus
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(output lines, error lines), each line of the input once, in order."""
     output: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
     for line, job in batches.results(session=session, batch_id=batch_id):
-        entry = _entry(services, line, job, final)
+        entry = _entry(services, endpoint, line, job, final)
         (output if entry["error"] is None and entry["response"]["status_code"] == 200 else errors).append(entry)
     return output, errors
 
 
-def _entry(services: Services, line: BatchLine, job: Job | None, final: BatchStatus) -> dict[str, Any]:
+def _body(services: Services, endpoint: str, job: Job) -> dict[str, Any] | None:
+    """A line's answer as its endpoint renders it (a Responses line as a `response` object)."""
+    model = services.settings.model_name
+    if endpoint == "/v1/responses":
+        request = ResponsesRequest.model_validate({"model": model})
+        return response_object(
+            job.result or {}, model=model, response_id=new_response_id(), created_at=int(time.time()), request=request
+        )
+    return render_result(services, job.kind, job.result)
+
+
+def _entry(services: Services, endpoint: str, line: BatchLine, job: Job | None, final: BatchStatus) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "id": f"batch_req_{uuid.uuid4().hex}",
         "custom_id": line.custom_id,
@@ -151,7 +164,7 @@ def _entry(services: Services, line: BatchLine, job: Job | None, final: BatchSta
         entry["response"] = {
             "status_code": 200,
             "request_id": job.id,
-            "body": render_result(services, job.kind, job.result),
+            "body": _body(services, endpoint, job),
         }
     elif job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
         error = job.error or {}

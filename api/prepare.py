@@ -14,17 +14,21 @@ from typing import Any
 from pydantic import ValidationError
 
 from api.dialects.openai.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
+from api.dialects.responses.protocol import ResponsesRequest, to_openai
 from api.errors import APIError, invalid_body
 from api.services import Services
 from api.validation import check_generation, check_json_values, prompt_list
 from mlxq.contract import JobKind, Priority
+from mlxq.jobspec import CachePolicy, JobSpec
 from mlxq.keys import canonical_chat, canonical_completion
 from mlxq.settings import Settings
 
-# The endpoints a job or a batch line may name, and what each takes.
+# The endpoints a job or a batch line may name, and what each takes: a Responses body is read as its chat
+# twin (api.dialects.responses.protocol.to_openai), so it is one chat job like the others.
 ENDPOINTS: dict[str, tuple[JobKind, type[GenerationRequest]]] = {
     "/v1/chat/completions": ("chat", ChatCompletionRequest),
     "/v1/completions": ("completion", CompletionRequest),
+    "/v1/responses": ("chat", ChatCompletionRequest),
 }
 
 
@@ -52,10 +56,25 @@ def parse(endpoint: str, raw: Any) -> GenerationRequest:
     """Validate a raw body for `endpoint` as its route would."""
     if endpoint not in ENDPOINTS:
         raise APIError(400, f"Unsupported endpoint {endpoint!r}; use one of {', '.join(ENDPOINTS)}.", param="endpoint")
+    if endpoint == "/v1/responses":
+        raw = _chat_twin(raw)
     try:
         return ENDPOINTS[endpoint][1].model_validate(raw)
     except ValidationError as exc:
         raise invalid_body(exc, raw) from None
+
+
+def _chat_twin(raw: Any) -> dict[str, Any]:
+    """A Responses body (of a job or a batch line: nothing stored to continue) as its chat twin."""
+    try:
+        body = ResponsesRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise invalid_body(exc, raw) from None
+    if body.previous_response_id is not None:
+        raise APIError(
+            400, "previous_response_id is not supported here; send the whole input.", param="previous_response_id"
+        )
+    return to_openai(body)
 
 
 async def prepare(services: Services, body: GenerationRequest) -> Prepared:
@@ -99,6 +118,22 @@ async def prepare(services: Services, body: GenerationRequest) -> Prepared:
     ]
     echo = [p if body.echo and isinstance(p, str) else "" for p in prompts]
     return Prepared("completion", _clamped(canonicals, settings), body.priority, echo, body)
+
+
+async def prepare_specs(
+    services: Services, body: GenerationRequest, *, owner: str | None, cache_control: str | None
+) -> tuple[Prepared, list[JobSpec]]:
+    """What a route runs: the body prepared, and one job spec per prompt, as `owner`, under the client's
+    cache policy (`Cache-Control`, or the body's `cache`)."""
+    prepared = await prepare(services, body)
+    policy = CachePolicy.parse(cache_control, body.cache)
+    specs = [
+        await services.admission.spec_for(
+            prepared.kind, canonical, owner=owner, policy=policy, priority=prepared.priority, stream=bool(body.stream)
+        )
+        for canonical in prepared.canonicals
+    ]
+    return prepared, specs
 
 
 def _clamped(canonicals: list[dict[str, Any]], settings: Settings) -> list[dict[str, Any]]:

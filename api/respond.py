@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi.responses import JSONResponse, Response
@@ -25,6 +25,8 @@ from mlxq.keys import is_deterministic
 from mlxq.states import CacheOutcome
 
 JSONRenderer = Callable[[list[dict[str, Any]]], dict[str, Any]]
+# Told each outcome as soon as it is admitted (before its answer), e.g. to store what names its job.
+OnAdmit = Callable[[Outcome], Awaitable[None]]
 
 
 def cache_headers(outcomes: list[Outcome]) -> dict[str, str]:
@@ -39,9 +41,11 @@ def cache_headers(outcomes: list[Outcome]) -> dict[str, str]:
     return headers
 
 
-async def run(services: Services, spec: JobSpec) -> Outcome:
+async def run(services: Services, spec: JobSpec, on_admit: OnAdmit | None = None) -> Outcome:
     """The synchronous path: admit, and wait for the answer (the outcome's `result`)."""
     outcome = await services.admission.submit(spec)
+    if on_admit is not None:
+        await on_admit(outcome)
     if outcome.job_id is not None:
         try:
             outcome.result = await services.follower.wait(outcome.job_id)
@@ -57,29 +61,32 @@ async def answer(
     endpoint: Endpoint,
     render: JSONRenderer,
     stream: Renderer | None = None,
+    on_admit: OnAdmit | None = None,
 ) -> Response:
     """Admit `specs` (one per prompt; a streamed request has one) and answer them, synchronously with
     `render`, or as the dialect's SSE stream with `stream`."""
     started = time.perf_counter()
     if stream is not None:
         (spec,) = specs
-        return await _stream(services, spec, endpoint=endpoint, render=stream, started=started)
-    outcomes = await asyncio.gather(*(run(services, spec) for spec in specs))
+        return await _stream(services, spec, endpoint=endpoint, render=stream, started=started, on_admit=on_admit)
+    outcomes = await asyncio.gather(*(run(services, spec, on_admit) for spec in specs))
     for spec, outcome in zip(specs, outcomes, strict=True):
         record(services, endpoint=endpoint, spec=spec, outcome=outcome, started=started, stream=False)
     return JSONResponse(render([o.result for o in outcomes]), headers=cache_headers(list(outcomes)))
 
 
 async def _stream(
-    services: Services, spec: JobSpec, *, endpoint: Endpoint, render: Renderer, started: float
+    services: Services, spec: JobSpec, *, endpoint: Endpoint, render: Renderer, started: float, on_admit: OnAdmit | None
 ) -> Response:
     outcome = await services.admission.submit(spec)
     follower = services.follower
     try:
+        if on_admit is not None:
+            await on_admit(outcome)
         source = tap(await job_events(follower, outcome, replayable=is_deterministic(spec.canonical)), outcome)
     except BaseException:
         if outcome.job_id:
-            follower.leave_soon(outcome.job_id, abandon=True)
+            follower.leave_soon(outcome.job_id, abandon=not spec.detached)
         raise
     sse = render(source)
     headers = cache_headers([outcome])
@@ -97,8 +104,8 @@ async def _stream(
             finished = True
         finally:
             record(services, endpoint=endpoint, spec=spec, outcome=outcome, started=started, stream=True)
-            # A client that went away stops the job, unless another client still waits for it.
+            # A client that went away stops the job, unless another client still waits for it (or it is detached).
             if outcome.job_id:
-                follower.leave_soon(outcome.job_id, abandon=not finished)
+                follower.leave_soon(outcome.job_id, abandon=not finished and not spec.detached)
 
     return event_source(guarded(), headers, services.settings.sse_keepalive_s)

@@ -69,6 +69,7 @@ class JobSpec:
     namespace: str = ""  # the response-cache namespace (per key with MLXQ_CACHE_SCOPE=key)
     idempotency_key: str | None = None  # already scoped to the owner
     keep_row: bool = False  # a job row even for a cached answer (a submitted job, a batch line: it is polled)
+    detached: bool = False  # runs to its end even when its streaming client leaves (a background response)
     batch_id: str | None = None
     windowed: bool = False  # sent when there is room among low-priority work (mlxq.delivery), not at once
     counted: bool = True  # counted against MLXQ_MAX_QUEUE_DEPTH (a batch is bounded by its own line limit)

@@ -83,3 +83,76 @@ class Service:
     def restart(self) -> Service:
         self.stop()
         return self.start()
+
+
+# -- Codex, as the tests and scripts/bench_codex.py run it -------------------------------------------
+
+CODEX_VERSION = "0.171.0"
+
+
+def install_codex(cache: Path) -> Path:
+    """Codex CLI from npm into `cache`/codex-<version> (once); its binary."""
+    prefix = cache / f"codex-{CODEX_VERSION}"
+    binary = prefix / "node_modules" / ".bin" / "codex"
+    if not binary.exists():
+        prefix.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["npm", "install", "--prefix", str(prefix), "--no-audit", "--no-fund", f"@openai/codex@{CODEX_VERSION}"],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
+    return binary
+
+
+def codex_home(home: Path, *, base_url: str, model: str, small: bool, shell: bool = False) -> Path:
+    """A CODEX_HOME pointing Codex at mlxq through the README's provider block. `small`: Codex's own settings that
+    shorten its prompt (about 10k tokens by default) to fit a small model's context; `shell`: keep its shell tools
+    (exec_command, write_stdin) among them."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "instructions.md").write_text("You are a helpful assistant. Answer briefly.\n")
+    top = [f'model = "{model}"', 'model_provider = "mlxq"', "check_for_update_on_startup = false"]
+    features = ["plugins = false"]
+    tables: list[str] = []
+    if small:
+        top += [
+            f'model_instructions_file = "{home / "instructions.md"}"',
+            'web_search = "disabled"',
+            "include_permissions_instructions = false",
+            "include_environment_context = false",
+            "include_apps_instructions = false",
+            'model_reasoning_summary = "none"',
+        ]
+        tables = ["[agents]", "enabled = false", "[skills]", "include_instructions = false"]
+        tables += ["[tools.experimental_request_user_input]", "enabled = false"]
+        features += ["goals = false", "view_image = false"]
+        if not shell:
+            features += ["shell_tool = false", "unified_exec = false"]
+    provider = [
+        "[model_providers.mlxq]",
+        'name = "mlxq"',
+        f'base_url = "{base_url}"',
+        'wire_api = "responses"',
+        # mlxq answers a refused request at once; Codex's retries would only repeat it.
+        "request_max_retries = 0",
+        "stream_max_retries = 0",
+    ]
+    lines = [*top, "[analytics]", "enabled = false", *tables, "[features]", *features, *provider]
+    (home / "config.toml").write_text("\n".join(lines) + "\n")
+    return home
+
+
+def run_codex(
+    codex: Path, home: Path, prompt: str, cwd: Path, *, resume: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """`codex exec` (or `codex exec resume --last`: the next turn of the last session) with no terminal."""
+    args = [str(codex), "exec", *(["resume", "--last"] if resume else []), "--skip-git-repo-check", prompt]
+    return subprocess.run(
+        args,
+        env={**os.environ, "CODEX_HOME": str(home)},
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

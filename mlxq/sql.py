@@ -168,6 +168,25 @@ class Batch(Base):
     owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 
 
+class StoredResponse(Base):
+    """A Responses API response kept with `store: true` (or run in the background): what it was asked, the
+    conversation it continues, and the job that answers it (the job row holds the result and the state)."""
+
+    __tablename__ = "responses"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(36), index=True)
+    model: Mapped[str] = mapped_column(String(255))
+    # The request as the client sent it (what the response object echoes), and its own input items.
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    input_items: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    # The items of the responses it continues (previous_response_id), input and output: what a continuation
+    # of this one prepends, with this one's input and output after them.
+    previous_items: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    background: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+
+
 class BatchLine(Base):
     """One input line of a batch: its job (shared by identical lines and cache hits), or why it was refused."""
 

@@ -598,3 +598,14 @@ def test_an_api_error_after_the_start_is_an_error_event():
     sent = run_stream(failing())
     assert [name for name, _ in sent] == ["message_start", "ping", "error"]
     assert sent[-1][1]["error"] == {"type": "timeout_error", "message": "timed out waiting for the worker"}
+
+
+def test_what_anthropic_refuses_is_refused_a_system_turn_and_an_empty_turn():
+    system_turn = anthropic(messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    (error,) = refusal(system_turn)
+    assert error["type"] == "unexpected_role" and error["loc"][:2] == ("messages", 0) and "`system`" in error["msg"]
+    empty = anthropic(messages=[{"role": "user", "content": []}])
+    (error,) = refusal(empty)
+    assert error["type"] == "empty_content" and error["loc"][:3] == ("messages", 0, "user")
+    prefill = anthropic(messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "The"}])
+    assert MessagesRequest.model_validate(prefill).messages[1].role == "assistant"

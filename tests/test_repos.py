@@ -151,6 +151,7 @@ def test_retention_removes_old_finished_jobs_logs_and_events(sessions):
         assert retention.prune_requests(session=s, jobs_before=now, log_before=now, events_before=now) == {
             "jobs": 1,
             "idempotency_keys": 0,
+            "responses": 0,
             "request_log": 1,
             "stream_events": 1,
         }

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from mlxq.contract import CANCELLED
 from mlxq.repos.files import new_id
+from mlxq.repos.pages import newest_first
 from mlxq.sql import Batch, BatchLine, Job, rowcount
 from mlxq.states import BATCH_OPEN, JOB_ACTIVE, BatchStatus, JobStatus
 
@@ -50,14 +51,7 @@ def get_batch(*, session: Session, batch_id: str) -> Batch | None:
 
 
 def list_batches(*, session: Session, owner: str | None, limit: int = 20, after: str | None = None) -> list[Batch]:
-    query = select(Batch).order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit)
-    if owner is not None:
-        query = query.where(Batch.owner == owner)
-    if after is not None and (cursor := session.get(Batch, after)) is not None:
-        query = query.where(
-            (Batch.created_at < cursor.created_at) | ((Batch.created_at == cursor.created_at) & (Batch.id < cursor.id))
-        )
-    return list(session.scalars(query))
+    return list(session.scalars(newest_first(session, Batch, owner=owner, limit=limit, after=after)))
 
 
 def add_lines(*, session: Session, batch_id: str, lines: list[dict[str, Any]]) -> None:

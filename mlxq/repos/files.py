@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 import uuid
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete
 from sqlalchemy.orm import Session, defer
 
+from mlxq.repos.pages import newest_first
 from mlxq.sql import File, rowcount
 from mlxq.states import FilePurpose
 
@@ -37,15 +38,9 @@ def get_file(*, session: Session, file_id: str) -> File | None:
 def list_files(
     *, session: Session, owner: str | None, purpose: str | None = None, limit: int = 100, after: str | None = None
 ) -> list[File]:
-    query = select(File).order_by(File.created_at.desc(), File.id.desc()).limit(limit)
-    if owner is not None:
-        query = query.where(File.owner == owner)
+    query = newest_first(session, File, owner=owner, limit=limit, after=after)
     if purpose is not None:
         query = query.where(File.purpose == purpose)
-    if after is not None and (cursor := session.get(File, after)) is not None:
-        query = query.where(
-            (File.created_at < cursor.created_at) | ((File.created_at == cursor.created_at) & (File.id < cursor.id))
-        )
     return list(session.scalars(query.options(defer(File.content))))
 
 

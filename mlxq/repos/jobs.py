@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from mlxq.contract import CANCELLED, Priority, job_error
 from mlxq.jobspec import JobSpec
+from mlxq.repos.pages import newest_first
 from mlxq.sql import Job, StreamEvent, rowcount
 from mlxq.states import JOB_ACTIVE, JOB_FINAL, JobStatus
 
@@ -88,17 +89,11 @@ def list_jobs(
     batch_id: str | None = None,
 ) -> list[Job]:
     """Newest first; `after` is the last id of the previous page. Only `owner`'s (None: keys are off)."""
-    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
-    if owner is not None:
-        query = query.where(Job.owner == owner)
+    query = newest_first(session, Job, owner=owner, limit=limit, after=after)
     if status is not None:
         query = query.where(Job.status == status)
     if batch_id is not None:
         query = query.where(Job.batch_id == batch_id)
-    if after is not None and (cursor := session.get(Job, after)) is not None:
-        query = query.where(
-            or_(Job.created_at < cursor.created_at, (Job.created_at == cursor.created_at) & (Job.id < cursor.id))
-        )
     return list(session.scalars(query))
 
 

@@ -155,24 +155,41 @@ SystemContent = Annotated[
 # -- messages ----------------------------------------------------------------------------------
 
 
+def _not_empty(content: Any) -> Any:
+    """Anthropic refuses a turn with an empty list of blocks (only a final assistant turn may be empty, as a
+    string: the prefill of the answer)."""
+    if isinstance(content, list) and not content:
+        raise PydanticCustomError(
+            "empty_content", "all messages must have non-empty content except for the optional final assistant message"
+        )
+    return content
+
+
 class UserMessage(AnthropicBaseModel):
     role: Literal["user"]
-    content: UserContent
+    content: Annotated[UserContent, BeforeValidator(_not_empty)]
 
 
 class AssistantMessage(AnthropicBaseModel):
     role: Literal["assistant"]
-    content: AssistantContent
+    content: Annotated[AssistantContent, BeforeValidator(_not_empty)]
 
 
-class SystemMessage(AnthropicBaseModel):
-    """A system turn inside `messages` (the SDK's MessageParam admits one), besides the top-level `system`."""
+def _message_role(message: Any) -> Any:
+    """Anthropic's Messages API has user and assistant turns only: a `system` turn is refused, as Anthropic refuses
+    it, with the field that takes a system prompt named."""
+    role = message.get("role") if isinstance(message, dict) else None
+    if role not in (None, "user", "assistant"):
+        raise PydanticCustomError(
+            "unexpected_role",
+            'Unexpected role "{role}". The Messages API accepts a top-level `system` parameter, not "system" as an '
+            "input message role; messages take the roles user and assistant",
+            {"role": str(role)},
+        )
+    return message
 
-    role: Literal["system"]
-    content: SystemContent
 
-
-Message = Annotated[UserMessage | AssistantMessage | SystemMessage, Field(discriminator="role")]
+Message = Annotated[UserMessage | AssistantMessage, Field(discriminator="role"), BeforeValidator(_message_role)]
 
 
 # -- tools -------------------------------------------------------------------------------------
@@ -350,10 +367,8 @@ def to_openai(body: CountTokensRequest) -> dict[str, Any]:
     for message in body.messages:
         if isinstance(message, UserMessage):
             messages.extend(_user(message.content))
-        elif isinstance(message, AssistantMessage):
-            messages.append(_assistant(message.content))
         else:
-            messages.append({"role": "system", "content": _system(message.content) or ""})
+            messages.append(_assistant(message.content))
     out: dict[str, Any] = {"model": body.model, "messages": messages}
     if body.tools:
         out["tools"] = [

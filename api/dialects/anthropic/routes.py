@@ -12,10 +12,9 @@ from fastapi.responses import Response
 from api.auth import AUTHENTICATED, Owner
 from api.dialects.anthropic.protocol import CountTokensRequest, MessagesRequest, to_openai
 from api.dialects.anthropic.render import MessageStreamWriter, anthropic_stream, error_body, message
-from api.prepare import parse, prepare
+from api.prepare import parse, prepare, prepare_specs
 from api.respond import answer, run
 from api.services import ServicesDep
-from mlxq.jobspec import CachePolicy
 
 router = APIRouter(tags=["anthropic"], dependencies=AUTHENTICATED)
 # Errors on these paths come in Anthropic's shape (api.errors.install).
@@ -26,20 +25,13 @@ ERROR_SHAPES = (("/v1/messages", error_body),)
 async def messages(
     body: MessagesRequest, services: ServicesDep, owner: Owner, cache_control: str | None = Header(None)
 ) -> Response:
-    prepared = await prepare(services, parse("/v1/chat/completions", to_openai(body)))
+    twin = parse("/v1/chat/completions", to_openai(body))
+    _, specs = await prepare_specs(services, twin, owner=owner, cache_control=cache_control)
     model = services.settings.model_name
-    spec = await services.admission.spec_for(
-        "chat",
-        prepared.canonicals[0],
-        owner=owner,
-        policy=CachePolicy.parse(cache_control, body.cache),
-        priority=prepared.priority,
-        stream=bool(body.stream),
-    )
     writer = MessageStreamWriter(model=model)
     return await answer(
         services,
-        [spec],
+        specs,
         endpoint="messages",
         render=lambda results: message(results[0], model=model),
         stream=(lambda source: anthropic_stream(source, writer)) if body.stream else None,

@@ -1,4 +1,4 @@
-"""OpenAI's routes: check and canonicalize (api.prepare), make the job specs, answer (api.respond)."""
+"""OpenAI's routes: check, canonicalize and make the job specs (api.prepare), answer (api.respond)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ from fastapi.responses import Response
 from api.auth import AUTHENTICATED, Owner
 from api.dialects.openai.protocol import ChatCompletionRequest, CompletionRequest
 from api.dialects.openai.render import ChunkWriter, chat_completion, model_list, openai_stream, text_completion
-from api.prepare import prepare
+from api.prepare import prepare_specs
 from api.respond import answer
 from api.services import ServicesDep
-from mlxq.jobspec import CachePolicy
 
 router = APIRouter(dependencies=AUTHENTICATED)
 
@@ -22,20 +21,12 @@ router = APIRouter(dependencies=AUTHENTICATED)
 async def chat_completions(
     body: ChatCompletionRequest, services: ServicesDep, owner: Owner, cache_control: str | None = Header(None)
 ) -> Response:
-    prepared = await prepare(services, body)
+    _, specs = await prepare_specs(services, body, owner=owner, cache_control=cache_control)
     model = services.settings.model_name
-    spec = await services.admission.spec_for(
-        "chat",
-        prepared.canonicals[0],
-        owner=owner,
-        policy=CachePolicy.parse(cache_control, body.cache),
-        priority=prepared.priority,
-        stream=bool(body.stream),
-    )
     writer = ChunkWriter(kind="chat", model=model, stream_options=body.stream_options)
     return await answer(
         services,
-        [spec],
+        specs,
         endpoint="chat",
         render=lambda results: chat_completion(results[0], model=model),
         stream=(lambda source: openai_stream(source, writer)) if body.stream else None,
@@ -46,15 +37,8 @@ async def chat_completions(
 async def completions(
     body: CompletionRequest, services: ServicesDep, owner: Owner, cache_control: str | None = Header(None)
 ) -> Response:
-    prepared = await prepare(services, body)
+    prepared, specs = await prepare_specs(services, body, owner=owner, cache_control=cache_control)
     model, echo = services.settings.model_name, prepared.echo
-    policy = CachePolicy.parse(cache_control, body.cache)
-    specs = [
-        await services.admission.spec_for(
-            "completion", canonical, owner=owner, policy=policy, priority=prepared.priority, stream=bool(body.stream)
-        )
-        for canonical in prepared.canonicals
-    ]
     writer = ChunkWriter(kind="completion", model=model, stream_options=body.stream_options)
     return await answer(
         services,

@@ -1,0 +1,141 @@
+"""The Responses API's routes (`/v1/responses`), as the `openai` SDK's `client.responses` and Codex call them.
+
+A request is continued from its stored predecessor (`previous_response_id`), converted to its chat twin
+(api.dialects.responses.protocol, so both dialects share validation, keys and caches), admitted and answered
+through the one path (api.prepare, api.respond), rendered as a `response` object or its event stream. With
+`store` (OpenAI's default) it is kept (api.dialects.responses.stored); with `background` it is a job: answered
+at once as `queued`, polled, streamed from any event (`starting_after`), cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, Query
+from fastapi.responses import JSONResponse, Response
+
+from api.admission import Outcome
+from api.auth import AUTHENTICATED, Owner
+from api.dialects.responses import stored
+from api.dialects.responses.protocol import ResponsesRequest, to_openai
+from api.dialects.responses.render import ResponseStreamWriter, responses_stream
+from api.dialects.responses.stored import ResponseContext
+from api.errors import APIError
+from api.pages import list_page
+from api.prepare import parse, prepare, prepare_specs
+from api.respond import answer, run
+from api.services import Services, ServicesDep
+from api.streaming import event_source, from_list, replay
+from mlxq.jobspec import CachePolicy
+from mlxq.sql import Job
+from mlxq.states import JOB_FINAL, JobStatus
+
+router = APIRouter(prefix="/v1/responses", tags=["responses"], dependencies=AUTHENTICATED)
+
+
+def _writer(context: ResponseContext, starting_after: int | None = None) -> ResponseStreamWriter:
+    return ResponseStreamWriter(
+        model=context.model,
+        response_id=context.id,
+        created_at=context.created_at,
+        request=context.request,
+        hosted_dropped=context.hosted,
+        starting_after=starting_after,
+    )
+
+
+@router.post("")
+async def create_response(
+    body: ResponsesRequest, services: ServicesDep, owner: Owner, cache_control: str | None = Header(None)
+) -> Response:
+    previous = await stored.previous_items(services, body.previous_response_id, owner)
+    twin = parse("/v1/chat/completions", to_openai(body, previous=previous))
+    _, specs = await prepare_specs(services, twin, owner=owner, cache_control=cache_control)
+    context = ResponseContext(request=body, model=services.settings.model_name, previous=previous)
+    keep, background = body.store is not False or bool(body.background), bool(body.background)
+    # A kept response needs a job row to name even for a cached answer; a background one runs to its end
+    # whoever leaves, and publishes its text for the readers that stream it later.
+    spec = dataclasses.replace(specs[0], keep_row=keep, detached=background, stream=specs[0].stream or background)
+
+    async def keep_it(outcome: Outcome) -> None:
+        if keep and outcome.job_id is not None:
+            await asyncio.to_thread(stored.store, services, context, outcome.job_id, background=background, owner=owner)
+
+    if background and not body.stream:
+        await keep_it(await services.admission.submit(spec))
+        return JSONResponse(context.render({}, status="queued"))
+    writer = _writer(context)
+    return await answer(
+        services,
+        [spec],
+        endpoint="responses",
+        render=lambda results: context.render(results[0]),
+        stream=(lambda source: responses_stream(source, writer)) if body.stream else None,
+        on_admit=keep_it,
+    )
+
+
+@router.post("/input_tokens")
+async def count_input_tokens(body: ResponsesRequest, services: ServicesDep, owner: Owner) -> dict[str, Any]:
+    """The input's tokens through the model's tokenizer and chat template, counted by the worker."""
+    previous = await stored.previous_items(services, body.previous_response_id, owner)
+    twin = parse("/v1/chat/completions", {**to_openai(body, previous=previous), "max_tokens": 1, "temperature": 0})
+    prepared = await prepare(services, twin)
+    spec = await services.admission.spec_for("count", prepared.canonicals[0], owner=owner, policy=CachePolicy())
+    outcome = await run(services, spec)
+    return {"object": "response.input_tokens", "input_tokens": int(outcome.result.get("input_tokens", 0))}
+
+
+def _late_stream(services: Services, context: ResponseContext, job: Job, after: int | None) -> Response:
+    """A stored response's events from the start (those numbered after `after`), live while its job runs."""
+    writer = _writer(context, starting_after=after)
+    source = from_list(replay(job.result or {})) if job.status in JOB_FINAL else services.follower.events(job.id)
+    return event_source(responses_stream(source, writer), {}, services.settings.sse_keepalive_s)
+
+
+@router.get("/{response_id}")
+async def get_response(
+    response_id: str,
+    services: ServicesDep,
+    owner: Owner,
+    stream: bool = False,
+    starting_after: Annotated[int | None, Query(ge=-1)] = None,
+) -> Response:
+    context, job = await stored.load(services, response_id, owner)
+    if stream:
+        if job.status != JobStatus.SUCCEEDED and job.status in JOB_FINAL:
+            raise APIError(400, f"Response '{response_id}' has ended without an answer to stream.", param="stream")
+        return _late_stream(services, context, job, starting_after)
+    return JSONResponse(context.render_job(job))
+
+
+@router.delete("/{response_id}")
+async def delete_response(response_id: str, services: ServicesDep, owner: Owner) -> dict[str, Any]:
+    await stored.delete(services, response_id, owner)
+    return {"id": response_id, "object": "response.deleted", "deleted": True}
+
+
+@router.post("/{response_id}/cancel")
+async def cancel_response(response_id: str, services: ServicesDep, owner: Owner) -> dict[str, Any]:
+    return await stored.cancel(services, response_id, owner)
+
+
+@router.get("/{response_id}/input_items")
+async def list_input_items(
+    response_id: str,
+    services: ServicesDep,
+    owner: Owner,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    order: Literal["asc", "desc"] = "desc",
+    after: str | None = None,
+) -> dict[str, Any]:
+    context, _ = await stored.load(services, response_id, owner)
+    items = stored.input_items(context)
+    if order == "desc":
+        items.reverse()
+    if after is not None:
+        ids = [item["id"] for item in items]
+        items = items[ids.index(after) + 1 :] if after in ids else []
+    return list_page(items[: limit + 1], limit)

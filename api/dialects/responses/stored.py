@@ -1,0 +1,179 @@
+"""Stored responses (`store`, the default, and `background`): kept as a row naming the job that answers it,
+read back as a response object rendered from that job, continued with `previous_response_id`, listed by their
+input items, deleted. A stored response is its API key's (another key's is as absent as an unknown one) and
+lives as long as the jobs do (MLXQ_JOB_RETENTION_S).
+
+The job row holds the result and the state, so reading a stored response never changes anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from api.dialects.responses.protocol import ResponsesRequest, hosted_tools
+from api.dialects.responses.render import failed_response, item_id, new_response_id, output_items, response_object
+from api.errors import APIError
+from api.services import Services
+from mlxq.contract import CANCELLED
+from mlxq.repos import jobs, responses
+from mlxq.sql import Job, StoredResponse
+from mlxq.states import JobStatus
+
+# A job's state as the response's status, while it has no result.
+PENDING = {JobStatus.QUEUED: "queued", JobStatus.RUNNING: "in_progress"}
+
+
+@dataclass(frozen=True)
+class ResponseContext:
+    """One response being made: what its renderers need besides the job's events."""
+
+    request: ResponsesRequest
+    model: str
+    id: str = field(default_factory=new_response_id)
+    created_at: float = field(default_factory=lambda: float(int(time.time())))
+    previous: list[dict[str, Any]] = field(default_factory=list)  # the items of the responses it continues
+
+    @property
+    def hosted(self) -> list[str]:
+        return hosted_tools(self.request)
+
+    def render(self, result: dict[str, Any], status: str | None = None) -> dict[str, Any]:
+        return response_object(
+            result,
+            model=self.model,
+            response_id=self.id,
+            created_at=self.created_at,
+            request=self.request,
+            status=status,
+            hosted_dropped=self.hosted,
+        )
+
+    def render_job(self, job: Job) -> dict[str, Any]:
+        """The response as its job stands now."""
+        if job.status in PENDING:
+            return self.render({}, status=PENDING[JobStatus(job.status)])
+        if job.status == JobStatus.SUCCEEDED:
+            return self.render(job.result or {})
+        error = job.error or (dict(CANCELLED) if job.status == JobStatus.CANCELLED else {})
+        return failed_response(
+            error,
+            model=self.model,
+            response_id=self.id,
+            created_at=self.created_at,
+            request=self.request,
+            hosted_dropped=self.hosted,
+        )
+
+
+def _not_found(response_id: str) -> APIError:
+    return APIError(404, f"No response with id '{response_id}' is stored.", code="not_found", param="response_id")
+
+
+def _read(services: Services, response_id: str, owner: str | None) -> tuple[StoredResponse, Job]:
+    with services.sessions() as session:
+        found = responses.get_response(session=session, response_id=response_id)
+    if found is None:
+        raise _not_found(response_id)
+    row, job = found
+    if (owner is not None and row.owner != owner) or job is None:  # another key's, or past retention
+        raise _not_found(response_id)
+    return row, job
+
+
+def context_of(row: StoredResponse) -> ResponseContext:
+    return ResponseContext(
+        request=ResponsesRequest.model_validate(row.request),
+        model=row.model,
+        id=row.id,
+        created_at=row.created_at,
+        previous=list(row.previous_items),
+    )
+
+
+async def load(services: Services, response_id: str, owner: str | None) -> tuple[ResponseContext, Job]:
+    row, job = await asyncio.to_thread(_read, services, response_id, owner)
+    return context_of(row), job
+
+
+def input_items(context: ResponseContext) -> list[dict[str, Any]]:
+    """The response's own input as items with ids (`input_items.list`): a string is one user message, and a
+    message's string content one text part, as OpenAI lists them."""
+    raw = context.request.input
+    items = [{"type": "message", "role": "user", "content": raw}] if isinstance(raw, str) else _dumped(raw or [])
+    out = []
+    for i, item in enumerate(items):
+        item = {**item}
+        if item.get("type", "message") == "message":
+            item["type"] = "message"
+            if isinstance(item.get("content"), str):
+                kind = "output_text" if item.get("role") == "assistant" else "input_text"
+                item["content"] = [{"type": kind, "text": item["content"]}]
+            item.setdefault("status", "completed")
+        item.setdefault("id", item_id(context.id, "in", i))
+        out.append(item)
+    return out
+
+
+def _dumped(items: list[Any]) -> list[dict[str, Any]]:
+    return [item.model_dump(by_alias=True, exclude_none=True) for item in items]
+
+
+async def previous_items(services: Services, response_id: str | None, owner: str | None) -> list[dict[str, Any]]:
+    """What a request continuing `response_id` prepends: that response's own earlier items, its input, its output.
+    Only a completed (or incomplete) response can be continued."""
+    if response_id is None:
+        return []
+    context, job = await load(services, response_id, owner)
+    if job.status != JobStatus.SUCCEEDED:
+        raise APIError(
+            400,
+            f"Response '{response_id}' is {context.render_job(job)['status']}: only a finished response can be "
+            "continued.",
+            param="previous_response_id",
+        )
+    output = output_items(job.result or {}, response_id=context.id, request=context.request)
+    return [*context.previous, *input_items(context), *output]
+
+
+def store(services: Services, context: ResponseContext, job_id: str, *, background: bool, owner: str | None) -> None:
+    """Keep the response (blocking: run it in a thread)."""
+    with services.sessions.begin() as session:
+        responses.store_response(
+            session=session,
+            response_id=context.id,
+            job_id=job_id,
+            model=context.model,
+            request=context.request.model_dump(by_alias=True, exclude_none=True),
+            input_items=input_items(context),
+            previous_items=context.previous,
+            background=background,
+            owner=owner,
+            created_at=context.created_at,
+        )
+
+
+async def delete(services: Services, response_id: str, owner: str | None) -> None:
+    def remove() -> None:
+        _read(services, response_id, owner)
+        with services.sessions.begin() as session:
+            responses.delete_response(session=session, response_id=response_id)
+
+    await asyncio.to_thread(remove)
+
+
+async def cancel(services: Services, response_id: str, owner: str | None) -> dict[str, Any]:
+    """Cancel a background response (the worker stops it within a second); a finished one is unchanged."""
+
+    def stop() -> dict[str, Any]:
+        row, _ = _read(services, response_id, owner)
+        if not row.background:
+            raise APIError(400, "Only a background response can be cancelled.", param="response_id")
+        with services.sessions.begin() as session:
+            jobs.cancel_job(session=session, job_id=row.job_id)
+        row, job = _read(services, response_id, owner)
+        return context_of(row).render_job(job)
+
+    return await asyncio.to_thread(stop)

@@ -1,0 +1,57 @@
+"""Stored responses of the Responses API (keyword-only functions). The job a response names holds its result
+and its state, so a stored response is never a second copy of either."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import delete
+from sqlalchemy.orm import Session
+
+from mlxq.sql import Job, StoredResponse, rowcount
+
+
+def store_response(
+    *,
+    session: Session,
+    response_id: str,
+    job_id: str,
+    model: str,
+    request: dict[str, Any],
+    input_items: list[dict[str, Any]],
+    previous_items: list[dict[str, Any]],
+    background: bool,
+    owner: str | None,
+    created_at: float | None = None,
+) -> StoredResponse:
+    row = StoredResponse(
+        id=response_id,
+        job_id=job_id,
+        model=model,
+        request=request,
+        input_items=input_items,
+        previous_items=previous_items,
+        background=background,
+        created_at=created_at or time.time(),
+        owner=owner,
+    )
+    session.add(row)
+    return row
+
+
+def get_response(*, session: Session, response_id: str) -> tuple[StoredResponse, Job | None] | None:
+    """The stored response and its job (None once retention removed the job)."""
+    row = session.get(StoredResponse, response_id)
+    if row is None:
+        return None
+    return row, session.get(Job, row.job_id)
+
+
+def delete_response(*, session: Session, response_id: str) -> bool:
+    return bool(rowcount(session.execute(delete(StoredResponse).where(StoredResponse.id == response_id))))
+
+
+def prune(*, session: Session, before: float) -> int:
+    """Retention: responses created before `before` (as old as the jobs that answered them)."""
+    return rowcount(session.execute(delete(StoredResponse).where(StoredResponse.created_at < before)))
