@@ -45,7 +45,9 @@ class JobFollower:
                 raise APIError(404, f"No job {job_id}.", code="job_not_found")
             return job.status, job.result, job.error
 
-    async def events(self, job_id: str, *, replayable: bool = True) -> AsyncGenerator[Event, None]:
+    async def events(
+        self, job_id: str, *, replayable: bool = True, timeout: bool = True
+    ) -> AsyncGenerator[Event, None]:
         """A job's events from the stream channel, ending with `done` or `error`.
 
         The job row is re-checked after each quiet second, so a lost event cannot hang a client;
@@ -61,7 +63,8 @@ class JobFollower:
                 await queue.put(event)
 
         pumper = asyncio.get_running_loop().create_task(pump())
-        deadline = time.monotonic() + self._settings.request_timeout_s
+        # Without `timeout` (a reader of a detached job, which runs however long it takes) only keepalives.
+        deadline = time.monotonic() + self._settings.request_timeout_s if timeout else float("inf")
         ended_quietly = False
         relayed = skip = 0  # characters of text relayed; of the restarted job's text still to skip
         try:

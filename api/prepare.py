@@ -17,7 +17,7 @@ from api.dialects.openai.protocol import ChatCompletionRequest, CompletionReques
 from api.dialects.responses.protocol import ResponsesRequest, to_openai
 from api.errors import APIError, invalid_body
 from api.services import Services
-from api.validation import check_generation, check_json_values, prompt_list
+from api.validation import check_generation, check_grammar, check_json_values, prompt_list
 from mlxq.contract import JobKind, Priority
 from mlxq.jobspec import CachePolicy, JobSpec
 from mlxq.keys import canonical_chat, canonical_completion
@@ -99,6 +99,7 @@ async def prepare(services: Services, body: GenerationRequest) -> Prepared:
         canonical = canonical_chat(
             raw, default_temperature=settings.default_temperature, default_max_tokens=settings.default_max_tokens
         )
+        await check_grammar(canonical)
         return Prepared("chat", _clamped([canonical], settings), body.priority, [""], body)
     assert isinstance(body, CompletionRequest)
     if body.suffix:
@@ -116,6 +117,7 @@ async def prepare(services: Services, body: GenerationRequest) -> Prepared:
         canonical_completion(raw, p, default_temperature=settings.default_temperature, default_max_tokens=16)
         for p in prompts
     ]
+    await check_grammar(canonicals[0])  # one response_format for every prompt
     echo = [p if body.echo and isinstance(p, str) else "" for p in prompts]
     return Prepared("completion", _clamped(canonicals, settings), body.priority, echo, body)
 

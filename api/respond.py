@@ -2,7 +2,8 @@
 answer (the client waits for the result) and the stream (SSE, live or replayed from the cache).
 
 A route brings its job specs and two renderers: `render` (results -> its JSON body) and, when streamed,
-`stream` (events -> its SSE events). Then submit, follow, record, leave: the same for every dialect.
+`stream` (events -> its SSE events). Then submit, follow, record (metrics and the request log), leave: the
+same for every dialect.
 """
 
 from __future__ import annotations
@@ -16,12 +17,11 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import ServerSentEvent
 
 from api.admission import Outcome
-from api.metrics import Endpoint
-from api.record import record
+from api.metrics import GENERATED_TOKENS, Endpoint, request_counter
 from api.services import Services
 from api.streaming import Renderer, event_source, job_events, tap
 from mlxq.jobspec import JobSpec
-from mlxq.keys import is_deterministic
+from mlxq.keys import is_deterministic, tool_names
 from mlxq.states import CacheOutcome
 
 JSONRenderer = Callable[[list[dict[str, Any]]], dict[str, Any]]
@@ -46,7 +46,7 @@ async def run(services: Services, spec: JobSpec, on_admit: OnAdmit | None = None
     outcome = await services.admission.submit(spec)
     if on_admit is not None:
         await on_admit(outcome)
-    if outcome.job_id is not None:
+    if outcome.job_id is not None and outcome.cache != CacheOutcome.HIT:
         try:
             outcome.result = await services.follower.wait(outcome.job_id)
         finally:
@@ -83,7 +83,9 @@ async def _stream(
     try:
         if on_admit is not None:
             await on_admit(outcome)
-        source = tap(await job_events(follower, outcome, replayable=is_deterministic(spec.canonical)), outcome)
+        replayable = is_deterministic(spec.canonical)
+        live = await job_events(follower, outcome, replayable=replayable, timeout=not spec.detached)
+        source = tap(live, outcome)
     except BaseException:
         if outcome.job_id:
             follower.leave_soon(outcome.job_id, abandon=not spec.detached)
@@ -109,3 +111,28 @@ async def _stream(
                 follower.leave_soon(outcome.job_id, abandon=not finished and not spec.detached)
 
     return event_source(guarded(), headers, services.settings.sse_keepalive_s)
+
+
+def record(
+    services: Services, *, endpoint: Endpoint, spec: JobSpec, outcome: Outcome, started: float, stream: bool
+) -> None:
+    """What one answered request leaves behind: its latency in /metrics, the shared request and token counters,
+    and a request-log row (what scripts/analyze_traces.py reads). `started`: `time.perf_counter()` on arrival."""
+    elapsed = time.perf_counter() - started
+    services.metrics.observe(endpoint, outcome.cache, elapsed)
+    usage: dict[str, Any] = outcome.result.get("usage") or {}
+    # Shared counters (the database's), so every api process and replica reports the same totals.
+    services.stats.count(request_counter(endpoint, 200, outcome.cache))
+    if outcome.cache != CacheOutcome.HIT and usage.get("completion_tokens"):
+        services.stats.count(GENERATED_TOKENS, by=int(usage["completion_tokens"]))
+    services.stats.log(
+        key=outcome.key,
+        endpoint=endpoint,
+        cache=outcome.cache,
+        stream=stream,
+        prompt_tokens=usage.get("prompt_tokens"),
+        cached_tokens=usage.get("cached_tokens"),
+        completion_tokens=usage.get("completion_tokens"),
+        tools=tool_names(spec.canonical.get("tools")) or None,
+        latency_ms=round(elapsed * 1000, 2),
+    )

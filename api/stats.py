@@ -29,6 +29,9 @@ class StatsRecorder:
         self._counts: Counter[str] = Counter()
         self._log: list[dict] = []
         self._lock = threading.Lock()
+        # Held for a whole flush: a reader's flush (before /health) waits for one in progress to commit, so it
+        # never reads the counters while the periodic flush still holds them.
+        self._flushing = threading.Lock()
         self._task: asyncio.Task | None = None
 
     def hit(self, key: str) -> None:
@@ -46,6 +49,10 @@ class StatsRecorder:
             self._log.append({"at": time.time(), **row})
 
     def flush(self) -> None:
+        with self._flushing:
+            self._flush()
+
+    def _flush(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, Counter()
             counts, self._counts = self._counts, Counter()

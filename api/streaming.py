@@ -16,6 +16,7 @@ from api.follow import JobFollower
 from mlxq import events
 from mlxq.contract import job_error
 from mlxq.events import Event
+from mlxq.states import CacheOutcome
 
 # A streamed request waits this long for its job to start before committing to a 200 SSE response,
 # so that errors known up front (a prompt over the context, no model) still get a proper 4xx.
@@ -59,11 +60,13 @@ def event_source(stream: AsyncIterator[ServerSentEvent], headers: dict[str, str]
     return EventSourceResponse(stream, headers=headers, ping=ping_s, sep="\n")
 
 
-async def job_events(follower: JobFollower, outcome: Outcome, *, replayable: bool) -> AsyncIterator[Event]:
+async def job_events(
+    follower: JobFollower, outcome: Outcome, *, replayable: bool, timeout: bool = True
+) -> AsyncIterator[Event]:
     """The outcome's events: replayed from the cache, or live from its job (errors up front raise)."""
-    if outcome.job_id is None:
+    if outcome.job_id is None or outcome.cache == CacheOutcome.HIT:  # a cached answer (its job row, if any, is done)
         return from_list(replay(outcome.result))
-    live = follower.events(outcome.job_id, replayable=replayable)
+    live = follower.events(outcome.job_id, replayable=replayable, timeout=timeout)
     prelude: list[Event] = []
     deadline = time.monotonic() + FIRST_EVENT_WAIT_S
     while True:

@@ -2,19 +2,22 @@
 
 Everything here runs before a job is created: a refused request never reaches the queue. The
 request models say what a valid value looks like; these checks say what this server cannot honour
-(response_format, logit_bias, best_of, audio), what the settings bound (messages, tools, stop
+(logit_bias, best_of, audio), what the grammar engine cannot compile (a schema feature it lacks), what the settings bound (messages, tools, stop
 strings, prompts), what depends on several fields at once (tool_choice against tools) and what
 depends on the model the workers serve (top_k and token ids against the vocabulary).
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from typing import Any
 
 from api.dialects.openai.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from api.errors import APIError
 from api.json_values import json_value_problem
 from api.model_info import ModelInfo
+from mlxq.grammar import Constraint, constraint_for, problem
 from mlxq.settings import Settings
 
 
@@ -55,12 +58,6 @@ def _check_chat(body: ChatCompletionRequest, settings: Settings) -> None:
             )
     elif choice == "required" and not tools:
         raise APIError(400, "tool_choice 'required' needs tools.", param="tool_choice")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise APIError(
-            400,
-            f"response_format `{body.response_format.type}` is not supported yet; only `text` is.",
-            param="response_format",
-        )
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true.", param="top_logprobs")
     if body.audio is not None or (body.modalities and "audio" in body.modalities):
@@ -68,6 +65,38 @@ def _check_chat(body: ChatCompletionRequest, settings: Settings) -> None:
             400,
             "This model is text-only: audio output is not supported.",
             param="audio" if body.audio is not None else "modalities",
+        )
+
+
+# A grammar that takes longer than this to check is refused as too complex (llguidance's own limits bound the
+# work too; this bounds the wait).
+GRAMMAR_CHECK_S = 5.0
+
+
+@functools.lru_cache(maxsize=256)
+def _grammar_problem(constraint: Constraint) -> str | None:
+    return problem(constraint)  # by the constraint's grammar: a batch's one schema is checked once
+
+
+async def check_grammar(canonical: dict[str, Any]) -> None:
+    """Refuse an answer constraint (a JSON schema, a forced tool's parameters) the engine cannot compile, naming
+    the feature, so the worker never gets a request it would refuse."""
+    try:
+        constraint = constraint_for(canonical)
+    except ValueError as exc:  # llguidance refuses the schema's JSON outright
+        raise APIError(400, f"Invalid JSON schema: {exc}", param="response_format") from None
+    if constraint is None:
+        return
+    try:
+        why = await asyncio.wait_for(asyncio.to_thread(_grammar_problem, constraint), GRAMMAR_CHECK_S)
+    except TimeoutError:
+        why = f"it took longer than {GRAMMAR_CHECK_S:g} s to compile (too complex)"
+    if why:
+        raise APIError(
+            400,
+            f"The {constraint.param} schema cannot be enforced: {why}",
+            param=constraint.param,
+            code="invalid_schema",
         )
 
 

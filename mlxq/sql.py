@@ -183,6 +183,8 @@ class StoredResponse(Base):
     # of this one prepends, with this one's input and output after them.
     previous_items: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     background: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Cancelled by its client (POST .../cancel): its job may still run for others who share it.
+    cancelled_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[float] = mapped_column(Float, index=True)
     owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mlxq.keys import canonical_chat, request_key, tool_names
+from mlxq.states import CacheOutcome
 
 CHARS_PER_TOKEN = 4
 
@@ -27,15 +28,15 @@ def from_request_log(db_url: str) -> dict[str, Any]:
         seen.add(row.key)
         tools.update(row.tools or [])
     outcomes = Counter(row.cache for row in rows)
-    looked_up = outcomes["HIT"] + outcomes["MISS"]
-    prompt = sum(row.prompt_tokens or 0 for row in rows if row.cache != "HIT")
-    saved = sum(row.cached_tokens or 0 for row in rows if row.cache != "HIT")
+    looked_up = outcomes[CacheOutcome.HIT] + outcomes[CacheOutcome.MISS]
+    prompt = sum(row.prompt_tokens or 0 for row in rows if row.cache != CacheOutcome.HIT)
+    saved = sum(row.cached_tokens or 0 for row in rows if row.cache != CacheOutcome.HIT)
     return {
         "source": "request_log",
         "total_requests": len(rows),
         "unique_requests": len(seen),
         "cache_outcomes": dict(outcomes),
-        "hit_rate": round(outcomes["HIT"] / looked_up, 4) if looked_up else 0.0,
+        "hit_rate": round(outcomes[CacheOutcome.HIT] / looked_up, 4) if looked_up else 0.0,
         "potential_hit_rate": round(repeats / len(rows), 4) if rows else 0.0,
         "prefix_tokens_saved": saved,
         "prefix_saved_fraction": round(saved / prompt, 4) if prompt else 0.0,

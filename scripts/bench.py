@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from mlxq.procs import Service, free_port  # noqa: E402
 from mlxq.settings import BUILTIN_MODEL  # noqa: E402
+from mlxq.states import CacheOutcome  # noqa: E402
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS = "redis://127.0.0.1:6379/9"
@@ -58,7 +59,7 @@ async def hit_load(base: str, payload: dict, clients: int, per_client: int) -> d
                 t = time.perf_counter()
                 r = await http.post("/v1/chat/completions", json=payload)
                 lat.append(time.perf_counter() - t)
-                assert r.headers["x-cache"] == "HIT", r.text
+                assert r.headers["x-cache"] == CacheOutcome.HIT, r.text
 
         start = time.perf_counter()
         await asyncio.gather(*(one_client() for _ in range(clients)))
@@ -253,7 +254,7 @@ def run_mode(mode: str, model: Path, engine, tmp: Path) -> dict:
         t = time.perf_counter()
         r = httpx.post(f"{svc.base}/v1/chat/completions", json=payload, timeout=120)
         cold = time.perf_counter() - t
-        assert r.headers["x-cache"] == "MISS" and "Paris" in r.text, r.text
+        assert r.headers["x-cache"] == CacheOutcome.MISS and "Paris" in r.text, r.text
         time.sleep(0.2)
         result: dict = {"cold_ms": ms(cold)}
         result["hit_c1"] = asyncio.run(hit_load(svc.base, payload, 1, 300))

@@ -53,7 +53,7 @@ from bench_concurrency import TOPICS, essay_prompt  # noqa: E402
 
 from mlxq.procs import Service  # noqa: E402
 from mlxq.settings import BUILTIN_MODEL  # noqa: E402
-from mlxq.states import BATCH_FINAL, BatchStatus  # noqa: E402
+from mlxq.states import BATCH_FINAL, BatchStatus, CacheOutcome, JobStatus  # noqa: E402
 
 ENDPOINT = "/v1/chat/completions"
 TARGET_SPEEDUP = 3.0  # batch tokens/s over one-by-one tokens/s, at least
@@ -150,7 +150,7 @@ def one_by_one(client: openai.OpenAI, prompts: list[str], max_tokens: int) -> Ar
         except openai.APIError as exc:
             arm.errors.append(f"{type(exc).__name__}: {exc}")
             continue
-        arm.cache_hits += raw.headers.get("x-cache") == "HIT"
+        arm.cache_hits += raw.headers.get("x-cache") == CacheOutcome.HIT
         tokens = raw.parse().usage.completion_tokens
         arm.tokens.append(tokens)
         arm.finished.append((time.perf_counter() - start, tokens))
@@ -242,7 +242,7 @@ def line_times(db_url: str, batch_id: str, t0: float) -> list[tuple[float, float
         rows = conn.execute(
             text(
                 "SELECT started_at, finished_at, completion_tokens FROM jobs WHERE batch_id = :b "
-                "AND status = 'succeeded' ORDER BY finished_at"
+                f"AND status = '{JobStatus.SUCCEEDED}' ORDER BY finished_at"
             ),
             {"b": batch_id},
         ).all()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import pydantic
 import pytest
 
 from mlxq.procs import Service, codex_home, install_codex, run_codex
@@ -103,6 +104,9 @@ def test_previous_response_id_continues_a_stored_conversation_from_the_prefix_ca
     items = oa.responses.input_items.list(second.id)
     assert [item.type for item in items.data] == ["message"]
     assert items.data[0].content[0].text == "And the capital of Spain?"
+    strictly = pydantic.TypeAdapter(openai.types.responses.ResponseItem)
+    for item in items.data:  # strictly as the SDK types them (the client itself parses leniently)
+        strictly.validate_python(item.model_dump(exclude_unset=True))
     oa.responses.delete(second.id)
     with pytest.raises(openai.NotFoundError):
         oa.responses.retrieve(second.id)
@@ -130,11 +134,19 @@ def test_a_background_response_polled_streamed_late_and_cancelled(svc: Service):
     assert queued.status == "queued" and queued.background
     done = wait_for(oa, queued.id, ("completed", "incomplete"))
     assert done.output_text
-    events = list(oa.responses.retrieve(queued.id, stream=True))
-    late = list(oa.responses.retrieve(queued.id, stream=True, starting_after=2))
-    assert [e.sequence_number for e in events] == list(range(len(events)))
-    assert [e.model_dump() for e in late] == [e.model_dump() for e in events[3:]]
-    assert late[-1].response.output_text == done.output_text
+    # A background stream read live, then again from any event after the job has ended: the same events,
+    # numbered as the live stream numbered them.
+    with oa.responses.create(**ask("Name the capital of Norway."), background=True, stream=True) as live_stream:
+        live = list(live_stream)
+    assert [e.sequence_number for e in live] == list(range(len(live)))
+    assert live[-1].type in ("response.completed", "response.incomplete")
+    resumed_id = live[0].response.id
+    for after in (2, len(live) - 3):
+        late = list(oa.responses.retrieve(resumed_id, stream=True, starting_after=after))
+        assert [e.model_dump() for e in late] == [e.model_dump() for e in live[after + 1 :]]
+    assert late[-1].response.output_text == oa.responses.retrieve(resumed_id).output_text
+    with pytest.raises(openai.BadRequestError):
+        oa.responses.create(**ask("Name the capital of Chile."), background=True, store=False)
 
     long = oa.responses.create(
         **ask("Write a very long story about a lighthouse.", max_output_tokens=400), background=True

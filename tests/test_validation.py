@@ -224,18 +224,30 @@ BAD = [
     ("seed-negative", chat(seed=-1), "seed", "greater than or equal to 0", None),
     ("seed-past-int64", chat(seed=2**63), "seed", "less than or equal to", None),
     (
-        "response-format-json",
-        chat(response_format={"type": "json_object"}),
+        "response-format-schema-feature",
+        chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}}),
         "response_format",
-        "not supported yet",
+        '["not"]',
+        "invalid_schema",
+    ),
+    (
+        "response-format-schema-missing",
+        chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
+        "response_format.json_schema.schema",
+        "Missing",
         None,
     ),
     (
-        "response-format-schema",
-        chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
+        "response-format-bad-pattern",
+        chat(
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "(("}},
+            }
+        ),
         "response_format",
-        "not supported yet",
-        None,
+        "cannot be enforced",
+        "invalid_schema",
     ),
     ("stop-with-number", chat(stop=["END", 5]), "stop.1", "valid string", None),
     ("stop-empty-string", chat(stop=["END", ""]), "stop.1", "at least 1 character", None),

@@ -19,8 +19,10 @@ from mlx_lm.utils import dequantize_model
 
 from mlxq.contract import GenerationResult, JobError, JobKind, Priority, job_error
 from mlxq.events import Event
+from mlxq.grammar import constraint_for
 from mlxq.weights import fingerprint
 from worker.batcher import Batcher
+from worker.constrained import GrammarError, Grammars
 from worker.prefix_cache import PrefixCache, default_bytes
 from worker.sequence import Sampler, Sequence
 from worker.tool_parse import ModelToolFormat, ToolStreamFilter, model_tool_format
@@ -97,6 +99,8 @@ class Engine:
         self._batcher_lock = threading.Lock()
         self._samplers: dict[tuple[float, float, float, int], Sampler] = {}
         self.vocab_size = _vocab_size(model, tokenizer)
+        # mlx-lm's TokenizerWrapper holds the HF fast tokenizer llguidance reads.
+        self.grammars = Grammars(getattr(tokenizer, "_tokenizer", tokenizer), self.vocab_size)
 
     def enable_prefix_cache(self, *, max_entries: int, max_bytes: int) -> PrefixCache:
         self.prefix = PrefixCache(self.model, self.key, max_entries, max_bytes)
@@ -211,15 +215,22 @@ class Engine:
                 param="messages" if kind == "chat" else "prompt",
                 code="context_length_exceeded",
             )
+        processors = make_logits_processors(
+            repetition_penalty=request.get("repetition_penalty"),
+            presence_penalty=request.get("presence_penalty"),
+            frequency_penalty=request.get("frequency_penalty"),
+        )
+        native = kind == "chat" and template_knows_tools(self.chat_template)
+        if (constraint := constraint_for(request, native_tools=native)) is not None:
+            try:  # last, so the mask has the final word over the penalties
+                processors.append(self.grammars.processor(constraint))
+            except GrammarError as exc:
+                raise RequestError(f"The grammar does not compile: {exc}", param=constraint.param) from exc
         seq = Sequence(
             prompt=prompt,
             max_tokens=min(int(request.get("max_tokens") or 16), self.context_length - len(prompt)),
             sampler=self._sampler(request),
-            processors=make_logits_processors(
-                repetition_penalty=request.get("repetition_penalty"),
-                presence_penalty=request.get("presence_penalty"),
-                frequency_penalty=request.get("frequency_penalty"),
-            ),
+            processors=processors,
             stops=list(request.get("stop") or []),
             tool_filter=ToolStreamFilter(tools, self.tool_format),
             detokenizer=self.tokenizer.detokenizer,

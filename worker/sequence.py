@@ -98,7 +98,7 @@ class Sequence:
     def add_token(self, token: int, logprobs: mx.array, finish_reason: str | None) -> bool:
         """Take one generated token; True when the sequence is finished."""
         self.generated.append(token)
-        if finish_reason == "stop":  # an end-of-sequence token: never part of the text
+        if finish_reason == "stop":  # mlx-lm's own reason: an end-of-sequence token, never part of the text
             self.detokenizer.finalize()
         else:
             self.detokenizer.add_token(token)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from mlxq.grammar import forced_prefill, tool_choice_of
+
 FALLBACK_INSTRUCTIONS = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
@@ -33,21 +35,6 @@ def _arguments_obj(arguments: Any) -> Any:
         except ValueError:
             return arguments
     return arguments
-
-
-def _choice(tool_choice: Any, tools: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str | None, str]:
-    """(tools to offer, forced function name, mode: auto|required|none)."""
-    if tool_choice in (None, "auto"):
-        return tools, None, "auto"
-    if tool_choice == "none":
-        return [], None, "none"
-    if tool_choice == "required":
-        return tools, None, "required"
-    if isinstance(tool_choice, dict):
-        name = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
-        chosen = [t for t in tools if (t.get("function") or t).get("name") == name]
-        return chosen, name, "required"
-    return tools, None, "auto"
 
 
 def _text_history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -91,7 +78,7 @@ def prepare_chat(
     request: dict[str, Any], native: bool
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, str, list[dict[str, Any]]]:
     """(messages, tools for the template, text to prefill the answer with, tools to parse for)."""
-    tools, forced, mode = _choice(request.get("tool_choice"), list(request.get("tools") or []))
+    tools, forced, mode = tool_choice_of(request)
     messages = [dict(m) for m in request["messages"]]
     if native:
         messages = _native_history(messages)
@@ -105,10 +92,8 @@ def prepare_chat(
     if tools:
         schemas = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
         messages = _with_system(messages, FALLBACK_INSTRUCTIONS.format(tools=schemas))
-        if forced:
-            prefill = f'<tool_call>\n{{"name": "{forced}", "arguments": '
-        elif mode == "required":
-            prefill = "<tool_call>\n"
+        if mode == "required":  # the rest of the call is decoded under mlxq.grammar's call grammar
+            prefill = forced_prefill(forced)
     return messages, None, prefill, tools
 
 

@@ -24,6 +24,7 @@ def upgrade() -> None:
         sa.Column("input_items", sa.JSON(), nullable=False),
         sa.Column("previous_items", sa.JSON(), nullable=False),
         sa.Column("background", sa.Boolean(), nullable=False),
+        sa.Column("cancelled_at", sa.Float(), nullable=True),
         sa.Column("created_at", sa.Float(), nullable=False),
         sa.Column("owner", sa.String(length=64), nullable=True),
     )

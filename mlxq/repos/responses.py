@@ -9,7 +9,9 @@ from typing import Any
 from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
+from mlxq.repos import jobs
 from mlxq.sql import Job, StoredResponse, rowcount
+from mlxq.states import JOB_ACTIVE
 
 
 def store_response(
@@ -46,6 +48,19 @@ def get_response(*, session: Session, response_id: str) -> tuple[StoredResponse,
     if row is None:
         return None
     return row, session.get(Job, row.job_id)
+
+
+def cancel_response(*, session: Session, response_id: str) -> bool:
+    """The client cancels its background response: it leaves the job (cancelled if nobody else waits for it, as
+    mlxq.repos.jobs.leave_job does for any client that goes away) and the response is cancelled. A response whose
+    job has ended is unchanged; returns whether it was cancelled."""
+    row = session.get(StoredResponse, response_id)
+    job = session.get(Job, row.job_id) if row is not None else None
+    if row is None or job is None or row.cancelled_at is not None or job.status not in JOB_ACTIVE:
+        return False
+    jobs.leave_job(session=session, job_id=job.id, abandon=True)
+    row.cancelled_at = time.time()
+    return True
 
 
 def delete_response(*, session: Session, response_id: str) -> bool:

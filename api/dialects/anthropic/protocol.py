@@ -241,6 +241,23 @@ class ToolChoiceNone(AnthropicBaseModel):
 ToolChoice = Annotated[ToolChoiceAuto | ToolChoiceAny | ToolChoiceTool | ToolChoiceNone, Field(discriminator="type")]
 
 
+# -- structured output -------------------------------------------------------------------------
+
+
+class OutputFormat(AnthropicBaseModel):
+    """A JSON schema the answer must follow (decoded under its grammar, mlxq.grammar)."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, validate_by_name=True, serialize_by_alias=True)
+
+    type: Literal["json_schema"]
+    # `schema` would shadow BaseModel.schema: kept under its wire name by the alias.
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
+class OutputConfig(AnthropicBaseModel):
+    format: OutputFormat | None = None
+
+
 # -- requests ----------------------------------------------------------------------------------
 
 
@@ -273,6 +290,9 @@ class MessagesRequest(CountTokensRequest):
     repetition_penalty: float | None = Field(None, gt=0)
     # LiteLLM-style per-request cache controls: {"no-cache": true, "no-store": true, "ttl": 60}.
     cache: dict[str, Any] | None = None
+    # Structured output as the current SDK sends it (`output_config.format`), and as the older beta did.
+    output_config: OutputConfig | None = None
+    output_format: OutputFormat | None = None
 
 
 # -- conversion --------------------------------------------------------------------------------
@@ -390,4 +410,7 @@ def to_openai(body: CountTokensRequest) -> dict[str, Any]:
                 out[field] = value
         if body.stop_sequences:
             out["stop"] = list(body.stop_sequences)
+        fmt = (body.output_config.format if body.output_config is not None else None) or body.output_format
+        if fmt is not None:
+            out["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt.schema_}}
     return out

@@ -18,9 +18,10 @@ from sse_starlette import ServerSentEvent
 
 from api.streaming import guard
 from mlxq.events import Event
+from mlxq.states import FinishReason
 
 # finish_reason (mlxq.contract) → stop_reason; a stop string that ended the answer is `stop_sequence` instead.
-STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+STOP_REASONS = {FinishReason.STOP: "end_turn", FinishReason.LENGTH: "max_tokens", FinishReason.TOOL_CALLS: "tool_use"}
 # HTTP status → Anthropic's error type (https://docs.claude.com/en/api/errors); any other 4xx is an
 # invalid_request_error, any other 5xx an api_error. mlxq answers 503 when no worker can take the request: the
 # overloaded case, which clients retry.
@@ -75,9 +76,9 @@ def tool_input(arguments: Any) -> dict[str, Any]:
 
 
 def stop_reason(result: dict[str, Any]) -> str:
-    if result.get("finish_reason", "stop") == "stop" and result.get("stop_sequence"):
+    if result.get("finish_reason", FinishReason.STOP) == FinishReason.STOP and result.get("stop_sequence"):
         return "stop_sequence"
-    return STOP_REASONS.get(result.get("finish_reason", "stop"), "end_turn")
+    return STOP_REASONS.get(result.get("finish_reason", FinishReason.STOP), "end_turn")
 
 
 def usage_block(usage: dict[str, int]) -> dict[str, int]:

@@ -172,9 +172,25 @@ ToolChoice = Annotated[
 ]
 
 
+class JSONSchemaFormat(OpenAIBaseModel):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, validate_by_name=True, serialize_by_alias=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    # `schema` would shadow BaseModel.schema: kept under its wire name by the alias.
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(OpenAIBaseModel):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise PydanticCustomError("missing", "Field required: json_schema")
+        return self
 
 
 class StreamOptions(TypedDict, total=False):
@@ -204,6 +220,8 @@ class GenerationRequest(OpenAIBaseModel):
     max_tokens: int | None = Field(None, ge=1)
     n: int | None = Field(None, ge=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
+    # json_object / json_schema: the answer is decoded under the schema's grammar (mlxq.grammar).
+    response_format: ResponseFormat | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     # "flex" (OpenAI's slower, cheaper tier) runs at low priority: after interactive requests.
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
@@ -234,7 +252,6 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     metadata: dict[str, Any] | None = None
     modalities: list[Literal["text", "audio"]] | None = None
-    response_format: ResponseFormat | None = None
     tool_choice: ToolChoice | None = None
     tools: list[ChatCompletionTool] | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)

@@ -13,6 +13,7 @@ from sse_starlette import ServerSentEvent
 from api.errors import openai_error_body
 from api.streaming import guard
 from mlxq.events import Event
+from mlxq.states import FinishReason
 
 DONE = ServerSentEvent(data="[DONE]", sep="\n")
 
@@ -48,7 +49,12 @@ def chat_completion(result: dict[str, Any], *, model: str) -> dict[str, Any]:
         "created": int(time.time()),
         "model": model,
         "choices": [
-            {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": result.get("finish_reason", "stop")}
+            {
+                "index": 0,
+                "message": message,
+                "logprobs": logprobs,
+                "finish_reason": result.get("finish_reason", FinishReason.STOP),
+            }
         ],
         "usage": usage_block(result.get("usage", {})),
     }
@@ -71,7 +77,7 @@ def text_completion(results: list[dict[str, Any]], *, model: str, prefixes: list
                 "index": i,
                 "text": (prefixes[i] if prefixes else "") + r.get("text", ""),
                 "logprobs": None,
-                "finish_reason": r.get("finish_reason", "stop"),
+                "finish_reason": r.get("finish_reason", FinishReason.STOP),
             }
             for i, r in enumerate(results)
         ],
@@ -147,7 +153,7 @@ class ChunkWriter:
         return chunks
 
     def finish(self, result: dict[str, Any]) -> list[dict[str, Any]]:
-        reason = result.get("finish_reason", "stop")
+        reason = result.get("finish_reason", FinishReason.STOP)
         if self.kind == "chat":
             chunks = [self._chunk({"delta": {}, "logprobs": None, "finish_reason": reason})]
         else:

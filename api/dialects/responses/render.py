@@ -36,6 +36,7 @@ from api.dialects.responses.protocol import (
 )
 from api.streaming import guard
 from mlxq.events import Event
+from mlxq.states import FinishReason
 
 # The stream's terminal event for each final status; a cancelled response ends as an incomplete one does (the
 # event union has no `response.cancelled`), its own status saying which.
@@ -79,8 +80,8 @@ def usage_block(usage: Mapping[str, int]) -> dict[str, Any]:
 
 def final_status(result: Mapping[str, Any]) -> str:
     """completed, incomplete (cut by max_output_tokens or the context) or cancelled, by the finish reason."""
-    reason = result.get("finish_reason", "stop")
-    return {"length": "incomplete", "cancelled": "cancelled"}.get(reason, "completed")
+    reason = result.get("finish_reason", FinishReason.STOP)
+    return {FinishReason.LENGTH: "incomplete", FinishReason.CANCELLED: "cancelled"}.get(reason, "completed")
 
 
 def response_error(error: Mapping[str, Any]) -> dict[str, Any]:

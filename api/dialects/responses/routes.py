@@ -10,7 +10,10 @@ at once as `queued`, polled, streamed from any event (`starting_after`), cancell
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import time
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query
@@ -25,14 +28,42 @@ from api.dialects.responses.stored import ResponseContext
 from api.errors import APIError
 from api.pages import list_page
 from api.prepare import parse, prepare, prepare_specs
-from api.respond import answer, run
+from api.respond import answer, record, run
 from api.services import Services, ServicesDep
 from api.streaming import event_source, from_list, replay
 from mlxq.jobspec import CachePolicy
+from mlxq.keys import is_deterministic
 from mlxq.sql import Job
 from mlxq.states import JOB_FINAL, JobStatus
 
 router = APIRouter(prefix="/v1/responses", tags=["responses"], dependencies=AUTHENTICATED)
+
+
+# Fields of the chat twin a 400 may name, and the Responses field the client sent (longest first).
+TWIN_PARAMS = (
+    ("response_format", "text.format"),
+    ("max_tokens", "max_output_tokens"),
+    ("messages", "input"),
+    ("top_logprobs", "top_logprobs"),
+)
+
+
+@contextlib.contextmanager
+def responses_params() -> Iterator[None]:
+    """A 400 found on the chat twin names the Responses field the client sent (`text.format`, not
+    `response_format`); a tool's fields are flat in Responses (`tools.0.name`, not `tools.0.function.name`)."""
+    try:
+        yield
+    except APIError as exc:
+        param = exc.param or ""
+        for twin, own in TWIN_PARAMS:
+            if param == twin or param.startswith(twin + "."):
+                exc.param = own + param[len(twin) :]
+                exc.message = exc.message.replace(f"'{param}'", f"'{exc.param}'")
+                break
+        if exc.param and exc.param.startswith("tools.") and ".function." in exc.param:
+            exc.param = exc.param.replace(".function.", ".", 1)
+        raise
 
 
 def _writer(context: ResponseContext, starting_after: int | None = None) -> ResponseStreamWriter:
@@ -50,11 +81,15 @@ def _writer(context: ResponseContext, starting_after: int | None = None) -> Resp
 async def create_response(
     body: ResponsesRequest, services: ServicesDep, owner: Owner, cache_control: str | None = Header(None)
 ) -> Response:
+    started = time.perf_counter()
+    if body.background and body.store is False:
+        raise APIError(400, "A background response is stored: it cannot have store: false.", param="store")
     previous = await stored.previous_items(services, body.previous_response_id, owner)
-    twin = parse("/v1/chat/completions", to_openai(body, previous=previous))
-    _, specs = await prepare_specs(services, twin, owner=owner, cache_control=cache_control)
+    with responses_params():
+        twin = parse("/v1/chat/completions", to_openai(body, previous=previous))
+        _, specs = await prepare_specs(services, twin, owner=owner, cache_control=cache_control)
     context = ResponseContext(request=body, model=services.settings.model_name, previous=previous)
-    keep, background = body.store is not False or bool(body.background), bool(body.background)
+    keep, background = body.store is not False, bool(body.background)
     # A kept response needs a job row to name even for a cached answer; a background one runs to its end
     # whoever leaves, and publishes its text for the readers that stream it later.
     spec = dataclasses.replace(specs[0], keep_row=keep, detached=background, stream=specs[0].stream or background)
@@ -64,8 +99,10 @@ async def create_response(
             await asyncio.to_thread(stored.store, services, context, outcome.job_id, background=background, owner=owner)
 
     if background and not body.stream:
-        await keep_it(await services.admission.submit(spec))
-        return JSONResponse(context.render({}, status="queued"))
+        outcome = await services.admission.submit(spec)
+        await keep_it(outcome)
+        record(services, endpoint="responses", spec=spec, outcome=outcome, started=started, stream=False)
+        return JSONResponse(context.render(outcome.result, status=None if outcome.result else "queued"))
     writer = _writer(context)
     return await answer(
         services,
@@ -89,9 +126,15 @@ async def count_input_tokens(body: ResponsesRequest, services: ServicesDep, owne
 
 
 def _late_stream(services: Services, context: ResponseContext, job: Job, after: int | None) -> Response:
-    """A stored response's events from the start (those numbered after `after`), live while its job runs."""
+    """A stored response's events from the start (those numbered after `after`): the job's own events, live while
+    it runs and kept after it ends (MLXQ_STREAM_RETENTION_S), so they are numbered as its first stream numbered
+    them; a job that never ran (a cached answer) is replayed from its result, as its first stream was."""
     writer = _writer(context, starting_after=after)
-    source = from_list(replay(job.result or {})) if job.status in JOB_FINAL else services.follower.events(job.id)
+    if job.started_at is None and job.status in JOB_FINAL:
+        source = from_list(replay(job.result or {}))
+    else:
+        # No deadline: a background job runs however long it takes; a restart of a sampled one is not replayable.
+        source = services.follower.events(job.id, replayable=is_deterministic(job.request), timeout=False)
     return event_source(responses_stream(source, writer), {}, services.settings.sse_keepalive_s)
 
 

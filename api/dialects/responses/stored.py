@@ -18,7 +18,7 @@ from api.dialects.responses.render import failed_response, item_id, new_response
 from api.errors import APIError
 from api.services import Services
 from mlxq.contract import CANCELLED
-from mlxq.repos import jobs, responses
+from mlxq.repos import responses
 from mlxq.sql import Job, StoredResponse
 from mlxq.states import JobStatus
 
@@ -35,6 +35,7 @@ class ResponseContext:
     id: str = field(default_factory=new_response_id)
     created_at: float = field(default_factory=lambda: float(int(time.time())))
     previous: list[dict[str, Any]] = field(default_factory=list)  # the items of the responses it continues
+    cancelled: bool = False
 
     @property
     def hosted(self) -> list[str]:
@@ -52,7 +53,16 @@ class ResponseContext:
         )
 
     def render_job(self, job: Job) -> dict[str, Any]:
-        """The response as its job stands now."""
+        """The response as its job stands now (or cancelled by its client, whatever a shared job does next)."""
+        if self.cancelled:
+            return failed_response(
+                dict(CANCELLED),
+                model=self.model,
+                response_id=self.id,
+                created_at=self.created_at,
+                request=self.request,
+                hosted_dropped=self.hosted,
+            )
         if job.status in PENDING:
             return self.render({}, status=PENDING[JobStatus(job.status)])
         if job.status == JobStatus.SUCCEEDED:
@@ -90,6 +100,7 @@ def context_of(row: StoredResponse) -> ResponseContext:
         id=row.id,
         created_at=row.created_at,
         previous=list(row.previous_items),
+        cancelled=row.cancelled_at is not None,
     )
 
 
@@ -98,21 +109,29 @@ async def load(services: Services, response_id: str, owner: str | None) -> tuple
     return context_of(row), job
 
 
+# The id prefix OpenAI gives each kind of item.
+ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "custom_tool_call": "ctc"}
+
+
 def input_items(context: ResponseContext) -> list[dict[str, Any]]:
-    """The response's own input as items with ids (`input_items.list`): a string is one user message, and a
-    message's string content one text part, as OpenAI lists them."""
+    """The response's own input as items with ids and statuses (`input_items.list`, as the SDK's item types
+    require them): a string is one user message, a message's string content one text part, as OpenAI lists them."""
     raw = context.request.input
     items = [{"type": "message", "role": "user", "content": raw}] if isinstance(raw, str) else _dumped(raw or [])
     out = []
     for i, item in enumerate(items):
         item = {**item}
-        if item.get("type", "message") == "message":
-            item["type"] = "message"
+        kind = item.setdefault("type", "message")
+        if kind == "message":
             if isinstance(item.get("content"), str):
-                kind = "output_text" if item.get("role") == "assistant" else "input_text"
-                item["content"] = [{"type": kind, "text": item["content"]}]
-            item.setdefault("status", "completed")
-        item.setdefault("id", item_id(context.id, "in", i))
+                part = "output_text" if item.get("role") == "assistant" else "input_text"
+                item["content"] = [{"type": part, "text": item["content"]}]
+            item["content"] = [
+                {**p, "annotations": p.get("annotations") or []} if p.get("type") == "output_text" else p
+                for p in item["content"]
+            ]
+        item.setdefault("status", "completed")
+        item.setdefault("id", item_id(f"{context.id}/input", ID_PREFIXES.get(kind, "item"), i))
         out.append(item)
     return out
 
@@ -127,7 +146,7 @@ async def previous_items(services: Services, response_id: str | None, owner: str
     if response_id is None:
         return []
     context, job = await load(services, response_id, owner)
-    if job.status != JobStatus.SUCCEEDED:
+    if job.status != JobStatus.SUCCEEDED or context.cancelled:
         raise APIError(
             400,
             f"Response '{response_id}' is {context.render_job(job)['status']}: only a finished response can be "
@@ -172,7 +191,7 @@ async def cancel(services: Services, response_id: str, owner: str | None) -> dic
         if not row.background:
             raise APIError(400, "Only a background response can be cancelled.", param="response_id")
         with services.sessions.begin() as session:
-            jobs.cancel_job(session=session, job_id=row.job_id)
+            responses.cancel_response(session=session, response_id=response_id)
         row, job = _read(services, response_id, owner)
         return context_of(row).render_job(job)
 

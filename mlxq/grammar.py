@@ -1,0 +1,133 @@
+"""What a request's answer must match, as an llguidance grammar: the one decision of when and how an answer is
+constrained, for the api (which refuses a grammar that cannot compile, before anything is enqueued) and the
+worker (which decodes under it, api-independent: llguidance needs no MLX to compile or check a grammar).
+
+- A forced tool call (`tool_choice` "required" or a named function; Anthropic's `any` and `tool` arrive as
+  those) in the fallback call format (worker.tool_prompt): the model's answer, after the prefill the worker
+  writes for it, is `{"name": <one of the tools>, "arguments": <that tool's parameters schema>}` and the closing
+  tag, so it always parses into a valid call.
+- `response_format` `json_object` (any JSON object) or `json_schema` (its schema): the whole answer.
+
+JSON is compact (no free whitespace), so a small model cannot spend its budget on blank lines. With `auto`,
+text stays free and is not constrained (a call a model writes on its own is parsed as before).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from llguidance import LLMatcher, LLParserLimits
+
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
+# The fallback call format (worker.tool_prompt): what the worker writes before a forced call, and what ends it.
+CALL_OPEN = "<tool_call>\n"
+CALL_CLOSE = "\n</tool_call>"
+JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False}
+
+
+def forced_prefill(name: str | None) -> str:
+    """The answer text the worker writes for a forced call: the open tag, and for a named call its name."""
+    return CALL_OPEN + (f'{{"name": "{name}", "arguments": ' if name else "")
+
+
+def tool_choice_of(request: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None, str]:
+    """(tools to offer, forced function name, mode: auto | required | none) of a canonical chat request."""
+    tools, choice = list(request.get("tools") or []), request.get("tool_choice")
+    if choice in (None, "auto"):
+        return tools, None, "auto"
+    if choice == "none":
+        return [], None, "none"
+    if choice == "required":
+        return tools, None, "required"
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") or choice.get("name")
+        return [t for t in tools if (t.get("function") or t).get("name") == name], name, "required"
+    return tools, None, "auto"
+
+
+@dataclass(frozen=True)
+class Constraint:
+    grammar: str  # llguidance's serialized grammar
+    param: str  # the request field it comes from (named by a 400)
+
+    @property
+    def key(self) -> str:
+        """Compiled grammars are cached by this."""
+        return hashlib.sha256(self.grammar.encode()).hexdigest()
+
+
+def _schema(schema: Any) -> dict[str, Any]:
+    """A schema embedded in a Lark grammar, with mlxq's JSON options (its own `x-guidance` wins)."""
+    base: dict[str, Any] = dict(schema) if isinstance(schema, dict) else {"type": "object"}
+    own = base.get("x-guidance")
+    return {**base, "x-guidance": {**JSON_OPTIONS, **(own if isinstance(own, dict) else {})}}
+
+
+def _lark_string(text: str) -> str:
+    return json.dumps(text)  # a JSON string literal is a Lark string literal
+
+
+def _call_grammar(tools: list[dict[str, Any]], forced: str | None) -> str:
+    """The text after `forced_prefill(forced)`: the rest of the call, then the closing tag."""
+    if forced is not None:
+        (tool,) = tools
+        arguments = _schema((tool.get("function") or {}).get("parameters"))
+        lark = f"start: args {_lark_string('}' + CALL_CLOSE)}\nargs: %json {json.dumps(arguments)}\n"
+    else:
+        calls = {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "properties": {
+                        "name": {"const": (t.get("function") or {}).get("name")},
+                        "arguments": _schema((t.get("function") or {}).get("parameters")),
+                    },
+                    "required": ["name", "arguments"],
+                    "additionalProperties": False,
+                }
+                for t in tools
+            ]
+        }
+        lark = f"start: call {_lark_string(CALL_CLOSE)}\ncall: %json {json.dumps(_schema(calls))}\n"
+    return LLMatcher.grammar_from_lark(lark)
+
+
+def constraint_for(request: dict[str, Any], *, native_tools: bool = False) -> Constraint | None:
+    """The constraint on a canonical chat or completion request's answer, if any. `native_tools`: the model's
+    own template takes the tools (its call format is its own, not constrained here)."""
+    tools, forced, mode = tool_choice_of(request)
+    if tools and mode == "required" and not native_tools:
+        return Constraint(_call_grammar(tools, forced), "tool_choice" if forced else "tools")
+    response_format = request.get("response_format") or {}
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return Constraint(
+            LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS), "response_format"
+        )
+    if kind == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        return Constraint(
+            LLMatcher.grammar_from_json_schema(schema if isinstance(schema, dict) else {}, defaults=JSON_OPTIONS),
+            "response_format",
+        )
+    return None
+
+
+def problem(constraint: Constraint) -> str | None:
+    """Why the grammar cannot be compiled (a feature llguidance does not implement, a bad pattern), or None."""
+    is_error, messages = LLMatcher.validate_grammar_with_warnings(constraint.grammar, limits=parser_limits())
+    if is_error:
+        return messages[0] if messages else "the grammar does not compile"
+    unimplemented = [m for m in messages if "Unimplemented" in m or "unsupported" in m.lower()]
+    return unimplemented[0] if unimplemented else None
+
+
+def parser_limits() -> LLParserLimits:
+    """Bounds on compiling one grammar and on each step's work, so a pathological schema is refused rather than
+    compiled (or matched) for minutes."""
+    return LLParserLimits(max_grammar_size=2_000_000, initial_lexer_fuel=2_000_000, step_lexer_fuel=500_000)

@@ -1,0 +1,88 @@
+"""When an answer is constrained and to what (mlxq.grammar), and the worker's per-sequence mask
+(worker.constrained) with SmolLM2's real tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mlxq.grammar import CALL_CLOSE, constraint_for, forced_prefill, problem
+from worker.blas import preload_openblas
+
+preload_openblas()
+import mlx.core as mx  # noqa: E402
+
+from worker.constrained import Grammars  # noqa: E402
+
+PARAMS = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": PARAMS}},
+    {"type": "function", "function": {"name": "noop"}},
+]
+
+
+@pytest.fixture(scope="module")
+def grammars(smollm2: Path) -> Grammars:
+    from transformers import AutoTokenizer
+
+    return Grammars(AutoTokenizer.from_pretrained(str(smollm2)), 49152)
+
+
+def accepts(grammars: Grammars, request: dict, text: str) -> bool:
+    constraint = constraint_for(request)
+    assert constraint is not None
+    matcher = grammars.processor(constraint).matcher
+    tokens = grammars.tokenizer().tokenize_str(text)
+    return matcher.consume_tokens(tokens) and not matcher.is_error() and matcher.is_accepting()
+
+
+def test_what_is_constrained():
+    assert constraint_for({"messages": []}) is None
+    assert constraint_for({"response_format": {"type": "text"}}) is None
+    assert constraint_for({"tools": TOOLS, "tool_choice": "auto"}) is None
+    assert constraint_for({"tools": TOOLS, "tool_choice": "required"}).param == "tools"
+    named = {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+    assert constraint_for(named).param == "tool_choice"
+    assert constraint_for(named, native_tools=True) is None  # the model's own call format is its own
+    assert constraint_for({"response_format": {"type": "json_object"}}).param == "response_format"
+    # A forced call wins over a response format: the answer is the call.
+    assert constraint_for({**named, "response_format": {"type": "json_object"}}).param == "tool_choice"
+
+
+def test_a_feature_the_engine_lacks_is_named():
+    bad = {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}}}
+    assert '["not"]' in (problem(constraint_for(bad)) or "")
+    good = {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": PARAMS}}}
+    assert problem(constraint_for(good)) is None
+
+
+def test_a_forced_call_grammar_takes_the_rest_of_the_call_after_its_prefill(grammars: Grammars):
+    named = {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+    assert forced_prefill("get_weather").endswith('"arguments": ')
+    assert accepts(grammars, named, '{"city":"Paris","unit":"c"}}' + CALL_CLOSE)
+    assert not accepts(grammars, named, '{"city":"Paris","unit":"kelvin"}}' + CALL_CLOSE)
+    required = {"tools": TOOLS, "tool_choice": "required"}
+    assert forced_prefill(None) == "<tool_call>\n"
+    assert accepts(
+        grammars, required, json.dumps({"name": "noop", "arguments": {}}, separators=(",", ":")) + CALL_CLOSE
+    )
+    assert not accepts(grammars, required, '{"name":"launch","arguments":{}}' + CALL_CLOSE)
+
+
+def test_the_mask_leaves_only_what_the_grammar_allows(grammars: Grammars):
+    processor = grammars.processor(constraint_for({"response_format": {"type": "json_object"}}))
+    logits = mx.zeros((1, 49152))
+    masked = processor(mx.array([1, 2, 3]), logits)  # the first call: no answer token yet
+    allowed = [i for i, v in enumerate(masked[0].tolist()) if v != float("-inf")]
+    assert allowed and all(grammars.tokenizer().decode_str([i]).lstrip().startswith("{") for i in allowed)
+    brace = grammars.tokenizer().tokenize_str("{")[0]
+    masked = processor(mx.array([1, 2, 3, brace]), logits)  # the next call consumes the sampled "{"
+    after = [grammars.tokenizer().decode_str([i]) for i, v in enumerate(masked[0].tolist()) if v != float("-inf")]
+    assert after and all(t[0] in '"}' for t in after)  # a key or the end: compact JSON, no whitespace
