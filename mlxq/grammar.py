@@ -7,9 +7,11 @@ worker (which decodes under it, api-independent: llguidance needs no MLX to comp
   writes for it, is `{"name": <one of the tools>, "arguments": <that tool's parameters schema>}` and the closing
   tag, so it always parses into a valid call.
 - `response_format` `json_object` (any JSON object) or `json_schema` (its schema): the whole answer.
+- Tools with `auto` (fallback format): text stays free; once the model writes the call's opening tag, the
+  call is constrained from there (`Constraint.trigger`) to a call of an offered tool, its arguments to that
+  tool's schema, and the closing tag; then text is free again, until the next opening tag.
 
-JSON is compact (no free whitespace), so a small model cannot spend its budget on blank lines. With `auto`,
-text stays free and is not constrained (a call a model writes on its own is parsed as before).
+JSON is compact (no free whitespace), so a small model cannot spend its budget on blank lines.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ def tool_choice_of(request: dict[str, Any]) -> tuple[list[dict[str, Any]], str |
 class Constraint:
     grammar: str  # llguidance's serialized grammar
     param: str  # the request field it comes from (named by a 400)
+    # None: the whole answer; else the grammar holds from each place this text appears in the answer, until
+    # the grammar is complete (a call the model opens on its own).
+    trigger: str | None = None
 
     @property
     def key(self) -> str:
@@ -72,8 +77,9 @@ def _lark_string(text: str) -> str:
     return json.dumps(text)  # a JSON string literal is a Lark string literal
 
 
-def _call_grammar(tools: list[dict[str, Any]], forced: str | None) -> str:
-    """The text after `forced_prefill(forced)`: the rest of the call, then the closing tag."""
+def _call_grammar(tools: list[dict[str, Any]], forced: str | None, *, lead: str = "") -> str:
+    """The text after `forced_prefill(forced)`: the rest of the call, then the closing tag; `lead`, a Lark
+    expression before it (the whitespace a model may write after an opening tag it wrote itself)."""
     if forced is not None:
         (tool,) = tools
         arguments = _schema((tool.get("function") or {}).get("parameters"))
@@ -93,7 +99,7 @@ def _call_grammar(tools: list[dict[str, Any]], forced: str | None) -> str:
                 for t in tools
             ]
         }
-        lark = f"start: call {_lark_string(CALL_CLOSE)}\ncall: %json {json.dumps(_schema(calls))}\n"
+        lark = f"start: {lead} call {_lark_string(CALL_CLOSE)}\ncall: %json {json.dumps(_schema(calls))}\n"
     return LLMatcher.grammar_from_lark(lark)
 
 
@@ -115,6 +121,9 @@ def constraint_for(request: dict[str, Any], *, native_tools: bool = False) -> Co
             LLMatcher.grammar_from_json_schema(schema if isinstance(schema, dict) else {}, defaults=JSON_OPTIONS),
             "response_format",
         )
+    if tools and mode == "auto" and not native_tools:
+        opened = CALL_OPEN.rstrip("\n")
+        return Constraint(_call_grammar(tools, None, lead="/[ \\t\\n]*/"), "tools", trigger=opened)
     return None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import re
 import time
 from pathlib import Path
 
@@ -376,3 +377,22 @@ def test_a_schema_the_engine_cannot_compile_is_a_400_and_nothing_is_enqueued(tin
     error = refused.json()["error"]
     assert error["param"] == "response_format" and '"not"' in error["message"]
     assert sum(tiny.health()["jobs"].values()) == before
+
+
+def test_a_responses_custom_tool_with_a_regex_grammar_is_decoded_under_it(smol: Service):
+    pattern = r"(yes|no)-[0-9]{2}"
+    tool = {
+        "type": "custom",
+        "name": "verdict",
+        "format": {"type": "grammar", "syntax": "regex", "definition": pattern},
+    }
+    response = client(smol).responses.create(
+        model=MODEL_NAME,
+        input="Is the sky blue? Give your verdict with a two-digit confidence.",
+        temperature=0,
+        max_output_tokens=40,
+        tools=[tool],
+        tool_choice={"type": "custom", "name": "verdict"},
+    )
+    (call,) = [item for item in response.output if item.type == "custom_tool_call"]
+    assert call.name == "verdict" and re.fullmatch(pattern, call.input), call.input

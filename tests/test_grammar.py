@@ -46,7 +46,8 @@ def accepts(grammars: Grammars, request: dict, text: str) -> bool:
 def test_what_is_constrained():
     assert constraint_for({"messages": []}) is None
     assert constraint_for({"response_format": {"type": "text"}}) is None
-    assert constraint_for({"tools": TOOLS, "tool_choice": "auto"}) is None
+    assert constraint_for({"tools": TOOLS, "tool_choice": "auto"}).trigger == "<tool_call>"  # armed, not active
+    assert constraint_for({"tools": TOOLS, "tool_choice": "none"}) is None
     assert constraint_for({"tools": TOOLS, "tool_choice": "required"}).param == "tools"
     named = {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
     assert constraint_for(named).param == "tool_choice"
@@ -86,3 +87,25 @@ def test_the_mask_leaves_only_what_the_grammar_allows(grammars: Grammars):
     masked = processor(mx.array([1, 2, 3, brace]), logits)  # the next call consumes the sampled "{"
     after = [grammars.tokenizer().decode_str([i]) for i, v in enumerate(masked[0].tolist()) if v != float("-inf")]
     assert after and all(t[0] in '"}' for t in after)  # a key or the end: compact JSON, no whitespace
+
+
+def test_with_auto_text_is_free_until_the_model_opens_a_call_then_the_call_is_constrained(grammars: Grammars):
+    constraint = constraint_for({"tools": TOOLS, "tool_choice": "auto"})
+    assert constraint is not None and constraint.trigger == "<tool_call>"
+    processor = grammars.processor(constraint)
+    tokenizer = grammars.tokenizer()
+    logits = mx.zeros((1, 49152))
+
+    def allowed_after(text: str) -> list[str]:
+        masked = logits
+        for token in tokenizer.tokenize_str(text):
+            masked = processor(mx.array([1, token]), logits)
+        return [tokenizer.decode_str([i]) for i, v in enumerate(masked[0].tolist()) if v != float("-inf")]
+
+    processor(mx.array([1]), logits)  # the first call: the prompt's last token
+    assert len(allowed_after("Let me check the weather. ")) == 49152  # free text
+    opened = allowed_after("<tool_call>\n")
+    assert opened and all(t.strip() == "" or t.lstrip().startswith("{") for t in opened)
+    named = allowed_after('{"name":"')
+    assert named and all("get_weather".startswith(t) or "noop".startswith(t) for t in named if t)
+    assert len(allowed_after('get_weather","arguments":{"city":"Paris","unit":"c"}}\n</tool_call>')) == 49152

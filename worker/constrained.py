@@ -64,7 +64,9 @@ class Grammars:
                     self._compiled.popitem(last=False)
             else:
                 self._compiled.move_to_end(constraint.key)
-            return GrammarProcessor(matcher.deep_copy(), self.vocab_size)
+            return GrammarProcessor(
+                matcher.deep_copy(), self.vocab_size, tokenizer=self.tokenizer(), trigger=constraint.trigger
+            )
 
 
 class GrammarProcessor:
@@ -73,23 +75,50 @@ class GrammarProcessor:
     The first call comes before any answer token (the last token is the prompt's); every later one first hands
     the matcher the token sampled in the previous step. That holds across a preemption too: a resumed sequence's
     first call sees, as its last token, the one the matcher has not consumed yet.
+
+    With a `trigger` the grammar is armed, not active: the answer's text is watched, and from where the trigger
+    text appears (a call's opening tag) the grammar holds, until it is complete; then the text is free again.
+    What the token that completed the trigger wrote past it is handed to the matcher as text.
     """
 
-    def __init__(self, matcher: LLMatcher, vocab_size: int) -> None:
+    def __init__(
+        self, matcher: LLMatcher, vocab_size: int, *, tokenizer: LLTokenizer | None = None, trigger: str | None = None
+    ) -> None:
         self.matcher = matcher
         self.vocab_size = vocab_size
         self._bitmask = allocate_token_bitmask(1, vocab_size)
         self._started = False
+        self._tokenizer = tokenizer
+        self._trigger = trigger.encode() if trigger else None
+        self._armed = matcher.deep_copy() if trigger else None  # a fresh matcher for each call
+        self._active = trigger is None
+        self._tail = b""  # the answer's last bytes, while armed
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
-        last = cast(int, tokens[-1].item())  # the token sampled in the previous step
-        if self._started and not self.matcher.consume_token(last):
-            log.warning("constrained sequence left its grammar: %s", self.matcher.get_error())
+        if self._started:
+            self._take(cast(int, tokens[-1].item()))  # the token sampled in the previous step
         self._started = True
-        if self.matcher.is_error():
-            return logits  # never a batch of -inf: the answer ends as it ends, and fails to parse if it must
+        if not self._active or self.matcher.is_error():
+            return logits  # free text; and never a batch of -inf: a broken answer ends as it ends
         fill_next_token_bitmask(self.matcher, self._bitmask, 0)
         allowed = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")[: logits.shape[-1]]
         if allowed.shape[0] < logits.shape[-1]:
             allowed = np.pad(allowed, (0, logits.shape[-1] - allowed.shape[0]))
         return mx.where(mx.array(allowed.astype(bool)), logits, -mx.inf)
+
+    def _take(self, token: int) -> None:
+        if self._active:
+            if not self.matcher.consume_token(token):
+                log.warning("constrained sequence left its grammar: %s", self.matcher.get_error())
+            elif self._armed is not None and self.matcher.is_stopped():  # the call is complete: free again
+                self._active, self._tail = False, b""
+            return
+        assert self._tokenizer is not None and self._trigger is not None and self._armed is not None
+        self._tail = (self._tail + self._tokenizer.decode_bytes([token]))[-(len(self._trigger) + 64) :]
+        at = self._tail.find(self._trigger)
+        if at < 0:
+            return
+        rest = self._tail[at + len(self._trigger) :]
+        self.matcher, self._active = self._armed.deep_copy(), True
+        if rest and not self.matcher.consume_tokens(self._tokenizer.tokenize_bytes(rest)):
+            log.warning("a call opened past its grammar: %s", self.matcher.get_error())

@@ -41,6 +41,7 @@ CUSTOM_TOOL_PARAMETERS: dict[str, Any] = {
     "type": "object",
     "properties": {"input": {"type": "string"}},
     "required": ["input"],
+    "additionalProperties": False,
 }
 # `include` entry that asks for the output text's logprobs.
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
@@ -289,8 +290,8 @@ class GrammarInputFormat(ResponsesBaseModel):
 
 
 class CustomTool(ResponsesBaseModel):
-    """A tool that takes free-form text (Codex's `apply_patch`). The grammar, when one is given, is told to the
-    model in the tool's description; it is not enforced while sampling."""
+    """A tool that takes free-form text (Codex's `apply_patch`). A regex grammar is enforced while sampling (the
+    input's pattern); a Lark one is told to the model in the tool's description, not enforced."""
 
     type: Literal["custom"]
     name: str = Field(pattern=TOOL_NAME)
@@ -603,7 +604,12 @@ def _custom_description(tool: CustomTool) -> str:
 
 def _chat_tool(tool: FunctionTool | CustomTool) -> dict[str, Any]:
     if isinstance(tool, CustomTool):
-        function = {"name": tool.name, "description": _custom_description(tool), "parameters": CUSTOM_TOOL_PARAMETERS}
+        parameters = CUSTOM_TOOL_PARAMETERS
+        if isinstance(tool.format, GrammarInputFormat) and tool.format.syntax == "regex":
+            # A regex grammar is the input's pattern, so a call's input is decoded under it (mlxq.grammar).
+            pattern = {"type": "string", "pattern": f"^(?:{tool.format.definition})$"}  # the whole input
+            parameters = {**CUSTOM_TOOL_PARAMETERS, "properties": {"input": pattern}}
+        function = {"name": tool.name, "description": _custom_description(tool), "parameters": parameters}
     else:
         function = {"name": tool.name}
         for field in ("description", "parameters", "strict"):
