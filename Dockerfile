@@ -10,6 +10,7 @@ COPY pyproject.toml README.md alembic.ini ./
 COPY mlxq mlxq
 COPY api api
 COPY worker worker
+COPY cli cli
 COPY migrations migrations
 ARG EXTRAS=""
 RUN pip install --no-cache-dir -e ".${EXTRAS:+[$EXTRAS]}"

@@ -198,3 +198,9 @@ def test_persistence(monkeypatch: pytest.MonkeyPatch):
     assert SERVICES["api"]["volumes"][-1].endswith(":ro")
     used = {v for name in SERVICES for v in mounts(name).values()}
     assert used == set(COMPOSE["volumes"])
+
+
+def test_the_image_copies_every_package_the_project_installs():
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    copied = {line.split()[1] for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("COPY ")}
+    assert {p.rstrip("*") for p in packages} <= copied  # else `mlxq` in the image cannot import its CLI
