@@ -45,6 +45,9 @@ def _check_chat(body: ChatCompletionRequest, settings: Settings) -> None:
     tools = body.tools or []
     _at_most(len(tools), settings.max_tools, "tools", "tools")
     names = [t.function.name for t in tools]
+    if len(set(names)) < len(names):  # a call names its tool: two of one name make it ambiguous
+        twice = next(n for n in names if names.count(n) > 1)
+        raise APIError(400, f"Two tools are named `{twice}`; tool names must be unique.", param="tools")
     choice = body.tool_choice
     if choice is not None and not isinstance(choice, str):
         if not tools:
@@ -85,8 +88,8 @@ async def check_grammar(canonical: dict[str, Any]) -> None:
         constraint = constraint_for(canonical)
     except ValueError as exc:  # llguidance refuses the schema's JSON outright
         raise APIError(400, f"Invalid JSON schema: {exc}", param="response_format") from None
-    if constraint is None:
-        return
+    if constraint is None or not constraint.required:
+        return  # nothing to enforce, or best effort: the worker leaves the answer free if it cannot compile
     try:
         why = await asyncio.wait_for(asyncio.to_thread(_grammar_problem, constraint), GRAMMAR_CHECK_S)
     except TimeoutError:

@@ -9,7 +9,11 @@ worker (which decodes under it, api-independent: llguidance needs no MLX to comp
 - `response_format` `json_object` (any JSON object) or `json_schema` (its schema): the whole answer.
 - Tools with `auto` (fallback format): text stays free; once the model writes the call's opening tag, the
   call is constrained from there (`Constraint.trigger`) to a call of an offered tool, its arguments to that
-  tool's schema, and the closing tag; then text is free again, until the next opening tag.
+  tool's schema, and the closing tag; then text is free again, until the next opening tag. This one is best
+  effort (`Constraint.required` false): agents send whatever schemas their tools have (`propertyNames`,
+  `uniqueItems`, odd `format`s), so keywords llguidance does not implement are ignored, and a grammar that
+  still does not compile leaves the answer free rather than refusing a request the client did not ask to
+  constrain.
 
 JSON is compact (no free whitespace), so a small model cannot spend its budget on blank lines.
 """
@@ -59,6 +63,8 @@ class Constraint:
     # None: the whole answer; else the grammar holds from each place this text appears in the answer, until
     # the grammar is complete (a call the model opens on its own).
     trigger: str | None = None
+    # False for a best-effort constraint: one that does not compile leaves the answer free instead of a 400.
+    required: bool = True
 
     @property
     def key(self) -> str:
@@ -66,18 +72,20 @@ class Constraint:
         return hashlib.sha256(self.grammar.encode()).hexdigest()
 
 
-def _schema(schema: Any) -> dict[str, Any]:
-    """A schema embedded in a Lark grammar, with mlxq's JSON options (its own `x-guidance` wins)."""
+def _schema(schema: Any, *, lenient: bool = False) -> dict[str, Any]:
+    """A schema embedded in a Lark grammar, with mlxq's JSON options (its own `x-guidance` wins); `lenient`
+    ignores the keywords llguidance does not implement."""
     base: dict[str, Any] = dict(schema) if isinstance(schema, dict) else {"type": "object"}
     own = base.get("x-guidance")
-    return {**base, "x-guidance": {**JSON_OPTIONS, **(own if isinstance(own, dict) else {})}}
+    options: dict[str, Any] = {**JSON_OPTIONS, "lenient": True} if lenient else dict(JSON_OPTIONS)
+    return {**base, "x-guidance": {**options, **(own if isinstance(own, dict) else {})}}
 
 
 def _lark_string(text: str) -> str:
     return json.dumps(text)  # a JSON string literal is a Lark string literal
 
 
-def _call_grammar(tools: list[dict[str, Any]], forced: str | None, *, lead: str = "") -> str:
+def _call_grammar(tools: list[dict[str, Any]], forced: str | None, *, lead: str = "", lenient: bool = False) -> str:
     """The text after `forced_prefill(forced)`: the rest of the call, then the closing tag; `lead`, a Lark
     expression before it (the whitespace a model may write after an opening tag it wrote itself)."""
     if forced is not None:
@@ -91,7 +99,7 @@ def _call_grammar(tools: list[dict[str, Any]], forced: str | None, *, lead: str 
                     "type": "object",
                     "properties": {
                         "name": {"const": (t.get("function") or {}).get("name")},
-                        "arguments": _schema((t.get("function") or {}).get("parameters")),
+                        "arguments": _schema((t.get("function") or {}).get("parameters"), lenient=lenient),
                     },
                     "required": ["name", "arguments"],
                     "additionalProperties": False,
@@ -99,7 +107,7 @@ def _call_grammar(tools: list[dict[str, Any]], forced: str | None, *, lead: str 
                 for t in tools
             ]
         }
-        lark = f"start: {lead} call {_lark_string(CALL_CLOSE)}\ncall: %json {json.dumps(_schema(calls))}\n"
+        lark = f"start: {lead} call {_lark_string(CALL_CLOSE)}\ncall: %json {json.dumps(_schema(calls, lenient=lenient))}\n"
     return LLMatcher.grammar_from_lark(lark)
 
 
@@ -123,7 +131,11 @@ def constraint_for(request: dict[str, Any], *, native_tools: bool = False) -> Co
         )
     if tools and mode == "auto" and not native_tools:
         opened = CALL_OPEN.rstrip("\n")
-        return Constraint(_call_grammar(tools, None, lead="/[ \\t\\n]*/"), "tools", trigger=opened)
+        try:
+            grammar = _call_grammar(tools, None, lead="/[ \\t\\n]*/", lenient=True)
+        except ValueError:  # a schema llguidance refuses outright: the answer stays free
+            return None
+        return Constraint(grammar, "tools", trigger=opened, required=False)
     return None
 
 

@@ -11,8 +11,9 @@ import json
 import re
 from typing import Any
 
-# Bump when the canonical form changes: old cache entries then simply stop matching.
-KEY_VERSION = 3
+# Bump when the canonical form changes, or what an answer to the same request is (4: tool calls and JSON decoded
+# under a grammar): old cache entries then simply stop matching.
+KEY_VERSION = 4
 
 # Sampling and shaping fields that change the output (the rest, like stream or user, do not).
 OUTPUT_FIELDS = (

@@ -34,7 +34,7 @@ class Service:
         self.starts = 0
 
     def _spawn(self, *args: str) -> subprocess.Popen:
-        log = open(self.log_dir / f"{args[0]}-{self.starts}.log", "w")
+        log = open(self.log_dir / f"{args[0]}-{self.starts}.log", "a")  # a respawn appends to the same log
         return subprocess.Popen(
             [sys.executable, "-m", "cli", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
         )

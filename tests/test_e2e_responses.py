@@ -114,8 +114,9 @@ def test_previous_response_id_continues_a_stored_conversation_from_the_prefix_ca
     unstored = oa.responses.create(**ask("Name the capital of Greece."), store=False)
     with pytest.raises(openai.NotFoundError):
         oa.responses.retrieve(unstored.id)
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError) as missing:
         oa.responses.create(**ask("And of Egypt?", previous_response_id=unstored.id))
+    assert missing.value.body["param"] == "previous_response_id"
 
 
 def wait_for(oa: openai.OpenAI, response_id: str, statuses: tuple[str, ...], timeout: float = 180):
@@ -206,6 +207,8 @@ def test_the_input_tokens_are_counted_by_the_worker(svc: Service):
     counted = client(svc).responses.input_tokens.count(model=MODEL_NAME, input=QUESTION)
     answer = client(svc).responses.create(**ask())
     assert counted.input_tokens == answer.usage.input_tokens
+    # `model` is optional here (the SDK's own parameters say so): the served model counts.
+    assert client(svc).responses.input_tokens.count(input=QUESTION).input_tokens == counted.input_tokens
 
 
 def test_a_batch_of_responses_lines(svc: Service):

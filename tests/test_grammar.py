@@ -96,16 +96,56 @@ def test_with_auto_text_is_free_until_the_model_opens_a_call_then_the_call_is_co
     tokenizer = grammars.tokenizer()
     logits = mx.zeros((1, 49152))
 
+    context = [1]  # the prompt, then each token sampled
+
     def allowed_after(text: str) -> list[str]:
         masked = logits
         for token in tokenizer.tokenize_str(text):
-            masked = processor(mx.array([1, token]), logits)
+            context.append(token)
+            masked = processor(mx.array(context), logits)
         return [tokenizer.decode_str([i]) for i, v in enumerate(masked[0].tolist()) if v != float("-inf")]
 
-    processor(mx.array([1]), logits)  # the first call: the prompt's last token
+    processor(mx.array(context), logits)  # the first call: the prompt's last token
     assert len(allowed_after("Let me check the weather. ")) == 49152  # free text
     opened = allowed_after("<tool_call>\n")
     assert opened and all(t.strip() == "" or t.lstrip().startswith("{") for t in opened)
     named = allowed_after('{"name":"')
     assert named and all("get_weather".startswith(t) or "noop".startswith(t) for t in named if t)
     assert len(allowed_after('get_weather","arguments":{"city":"Paris","unit":"c"}}\n</tool_call>')) == 49152
+
+
+def test_a_resumed_sequence_does_not_hand_its_grammar_a_token_twice(grammars: Grammars):
+    # mlx-lm runs the processor on a token in the step that returns it; a sequence preempted after that step is
+    # fed the same token again when it resumes, with a context of the same length.
+    processor = grammars.processor(constraint_for({"response_format": {"type": "json_object"}}))
+    tokenizer, logits = grammars.tokenizer(), mx.zeros((1, 49152))
+    context = [1]
+    processor(mx.array(context), logits)
+    for token in tokenizer.tokenize_str('{"a":{"b":1}'):
+        context.append(token)
+        processor(mx.array(context), logits)
+    masked = processor(mx.array(context), logits)  # resumed: the last token again
+    allowed = [tokenizer.decode_str([i]) for i, v in enumerate(masked[0].tolist()) if v != float("-inf")]
+    assert "}" in allowed and not processor.matcher.is_error()  # the outer object is still open
+    context.append(tokenizer.tokenize_str("}")[0])
+    processor(mx.array(context), logits)
+    assert processor.matcher.is_accepting()
+
+
+def test_auto_tools_with_keywords_the_engine_lacks_stay_best_effort(grammars: Grammars):
+    # Agents send their tools' schemas as they are; with tool_choice auto nothing may refuse them.
+    odd = {
+        "type": "object",
+        "properties": {"tags": {"type": "array", "uniqueItems": True}, "x": {"not": {"type": "string"}}},
+        "propertyNames": {"pattern": "^[a-z]+$"},
+    }
+    tools = [{"type": "function", "function": {"name": "tag", "parameters": odd}}]
+    auto = constraint_for({"tools": tools})
+    assert auto is not None and not auto.required
+    assert grammars.processor(auto).matcher is not None  # compiles, the keywords it lacks ignored
+    forced = constraint_for({"tools": tools, "tool_choice": "required"})
+    assert forced is not None and forced.required and problem(forced)  # forced: refused, named
+    broken = [
+        {"type": "function", "function": {"name": "g", "parameters": {"properties": {"p": {"pattern": "(?=a)"}}}}}
+    ]
+    assert not constraint_for({"tools": broken}).required

@@ -220,6 +220,7 @@ BAD = [
         None,
     ),
     ("tool-choice-without-tools", chat(tool_choice="required"), "tool_choice", "needs tools", None),
+    ("tools-one-name-twice", chat(tools=[TOOL, TOOL], tool_choice="required"), "tools", "unique", None),
     ("top-k-negative", chat(top_k=-1), "top_k", "greater than or equal to 0", None),
     ("seed-negative", chat(seed=-1), "seed", "greater than or equal to 0", None),
     ("seed-past-int64", chat(seed=2**63), "seed", "less than or equal to", None),
@@ -459,3 +460,27 @@ def test_top_k_and_token_ids_past_the_vocabulary_are_a_400(with_worker: Api):
     assert ok.choices[0].finish_reason in ("stop", "length")
     ok = api.oa.completions.create(model=MODEL_NAME, prompt=[1, vocab - 1], max_tokens=1, temperature=0)
     assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+def test_tools_on_auto_with_schema_keywords_the_engine_lacks_are_served(with_worker: Api):
+    # Agents send their tools' schemas as they are (MCP servers' included): with tool_choice auto the call grammar
+    # is best effort, so a keyword llguidance lacks, or a pattern it cannot compile, never refuses the request.
+    odd = {
+        "type": "object",
+        "properties": {"tags": {"type": "array", "uniqueItems": True}, "u": {"type": "string", "format": "uri"}},
+        "propertyNames": {"pattern": "^[a-z]+$"},
+    }
+    broken = {"type": "object", "properties": {"p": {"type": "string", "pattern": "(?=look-ahead)"}}}
+    tools = [
+        {"type": "function", "function": {"name": "tag", "parameters": odd}},
+        {"type": "function", "function": {"name": "probe", "parameters": broken}},
+    ]
+    answer = with_worker.oa.chat.completions.create(
+        model=MODEL_NAME, messages=[USER], tools=tools, max_tokens=4, temperature=0
+    )
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    with pytest.raises(openai.BadRequestError) as exc:  # forced, the same schema is refused and named
+        with_worker.oa.chat.completions.create(
+            model=MODEL_NAME, messages=[USER], tools=tools[:1], tool_choice="required", max_tokens=4
+        )
+    assert (exc.value.param, exc.value.code) == ("tools", "invalid_schema")

@@ -2,10 +2,10 @@
 (mlxq.grammar) carries a logits processor that masks, at each step, every token the grammar does not allow.
 
 It is one of mlx-lm's per-sequence logits processors, so a constrained sequence decodes beside unconstrained ones
-in the same forward pass; the others are not touched. Why the mask is computed in the step rather than ahead of
-it: it needs the token sampled in the previous step, which the step's forward pass needs too, so there is no
-earlier moment to compute it; and it is far cheaper than the step (llguidance: ~0.1 ms for SmolLM2's 49k
-vocabulary, against tens of ms for a forward pass; scripts/bench_structured.py measures the whole cost).
+in the same forward pass; the others are not touched. The mask needs the token sampled in the previous step, so
+it is computed in the step: the step's forward pass is started first (it needs no mask, only the sampling after
+it does), and the mask is computed while it runs (llguidance: ~0.1 ms for SmolLM2's 49k vocabulary, against tens
+of ms for a forward pass; scripts/bench_structured.py measures the whole cost).
 
 Compiled grammars are cached by their hash (one schema for every line of a batch compiles once); each sequence
 gets its own copy of the matcher.
@@ -72,9 +72,11 @@ class Grammars:
 class GrammarProcessor:
     """mlx-lm's logits-processor protocol: called once per step with the tokens so far and the step's logits.
 
-    The first call comes before any answer token (the last token is the prompt's); every later one first hands
-    the matcher the token sampled in the previous step. That holds across a preemption too: a resumed sequence's
-    first call sees, as its last token, the one the matcher has not consumed yet.
+    The first call comes before any answer token (the last token is the prompt's); every later one whose context
+    grew first hands the matcher the token sampled in the previous step. mlx-lm runs the processors on a token in
+    the step that returns it, so a sequence preempted after that step has fed the matcher its last token already:
+    resumed, it is fed that token again with a context of the same length, which is skipped (by length, since
+    the token alone cannot tell a repeat from a new one).
 
     With a `trigger` the grammar is armed, not active: the answer's text is watched, and from where the trigger
     text appears (a call's opening tag) the grammar holds, until it is complete; then the text is free again.
@@ -87,7 +89,7 @@ class GrammarProcessor:
         self.matcher = matcher
         self.vocab_size = vocab_size
         self._bitmask = allocate_token_bitmask(1, vocab_size)
-        self._started = False
+        self._seen: int | None = None  # the length of the context the matcher has consumed up to
         self._tokenizer = tokenizer
         self._trigger = trigger.encode() if trigger else None
         self._armed = matcher.deep_copy() if trigger else None  # a fresh matcher for each call
@@ -95,9 +97,12 @@ class GrammarProcessor:
         self._tail = b""  # the answer's last bytes, while armed
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
-        if self._started:
+        if self._seen is not None and tokens.shape[-1] > self._seen:
+            # Start the step's forward pass before waiting on the previous step's token, so the mask is computed
+            # while the model runs rather than after it.
+            mx.async_eval(logits)
             self._take(cast(int, tokens[-1].item()))  # the token sampled in the previous step
-        self._started = True
+        self._seen = tokens.shape[-1]
         if not self._active or self.matcher.is_error():
             return logits  # free text; and never a batch of -inf: a broken answer ends as it ends
         fill_next_token_bitmask(self.matcher, self._bitmask, 0)

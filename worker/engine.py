@@ -225,13 +225,16 @@ class Engine:
             try:  # last, so the mask has the final word over the penalties
                 processors.append(self.grammars.processor(constraint))
             except GrammarError as exc:
-                raise RequestError(f"The grammar does not compile: {exc}", param=constraint.param) from exc
+                if constraint.required:
+                    raise RequestError(f"The grammar does not compile: {exc}", param=constraint.param) from exc
+                log.warning("tool calls left unconstrained: %s", exc)
         seq = Sequence(
             prompt=prompt,
             max_tokens=min(int(request.get("max_tokens") or 16), self.context_length - len(prompt)),
             sampler=self._sampler(request),
             processors=processors,
-            stops=list(request.get("stop") or []),
+            # A client's stop string must not cut an answer that a grammar holds whole (it would not parse).
+            stops=[] if constraint is not None and constraint.trigger is None else list(request.get("stop") or []),
             tool_filter=ToolStreamFilter(tools, self.tool_format),
             detokenizer=self.tokenizer.detokenizer,
             decode=self.tokenizer.decode,

@@ -8,6 +8,7 @@ batcher only moves tokens between mlx-lm's `BatchGenerator` and these objects.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 from collections.abc import Callable
@@ -147,9 +148,11 @@ class Sequence:
             # A 1-D integer array: tolist() gives a list of int (mlx's hint covers every shape and dtype).
             ids = cast("list[int]", mx.argpartition(-logprobs, kth=top - 1)[:top].tolist())
             ids.sort(key=lambda i: -float(logprobs[i]))
+            # A grammar's mask leaves disallowed tokens at -inf, which is not JSON: only finite ones are listed.
             entry["top_logprobs"] = [
-                {"token": (t := self.decode([i])), "logprob": float(logprobs[i]), "bytes": list(t.encode())}
+                {"token": (t := self.decode([i])), "logprob": lp, "bytes": list(t.encode())}
                 for i in ids
+                if math.isfinite(lp := float(logprobs[i]))
             ]
         return entry
 

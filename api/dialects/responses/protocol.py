@@ -45,6 +45,10 @@ CUSTOM_TOOL_PARAMETERS: dict[str, Any] = {
 }
 # `include` entry that asks for the output text's logprobs.
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
+# Without `max_output_tokens` a response may run to the end of the context, as OpenAI's do: Codex never sends it,
+# and the chat default (MLXQ_DEFAULT_MAX_TOKENS) would cut its longer answers and the tool calls in them. The
+# worker clamps this to the room the prompt leaves (and MLXQ_MAX_TOKENS_CEILING still applies).
+UNTIL_CONTEXT_ENDS = 1_000_000
 
 
 class ResponsesBaseModel(BaseModel):
@@ -465,6 +469,12 @@ class ResponsesRequest(ResponsesBaseModel):
         return "low" if self.service_tier == "flex" else "interactive"
 
 
+class InputTokensRequest(ResponsesRequest):
+    """`POST /v1/responses/input_tokens`: the same body, with `model` optional (the served model)."""
+
+    model: str | None = None  # type: ignore[assignment]
+
+
 # -- what the renderer needs from the tools ------------------------------------------------------
 
 
@@ -707,7 +717,8 @@ def to_openai(body: ResponsesRequest, *, previous: list[dict[str, Any]] | None =
       one user message). Items become messages as `_messages` says.
     - tools → functions (`_chat_tools`); tool_choice "auto"/"none"/"required" as they are, a function or custom
       tool → that function, `allowed_tools` → its mode, with only those tools offered.
-    - text.format json_object / json_schema → response_format; max_output_tokens → max_tokens; the output
+    - text.format json_object / json_schema → response_format; max_output_tokens → max_tokens (without it, to
+      the end of the context: `UNTIL_CONTEXT_ENDS`); the output
       text's logprobs (`include`, `top_logprobs`) → logprobs, top_logprobs; sampling, `parallel_tool_calls`,
       `service_tier`, `user` and the extras carried; `model` as given.
 
@@ -734,8 +745,7 @@ def to_openai(body: ResponsesRequest, *, previous: list[dict[str, Any]] | None =
         out["tools"] = tools
     if (response_format := _response_format(body.text)) is not None:
         out["response_format"] = response_format
-    if body.max_output_tokens is not None:
-        out["max_tokens"] = body.max_output_tokens
+    out["max_tokens"] = body.max_output_tokens if body.max_output_tokens is not None else UNTIL_CONTEXT_ENDS
     for field in _SAME_NAME:
         if (value := getattr(body, field)) is not None:
             out[field] = value

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from api.admission import Outcome
 from api.auth import AUTHENTICATED, Owner
 from api.dialects.responses import stored
-from api.dialects.responses.protocol import ResponsesRequest, to_openai
+from api.dialects.responses.protocol import InputTokensRequest, ResponsesRequest, to_openai
 from api.dialects.responses.render import ResponseStreamWriter, responses_stream
 from api.dialects.responses.stored import ResponseContext
 from api.errors import APIError
@@ -115,11 +115,16 @@ async def create_response(
 
 
 @router.post("/input_tokens")
-async def count_input_tokens(body: ResponsesRequest, services: ServicesDep, owner: Owner) -> dict[str, Any]:
+async def count_input_tokens(body: InputTokensRequest, services: ServicesDep, owner: Owner) -> dict[str, Any]:
     """The input's tokens through the model's tokenizer and chat template, counted by the worker."""
     previous = await stored.previous_items(services, body.previous_response_id, owner)
-    twin = parse("/v1/chat/completions", {**to_openai(body, previous=previous), "max_tokens": 1, "temperature": 0})
-    prepared = await prepare(services, twin)
+    raw = body.model_dump(by_alias=True, exclude_none=True)
+    request = ResponsesRequest.model_validate({**raw, "model": body.model or services.settings.model_name})
+    with responses_params():
+        twin = parse(
+            "/v1/chat/completions", {**to_openai(request, previous=previous), "max_tokens": 1, "temperature": 0}
+        )
+        prepared = await prepare(services, twin)
     spec = await services.admission.spec_for("count", prepared.canonicals[0], owner=owner, policy=CachePolicy())
     outcome = await run(services, spec)
     return {"object": "response.input_tokens", "input_tokens": int(outcome.result.get("input_tokens", 0))}

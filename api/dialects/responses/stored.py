@@ -78,18 +78,15 @@ class ResponseContext:
         )
 
 
-def _not_found(response_id: str) -> APIError:
-    return APIError(404, f"No response with id '{response_id}' is stored.", code="not_found", param="response_id")
-
-
-def _read(services: Services, response_id: str, owner: str | None) -> tuple[StoredResponse, Job]:
+def _read(
+    services: Services, response_id: str, owner: str | None, param: str = "response_id"
+) -> tuple[StoredResponse, Job]:
+    """A stored response of `owner`'s, or a 404 naming `param` (the field that named the id)."""
     with services.sessions() as session:
         found = responses.get_response(session=session, response_id=response_id)
-    if found is None:
-        raise _not_found(response_id)
-    row, job = found
-    if (owner is not None and row.owner != owner) or job is None:  # another key's, or past retention
-        raise _not_found(response_id)
+    row, job = found if found is not None else (None, None)
+    if row is None or job is None or (owner is not None and row.owner != owner):  # past retention, another key's
+        raise APIError(404, f"No response with id '{response_id}' is stored.", code="not_found", param=param)
     return row, job
 
 
@@ -104,8 +101,10 @@ def context_of(row: StoredResponse) -> ResponseContext:
     )
 
 
-async def load(services: Services, response_id: str, owner: str | None) -> tuple[ResponseContext, Job]:
-    row, job = await asyncio.to_thread(_read, services, response_id, owner)
+async def load(
+    services: Services, response_id: str, owner: str | None, *, param: str = "response_id"
+) -> tuple[ResponseContext, Job]:
+    row, job = await asyncio.to_thread(_read, services, response_id, owner, param)
     return context_of(row), job
 
 
@@ -145,7 +144,7 @@ async def previous_items(services: Services, response_id: str | None, owner: str
     Only a completed (or incomplete) response can be continued."""
     if response_id is None:
         return []
-    context, job = await load(services, response_id, owner)
+    context, job = await load(services, response_id, owner, param="previous_response_id")
     if job.status != JobStatus.SUCCEEDED or context.cancelled:
         raise APIError(
             400,
