@@ -81,6 +81,42 @@ def _schema(schema: Any, *, lenient: bool = False) -> dict[str, Any]:
     return {**base, "x-guidance": {**options, **(own if isinstance(own, dict) else {})}}
 
 
+# Where a JSON schema holds subschemas: `strict` reaches into each.
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_ONE = ("items", "additionalProperties", "not", "contains")
+
+
+def strict_schema(schema: Any) -> Any:
+    """OpenAI's `strict: true`: every object has exactly its declared properties, all of them present (a field is
+    optional only as a union with null). Applied to what is decoded, so a strict answer never has an undeclared
+    or a missing field, where the schema alone (JSON Schema's defaults) would allow both."""
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: strict_schema(sub) for name, sub in value.items()}
+        elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
+            out[key] = [strict_schema(sub) for sub in value]
+        elif key in _SUBSCHEMA_ONE:
+            out[key] = strict_schema(value)
+        else:
+            out[key] = value
+    if out.get("type") == "object" or "properties" in out:
+        out.setdefault("additionalProperties", False)
+        if isinstance(out.get("properties"), dict):
+            out["required"] = list(out["properties"])
+    return out
+
+
+def _parameters(tool: dict[str, Any]) -> Any:
+    """A tool's arguments schema, strict when the tool says so."""
+    function = tool.get("function") or {}
+    parameters = function.get("parameters")
+    return strict_schema(parameters) if function.get("strict") else parameters
+
+
 def _lark_string(text: str) -> str:
     return json.dumps(text)  # a JSON string literal is a Lark string literal
 
@@ -90,7 +126,7 @@ def _call_grammar(tools: list[dict[str, Any]], forced: str | None, *, lead: str 
     expression before it (the whitespace a model may write after an opening tag it wrote itself)."""
     if forced is not None:
         (tool,) = tools
-        arguments = _schema((tool.get("function") or {}).get("parameters"))
+        arguments = _schema(_parameters(tool))
         lark = f"start: args {_lark_string('}' + CALL_CLOSE)}\nargs: %json {json.dumps(arguments)}\n"
     else:
         calls = {
@@ -99,7 +135,7 @@ def _call_grammar(tools: list[dict[str, Any]], forced: str | None, *, lead: str 
                     "type": "object",
                     "properties": {
                         "name": {"const": (t.get("function") or {}).get("name")},
-                        "arguments": _schema((t.get("function") or {}).get("parameters"), lenient=lenient),
+                        "arguments": _schema(_parameters(t), lenient=lenient),
                     },
                     "required": ["name", "arguments"],
                     "additionalProperties": False,
@@ -124,7 +160,10 @@ def constraint_for(request: dict[str, Any], *, native_tools: bool = False) -> Co
             LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS), "response_format"
         )
     if kind == "json_schema":
-        schema = (response_format.get("json_schema") or {}).get("schema")
+        json_schema = response_format.get("json_schema") or {}
+        schema = json_schema.get("schema")
+        if json_schema.get("strict"):
+            schema = strict_schema(schema)
         return Constraint(
             LLMatcher.grammar_from_json_schema(schema if isinstance(schema, dict) else {}, defaults=JSON_OPTIONS),
             "response_format",

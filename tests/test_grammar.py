@@ -149,3 +149,22 @@ def test_auto_tools_with_keywords_the_engine_lacks_stay_best_effort(grammars: Gr
         {"type": "function", "function": {"name": "g", "parameters": {"properties": {"p": {"pattern": "(?=a)"}}}}}
     ]
     assert not constraint_for({"tools": broken}).required
+
+
+def test_strict_holds_an_answer_to_exactly_its_declared_fields(grammars: Grammars):
+    loose = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}}}
+
+    def schema_request(strict: bool | None) -> dict:
+        return {
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": loose, "strict": strict}}
+        }
+
+    assert accepts(grammars, schema_request(None), '{"a":1,"zzz":2}')  # JSON Schema's defaults allow it
+    assert accepts(grammars, schema_request(None), '{"a":1}')
+    assert not accepts(grammars, schema_request(True), '{"a":1,"zzz":2}')  # no undeclared field
+    assert not accepts(grammars, schema_request(True), '{"a":1}')  # every declared one
+    assert accepts(grammars, schema_request(True), '{"a":1,"b":"x"}')
+    tool = {"type": "function", "function": {"name": "f", "parameters": loose, "strict": True}}
+    named = {"tools": [tool], "tool_choice": {"type": "function", "function": {"name": "f"}}}
+    assert not accepts(grammars, named, '{"a":1}}' + CALL_CLOSE)
+    assert accepts(grammars, named, '{"a":1,"b":"x"}}' + CALL_CLOSE)

@@ -213,6 +213,7 @@ class Tool(AnthropicBaseModel):
     description: str | None = None
     input_schema: dict[str, Any]
     cache_control: dict[str, Any] | None = None
+    strict: bool | None = None  # structured outputs: the call's input follows the schema strictly
 
 
 CustomTool = Annotated[Tool, BeforeValidator(_custom_tool)]
@@ -398,6 +399,7 @@ def to_openai(body: CountTokensRequest) -> dict[str, Any]:
                     "name": t.name,
                     **({"description": t.description} if t.description is not None else {}),
                     "parameters": t.input_schema,
+                    **({"strict": t.strict} if t.strict is not None else {}),
                 },
             }
             for t in body.tools
