@@ -69,10 +69,11 @@ class Admission:
         """The response-cache namespace of `owner`: its own, unless MLXQ_CACHE_SCOPE=global."""
         return owner if owner and self._settings.cache_scope == "key" else ""
 
-    async def weights(self) -> str:
-        """The served weights' fingerprint: as a live worker publishes it, else of the model directory here."""
-        published = (await self._model_info.get() or {}).get("fingerprint")
-        return published or local_fingerprint(self._settings.model) or f"unknown:{self._settings.model}"
+    async def weights(self, model: str) -> str:
+        """`model`'s weights fingerprint: as a live worker publishes it, else of the model directory here."""
+        published = (await self._model_info.get(model) or {}).get("fingerprint")
+        path = self._settings.served_models.get(model, model)
+        return published or local_fingerprint(path) or f"unknown:{path}"
 
     async def spec_for(
         self,
@@ -83,11 +84,12 @@ class Admission:
         policy: CachePolicy = CachePolicy(),
         priority: Priority = "interactive",
         stream: bool = False,
+        session: str | None = None,
     ) -> JobSpec:
         """The job spec of one canonical request as `owner` (the API key's id; None with keys off). Callers
         that differ (a submitted job, a batch line) `dataclasses.replace` the fields that say how."""
         namespace = self.namespace(owner)
-        key = request_key(kind, canonical, weights=await self.weights(), namespace=namespace)
+        key = request_key(kind, canonical, weights=await self.weights(str(canonical["model"])), namespace=namespace)
         cacheable = is_deterministic(canonical) or self._settings.cache_sampled
         return JobSpec(
             key=key,
@@ -98,6 +100,7 @@ class Admission:
             stream=stream,
             owner=owner,
             namespace=namespace,
+            session=session,
         )
 
     def with_idempotency_key(self, spec: JobSpec, key: str | None) -> JobSpec:
@@ -145,7 +148,9 @@ class Admission:
         return Outcome({}, missed, spec.key, job.id)
 
     def _admit(self, spec: JobSpec) -> Outcome:
-        """One thread hop and one transaction for the whole decision, then the delivery of its job."""
+        """One thread hop and one transaction for the whole decision, then the delivery of its job (routed
+        first, so a new job's row names its worker)."""
+        spec = self._delivery.route(spec)
         for _attempt in range(3):
             try:
                 with self._sessions.begin() as session:

@@ -142,13 +142,13 @@ def _compose(
 
 def _body(services: Services, endpoint: str, job: Job) -> dict[str, Any] | None:
     """A line's answer as its endpoint renders it (a Responses line as a `response` object)."""
-    model = services.settings.model_name
+    model = job.model
     if endpoint == "/v1/responses":
         request = ResponsesRequest.model_validate({"model": model})
         return response_object(
             job.result or {}, model=model, response_id=new_response_id(), created_at=int(time.time()), request=request
         )
-    return render_result(services, job.kind, job.result)
+    return render_result(job.model, job.kind, job.result)
 
 
 def _entry(services: Services, endpoint: str, line: BatchLine, job: Job | None, final: BatchStatus) -> dict[str, Any]:

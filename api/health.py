@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.stats import StatsRecorder
 from mlxq.repos import cache_entries, counters, jobs, workers
 from mlxq.settings import Settings
+from mlxq.sql import Worker
 from mlxq.states import JOB_ACTIVE, JOB_FINAL, JobStatus
 
 
@@ -47,8 +48,9 @@ def health_snapshot(
 ) -> dict[str, Any]:
     stats.flush()
     with sessions() as session:
-        live = workers.live_workers(session=session, within_s=max(10.0, 3 * settings.heartbeat_s))
+        live = workers.live_workers(session=session, within_s=settings.worker_lost_after_s)
         by_status = jobs.job_counts(session=session)
+        routed = jobs.route_counts(session=session)
         depth = by_status.get(JobStatus.QUEUED, 0)
         counts = counters.counters(session=session)
         items, size = cache_entries.cache_items(session=session)
@@ -67,6 +69,9 @@ def health_snapshot(
         "broker": {"ok": broker is None, "error": broker},
         "model": settings.model_name,
         "model_loaded": loaded,
+        # Every configured model and every model a live worker serves (each worker serves one).
+        "models": sorted(set(settings.served_models) | {w.model for w in live}),
+        "workers": [_worker(w, routed.get(w.name, (0, 0))) for w in sorted(live, key=lambda w: w.name)],
         "worker": {
             "alive": bool(live),
             "count": len(live),
@@ -90,4 +95,27 @@ def health_snapshot(
         # Sequences decoding together in the workers' engines, waiting for room, and their KV token budget.
         "batch": batch,
         "time": time.time(),
+    }
+
+
+def _worker(w: Worker, routed: tuple[int, int]) -> dict[str, Any]:
+    """One live worker: its identity, model, load and prefix cache, and what routing sent it."""
+    stats = w.stats or {}
+    batch, prefix = stats.get("batch") or {}, stats.get("prefix_cache") or {}
+    return {
+        "id": w.name,
+        "model": w.model,
+        "alive": True,
+        "model_loaded": w.model_loaded,
+        "error": w.error,
+        "load": {
+            "active": batch.get("active", 0),
+            "waiting": batch.get("waiting", 0),
+            "kv_tokens": batch.get("tokens", 0),
+        },
+        "prefix_entries": prefix.get("entries", 0),
+        "prefix_index": len(stats.get("prefix_index") or ()),
+        # Of the jobs kept (MLXQ_JOB_RETENTION_S): how many were routed here, how many to a prefix it held.
+        "routed": routed[0],
+        "routed_to_cache": routed[1],
     }

@@ -28,11 +28,10 @@ from mlxq.states import JobStatus
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=AUTHENTICATED)
 
 
-def render_result(services: Services, kind: str, result: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A job's result as the endpoint it named would have answered."""
+def render_result(model: str, kind: str, result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A job's result as the endpoint it named would have answered, by `model`."""
     if result is None:
         return None
-    model = services.settings.model_name
     return chat_completion(result, model=model) if kind == "chat" else text_completion([result], model=model)
 
 
@@ -49,7 +48,15 @@ def job_object(services: Services, job: Job) -> dict[str, Any]:
         "finished_at": job.finished_at and int(job.finished_at),
         "attempts": job.attempts,
         "batch_id": job.batch_id,
-        "result": render_result(services, job.kind, job.result) if job.status == JobStatus.SUCCEEDED else None,
+        "model": job.model,
+        # Where mlxq.delivery sent it and why; `worker`: who ran it.
+        "route": {
+            "worker": job.target,
+            "reason": job.route_reason,
+            "cached_messages": job.route_matched,
+        },
+        "worker": job.worker,
+        "result": render_result(job.model, job.kind, job.result) if job.status == JobStatus.SUCCEEDED else None,
         "error": job.error if job.status in (JobStatus.FAILED, JobStatus.CANCELLED) else None,
     }
 

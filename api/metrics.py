@@ -77,6 +77,28 @@ class _Snapshot(Collector):
         yield GaugeMetricFamily(
             "mlxq_model_loaded", "1 when a live worker holds the model", value=1 if snap["model_loaded"] else 0
         )
+        labels = ["worker", "model"]
+        per_worker = {
+            "load": GaugeMetricFamily(
+                "mlxq_worker_load", "Sequences a worker decodes and holds waiting", labels=labels
+            ),
+            "prefix_entries": GaugeMetricFamily(
+                "mlxq_worker_prefix_entries", "Entries in a worker's prefix cache", labels=labels
+            ),
+            "routed": GaugeMetricFamily(
+                "mlxq_worker_routed_jobs", "Jobs routed to a worker (of those kept)", labels=labels
+            ),
+            "routed_to_cache": GaugeMetricFamily(
+                "mlxq_worker_routed_to_cache_jobs",
+                "Jobs routed to a prefix a worker held (of those kept)",
+                labels=labels,
+            ),
+        }
+        for worker in snap["workers"]:
+            values = {**worker, "load": worker["load"]["active"] + worker["load"]["waiting"]}
+            for name, family in per_worker.items():
+                family.add_metric([worker["id"], worker["model"]], values[name])
+        yield from per_worker.values()
 
 
 class Metrics:

@@ -1,48 +1,100 @@
-"""What the live workers say about the model they serve (vocabulary size, context length, weights fingerprint).
+"""The models this service serves and what the live workers say about each (vocabulary size, context length,
+weights fingerprint), and which model a request's `model` names.
 
-Each worker's heartbeat row carries `stats["model"]`; the api reads the newest block, at most once
-every `ttl_s`, so checking a request against it costs no query on the hot path.
+Each worker serves one model and its heartbeat row carries `stats["model"]`; the api reads the live workers
+at most once every `ttl_s`, so checking a request against them costs no query on the hot path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import time
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.errors import APIError
 from mlxq.repos import workers
+from mlxq.settings import Settings
+
+# A worker that stopped beating this recently (killed, not stopped) still makes its model served: it is likely
+# being restarted (`mlxq serve`, compose), and requests for it wait rather than fail.
+RESTARTING_S = 600.0
 
 
 class ModelInfo:
-    """The newest `stats["model"]` block of the live workers (None until one has published), cached briefly."""
+    """Per model, the newest `stats["model"]` block of its live workers (None until one has published), cached
+    briefly; and the models live workers serve."""
 
     def __init__(self, sessions: sessionmaker[Session], *, within_s: float, ttl_s: float = 2.0) -> None:
         self._sessions = sessions
         self._within_s = within_s
         self._ttl_s = ttl_s
-        self._value: dict[str, Any] | None = None
+        self._value: dict[str, dict[str, Any] | None] = {}
         self._read_at = float("-inf")
         self._lock = asyncio.Lock()
 
-    async def get(self) -> dict[str, Any] | None:
-        """`{"vocab_size": int, "context_length": int | None, "fingerprint": str}`, or None.
-
-        Read in a thread (never on the event loop); concurrent callers share one read.
-        """
+    async def _blocks(self) -> dict[str, dict[str, Any] | None]:
         if time.monotonic() - self._read_at < self._ttl_s:
             return self._value
-        async with self._lock:
+        async with self._lock:  # concurrent callers share one read, in a thread (never on the event loop)
             if time.monotonic() - self._read_at >= self._ttl_s:
                 self._value = await asyncio.to_thread(self.read)
                 self._read_at = time.monotonic()
         return self._value
 
-    def read(self) -> dict[str, Any] | None:
-        """The block itself, from the database now (blocking)."""
+    async def get(self, model: str) -> dict[str, Any] | None:
+        """`{"vocab_size": int, "context_length": int | None, "fingerprint": str}` of `model`, or None."""
+        return (await self._blocks()).get(model)
+
+    async def live_models(self) -> set[str]:
+        """The models a worker serves: one alive, or one that stopped beating lately without stopping cleanly
+        (a clean stop deregisters), which is likely restarting: its requests wait for it."""
+        return set(await self._blocks())
+
+    def read(self) -> dict[str, dict[str, Any] | None]:
+        """Each recent worker's model and the newest block of its live workers, from the database now."""
         with self._sessions() as session:
-            live = workers.live_workers(session=session, within_s=self._within_s)
-            blocks = [(w.last_seen, (w.stats or {}).get("model")) for w in live]
-        published = [(seen, block) for seen, block in blocks if isinstance(block, dict)]
-        return max(published, key=lambda item: item[0])[1] if published else None
+            alive = {w.name for w in workers.live_workers(session=session, within_s=self._within_s)}
+            recent = workers.live_workers(session=session, within_s=max(self._within_s, RESTARTING_S))
+            rows = sorted((w.last_seen, w.name in alive, w.model, (w.stats or {}).get("model")) for w in recent)
+        out: dict[str, dict[str, Any] | None] = {}
+        for _, is_alive, model, block in rows:  # oldest first: the newest live block of each model wins
+            out[model] = block if is_alive and isinstance(block, dict) else out.get(model)
+        return out
+
+
+def alias_target(settings: Settings, name: str) -> str | None:
+    """The model `name` means by MLXQ_MODEL_ALIASES (a target of "" is the main model), or None."""
+    for pattern, target in settings.model_aliases.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return target or settings.model_name
+    return None
+
+
+async def resolve_model(settings: Settings, model_info: ModelInfo, name: str) -> str:
+    """The served model a request's `model` names: a model by its own name (the main one, one configured in
+    MLXQ_MODELS, or one a live worker serves), else by an alias (by default every other name is the main
+    model). A 404 for a name that is neither; a 503 naming the model when no worker serves it (the main model
+    is always served: its worker may be starting, and jobs wait; so is one whose worker is likely restarting,
+    `ModelInfo.live_models`)."""
+    live = await model_info.live_models()
+    known = set(settings.served_models) | live
+    model = name if name in known else alias_target(settings, name)
+    if model is None:
+        served = ", ".join(f"`{m}`" for m in sorted(known))
+        raise APIError(
+            404,
+            f"The model `{name}` does not exist; this server serves {served}.",
+            code="model_not_found",
+            param="model",
+        )
+    if model != settings.model_name and model not in live:
+        raise APIError(
+            503,
+            f"No worker serves the model `{model}` now; start one (MLXQ_MODEL={model}) or retry later.",
+            code="model_unavailable",
+            param="model",
+        )
+    return model

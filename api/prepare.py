@@ -7,7 +7,7 @@ everywhere with the same 400.
 
 from __future__ import annotations
 
-import fnmatch
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from api.dialects.openai.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from api.dialects.responses.protocol import ResponsesRequest, to_openai
 from api.errors import APIError, invalid_body
+from api.model_info import resolve_model
 from api.services import Services
 from api.validation import check_generation, check_grammar, check_json_values, prompt_list
 from mlxq.contract import JobKind, Priority
@@ -42,14 +43,6 @@ class Prepared:
     priority: Priority
     echo: list[str]  # per prompt: what `echo` puts before the completion
     body: GenerationRequest
-
-
-def serves(settings: Settings, name: str) -> bool:
-    """Whether `name` is the served model, by its own name or an alias (MLXQ_MODEL_ALIASES)."""
-    return name == settings.model_name or any(
-        fnmatch.fnmatchcase(name, pattern) and target in ("", settings.model_name)
-        for pattern, target in settings.model_aliases.items()
-    )
 
 
 def parse(endpoint: str, raw: Any) -> GenerationRequest:
@@ -82,15 +75,8 @@ async def prepare(services: Services, body: GenerationRequest) -> Prepared:
     encoded, another model, n > 1, what api.validation refuses), then the canonical requests."""
     settings = services.settings
     check_json_values(body.model_dump())  # first: the 404 below echoes `model`, which must be encodable
-    if not serves(settings, body.model):
-        raise APIError(
-            404,
-            f"The model `{body.model}` does not exist; this server serves `{settings.model_name}`.",
-            code="model_not_found",
-            param="model",
-        )
     # Canonical under the served name: the answer and its cache entry do not depend on the alias used.
-    body = body.model_copy(update={"model": settings.model_name})
+    body = body.model_copy(update={"model": await resolve_model(settings, services.model_info, body.model)})
     if body.n not in (None, 1):
         raise APIError(400, "Only n=1 is supported.", param="n")
     await check_generation(body, settings=settings, model_info=services.model_info)
@@ -131,11 +117,27 @@ async def prepare_specs(
     policy = CachePolicy.parse(cache_control, body.cache)
     specs = [
         await services.admission.spec_for(
-            prepared.kind, canonical, owner=owner, policy=policy, priority=prepared.priority, stream=bool(body.stream)
+            prepared.kind,
+            canonical,
+            owner=owner,
+            policy=policy,
+            priority=prepared.priority,
+            stream=bool(body.stream),
+            session=session_id(body),
         )
         for canonical in prepared.canonicals
     ]
     return prepared, specs
+
+
+def session_id(body: GenerationRequest) -> str | None:
+    """The client's own session id, which keeps its requests on one worker (mlxq.delivery): OpenAI's
+    `prompt_cache_key` (Codex sends its session there), Anthropic's `metadata.user_id` (Claude Code's session)."""
+    key = getattr(body, "prompt_cache_key", None)
+    metadata = getattr(body, "metadata", None)
+    user = metadata.get("user_id") if isinstance(metadata, dict) else None
+    given = key if isinstance(key, str) and key else user if isinstance(user, str) and user else None
+    return hashlib.sha256(given.encode()).hexdigest()[:32] if given else None  # any length, kept short
 
 
 def _clamped(canonicals: list[dict[str, Any]], settings: Settings) -> list[dict[str, Any]]:

@@ -137,7 +137,7 @@ async def check_generation(body: GenerationRequest, *, settings: Settings, model
         ids = _check_completion(body, settings)
     if not (body.top_k or ids):
         return
-    info = await model_info.get()
+    info = await model_info.get(body.model)  # the resolved model (api.prepare)
     vocab = (info or {}).get("vocab_size")
     if not isinstance(vocab, int):  # no worker has published yet: the worker checks these itself
         return

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -77,8 +79,8 @@ def _stop(signum: int, _frame: object) -> None:
 
 @app.command()
 def serve(host: str = typer.Option(None), port: int = typer.Option(None), log_level: str = "info") -> None:
-    """Start api and worker together (the embedded default: SQLite, no servers); the worker is restarted
-    when it dies, and SIGTERM or SIGINT stops both."""
+    """Start the api and a worker for each configured model (MLXQ_MODEL, and any in MLXQ_MODELS) together (the
+    embedded default: SQLite, no servers); a worker that dies is restarted, and SIGTERM or SIGINT stops all."""
     from mlxq.db import make_engine, make_sessionmaker, upgrade
     from mlxq.repos import counters
     from mlxq.supervisor import Supervisor
@@ -97,13 +99,24 @@ def serve(host: str = typer.Option(None), port: int = typer.Option(None), log_le
             counters.bump(session=session, name="worker_restarts")
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    supervisor = Supervisor(
-        [sys.executable, "-m", "cli", "worker", "--log-level", log_level.upper()], on_restart=count_restart
-    ).start()
+    # One worker per model, each named for this host and its model: a restarted one keeps its name, so it
+    # finds the jobs its predecessor was running and its own prefix cache.
+    host_name = settings.worker_name or socket.gethostname()
+    supervisors = [
+        Supervisor(
+            [sys.executable, "-m", "cli", "worker", "--log-level", log_level.upper()],
+            env={**os.environ, "MLXQ_MODEL": path, "MLXQ_MODEL_NAME": name, "MLXQ_WORKER_NAME": f"{host_name}:{name}"},
+            on_restart=count_restart,
+        ).start()
+        for name, path in settings.served_models.items()
+    ]
     try:
         api(host=host, port=port, log_level=log_level)
     finally:
-        supervisor.stop()
+        for supervisor in supervisors:
+            supervisor.terminate()
+        for supervisor in supervisors:
+            supervisor.stop()
 
 
 @app.command()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlxq.contract import JobKind, Priority
+from mlxq.states import RouteReason
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,15 @@ class CachePolicy:
 
 
 @dataclass(frozen=True)
+class Route:
+    """Where mlxq.delivery sent a job, and why (kept on the job: `/v1/jobs/{id}` and Flower show it)."""
+
+    worker: str | None  # the worker whose own queue has the job; None: not routed yet (no live worker of its model)
+    reason: RouteReason
+    matched: int = 0  # message boundaries of the request that worker's prefix cache holds
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """One request as the admission path takes it.
 
@@ -73,7 +83,10 @@ class JobSpec:
     batch_id: str | None = None
     windowed: bool = False  # sent when there is room among low-priority work (mlxq.delivery), not at once
     counted: bool = True  # counted against MLXQ_MAX_QUEUE_DEPTH (a batch is bounded by its own line limit)
-    target: str | None = None  # the queue of the worker it is routed to; None: the shared queue
+    # What keeps a session on one worker before its prefix is cached anywhere: OpenAI's `prompt_cache_key`,
+    # Anthropic's `metadata.user_id`, else the conversation's opening (mlxq.delivery).
+    session: str | None = None
+    route: Route | None = None  # set by mlxq.delivery when the job is sent
 
     @property
     def model(self) -> str:

@@ -168,3 +168,28 @@ def request_key(kind: str, canonical: dict[str, Any], *, weights: str, namespace
 
 def is_deterministic(canonical: dict[str, Any]) -> bool:
     return canonical.get("temperature", 1.0) == 0 or canonical.get("seed") is not None
+
+
+# Hex digits of a prefix hash: 64 bits, so two prefixes of one worker's index never meet by chance.
+PREFIX_HASH_CHARS = 16
+
+
+def prefix_hashes(kind: str, canonical: dict[str, Any]) -> list[str]:
+    """One hash per message boundary of a canonical chat request: of its model, tools and `messages[:k]` for
+    k = 1..n. A worker publishes those of the requests whose KV its prefix cache holds; the api matches a new
+    request's against them (mlxq.delivery), with no tokenizer: a later turn of a conversation repeats every
+    earlier boundary. A completion's prompt (one string) has one. Incremental: linear in the request's size."""
+    if kind == "completion":
+        blob = json.dumps([canonical.get("model"), canonical.get("prompt")], sort_keys=True, ensure_ascii=False)
+        return [hashlib.sha256(blob.encode()).hexdigest()[:PREFIX_HASH_CHARS]]
+    if kind != "chat":
+        return []
+    head = {"model": canonical.get("model"), "tools": canonical.get("tools") or []}
+    running = hashlib.sha256(json.dumps(head, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode())
+    out = []
+    for message in canonical.get("messages") or []:
+        running.update(
+            b"\x1e" + json.dumps(message, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        )
+        out.append(running.copy().hexdigest()[:PREFIX_HASH_CHARS])
+    return out

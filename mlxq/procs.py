@@ -47,6 +47,26 @@ class Service:
         self.wait_health(lambda h: (h["model_loaded"] if wait_model else h["worker"]["alive"]) if worker else True)
         return self
 
+    def add_worker(self, name: str, **env: str) -> subprocess.Popen:
+        """Another worker of this service, named `name` (MLXQ_WORKER_NAME), with its own MLXQ_* overrides (another
+        model, say); stopped with the service."""
+        log = open(self.log_dir / f"worker-{name}.log", "a")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cli", "worker", "--log-level", "INFO"],
+            env={**self.env, "MLXQ_WORKER_NAME": name, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def wait_workers(self, names: set[str], timeout: float = 120) -> dict:
+        """Until exactly these workers are alive with their models loaded."""
+        return self.wait_health(
+            lambda h: {w["id"] for w in h.get("workers", []) if w["model_loaded"]} == names, timeout=timeout
+        )
+
     def health(self) -> dict:
         return httpx.get(f"{self.base}/health", timeout=5).json()
 

@@ -27,6 +27,17 @@ class Settings(BaseSettings):
     # means the served model). Claude Code sends its own model names (a main and a small fast one); by
     # default every name is the served model. `{}` refuses any name but the served one (404).
     model_aliases: dict[str, str] = {"*": ""}
+    # Models besides the main one (`model`, `model_name`), by the name clients send: {"name": directory or hub
+    # id}. `mlxq serve` starts and supervises a worker for each; the api serves them too (as it serves every
+    # model a live worker publishes). One model per worker process, always.
+    models: dict[str, str] = {}
+    # This worker's identity, unique among the live workers (its own queue is named by it): `mlxq serve`
+    # names each worker it supervises, so a restarted one finds its predecessor's jobs; a worker started
+    # alone is named after its host and process.
+    worker_name: str = ""
+    # Routing (mlxq.delivery): the worker holding a request's longest prefix gets it unless its load (its
+    # sequences in flight and waiting) exceeds the least loaded worker's by more than this.
+    route_load_margin: int = Field(default=4, ge=0)
     # Cache sampled requests (temperature > 0, no seed) too: an identical retry of an agent turn is then
     # a hit, at the cost of always answering it with the same sample.
     cache_sampled: bool = False
@@ -130,6 +141,17 @@ class Settings(BaseSettings):
         if not self.model_name:
             self.model_name = Path(self.model).name or self.model
         return self
+
+    @property
+    def served_models(self) -> dict[str, str]:
+        """Every configured model by name, the main one first: {name: directory or hub id}."""
+        return {self.model_name: self.model, **{k: v for k, v in self.models.items() if k != self.model_name}}
+
+    @property
+    def worker_lost_after_s(self) -> float:
+        """A worker is gone after missing several heartbeats (and at least 10 s): nothing is routed to it, and
+        its jobs go to another."""
+        return max(10.0, 5 * self.heartbeat_s)
 
     @property
     def low_window(self) -> int:

@@ -76,6 +76,12 @@ class Job(Base):
     # non-streamed client needs the result alone, and a delta per token per job costs CPU in a batch).
     stream: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
     worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # Where mlxq.delivery sent it (a worker's name: its own queue), why (mlxq.states.RouteReason), how many
+    # of its message boundaries that worker's prefix cache held, and the session that keeps it there.
+    target: Mapped[str | None] = mapped_column(String(255), nullable=True, index=True)
+    route_reason: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    route_matched: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    session: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # Times a worker started it: a job whose worker died runs again until `max_attempts`.
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # When its task message was last sent: a queued job whose message was lost is sent again.

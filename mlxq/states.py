@@ -11,6 +11,7 @@ a member is stored and serialised as its plain string.
 - A file: processed once stored (OpenAI's uploads are checked when a batch reads them).
 - A finish reason: why a generation stopped.
 - A cache outcome: what the response cache did for a request (the `X-Cache` header).
+- A route reason: why a job went to the worker it went to.
 """
 
 from __future__ import annotations
@@ -77,3 +78,12 @@ class CacheOutcome(StrEnum):
     MISS = "MISS"  # looked up, not found: generated
     BYPASS = "BYPASS"  # not looked up (sampled, no-cache)
     MIXED = "MIXED"  # several prompts of one request, not all alike
+
+
+class RouteReason(StrEnum):
+    """Why mlxq.delivery sent a job to its worker (in this order of precedence)."""
+
+    PREFIX = "prefix"  # that worker's prefix cache holds the longest prefix of the request
+    SESSION = "session"  # no worker holds more of it than another: the session's worker (a consistent hash)
+    BALANCE = "balance"  # the worker it would go to is loaded past the margin: the least loaded one instead
+    UNROUTED = "unrouted"  # no live worker serves its model yet: it waits, unsent, for one

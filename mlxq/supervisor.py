@@ -81,15 +81,22 @@ class Supervisor:
                 except Exception:
                     log.exception("could not record the worker restart")
 
-    def stop(self) -> int | None:
-        """Stop the worker (SIGTERM, then SIGKILL after `stop_timeout_s`); returns its exit code."""
+    def terminate(self) -> None:
+        """Begin the stop: no more restarts, SIGTERM to the worker (several supervisors stop together so)."""
         with self._lock:
             self._stopping.set()
+            proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+    def stop(self) -> int | None:
+        """Stop the worker (SIGTERM, then SIGKILL after `stop_timeout_s`); returns its exit code."""
+        self.terminate()
+        with self._lock:
             proc = self.proc
         if proc is None:
             return None
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=self.stop_timeout_s)
             except subprocess.TimeoutExpired:

@@ -216,6 +216,7 @@ def test_sampling_stop_and_extras_are_carried_and_the_rest_dropped():
         "stream": True,
         "seed": 7,
         "stop": ["END", "STOP"],
+        "metadata": {"user_id": "u"},  # Claude Code's session: routing keeps it on one worker (not in the key)
     }
 
 

@@ -9,8 +9,10 @@ import pytest
 
 from mlxq import retention
 from mlxq.db import make_engine, make_sessionmaker, upgrade
+from mlxq.jobspec import Route
 from mlxq.repos import cache_entries, counters, jobs, request_log, workers
 from mlxq.settings import Settings
+from mlxq.states import RouteReason
 from tests.factories import job_spec
 
 
@@ -91,11 +93,13 @@ def test_a_job_is_claimed_once_and_a_dead_workers_job_runs_again_until_max_attem
     with sessions() as s:
         assert jobs.find_inflight(session=s, key="k").id == job_id
         assert jobs.queue_depth(session=s) == 1
+    with sessions.begin() as s:  # another model's worker never claims it
+        assert jobs.start_job(session=s, job_id=job_id, worker="w9", model="other") is None
     for attempt in (1, 2):
         with sessions.begin() as s:
-            assert jobs.start_job(session=s, job_id=job_id, worker="w1").attempts == attempt
+            assert jobs.start_job(session=s, job_id=job_id, worker="w1", model="m").attempts == attempt
         with sessions.begin() as s:  # a duplicate message for a claimed job is skipped
-            assert jobs.start_job(session=s, job_id=job_id, worker="w1") is None
+            assert jobs.start_job(session=s, job_id=job_id, worker="w1", model="m") is None
         with sessions.begin() as s:  # the worker restarted: its job goes back to the queue, unsent
             assert jobs.requeue_running(session=s, worker="w2", max_attempts=2) == (0, 0)
             expected = (1, 0) if attempt == 1 else (0, 1)
@@ -103,12 +107,18 @@ def test_a_job_is_claimed_once_and_a_dead_workers_job_runs_again_until_max_attem
         if attempt == 1:
             assert status(sessions, job_id).status == "queued"
             with sessions() as s:
-                assert jobs.jobs_to_send(session=s, lost_before=None) == [job_id]
+                assert jobs.jobs_to_send(session=s) == [job_id]
             with sessions.begin() as s:
-                jobs.mark_sent(session=s, job_ids=[job_id])
+                jobs.mark_sent(session=s, routes={job_id: Route("w1", RouteReason.SESSION)})
             with sessions() as s:
-                assert jobs.jobs_to_send(session=s, lost_before=None) == []
-                assert jobs.jobs_to_send(session=s, lost_before=time.time() + 1) == [job_id]
+                assert jobs.jobs_to_send(session=s) == []
+                assert jobs.sent_before(session=s, before=time.time() + 1) == [(job_id, "w1")]
+                assert jobs.sent_to_gone_workers(session=s, live=["w1"]) == []
+                assert jobs.sent_to_gone_workers(session=s, live=["w2"]) == [job_id]  # its worker is gone
+            with sessions.begin() as s:
+                jobs.unsend(session=s, job_ids=[job_id])
+            with sessions() as s:
+                assert jobs.jobs_to_send(session=s) == [job_id]
     job = status(sessions, job_id)
     assert job.status == "failed" and job.error["code"] == "worker_crashed" and job.attempts == 2
     with sessions.begin() as s:  # a late answer never overwrites the final state
@@ -119,7 +129,7 @@ def test_a_job_is_claimed_once_and_a_dead_workers_job_runs_again_until_max_attem
 def test_a_job_interrupted_by_a_stopping_worker_does_not_use_up_an_attempt(sessions):
     job_id = new_job(sessions)
     with sessions.begin() as s:
-        jobs.start_job(session=s, job_id=job_id, worker="w1")
+        jobs.start_job(session=s, job_id=job_id, worker="w1", model="m")
     with sessions.begin() as s:
         assert jobs.requeue_job(session=s, job_id=job_id)
     job = status(sessions, job_id)
@@ -177,8 +187,8 @@ def test_one_storing_job_per_key_in_flight(sessions):
 def test_jobs_of_a_worker_that_stopped_beating_go_back_to_the_queue(sessions):
     gone, alive = new_job(sessions, "g"), new_job(sessions, "a")
     with sessions.begin() as s:
-        jobs.start_job(session=s, job_id=gone, worker="dead-host")
-        jobs.start_job(session=s, job_id=alive, worker="live-host")
+        jobs.start_job(session=s, job_id=gone, worker="dead-host", model="m")
+        jobs.start_job(session=s, job_id=alive, worker="live-host", model="m")
     with sessions.begin() as s:
         assert jobs.requeue_running(session=s, live_workers=["live-host"], max_attempts=2) == (1, 0)
     assert status(sessions, gone).status == "queued"

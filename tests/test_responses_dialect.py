@@ -19,6 +19,7 @@ from api.dialects.openai.protocol import ChatCompletionRequest
 from api.dialects.openai.render import chat_completion
 from api.dialects.responses.protocol import (
     CUSTOM_TOOL_PARAMETERS,
+    UNTIL_CONTEXT_ENDS,
     ResponsesRequest,
     custom_tool_names,
     hosted_tools,
@@ -94,7 +95,12 @@ def refused_by_conversion(body: dict[str, Any], previous: list[dict[str, Any]] |
 
 
 def test_string_input_is_one_user_message():
-    assert converted(responses()) == {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
+    # No max_output_tokens: to the end of the context, as OpenAI's responses run.
+    assert converted(responses()) == {
+        "model": "m",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": UNTIL_CONTEXT_ENDS,
+    }
 
 
 def test_instructions_are_the_first_message():
@@ -141,6 +147,7 @@ def test_message_items_of_every_role_and_both_content_forms():
             {"role": "assistant", "content": "Plain."},
             {"role": "user", "content": ""},
         ],
+        "max_tokens": UNTIL_CONTEXT_ENDS,
     }
     assert key(out) == key(plain)
 
@@ -415,6 +422,7 @@ def test_sampling_and_extras_are_carried_and_the_rest_dropped():
         "seed": 7,
         "top_k": 40,
         "service_tier": "flex",
+        "prompt_cache_key": "pck",  # the session routing keeps on one worker (not in the cache key)
     }
     assert request(service_tier="flex").priority == "low"
     assert request().priority == "interactive"
@@ -638,6 +646,7 @@ def test_an_answer_sent_back_has_the_key_of_the_chat_answer_sent_back():
             {"role": "tool", "tool_call_id": "call_w", "content": "18C"},
         ],
         "tools": [CHAT_WEATHER],
+        "max_tokens": UNTIL_CONTEXT_ENDS,
     }
     assert key(converted(second, previous=previous)) == key(chat)
 

@@ -260,7 +260,7 @@ class Batcher:
         try:
             prefix = self.prefix() if seq.use_prefix_cache else None
             if prefix is not None and cache and tokens:
-                prefix.insert(list(tokens), cache)
+                seq.prefix_entry = prefix.insert(list(tokens), cache)
             seq.complete()
         except Exception as exc:  # this sequence's failure, not the batch's: its consumer is told, never left waiting
             log.exception("finishing a sequence failed")

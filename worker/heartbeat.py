@@ -36,9 +36,10 @@ class Heartbeat:
                 "context_length": state.engine.context_length,
                 "fingerprint": state.engine.key.revision,
             }
-            stats["batch"] = state.engine.batcher.stats()
+            stats["batch"] = state.engine.batcher.stats()  # its load: what the api routes by (mlxq.delivery)
             if state.engine.prefix is not None:
                 stats["prefix_cache"] = state.engine.prefix.snapshot()
+                stats["prefix_index"] = state.prefix_index.held(state.engine.prefix.entry_ids())
         with state.sessions.begin() as session:
             workers.heartbeat(
                 session=session,
@@ -60,6 +61,7 @@ class Heartbeat:
         if seen is None or clears == seen or state.engine is None or state.engine.prefix is None:
             return
         state.engine.batcher.call(state.engine.prefix.clear)
+        state.prefix_index.clear()
         log.info("prefix cache cleared on request")
         self._prefix_saves.save(force=True)
 

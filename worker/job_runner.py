@@ -14,7 +14,7 @@ from sqlalchemy.exc import DBAPIError
 
 from mlxq import events
 from mlxq.contract import CANCELLED, JobError, job_error
-from mlxq.keys import request_key
+from mlxq.keys import prefix_hashes, request_key
 from mlxq.repos import cache_entries, jobs
 from mlxq.sql import Job
 from mlxq.states import FinishReason, JobStatus
@@ -39,7 +39,9 @@ class JobRunner:
                 jobs.release_job(session=session, job_id=job_id)
             return
         with self._state.sessions.begin() as session:
-            job = jobs.start_job(session=session, job_id=job_id, worker=self._state.name)
+            job = jobs.start_job(
+                session=session, job_id=job_id, worker=self._state.name, model=self._state.settings.model_name
+            )
         if job is None:
             log.info("job %s is not queued (finished, cancelled or taken); skipping", job_id)
             return
@@ -70,7 +72,10 @@ class JobRunner:
                     "usage": {"prompt_tokens": tokens, "completion_tokens": 0, "cached_tokens": 0},
                 }
             else:
-                answer = self._relay(job_id, self._state.engine.submit(kind, request, priority=priority), stream)
+                seq = self._state.engine.submit(kind, request, priority=priority)
+                answer = self._relay(job_id, seq, stream)
+                # What the api routes this conversation's later turns by (mlxq.delivery).
+                self._state.prefix_index.record(prefix_hashes(kind, request), seq.prefix_entry)
         except Exception as exc:
             error = getattr(exc, "error", None)
             if error is None:

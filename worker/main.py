@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 from worker.blas import preload_openblas
 
@@ -21,7 +22,7 @@ from mlxq.celery_app import make_celery  # noqa: E402
 from mlxq.channel import make_channel  # noqa: E402
 from mlxq.contract import GENERATE_TASK  # noqa: E402
 from mlxq.db import make_engine, make_sessionmaker, upgrade  # noqa: E402
-from mlxq.delivery import Delivery  # noqa: E402
+from mlxq.delivery import Delivery, worker_queue  # noqa: E402
 from mlxq.settings import Settings, get_settings  # noqa: E402
 from worker.cancel_watch import CancelWatch  # noqa: E402
 from worker.runtime import Runtime  # noqa: E402
@@ -72,6 +73,7 @@ def run(settings: Settings | None = None, loglevel: str = "INFO") -> None:
         os.nice(settings.worker_nice)
     upgrade(settings)
     app, runtime = build(settings)
+    name = runtime.state.name
     argv = [
         "worker",
         "-P",
@@ -80,13 +82,13 @@ def run(settings: Settings | None = None, loglevel: str = "INFO") -> None:
         str(settings.worker_threads),
         "-E",
         "-Q",
-        settings.queue,
+        worker_queue(settings.queue, name),  # its own: mlxq.delivery routes each job to one worker
         "-l",
         loglevel,
         "--without-gossip",
         "--without-mingle",
         "-n",
-        f"mlxq-{settings.queue}@%h",
+        f"mlxq-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}@%h",  # unique, as the worker's name is
     ]
     if not settings.uses_redis:
         argv.append("--without-heartbeat")

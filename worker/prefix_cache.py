@@ -146,8 +146,9 @@ class PrefixCache:
         self.stats.taken += 1
         return entry.prompt_cache, tokens[len(prefix) :]
 
-    def insert(self, tokens: list[int], cache: list[Any]) -> None:
-        """Store the cache after a generation; `tokens` are what it was fed (prompt + generated)."""
+    def insert(self, tokens: list[int], cache: list[Any]) -> int | None:
+        """Store the cache after a generation; `tokens` are what it was fed (prompt + generated). Returns the
+        new entry's id (`entry_id`), or None when nothing was stored."""
         try:
             offset = cache_offset(cache)
             if offset is None:
@@ -157,9 +158,15 @@ class PrefixCache:
             tokens = tokens[:offset]
             if tokens:
                 self.lru.insert_cache(self.key, list(tokens), cache)
+                return entry_id(tokens)
         except Exception:
             log.warning("prefix cache insert failed; entry dropped", exc_info=True)
             self.stats.skips += 1
+        return None
+
+    def entry_ids(self) -> set[int]:
+        """The ids of the entries held now. Safe from any thread: each LRU deque is copied whole under the GIL."""
+        return {entry_id(tokens) for lru in list(self.lru._lru._lrus.values()) for _, tokens in list(lru)}
 
     def snapshot(self) -> dict[str, int]:
         return {
@@ -376,6 +383,12 @@ def _locked(directory: Path) -> Iterator[None]:
         except OSError as exc:
             log.warning("prefix cache in %s not locked: %s", directory, exc)
         yield
+
+
+def entry_id(tokens: list[int]) -> int:
+    """An entry's id: the hash of its tokens (an int tuple's hash is the same in every process, so an index
+    saved with the entries still names them after a restart)."""
+    return hash(tuple(tokens))
 
 
 def cache_offset(cache: list[Any]) -> int | None:

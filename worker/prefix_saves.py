@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from pathlib import Path
@@ -21,7 +22,11 @@ class PrefixSaves:
 
     @property
     def directory(self) -> Path:
-        return self._state.settings.data_dir / "prefix_cache" / self._state.engine.prefix.fingerprint()
+        """Per model; and per worker when `mlxq serve` names it, so workers of one model on one host keep
+        their own caches (a worker started alone has a name that changes with each process)."""
+        settings = self._state.settings
+        directory = settings.data_dir / "prefix_cache" / self._state.engine.prefix.fingerprint()
+        return directory / re.sub(r"[^A-Za-z0-9_.-]", "_", settings.worker_name) if settings.worker_name else directory
 
     def enable(self) -> None:
         """Turn the engine's prefix cache on (unless MLXQ_PREFIX_CACHE=false) and load what was saved."""
@@ -33,6 +38,7 @@ class PrefixSaves:
         max_bytes = settings.prefix_cache_mb << 20 or default_bytes()
         prefix = engine.enable_prefix_cache(max_entries=settings.prefix_cache_size, max_bytes=max_bytes)
         loaded = prefix.load(self.directory)
+        self._state.prefix_index.load(self.directory)
         log.info(
             "prefix cache on: %d entries, %d MB; %d entries loaded from disk",
             settings.prefix_cache_size,
@@ -59,6 +65,7 @@ class PrefixSaves:
                 return
             disk = (settings.prefix_cache_disk_mb << 20) or prefix.max_bytes
             written = engine.save_prefix_cache(self.directory, disk)
+            self._state.prefix_index.save(self.directory)
             log.info("prefix cache saved: %d entries", written)
         except Exception:
             log.exception("could not save the prefix cache")

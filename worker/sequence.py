@@ -53,6 +53,7 @@ class Sequence:
     # The stop string that ended the answer, if one did (Anthropic reports it as `stop_sequence`).
     stop_sequence: str | None = None
     cached_tokens: int = 0
+    prefix_entry: int | None = None  # the prefix-cache entry its KV went into when it finished
     generated: list[int] = field(default_factory=list)
     text: str = ""
     shown: int = 0

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -15,6 +16,7 @@ from mlxq.channel import Channel
 from mlxq.delivery import Delivery
 from mlxq.settings import Settings
 from worker.cancel_watch import CancelWatch
+from worker.prefix_index import PrefixIndex
 
 
 @dataclass
@@ -24,13 +26,15 @@ class WorkerState:
     channel: Channel
     delivery: Delivery
     cancels: CancelWatch
-    # This worker's name outlives its process: a restarted worker finds the jobs its predecessor was running.
+    # This worker's identity among the live workers (its own queue is named by it). Under `mlxq serve` it
+    # outlives the process: a restarted worker finds the jobs its predecessor was running.
     name: str = ""
     started_at: float = field(default_factory=time.time)
     engine: Any = None  # worker.engine.Engine, once loaded (imported lazily: it imports MLX)
     load_error: str | None = None
+    prefix_index: PrefixIndex = field(default_factory=PrefixIndex)
     # Set when the worker begins to stop: running jobs are interrupted and go back to the queue.
     stopping: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
-        self.name = self.name or f"{socket.gethostname()}:{self.settings.queue}"
+        self.name = self.name or self.settings.worker_name or f"{socket.gethostname()}:{os.getpid()}"

@@ -11,13 +11,14 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Text, cast, delete, func, or_, select, update
+from sqlalchemy import Text, case, cast, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from mlxq.contract import CANCELLED, Priority, job_error
-from mlxq.jobspec import JobSpec
+from mlxq.jobspec import JobSpec, Route
 from mlxq.repos.pages import newest_first
 from mlxq.sql import Job, StreamEvent, rowcount
 from mlxq.states import JOB_ACTIVE, JOB_FINAL, JobStatus
@@ -45,7 +46,10 @@ def create_job(*, session: Session, spec: JobSpec, sent: bool, result: dict[str,
         batch_id=spec.batch_id,
         owner=spec.owner,
         namespace=spec.namespace,
+        session=spec.session,
     )
+    if spec.route is not None:
+        job.target, job.route_reason, job.route_matched = spec.route.worker, spec.route.reason, spec.route.matched
     if result is not None:
         job.status, job.result, job.finished_at, job.sent_at = JobStatus.SUCCEEDED, result, now, None
         job.completion_tokens = _completion_tokens(result)
@@ -111,12 +115,12 @@ def leave_job(*, session: Session, job_id: str, abandon: bool) -> bool:
     return bool(rowcount(done))
 
 
-def start_job(*, session: Session, job_id: str, worker: str) -> Job | None:
-    """Claim a queued job for `worker` and return it; None when it is not queued (finished, cancelled, or
-    claimed already through a duplicate message)."""
+def start_job(*, session: Session, job_id: str, worker: str, model: str) -> Job | None:
+    """Claim a queued job of `model` for `worker` and return it; None when it is not queued (finished,
+    cancelled, or claimed already through a duplicate message) or is another model's."""
     row = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED, Job.model == model)
         .values(status=JobStatus.RUNNING, started_at=time.time(), error=None, worker=worker, attempts=Job.attempts + 1)
         .returning(
             Job.kind,
@@ -245,17 +249,17 @@ def requeue_running(
     return requeued, failed
 
 
-def jobs_to_send(
-    *, session: Session, lost_before: float | None, low_window: int = 1 << 30, limit: int = 500
-) -> list[str]:
-    """Queued jobs that need their task message (again): never sent (requeued, or low-priority work held
-    back), or, when `lost_before` is given, sent before it (the caller found the broker's queue empty, so
-    that message was lost). Low-priority jobs are sent only while fewer than `low_window` of them are in
-    flight: the broker and the worker's consumer threads never fill with them, so an interactive request
-    is always taken at once and goes first in the engine."""
-    unsent = Job.sent_at.is_(None)
-    cond = unsent if lost_before is None else or_(unsent, Job.sent_at < lost_before)
-    queued = select(Job.id).where(Job.status == JobStatus.QUEUED, cond).order_by(Job.created_at).limit(limit)
+def jobs_to_send(*, session: Session, low_window: int = 1 << 30, limit: int = 500) -> list[str]:
+    """Queued jobs that need their task message (again): never sent (requeued, unrouted, lost, or low-priority
+    work held back). Low-priority jobs are sent only while fewer than `low_window` of them are in flight: the
+    broker and the workers' consumer threads never fill with them, so an interactive request is always taken
+    at once and goes first in the engine."""
+    queued = (
+        select(Job.id)
+        .where(Job.status == JobStatus.QUEUED, Job.sent_at.is_(None))
+        .order_by(Job.created_at)
+        .limit(limit)
+    )
     ids = list(session.scalars(queued.where(Job.priority != "low")))
     in_flight = session.scalar(
         select(func.count())
@@ -266,30 +270,74 @@ def jobs_to_send(
         )
     )
     room = low_window - int(in_flight or 0)
-    if lost_before is not None:  # a lost message is re-sent whatever the room: it was counted in flight
-        ids += list(
-            session.scalars(
-                select(Job.id)
-                .where(Job.status == JobStatus.QUEUED, Job.priority == "low", Job.sent_at < lost_before)
-                .limit(limit)
-            )
-        )
     if room > 0:
-        ids += list(session.scalars(queued.where(Job.priority == "low", unsent).limit(room)))
+        ids += list(session.scalars(queued.where(Job.priority == "low").limit(room)))
     return ids
 
 
-def task_labels(*, session: Session, job_ids: list[str]) -> dict[str, tuple[str, int]]:
-    """Each job's kind and the size of its stored request (characters of its JSON), for its task label."""
+@dataclass(frozen=True)
+class Sending:
+    """What routing and the task label need of a job to send."""
+
+    id: str
+    kind: str
+    model: str
+    request: dict[str, Any]
+    session: str | None
+    chars: int  # the size of its stored request (characters of its JSON)
+    batch_id: str | None
+
+
+def jobs_for_sending(*, session: Session, job_ids: list[str]) -> list[Sending]:
     if not job_ids:
-        return {}
+        return []
     size = func.length(cast(Job.request, Text))
-    rows = session.execute(select(Job.id, Job.kind, size).where(Job.id.in_(job_ids)))
-    return {job_id: (kind, int(chars or 0)) for job_id, kind, chars in rows}
+    rows = session.execute(
+        select(Job.id, Job.kind, Job.model, Job.request, Job.session, size, Job.batch_id)
+        .where(Job.id.in_(job_ids))
+        .order_by(Job.created_at)
+    )
+    return [
+        Sending(i, kind, model, request, sess, int(n or 0), batch) for i, kind, model, request, sess, n, batch in rows
+    ]
 
 
-def mark_sent(*, session: Session, job_ids: list[str]) -> None:
-    session.execute(update(Job).where(Job.id.in_(job_ids)).values(sent_at=time.time()))
+def mark_sent(*, session: Session, routes: Mapping[str, Route]) -> None:
+    """The jobs' messages went out now, each to its route's worker."""
+    now = time.time()
+    for job_id, route in routes.items():
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(sent_at=now, target=route.worker, route_reason=route.reason, route_matched=route.matched)
+        )
+
+
+def sent_before(*, session: Session, before: float, limit: int = 500) -> list[tuple[str, str | None]]:
+    """Queued jobs whose message went out before `before`, and the worker it went to."""
+    rows = session.execute(
+        select(Job.id, Job.target)
+        .where(Job.status == JobStatus.QUEUED, Job.sent_at < before)
+        .order_by(Job.created_at)
+        .limit(limit)
+    )
+    return [(job_id, target) for job_id, target in rows]
+
+
+def sent_to_gone_workers(*, session: Session, live: list[str]) -> list[str]:
+    """Queued jobs whose message went to a worker not in `live`: it will never take them."""
+    query = select(Job.id).where(Job.status == JobStatus.QUEUED, Job.sent_at.is_not(None), Job.target.is_not(None))
+    if live:
+        query = query.where(Job.target.not_in(live))
+    return list(session.scalars(query))
+
+
+def unsend(*, session: Session, job_ids: list[str]) -> None:
+    """Their messages are lost: mark them for sending (and routing) again."""
+    if job_ids:
+        session.execute(
+            update(Job).where(Job.id.in_(job_ids), Job.status == JobStatus.QUEUED).values(sent_at=None, target=None)
+        )
 
 
 def fail_stale_queued(*, session: Session, older_than_s: float) -> int:
@@ -302,6 +350,13 @@ def fail_stale_queued(*, session: Session, older_than_s: float) -> int:
             .values(status=JobStatus.FAILED, error=dict(err), finished_at=time.time())
         )
     )
+
+
+def route_counts(*, session: Session) -> dict[str, tuple[int, int]]:
+    """Per worker, the jobs routed to it (of those kept) and how many of them to a prefix it held."""
+    held = func.sum(case((Job.route_matched > 0, 1), else_=0))
+    rows = session.execute(select(Job.target, func.count(), held).where(Job.target.is_not(None)).group_by(Job.target))
+    return {target: (int(n), int(hits or 0)) for target, n, hits in rows}
 
 
 def job_counts(*, session: Session) -> dict[str, int]:

@@ -299,7 +299,19 @@ class MessagesRequest(CountTokensRequest):
 # -- conversion --------------------------------------------------------------------------------
 
 # Carried into the OpenAI body under the same name when set (the rest is renamed or dropped).
-_SAME_NAME = ("max_tokens", "temperature", "top_p", "top_k", "stream", "seed", "min_p", "repetition_penalty", "cache")
+# `metadata` carries Claude Code's session (`user_id`), which routing keeps on one worker; not in the cache key.
+_SAME_NAME = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "stream",
+    "seed",
+    "min_p",
+    "repetition_penalty",
+    "cache",
+    "metadata",
+)
 
 
 def _text_parts(blocks: list[TextBlock]) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ async def messages(
 ) -> Response:
     twin = parse("/v1/chat/completions", to_openai(body))
     _, specs = await prepare_specs(services, twin, owner=owner, cache_control=cache_control)
-    model = services.settings.model_name
+    model = specs[0].model
     writer = MessageStreamWriter(model=model)
     return await answer(
         services,

@@ -85,18 +85,21 @@ def text_completion(results: list[dict[str, Any]], *, model: str, prefixes: list
     }
 
 
-def model_list(model: str) -> dict[str, Any]:
-    """The served model, in OpenAI's list and Anthropic's at once (each client reads its own fields)."""
-    entry = {
-        "id": model,
-        "object": "model",
-        "created": 0,
-        "owned_by": "mlxq",
-        "type": "model",
-        "display_name": model,
-        "created_at": "1970-01-01T00:00:00Z",
-    }
-    return {"object": "list", "data": [entry], "has_more": False, "first_id": model, "last_id": model}
+def model_list(models: list[str]) -> dict[str, Any]:
+    """The served models, in OpenAI's list and Anthropic's at once (each client reads its own fields)."""
+    data = [
+        {
+            "id": model,
+            "object": "model",
+            "created": 0,
+            "owned_by": "mlxq",
+            "type": "model",
+            "display_name": model,
+            "created_at": "1970-01-01T00:00:00Z",
+        }
+        for model in models
+    ]
+    return {"object": "list", "data": data, "has_more": False, "first_id": models[0], "last_id": models[-1]}
 
 
 class ChunkWriter:

@@ -22,7 +22,7 @@ async def chat_completions(
     body: ChatCompletionRequest, services: ServicesDep, owner: Owner, cache_control: str | None = Header(None)
 ) -> Response:
     _, specs = await prepare_specs(services, body, owner=owner, cache_control=cache_control)
-    model = services.settings.model_name
+    model = specs[0].model
     writer = ChunkWriter(kind="chat", model=model, stream_options=body.stream_options)
     return await answer(
         services,
@@ -38,7 +38,7 @@ async def completions(
     body: CompletionRequest, services: ServicesDep, owner: Owner, cache_control: str | None = Header(None)
 ) -> Response:
     prepared, specs = await prepare_specs(services, body, owner=owner, cache_control=cache_control)
-    model, echo = services.settings.model_name, prepared.echo
+    model, echo = specs[0].model, prepared.echo
     writer = ChunkWriter(kind="completion", model=model, stream_options=body.stream_options)
     return await answer(
         services,
@@ -51,4 +51,7 @@ async def completions(
 
 @router.get("/v1/models")
 async def models(services: ServicesDep) -> dict[str, Any]:
-    return model_list(services.settings.model_name)
+    """Every model served: the configured ones (the main one first) and any other a live worker serves."""
+    configured = list(services.settings.served_models)
+    live = await services.model_info.live_models()
+    return model_list([*configured, *sorted(live - set(configured))])

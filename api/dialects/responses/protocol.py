@@ -702,6 +702,7 @@ _SAME_NAME = (
     "min_p",
     "repetition_penalty",
     "cache",
+    "prompt_cache_key",  # the session that routing keeps on one worker (mlxq.delivery); not in the cache key
 )
 # Responses' service tiers chat completions does not name: the same processing there.
 _SERVICE_TIERS = {"fast": "priority", "ultrafast": "priority"}

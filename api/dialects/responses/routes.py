@@ -88,7 +88,7 @@ async def create_response(
     with responses_params():
         twin = parse("/v1/chat/completions", to_openai(body, previous=previous))
         _, specs = await prepare_specs(services, twin, owner=owner, cache_control=cache_control)
-    context = ResponseContext(request=body, model=services.settings.model_name, previous=previous)
+    context = ResponseContext(request=body, model=specs[0].model, previous=previous)
     keep, background = body.store is not False, bool(body.background)
     # A kept response needs a job row to name even for a cached answer; a background one runs to its end
     # whoever leaves, and publishes its text for the readers that stream it later.
