@@ -7,7 +7,6 @@ everywhere with the same 400.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +19,7 @@ from api.model_info import resolve_model
 from api.services import Services
 from api.validation import check_generation, check_grammar, check_json_values, prompt_list
 from mlxq.contract import JobKind, Priority
+from mlxq.delivery import client_session
 from mlxq.jobspec import CachePolicy, JobSpec
 from mlxq.keys import canonical_chat, canonical_completion
 from mlxq.settings import Settings
@@ -137,7 +137,7 @@ def session_id(body: GenerationRequest) -> str | None:
     metadata = getattr(body, "metadata", None)
     user = metadata.get("user_id") if isinstance(metadata, dict) else None
     given = key if isinstance(key, str) and key else user if isinstance(user, str) and user else None
-    return hashlib.sha256(given.encode()).hexdigest()[:32] if given else None  # any length, kept short
+    return client_session(given) if given else None
 
 
 def _clamped(canonicals: list[dict[str, Any]], settings: Settings) -> list[dict[str, Any]]:

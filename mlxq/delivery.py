@@ -101,6 +101,11 @@ def choose(views: list[WorkerView], hashes: list[str], session: str, margin: int
     return Route(pick.name, RouteReason.PREFIX if best else RouteReason.SESSION, best)
 
 
+def client_session(given: str) -> str:
+    """A client's own session id (any length: Claude Code's is long) as the job keeps it."""
+    return hashlib.sha256(given.encode()).hexdigest()[:32]
+
+
 def session_of(kind: str, canonical: dict[str, Any], given: str | None) -> str:
     """What keeps a session on one worker: the client's own session id when it sent one, else the opening of
     the conversation (through its first user turn: a shared system prompt alone would put every session of

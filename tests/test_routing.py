@@ -1,0 +1,60 @@
+"""The routing decision (mlxq.delivery.choose) and what it matches on (mlxq.keys.prefix_hashes), alone."""
+
+from __future__ import annotations
+
+from mlxq.delivery import WorkerView, choose, session_of
+from mlxq.keys import prefix_hashes
+from mlxq.states import RouteReason
+
+SYSTEM = {"role": "system", "content": "You are a coding agent."}
+
+
+def chat(*turns: str) -> dict:
+    messages = [SYSTEM]
+    for i, text in enumerate(turns):
+        messages.append({"role": "user" if i % 2 == 0 else "assistant", "content": text})
+    return {"model": "m", "messages": messages, "tools": [{"type": "function", "function": {"name": "f"}}]}
+
+
+def view(name: str, load: int = 0, holds: dict | None = None) -> WorkerView:
+    return WorkerView(name, "m", load, frozenset(prefix_hashes("chat", holds) if holds else ()))
+
+
+def test_a_later_turn_repeats_every_earlier_boundary():
+    first, later = prefix_hashes("chat", chat("hi")), prefix_hashes("chat", chat("hi", "hello", "more"))
+    assert later[: len(first)] == first and len(later) == len(first) + 2
+    # Tools and model are part of every boundary: another tool set is another prompt.
+    assert prefix_hashes("chat", {**chat("hi"), "tools": []})[0] != first[0]
+    assert prefix_hashes("chat", {**chat("hi"), "model": "other"})[0] != first[0]
+
+
+def test_the_worker_holding_the_longest_prefix_wins_unless_it_is_overloaded():
+    turn = chat("a", "b", "c")
+    holds_two, holds_one = view("w1", holds=chat("a", "b")), view("w2", holds=chat("a"))
+    route = choose([holds_one, holds_two], prefix_hashes("chat", turn), "s", margin=4)
+    assert (route.worker, route.reason, route.matched) == ("w1", RouteReason.PREFIX, 3)
+    busy = view("w1", load=9, holds=chat("a", "b"))
+    route = choose([holds_one, busy], prefix_hashes("chat", turn), "s", margin=4)
+    assert (route.worker, route.reason) == ("w2", RouteReason.BALANCE)  # 9 > 0 + 4
+    within = view("w1", load=4, holds=chat("a", "b"))
+    assert choose([holds_one, within], prefix_hashes("chat", turn), "s", margin=4).worker == "w1"
+    assert choose([], prefix_hashes("chat", turn), "s", margin=4).reason == RouteReason.UNROUTED
+
+
+def test_a_session_sticks_to_one_worker_and_a_joining_worker_takes_only_its_share():
+    names = ["w1", "w2"]
+    sessions = [f"session-{i}" for i in range(300)]
+    before = {s: choose([view(n) for n in names], [], s, margin=4).worker for s in sessions}
+    assert all(choose([view(n) for n in reversed(names)], [], s, 4).worker == before[s] for s in sessions)
+    assert 0.35 < sum(w == "w1" for w in before.values()) / len(sessions) < 0.65
+    after = {s: choose([view(n) for n in [*names, "w3"]], [], s, margin=4).worker for s in sessions}
+    moved = [s for s in sessions if after[s] != before[s]]
+    assert all(after[s] == "w3" for s in moved)  # only to the new worker, never between the old ones
+    assert 0.2 < len(moved) / len(sessions) < 0.45  # about its third
+
+
+def test_a_session_is_the_clients_id_or_the_conversations_opening():
+    assert session_of("chat", chat("hi"), "pck") == "pck"
+    # Without one, the opening through the first user turn: later turns keep it, another task does not.
+    assert session_of("chat", chat("hi"), None) == session_of("chat", chat("hi", "hello", "more"), None)
+    assert session_of("chat", chat("hi"), None) != session_of("chat", chat("other task"), None)
