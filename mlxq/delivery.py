@@ -30,6 +30,7 @@ import logging
 import re
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,6 +155,8 @@ class Delivery:
         """`spread`: a batch line, which goes to the least loaded worker unless another is as little loaded
         (so a batch spreads over every worker of its model, by load)."""
         views = [v for v in self.live_workers() if v.model == model]
+        if self._settings.routing == "load":  # no prefix, no session: the least loaded, ties at random
+            return choose(views, [], uuid.uuid4().hex, 0)
         margin = 0 if spread else self._settings.route_load_margin
         return choose(views, prefix_hashes(kind, canonical), session_of(kind, canonical, session), margin)
 

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     # Routing (mlxq.delivery): the worker holding a request's longest prefix gets it unless its load (its
     # sequences in flight and waiting) exceeds the least loaded worker's by more than this.
     route_load_margin: int = Field(default=4, ge=0)
+    # "prefix" (the above); "load": the least loaded worker, prefixes and sessions ignored, as a shared queue
+    # delivers (the baseline scripts/bench_routing.py measures against).
+    routing: Literal["prefix", "load"] = "prefix"
     # Cache sampled requests (temperature > 0, no seed) too: an identical retry of an agent turn is then
     # a hit, at the cost of always answering it with the same sample.
     cache_sampled: bool = False

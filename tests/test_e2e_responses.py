@@ -107,6 +107,24 @@ def test_previous_response_id_continues_a_stored_conversation_from_the_prefix_ca
     strictly = pydantic.TypeAdapter(openai.types.responses.ResponseItem)
     for item in items.data:  # strictly as the SDK types them (the client itself parses leniently)
         strictly.validate_python(item.model_dump(exclude_unset=True))
+    # Stored items can be referenced by id (an earlier input item and an output item); an unknown id is a 400.
+    question = oa.responses.input_items.list(first.id).data[-1]
+    answer_item = next(item for item in first.output if item.type == "message")
+    referenced = oa.responses.create(
+        **ask(
+            input=[
+                {"type": "item_reference", "id": question.id},
+                {"type": "item_reference", "id": answer_item.id},
+                {"role": "user", "content": "And the capital of Spain?"},
+            ],
+            instructions=brief,
+        ),
+        store=False,
+    )
+    assert referenced.output_text == second.output_text  # the same conversation, said by reference
+    with pytest.raises(openai.BadRequestError) as unknown:
+        oa.responses.create(**ask(input=[{"type": "item_reference", "id": "msg_nowhere"}]))
+    assert unknown.value.body["param"] == "input.0.id"
     oa.responses.delete(second.id)
     with pytest.raises(openai.NotFoundError):
         oa.responses.retrieve(second.id)

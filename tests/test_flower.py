@@ -30,7 +30,7 @@ pytestmark = pytest.mark.e2e
 USER, PASSWORD = "ops", "flower-test-password"
 # Prompts Flower must never show: a task's arguments are the job id, its kind and its size.
 SECRET = "zebra-quartz-prompt"
-LABEL = re.compile(r"job ([0-9a-f]{8}) (chat|completion) (\d+) chars")
+LABEL = re.compile(r"job ([0-9a-f]{8}) (chat|completion) (\d+) chars → (\S+) \((\w+), (\d+) cached\)")
 
 
 def test_refused_where_it_cannot_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
@@ -112,7 +112,7 @@ def stack(
                 (
                     name
                     for name, alive in flower.get("/api/workers", status=1).json().items()
-                    if name.startswith(f"mlxq-{prefix}@") and alive
+                    if name.startswith(f"mlxq-{prefix}.") and alive  # mlxq-<queue>.<worker name>@<host>
                 ),
                 None,
             ),
@@ -158,13 +158,16 @@ def test_flower_lists_tasks_and_workers(stack: tuple[Service, Flower]):
         assert label, f"arguments are not a short label: {task['args']!r}"
         kind = "chat" if job["endpoint"] == "/v1/chat/completions" else "completion"
         assert (label[1], label[2]) == (job["id"][:8], kind)
+        assert (label[4], label[5]) == (job["route"]["worker"], job["route"]["reason"])  # where it went, and why
         assert task["kwargs"] in ("{}", "")
     assert SECRET not in json.dumps(tasks)
 
     # Asked live (a broadcast to the workers), the worker says what it runs and what it consumes.
     workers = flower.get("/api/workers", refresh=1).json()
     assert "mlxq.generate" in workers[flower.worker]["registered"]
-    assert [q["name"] for q in workers[flower.worker]["active_queues"]] == [svc.env["MLXQ_QUEUE"]]
+    # Its own queue (mlxq.delivery routes each job to one worker).
+    (queue,) = [q["name"] for q in workers[flower.worker]["active_queues"]]
+    assert queue.startswith(svc.env["MLXQ_QUEUE"] + ".w.")
 
     for auth in (None, (USER, "wrong")):
         assert flower.get("/api/tasks", auth=auth).status_code == 401

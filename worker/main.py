@@ -88,7 +88,7 @@ def run(settings: Settings | None = None, loglevel: str = "INFO") -> None:
         "--without-gossip",
         "--without-mingle",
         "-n",
-        f"mlxq-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}@%h",  # unique, as the worker's name is
+        f"mlxq-{settings.queue}.{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}@%h",  # unique, as the worker's name is
     ]
     if not settings.uses_redis:
         argv.append("--without-heartbeat")

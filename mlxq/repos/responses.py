@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import delete
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from mlxq.repos import jobs
@@ -48,6 +48,14 @@ def get_response(*, session: Session, response_id: str) -> tuple[StoredResponse,
     if row is None:
         return None
     return row, session.get(Job, row.job_id)
+
+
+def recent_responses(*, session: Session, owner: str | None, limit: int) -> list[tuple[StoredResponse, Job | None]]:
+    """`owner`'s stored responses, newest first, with their jobs (None once retention removed one)."""
+    query = select(StoredResponse).order_by(StoredResponse.created_at.desc()).limit(limit)
+    if owner is not None:
+        query = query.where(StoredResponse.owner == owner)
+    return [(row, session.get(Job, row.job_id)) for row in session.scalars(query)]
 
 
 def cancel_response(*, session: Session, response_id: str) -> bool:

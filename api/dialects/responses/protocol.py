@@ -5,7 +5,8 @@ Unknown fields are allowed (the API grows with each SDK release). What the shape
 the models, so the 400 names the field: an input item of a type this server cannot read (hosted tools' calls,
 images and files: the model is text-only), a message of another role, a `tool_choice` naming a hosted tool.
 What needs the whole conversation is refused by `to_openai` with an `APIError` naming the field: an output whose
-`call_id` answers no earlier call, an `item_reference` (only `previous_response_id` is resolved, by the route),
+`call_id` answers no earlier call, an `item_reference` left unresolved (the route resolves each to the stored
+item it names, api.dialects.responses.stored.resolve_references),
 two tools of one name, `prompt` templates and `conversation` objects (stored on OpenAI's side).
 
 Accepted and dropped, since they change nothing here: `reasoning` items and the `reasoning` config (the served
@@ -179,7 +180,7 @@ class ReasoningItem(ResponsesBaseModel):
 
 
 class ItemReference(ResponsesBaseModel):
-    """A stored item by id: accepted in shape, refused by `to_openai` (only `previous_response_id` resolves)."""
+    """A stored item by id: the route replaces it with that item (api.dialects.responses.stored)."""
 
     type: Literal["item_reference"] | None = None
     id: str

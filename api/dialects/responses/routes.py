@@ -84,6 +84,7 @@ async def create_response(
     started = time.perf_counter()
     if body.background and body.store is False:
         raise APIError(400, "A background response is stored: it cannot have store: false.", param="store")
+    body = await stored.resolve_references(services, body, owner)
     previous = await stored.previous_items(services, body.previous_response_id, owner)
     with responses_params():
         twin = parse("/v1/chat/completions", to_openai(body, previous=previous))
@@ -120,6 +121,7 @@ async def count_input_tokens(body: InputTokensRequest, services: ServicesDep, ow
     previous = await stored.previous_items(services, body.previous_response_id, owner)
     raw = body.model_dump(by_alias=True, exclude_none=True)
     request = ResponsesRequest.model_validate({**raw, "model": body.model or services.settings.model_name})
+    request = await stored.resolve_references(services, request, owner)
     with responses_params():
         twin = parse(
             "/v1/chat/completions", {**to_openai(request, previous=previous), "max_tokens": 1, "temperature": 0}

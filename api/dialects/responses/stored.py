@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from api.dialects.responses.protocol import ResponsesRequest, hosted_tools
+from api.dialects.responses.protocol import ItemReference, ResponsesRequest, hosted_tools
 from api.dialects.responses.render import failed_response, item_id, new_response_id, output_items, response_object
 from api.errors import APIError
 from api.services import Services
@@ -137,6 +137,53 @@ def input_items(context: ResponseContext) -> list[dict[str, Any]]:
 
 def _dumped(items: list[Any]) -> list[dict[str, Any]]:
     return [item.model_dump(by_alias=True, exclude_none=True) for item in items]
+
+
+# How many of a key's newest stored responses an `item_reference` is looked for in.
+REFERENCE_SCAN = 500
+
+
+async def resolve_references(services: Services, body: ResponsesRequest, owner: str | None) -> ResponsesRequest:
+    """`body` with each `item_reference` input item replaced by the stored item it names: an input or output
+    item of one of this key's stored responses (the newest REFERENCE_SCAN), as `input_items.list` and the
+    response object show them. An id that names none is a 400 naming the item."""
+    items = body.input if isinstance(body.input, list) else []
+    wanted = {item.id for item in items if isinstance(item, ItemReference)}
+    if not wanted:
+        return body
+    found = await asyncio.to_thread(_stored_items, services, wanted, owner)
+    resolved = []
+    for i, item in enumerate(items):
+        if isinstance(item, ItemReference):
+            if item.id not in found:
+                raise APIError(
+                    400,
+                    f"No stored item with id '{item.id}' (item_reference).",
+                    param=f"input.{i}.id",
+                    code="not_found",
+                )
+            resolved.append(found[item.id])
+        else:
+            resolved.append(item.model_dump(by_alias=True, exclude_none=True))
+    return ResponsesRequest.model_validate({**body.model_dump(by_alias=True, exclude_none=True), "input": resolved})
+
+
+def _stored_items(services: Services, wanted: set[str], owner: str | None) -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = {}
+    with services.sessions() as session:
+        stored_rows = responses.recent_responses(session=session, owner=owner, limit=REFERENCE_SCAN)
+    for row, job in stored_rows:
+        context = context_of(row)
+        items = input_items(context)
+        if job is not None and job.status == JobStatus.SUCCEEDED:
+            items += output_items(job.result or {}, response_id=context.id, request=context.request)
+        for item in items:
+            if item.get("id") in wanted and item["id"] not in found:
+                # As an input item: the output's status and ids are not part of what the model reads.
+                found[item["id"]] = {k: v for k, v in item.items() if k != "status"}
+        if len(found) == len(wanted):
+            break
+    return found
 
 
 async def previous_items(services: Services, response_id: str | None, owner: str | None) -> list[dict[str, Any]]:
