@@ -147,10 +147,40 @@ class FunctionCallItem(ResponsesBaseModel):
     namespace: str | None = None
 
 
+class MediaPart(ResponsesBaseModel):
+    """An image, file or audio part of a tool's output (Codex's `view_image`): the model is text-only, so it
+    reads a note in its place. Refusing it instead would refuse every later turn, which sends the history again."""
+
+    type: Literal["input_image", "input_file", "input_audio"]
+
+    @property
+    def note(self) -> str:
+        return f"[{self.type.removeprefix('input_')} omitted: this model reads text only]"
+
+
+def _output_part_kind(part: Any) -> str:
+    kind = _field(part, "type")
+    return "media" if kind in ("input_image", "input_file", "input_audio") else _part_kind(part)
+
+
+OutputPart = Annotated[
+    Annotated[TextPart, Tag("text")]
+    | Annotated[RefusalPart, Tag("refusal")]
+    | Annotated[MediaPart, Tag("media")]
+    | Annotated[UnsupportedPart, Tag("other")],
+    Discriminator(_output_part_kind),
+]
+# A tool's output: a string or parts, media among them.
+OutputContent = Annotated[
+    Annotated[str, Tag("string")] | Annotated[list[OutputPart], Tag("array")],
+    one_of("Input should be a string or a list of content parts"),
+]
+
+
 class FunctionCallOutputItem(ResponsesBaseModel):
     type: Literal["function_call_output"]
     call_id: str
-    output: Content
+    output: OutputContent
     id: str | None = None
     status: str | None = None
 
@@ -167,7 +197,7 @@ class CustomToolCallItem(ResponsesBaseModel):
 class CustomToolCallOutputItem(ResponsesBaseModel):
     type: Literal["custom_tool_call_output"]
     call_id: str
-    output: Content
+    output: OutputContent
     id: str | None = None
 
 
@@ -517,9 +547,11 @@ def _text(content: str | list[Any]) -> str | list[dict[str, Any]]:
     if isinstance(content, str):
         return content
     parts = [
-        {"type": "text", "text": part.text if isinstance(part, TextPart) else part.refusal}
+        {"type": "text", "text": part.text if isinstance(part, TextPart) else part.note}
+        if isinstance(part, TextPart | MediaPart)
+        else {"type": "text", "text": part.refusal}
         for part in content
-        if isinstance(part, TextPart | RefusalPart)
+        if isinstance(part, TextPart | RefusalPart | MediaPart)
     ]
     return parts or ""
 
