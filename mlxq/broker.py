@@ -30,7 +30,7 @@ from kombu.transport.sqlalchemy import Transport as _SQLTransport
 from kombu.utils import cached_property
 from kombu.utils.encoding import bytes_to_str
 from sqlalchemy import create_engine, event, inspect, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from mlxq.bell import Bell, Listener, get_bell, sql_bell_name
 
@@ -88,6 +88,16 @@ class Channel(_SQLChannel):
                 db.execute(f"DELETE FROM {self.message_tablename} WHERE visible = 0")
                 self._db = db
         return self._db
+
+    def _get_or_create(self, queue: str) -> Any:
+        """kombu's, safe across processes: its lock is per process, so two processes declaring a new queue at
+        once (a new worker's own queue: the worker consumes it while the api or the worker itself sends to it)
+        race to insert it, and the loser finds the winner's row instead of failing."""
+        try:
+            return super()._get_or_create(queue)
+        except IntegrityError:
+            self.session.rollback()
+            return self.session.query(self.queue_cls).filter(self.queue_cls.name == queue).one()
 
     def _queue_id(self, queue: str) -> int:
         queue_id = self._queue_ids.get(queue)
