@@ -76,6 +76,11 @@ def _check_chat(body: ChatCompletionRequest, settings: Settings) -> None:
 GRAMMAR_CHECK_S = 5.0
 
 
+# Grammars whose check ran past GRAMMAR_CHECK_S (by key, oldest first): the thread that checks one cannot be
+# stopped, so a repeat is refused without starting another.
+_TOO_SLOW: dict[str, None] = {}
+
+
 @functools.lru_cache(maxsize=256)
 def _grammar_problem(constraint: Constraint) -> str | None:
     return problem(constraint)  # by the constraint's grammar: a batch's one schema is checked once
@@ -90,10 +95,17 @@ async def check_grammar(canonical: dict[str, Any]) -> None:
         raise APIError(400, f"Invalid JSON schema: {exc}", param="response_format") from None
     if constraint is None or not constraint.required:
         return  # nothing to enforce, or best effort: the worker leaves the answer free if it cannot compile
-    try:
-        why = await asyncio.wait_for(asyncio.to_thread(_grammar_problem, constraint), GRAMMAR_CHECK_S)
-    except TimeoutError:
-        why = f"it took longer than {GRAMMAR_CHECK_S:g} s to compile (too complex)"
+    too_slow = f"it took longer than {GRAMMAR_CHECK_S:g} s to compile (too complex)"
+    if constraint.key in _TOO_SLOW:  # refused at once: a repeat must not start another compile that runs on
+        why: str | None = too_slow
+    else:
+        try:
+            why = await asyncio.wait_for(asyncio.to_thread(_grammar_problem, constraint), GRAMMAR_CHECK_S)
+        except TimeoutError:
+            _TOO_SLOW[constraint.key] = None
+            while len(_TOO_SLOW) > 256:
+                _TOO_SLOW.pop(next(iter(_TOO_SLOW)))
+            why = too_slow
     if why:
         raise APIError(
             400,

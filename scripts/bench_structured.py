@@ -121,8 +121,10 @@ def schema_format(schema: dict) -> dict:
     return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
 
 
-def decode(base: str, model: str, content: str, max_tokens: int, response_format: dict | None) -> tuple[int, float]:
-    """One streamed request: (completion tokens, seconds from its first token to its last)."""
+def decode(
+    base: str, model: str, content: str, max_tokens: int, response_format: dict | None
+) -> tuple[int, float, float]:
+    """One streamed request: (completion tokens, when its first token came, when its last came)."""
     body: dict = {
         "model": model,
         "temperature": 0,
@@ -146,7 +148,7 @@ def decode(base: str, model: str, content: str, max_tokens: int, response_format
             elif chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
                 last = time.perf_counter()
                 first = first or last
-    return tokens, last - first
+    return tokens, first, last
 
 
 def round_tok_s(base: str, model: str, max_tokens: int, constrained: bool, tag: int) -> float:
@@ -158,7 +160,8 @@ def round_tok_s(base: str, model: str, max_tokens: int, constrained: bool, tag: 
     prompts = [f"Describe {who} (variant {tag}.{k}). Answer in JSON." for k in range(2) for who in PEOPLE]
     with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
         runs = list(pool.map(lambda p: decode(base, model, p, max_tokens, fmt), prompts))
-    return sum(max(tokens - 1, 0) for tokens, _ in runs) / max(sum(span for _, span in runs) / len(runs), 1e-9)
+    started, ended = min(first for _, first, _ in runs if first), max(last for _, _, last in runs)
+    return sum(max(tokens - 1, 0) for tokens, _, _ in runs) / max(ended - started, 1e-9)
 
 
 def valid(text: str, schema: dict) -> bool:

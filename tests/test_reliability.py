@@ -213,21 +213,25 @@ def test_a_stream_joined_by_another_client_lives_on_when_the_first_goes_away(
 
 
 def test_a_queued_job_whose_message_was_lost_is_sent_again(tmp_path: Path, tiny_model: Path, service_factory):
-    svc = service_factory(service_env(tmp_path, tiny_model, MLXQ_RESEND_AFTER_S="1")).start(worker=False)
+    svc = service_factory(service_env(tmp_path, tiny_model, MLXQ_RESEND_AFTER_S="1")).start()
     client = openai.OpenAI(base_url=f"{svc.base}/v1", api_key="none", timeout=120, max_retries=0)
     request = {**LONG, "max_tokens": 8, "messages": [{"role": "user", "content": "lost"}]}
-    thread, out = in_thread(lambda: client.chat.completions.create(**request))
-    broker = tmp_path / "data" / "broker.sqlite"
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        with sqlite3.connect(broker) as db:
-            if db.execute("SELECT count(*) FROM kombu_message").fetchone()[0]:
-                db.execute("DELETE FROM kombu_message")  # the message is lost (a broker without persistence)
-                break
-        time.sleep(0.05)
-    else:
-        pytest.fail("the task message never reached the broker")
-    svc.procs.append(svc._spawn("worker", "--log-level", "INFO"))
+    worker = svc.procs[1]
+    worker.send_signal(signal.SIGSTOP)  # stopped, it takes nothing from its queue: the message waits there
+    try:
+        thread, out = in_thread(lambda: client.chat.completions.create(**request))
+        broker = tmp_path / "data" / "broker.sqlite"
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            with sqlite3.connect(broker) as db:
+                if db.execute("SELECT count(*) FROM kombu_message").fetchone()[0]:
+                    db.execute("DELETE FROM kombu_message")  # the message is lost (a broker without persistence)
+                    break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the task message never reached the broker")
+    finally:
+        worker.send_signal(signal.SIGCONT)
     thread.join(120)
     assert isinstance(out[0], openai.types.chat.ChatCompletion), out[0]
 
