@@ -186,6 +186,7 @@ class Batcher:
             cache = fetched.cache if fetched is not None else None
             rest = fetched.rest if fetched is not None else seq.prompt
             seq.cached_tokens = fetched.cached_tokens if fetched is not None else 0
+            seq.taken_entry = fetched.taken if fetched is not None else None
             history = seq.prompt[: seq.cached_tokens]
             seq.emit(events.started(len(seq.prompt), seq.cached_tokens))
         # mlx-lm takes None entries (a new cache; the generator's own sampler), though its hints say otherwise.
@@ -261,6 +262,8 @@ class Batcher:
             prefix = self.prefix() if seq.use_prefix_cache else None
             if prefix is not None and cache and tokens:
                 seq.prefix_entry = prefix.insert(list(tokens), cache)
+            if prefix is not None:
+                prefix.release(seq.taken_entry)
             seq.complete()
         except Exception as exc:  # this sequence's failure, not the batch's: its consumer is told, never left waiting
             log.exception("finishing a sequence failed")

@@ -18,6 +18,10 @@ from worker.state import WorkerState
 log = logging.getLogger(__name__)
 
 
+# The shortest time between two heartbeats (one prompted by a finished request, or the regular one).
+PROMPT_BEAT_S = 0.1
+
+
 class Heartbeat:
     def __init__(self, state: WorkerState, prefix_saves: PrefixSaves) -> None:
         self._state = state
@@ -69,7 +73,13 @@ class Heartbeat:
         supervisor = self._state.settings.supervisor_pid
 
         def loop() -> None:
-            while not self._stop.wait(self._state.settings.heartbeat_s):
+            changed = self._state.prefix_index.changed
+            while not self._stop.is_set():
+                # Every heartbeat_s, or sooner when the prefix index changed (at most every PROMPT_BEAT_S).
+                changed.wait(self._state.settings.heartbeat_s)
+                changed.clear()
+                if self._stop.wait(PROMPT_BEAT_S):
+                    return
                 if supervisor and os.getppid() != supervisor:
                     # `mlxq serve` died without stopping us (kill -9): stop as if it had, not live on
                     # as an orphan holding the model's memory.
@@ -85,3 +95,4 @@ class Heartbeat:
 
     def stop(self) -> None:
         self._stop.set()
+        self._state.prefix_index.changed.set()  # wake the loop now

@@ -72,6 +72,7 @@ class Fetched:
     cache: list[Any]
     rest: list[int]
     cached_tokens: int
+    taken: int | None = None  # the entry taken out of the trie for this request (`PrefixCache.release` it)
 
 
 @dataclass
@@ -87,6 +88,9 @@ class PrefixCache:
     # if the file vanished right after it was written.)
     _complete: dict[Path, int | None] = field(default_factory=dict, init=False, repr=False)
     _listed: dict[Path, list[dict[str, Any]]] = field(default_factory=dict, init=False, repr=False)
+    # Entries taken out of the trie by requests in flight: still this worker's (each comes back extended when
+    # its request ends), so routing keeps sending their conversations here (worker.prefix_index).
+    _taken: set[int] = field(default_factory=set, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.lru = LRUPromptCache(max_size=self.max_entries, max_bytes=self.max_bytes)
@@ -94,6 +98,7 @@ class PrefixCache:
     def clear(self) -> None:
         """Drop every entry (an operator's `DELETE /v1/cache/prefix`); the next save empties the disk too."""
         self.lru = LRUPromptCache(max_size=self.max_entries, max_bytes=self.max_bytes)
+        self._taken.clear()
 
     # -- the request path -------------------------------------------------------------------
 
@@ -104,8 +109,12 @@ class PrefixCache:
         inserts the extended cache when it finishes, which would drop that entry anyway. It is copied
         only when one of `others` (prompts still waiting) extends it too, so they can share it.
         """
+        taken = None
         try:
             cache, rest = self._take(tokens, others)
+            if cache is not None:
+                taken = entry_id(tokens[: len(tokens) - len(rest)])
+                self._taken.add(taken)
             if cache is None:
                 cache, rest = self.lru.fetch_nearest_cache(self.key, tokens)
             if cache is not None and not rest:
@@ -124,7 +133,7 @@ class PrefixCache:
         cached = len(tokens) - len(rest)
         self.stats.hits += 1
         self.stats.tokens_saved += cached
-        return Fetched(cache, list(rest), cached)
+        return Fetched(cache, list(rest), cached, taken)
 
     def _take(self, tokens: list[int], others: Iterable[list[int]]) -> tuple[list[Any] | None, list[int]]:
         """Remove and return the entry `tokens` extends, when it is trimmable, the best match and unshared."""
@@ -164,9 +173,16 @@ class PrefixCache:
             self.stats.skips += 1
         return None
 
+    def release(self, taken: int | None) -> None:
+        """The request that took an entry has ended (and inserted what it extended it to)."""
+        if taken is not None:
+            self._taken.discard(taken)
+
     def entry_ids(self) -> set[int]:
-        """The ids of the entries held now. Safe from any thread: each LRU deque is copied whole under the GIL."""
-        return {entry_id(tokens) for lru in list(self.lru._lru._lrus.values()) for _, tokens in list(lru)}
+        """The ids of the entries held now, those in the trie and those taken by requests in flight. Safe from any
+        thread: each LRU deque and the taken set are copied whole under the GIL."""
+        held = {entry_id(tokens) for lru in list(self.lru._lru._lrus.values()) for _, tokens in list(lru)}
+        return held | set(self._taken)
 
     def snapshot(self) -> dict[str, int]:
         return {

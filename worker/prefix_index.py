@@ -22,6 +22,9 @@ class PrefixIndex:
     def __init__(self) -> None:
         self._entries: dict[str, int] = {}  # boundary hash -> the prefix-cache entry (worker.prefix_cache) holding it
         self._lock = threading.Lock()
+        # Set when a request's hashes are recorded: the heartbeat publishes them then, not up to a beat later,
+        # so a session's next turn (often at once) already finds its worker.
+        self.changed = threading.Event()
 
     def record(self, hashes: list[str], entry: int | None) -> None:
         """A finished request's KV went into `entry` (None: it went nowhere)."""
@@ -30,6 +33,7 @@ class PrefixIndex:
         with self._lock:
             for h in hashes:
                 self._entries[h] = entry
+        self.changed.set()
 
     def held(self, entries: set[int]) -> list[str]:
         """The hashes whose entry is among `entries` (what the cache holds now); the others are forgotten."""

@@ -54,6 +54,7 @@ class Sequence:
     stop_sequence: str | None = None
     cached_tokens: int = 0
     prefix_entry: int | None = None  # the prefix-cache entry its KV went into when it finished
+    taken_entry: int | None = None  # the prefix-cache entry it took out of the trie to extend
     generated: list[int] = field(default_factory=list)
     text: str = ""
     shown: int = 0
