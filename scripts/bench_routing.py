@@ -163,7 +163,11 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--turns", type=int, default=5)
     parser.add_argument("--out", default=str(ROOT / "bench_routing.png"))
+    parser.add_argument(
+        "--configs", default="one,load,aware,mlx_lm", help="which of: one, load, aware, mlx_lm (comma-separated)"
+    )
     args = parser.parse_args()
+    chosen = set(args.configs.split(","))
     from worker.pull import pull_builtin
 
     models = ROOT / ".data" / "models"
@@ -172,9 +176,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         configs = [
-            ("one worker", ["w1"], {}),
-            ("two, by load", ["w1", "w2"], {"MLXQ_ROUTING": "load"}),
-            ("two, cache-aware", ["w1", "w2"], {}),
+            (name, workers, env)
+            for key, name, workers, env in [
+                ("one", "one worker", ["w1"], {}),
+                ("load", "two, by load", ["w1", "w2"], {"MLXQ_ROUTING": "load"}),
+                ("aware", "two, cache-aware", ["w1", "w2"], {}),
+            ]
+            if key in chosen
         ]
         joined: dict[str, Any] = {}
         for name, workers, env in configs:
@@ -186,13 +194,15 @@ def main() -> None:
                     joined = join_third(svc, results, run_sessions.histories)  # type: ignore[attr-defined]
             finally:
                 svc.stop()
-        ref, ref_base = start_mlx_lm(model_dir, tmp / "mlx_lm.log", 24)
-        try:
-            rows["mlx_lm.server"] = summary(run_sessions(ref_base, str(model_dir), args.sessions, args.turns, False))
-        finally:
-            ref.terminate()
-            ref.wait(timeout=20)
-    one, aware = rows["one worker"], rows["two, cache-aware"]
+        if "mlx_lm" in chosen:
+            ref, ref_base = start_mlx_lm(model_dir, tmp / "mlx_lm.log", 24)
+            try:
+                sessions = run_sessions(ref_base, str(model_dir), args.sessions, args.turns, False)
+                rows["mlx_lm.server"] = summary(sessions)
+            finally:
+                ref.terminate()
+                ref.wait(timeout=20)
+    one, aware = rows.get("one worker"), rows.get("two, cache-aware")
     plot(rows, Path(args.out))
     print(
         json.dumps(
@@ -204,7 +214,9 @@ def main() -> None:
                 "rows": rows,
                 "cache_aware_over_one_worker_later_ttft": round(
                     aware["later_turns_median_ttft_ms"] / one["later_turns_median_ttft_ms"], 3
-                ),
+                )
+                if one and aware
+                else None,
                 "third_worker_joins": joined,
                 "plot": args.out,
             }
