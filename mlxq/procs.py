@@ -33,10 +33,16 @@ class Service:
         self.procs: list[subprocess.Popen] = []
         self.starts = 0
 
-    def _spawn(self, *args: str) -> subprocess.Popen:
-        log = open(self.log_dir / f"{args[0]}-{self.starts}.log", "a")  # a respawn appends to the same log
+    def _spawn(self, *args: str, name: str | None = None, **env: str) -> subprocess.Popen:
+        """`mlxq <args>` with this service's environment (and `env`), logging to <name or command>-<start>.log
+        (a respawn appends to the same log)."""
+        log = open(self.log_dir / f"{name or args[0]}-{self.starts}.log", "a")
         return subprocess.Popen(
-            [sys.executable, "-m", "cli", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+            [sys.executable, "-m", "cli", *args],
+            env={**self.env, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
         )
 
     def start(self, *, worker: bool = True, wait_model: bool = True) -> Service:
@@ -50,14 +56,7 @@ class Service:
     def add_worker(self, name: str, **env: str) -> subprocess.Popen:
         """Another worker of this service, named `name` (MLXQ_WORKER_NAME), with its own MLXQ_* overrides (another
         model, say); stopped with the service."""
-        log = open(self.log_dir / f"worker-{name}.log", "a")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cli", "worker", "--log-level", "INFO"],
-            env={**self.env, "MLXQ_WORKER_NAME": name, **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
+        proc = self._spawn("worker", "--log-level", "INFO", name=f"worker-{name}", **{"MLXQ_WORKER_NAME": name, **env})
         self.procs.append(proc)
         return proc
 
