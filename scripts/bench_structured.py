@@ -100,7 +100,7 @@ TASKS = [
 ]
 
 
-def ask(base: str, model: str, content: str, max_tokens: int, response_format: dict | None) -> tuple[str, int]:
+def ask(base: str, model: str, content: str, max_tokens: int, response_format: dict | None) -> tuple[str, str]:
     body: dict = {
         "model": model,
         "temperature": 0,
@@ -114,7 +114,7 @@ def ask(base: str, model: str, content: str, max_tokens: int, response_format: d
     )
     r.raise_for_status()
     data = r.json()
-    return data["choices"][0]["message"]["content"] or "", int(data["usage"]["completion_tokens"])
+    return data["choices"][0]["message"]["content"] or "", data["choices"][0]["finish_reason"]
 
 
 def schema_format(schema: dict) -> dict:
@@ -172,15 +172,21 @@ def valid(text: str, schema: dict) -> bool:
     return True
 
 
-def validity(base: str, model: str, max_tokens: int, *, enforced: bool) -> float:
+def validity(base: str, model: str, max_tokens: int, *, enforced: bool) -> tuple[float, float, int]:
     """The share of valid answers over SCHEMAS x 3 prompts: enforced (response_format), or the schema in the prompt."""
     results = []
     for schema, task in zip(SCHEMAS, TASKS, strict=True):
         for who in PEOPLE[:3]:
             prompt = task.format(who=who) + f" Answer only with JSON matching this schema: {json.dumps(schema)}"
-            text, _ = ask(base, model, prompt, max_tokens * 2, schema_format(schema) if enforced else None)
-            results.append(valid(text, schema))
-    return sum(results) / len(results)
+            text, finish = ask(base, model, prompt, max_tokens * 2, schema_format(schema) if enforced else None)
+            results.append((valid(text, schema), finish == "length"))
+    finished = [ok for ok, cut in results if not cut]
+    # (valid share of all answers, of those that finished, answers cut by max_tokens: a grammar cannot close those)
+    return (
+        sum(ok for ok, _ in results) / len(results),
+        sum(finished) / max(len(finished), 1),
+        len(results) - len(finished),
+    )
 
 
 def plot(out: Path, figures: dict) -> None:
@@ -228,15 +234,19 @@ def main() -> None:
             for n in range(args.rounds):  # alternating, so both see the same machine
                 free.append(round_tok_s(server.base, server.model, args.max_tokens, False, n))
                 constrained.append(round_tok_s(server.base, server.model, args.max_tokens, True, n))
-            valid_mlxq = validity(server.base, server.model, args.max_tokens, enforced=True)
+            valid_mlxq, finished_mlxq, cut_mlxq = validity(server.base, server.model, args.max_tokens, enforced=True)
         with mlx_lm_server(model_dir, tmp_path, args.max_tokens * 2) as baseline:
-            valid_mlx_lm = validity(baseline.base, baseline.model, args.max_tokens, enforced=False)
+            valid_mlx_lm, finished_mlx_lm, cut_mlx_lm = validity(
+                baseline.base, baseline.model, args.max_tokens, enforced=False
+            )
     figures = {
         "free_tok_s": round(statistics.median(free), 1),
         "constrained_tok_s": round(statistics.median(constrained), 1),
         "ratio": round(statistics.median(constrained) / statistics.median(free), 3),
         "valid_mlxq": round(valid_mlxq, 3),
         "valid_mlx_lm": round(valid_mlx_lm, 3),
+        "valid_of_finished": {"mlxq": round(finished_mlxq, 3), "mlx_lm": round(finished_mlx_lm, 3)},
+        "cut_by_max_tokens": {"mlxq": cut_mlxq, "mlx_lm": cut_mlx_lm},
         "rounds": args.rounds,
         "max_tokens": args.max_tokens,
     }
