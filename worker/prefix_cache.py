@@ -91,6 +91,10 @@ class PrefixCache:
     # Entries taken out of the trie by requests in flight: still this worker's (each comes back extended when
     # its request ends), so routing keeps sending their conversations here (worker.prefix_index).
     _taken: set[int] = field(default_factory=set, init=False, repr=False)
+    # Each entry's id by the token list the LRU holds it under (kept with the list, so an id() is never reused):
+    # the heartbeat asks for the ids often (after every finished request), and hashing every entry's tokens each
+    # time would cost milliseconds per beat.
+    _ids: dict[int, tuple[list[int], int]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.lru = LRUPromptCache(max_size=self.max_entries, max_bytes=self.max_bytes)
@@ -181,8 +185,13 @@ class PrefixCache:
     def entry_ids(self) -> set[int]:
         """The ids of the entries held now, those in the trie and those taken by requests in flight. Safe from any
         thread: each LRU deque and the taken set are copied whole under the GIL."""
-        held = {entry_id(tokens) for lru in list(self.lru._lru._lrus.values()) for _, tokens in list(lru)}
-        return held | set(self._taken)
+        known, fresh = self._ids, {}
+        for lru in list(self.lru._lru._lrus.values()):
+            for _, tokens in list(lru):
+                seen = known.get(id(tokens))
+                fresh[id(tokens)] = seen if seen is not None and seen[0] is tokens else (tokens, entry_id(tokens))
+        self._ids = fresh
+        return {h for _, h in fresh.values()} | set(self._taken)
 
     def snapshot(self) -> dict[str, int]:
         return {
