@@ -114,6 +114,9 @@ def _worker(w: Worker, routed: tuple[int, int]) -> dict[str, Any]:
             "kv_tokens": batch.get("tokens", 0),
         },
         "prefix_entries": prefix.get("entries", 0),
+        # Bytes: the budget (MLXQ_MEMORY_GB) and its shares, what each part holds now, MLX's active, cache and
+        # peak memory, and the process's RSS, which stays within budget + allowance.
+        "memory": stats.get("memory") or {},
         "prefix_index": len(stats.get("prefix_index") or ()),
         # Of the jobs kept (MLXQ_JOB_RETENTION_S): how many were routed here, how many to a prefix it held.
         "routed": routed[0],

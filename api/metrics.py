@@ -99,6 +99,15 @@ class _Snapshot(Collector):
             for name, family in per_worker.items():
                 family.add_metric([worker["id"], worker["model"]], values[name])
         yield from per_worker.values()
+        memory = GaugeMetricFamily(
+            "mlxq_worker_memory_bytes",
+            "A worker's memory budget and each part: its limits, what each holds, MLX's counts and the RSS",
+            labels=[*labels, "part"],
+        )
+        for worker in snap["workers"]:
+            for part, value in (worker.get("memory") or {}).items():
+                memory.add_metric([worker["id"], worker["model"], part], value)
+        yield memory
 
 
 class Metrics:

@@ -73,15 +73,19 @@ class Settings(BaseSettings):
     heartbeat_s: float = 2.0
     # SSE keepalive comment interval while a streamed job waits or prefills.
     sse_keepalive_s: float = 5.0
-    # Prefix-trie KV cache in the worker: entries, memory bound (MB; 0 = an eighth of RAM, at most
-    # 4 GiB), disk bound for persistence (MB; 0 = same as memory), and how often it is saved.
+    # The worker's memory budget (GB of MLX memory: weights, KV in flight, prefix cache, prefill, buffer cache;
+    # the process's own Python memory comes on top, as /health's allowance). 0: on macOS MLX's recommended
+    # working set, elsewhere the machine's memory less a quarter (at least 2 GB). Per worker process.
+    memory_gb: float = Field(default=0.0, ge=0)
+    # Prefix-trie KV cache in the worker: entries, memory bound (MB; 0 = its share of the memory budget),
+    # disk bound for persistence (MB; 0 = same as memory), and how often it is saved.
     prefix_cache: bool = True
     prefix_cache_size: int = 16
     prefix_cache_mb: int = 0
     prefix_cache_disk_mb: int = 0
     prefix_cache_save_s: float = 60.0
     # Continuous batching in the worker: sequences decoded together, the KV tokens they may hold
-    # (prompt + max_tokens of each; 0 = a quarter of RAM's worth), sequences prefilled together,
+    # (prompt + max_tokens of each; 0 = the memory budget's KV share), at most this many prefilled together,
     # and the Celery consumer threads that hand requests to the engine (each waits on one request).
     batch_size: int = Field(default=16, ge=1)
     batch_tokens: int = Field(default=0, ge=0)

@@ -4,17 +4,21 @@ Decoding is memory-bound, so sequences that share a forward pass cost little mor
 engine thread loops over four small steps:
 
 - admit: move waiting sequences into mlx-lm's `BatchGenerator`, interactive before low priority,
-  within `batch_size` sequences and `batch_tokens` KV tokens (prompt + max_tokens each). A sequence
-  that does not fit waits for room; one that could never fit runs when the batch is empty. An
-  interactive sequence that finds the batch full preempts the newest low-priority one, whose KV
-  cache is kept and resumed later, so low-priority work delays it by at most one decoding step
-  plus its own prefill.
+  within `batch_size` sequences and the KV bytes the memory budget gives (`KvLimit`: each sequence
+  reserves prompt + max_tokens, and mlx-lm's batch cache pads every sequence to the longest). A
+  sequence that does not fit waits for room; one that could never fit runs when the batch is empty.
+  An interactive sequence parks the low-priority ones still prefilling (and, when the batch is full,
+  a decoding one), their KV caches kept and resumed later; low-priority prefill is let in about one
+  chunk at a time. So low-priority work delays an interactive request by at most the step in
+  progress plus its own prefill.
 - step: one `BatchGenerator.next()`: one decoding step for the batch and at most one prefill chunk
   (`prefill_step` tokens per sequence) for newcomers, so a long prompt never stalls the others
   for more than a chunk.
 - emit: hand each token to its `Sequence` (text, stop strings, tool-call filter, logprobs, deltas).
 - retire: finished or cancelled sequences leave the batch; their KV cache goes into the prefix
   cache and their consumer is woken.
+- keep within budget: when MLX's memory exceeds the budget (an estimate fell short), the prefix
+  cache is shed and freed buffers returned; a sequence in flight is never failed for it.
 
 Nothing here blocks on I/O: consumers read their sequence's event queue in their own threads. An
 idle engine thread waits on a condition and uses no CPU. A failure inside a step fails the
@@ -29,6 +33,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -38,10 +43,19 @@ from mlx_lm.models.cache import trim_prompt_cache
 
 from mlxq import events
 from mlxq.states import FinishReason
+from worker.memory import Budget, kv_reservation, trim_heap
 from worker.prefix_cache import PrefixCache, cache_offset
 from worker.sequence import Sequence
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KvLimit:
+    """The KV bytes the batch may hold, and what one token of this model's KV takes."""
+
+    bytes: int
+    per_token: int
 
 
 class Batcher:
@@ -51,15 +65,17 @@ class Batcher:
         *,
         eos_ids: list[int],
         batch_size: int,
-        batch_tokens: int,
+        kv: KvLimit,
         prefill_batch_size: int,
         prefill_step: int,
         prefix: Callable[[], PrefixCache | None],
+        budget: Budget,
     ) -> None:
         self.model = model
         self.eos_ids = eos_ids
         self.batch_size = batch_size
-        self.batch_tokens = batch_tokens
+        self.kv = kv
+        self.budget = budget
         self.prefill_batch_size = min(prefill_batch_size, batch_size)
         self.prefill_step = prefill_step
         self.prefix = prefix
@@ -70,6 +86,7 @@ class Batcher:
         self._gen: BatchGenerator | None = None
         self._stopping = False
         self.preempted = 0
+        self.sheds = 0  # times the prefix cache was shed to get back within the budget
         self._thread = threading.Thread(target=self._run, name="mlxq-engine", daemon=True)
         self._thread.start()
 
@@ -94,7 +111,9 @@ class Batcher:
                 "active": len(self._active),
                 "waiting": sum(len(q) for q in self._waiting.values()),
                 "tokens": self._tokens_in_flight(),
+                "kv_bytes": self._kv_bytes(),
                 "preempted": self.preempted,
+                "sheds": self.sheds,
             }
 
     def stop(self) -> None:
@@ -127,6 +146,7 @@ class Batcher:
                 if self._active:
                     self._step()
                 self._retire_cancelled()
+                self._keep_within_budget()
             except Exception as exc:
                 log.exception("batch step failed; failing %d sequences", len(self._active))
                 for seq in list(self._active.values()):
@@ -137,7 +157,7 @@ class Batcher:
             seq.fail(RuntimeError("the engine stopped"))
 
     def _new_generator(self, stream: Any) -> BatchGenerator:
-        return BatchGenerator(
+        gen = BatchGenerator(
             self.model,
             stop_tokens=[[t] for t in self.eos_ids],
             completion_batch_size=self.batch_size,
@@ -145,16 +165,28 @@ class Batcher:
             prefill_step_size=self.prefill_step,
             stream=stream,
         )
+        self.budget.apply()  # mlx-lm's generator sets the wired limit to the machine's; the budget's holds
+        return gen
 
     # -- admit -------------------------------------------------------------------------------
 
     def _tokens_in_flight(self) -> int:
         return sum(seq.budget for seq in self._active.values())
 
+    def _kv_bytes(self, extra: Sequence | None = None) -> int:
+        seqs = [*self._active.values(), *([extra] if extra is not None else [])]
+        return kv_reservation(max((s.budget for s in seqs), default=0), len(seqs), self.kv.per_token)
+
     def _fits(self, seq: Sequence) -> bool:
         if not self._active:
             return True
-        return len(self._active) < self.batch_size and self._tokens_in_flight() + seq.budget <= self.batch_tokens
+        return len(self._active) < self.batch_size and self._kv_bytes(seq) <= self.kv.bytes
+
+    def _low_prefill_room(self, seq: Sequence) -> bool:
+        """Low-priority prefill goes about one chunk per step (several short prompts together), so the step an
+        interactive request may find in progress stays short."""
+        pending = sum(s.prefilling for s in self._active.values() if s.priority == "low" and s.prefilling)
+        return pending == 0 or pending + len(seq.prompt) <= self.prefill_step
 
     def _admit(self) -> None:
         while True:
@@ -163,6 +195,10 @@ class Batcher:
                 if not queue:
                     return
                 seq = queue[0]
+                if seq.priority == "interactive" and not seq.cancelled.is_set():
+                    self._park_low_prefills()
+                elif not seq.cancelled.is_set() and not self._low_prefill_room(seq):
+                    return
                 if not seq.cancelled.is_set() and not self._fits(seq):
                     if seq.priority == "low" or not self._preempt_low():
                         return
@@ -201,17 +237,27 @@ class Batcher:
             logits_processors=[seq.processors],
         )
         seq.admitted_at = time.monotonic()
+        seq.prefilling = len(rest)
         self._active[seq.uid] = seq
 
     def _preempt_low(self) -> bool:
         """Make room for an interactive sequence: park a low-priority one with its KV cache, the one parked
         least often so far (the newest among those): always the newest would park the same line each
         time, leaving it to finish alone at the end of a batch."""
-        assert self._gen is not None
         low = [s for s in self._active.values() if s.priority == "low"]
         if not low:
             return False
-        seq = min(low, key=lambda s: (s.preemptions, -s.admitted_at))
+        self._park(min(low, key=lambda s: (s.preemptions, -s.admitted_at)))
+        return True
+
+    def _park_low_prefills(self) -> None:
+        """An interactive prompt is prefilled ahead of low-priority ones: those still prefilling step aside."""
+        for seq in [s for s in self._active.values() if s.priority == "low" and s.prefilling]:
+            self._park(seq)
+
+    def _park(self, seq: Sequence) -> None:
+        """Take a low-priority sequence out of the batch with its KV cache; it resumes from there later."""
+        assert self._gen is not None
         seq.preemptions += 1
         uid = seq.uid
         assert uid is not None  # every active sequence has one
@@ -222,13 +268,14 @@ class Batcher:
         if cache_offset(cache) != len(tokens) or keep <= 0:
             cache = None  # nothing usable: prefill again from the start
             keep = 0
-        elif len(tokens) > keep:
-            trim_prompt_cache(cache, len(tokens) - keep)
+        else:
+            if len(tokens) > keep:
+                trim_prompt_cache(cache, len(tokens) - keep)
+            mx.eval([c.state for c in cache])  # its own bytes, not a lazy slice pinning the batch's buffer
         seq.resume, seq.uid = (cache, keep), None
         self.preempted += 1
         self._waiting["low"].appendleft(seq)
         log.info("preempted a low-priority sequence (%d tokens kept) for an interactive request", keep)
-        return True
 
     # -- step and emit -----------------------------------------------------------------------
 
@@ -238,12 +285,30 @@ class Batcher:
         for p in prompt_responses:
             seq = self._active.get(p.uid)
             done, total = p.progress
+            if seq is not None:
+                seq.prefilling = 0 if p.end_of_prompt else total - done
             if seq is not None and not p.end_of_prompt and total > self.prefill_step:
                 seq.emit(events.progress(done, total))
         for r in responses:
             seq = self._active[r.uid]
+            seq.prefilling = 0
             if seq.add_token(r.token, r.logprobs, r.finish_reason):
                 self._retire(seq, r.prompt_cache, r.all_tokens)
+
+    # -- keep within budget ------------------------------------------------------------------
+
+    def _keep_within_budget(self) -> None:
+        """Over budget (an estimate fell short, or the weights grew): shed the prefix cache, least recent first,
+        and hand freed buffers back. Sequences in flight keep running."""
+        over = mx.get_active_memory() + mx.get_cache_memory() - self.budget.total
+        prefix = self.prefix()
+        if over <= 0 or prefix is None or not prefix.lru.nbytes:
+            return
+        prefix.lru.trim_to(n_bytes=max(int(prefix.lru.nbytes) - over, 0))
+        mx.clear_cache()
+        trim_heap()
+        self.sheds += 1
+        log.warning("over the memory budget by %d MB: prefix cache shed to %d MB", over >> 20, prefix.lru.nbytes >> 20)
 
     # -- retire ------------------------------------------------------------------------------
 

@@ -21,9 +21,22 @@ from mlxq.contract import GenerationResult, JobError, JobKind, Priority, job_err
 from mlxq.events import Event
 from mlxq.grammar import constraint_for
 from mlxq.weights import fingerprint
-from worker.batcher import Batcher
+from worker.batcher import Batcher, KvLimit
 from worker.constrained import GrammarError, Grammars
-from worker.prefix_cache import PrefixCache, default_bytes
+from worker.memory import (
+    ALLOWANCE_SLACK,
+    Budget,
+    check_fits,
+    default_budget,
+    mlx_memory,
+    parameters,
+    peak_rss,
+    prefill_bytes_per_token,
+    prefill_sizes,
+    rss,
+    weights_bytes,
+)
+from worker.prefix_cache import PrefixCache
 from worker.sequence import Sampler, Sequence
 from worker.tool_parse import ModelToolFormat, ToolStreamFilter, model_tool_format
 from worker.tool_prompt import prepare_chat, template_knows_tools
@@ -48,7 +61,8 @@ class RequestError(Exception):
 
 @dataclass(frozen=True)
 class BatchLimits:
-    """Sequences decoded together, KV tokens they may hold (0 = a quarter of RAM), sequences prefilled together."""
+    """Sequences decoded together, KV tokens they may hold (0 = what the memory budget's KV share holds), and at
+    most this many sequences prefilled together (fewer when the budget's prefill share is small)."""
 
     size: int = 16
     tokens: int = 0
@@ -86,7 +100,13 @@ def _model_key(path: Path) -> ModelKey:
 
 class Engine:
     def __init__(
-        self, model: nn.Module, tokenizer: Any, key: ModelKey, context_length: int, batch: BatchLimits | None = None
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        key: ModelKey,
+        context_length: int,
+        batch: BatchLimits | None = None,
+        budget: Budget | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -101,9 +121,20 @@ class Engine:
         self.vocab_size = _vocab_size(model, tokenizer)
         # mlx-lm's TokenizerWrapper holds the HF fast tokenizer llguidance reads.
         self.grammars = Grammars(getattr(tokenizer, "_tokenizer", tokenizer), self.vocab_size)
+        self.budget = budget or Budget.split(default_budget(), weights_bytes(model), rss() + ALLOWANCE_SLACK)
+        self.kv_per_token = self._kv_bytes_per_token()
+        # The longest a sequence's KV can be: what prefill's working set is sized for.
+        longest = min(context_length, max(self.budget.kv // self.kv_per_token, 1))
+        on_cpu = _on_cpu()
+        itemsize = next(iter(v.dtype.size for v in parameters(model)), 4)
+        per_token = prefill_bytes_per_token(getattr(model, "args", None), longest, itemsize, on_cpu)
+        self.prefill_step, self.prefill_sequences = prefill_sizes(
+            self.budget.prefill, per_token, chunk=PREFILL_STEP, sequences=self.batch.prefill
+        )
 
-    def enable_prefix_cache(self, *, max_entries: int, max_bytes: int) -> PrefixCache:
-        self.prefix = PrefixCache(self.model, self.key, max_entries, max_bytes)
+    def enable_prefix_cache(self, *, max_entries: int, max_bytes: int | None = None) -> PrefixCache:
+        """The prefix cache, bounded by `max_bytes` or else by the memory budget's prefix share."""
+        self.prefix = PrefixCache(self.model, self.key, max_entries, max_bytes or self.budget.prefix)
         return self.prefix
 
     def save_prefix_cache(self, directory: Path, max_bytes: int) -> int:
@@ -112,10 +143,15 @@ class Engine:
         return self.batcher.call(lambda: prefix.save(directory, max_bytes)) if prefix is not None else 0
 
     @classmethod
-    def load(cls, model: str, batch: BatchLimits | None = None) -> Engine:
+    def load(cls, model: str, batch: BatchLimits | None = None, memory: int = 0, prefix_bytes: int = 0) -> Engine:
+        """Load a model within a memory budget of `memory` bytes (0: the machine's default), `prefix_bytes` of it
+        (0: the budget's share) for the prefix cache. A model that does not fit raises ModelTooLarge."""
         path = Path(model).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"model directory {path} not found (run `mlxq models pull` for the built-in model)")
+        total = memory or default_budget()
+        allowance = rss() + ALLOWANCE_SLACK  # the process before the model: Python, libraries, tokenizer to come
+        check_fits(sum(f.stat().st_size for f in path.glob("*.safetensors")), total, path.name)
         # With return_config=True it is (model, tokenizer, config); mlx-lm's hint is the union of both forms.
         loaded = mlx_load(str(path), return_config=True)
         net, tokenizer, config = cast("tuple[nn.Module, TokenizerWrapper, dict[str, Any]]", loaded)
@@ -125,7 +161,9 @@ class Engine:
             net.set_dtype(mx.float32)
             mx.eval(net.parameters())
         context = int(config.get("max_position_embeddings") or 8192)
-        return cls(net, tokenizer, _model_key(path), context, batch)
+        budget = Budget.split(total, weights_bytes(net), allowance, prefix=prefix_bytes, model=path.name)
+        budget.apply()
+        return cls(net, tokenizer, _model_key(path), context, batch, budget)
 
     def warm_up(self) -> None:
         """One short generation at start, so the first real request does not pay first-run costs."""
@@ -172,10 +210,11 @@ class Engine:
                     self.model,
                     eos_ids=sorted(self.tokenizer.eos_token_ids),
                     batch_size=self.batch.size,
-                    batch_tokens=self.batch.tokens or self._auto_tokens(),
-                    prefill_batch_size=self.batch.prefill,
-                    prefill_step=PREFILL_STEP,
+                    kv=KvLimit(self.kv_limit, self.kv_per_token),
+                    prefill_batch_size=self.prefill_sequences,
+                    prefill_step=self.prefill_step,
                     prefix=lambda: self.prefix,
+                    budget=self.budget,
                 )
             return self._batcher
 
@@ -185,12 +224,30 @@ class Engine:
             self._batcher.stop()
             self._batcher = None
 
-    def _auto_tokens(self) -> int:
-        """KV tokens that fit in a quarter of the machine's memory (at most 8 GiB of KV)."""
+    @property
+    def kv_limit(self) -> int:
+        """Bytes of KV the batch may hold: BatchLimits.tokens of this model's KV, or the budget's KV share."""
+        return self.batch.tokens * self.kv_per_token if self.batch.tokens else self.budget.kv
+
+    def _kv_bytes_per_token(self) -> int:
+        """This model's KV bytes per token, measured on a one-token cache."""
         cache = make_prompt_cache(self.model)
         self.model(mx.array([[0]]), cache=cache)
         per_token = sum(c.nbytes / max(c.keys.shape[2], 1) for c in cache if getattr(c, "keys", None) is not None)
-        return int(default_bytes() * 2 // max(per_token, 1))
+        return max(int(per_token), 1)
+
+    def memory(self) -> dict[str, int]:
+        """The budget, each part's limit and use, MLX's own counts and the process's RSS (/health, /metrics)."""
+        batch = self.batcher.stats() if self._batcher is not None else {"kv_bytes": 0}
+        return {
+            **self.budget.limits(),
+            "kv_in_flight": batch["kv_bytes"],
+            "kv_limit": self.kv_limit,
+            "prefix_cache": int(self.prefix.lru.nbytes) if self.prefix is not None else 0,
+            **mlx_memory(),
+            "rss": rss(),
+            "rss_peak": peak_rss(),
+        }
 
     def submit(
         self,

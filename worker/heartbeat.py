@@ -41,6 +41,7 @@ class Heartbeat:
                 "fingerprint": state.engine.key.revision,
             }
             stats["batch"] = state.engine.batcher.stats()  # its load: what the api routes by (mlxq.delivery)
+            stats["memory"] = state.engine.memory()
             if state.engine.prefix is not None:
                 stats["prefix_cache"] = state.engine.prefix.snapshot()
                 stats["prefix_index"] = state.prefix_index.held(state.engine.prefix.entry_ids())

@@ -47,15 +47,6 @@ LOCK = ".lock"
 ENTRY_SUFFIX = ".safetensors"
 
 
-def default_bytes() -> int:
-    """An eighth of the machine's memory, at most 4 GiB."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        total = 8 << 30
-    return min(total // 8, 4 << 30)
-
-
 @dataclass
 class PrefixStats:
     hits: int = 0
@@ -170,6 +161,10 @@ class PrefixCache:
                 trim_prompt_cache(cache, offset - len(tokens))
             tokens = tokens[:offset]
             if tokens:
+                # mlx-lm hands back the entry as a lazy slice of the whole batch's cache: evaluated now, it holds
+                # its own bytes; left lazy, it would pin the batch's buffer (all sequences, at that step's size)
+                # for as long as it stays cached, memory that no byte count sees.
+                mx.eval([c.state for c in cache])
                 self.lru.insert_cache(self.key, list(tokens), cache)
                 return entry_id(tokens)
         except Exception:

@@ -33,16 +33,13 @@ class PrefixSaves:
         settings, engine = self._state.settings, self._state.engine
         if not settings.prefix_cache:
             return
-        from worker.prefix_cache import default_bytes
-
-        max_bytes = settings.prefix_cache_mb << 20 or default_bytes()
-        prefix = engine.enable_prefix_cache(max_entries=settings.prefix_cache_size, max_bytes=max_bytes)
+        prefix = engine.enable_prefix_cache(max_entries=settings.prefix_cache_size)
         loaded = prefix.load(self.directory)
         self._state.prefix_index.load(self.directory)
         log.info(
             "prefix cache on: %d entries, %d MB; %d entries loaded from disk",
             settings.prefix_cache_size,
-            max_bytes >> 20,
+            prefix.max_bytes >> 20,
             loaded,
         )
         self._saved_at = time.monotonic()

@@ -27,14 +27,20 @@ class Runtime:
     def start(self) -> None:
         """Load the model, then announce the worker (it runs in Celery's main process, before it consumes)."""
         from worker.engine import BatchLimits, Engine
+        from worker.memory import GIB
 
         state, settings = self.state, self.state.settings
         limits = BatchLimits(
             size=settings.batch_size, tokens=settings.batch_tokens, prefill=settings.prefill_batch_size
         )
         try:
-            state.engine = Engine.load(settings.model, limits)
-            log.info("model %s loaded", settings.model)
+            state.engine = Engine.load(
+                settings.model,
+                limits,
+                memory=int(settings.memory_gb * GIB),
+                prefix_bytes=settings.prefix_cache_mb << 20,
+            )
+            log.info("model %s loaded; memory budget (bytes): %s", settings.model, state.engine.budget.limits())
             self.prefix_saves.enable()
             state.engine.warm_up()
         except Exception as exc:  # the worker stays up and reports why, never answers with a fake

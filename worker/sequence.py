@@ -61,6 +61,9 @@ class Sequence:
     finish: FinishReason | None = None
     pending_logprobs: list[dict[str, Any]] = field(default_factory=list)
     all_logprobs: list[dict[str, Any]] = field(default_factory=list)
+    # Prompt tokens still to prefill (0 once the first token is out): the batcher parks low-priority prefill
+    # for an interactive request.
+    prefilling: int = 0
     # A preempted sequence resumes from (KV cache or None, how many tokens of `fed` it holds).
     resume: tuple[list[Any] | None, int] | None = None
 
