@@ -21,8 +21,9 @@ holding the model: mlx_lm.server's own process, and for mlxq the largest-RSS mem
 tree (the worker runs the model in its own process, Celery's pool being threads, so that is the worker itself; the
 largest member stays right should the model ever move to a child). Linux: VmRSS from /proc/<pid>/status, and VmHWM
 (the kernel's peak over the process's life, the model load included) of that process; elsewhere psutil, no VmHWM.
-Peak RSS = max(samples, VmHWM). For mlxq, GET /health every 1 s keeps the last `workers[0].memory` block (budget, allowance, weights,
-kv_in_flight, prefix_cache, mlx_* and rss byte counts, each optional) and each key's maximum.
+Peak RSS = max(samples, VmHWM). For mlxq, GET /health every 1 s keeps the last `workers[0].memory` block (the
+budget as "total" or "budget", allowance, weights, kv_in_flight, prefix_cache, mlx_* and rss byte counts, each
+optional) and each key's maximum.
 
 Reported per configuration: peak and final RSS, tokens/s, wall time, agent later-turn median latency and cached
 tokens, and for mlxq the budget; then, beside mlx_lm.server in the same run, peak RSS mlxq-default / mlx_lm (target
@@ -505,7 +506,7 @@ def summarise_config(
     tokens = sum(sum(r.completion_tokens) for r in rounds)
     prompt = [t for r in rounds for t in r.prompt_tokens]
     memory = poller.last if poller else None
-    budget = (memory or {}).get("budget")
+    budget = (memory or {}).get("budget", (memory or {}).get("total"))  # the worker names its budget "total"
     limit = budget + ((memory or {}).get("allowance") or 0) if isinstance(budget, int | float) else None
     return {
         "server": "mlxq" if target.mlxq else "mlx_lm.server",

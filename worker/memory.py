@@ -43,6 +43,7 @@ ALLOWANCE_SLACK = 256 * MIB
 # Shares of what the weights leave (the rest of the budget): KV in flight, prefix cache, prefill's transient
 # buffers, MLX's buffer cache. They add up to 1.
 KV_SHARE, PREFIX_SHARE, PREFILL_SHARE, BUFFER_SHARE = 0.5, 0.3, 0.15, 0.05
+MAX_BUFFER_CACHE = 256 * MIB
 # mlx-lm's KV caches grow in steps of this many tokens.
 KV_STEP = 256
 
@@ -125,7 +126,8 @@ class Budget:
             kv=kv_and_prefix - prefix,
             prefix=prefix,
             prefill=int(free * PREFILL_SHARE),
-            buffer_cache=int(free * BUFFER_SHARE),
+            # A larger cache of freed buffers saves allocations but holds memory nothing uses.
+            buffer_cache=min(int(free * BUFFER_SHARE), MAX_BUFFER_CACHE),
         )
 
     def apply(self) -> None:
@@ -164,7 +166,7 @@ def prefill_bytes_per_token(args: Any, context: int, itemsize: int, on_cpu: bool
     inter = int(getattr(args, "intermediate_size", 0) or 4 * hidden)
     per_token = (3 * inter + 8 * hidden) * itemsize
     if on_cpu:
-        per_token += 3 * heads * context * 4  # scores, their softmax (float32) and the mask
+        per_token += 2 * heads * context * 4  # the scores and their softmax, in float32
     return per_token
 
 
