@@ -27,7 +27,6 @@ class Runtime:
     def start(self) -> None:
         """Load the model, then announce the worker (it runs in Celery's main process, before it consumes)."""
         from worker.engine import BatchLimits, Engine
-        from worker.memory import GIB
 
         state, settings = self.state, self.state.settings
         limits = BatchLimits(
@@ -37,7 +36,7 @@ class Runtime:
             state.engine = Engine.load(
                 settings.model,
                 limits,
-                memory=int(settings.memory_gb * GIB),
+                memory=self._memory_budget(),
                 prefix_bytes=settings.prefix_cache_mb << 20,
             )
             log.info("model %s loaded; memory budget (bytes): %s", settings.model, state.engine.budget.limits())
@@ -62,6 +61,15 @@ class Runtime:
         self.heartbeat.beat()
         state.delivery.send_waiting()
         self.heartbeat.start()
+
+    def _memory_budget(self) -> int:
+        """MLXQ_MEMORY_GB; else the machine's default, shared evenly by the workers `mlxq serve` runs on this host."""
+        from worker.memory import GIB, default_budget
+
+        settings = self.state.settings
+        if settings.memory_gb:
+            return int(settings.memory_gb * GIB)
+        return default_budget() // (len(settings.served_models) if settings.supervisor_pid else 1)
 
     def begin_shutdown(self) -> None:
         """Interrupt running jobs at once (they go back to the queue) so a stop takes seconds, not as long
