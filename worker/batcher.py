@@ -183,9 +183,11 @@ class Batcher:
         return len(self._active) < self.batch_size and self._kv_bytes(seq) <= self.kv.bytes
 
     def _low_prefill_room(self, seq: Sequence) -> bool:
-        """Low-priority prefill goes about one chunk per step (several short prompts together), so the step an
-        interactive request may find in progress stays short."""
-        pending = sum(s.prefilling for s in self._active.values() if s.priority == "low" and s.prefilling)
+        """Low-priority prefill waits while an interactive prompt prefills, and then goes about one chunk per step
+        (several short prompts together), so the step an interactive request may find in progress stays short."""
+        if any(s.prefilling for s in self._active.values() if s.priority == "interactive"):
+            return False
+        pending = sum(s.prefilling for s in self._active.values() if s.priority == "low")
         return pending == 0 or pending + len(seq.prompt) <= self.prefill_step
 
     def _admit(self) -> None:
