@@ -80,6 +80,15 @@ def rss() -> int:
 
 
 def peak_rss() -> int:
+    """The process's peak resident memory: on Linux the kernel's VmHWM, since ru_maxrss keeps the peak of the
+    process that spawned this one (exec carries it over: a worker started by a large parent reports its peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
