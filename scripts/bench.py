@@ -192,9 +192,10 @@ def health_during_generation(base: str, model: str = BUILTIN_MODEL) -> dict:
     return {"samples": len(lat), "p50_ms": ms(pct(lat, 50)), "p99_ms": ms(pct(lat, 99))}
 
 
-def start_mlx_lm(model_dir: Path, log_path: Path, max_tokens: int) -> tuple[subprocess.Popen, str]:
-    """`mlx_lm.server` on a free port, with the system OpenBLAS preloaded like mlxq's worker; (process, base URL)."""
-    port = free_port()
+def start_mlx_lm(model_dir: Path, log_path: Path, max_tokens: int, port: int = 0) -> tuple[subprocess.Popen, str]:
+    """`mlx_lm.server` on `port` (0: a free one), with the system OpenBLAS preloaded like mlxq's worker, once its
+    /health answers or it has exited (callers check `poll()`); (process, base URL)."""
+    port = port or free_port()
     env = {**os.environ, "LD_PRELOAD": "libopenblas.so.0"} if sys.platform.startswith("linux") else None
     log = open(log_path, "w")
     proc = subprocess.Popen(
@@ -215,12 +216,24 @@ def start_mlx_lm(model_dir: Path, log_path: Path, max_tokens: int) -> tuple[subp
     )
     base = f"http://127.0.0.1:{port}"
     for _ in range(300):
+        if proc.poll() is not None:
+            break
         try:
             if httpx.get(f"{base}/health", timeout=1).status_code == 200:
                 break
         except httpx.HTTPError:
             time.sleep(0.2)
     return proc, base
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM, and SIGKILL after 20 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def run_mode(mode: str, model: Path, engine, tmp: Path) -> dict:

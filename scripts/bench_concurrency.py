@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -48,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench import PG_ADMIN, ms, pct, start_mlx_lm  # noqa: E402
+from bench import PG_ADMIN, ms, pct, start_mlx_lm, stop_process  # noqa: E402
 from bench_agent import f32_copy  # noqa: E402
 
 from mlxq.procs import Service  # noqa: E402
@@ -364,12 +363,7 @@ def mlx_lm_server(model_dir: Path, tmp: Path, max_tokens: int) -> Iterator[Serve
             raise RuntimeError(f"mlx_lm.server exited {proc.returncode}:\n{log.read_text()[-3000:]}")
         yield Server("mlx_lm.server", base, str(model_dir), lambda: [proc.pid])
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 # --- Report ------------------------------------------------------------------------------------

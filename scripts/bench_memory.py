@@ -45,16 +45,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,11 +65,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench import ms  # noqa: E402
+from bench import ms, start_mlx_lm, stop_process  # noqa: E402
 from bench_agent import USERS, f32_copy  # noqa: E402
 from bench_concurrency import process_tree  # noqa: E402
 
-from mlxq.procs import Service, free_port  # noqa: E402
+from mlxq.procs import Service  # noqa: E402
 from mlxq.settings import BUILTIN_MODEL  # noqa: E402
 
 MB = 2**20
@@ -296,41 +294,16 @@ def mlxq_server(name: str, env: dict[str, str], run_dir: Path, port: int) -> Ite
 
 @contextmanager
 def mlx_lm_server(model_dir: Path, run_dir: Path, port: int, max_tokens: int) -> Iterator[Target]:
-    """`python -m mlx_lm.server` as scripts/bench.py's start_mlx_lm starts it (system OpenBLAS preloaded on Linux),
-    on `port` (or a free one), until its /health answers."""
-    port = port or free_port()
-    env = {**os.environ, "LD_PRELOAD": "libopenblas.so.0"} if sys.platform.startswith("linux") else None
+    """`python -m mlx_lm.server` as scripts/bench.py starts it (system OpenBLAS preloaded on Linux), on `port` (or a
+    free one)."""
     log_path = run_dir / "mlx_lm.log"
-    args = ["--model", str(model_dir), "--port", str(port), "--max-tokens", str(max_tokens)]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mlx_lm.server", *args], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_mlx_lm(model_dir, log_path, max_tokens, port=port)
     try:
-        wait_ready(base, lambda: proc.poll() is None, log_path)
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlx_lm.server exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
         yield Target("mlx_lm", base, str(model_dir), proc.pid, mlxq=False)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def wait_ready(base: str, alive: Callable[[], bool], log_path: Path, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if not alive():
-            raise RuntimeError(f"mlx_lm.server exited:\n{log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"mlx_lm.server not ready after {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
+        stop_process(proc)
 
 
 # --- Load --------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from mlx_lm.models.cache import trim_prompt_cache
 from mlxq import events
 from mlxq.states import FinishReason
 from worker.memory import Budget, kv_reservation, trim_heap
-from worker.prefix_cache import PrefixCache, cache_offset
+from worker.prefix_cache import PrefixCache, cache_offset, materialize
 from worker.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,8 @@ class Batcher:
             prefill_step_size=self.prefill_step,
             stream=stream,
         )
-        self.budget.apply()  # mlx-lm's generator sets the wired limit to the machine's; the budget's holds
+        # The budget's limits, set with each generator: mlx-lm's sets the wired limit to the machine's.
+        self.budget.apply()
         return gen
 
     # -- admit -------------------------------------------------------------------------------
@@ -197,14 +198,15 @@ class Batcher:
                 if not queue:
                     return
                 seq = queue[0]
-                if seq.priority == "interactive" and not seq.cancelled.is_set():
-                    self._park_low_prefills()
-                elif not seq.cancelled.is_set() and not self._low_prefill_room(seq):
-                    return
-                if not seq.cancelled.is_set() and not self._fits(seq):
-                    if seq.priority == "low" or not self._preempt_low():
+                if not seq.cancelled.is_set():
+                    if seq.priority == "interactive":
+                        self._park_low_prefills()
+                    elif not self._low_prefill_room(seq):
                         return
-                    continue
+                    if not self._fits(seq):
+                        if seq.priority == "low" or not self._preempt_low():
+                            return
+                        continue
                 queue.popleft()
                 others = [s.prompt for q in self._waiting.values() for s in q]
             if seq.cancelled.is_set():
@@ -273,7 +275,7 @@ class Batcher:
         else:
             if len(tokens) > keep:
                 trim_prompt_cache(cache, len(tokens) - keep)
-            mx.eval([c.state for c in cache])  # its own bytes, not a lazy slice pinning the batch's buffer
+            materialize(cache)
         seq.resume, seq.uid = (cache, keep), None
         self.preempted += 1
         self._waiting["low"].appendleft(seq)

@@ -162,7 +162,6 @@ class Engine:
             mx.eval(net.parameters())
         context = int(config.get("max_position_embeddings") or 8192)
         budget = Budget.split(total, weights_bytes(net), allowance, prefix=prefix_bytes, model=path.name)
-        budget.apply()
         return cls(net, tokenizer, _model_key(path), context, batch, budget)
 
     def warm_up(self) -> None:

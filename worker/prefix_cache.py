@@ -161,10 +161,7 @@ class PrefixCache:
                 trim_prompt_cache(cache, offset - len(tokens))
             tokens = tokens[:offset]
             if tokens:
-                # mlx-lm hands back the entry as a lazy slice of the whole batch's cache: evaluated now, it holds
-                # its own bytes; left lazy, it would pin the batch's buffer (all sequences, at that step's size)
-                # for as long as it stays cached, memory that no byte count sees.
-                mx.eval([c.state for c in cache])
+                materialize(cache)
                 self.lru.insert_cache(self.key, list(tokens), cache)
                 return entry_id(tokens)
         except Exception:
@@ -317,8 +314,7 @@ class PrefixCache:
         if _size(path) != size:  # caught here, before MLX maps the file
             raise ValueError(f"file holds {_size(path)} bytes, manifest lists {size}")
         cache = load_prompt_cache(str(path))
-        # Read it into memory now, not lazily on the first request that hits it.
-        mx.eval([c.state for c in cache])
+        materialize(cache)  # read into memory now, not lazily on the first request that hits it
         if cache_offset(cache) != len(tokens):
             raise ValueError(f"cache holds {cache_offset(cache)} tokens, manifest lists {len(tokens)}")
         self.lru.insert_cache(self.key, tokens, cache)
@@ -409,6 +405,13 @@ def entry_id(tokens: list[int]) -> int:
     """An entry's id: the hash of its tokens (an int tuple's hash is the same in every process, so an index
     saved with the entries still names them after a restart)."""
     return hash(tuple(tokens))
+
+
+def materialize(cache: list[Any]) -> None:
+    """Evaluate a KV cache kept beyond the step that made it, so it holds its own bytes. mlx-lm hands back a
+    sequence's cache as a lazy slice of the whole batch's cache: left lazy, it would pin the batch's buffer (every
+    sequence, at that step's size) for as long as it is kept, memory that no byte count sees."""
+    mx.eval([c.state for c in cache])
 
 
 def cache_offset(cache: list[Any]) -> int | None:
