@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -20,11 +21,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.errors import APIError
 from api.model_info import ModelInfo
 from api.stats import StatsRecorder
-from mlxq.contract import JobKind, Priority
+from mlxq.contract import JobKind
 from mlxq.delivery import BrokerUnavailable, Delivery
 from mlxq.jobspec import CachePolicy, JobSpec
-from mlxq.keys import is_deterministic, request_key
+from mlxq.keys import request_key
 from mlxq.repos import cache_entries, idempotency_keys, jobs
+from mlxq.request import Request
 from mlxq.settings import Settings
 from mlxq.states import CacheOutcome, JobStatus
 from mlxq.weights import local_fingerprint
@@ -44,6 +46,9 @@ class Outcome:
     @property
     def new(self) -> bool:
         return self.job_id is not None and not self.joined and self.cache != CacheOutcome.HIT
+
+
+T = TypeVar("T")
 
 
 class Admission:
@@ -78,29 +83,27 @@ class Admission:
     async def spec_for(
         self,
         kind: JobKind,
-        canonical: dict[str, Any],
+        request: Request,
         *,
         owner: str | None,
         policy: CachePolicy = CachePolicy(),
-        priority: Priority = "interactive",
         stream: bool = False,
-        session: str | None = None,
     ) -> JobSpec:
         """The job spec of one canonical request as `owner` (the API key's id; None with keys off). Callers
         that differ (a submitted job, a batch line) `dataclasses.replace` the fields that say how."""
         namespace = self.namespace(owner)
-        key = request_key(kind, canonical, weights=await self.weights(str(canonical["model"])), namespace=namespace)
-        cacheable = is_deterministic(canonical) or self._settings.cache_sampled
+        key = request_key(kind, request, weights=await self.weights(request.model), namespace=namespace)
+        cacheable = request.deterministic or self._settings.cache_sampled
         return JobSpec(
             key=key,
             kind=kind,
-            canonical=canonical,
+            request=request,
             cache=policy.effective(cacheable),
-            priority=priority,
+            priority=request.priority,
             stream=stream,
             owner=owner,
             namespace=namespace,
-            session=session,
+            session=request.session,
         )
 
     def with_idempotency_key(self, spec: JobSpec, key: str | None) -> JobSpec:
@@ -114,7 +117,8 @@ class Admission:
 
     def decide(self, session: Session, spec: JobSpec) -> Outcome:
         """Inside the caller's transaction: the cached answer, an identical job in flight, or a new job.
-        Raises IntegrityError when an identical job was created at the same moment (the caller retries)."""
+        Raises IntegrityError when an identical job was created at the same moment: run the caller's transaction
+        through `retry_on_conflict`, whose next try joins that job."""
         missed = CacheOutcome.MISS if spec.cache.lookup else CacheOutcome.BYPASS
         if spec.idempotency_key and (
             known := idempotency_keys.job_for_idempotency_key(session=session, key=spec.idempotency_key)
@@ -147,25 +151,36 @@ class Admission:
         job = jobs.create_job(session=session, spec=spec, sent=self._delivery.sends_at_once(spec))
         return Outcome({}, missed, spec.key, job.id)
 
+    def retry_on_conflict(self, transaction: Callable[[], T]) -> T:
+        """Run `transaction` (one transaction that admits through `decide`: a request's, or a whole batch's
+        with its lines), again from the start when it met an identical job (or idempotency key) created at
+        the same moment: the next try finds that one in flight and joins it. The one conflict handling of
+        every admission; 503 after three tries."""
+        for _attempt in range(3):
+            try:
+                return transaction()
+            except IntegrityError:  # rolled back: nothing of this try is left
+                continue
+        raise APIError(503, "Could not enqueue the request; try again.", code="enqueue_conflict")
+
     def _admit(self, spec: JobSpec) -> Outcome:
         """One thread hop and one transaction for the whole decision, then the delivery of its job (routed
         first, so a new job's row names its worker)."""
         spec = self._delivery.route(spec)
-        for _attempt in range(3):
-            try:
-                with self._sessions.begin() as session:
-                    outcome = self.decide(session, spec)
-            except IntegrityError:  # an identical job (or key) was created at the same moment: join it
-                continue
-            if outcome.job_id is not None and (outcome.new or outcome.waiting_for_room):
-                try:  # after the commit, so the worker always finds the row
-                    self._delivery.admitted(
-                        outcome.job_id, spec, new=outcome.new, waiting_for_room=outcome.waiting_for_room
-                    )
-                except BrokerUnavailable as exc:
-                    raise APIError(503, f"The job queue is unavailable: {exc}", code="broker_unavailable") from exc
-            return outcome
-        raise APIError(503, "Could not enqueue the request; try again.", code="enqueue_conflict")
+
+        def decided() -> Outcome:
+            with self._sessions.begin() as session:
+                return self.decide(session, spec)
+
+        outcome = self.retry_on_conflict(decided)
+        if outcome.job_id is not None and (outcome.new or outcome.waiting_for_room):
+            try:  # after the commit, so the worker always finds the row
+                self._delivery.admitted(
+                    outcome.job_id, spec, new=outcome.new, waiting_for_room=outcome.waiting_for_room
+                )
+            except BrokerUnavailable as exc:
+                raise APIError(503, f"The job queue is unavailable: {exc}", code="broker_unavailable") from exc
+        return outcome
 
     async def submit(self, spec: JobSpec) -> Outcome:
         """Admit one request (module doc) and count its cache outcome."""

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from api import batches, cache_admin, errors, files, jobs, ops
-from api.dialects.anthropic import routes as anthropic_routes
-from api.dialects.openai import routes as openai_routes
-from api.dialects.responses import routes as responses_routes
+from api.dialects import registry
+from api.dialects.registry import Dialect
 from api.housekeeping import HouseKeeping
 from api.limits import BodyLimit
 from api.services import Services
@@ -22,8 +21,13 @@ from mlxq.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None, *, migrate: bool = True) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, migrate: bool = True, dialects: Sequence[Dialect] | None = None
+) -> FastAPI:
+    """The app serving `dialects` (api.dialects.registry.DIALECTS unless given): their routes, their errors'
+    shapes and their labels in /metrics all come from their records."""
     settings = settings or get_settings()
+    dialects = registry.DIALECTS if dialects is None else dialects
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -42,7 +46,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         await services.aclose()
 
     app = FastAPI(title="mlxq", version=__version__, lifespan=lifespan)
-    errors.install(app, anthropic_routes.ERROR_SHAPES)
+    errors.install(app, registry.error_shapes(dialects), registry.endpoint_labels(dialects))
     # An oversized body is refused before anything reads it.
     app.add_middleware(
         BodyLimit,
@@ -51,9 +55,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     )
     for router in (
         ops.router,
-        openai_routes.router,
-        anthropic_routes.router,
-        responses_routes.router,
+        *registry.routers(dialects),
         jobs.router,
         files.router,
         batches.router,

@@ -21,10 +21,8 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from api.batch_lines import Line
-from api.dialects.responses.protocol import ResponsesRequest
-from api.dialects.responses.render import new_response_id, response_object
+from api.dialects import registry
 from api.errors import openai_error_body
-from api.jobs import render_result
 from api.services import Services
 from mlxq.repos import batches, files
 from mlxq.sql import BatchLine, Job
@@ -141,14 +139,9 @@ def _compose(
 
 
 def _body(services: Services, endpoint: str, job: Job) -> dict[str, Any] | None:
-    """A line's answer as its endpoint renders it (a Responses line as a `response` object)."""
-    model = job.model
-    if endpoint == "/v1/responses":
-        request = ResponsesRequest.model_validate({"model": model})
-        return response_object(
-            job.result or {}, model=model, response_id=new_response_id(), created_at=int(time.time()), request=request
-        )
-    return render_result(job.model, job.kind, job.result)
+    """A line's answer as its endpoint renders it (api.dialects.registry: a Responses line as a `response`)."""
+    route = registry.route(endpoint)
+    return route.render_line(job) if route is not None else None
 
 
 def _entry(services: Services, endpoint: str, line: BatchLine, job: Job | None, final: BatchStatus) -> dict[str, Any]:

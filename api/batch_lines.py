@@ -66,13 +66,14 @@ async def _read_line(
     if not isinstance(item.get("body"), dict):
         return _refused(n, "invalid_request", "body must be a JSON object.", custom_id)
     try:
-        body = parse(endpoint, item["body"])
-        if body.stream:
+        incoming = parse(endpoint, item["body"])
+        if incoming.stream:
             raise APIError(400, "A batch line is not streamed.", param="stream")
-        prepared = await prepare(services, body)
-        if len(prepared.canonicals) != 1:
+        prepared = await prepare(services, incoming)
+        if len(prepared.requests) != 1:
             raise APIError(400, "A batch line takes one prompt.", param="prompt")
     except APIError as exc:
         return _refused(n, exc.code or "invalid_request", exc.message, custom_id)
-    spec = await services.admission.spec_for(prepared.kind, prepared.canonicals[0], owner=owner, priority="low")
+    low = prepared.requests[0].model_copy(update={"priority": "low"})
+    spec = await services.admission.spec_for(prepared.kind, low, owner=owner)
     return Line(n, custom_id, dataclasses.replace(spec, keep_row=True, windowed=True, counted=False), None)

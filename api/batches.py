@@ -109,7 +109,11 @@ async def create_batch(services: ServicesDep, owner: Owner, request: Annotated[B
     new = batch_lifecycle.NewBatch(
         request.endpoint, request.input_file_id, request.completion_window, request.metadata, owner
     )
-    batch_id = await asyncio.to_thread(batch_lifecycle.create, services, new, lines)
+    # All or nothing, and retried whole as a single request's admission is: a line that met an identical job
+    # created at the same moment joins it on the next try (api.admission.retry_on_conflict).
+    batch_id = await asyncio.to_thread(
+        services.admission.retry_on_conflict, lambda: batch_lifecycle.create(services, new, lines)
+    )
     return await asyncio.to_thread(read_batch, services, batch_id, owner)
 
 

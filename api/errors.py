@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -14,7 +14,7 @@ from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.json_values import json_value_problem
-from api.metrics import ENDPOINTS, request_counter
+from api.metrics import request_counter
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +135,18 @@ def invalid_body(exc: ValidationError, body: Any) -> APIError:
     return APIError(400, message, param=param)
 
 
-# Paths whose clients expect another dialect's error body: (path prefix, body of (status, message)).
+# A dialect's error body of (status, message), for the paths whose clients expect it rather than OpenAI's.
 ErrorShape = Callable[[int, str], dict[str, Any]]
 
 
-def install(app: FastAPI, shapes: Sequence[tuple[str, ErrorShape]] = ()) -> None:
+def install(
+    app: FastAPI, shapes: Sequence[tuple[str, ErrorShape]] = (), endpoints: Mapping[str, str] | None = None
+) -> None:
+    """Answer every error in its client's dialect: under a prefix of `shapes` in that shape, else as OpenAI's error
+    object. A refused request to a generation path of `endpoints` (path -> /metrics label) is counted there. Both
+    come from the dialect registry (api.dialects.registry, which api.app reads)."""
+    endpoints = endpoints or {}
+
     def respond(
         request: Request,
         status: int,
@@ -150,7 +157,7 @@ def install(app: FastAPI, shapes: Sequence[tuple[str, ErrorShape]] = ()) -> None
         param: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> JSONResponse:
-        endpoint = ENDPOINTS.get(request.url.path)
+        endpoint = endpoints.get(request.url.path)
         if endpoint is not None and (services := getattr(request.app.state, "services", None)) is not None:
             services.stats.count(request_counter(endpoint, status, "none"))
         for prefix, shape in shapes:

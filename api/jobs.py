@@ -19,7 +19,7 @@ from api.pages import list_page
 from api.prepare import KIND_ENDPOINTS, parse, prepare
 from api.services import Services, ServicesDep
 from api.streaming import event_source, guard
-from mlxq.contract import PRIORITIES, Priority
+from mlxq.contract import PRIORITIES
 from mlxq.jobspec import CachePolicy
 from mlxq.repos import jobs
 from mlxq.sql import Job
@@ -88,19 +88,20 @@ async def submit_job(
     priority = raw.get("priority")
     if priority is not None and priority not in PRIORITIES:
         raise APIError(400, f"priority must be one of {', '.join(PRIORITIES)}.", param="priority")
-    body = parse(endpoint, body_raw)
-    if body.stream:
+    incoming = parse(endpoint, body_raw)
+    if incoming.stream:
         raise APIError(400, "A job is not streamed in its response; read GET /v1/jobs/{id}/events.", param="stream")
-    prepared = await prepare(services, body)
-    if len(prepared.canonicals) != 1:
+    prepared = await prepare(services, incoming)
+    if len(prepared.requests) != 1:
         raise APIError(400, "A job takes one prompt; send several as a batch.", param="prompt")
-    chosen: Priority = priority or prepared.priority
+    request = prepared.requests[0]
+    if priority is not None:
+        request = request.model_copy(update={"priority": priority})
     spec = await services.admission.spec_for(
         prepared.kind,
-        prepared.canonicals[0],
+        request,
         owner=owner,
-        policy=CachePolicy.parse(cache_control, body.cache),
-        priority=chosen,
+        policy=CachePolicy.parse(cache_control, incoming.cache),
         stream=True,  # its deltas are published: GET /v1/jobs/{id}/events relays them
     )
     outcome = await services.admission.submit(services.admission.with_idempotency_key(spec, idempotency_key))

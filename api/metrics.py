@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -11,15 +11,10 @@ from prometheus_client.registry import Collector
 
 # Names of the shared counters (mlxq.repos.counters) behind mlxq_requests_total and mlxq_generated_tokens_total.
 REQUESTS = "requests"
-# The `endpoint` label of a generation request, whether it is streamed or not.
-Endpoint = Literal["chat", "completion", "messages", "responses"]
-# The generation routes' endpoint labels, for requests refused before they have an outcome.
-ENDPOINTS: dict[str, Endpoint] = {
-    "/v1/chat/completions": "chat",
-    "/v1/completions": "completion",
-    "/v1/messages": "messages",
-    "/v1/responses": "responses",
-}
+# The `endpoint` label of a generation request, whether it is streamed or not: its route's in the dialect registry
+# (api.dialects.registry: `Route.label`, and `endpoint_labels()` by path for requests refused before they have an
+# outcome, which api.errors counts).
+Endpoint = str
 
 
 def request_counter(endpoint: str, status: int, cache: str) -> str:

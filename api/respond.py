@@ -21,7 +21,6 @@ from api.metrics import GENERATED_TOKENS, Endpoint, request_counter
 from api.services import Services
 from api.streaming import Renderer, event_source, job_events, tap
 from mlxq.jobspec import JobSpec
-from mlxq.keys import is_deterministic, tool_names
 from mlxq.states import CacheOutcome
 
 JSONRenderer = Callable[[list[dict[str, Any]]], dict[str, Any]]
@@ -83,7 +82,7 @@ async def _stream(
     try:
         if on_admit is not None:
             await on_admit(outcome)
-        replayable = is_deterministic(spec.canonical)
+        replayable = spec.request.deterministic
         live = await job_events(follower, outcome, replayable=replayable, timeout=not spec.detached)
         source = tap(live, outcome)
     except BaseException:
@@ -133,6 +132,6 @@ def record(
         prompt_tokens=usage.get("prompt_tokens"),
         cached_tokens=usage.get("cached_tokens"),
         completion_tokens=usage.get("completion_tokens"),
-        tools=tool_names(spec.canonical.get("tools")) or None,
+        tools=spec.request.tool_names or None,
         latency_ms=round(elapsed * 1000, 2),
     )

@@ -1,5 +1,6 @@
-"""Streams for every dialect: a job's events, live or replayed from a cached result, ready for a dialect's
-renderer (events in, its SSE events out), and the SSE response that carries them (api.respond)."""
+"""Streams for every dialect: a job's events, live or replayed from a cached result, ready for the one relay
+(api.relay: events in, a dialect's SSE events out, by its writer), and the SSE response that carries them
+(api.respond)."""
 
 from __future__ import annotations
 

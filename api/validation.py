@@ -1,8 +1,8 @@
-"""What the api refuses up front, beyond the shapes the request models check (api.protocol).
+"""What the api refuses up front, beyond the shapes each dialect's request models check, on the neutral request.
 
 Everything here runs before a job is created: a refused request never reaches the queue. The
-request models say what a valid value looks like; these checks say what this server cannot honour
-(logit_bias, best_of, audio), what the grammar engine cannot compile (a schema feature it lacks), what the settings bound (messages, tools, stop
+request models say what a valid value looks like (and each dialect's adapter refuses what only it can ask
+for: OpenAI's logit_bias, best_of, audio); these checks say what this server cannot honour (n > 1), what the grammar engine cannot compile (a schema feature it lacks), what the settings bound (messages, tools, stop
 strings, prompts), what depends on several fields at once (tool_choice against tools) and what
 depends on the model the workers serve (top_k and token ids against the vocabulary).
 """
@@ -13,11 +13,11 @@ import asyncio
 import functools
 from typing import Any
 
-from api.dialects.openai.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from api.errors import APIError
 from api.json_values import json_value_problem
 from api.model_info import ModelInfo
 from mlxq.grammar import Constraint, constraint_for, problem
+from mlxq.request import JobKind, Request
 from mlxq.settings import Settings
 
 
@@ -33,42 +33,28 @@ def _at_most(count: int, limit: int, what: str, param: str) -> None:
         raise APIError(400, f"Too many {what}: {count}; at most {limit} are accepted.", param=param)
 
 
-def _check_common(body: GenerationRequest, settings: Settings) -> None:
-    if body.logit_bias:
-        raise APIError(400, "logit_bias is not supported.", param="logit_bias")
-    if isinstance(body.stop, list):
-        _at_most(len(body.stop), settings.max_stop, "stop sequences", "stop")
-
-
-def _check_chat(body: ChatCompletionRequest, settings: Settings) -> None:
-    _at_most(len(body.messages), settings.max_messages, "messages", "messages")
-    tools = body.tools or []
-    _at_most(len(tools), settings.max_tools, "tools", "tools")
-    names = [t.function.name for t in tools]
+def _check_chat(request: Request, settings: Settings) -> None:
+    _at_most(len(request.messages or []), settings.max_messages, "messages", "messages")
+    _at_most(len(request.tools or []), settings.max_tools, "tools", "tools")
+    names = request.tool_names
     if len(set(names)) < len(names):  # a call names its tool: two of one name make it ambiguous
         twice = next(n for n in names if names.count(n) > 1)
         raise APIError(400, f"Two tools are named `{twice}`; tool names must be unique.", param="tools")
-    choice = body.tool_choice
-    if choice is not None and not isinstance(choice, str):
-        if not tools:
+    choice = request.tool_choice
+    if isinstance(choice, dict):
+        named = (choice.get("function") or {}).get("name")
+        if not names:
             raise APIError(400, "tool_choice names a function, but no tools are given.", param="tool_choice")
-        if choice.function.name not in names:
+        if named not in names:
             raise APIError(
                 400,
-                f"tool_choice names the function `{choice.function.name}`, which is not among "
-                f"the tools: {', '.join(names)}.",
+                f"tool_choice names the function `{named}`, which is not among the tools: {', '.join(names)}.",
                 param="tool_choice",
             )
-    elif choice == "required" and not tools:
+    elif choice == "required" and not names:
         raise APIError(400, "tool_choice 'required' needs tools.", param="tool_choice")
-    if body.top_logprobs and not body.logprobs:
+    if request.top_logprobs and not request.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true.", param="top_logprobs")
-    if body.audio is not None or (body.modalities and "audio" in body.modalities):
-        raise APIError(
-            400,
-            "This model is text-only: audio output is not supported.",
-            param="audio" if body.audio is not None else "modalities",
-        )
 
 
 # A grammar that takes longer than this to check is refused as too complex (llguidance's own limits bound the
@@ -86,11 +72,11 @@ def _grammar_problem(constraint: Constraint) -> str | None:
     return problem(constraint)  # by the constraint's grammar: a batch's one schema is checked once
 
 
-async def check_grammar(canonical: dict[str, Any]) -> None:
+async def check_grammar(canonical: Request) -> None:
     """Refuse an answer constraint (a JSON schema, a forced tool's parameters) the engine cannot compile, naming
     the feature, so the worker never gets a request it would refuse."""
     try:
-        constraint = constraint_for(canonical)
+        constraint = constraint_for(canonical.wire())
     except ValueError as exc:  # llguidance refuses the schema's JSON outright
         raise APIError(400, f"Invalid JSON schema: {exc}", param="response_format") from None
     if constraint is None or not constraint.required:
@@ -115,46 +101,32 @@ async def check_grammar(canonical: dict[str, Any]) -> None:
         )
 
 
-def prompt_list(prompt: str | list[Any]) -> list[str | list[int]]:
-    """The prompts of a completions request: a string, strings, token ids, or lists of token ids."""
-    if isinstance(prompt, str):
-        return [prompt]
-    if prompt and all(isinstance(p, int) for p in prompt):
-        return [list(prompt)]
-    return list(prompt)
-
-
-def _check_completion(body: CompletionRequest, settings: Settings) -> list[list[int]]:
-    """Checks that need no model; returns the token-id prompts for the vocabulary check."""
-    if body.best_of not in (None, 1):
-        raise APIError(400, "Only best_of=1 is supported.", param="best_of")
-    prompts = prompt_list(body.prompt)
-    _at_most(len(prompts), settings.max_prompts, "prompts", "prompt")
-    ids = [p for p in prompts if isinstance(p, list)]
+async def check_generation(
+    kind: JobKind, requests: list[Request], *, settings: Settings, model_info: ModelInfo
+) -> None:
+    """Refuse what the request models cannot see (module doc); the model is read only when needed."""
+    first = requests[0]  # the prompts of one completions body share every other field
+    if first.n not in (None, 1):
+        raise APIError(400, "Only n=1 is supported.", param="n")
+    _at_most(len(first.stop or []), settings.max_stop, "stop sequences", "stop")
+    if kind == "completion":
+        _at_most(len(requests), settings.max_prompts, "prompts", "prompt")
+    else:
+        _check_chat(first, settings)
+    ids = [r.prompt for r in requests if isinstance(r.prompt, list)]
     for tokens in ids:
         if (low := min(tokens, default=0)) < 0:
             raise APIError(
                 400, f"Prompt token ids must not be negative; got {low}.", param="prompt", code="invalid_token_id"
             )
-    return ids
-
-
-async def check_generation(body: GenerationRequest, *, settings: Settings, model_info: ModelInfo) -> None:
-    """Refuse what the request models cannot see (module doc); the model is read only when needed."""
-    _check_common(body, settings)
-    ids: list[list[int]] = []
-    if isinstance(body, ChatCompletionRequest):
-        _check_chat(body, settings)
-    elif isinstance(body, CompletionRequest):
-        ids = _check_completion(body, settings)
-    if not (body.top_k or ids):
+    if not (first.top_k or ids):
         return
-    info = await model_info.get(body.model)  # the resolved model (api.prepare)
+    info = await model_info.get(first.model)  # the resolved model (api.prepare)
     vocab = (info or {}).get("vocab_size")
     if not isinstance(vocab, int):  # no worker has published yet: the worker checks these itself
         return
-    if body.top_k and body.top_k > vocab:
-        raise APIError(400, f"top_k must be at most the vocabulary size, {vocab}; got {body.top_k}.", param="top_k")
+    if first.top_k and first.top_k > vocab:
+        raise APIError(400, f"top_k must be at most the vocabulary size, {vocab}; got {first.top_k}.", param="top_k")
     if (high := max((max(tokens) for tokens in ids), default=-1)) >= vocab:
         raise APIError(
             400, f"Prompt token ids must be in [0, {vocab}); got {high}.", param="prompt", code="invalid_token_id"

@@ -105,10 +105,17 @@ def serve(host: str = typer.Option(None), port: int = typer.Option(None), log_le
     supervisors = [
         Supervisor(
             [sys.executable, "-m", "cli", "worker", "--log-level", log_level.upper()],
-            env={**os.environ, "MLXQ_MODEL": path, "MLXQ_MODEL_NAME": name, "MLXQ_WORKER_NAME": f"{host_name}:{name}"},
+            env={
+                **os.environ,
+                "MLXQ_MODEL": path,
+                "MLXQ_MODEL_NAME": name,
+                "MLXQ_WORKER_NAME": f"{host_name}:{name}",
+                # A draft model and an adapter belong to the main model's worker only ("" is unset).
+                **({} if i == 0 else {"MLXQ_DRAFT_MODEL": "", "MLXQ_ADAPTER_PATH": ""}),
+            },
             on_restart=count_restart,
         ).start()
-        for name, path in settings.served_models.items()
+        for i, (name, path) in enumerate(settings.served_models.items())
     ]
     try:
         api(host=host, port=port, log_level=log_level)

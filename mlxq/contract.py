@@ -6,18 +6,17 @@ and the worker reads the canonical request from the job row.
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypedDict
+from typing import Any, TypedDict
 
+from mlxq.request import PRIORITIES, JobKind, Priority
 from mlxq.states import FinishReason
+
+__all__ = ["PRIORITIES", "JobKind", "Priority"]
 
 GENERATE_TASK = "mlxq.generate"
 
-# "count": a chat request's prompt tokens through the model's template (Anthropic's count_tokens), no generation.
-JobKind = Literal["chat", "completion", "count"]
-# Interactive requests (sync and streamed) are admitted to the batch before low-priority work
-# (batch lines, jobs that ask for it); OpenAI clients ask for low priority with `service_tier: "flex"`.
-Priority = Literal["interactive", "low"]
-PRIORITIES: tuple[Priority, ...] = ("interactive", "low")
+# JobKind ("count": a chat request's prompt tokens through the model's template, Anthropic's count_tokens, no
+# generation) and Priority live with the request they describe (mlxq.request).
 
 
 class Usage(TypedDict):

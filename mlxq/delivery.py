@@ -102,11 +102,6 @@ def choose(views: list[WorkerView], hashes: list[str], session: str, margin: int
     return Route(pick.name, RouteReason.PREFIX if best else RouteReason.SESSION, best)
 
 
-def client_session(given: str) -> str:
-    """A client's own session id (any length: Claude Code's is long) as the job keeps it."""
-    return hashlib.sha256(given.encode()).hexdigest()[:32]
-
-
 def session_of(kind: str, canonical: dict[str, Any], given: str | None) -> str:
     """What keeps a session on one worker: the client's own session id when it sent one, else the opening of
     the conversation (through its first user turn: a shared system prompt alone would put every session of
@@ -147,7 +142,7 @@ class Delivery:
         """`spec` with its route: the worker it goes to (module doc). A windowed job is routed when it is sent."""
         if spec.windowed:
             return spec
-        return dataclasses.replace(spec, route=self._route(spec.model, spec.kind, spec.canonical, spec.session))
+        return dataclasses.replace(spec, route=self._route(spec.model, spec.kind, spec.request.wire(), spec.session))
 
     def _route(
         self, model: str, kind: str, canonical: dict[str, Any], session: str | None, *, spread: bool = False
@@ -244,7 +239,7 @@ class Delivery:
     def _send_new(self, job_id: str, spec: JobSpec) -> None:
         assert spec.route is not None
         try:
-            self._send(job_id, kind=spec.kind, chars=len(json.dumps(spec.canonical)), route=spec.route)
+            self._send(job_id, kind=spec.kind, chars=len(json.dumps(spec.request.wire())), route=spec.route)
         except Exception as exc:
             error = job_error(503, f"could not enqueue the job: {exc}", code="broker_unavailable")
             with self._sessions.begin() as session:

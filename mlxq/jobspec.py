@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlxq.contract import JobKind, Priority
+from mlxq.request import Request
 from mlxq.states import RouteReason
 
 
@@ -71,7 +72,7 @@ class JobSpec:
 
     key: str  # mlxq.keys.request_key: the response-cache key and the single-flight key
     kind: JobKind
-    canonical: dict[str, Any]  # mlxq.keys' canonical request; the worker reads it from the job row
+    request: Request  # the canonical request (mlxq.keys); the job row stores its wire form, which the worker reads
     cache: CachePolicy
     priority: Priority
     stream: bool  # a client streams it: the worker publishes its deltas
@@ -90,4 +91,4 @@ class JobSpec:
 
     @property
     def model(self) -> str:
-        return str(self.canonical["model"])
+        return self.request.model

@@ -11,29 +11,14 @@ import json
 import re
 from typing import Any
 
+from mlxq.request import OUTPUT_FIELDS, Request
+
+__all__ = ["OUTPUT_FIELDS"]
+
 # Bump when the canonical form changes, or what an answer to the same request is (4: tool calls and JSON decoded
 # under a grammar): old cache entries then simply stop matching.
 KEY_VERSION = 4
 
-# Sampling and shaping fields that change the output (the rest, like stream or user, do not).
-OUTPUT_FIELDS = (
-    "tools",
-    "tool_choice",
-    "response_format",
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "seed",
-    "stop",
-    "logprobs",
-    "top_logprobs",
-    "n",
-    "presence_penalty",
-    "frequency_penalty",
-    "repetition_penalty",
-)
 
 # Claude Code puts a per-request billing line at the top of its system prompt; left in, it
 # would defeat both the response cache and the prefix cache without changing the answer.
@@ -147,14 +132,31 @@ def tool_names(tools: list[dict[str, Any]] | None) -> list[str]:
     return names
 
 
-def request_key(kind: str, canonical: dict[str, Any], *, weights: str, namespace: str = "") -> str:
+def _wire(request: Request | dict[str, Any]) -> dict[str, Any]:
+    return request.wire() if isinstance(request, Request) else request
+
+
+def canonical_request(
+    kind: str, body: dict[str, Any], *, default_temperature: float, default_max_tokens: int
+) -> Request:
+    """The typed canonical request of a neutral chat body (kind "chat" or "count") or a one-prompt completion body."""
+    if kind == "completion":
+        canonical = canonical_completion(
+            body, body["prompt"], default_temperature=default_temperature, default_max_tokens=default_max_tokens
+        )
+    else:
+        canonical = canonical_chat(body, default_temperature=default_temperature, default_max_tokens=default_max_tokens)
+    return Request.model_validate(canonical)
+
+
+def request_key(kind: str, canonical: Request | dict[str, Any], *, weights: str, namespace: str = "") -> str:
     """sha256 of the versioned canonical JSON (sorted keys, no whitespace): equal in every process.
 
     `weights` is the model's fingerprint (mlxq.weights): an answer is only valid for the weights that
     made it, whatever the model is called. `namespace` is the API key's own cache (MLXQ_CACHE_SCOPE=key):
     a hit must not tell one key what another asked.
     """
-    salt = {"v": KEY_VERSION, "kind": kind, "weights": weights, "request": canonical}
+    salt = {"v": KEY_VERSION, "kind": kind, "weights": weights, "request": _wire(canonical)}
     if namespace:
         salt["namespace"] = namespace
     blob = json.dumps(
@@ -166,7 +168,8 @@ def request_key(kind: str, canonical: dict[str, Any], *, weights: str, namespace
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def is_deterministic(canonical: dict[str, Any]) -> bool:
+def is_deterministic(canonical: Request | dict[str, Any]) -> bool:
+    canonical = _wire(canonical)
     return canonical.get("temperature", 1.0) == 0 or canonical.get("seed") is not None
 
 
@@ -174,11 +177,12 @@ def is_deterministic(canonical: dict[str, Any]) -> bool:
 PREFIX_HASH_CHARS = 16
 
 
-def prefix_hashes(kind: str, canonical: dict[str, Any]) -> list[str]:
+def prefix_hashes(kind: str, canonical: Request | dict[str, Any]) -> list[str]:
     """One hash per message boundary of a canonical chat request: of its model, tools and `messages[:k]` for
     k = 1..n. A worker publishes those of the requests whose KV its prefix cache holds; the api matches a new
     request's against them (mlxq.delivery), with no tokenizer: a later turn of a conversation repeats every
     earlier boundary. A completion's prompt (one string) has one. Incremental: linear in the request's size."""
+    canonical = _wire(canonical)
     if kind == "completion":
         blob = json.dumps([canonical.get("model"), canonical.get("prompt")], sort_keys=True, ensure_ascii=False)
         return [hashlib.sha256(blob.encode()).hexdigest()[:PREFIX_HASH_CHARS]]

@@ -23,6 +23,10 @@ class Settings(BaseSettings):
     model: str = ""
     # The id clients send in `model`; defaults to the model directory's name.
     model_name: str = ""
+    # A draft model directory for speculative decoding (same tokenizer; loaded and budgeted, not decoding yet).
+    draft_model: str | None = None
+    # An mlx-lm LoRA adapter directory (adapters.safetensors, adapter_config.json) applied to the model.
+    adapter_path: str | None = None
     # Other names clients may send for the served model (fnmatch patterns; a value of "" or the served name
     # means the served model). Claude Code sends its own model names (a main and a small fast one); by
     # default every name is the served model. `{}` refuses any name but the served one (404).

@@ -8,6 +8,8 @@ a member is stored and serialised as its plain string.
 - A batch (OpenAI's lifecycle): validating -> in_progress -> finalizing -> completed, or
   in_progress -> cancelling -> finalizing -> cancelled, or in_progress -> finalizing -> expired past its
   window; failed when it cannot run at all.
+- A Responses API response (and its output items): queued -> in_progress -> completed | incomplete (cut by
+  max_output_tokens or the context) | failed | cancelled; an item is in_progress, then completed or incomplete.
 - A file: processed once stored (OpenAI's uploads are checked when a batch reads them).
 - A finish reason: why a generation stopped.
 - A cache outcome: what the response cache did for a request (the `X-Cache` header).
@@ -54,6 +56,25 @@ BATCH_FINAL: tuple[BatchStatus, ...] = (
     BatchStatus.FAILED,
     BatchStatus.EXPIRED,
     BatchStatus.CANCELLED,
+)
+
+
+class ResponseStatus(StrEnum):
+    """A Responses API response's `status` (api.dialects.responses), and its output items' (the three middle ones)."""
+
+    QUEUED = "queued"  # a background response not started yet
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    INCOMPLETE = "incomplete"  # cut by max_output_tokens or the context
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+# A response in one of these has its answer (its output and usage).
+RESPONSE_ANSWERED: tuple[ResponseStatus, ...] = (
+    ResponseStatus.COMPLETED,
+    ResponseStatus.INCOMPLETE,
+    ResponseStatus.CANCELLED,
 )
 
 

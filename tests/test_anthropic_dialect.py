@@ -14,16 +14,16 @@ import pytest
 from anthropic.types import Message, RawMessageStreamEvent
 from pydantic import TypeAdapter, ValidationError
 
-from api.dialects.anthropic.protocol import CountTokensRequest, MessagesRequest, to_openai
+from api.dialects.anthropic.protocol import CountTokensRequest, MessagesRequest, to_chat
 from api.dialects.anthropic.render import (
     MessageStreamWriter,
-    anthropic_stream,
     error_body,
     message,
     tool_use_id,
 )
 from api.dialects.openai.protocol import ChatCompletionRequest
 from api.errors import APIError
+from api.relay import relay
 from api.streaming import from_list, replay
 from mlxq import events
 from mlxq.contract import job_error
@@ -38,8 +38,8 @@ def anthropic(**fields: Any) -> dict[str, Any]:
 
 
 def converted(body: dict[str, Any]) -> dict[str, Any]:
-    """to_openai's body, checked to be one the OpenAI dialect accepts."""
-    out = to_openai(MessagesRequest.model_validate(body))
+    """to_chat's body, checked to be one the OpenAI dialect accepts."""
+    out = to_chat(MessagesRequest.model_validate(body))
     ChatCompletionRequest.model_validate(out)
     return out
 
@@ -242,7 +242,7 @@ def test_thinking_blocks_are_dropped():
 
 def test_count_tokens_request_has_no_max_tokens():
     body = CountTokensRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "Hi"}]})
-    out = to_openai(body)
+    out = to_chat(body)
     assert out == {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
     ChatCompletionRequest.model_validate(out)
 
@@ -456,7 +456,7 @@ def run_stream(items: list[dict[str, Any]] | AsyncIterator[dict[str, Any]]) -> l
 
     async def collect() -> list[tuple[str, dict[str, Any]]]:
         writer = MessageStreamWriter(model="claude-x")
-        return [(e.event, json.loads(e.data)) async for e in anthropic_stream(source, writer)]
+        return [(e.event, json.loads(e.data)) async for e in relay(source, writer)]
 
     sent = asyncio.run(collect())
     for name, data in sent:

@@ -13,8 +13,9 @@ import httpx
 import openai
 import pytest
 
-from mlxq.delivery import WorkerView, choose, client_session
+from mlxq.delivery import WorkerView, choose
 from mlxq.procs import Service
+from mlxq.request import client_session
 from tests.conftest import MODEL_NAME, service_env
 from tests.test_jobs_batches import batch_line, upload, wait_batch
 

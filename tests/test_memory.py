@@ -41,17 +41,17 @@ def long_prompt(seed: int, words: int) -> str:
 
 
 def test_the_split_adds_up_to_the_budget_and_a_fixed_prefix_share_is_kept():
-    b = Budget.split(4 * GIB, GIB, 300 * MIB)
+    b = Budget.split(4 * GIB, {"model": GIB}, 300 * MIB)
     parts = b.weights + b.kv + b.prefix + b.prefill + b.buffer_cache
     assert b.total - 8 <= parts <= b.total
     assert b.kv > b.prefix > b.prefill > b.buffer_cache > 0
-    fixed = Budget.split(4 * GIB, GIB, 300 * MIB, prefix=100 * MIB)
+    fixed = Budget.split(4 * GIB, {"model": GIB}, 300 * MIB, prefix=100 * MIB)
     assert fixed.prefix == 100 * MIB and fixed.kv + fixed.prefix == b.kv + b.prefix
 
 
 def test_a_budget_with_no_room_beyond_the_weights_is_refused_with_the_setting_named():
     with pytest.raises(ModelTooLarge, match="MLXQ_MEMORY_GB"):
-        Budget.split(GIB, GIB - MIN_WORKING + MIB, 0, model="big")
+        Budget.split(GIB, {"model": GIB - MIN_WORKING + MIB}, 0, model="big")
 
 
 def test_prefill_is_sized_to_its_share_and_the_batch_cache_is_counted_padded():

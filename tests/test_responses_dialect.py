@@ -23,7 +23,7 @@ from api.dialects.responses.protocol import (
     ResponsesRequest,
     custom_tool_names,
     hosted_tools,
-    to_openai,
+    to_chat,
     tool_namespaces,
 )
 from api.dialects.responses.render import (
@@ -32,9 +32,9 @@ from api.dialects.responses.render import (
     item_id,
     new_response_id,
     response_object,
-    responses_stream,
 )
 from api.errors import APIError, invalid_body
+from api.relay import relay
 from api.streaming import from_list, replay
 from mlxq import events
 from mlxq.contract import CANCELLED, job_error
@@ -65,8 +65,8 @@ def request(**fields: Any) -> ResponsesRequest:
 
 
 def converted(body: dict[str, Any], previous: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """to_openai's body, checked to be one the OpenAI dialect accepts."""
-    out = to_openai(ResponsesRequest.model_validate(body), previous=previous)
+    """to_chat's body, checked to be one the OpenAI dialect accepts."""
+    out = to_chat(ResponsesRequest.model_validate(body), previous=previous)
     ChatCompletionRequest.model_validate(out)
     return out
 
@@ -86,7 +86,7 @@ def refused(body: dict[str, Any]) -> APIError:
 
 def refused_by_conversion(body: dict[str, Any], previous: list[dict[str, Any]] | None = None) -> APIError:
     with pytest.raises(APIError) as info:
-        to_openai(ResponsesRequest.model_validate(body), previous=previous)
+        to_chat(ResponsesRequest.model_validate(body), previous=previous)
     assert info.value.status == 400
     return info.value
 
@@ -874,9 +874,7 @@ def run_stream(
     )
 
     async def collect() -> Sent:
-        return [
-            (str(e.event), json.loads(e.data)) async for e in responses_stream(source, writer) if e.data is not None
-        ]
+        return [(str(e.event), json.loads(e.data)) async for e in relay(source, writer) if e.data is not None]
 
     sent = asyncio.run(collect())
     for name, data in sent:
@@ -1089,7 +1087,7 @@ def test_keepalives_carry_no_sequence_number():
     async def collect() -> list[Any]:
         writer = ResponseStreamWriter(model="m", response_id="resp_k", created_at=1, request=request())
         source = from_list([events.waiting("queued"), events.progress(1, 2), events.done({"text": "x"})])
-        return [e async for e in responses_stream(source, writer)]
+        return [e async for e in relay(source, writer)]
 
     sent = asyncio.run(collect())
     comments = [e for e in sent if e.data is None]

@@ -3,15 +3,15 @@
 Decoding is memory-bound, so sequences that share a forward pass cost little more than one. The
 engine thread loops over four small steps:
 
-- admit: move waiting sequences into mlx-lm's `BatchGenerator`, interactive before low priority,
-  within `batch_size` sequences and the KV bytes the memory budget gives (`KvLimit`: each sequence
-  reserves prompt + max_tokens, and mlx-lm's batch cache pads every sequence to the longest). A
-  sequence that does not fit waits for room; one that could never fit runs when the batch is empty.
-  An interactive sequence parks the low-priority ones still prefilling (and, when the batch is full,
-  a decoding one), their KV caches kept and resumed later; low-priority prefill is let in about one
-  chunk at a time. So low-priority work delays an interactive request by at most the step in
-  progress plus its own prefill.
-- step: one `BatchGenerator.next()`: one decoding step for the batch and at most one prefill chunk
+- admit: move waiting sequences into the generator (worker.generator: mlx-lm's `BatchGenerator` behind
+  a small interface), interactive before low priority, within `batch_size` sequences and the KV bytes
+  the memory budget gives (`KvLimit`: each sequence reserves prompt + max_tokens, and mlx-lm's batch
+  cache pads every sequence to the longest). A sequence that does not fit waits for room; one that
+  could never fit runs when the batch is empty. An interactive sequence parks the low-priority ones
+  still prefilling (and, when the batch is full, a decoding one), their KV caches kept and resumed
+  later; low-priority prefill is let in about one chunk at a time. So low-priority work delays an
+  interactive request by at most the step in progress plus its own prefill.
+- step: one generator step: one decoding step for the batch and at most one prefill chunk
   (`prefill_step` tokens per sequence) for newcomers, so a long prompt never stalls the others
   for more than a chunk.
 - emit: hand each token to its `Sequence` (text, stop strings, tool-call filter, logprobs, deltas).
@@ -38,11 +38,11 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import trim_prompt_cache
 
 from mlxq import events
 from mlxq.states import FinishReason
+from worker.generator import Admission, Generator, GeneratorConfig, GeneratorFactory, mlx_batch_generator
 from worker.memory import Budget, kv_reservation, trim_heap
 from worker.prefix_cache import PrefixCache, cache_offset, materialize
 from worker.sequence import Sequence
@@ -70,8 +70,10 @@ class Batcher:
         prefill_step: int,
         prefix: Callable[[], PrefixCache | None],
         budget: Budget,
+        generator: GeneratorFactory = mlx_batch_generator,
     ) -> None:
         self.model = model
+        self.generator = generator
         self.eos_ids = eos_ids
         self.batch_size = batch_size
         self.kv = kv
@@ -83,7 +85,7 @@ class Batcher:
         self._waiting: dict[str, deque[Sequence]] = {"interactive": deque(), "low": deque()}
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
         self._active: dict[int, Sequence] = {}
-        self._gen: BatchGenerator | None = None
+        self._gen: Generator | None = None
         self._stopping = False
         self.preempted = 0
         self.sheds = 0  # times the prefix cache was shed to get back within the budget
@@ -156,15 +158,15 @@ class Batcher:
         for seq in [*self._active.values(), *self._waiting["interactive"], *self._waiting["low"]]:
             seq.fail(RuntimeError("the engine stopped"))
 
-    def _new_generator(self, stream: Any) -> BatchGenerator:
-        gen = BatchGenerator(
+    def _new_generator(self, stream: Any) -> Generator:
+        config = GeneratorConfig(
             self.model,
-            stop_tokens=[[t] for t in self.eos_ids],
-            completion_batch_size=self.batch_size,
+            eos_ids=tuple(self.eos_ids),
+            batch_size=self.batch_size,
             prefill_batch_size=self.prefill_batch_size,
-            prefill_step_size=self.prefill_step,
-            stream=stream,
+            prefill_step=self.prefill_step,
         )
+        gen = self.generator(config, stream)
         # The budget's limits, set with each generator: mlx-lm's sets the wired limit to the machine's.
         self.budget.apply()
         return gen
@@ -229,16 +231,15 @@ class Batcher:
             seq.taken_entry = fetched.taken if fetched is not None else None
             history = seq.prompt[: seq.cached_tokens]
             seq.emit(events.started(len(seq.prompt), seq.cached_tokens))
-        # mlx-lm takes None entries (a new cache; the generator's own sampler), though its hints say otherwise.
-        caches: list[Any] = [cache]
-        samplers: list[Any] = [seq.sampler]
-        (seq.uid,) = self._gen.insert(
-            [rest],
-            max_tokens=[seq.remaining],
-            caches=caches,
-            all_tokens=[history],
-            samplers=samplers,
-            logits_processors=[seq.processors],
+        seq.uid = self._gen.admit(
+            Admission(
+                rest=rest,
+                max_tokens=seq.remaining,
+                cache=cache,
+                history=history,
+                sampler=seq.sampler,
+                processors=seq.processors,
+            )
         )
         seq.admitted_at = time.monotonic()
         seq.prefilling = len(rest)
@@ -265,7 +266,8 @@ class Batcher:
         seq.preemptions += 1
         uid = seq.uid
         assert uid is not None  # every active sequence has one
-        cache, tokens = self._gen.remove([uid], return_prompt_caches=True)[uid]
+        cache: list[Any] | None
+        cache, tokens = self._gen.extract(uid)
         del self._active[uid]
         # Keep at least one token to feed back in, so the decoder has input when it resumes.
         keep = min(len(tokens), len(seq.fed) - 1)
@@ -285,19 +287,18 @@ class Batcher:
 
     def _step(self) -> None:
         assert self._gen is not None
-        prompt_responses, responses = self._gen.next()
-        for p in prompt_responses:
+        step = self._gen.step()
+        for p in step.prefilled:
             seq = self._active.get(p.uid)
-            done, total = p.progress
             if seq is not None:
-                seq.prefilling = 0 if p.end_of_prompt else total - done
-            if seq is not None and not p.end_of_prompt and total > self.prefill_step:
-                seq.emit(events.progress(done, total))
-        for r in responses:
-            seq = self._active[r.uid]
+                seq.prefilling = 0 if p.finished else p.total - p.done
+            if seq is not None and not p.finished and p.total > self.prefill_step:
+                seq.emit(events.progress(p.done, p.total))
+        for g in step.generated:
+            seq = self._active[g.uid]
             seq.prefilling = 0
-            if seq.add_token(r.token, r.logprobs, r.finish_reason):
-                self._retire(seq, r.prompt_cache, r.all_tokens)
+            if seq.add_token(g.token, g.logprobs, g.finish_reason):
+                self._retire(seq, g.cache, g.tokens)
 
     # -- keep within budget ------------------------------------------------------------------
 
@@ -324,11 +325,14 @@ class Batcher:
     def _retire(self, seq: Sequence, cache: list[Any] | None = None, tokens: list[int] | None = None) -> None:
         """Take a finished sequence out of the batch, keep its KV cache, wake its consumer."""
         assert self._gen is not None and seq.uid is not None
+        prefix = self.prefix() if seq.use_prefix_cache else None
         if cache is None:  # finished by us (stop string, cancel), not by the generator
-            cache, tokens = self._gen.remove([seq.uid], return_prompt_caches=True)[seq.uid]
+            if prefix is not None:
+                cache, tokens = self._gen.extract(seq.uid)
+            else:  # nothing would keep its cache
+                self._gen.remove(seq.uid)
         del self._active[seq.uid]
         try:
-            prefix = self.prefix() if seq.use_prefix_cache else None
             if prefix is not None and cache and tokens:
                 seq.prefix_entry = prefix.insert(list(tokens), cache)
             if prefix is not None:

@@ -1,4 +1,5 @@
-"""The MLX engine: one loaded model, its tokenizer, and generation through mlx-lm."""
+"""The MLX engine: one loaded model (with its adapter, and a draft model held for speculative decoding), its
+tokenizer, and generation through the batcher. Requests become sequences in worker.sequence_builder."""
 
 from __future__ import annotations
 
@@ -12,17 +13,17 @@ from typing import TYPE_CHECKING, Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_lm import load as mlx_load
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors, make_sampler
 from mlx_lm.utils import dequantize_model
 
-from mlxq.contract import GenerationResult, JobError, JobKind, Priority, job_error
+from mlxq.contract import GenerationResult, JobKind, Priority
 from mlxq.events import Event
-from mlxq.grammar import constraint_for
-from mlxq.weights import fingerprint
+from mlxq.request import Request
 from worker.batcher import Batcher, KvLimit
-from worker.constrained import GrammarError, Grammars
+from worker.constrained import Grammars
+from worker.generator import GeneratorFactory, mlx_batch_generator
 from worker.memory import (
     ALLOWANCE_SLACK,
     Budget,
@@ -36,27 +37,22 @@ from worker.memory import (
     rss,
     weights_bytes,
 )
+from worker.model_spec import ModelKey, ModelSpec, model_key
 from worker.prefix_cache import PrefixCache
-from worker.sequence import Sampler, Sequence
-from worker.tool_parse import ModelToolFormat, ToolStreamFilter, model_tool_format
-from worker.tool_prompt import prepare_chat, template_knows_tools
+from worker.sequence import Sequence
+from worker.sequence_builder import RequestError, SequenceBuilder, typed
+from worker.tool_parse import ModelToolFormat, model_tool_format
 
 if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 log = logging.getLogger(__name__)
 
+__all__ = ["BatchLimits", "Engine", "ModelKey", "ModelSpec", "RequestError", "wait"]
+
 EventSink = Callable[[Event], None]
 # Prefill in chunks this size: each chunk reports progress (SSE keepalives during long prompts).
 PREFILL_STEP = 512
-
-
-class RequestError(Exception):
-    """A request the model cannot serve as asked (a 4xx, not a server fault)."""
-
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.error: JobError = job_error(400, message, type="invalid_request_error", code=code, param=param)
 
 
 @dataclass(frozen=True)
@@ -67,14 +63,6 @@ class BatchLimits:
     size: int = 16
     tokens: int = 0
     prefill: int = 8
-
-
-@dataclass(frozen=True)
-class ModelKey:
-    """Hashable, stable identity of the loaded weights (never the model object itself)."""
-
-    path: str
-    revision: str
 
 
 def _on_cpu() -> bool:
@@ -94,8 +82,32 @@ def _vocab_size(model: nn.Module, tokenizer: Any) -> int:
     return int(size) if size else len(tokenizer.get_vocab())
 
 
-def _model_key(path: Path) -> ModelKey:
-    return ModelKey(str(path.resolve()), fingerprint(path))
+# mlx-lm's LoRA and DoRA parameters (mlx_lm.tuner): what an adapter adds to the model.
+ADAPTER_LEAVES = frozenset({"lora_a", "lora_b", "m"})
+
+
+def weight_sets(model: nn.Module, draft: nn.Module | None = None) -> dict[str, int]:
+    """Bytes of each set of weights the engine holds: the model, its adapter's own parameters, the draft model."""
+    named = cast("list[tuple[str, mx.array]]", tree_flatten(model.parameters()))
+    adapter = sum(v.nbytes for name, v in named if name.rsplit(".", 1)[-1] in ADAPTER_LEAVES)
+    sets = {"model": sum(v.nbytes for _, v in named) - adapter}
+    if adapter:
+        sets["adapter"] = adapter
+    if draft is not None:
+        sets["draft"] = weights_bytes(draft)
+    return sets
+
+
+def _load(path: Path, adapter: Path | None = None) -> tuple[nn.Module, TokenizerWrapper, dict[str, Any]]:
+    # With return_config=True it is (model, tokenizer, config); mlx-lm's hint is the union of both forms.
+    loaded = mlx_load(str(path), return_config=True, adapter_path=str(adapter) if adapter is not None else None)
+    net, tokenizer, config = cast("tuple[nn.Module, TokenizerWrapper, dict[str, Any]]", loaded)
+    if _on_cpu():
+        # MLX's CPU backend has no fast quantized kernels: float32 is its fastest path.
+        dequantize_model(net)
+        net.set_dtype(mx.float32)
+        mx.eval(net.parameters())
+    return net, tokenizer, config
 
 
 class Engine:
@@ -107,21 +119,33 @@ class Engine:
         context_length: int,
         batch: BatchLimits | None = None,
         budget: Budget | None = None,
+        *,
+        draft: nn.Module | None = None,
+        generator: GeneratorFactory = mlx_batch_generator,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.key = key
         self.context_length = context_length
+        # Held for speculative decoding, which a later change adds: nothing decodes with it yet.
+        self.draft = draft
+        self.generator = generator
         self.tool_format: ModelToolFormat | None = model_tool_format(_parser_name(tokenizer))
         self.prefix: PrefixCache | None = None
         self.batch = batch or BatchLimits()
         self._batcher: Batcher | None = None
         self._batcher_lock = threading.Lock()
-        self._samplers: dict[tuple[float, float, float, int], Sampler] = {}
         self.vocab_size = _vocab_size(model, tokenizer)
         # mlx-lm's TokenizerWrapper holds the HF fast tokenizer llguidance reads.
         self.grammars = Grammars(getattr(tokenizer, "_tokenizer", tokenizer), self.vocab_size)
-        self.budget = budget or Budget.split(default_budget(), weights_bytes(model), rss() + ALLOWANCE_SLACK)
+        self.builder = SequenceBuilder(
+            tokenizer,
+            vocab_size=self.vocab_size,
+            context_length=context_length,
+            grammars=self.grammars,
+            tool_format=self.tool_format,
+        )
+        self.budget = budget or Budget.split(default_budget(), weight_sets(model, draft), rss() + ALLOWANCE_SLACK)
         self.kv_per_token = self._kv_bytes_per_token()
         # The longest a sequence's KV can be: what prefill's working set is sized for.
         longest = min(context_length, max(self.budget.kv // self.kv_per_token, 1))
@@ -143,60 +167,55 @@ class Engine:
         return self.batcher.call(lambda: prefix.save(directory, max_bytes)) if prefix is not None else 0
 
     @classmethod
-    def load(cls, model: str, batch: BatchLimits | None = None, memory: int = 0, prefix_bytes: int = 0) -> Engine:
-        """Load a model within a memory budget of `memory` bytes (0: the machine's default), `prefix_bytes` of it
-        (0: the budget's share) for the prefix cache. A model that does not fit raises ModelTooLarge."""
-        path = Path(model).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"model directory {path} not found (run `mlxq models pull` for the built-in model)")
+    def load(
+        cls,
+        model: str | ModelSpec,
+        batch: BatchLimits | None = None,
+        memory: int = 0,
+        prefix_bytes: int = 0,
+        *,
+        generator: GeneratorFactory = mlx_batch_generator,
+    ) -> Engine:
+        """Load a model (a directory, or a ModelSpec naming its adapter and draft model too) within a memory budget
+        of `memory` bytes (0: the machine's default), `prefix_bytes` of it (0: the budget's share) for the prefix
+        cache. Weights that do not fit, all sets together, raise ModelTooLarge."""
+        spec = ModelSpec.of(model)
+        dirs = spec.directories()
+        for name, path in dirs.items():
+            if not path.exists():
+                hint = " (run `mlxq models pull` for the built-in model)" if name == "model" else ""
+                raise FileNotFoundError(f"{name} directory {path} not found{hint}")
+        path = dirs["model"]
         total = memory or default_budget()
         allowance = rss() + ALLOWANCE_SLACK  # the process before the model: Python, libraries, tokenizer to come
-        check_fits(sum(f.stat().st_size for f in path.glob("*.safetensors")), total, path.name)
-        # With return_config=True it is (model, tokenizer, config); mlx-lm's hint is the union of both forms.
-        loaded = mlx_load(str(path), return_config=True)
-        net, tokenizer, config = cast("tuple[nn.Module, TokenizerWrapper, dict[str, Any]]", loaded)
-        if _on_cpu():
-            # MLX's CPU backend has no fast quantized kernels: float32 is its fastest path.
-            dequantize_model(net)
-            net.set_dtype(mx.float32)
-            mx.eval(net.parameters())
+        on_disk = sum(f.stat().st_size for d in dirs.values() for f in d.glob("*.safetensors"))
+        check_fits(on_disk, total, path.name)
+        net, tokenizer, config = _load(path, dirs.get("adapter"))
+        draft = None
+        if "draft" in dirs:
+            draft, draft_tokenizer, _ = _load(dirs["draft"])
+            if _vocab_size(draft, draft_tokenizer) != _vocab_size(net, tokenizer):
+                log.warning("the draft model %s has another vocabulary than the model's", dirs["draft"].name)
         context = int(config.get("max_position_embeddings") or 8192)
-        budget = Budget.split(total, weights_bytes(net), allowance, prefix=prefix_bytes, model=path.name)
-        return cls(net, tokenizer, _model_key(path), context, batch, budget)
+        budget = Budget.split(total, weight_sets(net, draft), allowance, prefix=prefix_bytes, model=path.name)
+        return cls(net, tokenizer, model_key(spec), context, batch, budget, draft=draft, generator=generator)
 
     def warm_up(self) -> None:
         """One short generation at start, so the first real request does not pay first-run costs."""
-        self.generate("completion", {"prompt": "Hello", "temperature": 0.0, "max_tokens": 2}, use_prefix_cache=False)
+        hello = {"prompt": "Hello", "temperature": 0.0, "max_tokens": 2}
+        self.generate("completion", hello, use_prefix_cache=False)
 
-    # -- prompts ---------------------------------------------------------------------------
+    # -- prompts (worker.sequence_builder) ---------------------------------------------------
 
-    @property
-    def chat_template(self) -> str | None:
-        template = getattr(self.tokenizer, "chat_template", None)
-        return template if isinstance(template, str) else None
+    def chat_prompt(self, request: Request | dict[str, Any]) -> tuple[list[int], str, list[dict[str, Any]]]:
+        """(prompt tokens, answer prefill, tools to parse for) of a chat request."""
+        return self.builder.chat_prompt(typed(request, self.key.path))
 
-    def chat_prompt(self, request: dict[str, Any]) -> tuple[list[int], str, list[dict[str, Any]]]:
-        """(prompt tokens, answer prefill, tools to parse for) for a canonical chat request."""
-        messages, tools, prefill, parse_tools = prepare_chat(request, template_knows_tools(self.chat_template))
-        text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer.encode(text + prefill, add_special_tokens=False), prefill, parse_tools
-
-    def chat_tokens(self, request: dict[str, Any]) -> list[int]:
+    def chat_tokens(self, request: Request | dict[str, Any]) -> list[int]:
         return self.chat_prompt(request)[0]
 
-    def completion_tokens(self, request: dict[str, Any]) -> list[int]:
-        prompt = request["prompt"]
-        if isinstance(prompt, list):  # already token ids
-            tokens = [int(t) for t in prompt]
-            if bad := [t for t in tokens if not 0 <= t < self.vocab_size]:
-                # Out-of-range ids would index past the embedding inside the shared batch.
-                raise RequestError(
-                    f"prompt token ids must be in [0, {self.vocab_size}); got {bad[0]}.",
-                    param="prompt",
-                    code="invalid_token_id",
-                )
-            return tokens
-        return self.tokenizer.encode(prompt)
+    def completion_tokens(self, request: Request | dict[str, Any]) -> list[int]:
+        return self.builder.completion_tokens(typed(request, self.key.path))
 
     # -- generation ------------------------------------------------------------------------
 
@@ -214,6 +233,7 @@ class Engine:
                     prefill_step=self.prefill_step,
                     prefix=lambda: self.prefix,
                     budget=self.budget,
+                    generator=self.generator,
                 )
             return self._batcher
 
@@ -251,78 +271,26 @@ class Engine:
     def submit(
         self,
         kind: JobKind,
-        request: dict[str, Any],
+        request: Request | dict[str, Any],
         *,
         priority: Priority = "interactive",
         use_prefix_cache: bool = True,
     ) -> Sequence:
-        """Queue one request for the batch; read its events from the returned sequence.
+        """Queue one request for the batch; read its events from the returned sequence. A plain dict (tests,
+        benchmarks) is validated as a Request first.
 
         Raises RequestError (in the caller's thread, before anything is queued) when the prompt does not fit.
         """
-        if kind == "chat":
-            prompt, prefill, tools = self.chat_prompt(request)
-        else:
-            prompt, prefill, tools = self.completion_tokens(request), "", []
-        if len(prompt) + 1 > self.context_length:
-            raise RequestError(
-                f"This model's maximum context length is {self.context_length} tokens; "
-                f"the prompt has {len(prompt)} tokens.",
-                param="messages" if kind == "chat" else "prompt",
-                code="context_length_exceeded",
-            )
-        processors = make_logits_processors(
-            repetition_penalty=request.get("repetition_penalty"),
-            presence_penalty=request.get("presence_penalty"),
-            frequency_penalty=request.get("frequency_penalty"),
-        )
-        native = kind == "chat" and template_knows_tools(self.chat_template)
-        if (constraint := constraint_for(request, native_tools=native)) is not None:
-            try:  # last, so the mask has the final word over the penalties
-                processors.append(self.grammars.processor(constraint))
-            except GrammarError as exc:
-                if constraint.required:
-                    raise RequestError(f"The grammar does not compile: {exc}", param=constraint.param) from exc
-                log.warning("tool calls left unconstrained: %s", exc)
-        seq = Sequence(
-            prompt=prompt,
-            max_tokens=min(int(request.get("max_tokens") or 16), self.context_length - len(prompt)),
-            sampler=self._sampler(request),
-            processors=processors,
-            # A client's stop string must not cut an answer that a grammar holds whole (it would not parse).
-            stops=[] if constraint is not None and constraint.trigger is None else list(request.get("stop") or []),
-            tool_filter=ToolStreamFilter(tools, self.tool_format),
-            detokenizer=self.tokenizer.detokenizer,
-            decode=self.tokenizer.decode,
-            priority=priority,
-            prefill=prefill,
-            logprobs=bool(request.get("logprobs")),
-            top_logprobs=int(request.get("top_logprobs") or 0),
-            use_prefix_cache=use_prefix_cache,
+        seq = self.builder.build(
+            kind, typed(request, self.key.path), priority=priority, use_prefix_cache=use_prefix_cache
         )
         self.batcher.submit(seq)
         return seq
 
-    def _sampler(self, request: dict[str, Any]) -> Sampler | None:
-        top_k = int(request.get("top_k") or 0)
-        params = (
-            float(request.get("temperature", 1.0)),
-            float(request.get("top_p") or 0.0),
-            float(request.get("min_p") or 0.0),
-            top_k if top_k < self.vocab_size else 0,
-        )
-        if params[0] == 0:
-            return None  # the generator's greedy sampler, one batched argmax for all greedy sequences
-        if request.get("seed") is not None:
-            return seeded_sampler(*params, seed=int(request["seed"]))
-        if params not in self._samplers:  # shared by equal requests, so they sample in one call
-            self._samplers[params] = make_sampler(temp=params[0], top_p=params[1], min_p=params[2], top_k=params[3])
-        return self._samplers[params]
-
     def generate(
         self,
         kind: JobKind,
-        request: dict[str, Any],
+        request: Request | dict[str, Any],
         emit: EventSink | None = None,
         should_stop: Callable[[], bool] | None = None,
         *,
@@ -336,29 +304,6 @@ class Engine:
         """
         seq = self.submit(kind, request, priority=priority, use_prefix_cache=use_prefix_cache)
         return wait(seq, emit or (lambda _event: None), should_stop)
-
-
-def seeded_sampler(temp: float, top_p: float, min_p: float, top_k: int, seed: int) -> Sampler:
-    """mlx-lm's sampling chain drawing from its own random key, so a seed reproduces whatever else is batched."""
-    # mlx-lm's samplers draw from the global mx.random.state, which MLX 0.32 no longer lets a caller swap
-    # per request; its filters are reused here and only the draw takes this request's key.
-    filters: list[Callable[[mx.array], mx.array]] = []
-    if 0 < top_p < 1.0:
-        filters.append(lambda x: apply_top_p(x, top_p))
-    if min_p:
-        filters.append(lambda x: apply_min_p(x, min_p))
-    if top_k > 0:
-        filters.append(lambda x: apply_top_k(x, top_k))
-    key = mx.random.key(seed)
-
-    def sample(logprobs: mx.array) -> mx.array:
-        nonlocal key
-        for f in filters:
-            logprobs = f(logprobs)
-        key, draw = mx.random.split(key)
-        return mx.random.categorical(logprobs * (1 / temp), key=draw)
-
-    return sample
 
 
 def wait(

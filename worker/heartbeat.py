@@ -38,7 +38,7 @@ class Heartbeat:
             stats["model"] = {
                 "vocab_size": state.engine.vocab_size,
                 "context_length": state.engine.context_length,
-                "fingerprint": state.engine.key.revision,
+                "fingerprint": state.engine.key.weights,  # with the adapter's: it changes the answers
             }
             stats["batch"] = state.engine.batcher.stats()  # its load: what the api routes by (mlxq.delivery)
             stats["memory"] = state.engine.memory()

@@ -16,6 +16,7 @@ from mlxq import events
 from mlxq.contract import CANCELLED, JobError, job_error
 from mlxq.keys import prefix_hashes, request_key
 from mlxq.repos import cache_entries, jobs
+from mlxq.request import Request
 from mlxq.sql import Job
 from mlxq.states import FinishReason, JobStatus
 from worker.prefix_saves import PrefixSaves
@@ -56,7 +57,7 @@ class JobRunner:
 
     def _run(self, job: Job) -> None:
         """Hand the job to the batch, relay its events, persist the outcome."""
-        job_id, kind, request, priority, stream = job.id, job.kind, job.request, job.priority, job.stream
+        job_id, kind, priority, stream = job.id, job.kind, job.priority, job.stream
         if job.attempts > 1:
             # A client already streaming it has had part of the answer: it must know the rest starts over.
             self._publish(job_id, [events.restarted(job.attempts)])
@@ -64,6 +65,7 @@ class JobRunner:
             self._fail(job_id, job_error(503, f"model not loaded: {self._state.load_error}", code="model_not_loaded"))
             return
         try:
+            request = Request.read(job.request)  # what the api wrote: Request.wire()
             if kind == "count":  # the tokenizer alone, on this thread: nothing for the batch to do
                 tokens = len(self._state.engine.chat_tokens(request))
                 answer: dict[str, Any] = {
@@ -75,7 +77,7 @@ class JobRunner:
                 seq = self._state.engine.submit(kind, request, priority=priority)
                 answer = self._relay(job_id, seq, stream)
                 # What the api routes this conversation's later turns by (mlxq.delivery).
-                self._state.prefix_index.record(prefix_hashes(kind, request), seq.prefix_entry)
+                self._state.prefix_index.record(prefix_hashes(kind, request.wire()), seq.prefix_entry)
         except Exception as exc:
             error = getattr(exc, "error", None)
             if error is None:
@@ -90,7 +92,7 @@ class JobRunner:
                 return
             self._fail(job_id, dict(CANCELLED), status=JobStatus.CANCELLED)
             return
-        self._succeed(job, answer)
+        self._succeed(job, request, answer)
 
     def _relay(self, job_id: str, seq: Any, stream: bool) -> dict[str, Any]:
         """Relay a sequence's events to the channel until it ends; its answer."""
@@ -102,11 +104,11 @@ class JobRunner:
             raise seq.error
         return dict(seq.result or {})
 
-    def _succeed(self, job: Job, answer: dict[str, Any]) -> None:
+    def _succeed(self, job: Job, request: Request, answer: dict[str, Any]) -> None:
         """Persist the answer (job row, response cache), then tell the waiting clients."""
-        job_id, kind, request, store, ttl_s, model = job.id, job.kind, job.request, job.store, job.ttl_s, job.model
-        # The key names the weights that made the answer, which are this worker's.
-        key = request_key(kind, request, weights=self._state.engine.key.revision, namespace=job.namespace)
+        job_id, kind, store, ttl_s, model = job.id, job.kind, job.store, job.ttl_s, job.model
+        # The key names the weights that made the answer, which are this worker's (with its adapter).
+        key = request_key(kind, request.wire(), weights=self._state.engine.key.weights, namespace=job.namespace)
 
         def persist() -> bool:
             with self._state.sessions.begin() as session:

@@ -3,7 +3,8 @@ that hold each part to its share, and the measurements /health reports.
 
 The parts, and what holds each:
 
-- weights: measured at load; a model whose weights leave too little room fails to load, saying so.
+- weights: every set the worker holds (the model, its adapter, a draft model), measured at load; weights that
+  leave too little room fail to load, saying so.
 - KV in flight: the batcher admits a request only while the batch's KV, counted in bytes as mlx-lm's batch cache
   lays it out (one rectangle: every sequence padded to the longest reservation), stays within its share.
 - prefix cache: mlx-lm's LRUPromptCache bounded in bytes; the first thing shed when the worker finds itself over
@@ -26,7 +27,8 @@ import logging
 import os
 import resource
 import sys
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import Any, cast
 
 import mlx.core as mx
@@ -109,34 +111,41 @@ class Budget:
 
     total: int
     allowance: int
-    weights: int
+    weights: int  # every set together
     kv: int
     prefix: int
     prefill: int
     buffer_cache: int
+    # Each set of weights by name (model, adapter, draft): reported beside the total as `weights_<name>`.
+    weight_sets: tuple[tuple[str, int], ...] = ()
 
     @classmethod
-    def split(cls, total: int, weights: int, allowance: int, *, prefix: int = 0, model: str = "") -> Budget:
-        """Shares of what the weights leave. `prefix` > 0 is an operator's fixed prefix-cache size (MLXQ_PREFIX_CACHE_MB),
-        taken from the KV and prefix shares together."""
-        free = total - weights
+    def split(
+        cls, total: int, weights: Mapping[str, int], allowance: int, *, prefix: int = 0, model: str = ""
+    ) -> Budget:
+        """Shares of what the weights (every set the worker holds, by name) leave. `prefix` > 0 is an operator's
+        fixed prefix-cache size (MLXQ_PREFIX_CACHE_MB), taken from the KV and prefix shares together."""
+        held = sum(weights.values())
+        free = total - held
         if free < MIN_WORKING:
+            sets = f" ({', '.join(f'{n} {b / GIB:.2f} GB' for n, b in weights.items())})" if len(weights) > 1 else ""
             raise ModelTooLarge(
-                f"model {model} needs {weights / GIB:.2f} GB for its weights and at least {MIN_WORKING / GIB:.2f} GB "
-                f"to serve, more than its memory budget of {total / GIB:.2f} GB: raise MLXQ_MEMORY_GB or serve a "
-                f"smaller (quantized) model"
+                f"model {model} needs {held / GIB:.2f} GB for its weights{sets} and at least "
+                f"{MIN_WORKING / GIB:.2f} GB to serve, more than its memory budget of {total / GIB:.2f} GB: raise "
+                f"MLXQ_MEMORY_GB or serve a smaller (quantized) model"
             )
         kv_and_prefix = int(free * (KV_SHARE + PREFIX_SHARE))
         prefix = min(prefix, kv_and_prefix // 2) if prefix else int(free * PREFIX_SHARE)
         return cls(
             total=total,
             allowance=allowance,
-            weights=weights,
+            weights=held,
             kv=kv_and_prefix - prefix,
             prefix=prefix,
             prefill=int(free * PREFILL_SHARE),
             # A larger cache of freed buffers saves allocations but holds memory nothing uses.
             buffer_cache=min(int(free * BUFFER_SHARE), MAX_BUFFER_CACHE),
+            weight_sets=tuple(weights.items()),
         )
 
     def apply(self) -> None:
@@ -147,7 +156,9 @@ class Budget:
         _mmap_large_buffers()
 
     def limits(self) -> dict[str, int]:
-        return asdict(self)
+        """The parts (`weights` the total), then each set of weights (/health, /metrics)."""
+        parts = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "weight_sets"}
+        return {**parts, **{f"weights_{name}": size for name, size in self.weight_sets}}
 
 
 def check_fits(path_bytes: int, total: int, model: str) -> None:

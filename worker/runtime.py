@@ -9,6 +9,7 @@ import logging
 from mlxq.repos import jobs, workers
 from worker.heartbeat import Heartbeat
 from worker.job_runner import JobRunner
+from worker.model_spec import ModelSpec
 from worker.prefix_saves import PrefixSaves
 from worker.state import WorkerState
 
@@ -32,9 +33,11 @@ class Runtime:
         limits = BatchLimits(
             size=settings.batch_size, tokens=settings.batch_tokens, prefill=settings.prefill_batch_size
         )
+        # An empty setting (an environment variable set to "") names nothing.
+        spec = ModelSpec(settings.model, draft=settings.draft_model or None, adapter=settings.adapter_path or None)
         try:
             state.engine = Engine.load(
-                settings.model,
+                spec,
                 limits,
                 memory=self._memory_budget(),
                 prefix_bytes=settings.prefix_cache_mb << 20,

@@ -2,7 +2,7 @@
 
 Everything that is per request lives here (sampler, logits processors, stop strings, the tool-call
 stream filter, logprobs, the detokenizer, cancellation, the queue of events for its consumer), so the
-batcher only moves tokens between mlx-lm's `BatchGenerator` and these objects.
+batcher only moves tokens between the generator (worker.generator) and these objects.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class Sequence:
     use_prefix_cache: bool = True
 
     # -- filled in as it runs (engine thread) --------------------------------------------------
-    uid: int | None = None  # in the BatchGenerator while admitted
+    uid: int | None = None  # in the generator while admitted
     admitted_at: float = 0.0
     preemptions: int = 0
     # The stop string that ended the answer, if one did (Anthropic reports it as `stop_sequence`).

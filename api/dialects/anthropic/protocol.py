@@ -1,5 +1,5 @@
 """Anthropic Messages request models (`POST /v1/messages`, `POST /v1/messages/count_tokens`), as the official
-`anthropic` SDK and Claude Code send them, and their conversion to the OpenAI chat form the pipeline runs.
+`anthropic` SDK and Claude Code send them, and their conversion to the neutral chat form (mlxq.request) the pipeline runs.
 
 Unknown fields are allowed (Claude Code sends new ones with each release). What this server cannot honour is
 refused here, so the 400 names the field: image and document blocks (the model is text-only), Anthropic-defined
@@ -9,8 +9,9 @@ the `thinking` config and `thinking`/`redacted_thinking` blocks, `metadata`, `se
 `disable_parallel_tool_use`, a tool result's `is_error` (the OpenAI form has no place for it; Claude Code's error
 results say so in their text).
 
-`to_openai` maps a request onto the OpenAI chat body that says the same conversation, so that it has the same
-canonical form (mlxq.keys) and so the same cache key as that conversation sent through `/v1/chat/completions`.
+`to_chat` maps a request onto the neutral chat body (mlxq.request.Request: OpenAI-shaped messages, since that is
+what chat templates take) that says the same conversation, so that it has the same canonical form (mlxq.keys) and
+so the same cache key as that conversation sent through any other dialect.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag
 from pydantic_core import PydanticCustomError
 
-from api.dialects.openai.protocol import MAX_SEED, one_of
+from api.dialects.openai.protocol import one_of
 from mlxq.keys import strip_volatile
+from mlxq.request import EXTRAS, SamplingExtras
 
 # Blocks of other modalities: named in the error, since the model is text-only.
 MEDIA_BLOCKS = ("image", "document")
@@ -274,7 +276,7 @@ class CountTokensRequest(AnthropicBaseModel):
     thinking: dict[str, Any] | None = None
 
 
-class MessagesRequest(CountTokensRequest):
+class MessagesRequest(CountTokensRequest, SamplingExtras):
     """`POST /v1/messages`."""
 
     max_tokens: int = Field(ge=1)
@@ -283,12 +285,8 @@ class MessagesRequest(CountTokensRequest):
     stop_sequences: list[Annotated[str, Field(min_length=1)]] | None = None
     stream: bool | None = None
     temperature: float | None = Field(None, ge=0, le=1)
-    top_k: int | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
-    # -- non-spec extras, as the OpenAI dialect takes them ---------------------------------
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
+    # `top_k` is Anthropic's own; it and the non-spec extras come from mlxq.request.SamplingExtras.
     # LiteLLM-style per-request cache controls: {"no-cache": true, "no-store": true, "ttl": 60}.
     cache: dict[str, Any] | None = None
     # Structured output as the current SDK sends it (`output_config.format`), and as the older beta did.
@@ -300,18 +298,7 @@ class MessagesRequest(CountTokensRequest):
 
 # Carried into the OpenAI body under the same name when set (the rest is renamed or dropped).
 # `metadata` carries Claude Code's session (`user_id`), which routing keeps on one worker; not in the cache key.
-_SAME_NAME = (
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "stream",
-    "seed",
-    "min_p",
-    "repetition_penalty",
-    "cache",
-    "metadata",
-)
+_SAME_NAME = ("max_tokens", "temperature", "top_p", *EXTRAS, "stream", "cache", "metadata")
 
 
 def _text_parts(blocks: list[TextBlock]) -> list[dict[str, Any]]:
@@ -381,9 +368,9 @@ def _tool_choice(choice: Any) -> str | dict[str, Any]:
     return {"auto": "auto", "any": "required", "none": "none"}[choice.type]
 
 
-def to_openai(body: CountTokensRequest) -> dict[str, Any]:
-    """The OpenAI chat-completions body (what api.dialects.openai.protocol.ChatCompletionRequest validates) that
-    says the same conversation, so both dialects share one canonical request, one cache key and the prefix cache.
+def to_chat(body: CountTokensRequest) -> dict[str, Any]:
+    """The neutral chat body (what mlxq.request.Request.from_body reads) that says the same conversation, so every
+    dialect shares one canonical request, one cache key and the prefix cache.
 
     - `system` becomes a first system message; a list of blocks stays a list of text parts, which mlxq.keys
       flattens the one way it flattens OpenAI parts (so the join is decided in one place for both dialects).

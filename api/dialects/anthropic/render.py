@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 from sse_starlette import ServerSentEvent
 
-from api.streaming import guard
 from mlxq.events import Event
 from mlxq.states import FinishReason
 
@@ -121,8 +119,10 @@ def message(result: dict[str, Any], *, model: str) -> dict[str, Any]:
 
 
 class MessageStreamWriter:
-    """Turns job events into the Messages event stream for one answer: one message id throughout, content blocks
-    numbered in order (the text block first, then one `tool_use` block per call)."""
+    """Anthropic's stream writer (api.relay.StreamWriter): job events as the Messages event stream for one answer,
+    one message id throughout, content blocks numbered in order (the text block first, then one `tool_use` block
+    per call); `ping` while the job waits or prefills (clients drop a silent connection), an `error` event (and
+    nothing after it) if the job fails."""
 
     def __init__(self, *, model: str) -> None:
         self.model = model
@@ -153,7 +153,10 @@ class MessageStreamWriter:
     def ping(self) -> dict[str, Any]:
         return {"type": "ping"}
 
-    def delta(self, text: str) -> list[dict[str, Any]]:
+    def keepalive(self, event: Event) -> ServerSentEvent:
+        return sse(self.ping())
+
+    def delta(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         if not text:
             return []
         events = []
@@ -166,6 +169,9 @@ class MessageStreamWriter:
             {"type": "content_block_delta", "index": self.index, "delta": {"type": "text_delta", "text": text}}
         )
         return events
+
+    def missed(self, text: str) -> list[dict[str, Any]]:
+        return self.delta(text)
 
     def _close_text(self) -> list[dict[str, Any]]:
         if not self.text_open:
@@ -209,36 +215,11 @@ class MessageStreamWriter:
             {"type": "message_stop"},
         ]
 
-    def error(self, error: dict[str, Any]) -> dict[str, Any]:
-        return error_body(int(error.get("status") or 500), error.get("message") or "generation failed")
+    def error(self, error: dict[str, Any]) -> list[dict[str, Any]]:
+        return [error_body(int(error.get("status") or 500), error.get("message") or "generation failed")]
 
+    def frame(self, payload: dict[str, Any]) -> ServerSentEvent:
+        return sse(payload)
 
-async def anthropic_stream(source: AsyncIterator[Event], writer: MessageStreamWriter) -> AsyncIterator[ServerSentEvent]:
-    """Relay events as the Messages event stream at once: `message_start` first, `ping` while the job waits or
-    prefills (clients drop a silent connection), an `error` event (and nothing after it) if the job fails."""
-    for item in writer.start():
-        yield sse(item)
-    sent = ""
-    async for event in guard(source):
-        kind = event["type"]
-        if kind == "delta":
-            sent += event["content"]
-            for item in writer.delta(event["content"]):
-                yield sse(item)
-        elif kind == "tool_calls":
-            for item in writer.tool_calls(event["tool_calls"]):
-                yield sse(item)
-        elif kind in ("progress", "waiting"):
-            yield sse(writer.ping())
-        elif kind == "done":
-            result = event.get("result") or {}
-            text = result.get("text") or ""
-            if len(text) > len(sent) and text.startswith(sent):  # joined a job nobody streamed: the rest now
-                for item in writer.delta(text[len(sent) :]):
-                    yield sse(item)
-            for item in writer.finish(result):
-                yield sse(item)
-            break
-        elif kind == "error":
-            yield sse(writer.error(event.get("error") or {}))
-            break
+    def close(self) -> None:
+        return None

@@ -1,5 +1,6 @@
-"""Anthropic's routes: the request in its own models, then the one path every dialect takes (its OpenAI-form
-twin through api.prepare, so both dialects share validation, keys and caches), answered in its own shapes.
+"""Anthropic's routes: the request in its own models, then the one path every dialect takes (its neutral request,
+api.dialects.anthropic.adapter, through api.prepare, so every dialect shares validation, keys and caches), answered
+in its own shapes.
 `x-api-key`, `anthropic-version`, `anthropic-beta` and `?beta=true` (Claude Code) are accepted as sent."""
 
 from __future__ import annotations
@@ -10,23 +11,22 @@ from fastapi import APIRouter, Header
 from fastapi.responses import Response
 
 from api.auth import AUTHENTICATED, Owner
-from api.dialects.anthropic.protocol import CountTokensRequest, MessagesRequest, to_openai
-from api.dialects.anthropic.render import MessageStreamWriter, anthropic_stream, error_body, message
-from api.prepare import parse, prepare, prepare_specs
+from api.dialects.anthropic import adapter
+from api.dialects.anthropic.protocol import CountTokensRequest, MessagesRequest
+from api.dialects.anthropic.render import MessageStreamWriter, message
+from api.prepare import prepare, prepare_specs
+from api.relay import relay
 from api.respond import answer, run
 from api.services import ServicesDep
 
 router = APIRouter(tags=["anthropic"], dependencies=AUTHENTICATED)
-# Errors on these paths come in Anthropic's shape (api.errors.install).
-ERROR_SHAPES = (("/v1/messages", error_body),)
 
 
 @router.post("/v1/messages")
 async def messages(
     body: MessagesRequest, services: ServicesDep, owner: Owner, cache_control: str | None = Header(None)
 ) -> Response:
-    twin = parse("/v1/chat/completions", to_openai(body))
-    _, specs = await prepare_specs(services, twin, owner=owner, cache_control=cache_control)
+    _, specs = await prepare_specs(services, adapter.incoming(body), owner=owner, cache_control=cache_control)
     model = specs[0].model
     writer = MessageStreamWriter(model=model)
     return await answer(
@@ -34,7 +34,7 @@ async def messages(
         specs,
         endpoint="messages",
         render=lambda results: message(results[0], model=model),
-        stream=(lambda source: anthropic_stream(source, writer)) if body.stream else None,
+        stream=(lambda source: relay(source, writer)) if body.stream else None,
     )
 
 
@@ -42,8 +42,7 @@ async def messages(
 async def count_tokens(body: CountTokensRequest, services: ServicesDep, owner: Owner) -> dict[str, Any]:
     """The prompt's tokens through the model's tokenizer and chat template, counted by the worker (the one
     process that holds them); counted once per distinct request, then from the response cache."""
-    openai_body = {**to_openai(body), "max_tokens": 1, "temperature": 0}
-    prepared = await prepare(services, parse("/v1/chat/completions", openai_body))
-    spec = await services.admission.spec_for("count", prepared.canonicals[0], owner=owner)
+    prepared = await prepare(services, adapter.counted(body), kind="count")
+    spec = await services.admission.spec_for("count", prepared.requests[0], owner=owner)
     outcome = await run(services, spec)
     return {"input_tokens": int(outcome.result.get("input_tokens", 0))}

@@ -17,11 +17,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Fiel
 from pydantic_core import PydanticCustomError
 from typing_extensions import TypedDict
 
-from mlxq.contract import Priority
+from mlxq.request import Priority, SamplingExtras, priority_of
 
-# Seeds the worker can use: mlx.core.random.key takes 0..2**64-1; OpenAI documents an int64, so the
-# intersection (a non-negative int64, which PostgreSQL's JSON and any client also hold) is accepted.
-MAX_SEED = 2**63 - 1
 # Content parts of other modalities: named in the error, since the model is text-only.
 MEDIA_PARTS = ("image_url", "input_audio", "file", "image", "audio", "input_image", "input_file", "video_url")
 
@@ -210,19 +207,17 @@ Stop = Annotated[
 # -- requests ----------------------------------------------------------------------------------
 
 
-class GenerationRequest(OpenAIBaseModel):
-    """The sampling and delivery fields chat and legacy completions share."""
+class GenerationRequest(OpenAIBaseModel, SamplingExtras):
+    """The sampling and delivery fields chat and legacy completions share (`seed`, the penalties and the non-spec
+    sampling extras come from mlxq.request.SamplingExtras, declared once for every dialect)."""
 
     model: str
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
     # Token id -> bias; accepted in shape, refused when non-empty (not supported).
     logit_bias: dict[str, float] | None = None
     max_tokens: int | None = Field(None, ge=1)
     n: int | None = Field(None, ge=1)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
     # json_object / json_schema: the answer is decoded under the schema's grammar (mlxq.grammar).
     response_format: ResponseFormat | None = None
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     # "flex" (OpenAI's slower, cheaper tier) runs at low priority: after interactive requests.
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
     stop: Stop | None = None
@@ -232,16 +227,12 @@ class GenerationRequest(OpenAIBaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     user: str | None = None
     # -- non-spec extras -------------------------------------------------------------------
-    # 0 disables it; past the vocabulary it is refused (api.validation, once a worker published it).
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
     # LiteLLM-style per-request cache controls: {"no-cache": true, "no-store": true, "ttl": 60}.
     cache: dict[str, Any] | None = None
 
     @property
     def priority(self) -> Priority:
-        return "low" if self.service_tier == "flex" else "interactive"
+        return priority_of(self.service_tier)
 
 
 class ChatCompletionRequest(GenerationRequest):

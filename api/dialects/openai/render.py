@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from sse_starlette import ServerSentEvent
 
 from api.errors import openai_error_body
-from api.streaming import guard
+from api.relay import keepalive_comment
 from mlxq.events import Event
 from mlxq.states import FinishReason
 
@@ -103,10 +103,14 @@ def model_list(models: list[str]) -> dict[str, Any]:
 
 
 class ChunkWriter:
-    """Turns job events into OpenAI chunks for one stream: one id and `created` throughout."""
+    """OpenAI's stream writer (api.relay.StreamWriter): job events as OpenAI chunks for one stream, one id and
+    `created` throughout; `[DONE]` closes it, an error is an error object. `prefix`: what a completion's `echo`
+    puts before the text."""
 
-    def __init__(self, *, kind: str, model: str, stream_options: Mapping[str, Any] | None = None) -> None:
-        self.kind, self.model = kind, model
+    def __init__(
+        self, *, kind: str, model: str, stream_options: Mapping[str, Any] | None = None, prefix: str = ""
+    ) -> None:
+        self.kind, self.model, self.prefix = kind, model, prefix
         self.include_usage = bool((stream_options or {}).get("include_usage"))
         self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -125,20 +129,23 @@ class ChunkWriter:
         return chunk
 
     def start(self) -> list[dict[str, Any]]:
-        if self.kind != "chat":
-            return []
-        return [self._chunk({"delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})]
-
-    def delta(self, content: str, logprobs: list[dict[str, Any]] | None) -> dict[str, Any]:
+        chunks = []
         if self.kind == "chat":
-            return self._chunk(
-                {
-                    "delta": {"content": content},
-                    "logprobs": {"content": logprobs} if logprobs else None,
-                    "finish_reason": None,
-                }
+            chunks.append(
+                self._chunk({"delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
             )
-        return self._chunk({"text": content, "logprobs": None, "finish_reason": None})
+        if self.prefix:
+            chunks += self.delta(self.prefix)
+        return chunks
+
+    def delta(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        if self.kind == "chat":
+            choice = {"delta": {"content": text}, "logprobs": {"content": logprobs} if logprobs else None}
+            return [self._chunk({**choice, "finish_reason": None})]
+        return [self._chunk({"text": text, "logprobs": None, "finish_reason": None})]
+
+    def missed(self, text: str) -> list[dict[str, Any]]:
+        return self.delta(text)
 
     def tool_calls(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
         # The first fragment of each index carries id, type and name; the next the arguments.
@@ -174,44 +181,21 @@ class ChunkWriter:
             )
         return chunks
 
-
-async def openai_stream(
-    source: AsyncIterator[Event], writer: ChunkWriter, prefix: str = ""
-) -> AsyncIterator[ServerSentEvent]:
-    """Relay events as SSE at once; progress becomes a keepalive comment, errors an error object."""
-    for chunk in writer.start():
-        yield sse(chunk)
-    if prefix:
-        yield sse(writer.delta(prefix, None))
-    sent = ""
-    async for event in guard(source):
-        kind = event["type"]
-        if kind == "delta":
-            sent += event["content"]
-            yield sse(writer.delta(event["content"], event.get("logprobs")))
-        elif kind == "tool_calls":
-            for chunk in writer.tool_calls(event["tool_calls"]):
-                yield sse(chunk)
-        elif kind == "progress":
-            yield ServerSentEvent(comment=f"keepalive {event['processed']}/{event['total']}", sep="\n")
-        elif kind == "waiting":
-            yield ServerSentEvent(comment=f"keepalive {event.get('status', 'queued')}", sep="\n")
-        elif kind == "done":
-            text = (event.get("result") or {}).get("text") or ""
-            if len(text) > len(sent) and text.startswith(sent):  # joined a job nobody streamed: the rest now
-                yield sse(writer.delta(text[len(sent) :], None))
-            for chunk in writer.finish(event.get("result") or {}):
-                yield sse(chunk)
-            break
-        elif kind == "error":
-            error = event.get("error") or {}
-            yield sse(
-                openai_error_body(
-                    error.get("message", "generation failed"),
-                    type=error.get("type", "server_error"),
-                    code=error.get("code"),
-                    param=error.get("param"),
-                )
+    def error(self, error: dict[str, Any]) -> list[dict[str, Any]]:
+        return [
+            openai_error_body(
+                error.get("message", "generation failed"),
+                type=error.get("type", "server_error"),
+                code=error.get("code"),
+                param=error.get("param"),
             )
-            break
-    yield DONE
+        ]
+
+    def keepalive(self, event: Event) -> ServerSentEvent:
+        return keepalive_comment(event)
+
+    def frame(self, payload: dict[str, Any]) -> ServerSentEvent:
+        return sse(payload)
+
+    def close(self) -> ServerSentEvent:
+        return DONE

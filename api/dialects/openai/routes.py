@@ -8,9 +8,11 @@ from fastapi import APIRouter, Header
 from fastapi.responses import Response
 
 from api.auth import AUTHENTICATED, Owner
+from api.dialects.openai import adapter
 from api.dialects.openai.protocol import ChatCompletionRequest, CompletionRequest
-from api.dialects.openai.render import ChunkWriter, chat_completion, model_list, openai_stream, text_completion
+from api.dialects.openai.render import ChunkWriter, chat_completion, model_list, text_completion
 from api.prepare import prepare_specs
+from api.relay import relay
 from api.respond import answer
 from api.services import ServicesDep
 
@@ -21,7 +23,7 @@ router = APIRouter(dependencies=AUTHENTICATED)
 async def chat_completions(
     body: ChatCompletionRequest, services: ServicesDep, owner: Owner, cache_control: str | None = Header(None)
 ) -> Response:
-    _, specs = await prepare_specs(services, body, owner=owner, cache_control=cache_control)
+    _, specs = await prepare_specs(services, adapter.chat(body), owner=owner, cache_control=cache_control)
     model = specs[0].model
     writer = ChunkWriter(kind="chat", model=model, stream_options=body.stream_options)
     return await answer(
@@ -29,7 +31,7 @@ async def chat_completions(
         specs,
         endpoint="chat",
         render=lambda results: chat_completion(results[0], model=model),
-        stream=(lambda source: openai_stream(source, writer)) if body.stream else None,
+        stream=(lambda source: relay(source, writer)) if body.stream else None,
     )
 
 
@@ -37,15 +39,15 @@ async def chat_completions(
 async def completions(
     body: CompletionRequest, services: ServicesDep, owner: Owner, cache_control: str | None = Header(None)
 ) -> Response:
-    prepared, specs = await prepare_specs(services, body, owner=owner, cache_control=cache_control)
+    prepared, specs = await prepare_specs(services, adapter.completion(body), owner=owner, cache_control=cache_control)
     model, echo = specs[0].model, prepared.echo
-    writer = ChunkWriter(kind="completion", model=model, stream_options=body.stream_options)
+    writer = ChunkWriter(kind="completion", model=model, stream_options=body.stream_options, prefix=echo[0])
     return await answer(
         services,
         specs,
         endpoint="completion",
         render=lambda results: text_completion(results, model=model, prefixes=echo),
-        stream=(lambda source: openai_stream(source, writer, prefix=echo[0])) if body.stream else None,
+        stream=(lambda source: relay(source, writer)) if body.stream else None,
     )
 
 

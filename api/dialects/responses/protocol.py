@@ -1,10 +1,10 @@
 """OpenAI Responses request models (`POST /v1/responses`), as the `openai` SDK's `client.responses` and Codex
-send them, and their conversion to the OpenAI chat form the pipeline runs.
+send them, and their conversion to the neutral chat form (mlxq.request) the pipeline runs.
 
 Unknown fields are allowed (the API grows with each SDK release). What the shapes alone can refuse is refused by
 the models, so the 400 names the field: an input item of a type this server cannot read (hosted tools' calls,
 images and files: the model is text-only), a message of another role, a `tool_choice` naming a hosted tool.
-What needs the whole conversation is refused by `to_openai` with an `APIError` naming the field: an output whose
+What needs the whole conversation is refused by `to_chat` with an `APIError` naming the field: an output whose
 `call_id` answers no earlier call, an `item_reference` left unresolved (the route resolves each to the stored
 item it names, api.dialects.responses.stored.resolve_references),
 two tools of one name, `prompt` templates and `conversation` objects (stored on OpenAI's side).
@@ -15,8 +15,9 @@ model thinks, or not, by its own template), `metadata`, `store`, `background`, `
 Hosted tools (`web_search`, `file_search`, `mcp`, ...) are dropped from the tools the model sees; `hosted_tools`
 lists them so the answer can say so.
 
-`to_openai` maps a request onto the OpenAI chat body that says the same conversation, so that it has the same
-canonical form (mlxq.keys) and so the same cache key as that conversation sent through `/v1/chat/completions`.
+`to_chat` maps a request onto the neutral chat body (mlxq.request.Request: OpenAI-shaped messages, since that is
+what chat templates take) that says the same conversation, so that it has the same canonical form (mlxq.keys) and
+so the same cache key as that conversation sent through any other dialect.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-from api.dialects.openai.protocol import MAX_SEED, one_of
+from api.dialects.openai.protocol import one_of
 from api.errors import APIError
-from mlxq.contract import Priority
+from mlxq.request import EXTRAS, Priority, SamplingExtras, priority_of
 
 # The OpenAI dialect's rule for function names (api.dialects.openai.protocol.FunctionDefinition): every tool
 # here becomes one of its functions, so a name refused there is refused here, where the 400 names the tool.
@@ -453,7 +454,7 @@ class TextConfig(ResponsesBaseModel):
 # -- the request -------------------------------------------------------------------------------
 
 
-class ResponsesRequest(ResponsesBaseModel):
+class ResponsesRequest(ResponsesBaseModel, SamplingExtras):
     """`POST /v1/responses`."""
 
     model: str
@@ -484,20 +485,16 @@ class ResponsesRequest(ResponsesBaseModel):
     stream: bool | None = None
     stream_options: dict[str, Any] | None = None
     client_metadata: dict[str, Any] | None = None
-    # Stored on OpenAI's side: refused by to_openai when set.
+    # Stored on OpenAI's side: refused by to_chat when set.
     conversation: str | dict[str, Any] | None = None
     prompt: dict[str, Any] | None = None
-    # -- non-spec extras, as the OpenAI dialect takes them ---------------------------------
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
+    # -- non-spec extras: `seed` and the sampling extras come from mlxq.request.SamplingExtras -------------
     # LiteLLM-style per-request cache controls: {"no-cache": true, "no-store": true, "ttl": 60}.
     cache: dict[str, Any] | None = None
 
     @property
     def priority(self) -> Priority:
-        return "low" if self.service_tier == "flex" else "interactive"
+        return priority_of(self.service_tier)
 
 
 class InputTokensRequest(ResponsesRequest):
@@ -727,13 +724,10 @@ def _refuse_unserved(body: ResponsesRequest) -> None:
 _SAME_NAME = (
     "temperature",
     "top_p",
+    *EXTRAS,
     "parallel_tool_calls",
     "stream",
     "user",
-    "seed",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
     "cache",
     "prompt_cache_key",  # the session that routing keeps on one worker (mlxq.delivery); not in the cache key
 )
@@ -741,9 +735,9 @@ _SAME_NAME = (
 _SERVICE_TIERS = {"fast": "priority", "ultrafast": "priority"}
 
 
-def to_openai(body: ResponsesRequest, *, previous: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The OpenAI chat-completions body (what api.dialects.openai.protocol.ChatCompletionRequest validates) that
-    says the same conversation, so both dialects share one canonical request, one cache key and the prefix cache.
+def to_chat(body: ResponsesRequest, *, previous: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The neutral chat body (what mlxq.request.Request.from_body reads) that says the same conversation, so every
+    dialect shares one canonical request, one cache key and the prefix cache.
 
     - `instructions` becomes a first system message, before everything (a previous response's instructions are
       not carried over, as OpenAI documents); then `previous` (the earlier responses' input and output items, in

@@ -22,8 +22,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from sse_starlette import ServerSentEvent
@@ -32,20 +34,25 @@ from api.dialects.responses.protocol import (
     ResponsesRequest,
     TextConfig,
     custom_tool_names,
+    hosted_tools,
     tool_namespaces,
 )
-from api.streaming import guard
+from api.relay import keepalive_comment
+from mlxq.contract import CANCELLED
 from mlxq.events import Event
-from mlxq.states import FinishReason
+from mlxq.sql import Job
+from mlxq.states import RESPONSE_ANSWERED, FinishReason, JobStatus, ResponseStatus
 
 # The stream's terminal event for each final status; a cancelled response ends as an incomplete one does (the
 # event union has no `response.cancelled`), its own status saying which.
 TERMINAL_EVENTS = {
-    "completed": "response.completed",
-    "incomplete": "response.incomplete",
-    "cancelled": "response.incomplete",
-    "failed": "response.failed",
+    ResponseStatus.COMPLETED: "response.completed",
+    ResponseStatus.INCOMPLETE: "response.incomplete",
+    ResponseStatus.CANCELLED: "response.incomplete",
+    ResponseStatus.FAILED: "response.failed",
 }
+# A job's state as the response's status, while it has no result.
+PENDING = {JobStatus.QUEUED: ResponseStatus.QUEUED, JobStatus.RUNNING: ResponseStatus.IN_PROGRESS}
 
 
 def new_response_id() -> str:
@@ -78,10 +85,16 @@ def usage_block(usage: Mapping[str, int]) -> dict[str, Any]:
     }
 
 
-def final_status(result: Mapping[str, Any]) -> str:
+def final_status(result: Mapping[str, Any]) -> ResponseStatus:
     """completed, incomplete (cut by max_output_tokens or the context) or cancelled, by the finish reason."""
     reason = result.get("finish_reason", FinishReason.STOP)
-    return {FinishReason.LENGTH: "incomplete", FinishReason.CANCELLED: "cancelled"}.get(reason, "completed")
+    ends = {FinishReason.LENGTH: ResponseStatus.INCOMPLETE, FinishReason.CANCELLED: ResponseStatus.CANCELLED}
+    return ends.get(reason, ResponseStatus.COMPLETED)
+
+
+def item_status(status: ResponseStatus) -> ResponseStatus:
+    """A finished message item's status: incomplete in an incomplete response, else completed."""
+    return ResponseStatus.INCOMPLETE if status == ResponseStatus.INCOMPLETE else ResponseStatus.COMPLETED
 
 
 def response_error(error: Mapping[str, Any]) -> dict[str, Any]:
@@ -168,7 +181,7 @@ def call_item(call: Mapping[str, Any], *, response_id: str, output_index: int, k
             "call_id": call_id,
             "name": name,
             "arguments": _arguments_text(function.get("arguments")),
-            "status": "completed",
+            "status": ResponseStatus.COMPLETED,
         }
     if name in kinds.namespaces:
         item["namespace"] = kinds.namespaces[name]
@@ -180,7 +193,12 @@ def _text_part(text: str, logprobs: list[dict[str, Any]] | None) -> dict[str, An
 
 
 def message_item(
-    text: str, *, response_id: str, output_index: int, status: str, logprobs: list[dict[str, Any]] | None = None
+    text: str,
+    *,
+    response_id: str,
+    output_index: int,
+    status: ResponseStatus,
+    logprobs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The assistant's text as a `message` output item."""
     return {
@@ -196,7 +214,7 @@ def output_items(result: Mapping[str, Any], *, response_id: str, request: Respon
     """A result's output: its text as a message (none when there is no text), then one item per tool call."""
     items: list[dict[str, Any]] = []
     if result.get("text"):
-        status = "incomplete" if final_status(result) == "incomplete" else "completed"
+        status = item_status(final_status(result))
         items.append(
             message_item(
                 result["text"], response_id=response_id, output_index=0, status=status, logprobs=result.get("logprobs")
@@ -256,37 +274,98 @@ def _echo(request: ResponsesRequest) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class ResponseContext:
+    """One response: what renders it besides the job's result or events (its id, `created_at`, the request, the
+    model that answers, the items of the responses it continues), and whether its client cancelled it."""
+
+    request: ResponsesRequest
+    model: str
+    id: str = field(default_factory=new_response_id)
+    created_at: float = field(default_factory=lambda: float(int(time.time())))
+    previous: list[dict[str, Any]] = field(default_factory=list)  # the items of the responses it continues
+    cancelled: bool = False
+    # The hosted tools the answer says it dropped (None: the request's, `hosted_tools`).
+    dropped: tuple[str, ...] | None = None
+
+    @property
+    def hosted(self) -> list[str]:
+        return list(self.dropped) if self.dropped is not None else hosted_tools(self.request)
+
+    def render(
+        self, result: Mapping[str, Any], status: ResponseStatus | None = None, *, completed_at: float | None = None
+    ) -> dict[str, Any]:
+        """A worker result as the `response` object (what `openai.types.responses.Response` validates).
+
+        `status` defaults to the result's (`final_status`); pass queued or in_progress (with an empty result) for
+        a background response not finished yet: no output, no usage. `completed_at` is sent when completed."""
+        status = status or final_status(result)
+        finished = status in RESPONSE_ANSWERED
+        return _response(
+            self,
+            status=status,
+            output=output_items(result, response_id=self.id, request=self.request) if finished else [],
+            usage=(result.get("usage") or {}) if finished else None,
+            completed_at=completed_at,
+        )
+
+    def render_failed(self, error: Mapping[str, Any]) -> dict[str, Any]:
+        """The response of a job that failed (`error`: a job error, mlxq.contract.JobError): failed with the
+        error, no output; a cancelled job's response is cancelled instead, with no error."""
+        if is_cancelled(error):
+            return _response(self, status=ResponseStatus.CANCELLED, output=[])
+        return _response(self, status=ResponseStatus.FAILED, output=[], error=error)
+
+    def render_job(self, job: Job) -> dict[str, Any]:
+        """The response as its job stands now (or cancelled by its client, whatever a shared job does next)."""
+        if self.cancelled:
+            return self.render_failed(dict(CANCELLED))
+        if job.status in PENDING:
+            return self.render({}, status=PENDING[JobStatus(job.status)])
+        if job.status == JobStatus.SUCCEEDED:
+            return self.render(job.result or {})
+        return self.render_failed(job.error or (dict(CANCELLED) if job.status == JobStatus.CANCELLED else {}))
+
+    def stream_writer(self, starting_after: int | None = None) -> ResponseStreamWriter:
+        """The writer of this response's event stream (for a late reader, only the events after `starting_after`)."""
+        return ResponseStreamWriter(
+            model=self.model,
+            response_id=self.id,
+            created_at=self.created_at,
+            request=self.request,
+            hosted_dropped=self.hosted,
+            starting_after=starting_after,
+        )
+
+
 def _response(
+    context: ResponseContext,
     *,
-    response_id: str,
-    created_at: float,
-    model: str,
-    request: ResponsesRequest,
-    status: str,
+    status: ResponseStatus,
     output: list[dict[str, Any]],
-    usage: Mapping[str, int] | None,
-    error: Mapping[str, Any] | None,
-    hosted_dropped: Iterable[str],
+    usage: Mapping[str, int] | None = None,
+    error: Mapping[str, Any] | None = None,
     completed_at: float | None = None,
 ) -> dict[str, Any]:
+    failed = error is not None and status == ResponseStatus.FAILED
     body: dict[str, Any] = {
-        "id": response_id,
+        "id": context.id,
         "object": "response",
-        "created_at": created_at,
+        "created_at": context.created_at,
         "status": status,
-        "model": model,
+        "model": context.model,
         "output": output,
         "usage": usage_block(usage) if usage is not None else None,
-        "error": response_error(error) if error is not None and status == "failed" else None,
-        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-        **_echo(request),
+        "error": response_error(error) if error is not None and failed else None,
+        "incomplete_details": {"reason": "max_output_tokens"} if status == ResponseStatus.INCOMPLETE else None,
+        **_echo(context.request),
     }
-    if completed_at is not None and status == "completed":
+    if completed_at is not None and status == ResponseStatus.COMPLETED:
         body["completed_at"] = completed_at
     extension: dict[str, Any] = {}
-    if dropped := list(hosted_dropped):
+    if dropped := context.hosted:
         extension["dropped_tools"] = dropped
-    if error is not None and status == "failed":
+    if error is not None and failed:
         extension["error"] = {k: error.get(k) for k in ("status", "type", "code", "param")}
     if extension:
         body["mlxq"] = extension
@@ -300,27 +379,22 @@ def response_object(
     response_id: str,
     created_at: float,
     request: ResponsesRequest,
-    status: str | None = None,
+    status: ResponseStatus | None = None,
     hosted_dropped: Iterable[str] = (),
     completed_at: float | None = None,
 ) -> dict[str, Any]:
-    """Render a worker result as a `response` object (what `openai.types.responses.Response` validates).
+    """`ResponseContext.render` of a response named by its parts."""
+    context = ResponseContext(
+        request=request, model=model, id=response_id, created_at=created_at, dropped=tuple(hosted_dropped)
+    )
+    return context.render(result, status, completed_at=completed_at)
 
-    `status` defaults to the result's (`final_status`); pass "queued" or "in_progress" (with an empty result)
-    for a background response not finished yet: no output, no usage. `completed_at` is sent when completed."""
-    status = status or final_status(result)
-    finished = status in ("completed", "incomplete", "cancelled")
-    return _response(
-        response_id=response_id,
-        created_at=created_at,
-        model=model,
-        request=request,
-        status=status,
-        output=output_items(result, response_id=response_id, request=request) if finished else [],
-        usage=(result.get("usage") or {}) if finished else None,
-        error=None,
-        hosted_dropped=hosted_dropped,
-        completed_at=completed_at,
+
+def unstored(model: str) -> ResponseContext:
+    """The context of a response nothing stored and no request but its model names (a batch line's, a stream
+    writer's made from the model alone): a fresh id, made now."""
+    return ResponseContext(
+        request=ResponsesRequest.model_validate({"model": model}), model=model, created_at=int(time.time())
     )
 
 
@@ -333,29 +407,22 @@ def failed_response(
     request: ResponsesRequest,
     hosted_dropped: Iterable[str] = (),
 ) -> dict[str, Any]:
-    """A response whose job failed (`error`: a job error, mlxq.contract.JobError): status "failed" with the
-    error, no output; a cancelled job's response is "cancelled" instead, with no error."""
-    cancelled = is_cancelled(error)
-    return _response(
-        response_id=response_id,
-        created_at=created_at,
-        model=model,
-        request=request,
-        status="cancelled" if cancelled else "failed",
-        output=[],
-        usage=None,
-        error=None if cancelled else error,
-        hosted_dropped=hosted_dropped,
+    """`ResponseContext.render_failed` of a response named by its parts."""
+    context = ResponseContext(
+        request=request, model=model, id=response_id, created_at=created_at, dropped=tuple(hosted_dropped)
     )
+    return context.render_failed(error)
 
 
 # -- the event stream ----------------------------------------------------------------------------------
 
 
 class ResponseStreamWriter:
-    """Turns job events into the Responses event stream for one response: `response.created` and
-    `response.in_progress` first, a message item opened at the first text, one item per tool call, then the
-    terminal event carrying the whole response. Each event has a `sequence_number`, from 0.
+    """The Responses dialect's stream writer (api.relay.StreamWriter): job events as the Responses event stream for
+    one response, `response.created` and `response.in_progress` first, a message item opened at the first text,
+    one item per tool call, then the terminal event carrying the whole response (`response.failed` for a failed
+    job, or an APIError once streaming). Each event has a `sequence_number`, from 0; keepalives are SSE comments
+    with none (a late reader's numbering must not depend on how long anyone waited).
 
     Deterministic (module doc): given the same job events it writes the same events, so a late reader made with
     `starting_after=N` (or after `start_after(N)`) regenerates them and is handed only those numbered after N.
@@ -371,8 +438,10 @@ class ResponseStreamWriter:
         hosted_dropped: Iterable[str] = (),
         starting_after: int | None = None,
     ) -> None:
-        self.model, self.response_id, self.created_at, self.request = model, response_id, created_at, request
-        self.hosted_dropped = list(hosted_dropped)
+        self.context = ResponseContext(
+            request=request, model=model, id=response_id, created_at=created_at, dropped=tuple(hosted_dropped)
+        )
+        self.response_id = response_id
         self.kinds = ToolKinds(request)
         self.skip_through = starting_after if starting_after is not None else -1
         self.sequence = 0  # the next event's number
@@ -393,32 +462,26 @@ class ResponseStreamWriter:
         return [{"type": payload["type"], "sequence_number": number, **payload}]
 
     def snapshot(
-        self, status: str, *, usage: Mapping[str, int] | None = None, error: Mapping[str, Any] | None = None
+        self,
+        status: ResponseStatus,
+        *,
+        usage: Mapping[str, int] | None = None,
+        error: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """The response as it stands, with `status` (a copy: later events do not change it)."""
-        return _response(
-            response_id=self.response_id,
-            created_at=self.created_at,
-            model=self.model,
-            request=self.request,
-            status=status,
-            output=copy.deepcopy(self.output),
-            usage=usage,
-            error=error,
-            hosted_dropped=self.hosted_dropped,
-        )
+        return _response(self.context, status=status, output=copy.deepcopy(self.output), usage=usage, error=error)
 
     def start(self) -> list[dict[str, Any]]:
         """`response.created` and `response.in_progress`, both in progress with no output."""
         return [
-            *self._emit({"type": "response.created", "response": self.snapshot("in_progress")}),
-            *self._emit({"type": "response.in_progress", "response": self.snapshot("in_progress")}),
+            *self._emit({"type": "response.created", "response": self.snapshot(ResponseStatus.IN_PROGRESS)}),
+            *self._emit({"type": "response.in_progress", "response": self.snapshot(ResponseStatus.IN_PROGRESS)}),
         ]
 
     def _open_message(self) -> list[dict[str, Any]]:
         index = len(self.output)
         self.message_index, self.text, self.logprobs = index, "", []
-        item = message_item("", response_id=self.response_id, output_index=index, status="in_progress")
+        item = message_item("", response_id=self.response_id, output_index=index, status=ResponseStatus.IN_PROGRESS)
         item["content"] = []
         self.output.append(item)
         return [
@@ -454,7 +517,7 @@ class ResponseStreamWriter:
         )
         return events
 
-    def _close_message(self, status: str) -> list[dict[str, Any]]:
+    def _close_message(self, status: ResponseStatus) -> list[dict[str, Any]]:
         """The open message's text done, its part done, the item done with `status`."""
         index = self.message_index
         if index is None:
@@ -486,7 +549,7 @@ class ResponseStreamWriter:
                 {"type": "response.custom_tool_call_input.done", **where, "input": item["input"]},
             ]
         else:
-            added = {**item, "arguments": "", "status": "in_progress"}
+            added = {**item, "arguments": "", "status": ResponseStatus.IN_PROGRESS}
             streamed = [
                 {"type": "response.function_call_arguments.delta", **where, "delta": item["arguments"]},
                 {"type": "response.function_call_arguments.done", **where, "arguments": item["arguments"]},
@@ -498,21 +561,22 @@ class ResponseStreamWriter:
 
     def tool_calls(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The parsed calls (the job sends them once, at the end): the message closed first, then each call."""
-        events = self._close_message("completed")
+        events = self._close_message(ResponseStatus.COMPLETED)
         self.calls_sent = self.calls_sent or bool(calls)
         for call in calls:
             events += self._call(call)
         return events
 
+    def missed(self, text: str) -> list[dict[str, Any]]:
+        """The text a joined job's stream missed, into the message (none once calls went out: the message is
+        output 0, before them)."""
+        return [] if self.calls_sent else self.delta(text)
+
     def finish(self, result: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """The end: the text the stream missed (a joined job nobody streamed from the start), the message closed,
-        calls not sent yet, then `response.completed` (or `.incomplete` when cut by max_output_tokens)."""
-        events: list[dict[str, Any]] = []
-        text = result.get("text") or ""
-        if not self.calls_sent and len(text) > len(self.text) and text.startswith(self.text):
-            events += self.delta(text[len(self.text) :])
+        """The end: the message closed, calls not sent yet, then `response.completed` (or `.incomplete` when cut
+        by max_output_tokens)."""
         status = final_status(result)
-        events += self._close_message("incomplete" if status == "incomplete" else "completed")
+        events = self._close_message(item_status(status))
         if result.get("tool_calls") and not self.calls_sent:
             events += self.tool_calls(result["tool_calls"])
         response = self.snapshot(status, usage=result.get("usage") or {})
@@ -524,38 +588,21 @@ class ResponseStreamWriter:
         if self.message_index is not None:
             index, self.message_index = self.message_index, None
             self.output[index] = message_item(
-                self.text, response_id=self.response_id, output_index=index, status="incomplete", logprobs=self.logprobs
+                self.text,
+                response_id=self.response_id,
+                output_index=index,
+                status=ResponseStatus.INCOMPLETE,
+                logprobs=self.logprobs,
             )
-        status = "cancelled" if is_cancelled(error) else "failed"
+        status = ResponseStatus.CANCELLED if is_cancelled(error) else ResponseStatus.FAILED
         response = self.snapshot(status, error=error)
         return self._emit({"type": TERMINAL_EVENTS[status], "response": response})
 
+    def keepalive(self, event: Event) -> ServerSentEvent:
+        return keepalive_comment(event)
 
-async def responses_stream(
-    source: AsyncIterator[Event], writer: ResponseStreamWriter
-) -> AsyncIterator[ServerSentEvent]:
-    """Relay job events as the Responses event stream at once. Progress and queue waits become SSE comments
-    (keepalives, no sequence number: a late reader's numbering must not depend on how long anyone waited);
-    a failed job (or an APIError once streaming, api.streaming.guard) ends it with `response.failed`."""
-    for payload in writer.start():
-        yield sse(payload)
-    async for event in guard(source):
-        kind = event["type"]
-        payloads: list[dict[str, Any]] = []
-        if kind == "delta":
-            payloads = writer.delta(event["content"], event.get("logprobs"))
-        elif kind == "tool_calls":
-            payloads = writer.tool_calls(event["tool_calls"])
-        elif kind == "progress":
-            yield ServerSentEvent(comment=f"keepalive {event['processed']}/{event['total']}", sep="\n")
-        elif kind == "waiting":
-            yield ServerSentEvent(comment=f"keepalive {event.get('status', 'queued')}", sep="\n")
-        elif kind == "done":
-            payloads = writer.finish(event.get("result") or {})
-        elif kind == "error":
-            payloads = writer.error(event.get("error") or {})
-        # `started` and `restarted` say nothing here (the relays drop a restart's repeated text before this).
-        for payload in payloads:
-            yield sse(payload)
-        if kind in ("done", "error"):
-            break
+    def frame(self, payload: dict[str, Any]) -> ServerSentEvent:
+        return sse(payload)
+
+    def close(self) -> None:
+        return None

@@ -1,7 +1,7 @@
 """The Responses API's routes (`/v1/responses`), as the `openai` SDK's `client.responses` and Codex call them.
 
-A request is continued from its stored predecessor (`previous_response_id`), converted to its chat twin
-(api.dialects.responses.protocol, so both dialects share validation, keys and caches), admitted and answered
+A request is continued from its stored predecessor (`previous_response_id`), converted to the neutral request
+(api.dialects.responses.adapter, so every dialect shares validation, keys and caches), admitted and answered
 through the one path (api.prepare, api.respond), rendered as a `response` object or its event stream. With
 `store` (OpenAI's default) it is kept (api.dialects.responses.stored); with `background` it is a job: answered
 at once as `queued`, polled, streamed from any event (`starting_after`), cancelled.
@@ -21,26 +21,26 @@ from fastapi.responses import JSONResponse, Response
 
 from api.admission import Outcome
 from api.auth import AUTHENTICATED, Owner
-from api.dialects.responses import stored
-from api.dialects.responses.protocol import InputTokensRequest, ResponsesRequest, to_openai
-from api.dialects.responses.render import ResponseStreamWriter, responses_stream
-from api.dialects.responses.stored import ResponseContext
+from api.dialects.responses import adapter, stored
+from api.dialects.responses.protocol import InputTokensRequest, ResponsesRequest
+from api.dialects.responses.render import ResponseContext
 from api.errors import APIError
 from api.pages import list_page
-from api.prepare import parse, prepare, prepare_specs
+from api.prepare import prepare, prepare_specs
+from api.relay import relay
 from api.respond import answer, record, run
 from api.services import Services, ServicesDep
 from api.streaming import event_source, from_list, replay
 from mlxq.jobspec import CachePolicy
 from mlxq.keys import is_deterministic
 from mlxq.sql import Job
-from mlxq.states import JOB_FINAL, JobStatus
+from mlxq.states import JOB_FINAL, JobStatus, ResponseStatus
 
 router = APIRouter(prefix="/v1/responses", tags=["responses"], dependencies=AUTHENTICATED)
 
 
-# Fields of the chat twin a 400 may name, and the Responses field the client sent (longest first).
-TWIN_PARAMS = (
+# Fields of the neutral request a 400 may name, and the Responses field the client sent (longest first).
+NEUTRAL_PARAMS = (
     ("response_format", "text.format"),
     ("max_tokens", "max_output_tokens"),
     ("messages", "input"),
@@ -50,31 +50,20 @@ TWIN_PARAMS = (
 
 @contextlib.contextmanager
 def responses_params() -> Iterator[None]:
-    """A 400 found on the chat twin names the Responses field the client sent (`text.format`, not
+    """A 400 found on the neutral request names the Responses field the client sent (`text.format`, not
     `response_format`); a tool's fields are flat in Responses (`tools.0.name`, not `tools.0.function.name`)."""
     try:
         yield
     except APIError as exc:
         param = exc.param or ""
-        for twin, own in TWIN_PARAMS:
-            if param == twin or param.startswith(twin + "."):
-                exc.param = own + param[len(twin) :]
+        for neutral, own in NEUTRAL_PARAMS:
+            if param == neutral or param.startswith(neutral + "."):
+                exc.param = own + param[len(neutral) :]
                 exc.message = exc.message.replace(f"'{param}'", f"'{exc.param}'")
                 break
         if exc.param and exc.param.startswith("tools.") and ".function." in exc.param:
             exc.param = exc.param.replace(".function.", ".", 1)
         raise
-
-
-def _writer(context: ResponseContext, starting_after: int | None = None) -> ResponseStreamWriter:
-    return ResponseStreamWriter(
-        model=context.model,
-        response_id=context.id,
-        created_at=context.created_at,
-        request=context.request,
-        hosted_dropped=context.hosted,
-        starting_after=starting_after,
-    )
 
 
 @router.post("")
@@ -87,8 +76,8 @@ async def create_response(
     body = await stored.resolve_references(services, body, owner)
     previous = await stored.previous_items(services, body.previous_response_id, owner)
     with responses_params():
-        twin = parse("/v1/chat/completions", to_openai(body, previous=previous))
-        _, specs = await prepare_specs(services, twin, owner=owner, cache_control=cache_control)
+        incoming = adapter.incoming(body, previous)
+        _, specs = await prepare_specs(services, incoming, owner=owner, cache_control=cache_control)
     context = ResponseContext(request=body, model=specs[0].model, previous=previous)
     keep, background = body.store is not False, bool(body.background)
     # A kept response needs a job row to name even for a cached answer; a background one runs to its end
@@ -103,14 +92,14 @@ async def create_response(
         outcome = await services.admission.submit(spec)
         await keep_it(outcome)
         record(services, endpoint="responses", spec=spec, outcome=outcome, started=started, stream=False)
-        return JSONResponse(context.render(outcome.result, status=None if outcome.result else "queued"))
-    writer = _writer(context)
+        return JSONResponse(context.render(outcome.result, status=None if outcome.result else ResponseStatus.QUEUED))
+    writer = context.stream_writer()
     return await answer(
         services,
         [spec],
         endpoint="responses",
         render=lambda results: context.render(results[0]),
-        stream=(lambda source: responses_stream(source, writer)) if body.stream else None,
+        stream=(lambda source: relay(source, writer)) if body.stream else None,
         on_admit=keep_it,
     )
 
@@ -123,11 +112,8 @@ async def count_input_tokens(body: InputTokensRequest, services: ServicesDep, ow
     request = ResponsesRequest.model_validate({**raw, "model": body.model or services.settings.model_name})
     request = await stored.resolve_references(services, request, owner)
     with responses_params():
-        twin = parse(
-            "/v1/chat/completions", {**to_openai(request, previous=previous), "max_tokens": 1, "temperature": 0}
-        )
-        prepared = await prepare(services, twin)
-    spec = await services.admission.spec_for("count", prepared.canonicals[0], owner=owner, policy=CachePolicy())
+        prepared = await prepare(services, adapter.counted(request, previous), kind="count")
+    spec = await services.admission.spec_for("count", prepared.requests[0], owner=owner, policy=CachePolicy())
     outcome = await run(services, spec)
     return {"object": "response.input_tokens", "input_tokens": int(outcome.result.get("input_tokens", 0))}
 
@@ -136,13 +122,13 @@ def _late_stream(services: Services, context: ResponseContext, job: Job, after: 
     """A stored response's events from the start (those numbered after `after`): the job's own events, live while
     it runs and kept after it ends (MLXQ_STREAM_RETENTION_S), so they are numbered as its first stream numbered
     them; a job that never ran (a cached answer) is replayed from its result, as its first stream was."""
-    writer = _writer(context, starting_after=after)
+    writer = context.stream_writer(starting_after=after)
     if job.started_at is None and job.status in JOB_FINAL:
         source = from_list(replay(job.result or {}))
     else:
         # No deadline: a background job runs however long it takes; a restart of a sampled one is not replayable.
         source = services.follower.events(job.id, replayable=is_deterministic(job.request), timeout=False)
-    return event_source(responses_stream(source, writer), {}, services.settings.sse_keepalive_s)
+    return event_source(relay(source, writer), {}, services.settings.sse_keepalive_s)
 
 
 @router.get("/{response_id}")

@@ -9,73 +9,15 @@ The job row holds the result and the state, so reading a stored response never c
 from __future__ import annotations
 
 import asyncio
-import time
-from dataclasses import dataclass, field
 from typing import Any
 
-from api.dialects.responses.protocol import ItemReference, ResponsesRequest, hosted_tools
-from api.dialects.responses.render import failed_response, item_id, new_response_id, output_items, response_object
+from api.dialects.responses.protocol import ItemReference, ResponsesRequest
+from api.dialects.responses.render import ResponseContext, item_id, output_items
 from api.errors import APIError
 from api.services import Services
-from mlxq.contract import CANCELLED
 from mlxq.repos import responses
 from mlxq.sql import Job, StoredResponse
-from mlxq.states import JobStatus
-
-# A job's state as the response's status, while it has no result.
-PENDING = {JobStatus.QUEUED: "queued", JobStatus.RUNNING: "in_progress"}
-
-
-@dataclass(frozen=True)
-class ResponseContext:
-    """One response being made: what its renderers need besides the job's events."""
-
-    request: ResponsesRequest
-    model: str
-    id: str = field(default_factory=new_response_id)
-    created_at: float = field(default_factory=lambda: float(int(time.time())))
-    previous: list[dict[str, Any]] = field(default_factory=list)  # the items of the responses it continues
-    cancelled: bool = False
-
-    @property
-    def hosted(self) -> list[str]:
-        return hosted_tools(self.request)
-
-    def render(self, result: dict[str, Any], status: str | None = None) -> dict[str, Any]:
-        return response_object(
-            result,
-            model=self.model,
-            response_id=self.id,
-            created_at=self.created_at,
-            request=self.request,
-            status=status,
-            hosted_dropped=self.hosted,
-        )
-
-    def render_job(self, job: Job) -> dict[str, Any]:
-        """The response as its job stands now (or cancelled by its client, whatever a shared job does next)."""
-        if self.cancelled:
-            return failed_response(
-                dict(CANCELLED),
-                model=self.model,
-                response_id=self.id,
-                created_at=self.created_at,
-                request=self.request,
-                hosted_dropped=self.hosted,
-            )
-        if job.status in PENDING:
-            return self.render({}, status=PENDING[JobStatus(job.status)])
-        if job.status == JobStatus.SUCCEEDED:
-            return self.render(job.result or {})
-        error = job.error or (dict(CANCELLED) if job.status == JobStatus.CANCELLED else {})
-        return failed_response(
-            error,
-            model=self.model,
-            response_id=self.id,
-            created_at=self.created_at,
-            request=self.request,
-            hosted_dropped=self.hosted,
-        )
+from mlxq.states import JobStatus, ResponseStatus
 
 
 def _read(
@@ -129,7 +71,7 @@ def input_items(context: ResponseContext) -> list[dict[str, Any]]:
                 {**p, "annotations": p.get("annotations") or []} if p.get("type") == "output_text" else p
                 for p in item["content"]
             ]
-        item.setdefault("status", "completed")
+        item.setdefault("status", ResponseStatus.COMPLETED)
         item.setdefault("id", item_id(f"{context.id}/input", ID_PREFIXES.get(kind, "item"), i))
         out.append(item)
     return out

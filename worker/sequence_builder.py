@@ -1,0 +1,235 @@
+"""A typed request (mlxq.request.Request) becomes a `Sequence` here and nowhere else: its prompt tokens (chat
+template and tool prompt, or a completion's text or token ids), sampler, logits processors (penalties, then the
+grammar), stop strings, logprobs and max_tokens.
+
+Sampling is read once, into `SamplingSettings`: one field per field of mlxq.request.Sampling, checked at import,
+so a sampling parameter declared there and not used here fails at once instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors, make_sampler
+
+from mlxq.contract import JobError, JobKind, Priority, job_error
+from mlxq.grammar import Constraint, constraint_for
+from mlxq.request import SAMPLING, Request
+from worker.constrained import GrammarError, Grammars
+from worker.sequence import Sampler, Sequence
+from worker.tool_parse import ModelToolFormat, ToolStreamFilter
+from worker.tool_prompt import prepare_chat, template_knows_tools
+
+log = logging.getLogger(__name__)
+
+# OpenAI's defaults, for a request that left them out (a canonical request has both: mlxq.keys fills them).
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_MAX_TOKENS = 16
+
+
+class RequestError(Exception):
+    """A request the model cannot serve as asked (a 4xx, not a server fault)."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.error: JobError = job_error(400, message, type="invalid_request_error", code=code, param=param)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How the next token is chosen, as the worker uses it: defaults filled in, 0 meaning off."""
+
+    temperature: float  # 0: greedy
+    top_p: float  # 0 or 1: off
+    top_k: int  # 0: off (as is a value at or past the vocabulary)
+    min_p: float
+    seed: int | None  # None: the shared random state
+    presence_penalty: float
+    frequency_penalty: float
+    repetition_penalty: float
+    logprobs: bool
+    top_logprobs: int
+
+
+if {f.name for f in fields(SamplingSettings)} != set(SAMPLING):
+    raise TypeError(f"SamplingSettings must have one field per mlxq.request.Sampling field: {sorted(SAMPLING)}")
+
+
+def sampling_settings(request: Request, vocab_size: int) -> SamplingSettings:
+    top_k = int(request.top_k or 0)
+    return SamplingSettings(
+        temperature=DEFAULT_TEMPERATURE if request.temperature is None else float(request.temperature),
+        top_p=float(request.top_p or 0.0),
+        top_k=top_k if top_k < vocab_size else 0,
+        min_p=float(request.min_p or 0.0),
+        seed=request.seed,
+        presence_penalty=float(request.presence_penalty or 0.0),
+        frequency_penalty=float(request.frequency_penalty or 0.0),
+        repetition_penalty=float(request.repetition_penalty or 0.0),
+        logprobs=bool(request.logprobs),
+        top_logprobs=int(request.top_logprobs or 0),
+    )
+
+
+def penalty_processors(sampling: SamplingSettings) -> list[Any]:
+    # mlx-lm leaves out a penalty of 0.
+    return make_logits_processors(
+        repetition_penalty=sampling.repetition_penalty,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+    )
+
+
+def seeded_sampler(temp: float, top_p: float, min_p: float, top_k: int, seed: int) -> Sampler:
+    """mlx-lm's sampling chain drawing from its own random key, so a seed reproduces whatever else is batched."""
+    # mlx-lm's samplers draw from the global mx.random.state, which MLX 0.32 no longer lets a caller swap
+    # per request; its filters are reused here and only the draw takes this request's key.
+    filters: list[Callable[[mx.array], mx.array]] = []
+    if 0 < top_p < 1.0:
+        filters.append(lambda x: apply_top_p(x, top_p))
+    if min_p:
+        filters.append(lambda x: apply_min_p(x, min_p))
+    if top_k > 0:
+        filters.append(lambda x: apply_top_k(x, top_k))
+    key = mx.random.key(seed)
+
+    def sample(logprobs: mx.array) -> mx.array:
+        nonlocal key
+        for f in filters:
+            logprobs = f(logprobs)
+        key, draw = mx.random.split(key)
+        return mx.random.categorical(logprobs * (1 / temp), key=draw)
+
+    return sample
+
+
+def typed(request: Request | dict[str, Any], model: str) -> Request:
+    """A plain body (tests, benchmarks) validated as the api's requests are; it may leave out `model`."""
+    return request if isinstance(request, Request) else Request.model_validate({"model": model, **request})
+
+
+class SequenceBuilder:
+    """The loaded model's tokenizer, vocabulary, context and grammars: what turning a request into a sequence needs."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        vocab_size: int,
+        context_length: int,
+        grammars: Grammars,
+        tool_format: ModelToolFormat | None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.context_length = context_length
+        self.grammars = grammars
+        self.tool_format = tool_format
+        self._samplers: dict[tuple[float, float, float, int], Sampler] = {}
+
+    @property
+    def chat_template(self) -> str | None:
+        template = getattr(self.tokenizer, "chat_template", None)
+        return template if isinstance(template, str) else None
+
+    # -- prompts ---------------------------------------------------------------------------
+
+    def chat_prompt(self, request: Request) -> tuple[list[int], str, list[dict[str, Any]]]:
+        """(prompt tokens, answer prefill, tools to parse for) of a chat request."""
+        if request.messages is None:
+            raise RequestError("a chat request needs `messages`.", param="messages")
+        messages, tools, prefill, parse_tools = prepare_chat(request.wire(), template_knows_tools(self.chat_template))
+        text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.encode(text + prefill, add_special_tokens=False), prefill, parse_tools
+
+    def completion_tokens(self, request: Request) -> list[int]:
+        prompt = request.prompt
+        if prompt is None:
+            raise RequestError("a completion request needs a `prompt`.", param="prompt")
+        if isinstance(prompt, list):  # already token ids
+            tokens = [int(t) for t in prompt]
+            if bad := [t for t in tokens if not 0 <= t < self.vocab_size]:
+                # Out-of-range ids would index past the embedding inside the shared batch.
+                raise RequestError(
+                    f"prompt token ids must be in [0, {self.vocab_size}); got {bad[0]}.",
+                    param="prompt",
+                    code="invalid_token_id",
+                )
+            return tokens
+        return self.tokenizer.encode(prompt)
+
+    def prompt(self, kind: JobKind, request: Request) -> tuple[list[int], str, list[dict[str, Any]]]:
+        """The prompt and what comes with it, refused (RequestError) when it leaves no room to answer."""
+        if kind == "chat":
+            prompt, prefill, tools = self.chat_prompt(request)
+        else:
+            prompt, prefill, tools = self.completion_tokens(request), "", []
+        if len(prompt) + 1 > self.context_length:
+            raise RequestError(
+                f"This model's maximum context length is {self.context_length} tokens; "
+                f"the prompt has {len(prompt)} tokens.",
+                param="messages" if kind == "chat" else "prompt",
+                code="context_length_exceeded",
+            )
+        return prompt, prefill, tools
+
+    # -- sampling and constraints --------------------------------------------------------------
+
+    def sampler(self, sampling: SamplingSettings) -> Sampler | None:
+        params = (sampling.temperature, sampling.top_p, sampling.min_p, sampling.top_k)
+        if sampling.temperature == 0:
+            return None  # the generator's greedy sampler, one batched argmax for all greedy sequences
+        if sampling.seed is not None:
+            return seeded_sampler(*params, seed=sampling.seed)
+        if params not in self._samplers:  # shared by equal requests, so they sample in one call
+            self._samplers[params] = make_sampler(temp=params[0], top_p=params[1], min_p=params[2], top_k=params[3])
+        return self._samplers[params]
+
+    def constraint(self, kind: JobKind, request: Request) -> tuple[Constraint | None, Any]:
+        """The grammar the answer must match (mlxq.grammar), and its logits processor (None when it has none, or a
+        best-effort one did not compile)."""
+        native = kind == "chat" and template_knows_tools(self.chat_template)
+        constraint = constraint_for(request.wire(), native_tools=native)
+        if constraint is None:
+            return None, None
+        try:
+            return constraint, self.grammars.processor(constraint)
+        except GrammarError as exc:
+            if constraint.required:
+                raise RequestError(f"The grammar does not compile: {exc}", param=constraint.param) from exc
+            log.warning("tool calls left unconstrained: %s", exc)
+            return constraint, None
+
+    # -- the sequence ----------------------------------------------------------------------
+
+    def build(
+        self, kind: JobKind, request: Request, *, priority: Priority = "interactive", use_prefix_cache: bool = True
+    ) -> Sequence:
+        """The request as one sequence of the batch; RequestError when the model cannot serve it as asked."""
+        prompt, prefill, tools = self.prompt(kind, request)
+        sampling = sampling_settings(request, self.vocab_size)
+        processors = penalty_processors(sampling)
+        constraint, grammar = self.constraint(kind, request)
+        if grammar is not None:  # last, so the mask has the final word over the penalties
+            processors.append(grammar)
+        max_tokens = request.max_tokens or DEFAULT_MAX_TOKENS
+        return Sequence(
+            prompt=prompt,
+            max_tokens=min(int(max_tokens), self.context_length - len(prompt)),
+            sampler=self.sampler(sampling),
+            processors=processors,
+            # A client's stop string must not cut an answer that a grammar holds whole (it would not parse).
+            stops=[] if constraint is not None and constraint.trigger is None else list(request.stop or []),
+            tool_filter=ToolStreamFilter(tools, self.tool_format),
+            detokenizer=self.tokenizer.detokenizer,
+            decode=self.tokenizer.decode,
+            priority=priority,
+            prefill=prefill,
+            logprobs=sampling.logprobs,
+            top_logprobs=sampling.top_logprobs,
+            use_prefix_cache=use_prefix_cache,
+        )
