@@ -8,11 +8,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import batches, cache_admin, errors, files, jobs, ops
+from api import errors
 from api.dialects import registry
 from api.dialects.registry import Dialect
-from api.housekeeping import HouseKeeping
 from api.limits import BodyLimit
+from api.offline import batches, files, jobs
+from api.operations import cache_admin, ops
+from api.operations.housekeeping import HouseKeeping
 from api.services import Services
 from mlxq import __version__
 from mlxq.db import upgrade

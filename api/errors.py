@@ -13,8 +13,8 @@ from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.json_values import json_value_problem
-from api.metrics import request_counter
+from api.operations.metrics import request_counter
+from api.pipeline.json_values import json_value_problem
 
 log = logging.getLogger(__name__)
 

@@ -11,13 +11,13 @@ from fastapi import Depends, Request
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.admission import Admission
 from api.auth import Authenticator
-from api.follow import JobFollower
-from api.health import Health
-from api.metrics import Metrics
-from api.model_info import ModelInfo
-from api.stats import StatsRecorder
+from api.operations.health import Health
+from api.operations.metrics import Metrics
+from api.operations.stats import StatsRecorder
+from api.pipeline.admission import Admission
+from api.pipeline.follow import JobFollower
+from api.pipeline.model_info import ModelInfo
 from mlxq.celery_app import make_celery
 from mlxq.channel import Channel, make_channel
 from mlxq.db import make_engine, make_sessionmaker

@@ -1,7 +1,7 @@
 """What a request becomes before it is admitted: one typed job spec, whoever asked (a sync or streamed
 route, `/v1/jobs`, a batch line).
 
-The admission path (api.admission) reads only this: the differences between callers (a submitted job
+The admission path (api.pipeline.admission) reads only this: the differences between callers (a submitted job
 keeps a row even for a cached answer, a batch line waits for room and is not counted against the queue
 ceiling) are fields here, not second copies of the path.
 """
@@ -67,7 +67,7 @@ class Route:
 class JobSpec:
     """One request as the admission path takes it.
 
-    `cache` is already effective (api.admission.spec_for: a sampled request neither looks up nor stores).
+    `cache` is already effective (api.pipeline.admission.spec_for: a sampled request neither looks up nor stores).
     """
 
     key: str  # mlxq.keys.request_key: the response-cache key and the single-flight key

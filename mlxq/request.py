@@ -43,7 +43,7 @@ class SamplingExtras(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    # 0 disables it; past the vocabulary it is refused (api.validation, once a worker published it).
+    # 0 disables it; past the vocabulary it is refused (api.pipeline.validation, once a worker published it).
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)

@@ -23,8 +23,8 @@ from api.dialects.anthropic.render import (
 )
 from api.dialects.openai.protocol import ChatCompletionRequest
 from api.errors import APIError
-from api.relay import relay
-from api.streaming import from_list, replay
+from api.pipeline.relay import relay
+from api.pipeline.streaming import from_list, replay
 from mlxq import events
 from mlxq.contract import job_error
 from mlxq.keys import canonical_chat, request_key

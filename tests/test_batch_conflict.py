@@ -1,5 +1,5 @@
 """A batch line and an identical interactive request admitted at the same instant: the later one meets the
-first's job at its insert and joins it (api.admission.retry_on_conflict), a batch line as a single request.
+first's job at its insert and joins it (api.pipeline.admission.retry_on_conflict), a batch line as a single request.
 
 The instant is forced, not hoped for: the api runs in this process (the worker is a real process), and the
 batch's look for a job in flight lets the interactive request in and waits until its job is committed, then

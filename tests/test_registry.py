@@ -24,9 +24,9 @@ from api.dialects import registry
 from api.dialects.openai.render import ChunkWriter, chat_completion
 from api.dialects.registry import DIALECTS, Dialect, Route
 from api.errors import APIError
-from api.incoming import Incoming
-from api.relay import relay
-from api.streaming import event_source, from_list, replay
+from api.pipeline.incoming import Incoming
+from api.pipeline.relay import relay
+from api.pipeline.streaming import event_source, from_list, replay
 from mlxq.settings import Settings
 
 # -- a fourth dialect, all of it here ---------------------------------------------------------------------

@@ -34,8 +34,8 @@ from api.dialects.responses.render import (
     response_object,
 )
 from api.errors import APIError, invalid_body
-from api.relay import relay
-from api.streaming import from_list, replay
+from api.pipeline.relay import relay
+from api.pipeline.streaming import from_list, replay
 from mlxq import events
 from mlxq.contract import CANCELLED, job_error
 from mlxq.events import Event

@@ -19,7 +19,7 @@ from api.dialects.openai import adapter as openai
 from api.dialects.openai.protocol import ChatCompletionRequest, CompletionRequest
 from api.dialects.responses import adapter as responses
 from api.dialects.responses.protocol import ResponsesRequest
-from api.incoming import Incoming
+from api.pipeline.incoming import Incoming
 from mlxq.keys import canonical_request
 from mlxq.request import SAMPLING, Request
 from worker.sequence_builder import sampling_settings

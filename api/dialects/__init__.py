@@ -1,2 +1,2 @@
 """One folder per client dialect: its protocol models, its renderers (answers, streams, errors), its routes.
-Each is an adapter over the one pipeline (api/prepare.py, api/admission.py, api/respond.py)."""
+Each is an adapter over the one pipeline (api/pipeline/prepare.py, api/pipeline/admission.py, api/pipeline/respond.py)."""

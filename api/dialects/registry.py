@@ -2,11 +2,11 @@
 endpoints and the batch lifecycle read, so that a new dialect is registered here and nowhere else.
 
 A record names its routes (the routers that serve it), its generation endpoints (each with its path, its label in
-/metrics, its job kind, the body it takes and its adapter to the neutral request (api.incoming), its JSON renderer,
-its stream writer (api.relay) and, where a job or a batch line may name it, the adapter for those), and the shape
+/metrics, its job kind, the body it takes and its adapter to the neutral request (api.pipeline.incoming), its JSON renderer,
+its stream writer (api.pipeline.relay) and, where a job or a batch line may name it, the adapter for those), and the shape
 of its errors (the paths whose errors it renders, and how; OpenAI's error object where it names none).
 
-Route modules are named, not imported here: they import api.prepare, which reads this registry.
+Route modules are named, not imported here: they import api.pipeline.prepare, which reads this registry.
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ from api.dialects.responses import adapter as responses_adapter
 from api.dialects.responses.protocol import ResponsesRequest
 from api.dialects.responses.render import unstored
 from api.errors import APIError, ErrorShape
-from api.incoming import Incoming
-from api.relay import StreamWriter
+from api.pipeline.incoming import Incoming
+from api.pipeline.relay import StreamWriter
 from mlxq.request import JobKind
 from mlxq.sql import Job
 
-# A parsed body as the neutral request(s) the one pipeline takes (api.prepare).
+# A parsed body as the neutral request(s) the one pipeline takes (api.pipeline.prepare).
 Adapter = Callable[[Any], Incoming]
 # Results (one per prompt) and the model that answered, as the dialect's answer body.
 JSONRenderer = Callable[[list[dict[str, Any]], str], dict[str, Any]]
@@ -182,7 +182,7 @@ def routers(dialects: Sequence[Dialect] | None = None) -> list[APIRouter]:
 
 
 def endpoint_labels(dialects: Sequence[Dialect] | None = None) -> dict[str, str]:
-    """Each generation path's /metrics label (api.metrics), for requests refused before they have an outcome."""
+    """Each generation path's /metrics label (api.operations.metrics), for requests refused before they have an outcome."""
     return {path: r.label for path, r in routes(dialects).items()}
 
 

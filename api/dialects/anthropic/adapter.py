@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from api.dialects.anthropic.protocol import CountTokensRequest, MessagesRequest, to_chat
-from api.incoming import Incoming
+from api.pipeline.incoming import Incoming
 
 
 def incoming(body: MessagesRequest) -> Incoming:

@@ -119,7 +119,7 @@ def message(result: dict[str, Any], *, model: str) -> dict[str, Any]:
 
 
 class MessageStreamWriter:
-    """Anthropic's stream writer (api.relay.StreamWriter): job events as the Messages event stream for one answer,
+    """Anthropic's stream writer (api.pipeline.relay.StreamWriter): job events as the Messages event stream for one answer,
     one message id throughout, content blocks numbered in order (the text block first, then one `tool_use` block
     per call); `ping` while the job waits or prefills (clients drop a silent connection), an `error` event (and
     nothing after it) if the job fails."""

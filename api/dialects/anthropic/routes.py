@@ -1,5 +1,5 @@
 """Anthropic's routes: the request in its own models, then the one path every dialect takes (its neutral request,
-api.dialects.anthropic.adapter, through api.prepare, so every dialect shares validation, keys and caches), answered
+api.dialects.anthropic.adapter, through api.pipeline.prepare, so every dialect shares validation, keys and caches), answered
 in its own shapes.
 `x-api-key`, `anthropic-version`, `anthropic-beta` and `?beta=true` (Claude Code) are accepted as sent."""
 
@@ -14,9 +14,9 @@ from api.auth import AUTHENTICATED, Owner
 from api.dialects.anthropic import adapter
 from api.dialects.anthropic.protocol import CountTokensRequest, MessagesRequest
 from api.dialects.anthropic.render import MessageStreamWriter, message
-from api.prepare import prepare, prepare_specs
-from api.relay import relay
-from api.respond import answer, run
+from api.pipeline.prepare import prepare, prepare_specs
+from api.pipeline.relay import relay
+from api.pipeline.respond import answer, run
 from api.services import ServicesDep
 
 router = APIRouter(tags=["anthropic"], dependencies=AUTHENTICATED)

@@ -7,7 +7,7 @@ from typing import Any
 
 from api.dialects.openai.protocol import ChatCompletionRequest, CompletionRequest
 from api.errors import APIError
-from api.incoming import Incoming
+from api.pipeline.incoming import Incoming
 
 
 def _refuse_common(body: ChatCompletionRequest | CompletionRequest) -> None:

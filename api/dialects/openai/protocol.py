@@ -3,7 +3,7 @@
 Unknown fields are allowed (clients send many); non-spec extras are fenced below. The request models
 describe the shape of every field we accept, so a malformed value is a 400 naming its path and the
 OpenAPI schema says what a valid body is; what this server cannot honour (and the limits from the
-settings) is refused in api.validation.
+settings) is refused in api.pipeline.validation.
 
 Optional fields default to None: a request is dumped with `exclude_none` into its canonical form (the
 cache key), which must hold what the client sent and no default a model invented.
@@ -260,7 +260,7 @@ def _prompt_type(value: Any) -> str | None:
     return None
 
 
-# Token ids are strict ints (not true, not 1.0): their range is checked in api.validation, with its own code.
+# Token ids are strict ints (not true, not 1.0): their range is checked in api.pipeline.validation, with its own code.
 Prompt = Annotated[
     Annotated[str, Tag("string")]
     | Annotated[list[str], Tag("strings"), Field(min_length=1)]

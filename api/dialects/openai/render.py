@@ -11,7 +11,7 @@ from typing import Any
 from sse_starlette import ServerSentEvent
 
 from api.errors import openai_error_body
-from api.relay import keepalive_comment
+from api.pipeline.relay import keepalive_comment
 from mlxq.events import Event
 from mlxq.states import FinishReason
 
@@ -103,7 +103,7 @@ def model_list(models: list[str]) -> dict[str, Any]:
 
 
 class ChunkWriter:
-    """OpenAI's stream writer (api.relay.StreamWriter): job events as OpenAI chunks for one stream, one id and
+    """OpenAI's stream writer (api.pipeline.relay.StreamWriter): job events as OpenAI chunks for one stream, one id and
     `created` throughout; `[DONE]` closes it, an error is an error object. `prefix`: what a completion's `echo`
     puts before the text."""
 

@@ -1,4 +1,4 @@
-"""OpenAI's routes: check, canonicalize and make the job specs (api.prepare), answer (api.respond)."""
+"""OpenAI's routes: check, canonicalize and make the job specs (api.pipeline.prepare), answer (api.pipeline.respond)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from api.auth import AUTHENTICATED, Owner
 from api.dialects.openai import adapter
 from api.dialects.openai.protocol import ChatCompletionRequest, CompletionRequest
 from api.dialects.openai.render import ChunkWriter, chat_completion, model_list, text_completion
-from api.prepare import prepare_specs
-from api.relay import relay
-from api.respond import answer
+from api.pipeline.prepare import prepare_specs
+from api.pipeline.relay import relay
+from api.pipeline.respond import answer
 from api.services import ServicesDep
 
 router = APIRouter(dependencies=AUTHENTICATED)

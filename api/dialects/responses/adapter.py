@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from api.dialects.responses.protocol import ResponsesRequest, to_chat
-from api.incoming import Incoming
+from api.pipeline.incoming import Incoming
 
 
 def incoming(body: ResponsesRequest, previous: list[dict[str, Any]] | None = None) -> Incoming:

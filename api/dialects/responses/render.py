@@ -37,7 +37,7 @@ from api.dialects.responses.protocol import (
     hosted_tools,
     tool_namespaces,
 )
-from api.relay import keepalive_comment
+from api.pipeline.relay import keepalive_comment
 from mlxq.contract import CANCELLED
 from mlxq.events import Event
 from mlxq.sql import Job
@@ -418,7 +418,7 @@ def failed_response(
 
 
 class ResponseStreamWriter:
-    """The Responses dialect's stream writer (api.relay.StreamWriter): job events as the Responses event stream for
+    """The Responses dialect's stream writer (api.pipeline.relay.StreamWriter): job events as the Responses event stream for
     one response, `response.created` and `response.in_progress` first, a message item opened at the first text,
     one item per tool call, then the terminal event carrying the whole response (`response.failed` for a failed
     job, or an APIError once streaming). Each event has a `sequence_number`, from 0; keepalives are SSE comments

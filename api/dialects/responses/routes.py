@@ -2,7 +2,7 @@
 
 A request is continued from its stored predecessor (`previous_response_id`), converted to the neutral request
 (api.dialects.responses.adapter, so every dialect shares validation, keys and caches), admitted and answered
-through the one path (api.prepare, api.respond), rendered as a `response` object or its event stream. With
+through the one path (api.pipeline.prepare, api.pipeline.respond), rendered as a `response` object or its event stream. With
 `store` (OpenAI's default) it is kept (api.dialects.responses.stored); with `background` it is a job: answered
 at once as `queued`, polled, streamed from any event (`starting_after`), cancelled.
 """
@@ -19,18 +19,18 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import JSONResponse, Response
 
-from api.admission import Outcome
 from api.auth import AUTHENTICATED, Owner
 from api.dialects.responses import adapter, stored
 from api.dialects.responses.protocol import InputTokensRequest, ResponsesRequest
 from api.dialects.responses.render import ResponseContext
 from api.errors import APIError
-from api.pages import list_page
-from api.prepare import prepare, prepare_specs
-from api.relay import relay
-from api.respond import answer, record, run
+from api.offline.pages import list_page
+from api.pipeline.admission import Outcome
+from api.pipeline.prepare import prepare, prepare_specs
+from api.pipeline.relay import relay
+from api.pipeline.respond import answer, record, run
+from api.pipeline.streaming import event_source, from_list, replay
 from api.services import Services, ServicesDep
-from api.streaming import event_source, from_list, replay
 from mlxq.jobspec import CachePolicy
 from mlxq.keys import is_deterministic
 from mlxq.sql import Job

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from api.auth import AUTHENTICATED, Owner
 from api.errors import APIError
-from api.pages import list_page
+from api.offline.pages import list_page
 from api.services import ServicesDep
 from mlxq.repos import files
 from mlxq.sql import File as FileRow

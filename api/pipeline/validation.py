@@ -14,8 +14,8 @@ import functools
 from typing import Any
 
 from api.errors import APIError
-from api.json_values import json_value_problem
-from api.model_info import ModelInfo
+from api.pipeline.json_values import json_value_problem
+from api.pipeline.model_info import ModelInfo
 from mlxq.grammar import Constraint, constraint_for, problem
 from mlxq.request import JobKind, Request
 from mlxq.settings import Settings
@@ -121,7 +121,7 @@ async def check_generation(
             )
     if not (first.top_k or ids):
         return
-    info = await model_info.get(first.model)  # the resolved model (api.prepare)
+    info = await model_info.get(first.model)  # the resolved model (api.pipeline.prepare)
     vocab = (info or {}).get("vocab_size")
     if not isinstance(vocab, int):  # no worker has published yet: the worker checks these itself
         return

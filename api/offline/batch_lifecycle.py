@@ -2,7 +2,7 @@
 house-keeping as its jobs finish, finalized once into output and error files.
 
 A batch becomes one low-priority job per valid line, admitted by the one admission decision
-(api.admission) inside the batch's transaction: a cached answer succeeds at once, identical lines share
+(api.pipeline.admission) inside the batch's transaction: a cached answer succeeds at once, identical lines share
 one job, a line identical to a job in flight joins it. mlxq.delivery sends the jobs a window at a time, so
 interactive requests go first and the lines decode together. The jobs are the progress record: a worker
 that dies mid-batch leaves its jobs to run again, and the output is composed once, from the jobs, when
@@ -20,9 +20,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from api.batch_lines import Line
 from api.dialects import registry
 from api.errors import openai_error_body
+from api.offline.batch_lines import Line
 from api.services import Services
 from mlxq.repos import batches, files
 from mlxq.sql import BatchLine, Job

@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.stats import StatsRecorder
+from api.operations.stats import StatsRecorder
 from mlxq.repos import cache_entries, counters, jobs, workers
 from mlxq.settings import Settings
 from mlxq.sql import Worker

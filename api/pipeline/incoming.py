@@ -1,7 +1,7 @@
 """What a dialect's adapter hands to the one admission path: its neutral requests and how they are delivered.
 
 Each dialect (api.dialects.*) parses its own body, refuses what only it can name, and builds an `Incoming`;
-from here on nothing knows which dialect asked (api.prepare checks and canonicalizes, api.admission admits).
+from here on nothing knows which dialect asked (api.pipeline.prepare checks and canonicalizes, api.pipeline.admission admits).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Admission: the one decision every request goes through (sync and streamed routes, `/v1/jobs`, batch
 lines): answer from the response cache, join an identical job in flight, or make a new job.
 
-request body -> api.prepare (canonical) -> `spec_for` (key, cache policy: a JobSpec) -> `decide` (one
-transaction) -> mlxq.delivery (the task message) -> api.follow (the job's events) -> the dialect's renderer.
+request body -> api.pipeline.prepare (canonical) -> `spec_for` (key, cache policy: a JobSpec) -> `decide` (one
+transaction) -> mlxq.delivery (the task message) -> api.pipeline.follow (the job's events) -> the dialect's renderer.
 
 Everything that touches SQL or the broker runs in a thread, so the event loop never blocks.
 """
@@ -19,8 +19,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.errors import APIError
-from api.model_info import ModelInfo
-from api.stats import StatsRecorder
+from api.operations.stats import StatsRecorder
+from api.pipeline.model_info import ModelInfo
 from mlxq.contract import JobKind
 from mlxq.delivery import BrokerUnavailable, Delivery
 from mlxq.jobspec import CachePolicy, JobSpec
@@ -36,7 +36,7 @@ from mlxq.weights import local_fingerprint
 class Outcome:
     """What admission decided for one request."""
 
-    result: dict[str, Any]  # the cached answer; filled in later for a job (api.follow)
+    result: dict[str, Any]  # the cached answer; filled in later for a job (api.pipeline.follow)
     cache: CacheOutcome
     key: str
     job_id: str | None = None  # None: answered from the cache with no job row

@@ -1,4 +1,4 @@
-"""The lines of a batch's input file, each checked as its endpoint would check it (api.prepare), and made
+"""The lines of a batch's input file, each checked as its endpoint would check it (api.pipeline.prepare), and made
 into the job spec of a batch line: low priority, never streamed, kept as a row, sent when there is room
 (windowed), and not counted against the queue ceiling (a batch is bounded by MLXQ_MAX_BATCH_LINES)."""
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from api.errors import APIError
-from api.prepare import parse, prepare
+from api.pipeline.prepare import parse, prepare
 from api.services import Services
 from mlxq.jobspec import JobSpec
 

@@ -15,10 +15,10 @@ from sse_starlette import ServerSentEvent
 from api.auth import AUTHENTICATED, Owner
 from api.dialects.openai.render import chat_completion, text_completion
 from api.errors import APIError
-from api.pages import list_page
-from api.prepare import KIND_ENDPOINTS, parse, prepare
+from api.offline.pages import list_page
+from api.pipeline.prepare import KIND_ENDPOINTS, parse, prepare
+from api.pipeline.streaming import event_source, guard
 from api.services import Services, ServicesDep
-from api.streaming import event_source, guard
 from mlxq.contract import PRIORITIES
 from mlxq.jobspec import CachePolicy
 from mlxq.repos import jobs

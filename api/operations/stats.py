@@ -15,7 +15,7 @@ from collections import Counter
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.background import run_every
+from api.operations.background import run_every
 from mlxq.repos import cache_entries, counters, request_log
 
 log = logging.getLogger(__name__)

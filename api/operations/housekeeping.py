@@ -5,7 +5,7 @@
   `max_attempts`.
 - A queued job without a task message (requeued, or its message lost with a dead worker or a restarted
   broker) is sent again (mlxq.delivery); one no worker starts within `job_queue_timeout_s` fails.
-- An open batch is finalized once none of its jobs is active (api.batch_lifecycle), within a second.
+- An open batch is finalized once none of its jobs is active (api.offline.batch_lifecycle), within a second.
 - Finished jobs, the request log, stream events and delivered broker messages are deleted after their
   retention.
 """
@@ -16,8 +16,8 @@ import asyncio
 import logging
 import time
 
-from api import batch_lifecycle
-from api.background import run_every
+from api.offline import batch_lifecycle
+from api.operations.background import run_every
 from api.services import Services
 from mlxq import retention
 from mlxq.broker import prune_delivered

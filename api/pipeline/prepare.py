@@ -14,10 +14,10 @@ from pydantic import ValidationError
 
 from api.dialects.registry import job_endpoints
 from api.errors import APIError, invalid_body
-from api.incoming import Incoming
-from api.model_info import resolve_model
+from api.pipeline.incoming import Incoming
+from api.pipeline.model_info import resolve_model
+from api.pipeline.validation import check_generation, check_grammar, check_json_values
 from api.services import Services
-from api.validation import check_generation, check_grammar, check_json_values
 from mlxq.contract import JobKind
 from mlxq.jobspec import CachePolicy, JobSpec
 from mlxq.keys import canonical_request
@@ -53,7 +53,7 @@ def parse(endpoint: str, raw: Any) -> Incoming:
 
 async def prepare(services: Services, incoming: Incoming, *, kind: JobKind | None = None) -> Prepared:
     """What every generation endpoint refuses up front, before anything is enqueued (a body that cannot be
-    encoded, another model, what api.validation refuses), then the canonical requests (as `kind`: "count"
+    encoded, another model, what api.pipeline.validation refuses), then the canonical requests (as `kind`: "count"
     counts a chat's prompt)."""
     settings = services.settings
     check_json_values(incoming.raw)  # first: the 404 below echoes `model`, which must be encodable

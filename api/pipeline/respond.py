@@ -16,10 +16,10 @@ from typing import Any
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import ServerSentEvent
 
-from api.admission import Outcome
-from api.metrics import GENERATED_TOKENS, Endpoint, request_counter
+from api.operations.metrics import GENERATED_TOKENS, Endpoint, request_counter
+from api.pipeline.admission import Outcome
+from api.pipeline.streaming import Renderer, event_source, job_events, tap
 from api.services import Services
-from api.streaming import Renderer, event_source, job_events, tap
 from mlxq.jobspec import JobSpec
 from mlxq.states import CacheOutcome
 

@@ -1,7 +1,7 @@
 """OpenAI's Batch API (`/v1/batches`), close enough that the official `openai` client works unchanged.
 
-The routes only read and ask: the lines are checked in api.batch_lines, the batch's life (create, move on,
-finalize) is api.batch_lifecycle's. A GET reads the batch as it is; the house-keeping moves it.
+The routes only read and ask: the lines are checked in api.offline.batch_lines, the batch's life (create, move on,
+finalize) is api.offline.batch_lifecycle's. A GET reads the batch as it is; the house-keeping moves it.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from fastapi import APIRouter, Body, Query
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
-from api import batch_lifecycle
 from api.auth import AUTHENTICATED, Owner
-from api.batch_lines import read_lines
 from api.errors import APIError
-from api.files import owned_file
-from api.pages import list_page
-from api.prepare import ENDPOINTS
+from api.offline import batch_lifecycle
+from api.offline.batch_lines import read_lines
+from api.offline.files import owned_file
+from api.offline.pages import list_page
+from api.pipeline.prepare import ENDPOINTS
 from api.services import Services, ServicesDep
 from mlxq.repos import batches
 from mlxq.sql import Batch
@@ -110,7 +110,7 @@ async def create_batch(services: ServicesDep, owner: Owner, request: Annotated[B
         request.endpoint, request.input_file_id, request.completion_window, request.metadata, owner
     )
     # All or nothing, and retried whole as a single request's admission is: a line that met an identical job
-    # created at the same moment joins it on the next try (api.admission.retry_on_conflict).
+    # created at the same moment joins it on the next try (api.pipeline.admission.retry_on_conflict).
     batch_id = await asyncio.to_thread(
         services.admission.retry_on_conflict, lambda: batch_lifecycle.create(services, new, lines)
     )

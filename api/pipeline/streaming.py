@@ -1,6 +1,6 @@
 """Streams for every dialect: a job's events, live or replayed from a cached result, ready for the one relay
-(api.relay: events in, a dialect's SSE events out, by its writer), and the SSE response that carries them
-(api.respond)."""
+(api.pipeline.relay: events in, a dialect's SSE events out, by its writer), and the SSE response that carries them
+(api.pipeline.respond)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from api.admission import Outcome
 from api.errors import APIError
-from api.follow import JobFollower
+from api.pipeline.admission import Outcome
+from api.pipeline.follow import JobFollower
 from mlxq import events
 from mlxq.contract import job_error
 from mlxq.events import Event

@@ -1,6 +1,6 @@
 """Values a parsed JSON body may hold that no request model refuses: lone surrogates, NaN, deep nesting.
 
-Its own module because both the request checks (api.validation) and the error mapping (api.errors, which names
+Its own module because both the request checks (api.pipeline.validation) and the error mapping (api.errors, which names
 such a value even where it also made a field invalid) need it, and neither may import the other.
 """
 

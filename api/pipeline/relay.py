@@ -1,4 +1,4 @@
-"""The one stream relay: a job's events (live or replayed, api.streaming) in, a dialect's SSE events out.
+"""The one stream relay: a job's events (live or replayed, api.pipeline.streaming) in, a dialect's SSE events out.
 
 The relay holds the loop every dialect shares: guard the source (an APIError once streaming is an error event),
 start, relay text and tool calls as they come, keep the connection alive while the job waits or prefills, end
@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from sse_starlette import ServerSentEvent
 
-from api.streaming import guard
+from api.pipeline.streaming import guard
 from mlxq.events import Event
 
 # One event as a writer builds it, before it is framed as SSE.

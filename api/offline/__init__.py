@@ -1,0 +1,1 @@
+"""Work nobody waits on in the request: submitted jobs, files and batches."""

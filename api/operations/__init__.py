@@ -1,0 +1,1 @@
+"""Running the service: health, metrics, cache bookkeeping and administration, house-keeping."""

@@ -1,0 +1,1 @@
+"""The request path every dialect shares: adapt → prepare (check, canonicalize) → admit → answer (sync or streamed)."""
