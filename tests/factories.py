@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from mlxq.jobspec import CachePolicy, JobSpec
+from mlxq.request import Request
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
@@ -50,7 +51,7 @@ def job_spec(key: str, *, store: bool = True) -> JobSpec:
     return JobSpec(
         key=key,
         kind="chat",
-        canonical={"model": "m"},
+        request=Request(model="m"),
         cache=CachePolicy(store=store),
         priority="interactive",
         stream=True,

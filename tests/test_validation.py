@@ -291,7 +291,7 @@ def send(api: Api, endpoint: str, body: dict[str, Any]) -> Any:
 )
 def test_bad_input_is_a_400_naming_the_field_and_nothing_is_enqueued(api: Api, request_, param, message, code):
     endpoint, body = request_
-    before = api.offline.jobs()
+    before = api.jobs()
     with pytest.raises(openai.BadRequestError) as exc:
         send(api, endpoint, body)
     error = exc.value
@@ -354,7 +354,7 @@ RAW = [
 
 @pytest.mark.parametrize(("raw", "param"), [case[1:] for case in RAW], ids=[case[0] for case in RAW])
 def test_unencodable_or_non_json_values_are_a_400_naming_the_field(api: Api, raw: str, param: str | None):
-    before = api.offline.jobs()
+    before = api.jobs()
     r = httpx.post(
         f"{api.base}/v1/chat/completions",
         content=(raw % MODEL_NAME).encode(),
@@ -372,7 +372,7 @@ def test_unencodable_or_non_json_values_are_a_400_naming_the_field(api: Api, raw
 
 
 def test_a_body_over_the_limit_is_a_413_declared_or_chunked(api: Api):
-    before = api.offline.jobs()
+    before = api.jobs()
     big = json.dumps({"model": MODEL_NAME, "messages": [{"role": "user", "content": "x" * (20 * 2**20)}]}).encode()
     r = httpx.post(
         f"{api.base}/v1/chat/completions", content=big, headers={"Content-Type": "application/json"}, timeout=60
@@ -409,7 +409,7 @@ def test_a_body_over_the_limit_is_a_413_declared_or_chunked(api: Api):
 
 
 def test_unparsable_and_missing_bodies_are_a_400(api: Api):
-    before = api.offline.jobs()
+    before = api.jobs()
     for content in (b'{"model": ', b""):
         r = httpx.post(
             f"{api.base}/v1/chat/completions", content=content, headers={"Content-Type": "application/json"}, timeout=30
@@ -442,7 +442,7 @@ def test_top_k_and_token_ids_past_the_vocabulary_are_a_400(with_worker: Api):
     api = with_worker
     vocab = wait_for_model_block(api)["vocab_size"]
     assert vocab == 49152  # the tiny model's
-    before = api.offline.jobs()
+    before = api.jobs()
     with pytest.raises(openai.BadRequestError) as exc:
         send(api, *chat(top_k=100_000))
     assert exc.value.param == "top_k" and str(vocab) in exc.value.message
