@@ -5,10 +5,11 @@ mlxq.keys canonicalizes it (defaults filled, aliases resolved, ids renumbered) a
 result. The job row stores `Request.wire()` and the worker reads it back with `Request.model_validate`,
 so the api→worker contract is this class, not a dict read with `.get`.
 
-Sampling parameters are declared once, in `Sampling`. A new one is one field there (the dialects that
-take it as an extra inherit `SamplingExtras`), plus its use in the worker's sampler
-(worker.sequence_builder); the key covers it by itself (mlxq.keys.OUTPUT_FIELDS is read from here), and
-tests/test_sampling_reach.py fails if a dialect does not carry it to the sampler.
+Sampling parameters are declared once: in `SamplingExtras` (which every dialect's request model inherits and
+every adapter carries by name) or, for the few each dialect names its own way, in `Sampling`. A new one is one
+field there plus its use in the worker's sampler (worker.sequence_builder.SamplingSettings, which refuses to
+import without it); the key covers it by itself (mlxq.keys.OUTPUT_FIELDS is read from here), and
+tests/test_sampling_reach.py fails until every dialect carries it to the sampler.
 """
 
 from __future__ import annotations
@@ -55,17 +56,12 @@ class SamplingExtras(BaseModel):
 EXTRAS: tuple[str, ...] = tuple(SamplingExtras.model_fields)
 
 
-class Sampling(BaseModel):
-    """Every parameter that shapes how the next token is chosen, as the worker's sampler reads it."""
+class Sampling(SamplingExtras):
+    """Every parameter that shapes how the next token is chosen, as the worker's sampler reads it: the extras
+    above, and those every dialect names in its own way (a dialect's adapter maps them onto these names)."""
 
     temperature: float | None = None  # None: the service's default (mlxq.keys fills it in the canonical form)
     top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
 

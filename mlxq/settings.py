@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     # Cache sampled requests (temperature > 0, no seed) too: an identical retry of an agent turn is then
     # a hit, at the cost of always answering it with the same sample.
     cache_sampled: bool = False
+    # A sync request whose client disconnects is cancelled (unless another client shares it); with this set it
+    # runs to its end instead and its answer is cached, for a client that retries after a timeout.
+    finish_abandoned: bool = False
     # API keys, comma-separated (more can be stored hashed in the database: `mlxq keys add`). With any
     # key set, every endpoint but /health needs one (Authorization: Bearer, or x-api-key); jobs, batches
     # and files belong to the key that made them, and each key has its own response-cache namespace

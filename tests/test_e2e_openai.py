@@ -254,3 +254,56 @@ def test_identical_requests_in_flight_run_once(svc):
     finally:
         engine.dispose()
     assert jobs == 1
+
+
+def job_by_text(svc, marker: str) -> tuple[str, str] | None:
+    """(id, status) of the job whose stored request holds `marker`."""
+    engine = create_engine(svc.db)
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(
+                text("SELECT id, status FROM jobs WHERE request LIKE :m ORDER BY created_at DESC"), {"m": f"%{marker}%"}
+            ).first()
+            return (row[0], row[1]) if row else None
+    finally:
+        engine.dispose()
+
+
+def _story(marker: str, max_tokens: int) -> dict:
+    return {
+        "model": MODEL_NAME,
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": f"Write a very long story about a lighthouse. {marker}"}],
+    }
+
+
+def test_a_sync_client_that_disconnects_cancels_its_job(svc):
+    marker = uuid.uuid4().hex
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+        httpx.post(f"{svc.base}/v1/chat/completions", json=_story(marker, 2000), timeout=httpx.Timeout(60, read=3))
+    gave_up = time.monotonic()
+    while (job := job_by_text(svc, marker)) and job[1] != "cancelled" and time.monotonic() - gave_up < 5:
+        time.sleep(0.05)
+    assert job is not None and job[1] == "cancelled", job
+    assert time.monotonic() - gave_up < 2.5  # within a second or so of the client leaving
+
+
+def test_a_single_flight_joiner_keeps_an_abandoned_sync_job_alive(svc):
+    import threading
+
+    marker = uuid.uuid4().hex
+    body = _story(marker, 400)
+    answers: list[httpx.Response] = []
+    joiner = threading.Thread(
+        target=lambda: answers.append(httpx.post(f"{svc.base}/v1/chat/completions", json=body, timeout=300))
+    )
+    with pytest.raises(httpx.ReadTimeout):
+        threading.Timer(0.5, joiner.start).start()  # joins the first request's job while it runs
+        httpx.post(f"{svc.base}/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=2))
+    time.sleep(1.5)
+    job = job_by_text(svc, marker)
+    assert job is not None and job[1] in ("queued", "running", "succeeded"), job
+    joiner.join(300)
+    assert answers and answers[0].status_code == 200 and answers[0].headers["x-cache"] == "MISS"
+    assert answers[0].json()["choices"][0]["message"]["content"]

@@ -214,3 +214,30 @@ def test_family_parser_result_in_another_shape_keeps_its_arguments():
 
 def calls_of_tools(text: str, tools: list[dict]) -> list:
     return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in parse_tool_calls(text, tools)[1]]
+
+
+def test_an_answer_that_opens_with_a_code_fence_streams_as_it_is_written():
+    # Coding agents' answers often open with a fence: held whole, it arrived as one chunk after 30 s.
+    code = "```python\ndef area(r):\n    return 3.14159 * r * r\n```\n"
+    text = code + "That computes the area."
+    f = ToolStreamFilter(TOOLS)
+    inside = text.index("return")
+    assert f.safe_length(text[: inside + 6]) >= text.index("def area")  # before the fence closes
+    shown, rest, calls = stream(text)
+    assert calls == [] and shown + rest == text and len(shown) >= len(code) - 1
+
+
+def test_json_that_is_not_a_call_is_released_once_it_closes():
+    text = 'The config is {"debug": true, "level": 3} as asked.\nDone.'
+    f = ToolStreamFilter(TOOLS)
+    assert f.safe_length(text[: text.index("true")]) <= text.index("{")  # may still be a call
+    assert f.safe_length(text[: text.index("as asked")]) >= text.index("}")  # closed: not a call
+    shown, rest, calls = stream(text)
+    assert calls == [] and shown + rest == text
+
+
+def test_a_fenced_call_is_held_from_its_fence():
+    text = 'Sure.\n```json\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n```'
+    shown, rest, calls = stream(text)
+    assert shown.strip() == "Sure." and [c["function"]["name"] for c in calls] == ["get_weather"]
+    assert "```" not in shown

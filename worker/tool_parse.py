@@ -28,7 +28,8 @@ ParseFn = Callable[[str, Any], Any]
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _THINK_LINE = re.compile(rf"(?:^|\n)[ \t]*{THINK_OPEN}")
-_GENERIC_MARKERS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>", "<function=", "```")
+# Where a call certainly opens (a Markdown fence may hold one too: the filter judges each fence apart).
+_GENERIC_MARKERS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>", "<function=")
 _NAME_KEYS = ("name", "tool", "tool_name", "function")
 _ARG_KEYS = ("arguments", "parameters", "args", "input")
 
@@ -408,21 +409,69 @@ def _content(text: str, floor: int, spans: list[tuple[int, int]]) -> str:
     return kept + out.rstrip()
 
 
+class _JsonScan:
+    """Where a JSON value that starts at `start` ends, found incrementally as the text grows: the stream filter
+    asks after every token, so each character is read once (a rescan per token would be quadratic)."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+        self.pos = start
+        self.depth = 0
+        self.in_string = False
+        self.escaped = False
+
+    def end(self, text: str) -> int | None:
+        """Past the value's closing bracket, once the text has it; None while it is open."""
+        for i in range(self.pos, len(text)):
+            ch = text[i]
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif ch == "\\":
+                    self.escaped = True
+                elif ch == '"':
+                    self.in_string = False
+            elif ch == '"':
+                self.in_string = True
+            elif ch in "{[":
+                self.depth += 1
+            elif ch in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    self.pos = i + 1
+                    return i + 1
+        self.pos = len(text)
+        return None
+
+
+# A Markdown fence's opening line: its info string decides whether a call could be all the fence holds
+# (`_with_fence` takes "```" or "```json" with it when it does).
+_FENCE = re.compile(r"```([^\n`]*)\n")
+
+
 @dataclass
 class ToolStreamFilter:
     """Decides how much of the growing text is safe to stream as content.
 
-    Everything from the first place a tool call may start is held back; at the end the held
-    text is parsed. Inside a <think> section nothing is held.
+    Held back is only what could still be a tool call, as the one-shot parse (`_find_calls`) would read it at
+    the end: from a call's opening marker (the model's own, `<tool_call>`, `[TOOL_CALLS]`, `name(` of an offered
+    tool, ...) to the end, and a JSON value (with the Markdown fence around it) until it closes; a closed value
+    that is not a call to an offered tool is released, and so is a fence whose first line shows it is code, so an
+    answer that opens with a code block streams as it is written (llama.cpp and vLLM stream likewise until a
+    call's opening is seen). Inside a <think> section nothing is held.
     """
 
     tools: list[dict[str, Any]] | None
     model_format: ModelToolFormat | None = None
-    held_from: int | None = None
+    held_from: int | None = None  # a call's opening marker was seen here: everything after it is held
     markers: tuple[str, ...] = field(default=())
+    # Everything before `settled` is content for good (scanned, no call can start in it).
+    settled: int = 0
+    _scan: _JsonScan | None = None
 
     def __post_init__(self) -> None:
         names = tool_names(self.tools)
+        self.names = names
         extra = (self.model_format.start,) if self.model_format else ()
         self.markers = tuple(dict.fromkeys(extra + _GENERIC_MARKERS + tuple(f"{n}(" for n in names)))
         self.active = bool(names)
@@ -436,7 +485,7 @@ class ToolStreamFilter:
         thinking = _strip_think(text)[0]
         if thinking == text:  # still inside a <think> section: nothing in it is a call
             return len(text)
-        floor = len(thinking)
+        floor = max(len(thinking), self.settled)
         cut = len(text)
         for marker in self.markers:
             i = text.find(marker, floor)
@@ -448,16 +497,57 @@ class ToolStreamFilter:
                     if text.endswith(marker[:k]):
                         cut = min(cut, len(text) - k)
                         break
-        # A bare JSON call starts a line with { or [.
-        for m in re.finditer(r"(?:^|\n)[ \t]*([{\[])", text[floor:]):
-            i = floor + m.start(1)
-            cut = min(cut, i)
-            self.held_from = min(self.held_from if self.held_from is not None else i, i)
-            break
-        if self.held_from is not None:
-            cut = min(cut, self.held_from)
+        if self.held_from is None:
+            cut = min(cut, self._json_hold(text, floor, cut))
         # Trailing whitespace may precede a call; hold it until we know.
         return len(text[:cut].rstrip()) if cut < len(text) or text[cut - 1 : cut].isspace() else cut
+
+    def _json_hold(self, text: str, floor: int, limit: int) -> int:
+        """Where the first JSON value (or the fence around it) that may still be a call starts, before `limit`;
+        `limit` when none may. What precedes a value that closed without being a call is settled content."""
+        pos = floor
+        while True:
+            value = _JSON_START.search(text, pos, limit)
+            if value is not None:
+                start = value.start()
+            else:  # a "{" or "[" at the very end may grow into a value's start, and a "`" or "``" into a fence
+                rest = text[pos:limit]
+                if rest.endswith("`") and "```" not in rest[-3:]:
+                    return limit - (len(rest) - len(rest.rstrip("`")))
+                rest = rest.rstrip()
+                start = pos + len(rest) - 1 if rest.endswith(("{", "[")) else limit
+            opening = text.find("```", pos, start)
+            if opening >= 0:
+                fence = _FENCE.match(text, opening, limit)
+                if fence is None:
+                    return opening  # its first line is not complete: it may open a call's fence
+                after = min(_skip_space(text, fence.end()), limit)
+                if fence.group(1).strip() in ("", "json") and after == start:
+                    hold = opening  # a call may be all this fence holds: its opening goes with it
+                else:
+                    pos = fence.end()  # code or prose: the fence's first line is content
+                    self.settled = pos
+                    continue
+            else:
+                hold = start
+            if value is None:
+                self.settled = max(self.settled, pos)
+                return hold
+            if self._scan is None or self._scan.start != start:
+                self._scan = _JsonScan(start)
+            end = self._scan.end(text[:limit])
+            if end is None:
+                return hold
+            try:
+                parsed = _decoder.raw_decode(text[:end], start)[0]
+            except (ValueError, RecursionError):  # not JSON: the one-shot parse looks again one character on
+                pos, self._scan = start + 1, None
+                continue
+            if any(name in self.names and _arguments_json(args) is not None for name, args in _calls_in_json(parsed)):
+                self.held_from = hold
+                return hold
+            pos, self._scan = end, None
+            self.settled = pos
 
     def finish(self, text: str, shown: int) -> tuple[str, list[dict[str, Any]]]:
         """(content still to show, tool calls) once generation is over."""

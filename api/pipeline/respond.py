@@ -13,9 +13,11 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import ServerSentEvent
 
+from api.errors import APIError
 from api.operations.metrics import GENERATED_TOKENS, Endpoint, request_counter
 from api.pipeline.admission import Outcome
 from api.pipeline.streaming import Renderer, event_source, job_events, tap
@@ -40,16 +42,36 @@ def cache_headers(outcomes: list[Outcome]) -> dict[str, str]:
     return headers
 
 
-async def run(services: Services, spec: JobSpec, on_admit: OnAdmit | None = None) -> Outcome:
-    """The synchronous path: admit, and wait for the answer (the outcome's `result`)."""
+async def disconnected(client: Request) -> None:
+    """Returns when the client closes its connection. The body has been read by now, so the next ASGI message
+    is the disconnect (uvicorn does not cancel a handler whose client left: it must be told)."""
+    while (await client.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def run(
+    services: Services, spec: JobSpec, on_admit: OnAdmit | None = None, gone: asyncio.Future[None] | None = None
+) -> Outcome:
+    """The synchronous path: admit, and wait for the answer (the outcome's `result`). When `gone` resolves first
+    (the client left), stop waiting: the job is cancelled unless another client waits for it (single flight), it
+    runs detached, or MLXQ_FINISH_ABANDONED says to finish and cache it."""
     outcome = await services.admission.submit(spec)
     if on_admit is not None:
         await on_admit(outcome)
     if outcome.job_id is not None and outcome.cache != CacheOutcome.HIT:
+        waiting: asyncio.Future[Any] = asyncio.ensure_future(services.follower.wait(outcome.job_id))
+        abandoned = False
         try:
-            outcome.result = await services.follower.wait(outcome.job_id)
+            if gone is not None:
+                await asyncio.wait([waiting, gone], return_when=asyncio.FIRST_COMPLETED)
+                if not waiting.done():
+                    abandoned = True
+                    raise APIError(499, "The client closed the request.", type="cancelled", code="client_closed")
+            outcome.result = await waiting
         finally:
-            services.follower.leave_soon(outcome.job_id, abandon=False)
+            waiting.cancel()
+            keep = spec.detached or services.settings.finish_abandoned
+            services.follower.leave_soon(outcome.job_id, abandon=abandoned and not keep)
     return outcome
 
 
@@ -61,14 +83,21 @@ async def answer(
     render: JSONRenderer,
     stream: Renderer | None = None,
     on_admit: OnAdmit | None = None,
+    client: Request | None = None,
 ) -> Response:
     """Admit `specs` (one per prompt; a streamed request has one) and answer them, synchronously with
-    `render`, or as the dialect's SSE stream with `stream`."""
+    `render`, or as the dialect's SSE stream with `stream`. A sync `client` that goes away stops its jobs
+    (`run`); a streaming one stops them when its stream closes."""
     started = time.perf_counter()
     if stream is not None:
         (spec,) = specs
         return await _stream(services, spec, endpoint=endpoint, render=stream, started=started, on_admit=on_admit)
-    outcomes = await asyncio.gather(*(run(services, spec, on_admit) for spec in specs))
+    gone = asyncio.ensure_future(disconnected(client)) if client is not None else None
+    try:
+        outcomes = await asyncio.gather(*(run(services, spec, on_admit, gone) for spec in specs))
+    finally:
+        if gone is not None:
+            gone.cancel()
     for spec, outcome in zip(specs, outcomes, strict=True):
         record(services, endpoint=endpoint, spec=spec, outcome=outcome, started=started, stream=False)
     return JSONResponse(render([o.result for o in outcomes]), headers=cache_headers(list(outcomes)))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import Response
 
 from api.auth import AUTHENTICATED, Owner
@@ -24,7 +24,11 @@ router = APIRouter(tags=["anthropic"], dependencies=AUTHENTICATED)
 
 @router.post("/v1/messages")
 async def messages(
-    body: MessagesRequest, services: ServicesDep, owner: Owner, cache_control: str | None = Header(None)
+    body: MessagesRequest,
+    services: ServicesDep,
+    owner: Owner,
+    client: Request,
+    cache_control: str | None = Header(None),
 ) -> Response:
     _, specs = await prepare_specs(services, adapter.incoming(body), owner=owner, cache_control=cache_control)
     model = specs[0].model
@@ -35,6 +39,7 @@ async def messages(
         endpoint="messages",
         render=lambda results: message(results[0], model=model),
         stream=(lambda source: relay(source, writer)) if body.stream else None,
+        client=client,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import Response
 
 from api.auth import AUTHENTICATED, Owner
@@ -21,7 +21,11 @@ router = APIRouter(dependencies=AUTHENTICATED)
 
 @router.post("/v1/chat/completions")
 async def chat_completions(
-    body: ChatCompletionRequest, services: ServicesDep, owner: Owner, cache_control: str | None = Header(None)
+    body: ChatCompletionRequest,
+    services: ServicesDep,
+    owner: Owner,
+    client: Request,
+    cache_control: str | None = Header(None),
 ) -> Response:
     _, specs = await prepare_specs(services, adapter.chat(body), owner=owner, cache_control=cache_control)
     model = specs[0].model
@@ -32,12 +36,17 @@ async def chat_completions(
         endpoint="chat",
         render=lambda results: chat_completion(results[0], model=model),
         stream=(lambda source: relay(source, writer)) if body.stream else None,
+        client=client,
     )
 
 
 @router.post("/v1/completions")
 async def completions(
-    body: CompletionRequest, services: ServicesDep, owner: Owner, cache_control: str | None = Header(None)
+    body: CompletionRequest,
+    services: ServicesDep,
+    owner: Owner,
+    client: Request,
+    cache_control: str | None = Header(None),
 ) -> Response:
     prepared, specs = await prepare_specs(services, adapter.completion(body), owner=owner, cache_control=cache_control)
     model, echo = specs[0].model, prepared.echo
@@ -48,6 +57,7 @@ async def completions(
         endpoint="completion",
         render=lambda results: text_completion(results, model=model, prefixes=echo),
         stream=(lambda source: relay(source, writer)) if body.stream else None,
+        client=client,
     )
 
 

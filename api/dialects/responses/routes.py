@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from api.auth import AUTHENTICATED, Owner
@@ -68,7 +68,11 @@ def responses_params() -> Iterator[None]:
 
 @router.post("")
 async def create_response(
-    body: ResponsesRequest, services: ServicesDep, owner: Owner, cache_control: str | None = Header(None)
+    body: ResponsesRequest,
+    services: ServicesDep,
+    owner: Owner,
+    client: Request,
+    cache_control: str | None = Header(None),
 ) -> Response:
     started = time.perf_counter()
     if body.background and body.store is False:
@@ -101,6 +105,7 @@ async def create_response(
         render=lambda results: context.render(results[0]),
         stream=(lambda source: relay(source, writer)) if body.stream else None,
         on_admit=keep_it,
+        client=client,
     )
 
 
