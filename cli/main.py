@@ -55,6 +55,114 @@ def models_pull() -> None:
     console.print(f"[green]ready[/green] {path}")
 
 
+# mlx-lm families that load and batch but are known to answer wrongly in some batches (mlx-lm 0.32.2).
+KNOWN_PROBLEMS = {
+    "nemotron_h": "mlx-lm's nemotron_h gives a prompt batched with longer ones a wrong Mamba2 state",
+}
+
+
+def model_report(path: Path) -> dict[str, Any]:
+    """What `mlxq models check` says of a model directory: its family, quantization, the cache each layer keeps,
+    whether a cached prompt can be trimmed to a shorter one, and whether mlxq serves it (with the problems if not).
+    The weights are read lazily: nothing is computed."""
+    from worker.blas import preload_openblas
+
+    preload_openblas()
+    from mlx_lm.models.cache import ArraysCache, CacheList, RotatingKVCache, make_prompt_cache
+    from mlx_lm.utils import load_model
+
+    report: dict[str, Any] = {"path": str(path), "family": None, "quantization": None, "caches": [], "problems": []}
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        report["problems"].append(f"no config.json in {path}")
+        return {**report, "window": None, "recurrent": False, "trimmable": False, "serves": False}
+    config = json.loads(config_file.read_text())
+    quantization = config.get("quantization") or config.get("quantization_config")
+    report["family"] = config.get("model_type")
+    report["quantization"] = (
+        {"bits": quantization.get("bits"), "group_size": quantization.get("group_size")} if quantization else None
+    )
+    try:
+        model, _ = load_model(path, lazy=True)
+        cache = make_prompt_cache(model)
+    except Exception as exc:  # an unknown family, weights that do not match the config, ...
+        report["problems"].append(f"mlx-lm cannot load it: {exc}")
+        return {**report, "window": None, "recurrent": False, "trimmable": False, "serves": False}
+
+    def leaves(c: Any) -> list[Any]:
+        return [leaf for sub in c.caches for leaf in leaves(sub)] if isinstance(c, CacheList) else [c]
+
+    def name(c: Any) -> str:
+        if isinstance(c, CacheList):
+            return f"CacheList({', '.join(name(sub) for sub in c.caches)})"
+        return f"{type(c).__name__}({c.max_size})" if isinstance(c, RotatingKVCache) else type(c).__name__
+
+    every = [leaf for c in cache for leaf in leaves(c)]
+    report["caches"] = [name(c) for c in cache]
+    windows = [c.max_size for c in every if isinstance(c, RotatingKVCache)]
+    report["window"] = min(windows) if windows else None
+    report["recurrent"] = any(isinstance(c, ArraysCache) for c in every)
+    report["trimmable"] = not report["recurrent"] and report["window"] is None
+    report["problems"] += sorted(
+        {f"mlx-lm cannot batch its {type(c).__name__} layers" for c in every if not hasattr(c, "merge")}
+    )
+    report["serves"] = not report["problems"]
+    if report["family"] in KNOWN_PROBLEMS:
+        report["warning"] = KNOWN_PROBLEMS[report["family"]]
+    return report
+
+
+def _runs(names: list[str]) -> str:
+    """Layer caches in order, each run of equal ones counted: `ArraysCache ×3, KVCache`."""
+    runs: list[list[Any]] = []
+    for item in names:
+        if runs and runs[-1][0] == item:
+            runs[-1][1] += 1
+        else:
+            runs.append([item, 1])
+    return ", ".join(f"{item} ×{count}" if count > 1 else item for item, count in runs)
+
+
+@models_app.command("check")
+def models_check(
+    path: Path = typer.Argument(..., help="an mlx-lm model directory (config.json, *.safetensors)"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+) -> None:
+    """Say whether mlxq serves a model directory: its family, quantization, the cache each layer keeps, and how its
+    prompts are reused. Exits 1 when mlxq cannot serve it."""
+    from rich.markup import escape
+
+    report = model_report(path.expanduser())
+    if as_json:
+        print(json.dumps(report))
+    else:
+        q = report["quantization"]
+        caches = report["caches"]
+        if report["trimmable"]:
+            reuse = "trimmable: a cached prompt serves any prompt that shares a prefix with it"
+        elif not report["recurrent"]:
+            reuse = (
+                f"trimmable within its {report['window']}-token sliding window; longer prompts are reused from "
+                "checkpoints taken at message boundaries"
+            )
+        else:
+            reuse = "not trimmable (recurrent state): prompts are reused from checkpoints taken at message boundaries"
+        bits = f"{q['bits']}-bit, group size {q['group_size']}" if q else "none"
+        console.print(f"model          {report['path']}")
+        console.print(f"family         {report['family'] or '?'}")
+        console.print(f"quantization   {bits}")
+        if caches:
+            console.print(f"layers         {len(caches)}: {_runs(caches)}")
+            console.print(f"prefix cache   {reuse}")
+        console.print(f"served         {'[green]yes[/green]' if report['serves'] else '[red]no[/red]'}")
+        for problem in report["problems"]:
+            console.print(f"  [red]{escape(problem)}[/red]")
+        if "warning" in report:
+            console.print(f"  [yellow]{escape(report['warning'])}[/yellow]")
+    if not report["serves"]:
+        raise typer.Exit(1)
+
+
 @app.command()
 def api(host: str = typer.Option(None), port: int = typer.Option(None), log_level: str = "info") -> None:
     """Start the HTTP front end alone."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -106,3 +106,25 @@ def service_factory(tmp_path: Path) -> Iterator:
     yield make
     for svc in services:
         svc.stop()
+
+
+@pytest.fixture(scope="session")
+def family_models(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """The tiny model of tests.families.MODELS named by its test id, built once per session."""
+    from tests.families import MODELS, build
+
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            family, quantize = MODELS[name]
+            built[name] = build(family, tmp_path_factory.mktemp("families") / name, smollm2, quantize=quantize)
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def family_model(request: pytest.FixtureRequest, family_models: Callable[[str], Path]) -> Path:
+    """One family's tiny model: parametrize with `indirect=["family_model"]` and test ids of tests.families.MODELS."""
+    return family_models(request.param)

@@ -26,8 +26,8 @@ from worker.memory import (  # noqa: E402
     MIB,
     MIN_WORKING,
     Budget,
+    KvShape,
     ModelTooLarge,
-    kv_reservation,
     prefill_sizes,
 )
 
@@ -59,8 +59,14 @@ def test_prefill_is_sized_to_its_share_and_the_batch_cache_is_counted_padded():
     assert chunk * sequences * 100_000 <= 64 * MIB and chunk <= 512 and sequences >= 1
     assert prefill_sizes(1 << 40, 1000, chunk=512, sequences=8) == (512, 8)
     assert prefill_sizes(0, 1000, chunk=512, sequences=8) == (64, 1)  # never below one small chunk
-    # Three sequences padded to the longest reservation, in mlx-lm's 256-token growth steps.
-    assert kv_reservation(300, 3, 10) == 3 * 512 * 10
+    # Three sequences padded to the longest reservation, each row up to one of mlx-lm's 256-token growth steps
+    # (less one) past it; one sequence alone grown from empty holds whole steps.
+    assert KvShape(per_token=10).reservation(300, 3) == 3 * (300 + 255) * 10
+    assert KvShape(per_token=10).sequence_bytes(300) == 512 * 10
+    # Each with its fixed (recurrent) state, and its windows never past their size and a prefill chunk.
+    shape = KvShape(per_token=10, windows=((32, 4),), fixed=1000)
+    assert shape.reservation(300, 3, chunk=16) == 3 * (555 * 10 + (32 + 15) * 4 + 1000)
+    assert shape.reservation(300, 0) == 0
 
 
 def test_a_model_larger_than_the_budget_fails_to_load_with_the_message(smollm2: Path):
@@ -84,7 +90,7 @@ def test_the_prefix_cache_evicts_within_its_share_under_concurrent_long_prompts(
         ]
         for seq in seqs:
             assert wait(seq, lambda _e: None)["usage"]["completion_tokens"] >= 1
-        held = sum(len(s.prompt) for s in seqs) * engine.kv_per_token
+        held = sum(len(s.prompt) * engine.kv_shape.per_token + engine.kv_shape.fixed for s in seqs)
         assert held > engine.budget.prefix, "the test must offer the cache more than its share"
         assert 0 < prefix.lru.nbytes <= engine.budget.prefix
         assert len(prefix.lru) < len(seqs)

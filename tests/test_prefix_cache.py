@@ -136,6 +136,7 @@ def test_save_load_round_trip(tiny_model: Path, tiny: Engine, tmp_path: Path):
     first = tiny.generate("chat", req)
     assert tiny.save_prefix_cache(tmp_path, 1 << 30) == 1
     (entry,) = manifest(tmp_path)["entries"]
+    assert entry["type"] == "assistant"  # an entry stored after generation (checkpoints are "user", "system")
     assert listing(tmp_path) == sorted([LOCK, MANIFEST, entry["file"]])
     assert entry["bytes"] == (tmp_path / entry["file"]).stat().st_size
 

@@ -38,13 +38,13 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import trim_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from mlxq import events
 from mlxq.states import FinishReason
-from worker.generator import Admission, Generator, GeneratorConfig, GeneratorFactory, mlx_batch_generator
-from worker.memory import Budget, kv_reservation, trim_heap
-from worker.prefix_cache import PrefixCache, cache_offset, materialize
+from worker.generator import Admission, Checkpoint, Generator, GeneratorConfig, GeneratorFactory, mlx_batch_generator
+from worker.memory import Budget, KvShape, trim_heap
+from worker.prefix_cache import PrefixCache, cache_length, materialize
 from worker.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -52,10 +52,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class KvLimit:
-    """The KV bytes the batch may hold, and what one token of this model's KV takes."""
+    """The KV bytes the batch may hold, and what one sequence of this model's cache takes (its `KvShape`: bytes
+    per token of the layers that grow, its windows, its fixed state)."""
 
     bytes: int
-    per_token: int
+    shape: KvShape
 
 
 class Batcher:
@@ -71,9 +72,13 @@ class Batcher:
         prefix: Callable[[], PrefixCache | None],
         budget: Budget,
         generator: GeneratorFactory = mlx_batch_generator,
+        checkpoints: bool = False,
     ) -> None:
         self.model = model
         self.generator = generator
+        # The model's cache cannot always be trimmed (worker.prefix_cache.needs_checkpoints): prompts keep
+        # checkpoints as they are prefilled, and a parked decoding sequence resumes from the prefix cache.
+        self.checkpoints = checkpoints
         self.eos_ids = eos_ids
         self.batch_size = batch_size
         self.kv = kv
@@ -177,8 +182,11 @@ class Batcher:
         return sum(seq.budget for seq in self._active.values())
 
     def _kv_bytes(self, extra: Sequence | None = None) -> int:
+        """The batch cache's bytes with `extra` in it: every sequence padded to the longest reservation, each with
+        its windows (a prefill chunk over their size at most) and its fixed state."""
         seqs = [*self._active.values(), *([extra] if extra is not None else [])]
-        return kv_reservation(max((s.budget for s in seqs), default=0), len(seqs), self.kv.per_token)
+        longest = max((s.budget for s in seqs), default=0)
+        return self.kv.shape.reservation(longest, len(seqs), chunk=self.prefill_step)
 
     def _fits(self, seq: Sequence) -> bool:
         if not self._active:
@@ -219,11 +227,19 @@ class Batcher:
 
     def _start(self, seq: Sequence, others: list[list[int]]) -> None:
         assert self._gen is not None
+        prefix = self.prefix() if seq.use_prefix_cache else None
         if seq.resume is not None:  # preempted earlier: continue from its own KV cache
             (cache, kept), seq.resume = seq.resume, None
+            if cache is None and prefix is not None and prefix.checkpoints:
+                # Its cache could not be kept (it was decoding: a cache that cannot be trimmed holds one token too
+                # many to resume from): from its checkpoints, prefilling the tokens generated since.
+                resumed = prefix.fetch(seq.fed, others=others)
+                cache, kept = resumed.cache, resumed.cached_tokens
+                if resumed.taken is not None:
+                    prefix.release(seq.taken_entry)
+                    seq.taken_entry = resumed.taken
             rest, history = seq.fed[kept:], seq.fed[:kept]
         else:
-            prefix = self.prefix() if seq.use_prefix_cache else None
             fetched = prefix.fetch(seq.prompt, others=others) if prefix is not None else None
             cache = fetched.cache if fetched is not None else None
             rest = fetched.rest if fetched is not None else seq.prompt
@@ -239,6 +255,8 @@ class Batcher:
                 history=history,
                 sampler=seq.sampler,
                 processors=seq.processors,
+                # Those it has not reached yet (a resumed sequence may be past some).
+                checkpoints=tuple(sorted(p for p in seq.checkpoints if p > len(history))) if prefix is not None else (),
             )
         )
         seq.admitted_at = time.monotonic()
@@ -252,7 +270,10 @@ class Batcher:
         low = [s for s in self._active.values() if s.priority == "low"]
         if not low:
             return False
-        self._park(min(low, key=lambda s: (s.preemptions, -s.admitted_at)))
+        if self.checkpoints:  # one still prefilling keeps its cache; a decoding one prefills its answer again
+            self._park(min(low, key=lambda s: (not s.prefilling, s.preemptions, -s.admitted_at)))
+        else:
+            self._park(min(low, key=lambda s: (s.preemptions, -s.admitted_at)))
         return True
 
     def _park_low_prefills(self) -> None:
@@ -269,14 +290,19 @@ class Batcher:
         cache: list[Any] | None
         cache, tokens = self._gen.extract(uid)
         del self._active[uid]
-        # Keep at least one token to feed back in, so the decoder has input when it resumes.
+        # Keep at least one token to feed back in, so the decoder has input when it resumes: a prefilling sequence's
+        # cache holds less than its prompt, a decoding one's every token it was fed, one to trim.
         keep = min(len(tokens), len(seq.fed) - 1)
-        if cache_offset(cache) != len(tokens) or keep <= 0:
-            cache = None  # nothing usable: prefill again from the start
+        usable = keep > 0 and cache_length(cache, len(tokens)) == len(tokens)
+        if usable and len(tokens) > keep:
+            drop = len(tokens) - keep
+            # A cache that cannot be trimmed (recurrent state, a moved window) trims nothing: feeding the last token
+            # again on top of it would be wrong.
+            usable = can_trim_prompt_cache(cache) and trim_prompt_cache(cache, drop) == drop
+        if not usable:
+            cache = None  # prefill again: from the prefix cache's checkpoints where the model keeps them
             keep = 0
         else:
-            if len(tokens) > keep:
-                trim_prompt_cache(cache, len(tokens) - keep)
             materialize(cache)
         seq.resume, seq.uid = (cache, keep), None
         self.preempted += 1
@@ -288,6 +314,8 @@ class Batcher:
     def _step(self) -> None:
         assert self._gen is not None
         step = self._gen.step()
+        for checkpoint in step.checkpoints:
+            self._checkpoint(checkpoint)
         for p in step.prefilled:
             seq = self._active.get(p.uid)
             if seq is not None:
@@ -299,6 +327,18 @@ class Batcher:
             seq.prefilling = 0
             if seq.add_token(g.token, g.logprobs, g.finish_reason):
                 self._retire(seq, g.cache, g.tokens)
+
+    def _checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Keep a checkpoint of a prompt in the prefix cache (worker.boundaries); the sequence remembers it for the
+        prefix index."""
+        seq = self._active.get(checkpoint.uid)
+        prefix = self.prefix() if seq is not None and seq.use_prefix_cache else None
+        if seq is None or prefix is None or (mark := seq.checkpoints.get(len(checkpoint.tokens))) is None:
+            return
+        cache_type, message = mark
+        entry = prefix.insert_checkpoint(checkpoint.tokens, checkpoint.cache, cache_type)
+        if entry is not None:
+            seq.checkpoint_entries.append((message, entry))
 
     # -- keep within budget ------------------------------------------------------------------
 

@@ -15,7 +15,6 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm import load as mlx_load
-from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import dequantize_model
 
 from mlxq.contract import GenerationResult, JobKind, Priority
@@ -27,8 +26,10 @@ from worker.generator import GeneratorFactory, mlx_batch_generator
 from worker.memory import (
     ALLOWANCE_SLACK,
     Budget,
+    KvShape,
     check_fits,
     default_budget,
+    kv_shape,
     mlx_memory,
     parameters,
     peak_rss,
@@ -38,7 +39,7 @@ from worker.memory import (
     weights_bytes,
 )
 from worker.model_spec import ModelKey, ModelSpec, model_key
-from worker.prefix_cache import PrefixCache
+from worker.prefix_cache import PrefixCache, needs_checkpoints
 from worker.sequence import Sequence
 from worker.sequence_builder import RequestError, SequenceBuilder, typed
 from worker.tool_parse import ModelToolFormat, model_tool_format
@@ -138,6 +139,9 @@ class Engine:
         self.vocab_size = _vocab_size(model, tokenizer)
         # mlx-lm's TokenizerWrapper holds the HF fast tokenizer llguidance reads.
         self.grammars = Grammars(getattr(tokenizer, "_tokenizer", tokenizer), self.vocab_size)
+        # A cache that cannot always be trimmed (recurrent state, a sliding window): the prefix cache keeps
+        # checkpoints during prefill (worker.boundaries, worker.prefix_cache).
+        self.checkpoints = needs_checkpoints(model)
         self.builder = SequenceBuilder(
             tokenizer,
             vocab_size=self.vocab_size,
@@ -146,9 +150,10 @@ class Engine:
             tool_format=self.tool_format,
         )
         self.budget = budget or Budget.split(default_budget(), weight_sets(model, draft), rss() + ALLOWANCE_SLACK)
-        self.kv_per_token = self._kv_bytes_per_token()
+        # What one sequence's cache costs: per token of the layers that grow, windows, recurrent state.
+        self.kv_shape: KvShape = kv_shape(model)
         # The longest a sequence's KV can be: what prefill's working set is sized for.
-        longest = min(context_length, max(self.budget.kv // self.kv_per_token, 1))
+        longest = max(self.kv_shape.longest(self.budget.kv, cap=context_length, chunk=PREFILL_STEP), 1)
         on_cpu = _on_cpu()
         itemsize = next(iter(v.dtype.size for v in parameters(model)), 4)
         per_token = prefill_bytes_per_token(getattr(model, "args", None), longest, itemsize, on_cpu)
@@ -158,7 +163,9 @@ class Engine:
 
     def enable_prefix_cache(self, *, max_entries: int, max_bytes: int | None = None) -> PrefixCache:
         """The prefix cache, bounded by `max_bytes` or else by the memory budget's prefix share."""
-        self.prefix = PrefixCache(self.model, self.key, max_entries, max_bytes or self.budget.prefix)
+        self.prefix = PrefixCache(
+            self.model, self.key, max_entries, max_bytes or self.budget.prefix, checkpoints=self.checkpoints
+        )
         return self.prefix
 
     def save_prefix_cache(self, directory: Path, max_bytes: int) -> int:
@@ -228,12 +235,13 @@ class Engine:
                     self.model,
                     eos_ids=sorted(self.tokenizer.eos_token_ids),
                     batch_size=self.batch.size,
-                    kv=KvLimit(self.kv_limit, self.kv_per_token),
+                    kv=KvLimit(self.kv_limit, self.kv_shape),
                     prefill_batch_size=self.prefill_sequences,
                     prefill_step=self.prefill_step,
                     prefix=lambda: self.prefix,
                     budget=self.budget,
                     generator=self.generator,
+                    checkpoints=self.checkpoints,
                 )
             return self._batcher
 
@@ -245,15 +253,16 @@ class Engine:
 
     @property
     def kv_limit(self) -> int:
-        """Bytes of KV the batch may hold: BatchLimits.tokens of this model's KV, or the budget's KV share."""
-        return self.batch.tokens * self.kv_per_token if self.batch.tokens else self.budget.kv
+        """Bytes of KV the batch may hold: BatchLimits.tokens of this model's growing KV (each of the batch's
+        sequences with its windows and fixed state beside them), or the budget's KV share."""
+        if not self.batch.tokens:
+            return self.budget.kv
+        return self.kv_shape.limit(self.batch.tokens, self.batch.size, chunk=self.prefill_step)
 
-    def _kv_bytes_per_token(self) -> int:
-        """This model's KV bytes per token, measured on a one-token cache."""
-        cache = make_prompt_cache(self.model)
-        self.model(mx.array([[0]]), cache=cache)
-        per_token = sum(c.nbytes / max(c.keys.shape[2], 1) for c in cache if getattr(c, "keys", None) is not None)
-        return max(int(per_token), 1)
+    @property
+    def kv_per_token(self) -> int:
+        """Bytes per token of the layers whose cache grows (0 for a model with none)."""
+        return self.kv_shape.per_token
 
     def memory(self) -> dict[str, int]:
         """The budget, each part's limit and use, MLX's own counts and the process's RSS (/health, /metrics)."""
@@ -282,7 +291,11 @@ class Engine:
         Raises RequestError (in the caller's thread, before anything is queued) when the prompt does not fit.
         """
         seq = self.builder.build(
-            kind, typed(request, self.key.path), priority=priority, use_prefix_cache=use_prefix_cache
+            kind,
+            typed(request, self.key.path),
+            priority=priority,
+            use_prefix_cache=use_prefix_cache,
+            checkpoints=self.checkpoints and use_prefix_cache and self.prefix is not None,
         )
         self.batcher.submit(seq)
         return seq

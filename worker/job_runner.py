@@ -77,7 +77,11 @@ class JobRunner:
                 seq = self._state.engine.submit(kind, request, priority=priority)
                 answer = self._relay(job_id, seq, stream)
                 # What the api routes this conversation's later turns by (mlxq.delivery).
-                self._state.prefix_index.record(prefix_hashes(kind, request.wire()), seq.prefix_entry)
+                hashes = prefix_hashes(kind, request.wire())
+                if getattr(self._state.engine, "checkpoints", False):  # only the boundaries its entries hold
+                    self._state.prefix_index.record_checkpoints(hashes, seq.prefix_entry, seq.checkpoint_entries)
+                else:
+                    self._state.prefix_index.record(hashes, seq.prefix_entry)
         except Exception as exc:
             error = getattr(exc, "error", None)
             if error is None:

@@ -6,7 +6,9 @@ The parts, and what holds each:
 - weights: every set the worker holds (the model, its adapter, a draft model), measured at load; weights that
   leave too little room fail to load, saying so.
 - KV in flight: the batcher admits a request only while the batch's KV, counted in bytes as mlx-lm's batch cache
-  lays it out (one rectangle: every sequence padded to the longest reservation), stays within its share.
+  lays it out (one rectangle: every sequence padded to the longest reservation), stays within its share. What a
+  sequence's cache costs is measured per model (`KvShape`): bytes per token of the layers that grow (attention,
+  quantized or not), each sliding window's true size, and the state a recurrent layer holds whatever the length.
 - prefix cache: mlx-lm's LRUPromptCache bounded in bytes; the first thing shed when the worker finds itself over
   budget (never a request in flight).
 - prefill: the transient buffers of a prefill step (attention scores, MLP activations) grow with the tokens
@@ -27,7 +29,7 @@ import logging
 import os
 import resource
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, cast
 
@@ -190,10 +192,123 @@ def prefill_bytes_per_token(args: Any, context: int, itemsize: int, on_cpu: bool
     return per_token
 
 
-def kv_reservation(longest: int, sequences: int, per_token: int) -> int:
-    """Bytes of a batch cache holding `sequences`, each padded to `longest` tokens (rounded up to mlx-lm's
-    growth step): how mlx-lm's BatchKVCache lays out the batch."""
-    return sequences * -(-longest // KV_STEP) * KV_STEP * per_token
+@dataclass(frozen=True)
+class KvShape:
+    """What one sequence's cache costs, by the kind of each layer's cache (measured by `kv_shape`):
+
+    - `per_token`: bytes per token of the layers whose cache grows with the sequence (KVCache, QuantizedKVCache),
+      all of them together; mlx-lm allocates them in steps of KV_STEP tokens.
+    - `windows`: (tokens, bytes per token) of each layer that keeps a bounded window (RotatingKVCache's sliding
+      window, ChunkedKVCache): it grows like the others up to its size, and while a prompt is prefilled in chunks
+      it briefly holds a chunk more (mlx-lm keeps size + chunk - 1 tokens so every token sees a full window).
+    - `fixed`: bytes per sequence whatever its length (ArraysCache: a recurrent layer's state, a convolution's
+      last inputs).
+    """
+
+    per_token: int = 0
+    windows: tuple[tuple[int, int], ...] = ()
+    fixed: int = 0
+
+    def sequence_bytes(self, tokens: int, *, chunk: int = 0) -> int:
+        """Bytes one sequence's cache holds after `tokens` tokens, grown from empty as mlx-lm grows it (whole steps;
+        exact when each prefill chunk is a divisor or a multiple of KV_STEP), prefilled in chunks of `chunk`."""
+        return self._bytes(-(-max(tokens, 0) // KV_STEP) * KV_STEP, chunk)
+
+    def reservation(self, longest: int, sequences: int, *, chunk: int = 0) -> int:
+        """Bytes of a batch cache holding `sequences`, each padded to `longest` tokens, as mlx-lm's batch caches
+        lay out the batch (BatchKVCache, BatchRotatingKVCache: one rectangle; ArraysCache: a row each). A row
+        may hold up to a step less one past its tokens: the batch is merged to exactly what its caches hold (a
+        prefix-cache entry, a resumed one) and then grows by whole steps."""
+        if sequences <= 0:
+            return 0
+        return sequences * self._bytes(longest + KV_STEP - 1 if longest > 0 else 0, chunk)
+
+    def _bytes(self, slots: int, chunk: int) -> int:
+        slack = max(chunk - 1, 0)
+        windows = sum(min(slots, size + slack) * per_token for size, per_token in self.windows)
+        return slots * self.per_token + windows + self.fixed
+
+    def bounded(self, *, chunk: int = 0) -> int:
+        """The most one sequence's layers that do not grow hold: its windows full, and its fixed state."""
+        slack = max(chunk - 1, 0)
+        return sum((size + slack) * per_token for size, per_token in self.windows) + self.fixed
+
+    def limit(self, tokens: int, sequences: int, *, chunk: int = 0) -> int:
+        """Bytes for `tokens` tokens of the growing layers shared by at most `sequences`, each with its bounded
+        layers (MLXQ_BATCH_TOKENS: a limit in this model's tokens)."""
+        return tokens * self.per_token + sequences * self.bounded(chunk=chunk)
+
+    def longest(self, budget: int, *, cap: int, chunk: int = 0) -> int:
+        """The most tokens, up to `cap`, one sequence may hold within `budget` bytes (0 when not even its fixed
+        state fits); `cap` itself when it never outgrows the budget (a model with no growing layer)."""
+        if self.sequence_bytes(cap, chunk=chunk) <= budget:
+            return cap
+        lo, hi = 0, cap  # sequence_bytes(hi) > budget; find the largest lo with sequence_bytes(lo) <= budget
+        if self.sequence_bytes(0, chunk=chunk) > budget:
+            return 0
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self.sequence_bytes(mid, chunk=chunk) <= budget:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+
+def kv_shape(model: Any, cache: list[Any] | None = None) -> KvShape:
+    """Measure the shape of `model`'s cache (`cache`, or mlx-lm's `make_prompt_cache(model)`): one token is
+    forwarded through it, and each layer's cache (CacheList's parts each) is read by its kind. A cache kind not
+    known here counts as growing when it holds keys, else what it holds after that token counts per sequence."""
+    from mlx_lm.models.cache import (
+        ArraysCache,
+        CacheList,
+        ChunkedKVCache,
+        RotatingKVCache,
+        make_prompt_cache,
+    )
+
+    if cache is None:
+        cache = make_prompt_cache(model)
+    model(mx.array([[0]]), cache=cache)
+    per_token, fixed = 0, 0
+    windows: list[tuple[int, int]] = []
+
+    def walk(layers: Iterable[Any]) -> None:
+        nonlocal per_token, fixed
+        for c in layers:
+            if isinstance(c, CacheList):
+                walk(c.caches)
+                continue
+            held, nbytes = _tokens_held(c), _nbytes(c)
+            if isinstance(c, ArraysCache) or not held:
+                fixed += nbytes
+            elif isinstance(c, RotatingKVCache):
+                windows.append((int(c.max_size), nbytes // held))
+            elif isinstance(c, ChunkedKVCache):
+                windows.append((int(c.chunk_size), nbytes // held))
+            else:  # KVCache, QuantizedKVCache, ConcatenateKVCache, and any other that holds keys
+                per_token += nbytes // held
+
+    walk(cache)
+    return KvShape(per_token=per_token, windows=tuple(windows), fixed=fixed)
+
+
+def _nbytes(c: Any) -> int:
+    try:
+        return int(c.nbytes or 0)
+    except (AttributeError, NotImplementedError):  # mlx-lm's base class raises for a cache that does not count
+        return 0
+
+
+def _tokens_held(c: Any) -> int:
+    """Token slots a KV-like layer cache has allocated (keys are (batch, heads, tokens, dims); QuantizedKVCache's
+    are a (packed, scales, biases) tuple); 0 for one that holds no keys."""
+    keys = getattr(c, "keys", None)
+    if isinstance(keys, (tuple, list)):
+        keys = keys[0] if keys else None
+    if keys is None or not hasattr(keys, "shape") or len(keys.shape) < 3:
+        return 0
+    return int(keys.shape[2])
 
 
 def trim_heap() -> None:

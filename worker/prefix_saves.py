@@ -37,8 +37,9 @@ class PrefixSaves:
         loaded = prefix.load(self.directory)
         self._state.prefix_index.load(self.directory)
         log.info(
-            "prefix cache on: %d entries, %d MB; %d entries loaded from disk",
-            settings.prefix_cache_size,
+            "prefix cache on: %d entries%s, %d MB; %d entries loaded from disk",
+            prefix.lru.max_size,
+            " (checkpoints)" if prefix.checkpoints else "",
             prefix.max_bytes >> 20,
             loaded,
         )

@@ -45,6 +45,9 @@ class Sequence:
     logprobs: bool = False
     top_logprobs: int = 0
     use_prefix_cache: bool = True
+    # Prefix-cache checkpoints to keep while its prompt is prefilled (a model whose cache cannot be trimmed:
+    # worker.boundaries): token position -> (cache type, canonical message count whose boundary it holds).
+    checkpoints: dict[int, tuple[str, int | None]] = field(default_factory=dict)
 
     # -- filled in as it runs (engine thread) --------------------------------------------------
     uid: int | None = None  # in the generator while admitted
@@ -55,6 +58,8 @@ class Sequence:
     cached_tokens: int = 0
     prefix_entry: int | None = None  # the prefix-cache entry its KV went into when it finished
     taken_entry: int | None = None  # the prefix-cache entry it took out of the trie to extend
+    # The checkpoints kept: (canonical message count or None, prefix-cache entry id), for worker.prefix_index.
+    checkpoint_entries: list[tuple[int | None, int]] = field(default_factory=list)
     generated: list[int] = field(default_factory=list)
     text: str = ""
     shown: int = 0

@@ -19,6 +19,7 @@ from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logi
 from mlxq.contract import JobError, JobKind, Priority, job_error
 from mlxq.grammar import Constraint, constraint_for
 from mlxq.request import SAMPLING, Request
+from worker.boundaries import Marks, chat_marks, completion_marks
 from worker.constrained import GrammarError, Grammars
 from worker.sequence import Sampler, Sequence
 from worker.tool_parse import ModelToolFormat, ToolStreamFilter
@@ -140,11 +141,22 @@ class SequenceBuilder:
 
     def chat_prompt(self, request: Request) -> tuple[list[int], str, list[dict[str, Any]]]:
         """(prompt tokens, answer prefill, tools to parse for) of a chat request."""
+        prompt, prefill, tools, _ = self._chat(request, checkpoints=False)
+        return prompt, prefill, tools
+
+    def _chat(self, request: Request, *, checkpoints: bool) -> tuple[list[int], str, list[dict[str, Any]], Marks]:
+        """`chat_prompt`, and the prompt's prefix-cache checkpoints when asked (worker.boundaries)."""
         if request.messages is None:
             raise RequestError("a chat request needs `messages`.", param="messages")
-        messages, tools, prefill, parse_tools = prepare_chat(request.wire(), template_knows_tools(self.chat_template))
+        wire = request.wire()
+        messages, tools, prefill, parse_tools = prepare_chat(wire, template_knows_tools(self.chat_template))
         text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer.encode(text + prefill, add_special_tokens=False), prefill, parse_tools
+        if not checkpoints:
+            return self.tokenizer.encode(text + prefill, add_special_tokens=False), prefill, parse_tools, {}
+        # worker.tool_prompt may have put a system message before the canonical ones (mlxq.keys.prefix_hashes').
+        shift = len(messages) - len(wire.get("messages") or [])
+        prompt, marks = chat_marks(self.tokenizer, messages, tools, text + prefill, shift=shift)
+        return prompt, prefill, parse_tools, marks
 
     def completion_tokens(self, request: Request) -> list[int]:
         prompt = request.prompt
@@ -164,10 +176,18 @@ class SequenceBuilder:
 
     def prompt(self, kind: JobKind, request: Request) -> tuple[list[int], str, list[dict[str, Any]]]:
         """The prompt and what comes with it, refused (RequestError) when it leaves no room to answer."""
+        prompt, prefill, tools, _ = self._prompt(kind, request, checkpoints=False)
+        return prompt, prefill, tools
+
+    def _prompt(
+        self, kind: JobKind, request: Request, *, checkpoints: bool
+    ) -> tuple[list[int], str, list[dict[str, Any]], Marks]:
+        """`prompt`, and its prefix-cache checkpoints when asked."""
         if kind == "chat":
-            prompt, prefill, tools = self.chat_prompt(request)
+            prompt, prefill, tools, marks = self._chat(request, checkpoints=checkpoints)
         else:
             prompt, prefill, tools = self.completion_tokens(request), "", []
+            marks = completion_marks(prompt) if checkpoints else {}
         if len(prompt) + 1 > self.context_length:
             raise RequestError(
                 f"This model's maximum context length is {self.context_length} tokens; "
@@ -175,7 +195,7 @@ class SequenceBuilder:
                 param="messages" if kind == "chat" else "prompt",
                 code="context_length_exceeded",
             )
-        return prompt, prefill, tools
+        return prompt, prefill, tools, marks
 
     # -- sampling and constraints --------------------------------------------------------------
 
@@ -207,10 +227,18 @@ class SequenceBuilder:
     # -- the sequence ----------------------------------------------------------------------
 
     def build(
-        self, kind: JobKind, request: Request, *, priority: Priority = "interactive", use_prefix_cache: bool = True
+        self,
+        kind: JobKind,
+        request: Request,
+        *,
+        priority: Priority = "interactive",
+        use_prefix_cache: bool = True,
+        checkpoints: bool = False,
     ) -> Sequence:
-        """The request as one sequence of the batch; RequestError when the model cannot serve it as asked."""
-        prompt, prefill, tools = self.prompt(kind, request)
+        """The request as one sequence of the batch; RequestError when the model cannot serve it as asked.
+        `checkpoints`: the model's cache cannot be trimmed and the prefix cache is on: the sequence gets the
+        positions to keep checkpoints at (worker.boundaries)."""
+        prompt, prefill, tools, marks = self._prompt(kind, request, checkpoints=checkpoints)
         sampling = sampling_settings(request, self.vocab_size)
         processors = penalty_processors(sampling)
         constraint, grammar = self.constraint(kind, request)
@@ -232,4 +260,5 @@ class SequenceBuilder:
             logprobs=sampling.logprobs,
             top_logprobs=sampling.top_logprobs,
             use_prefix_cache=use_prefix_cache,
+            checkpoints=marks,
         )
