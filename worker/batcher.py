@@ -3,17 +3,22 @@
 Decoding is memory-bound, so sequences that share a forward pass cost little more than one. The
 engine thread loops over four small steps:
 
-- admit: move waiting sequences into the generator (worker.generator: mlx-lm's `BatchGenerator` behind
-  a small interface), interactive before low priority, within `batch_size` sequences and the KV bytes
-  the memory budget gives (`KvLimit`: each sequence reserves prompt + max_tokens, and mlx-lm's batch
-  cache pads every sequence to the longest). A sequence that does not fit waits for room; one that
-  could never fit runs when the batch is empty. An interactive sequence parks the low-priority ones
-  still prefilling (and, when the batch is full, a decoding one), their KV caches kept and resumed
-  later; low-priority prefill is let in about one chunk at a time. So low-priority work delays an
-  interactive request by at most the step in progress plus its own prefill.
-- step: one generator step: one decoding step for the batch and at most one prefill chunk
-  (`prefill_step` tokens per sequence) for newcomers, so a long prompt never stalls the others
-  for more than a chunk.
+- admit: move waiting sequences into the generator (worker.generator: a prefill stage in front of mlx-lm's
+  `BatchGenerator`, behind a small interface), interactive before low priority, within `batch_size`
+  sequences and the KV bytes the memory budget gives (`KvLimit`: each sequence reserves prompt +
+  max_tokens, and mlx-lm's batch cache pads every sequence to the longest). Within a priority, owners
+  (API keys; with keys off, sessions) take fair shares of the batch: the next admitted is the oldest
+  of the owner with the fewest sequences in flight for its weight (MLXQ_KEY_WEIGHTS), and an owner at
+  its ceiling (MLXQ_KEY_MAX_INFLIGHT, by default half the batch) waits while another owner under it
+  does. A sequence that does not fit waits for room; one that could never fit runs when the batch is
+  empty. An interactive sequence that does not fit parks a low-priority one, else one of an owner
+  over its ceiling (one still prefilling first), their KV caches kept and resumed later. So neither
+  low-priority work nor another key's flood holds an interactive request for longer than the step in
+  progress plus its own prefill.
+- step: one generator step: one decoding step for the batch, then prefill chunks of waiting prompts
+  within a time budget (worker.generator.ChunkedPrefill: interactive first, then the owner with the
+  least prefill for its weight, then the shortest), so a short prompt behind a long one is prefilled
+  in the next step, and a decoding stream pauses for one step, never a whole prefill.
 - emit: hand each token to its `Sequence` (text, stop strings, tool-call filter, logprobs, deltas).
 - retire: finished or cancelled sequences leave the batch; their KV cache goes into the prefix
   cache and their consumer is woken.
@@ -30,8 +35,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -42,12 +47,22 @@ from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from mlxq import events
 from mlxq.states import FinishReason
-from worker.generator import Admission, Checkpoint, Generator, GeneratorConfig, GeneratorFactory, mlx_batch_generator
+from worker.generator import (
+    DEFAULT_STEP_MS,
+    Admission,
+    Checkpoint,
+    Generator,
+    GeneratorConfig,
+    GeneratorFactory,
+    mlx_batch_generator,
+)
 from worker.memory import Budget, KvShape, trim_heap
 from worker.prefix_cache import PrefixCache, cache_length, materialize
 from worker.sequence import Sequence
 
 log = logging.getLogger(__name__)
+
+PRIORITIES = ("interactive", "low")
 
 
 @dataclass(frozen=True)
@@ -73,6 +88,9 @@ class Batcher:
         budget: Budget,
         generator: GeneratorFactory = mlx_batch_generator,
         checkpoints: bool = False,
+        step_ms: float = DEFAULT_STEP_MS,
+        key_weights: Mapping[str, float] | None = None,
+        key_max_inflight: int = 0,
     ) -> None:
         self.model = model
         self.generator = generator
@@ -85,6 +103,11 @@ class Batcher:
         self.budget = budget
         self.prefill_batch_size = min(prefill_batch_size, batch_size)
         self.prefill_step = prefill_step
+        self.step_ms = step_ms
+        # Fair shares between owners: each one's weight (1 unless set), and the most sequences one holds while
+        # another waits (0: half the batch).
+        self.key_weights = dict(key_weights or {})
+        self.key_max_inflight = key_max_inflight
         self.prefix = prefix
         self._cond = threading.Condition()
         self._waiting: dict[str, deque[Sequence]] = {"interactive": deque(), "low": deque()}
@@ -170,6 +193,7 @@ class Batcher:
             batch_size=self.batch_size,
             prefill_batch_size=self.prefill_batch_size,
             prefill_step=self.prefill_step,
+            step_ms=self.step_ms,
         )
         gen = self.generator(config, stream)
         # The budget's limits, set with each generator: mlx-lm's sets the wired limit to the machine's.
@@ -193,37 +217,58 @@ class Batcher:
             return True
         return len(self._active) < self.batch_size and self._kv_bytes(seq) <= self.kv.bytes
 
-    def _low_prefill_room(self, seq: Sequence) -> bool:
-        """Low-priority prefill waits while an interactive prompt prefills, and then goes about one chunk per step
-        (several short prompts together), so the step an interactive request may find in progress stays short."""
-        if any(s.prefilling for s in self._active.values() if s.priority == "interactive"):
-            return False
-        pending = sum(s.prefilling for s in self._active.values() if s.priority == "low")
-        return pending == 0 or pending + len(seq.prompt) <= self.prefill_step
+    # -- fair shares -------------------------------------------------------------------------------
+
+    def _weight(self, owner: str) -> float:
+        return max(float(self.key_weights.get(owner, 1.0)), 1e-6)
+
+    @property
+    def ceiling(self) -> int:
+        """The most sequences one owner holds in the batch while another owner waits."""
+        return self.key_max_inflight or max(1, self.batch_size // 2)
+
+    def _pick(self) -> Sequence | None:
+        """The waiting sequence to admit next: interactive before low; within a priority, of the owners whose
+        sequences wait, those under the ceiling before those at it (when any is under), then the one with the
+        fewest sequences in flight for its weight, then the one waiting longest; that owner's oldest sequence."""
+        in_flight = Counter(s.owner for s in self._active.values())
+        for priority in PRIORITIES:
+            queue = self._waiting[priority]
+            if not queue:
+                continue
+            oldest: dict[str, Sequence] = {}
+            for seq in queue:
+                oldest.setdefault(seq.owner, seq)
+            under = [o for o in oldest if in_flight[o] < self.ceiling]
+            owners = under or list(oldest)
+            rank = {id(seq): i for i, seq in enumerate(queue)}
+            owner = min(owners, key=lambda o: (in_flight[o] / self._weight(o), rank[id(oldest[o])]))
+            return oldest[owner]
+        return None
 
     def _admit(self) -> None:
+        self._drop_cancelled_waiting()
         while True:
             with self._cond:
-                queue = self._waiting["interactive"] or self._waiting["low"]
-                if not queue:
+                seq = self._pick()
+                if seq is None:
                     return
-                seq = queue[0]
-                if not seq.cancelled.is_set():
-                    if seq.priority == "interactive":
-                        self._park_low_prefills()
-                    elif not self._low_prefill_room(seq):
+                if not self._fits(seq):
+                    if seq.priority == "low" or not (self._preempt_low() or self._preempt_unfair(seq)):
                         return
-                    if not self._fits(seq):
-                        if seq.priority == "low" or not self._preempt_low():
-                            return
-                        continue
-                queue.popleft()
+                    continue
+                self._waiting[seq.priority].remove(seq)
                 others = [s.prompt for q in self._waiting.values() for s in q]
-            if seq.cancelled.is_set():
-                seq.finish = FinishReason.CANCELLED
-                seq.complete()
-                continue
             self._start(seq, others)
+
+    def _drop_cancelled_waiting(self) -> None:
+        with self._cond:
+            cancelled = [s for q in self._waiting.values() for s in q if s.cancelled.is_set()]
+            for seq in cancelled:
+                self._waiting[seq.priority].remove(seq)
+        for seq in cancelled:
+            seq.finish = FinishReason.CANCELLED
+            seq.complete()
 
     def _start(self, seq: Sequence, others: list[list[int]]) -> None:
         assert self._gen is not None
@@ -257,6 +302,9 @@ class Batcher:
                 processors=seq.processors,
                 # Those it has not reached yet (a resumed sequence may be past some).
                 checkpoints=tuple(sorted(p for p in seq.checkpoints if p > len(history))) if prefix is not None else (),
+                priority=seq.priority,
+                owner=seq.owner,
+                weight=self._weight(seq.owner),
             )
         )
         seq.admitted_at = time.monotonic()
@@ -276,13 +324,27 @@ class Batcher:
             self._park(min(low, key=lambda s: (s.preemptions, -s.admitted_at)))
         return True
 
-    def _park_low_prefills(self) -> None:
-        """An interactive prompt is prefilled ahead of low-priority ones: those still prefilling step aside."""
-        for seq in [s for s in self._active.values() if s.priority == "low" and s.prefilling]:
-            self._park(seq)
+    def _preempt_unfair(self, seq: Sequence) -> bool:
+        """Make room for an interactive sequence of an owner under its share: park a sequence of an owner over the
+        ceiling whose share would still be the larger one, one still prefilling first (it loses nothing and no
+        stream pauses), else the one parked least often, the newest among those."""
+        in_flight = Counter(s.owner for s in self._active.values())
+        mine = (in_flight[seq.owner] + 1) / self._weight(seq.owner)
+        over = [
+            s
+            for s in self._active.values()
+            if s.owner != seq.owner
+            and in_flight[s.owner] > self.ceiling
+            and (in_flight[s.owner] - 1) / self._weight(s.owner) >= mine - 1e-9
+        ]
+        if not over:
+            return False
+        victim = min(over, key=lambda s: (not s.prefilling, s.preemptions, -s.admitted_at))
+        self._park(victim, reason="another owner's request (fair share)")
+        return True
 
-    def _park(self, seq: Sequence) -> None:
-        """Take a low-priority sequence out of the batch with its KV cache; it resumes from there later."""
+    def _park(self, seq: Sequence, reason: str = "") -> None:
+        """Take a sequence out of the batch with its KV cache; it resumes from there later, first of its priority."""
         assert self._gen is not None
         seq.preemptions += 1
         uid = seq.uid
@@ -306,8 +368,11 @@ class Batcher:
             materialize(cache)
         seq.resume, seq.uid = (cache, keep), None
         self.preempted += 1
-        self._waiting["low"].appendleft(seq)
-        log.info("preempted a low-priority sequence (%d tokens kept) for an interactive request", keep)
+        self._waiting[seq.priority].appendleft(seq)
+        if reason:
+            log.info("parked a sequence of %s (%d tokens kept) for %s", seq.owner or "no owner", keep, reason)
+        else:
+            log.info("preempted a low-priority sequence (%d tokens kept) for an interactive request", keep)
 
     # -- step and emit -----------------------------------------------------------------------
 
@@ -322,11 +387,17 @@ class Batcher:
                 seq.prefilling = 0 if p.finished else p.total - p.done
             if seq is not None and not p.finished and p.total > self.prefill_step:
                 seq.emit(events.progress(p.done, p.total))
+        # A step may bring two tokens of a sequence (worker.generator.ChunkedPrefill); when it ends on the first (a stop
+        # string) while the generator ended it on the second, the generator has let it go: its cache is that one's.
+        ended = {g.uid: g for g in step.generated if g.finish_reason is not None}
         for g in step.generated:
-            seq = self._active[g.uid]
+            seq = self._active.get(g.uid)
+            if seq is None:  # ended on an earlier token of this step
+                continue
             seq.prefilling = 0
             if seq.add_token(g.token, g.logprobs, g.finish_reason):
-                self._retire(seq, g.cache, g.tokens)
+                last = ended.get(g.uid, g)
+                self._retire(seq, last.cache, last.tokens)
 
     def _checkpoint(self, checkpoint: Checkpoint) -> None:
         """Keep a checkpoint of a prompt in the prefix cache (worker.boundaries); the sequence remembers it for the

@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -20,6 +20,7 @@ from mlx_lm.utils import dequantize_model
 from mlxq.contract import GenerationResult, JobKind, Priority
 from mlxq.events import Event
 from mlxq.request import Request
+from mlxq.settings import get_settings
 from worker.batcher import Batcher, KvLimit
 from worker.constrained import Grammars
 from worker.generator import GeneratorFactory, mlx_batch_generator
@@ -59,11 +60,15 @@ PREFILL_STEP = 512
 @dataclass(frozen=True)
 class BatchLimits:
     """Sequences decoded together, KV tokens they may hold (0 = what the memory budget's KV share holds), and at
-    most this many sequences prefilled together (fewer when the budget's prefill share is small)."""
+    most this many sequences prefilled together (fewer when the budget's prefill share is small); the scheduler's
+    step target and fair shares (worker.generator.ChunkedPrefill, worker.batcher), by default from the settings."""
 
     size: int = 16
     tokens: int = 0
     prefill: int = 8
+    step_ms: float = field(default_factory=lambda: get_settings().step_target_ms)
+    key_weights: Mapping[str, float] = field(default_factory=lambda: dict(get_settings().key_weights))
+    key_max_inflight: int = field(default_factory=lambda: get_settings().key_max_inflight)
 
 
 def _on_cpu() -> bool:
@@ -242,6 +247,9 @@ class Engine:
                     budget=self.budget,
                     generator=self.generator,
                     checkpoints=self.checkpoints,
+                    step_ms=self.batch.step_ms,
+                    key_weights=self.batch.key_weights,
+                    key_max_inflight=self.batch.key_max_inflight,
                 )
             return self._batcher
 
@@ -284,9 +292,10 @@ class Engine:
         *,
         priority: Priority = "interactive",
         use_prefix_cache: bool = True,
+        owner: str = "",
     ) -> Sequence:
         """Queue one request for the batch; read its events from the returned sequence. A plain dict (tests,
-        benchmarks) is validated as a Request first.
+        benchmarks) is validated as a Request first. `owner` (an API key's id, or a session) gets its fair share.
 
         Raises RequestError (in the caller's thread, before anything is queued) when the prompt does not fit.
         """
@@ -296,6 +305,7 @@ class Engine:
             priority=priority,
             use_prefix_cache=use_prefix_cache,
             checkpoints=self.checkpoints and use_prefix_cache and self.prefix is not None,
+            owner=owner,
         )
         self.batcher.submit(seq)
         return seq

@@ -1,22 +1,48 @@
 """The seam between the batcher and whatever decodes: the batcher admits sequences, steps the generator, and takes
-sequences out with their KV cache, through `Generator` alone. mlx-lm's `BatchGenerator` is the one implementation
-(`MlxBatchGenerator`); speculative decoding or another cache kind is another implementation, not a change to the
-batcher's scheduling.
+sequences out with their KV cache, through `Generator` alone. mlx-lm's `BatchGenerator` decodes
+(`MlxBatchGenerator`); `ChunkedPrefill` prefills in front of it, within a time budget per step (the default);
+speculative decoding or another cache kind is another implementation, not a change to the batcher's scheduling.
 
 The dataclasses here are the generator-neutral form of what goes in and comes out of a step.
+
+The prefill stage (`ChunkedPrefill`, issue 25: nobody waits behind somebody else's prompt). mlx-lm's prompt batch
+prefills every prompt in it together, padded, in fixed chunks: a one-line question that arrives behind a long prompt
+waits for it, and every decoding stream pauses for each whole chunk. Here, as vLLM's chunked prefill and
+Sarathi-Serve do, each step first decodes the running sequences (one step of mlx-lm's decode batch), then spends a
+token budget on prefill chunks of the waiting prompts, one prompt at a time (batch 1, no padding, each in its own
+cache): interactive before low priority, then the owner (API key, or session) that has had the least prefill for
+its weight, then the prompt with the fewest tokens left. A short prompt that arrives behind a long one is prefilled in
+the next step, and the long one loses only that short prompt's tokens. A prompt whose tokens are all in its cache but
+the last one goes on to mlx-lm's batch, which decodes from there as from any prefix-cache hit.
+
+The budget is time: about `GeneratorConfig.step_ms` per step, decode included. What a chunk costs (a fixed cost per
+forward, and a cost per token) is measured over the chunks actually run, so the budget follows the machine, the model
+and the context length without a setting per model; where one forward alone costs about the target (a small CPU), a
+chunk is still kept large enough to prefill at most of the machine's speed, and the steps run longer (`budget`).
 """
 
 from __future__ import annotations
 
+import copy
+import logging
+import math
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import make_prompt_cache
 
 from worker.sequence import Sampler
+
+log = logging.getLogger(__name__)
+
+# A step's target length, decode included (MLXQ_STEP_TARGET_MS): what a newcomer waits for the step in progress and
+# a decoding stream pauses at most, about. See `ChunkedPrefill.budget`.
+DEFAULT_STEP_MS = 150.0
 
 
 @dataclass(frozen=True)
@@ -28,6 +54,9 @@ class GeneratorConfig:
     batch_size: int  # sequences decoded together
     prefill_batch_size: int  # sequences prefilled together
     prefill_step: int  # tokens per sequence in one prefill chunk
+    # Each step's target length in ms, decode included (`ChunkedPrefill`); 0: mlx-lm's own prefill (fixed chunks of
+    # `prefill_step` tokens of every prompt in its prompt batch together).
+    step_ms: float = DEFAULT_STEP_MS
 
 
 @dataclass(frozen=True)
@@ -43,6 +72,10 @@ class Admission:
     # Prompt positions (counted from the start of `history`) to hand its cache back at, as a `Checkpoint`
     # (worker.boundaries): prefill stops there, so the cache then holds exactly that prefix.
     checkpoints: tuple[int, ...] = ()
+    # Who waits for it, for the prefill order (`ChunkedPrefill`): interactive before low, then by owner's share.
+    priority: str = "interactive"
+    owner: str = ""  # an API key's id, or a session; "" for none
+    weight: float = 1.0  # the owner's weight in its fair share
 
 
 @dataclass(frozen=True)
@@ -90,8 +123,8 @@ class Generator(Protocol):
         ...
 
     def step(self) -> Step:
-        """One decoding step for the sequences past prefill, and at most one prefill chunk for the others; the
-        caches of those whose prefill reached one of their checkpoints."""
+        """One decoding step for the sequences past prefill, and prefill chunks for the others (a bounded amount:
+        the step stays short); the caches of those whose prefill reached one of their checkpoints."""
         ...
 
     def extract(self, uid: int) -> tuple[list[Any], list[int]]:
@@ -182,5 +215,264 @@ class MlxBatchGenerator:
         self._gen.remove([uid])
 
 
+PRIORITY_RANK = {"interactive": 0, "low": 1}
+MIN_BUDGET = 16  # prefill tokens per step, at least
+FIRST_BUDGET = 64  # before any chunk has been timed
+# A chunk at least this many times its forward's fixed cost (75% of the peak prefill rate): where one forward alone
+# takes about the step's target (a CPU), steps run longer rather than prefill at a fraction of the machine's speed.
+EFFICIENT_CHUNK = 3.0
+
+
+class PrefillCost:
+    """What a prefill chunk costs, as measured: a forward of n tokens takes about `a + b·n` seconds (a: its fixed cost,
+    the weights read once and the kernels launched; b: per token), fitted by least squares over the chunks run, older
+    ones decaying; and the decode step's seconds (an average, older ones decaying)."""
+
+    def __init__(self, decay: float = 0.95) -> None:
+        self.decay = decay
+        self._sums = [0.0] * 5  # weights, n, t, n·n, n·t
+        self._fitted: tuple[float, float] | None = None  # the last fit that told the fixed cost apart
+        self.decode_s = 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        new = (1.0, tokens, seconds, tokens * tokens, tokens * seconds)
+        self._sums = [self.decay * s + x for s, x in zip(self._sums, new, strict=True)]
+
+    def add_decode(self, seconds: float) -> None:
+        self.decode_s = seconds if not self.decode_s else self.decay * self.decode_s + (1 - self.decay) * seconds
+
+    def fit(self) -> tuple[float, float] | None:
+        """(a, b); None before any chunk. Recent chunks all of about one size (or timings that noise bent into a
+        negative cost) tell no fixed cost apart: then the last fit that did, else a = 0 and b the average seconds per
+        token."""
+        w, n, t, nn, nt = self._sums
+        if n <= 0 or t <= 0:
+            return None
+        spread = w * nn - n * n
+        if spread > 1e-3 * w * nn:
+            b = (w * nt - n * t) / spread
+            a = (t - b * n) / w
+            if b > 0 and a >= 0:
+                self._fitted = (a, b)
+        return self._fitted or (0.0, t / n)
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """The peak prefill rate (a long chunk's), for the record."""
+        fit = self.fit()
+        return 1 / fit[1] if fit is not None else None
+
+
+@dataclass(eq=False)
+class _Prefilling:
+    """A sequence in the prefill stage: its own cache, what that holds, and what is still to go in."""
+
+    uid: int
+    admission: Admission
+    cache: list[Any]
+    tokens: list[int]  # what `cache` holds: the history, then the prompt tokens prefilled so far
+    rest: list[int]  # still to prefill, the last one (the decoder's first input) included
+    total: int  # len(rest) when admitted
+    checkpoints: list[int]  # the positions (len(tokens)) still to hand a copy of the cache back at, ascending
+
+
+class ChunkedPrefill:
+    """Prefill in front of a decoding generator (by default mlx-lm's batch, `MlxBatchGenerator`), within a time budget
+    per step (module doc). A sequence is in one stage or the other; `extract` and `remove` take it from either."""
+
+    def __init__(self, config: GeneratorConfig, stream: Any, inner: Generator | None = None) -> None:
+        self.model = config.model
+        self.stream = stream
+        # Every prefilled sequence joins the decode batch in the step it is ready: they are moved, not prefilled.
+        self.inner = inner or MlxBatchGenerator(replace(config, prefill_batch_size=config.batch_size), stream)
+        self.target_s = config.step_ms / 1000
+        self.chunk = max(config.prefill_step, 1)  # one forward's tokens: the memory budget's prefill chunk
+        self.cap = self.chunk * max(config.prefill_batch_size, 1)  # a step's, as mlx-lm's prompt batch prefilled
+        self.cost = PrefillCost()
+        self.last_budget = 0
+        self._next_uid = 0
+        self._prefilling: dict[int, _Prefilling] = {}
+        self._inner_uid: dict[int, int] = {}  # ours -> the inner generator's, once decoding
+        self._uid: dict[int, int] = {}  # the inner generator's -> ours
+        self._totals: dict[int, int] = {}  # ours -> its prompt's tokens to prefill, until it is reported finished
+        self._served: dict[str, float] = {}  # owner -> prefill tokens over weight, while it has prompts here
+        self._moved = False  # a sequence joined the inner generator since its last step
+
+    # -- the Generator interface -----------------------------------------------------------------------------------
+
+    def admit(self, admission: Admission) -> int:
+        uid = self._next_uid
+        self._next_uid += 1
+        self._totals[uid] = len(admission.rest)
+        history = list(admission.history)
+        cache = admission.cache if admission.cache is not None else make_prompt_cache(self.model)
+        base, end = len(history), len(history) + len(admission.rest)
+        p = _Prefilling(
+            uid,
+            admission,
+            cache,
+            history,
+            list(admission.rest),
+            len(admission.rest),
+            sorted({c for c in admission.checkpoints if base < c < end}),
+        )
+        if len(p.rest) <= 1:
+            self._decode(p)
+        else:
+            others = [self._served[q.admission.owner] for q in self._prefilling.values()]
+            if admission.owner not in self._served:  # an owner that was away has no credit saved up
+                self._served[admission.owner] = min(others, default=0.0)
+            self._prefilling[uid] = p
+        return uid
+
+    def step(self) -> Step:
+        with mx.stream(self.stream):
+            return self._step()
+
+    def extract(self, uid: int) -> tuple[list[Any], list[int]]:
+        self._totals.pop(uid, None)
+        p = self._prefilling.pop(uid, None)
+        if p is not None:
+            self._forget_owner(p.admission.owner)
+            return p.cache, list(p.tokens)
+        inner = self._inner_uid.pop(uid)
+        del self._uid[inner]
+        return self.inner.extract(inner)
+
+    def remove(self, uid: int) -> None:
+        self._totals.pop(uid, None)
+        p = self._prefilling.pop(uid, None)
+        if p is not None:
+            self._forget_owner(p.admission.owner)
+            return
+        inner = self._inner_uid.pop(uid)
+        del self._uid[inner]
+        self.inner.remove(inner)
+
+    # -- a step ----------------------------------------------------------------------------------------------------
+
+    def budget(self, decoding: int) -> int:
+        """Prefill tokens for this step (vLLM's and Sarathi-Serve's token budget, in time): what fits in the step's
+        target after the decode step (as measured; each decoding sequence at least one token's worth, as vLLM counts
+        them) and each chunk's fixed cost, by the measured cost of a chunk (`PrefillCost`). Never below a chunk of
+        EFFICIENT_CHUNK times the fixed cost (where the target cannot be met, a step runs longer instead) nor
+        MIN_BUDGET; never above `cap`: the tokens mlx-lm's prompt batch prefilled per step, `prefill_batch_size`
+        chunks of `prefill_step`, what the memory budget's prefill share is sized for (here one chunk at a time)."""
+        fit = self.cost.fit()
+        if fit is None:
+            return min(FIRST_BUDGET, self.cap)
+        a, b = fit
+        left = self.target_s - (max(self.cost.decode_s, decoding * b) if decoding else 0.0)
+        fits = (left - a) / b
+        fits = (left - a * math.ceil(max(fits, 1) / self.chunk)) / b  # each chunk pays the fixed cost
+        return int(min(max(fits, EFFICIENT_CHUNK * a / b, MIN_BUDGET), self.cap))
+
+    def _step(self) -> Step:
+        decoding = len(self._uid)
+        tic = time.perf_counter()
+        step = self._inner_step()
+        if self._prefilling:
+            if decoding:
+                # mlx-lm's decode step runs asynchronously: waited for, so that its time is not taken for prefill's.
+                mx.synchronize(self.stream)
+                self.cost.add_decode(time.perf_counter() - tic)
+            prefilled, checkpoints = self._prefill(self.budget(decoding))
+            step.prefilled.extend(prefilled)
+            step.checkpoints.extend(checkpoints)
+        if self._moved:
+            # Those that joined it take their first decoding forward now: their first token comes with the next
+            # step's decode, not one step later. The others get a second token in this step (the batcher takes
+            # both; one that ends on the first is ended by the generator on the second, with its cache).
+            more = self._inner_step()
+            step.prefilled.extend(more.prefilled)
+            step.generated.extend(more.generated)
+            step.checkpoints.extend(more.checkpoints)
+        return step
+
+    def _prefill(self, budget: int) -> tuple[list[Prefilled], list[Checkpoint]]:
+        """Spend `budget` tokens on prefill chunks, the first in order (module doc) first, chosen again after each."""
+        self.last_budget = budget
+        prefilled: list[Prefilled] = []
+        checkpoints: list[Checkpoint] = []
+        left = budget
+        while left > 0 and self._prefilling:
+            p = min(self._prefilling.values(), key=self._order)
+            end = len(p.tokens) + len(p.rest) - 1  # every prompt token but the decoder's first input
+            if p.checkpoints:
+                end = min(end, p.checkpoints[0])  # a chunk never crosses a checkpoint: the cache holds it exactly
+            n = min(end - len(p.tokens), self.chunk, left)
+            self._run(p, n)
+            left -= n
+            self._served[p.admission.owner] += n / max(p.admission.weight, 1e-6)
+            prefilled.append(Prefilled(p.uid, p.total - len(p.rest), p.total, False))
+            if p.checkpoints and len(p.tokens) == p.checkpoints[0]:
+                p.checkpoints.pop(0)
+                checkpoints.append(Checkpoint(p.uid, _copy(p.cache), list(p.tokens)))
+            if len(p.rest) == 1:
+                del self._prefilling[p.uid]
+                self._forget_owner(p.admission.owner)
+                self._decode(p)
+        mx.clear_cache()  # prefill's transient buffers, as mlx-lm's prompt batch returns them
+        return prefilled, checkpoints
+
+    def _order(self, p: _Prefilling) -> tuple[int, float, int, int]:
+        owner = p.admission.owner
+        return (PRIORITY_RANK.get(p.admission.priority, 1), self._served[owner], len(p.rest), p.uid)
+
+    def _run(self, p: _Prefilling, n: int) -> None:
+        """One chunk of one prompt, alone, into its own cache; timed for the budget."""
+        chunk = p.rest[:n]
+        tic = time.perf_counter()
+        self.model(mx.array(chunk)[None], cache=p.cache)
+        mx.eval([c.state for c in p.cache])
+        self.cost.add(n, time.perf_counter() - tic)
+        p.tokens.extend(chunk)
+        del p.rest[:n]
+
+    def _decode(self, p: _Prefilling) -> None:
+        """Hand a prefilled sequence (its cache holds all its prompt but the last token) to the decode batch."""
+        a = p.admission
+        inner = self.inner.admit(replace(a, rest=p.rest, cache=p.cache, history=p.tokens, checkpoints=()))
+        self._inner_uid[p.uid] = inner
+        self._uid[inner] = p.uid
+        self._moved = True
+
+    def _forget_owner(self, owner: str) -> None:
+        if not any(q.admission.owner == owner for q in self._prefilling.values()):
+            self._served.pop(owner, None)
+
+    def _inner_step(self) -> Step:
+        """The inner generator's step, in our uids."""
+        self._moved = False
+        inner = self.inner.step()
+        prefilled = []
+        for p in inner.prefilled:
+            uid = self._uid.get(p.uid)
+            if uid is not None and p.finished:
+                total = self._totals.pop(uid, p.total)
+                prefilled.append(Prefilled(uid, total, total, True))
+        generated = []
+        for g in inner.generated:
+            uid = self._uid.get(g.uid)
+            if uid is None:
+                continue
+            if g.finish_reason is not None:  # the inner generator has let it go
+                del self._uid[g.uid], self._inner_uid[uid]
+                self._totals.pop(uid, None)
+            generated.append(replace(g, uid=uid))
+        checkpoints = [replace(c, uid=self._uid[c.uid]) for c in inner.checkpoints if c.uid in self._uid]
+        return Step(prefilled, generated, checkpoints)
+
+
+def _copy(cache: list[Any]) -> list[Any]:
+    """A copy of a cache that goes on being prefilled into (a checkpoint): its own arrays, evaluated now."""
+    copied = copy.deepcopy(cache)
+    mx.eval([c.state for c in copied])
+    return copied
+
+
 def mlx_batch_generator(config: GeneratorConfig, stream: Any) -> Generator:
-    return MlxBatchGenerator(config, stream)
+    """The engine's generator: mlx-lm's batch behind the prefill stage, or alone with `step_ms` 0."""
+    if config.step_ms <= 0:
+        return MlxBatchGenerator(config, stream)
+    return ChunkedPrefill(config, stream)

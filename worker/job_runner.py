@@ -74,7 +74,9 @@ class JobRunner:
                     "usage": {"prompt_tokens": tokens, "completion_tokens": 0, "cached_tokens": 0},
                 }
             else:
-                seq = self._state.engine.submit(kind, request, priority=priority)
+                # Fair shares of the batch go by API key, or with keys off by session (worker.batcher).
+                owner = job.owner or job.session or ""
+                seq = self._state.engine.submit(kind, request, priority=priority, owner=owner)
                 answer = self._relay(job_id, seq, stream)
                 # What the api routes this conversation's later turns by (mlxq.delivery).
                 hashes = prefix_hashes(kind, request.wire())

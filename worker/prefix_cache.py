@@ -17,6 +17,15 @@ trimmed: a lookup asks for the prompt less its last token (the decoder's input) 
 longest stored prefix of that. A "system" or "user" checkpoint is a branch point (a shared system
 prompt, a client that edits an earlier turn): it is always copied, never taken. Models whose caches
 can be trimmed are served exactly as before.
+
+Two tiers make more sessions fit (`PrefixCache.bits`, `PrefixCache.disk`; measured figures in the comments at
+`DISK_MIN_TOKENS` and in mlxq.settings). Idle entries get cheaper before any goes: when the cache is over its byte
+bound, the least recently used entries' KV layers are quantized (8 or 4 bits, mlx-lm's QuantizedKVCache) before an
+entry is evicted, and a hit dequantizes them back to a KVCache for the batch (which cannot merge quantized layers).
+An entry in use stays exact until pressure reaches it. Entries evicted from memory go to the disk tier (the
+directory the saves use, within its own byte bound), indexed in memory by their tokens; a lookup that finds a
+longer prefix there than in memory loads it back into memory and serves it. The tier's entries are the saved
+entries: one manifest (format 3) lists both, and a restart loads what fits in memory and indexes the rest.
 """
 
 from __future__ import annotations
@@ -29,7 +38,11 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
+from array import array
+from bisect import bisect_left, insort
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,7 +54,10 @@ from mlx_lm import __version__ as mlx_lm_version
 from mlx_lm.models.cache import (
     ArraysCache,
     CacheList,
+    KVCache,
     LRUPromptCache,
+    PromptTrie,
+    QuantizedKVCache,
     RotatingKVCache,
     can_trim_prompt_cache,
     load_prompt_cache,
@@ -65,6 +81,24 @@ CACHE_TYPES = ("assistant", "user", "system")  # LRUPromptCache's, evicted in th
 # A model that checkpoints keeps a few entries per turn (worker.boundaries: the end of the prompt, a boundary or
 # two, the entry after generation): its entry bound is this many times the configured one; bytes stay the bound.
 CHECKPOINT_ENTRIES = 4
+# The idle form: a KV layer is quantized with the first of these group sizes that divides both its key and value
+# head dims (64 and 32 are mx.quantize's affine groups that fit every head dim in use); a layer neither divides
+# stays as it is, as do sliding windows (RotatingKVCache) and recurrent state (ArraysCache).
+QUANT_GROUPS = (64, 32)
+QUANT_BITS = (0, 2, 3, 4, 5, 6, 8)  # what mx.quantize's affine mode takes; 0: entries stay as they are
+# An entry evicted from memory goes to the disk tier when it holds at least this many tokens. Measured on SmolLM2-135M
+# (float32 KV, CPU, 2 cores), a hit against prefilling the same prefix again:
+#   tokens  prefill   memory hit: exact / 8-bit / 4-bit   disk hit (read + dequantize, page cache warm / cold):
+#                                                          exact          8-bit          4-bit
+#   64      0.32 s    ~0 / 8 / 21 ms                       4 / 7 ms       26 / 29 ms     25 / 35 ms
+#   512     2.9 s     ~0 / 19 / 27 ms                      6 / 24 ms      32 / 62 ms     32 / 43 ms
+#   2,000   18.9 s    ~0 / 48 / 89 ms                      15 / 60 ms     79 / 130 ms    96 / 104 ms
+# (the whole lookup of a 2,000-token prefix from disk, with the spill of the entry its load evicts: 87 ms exact, 122 ms
+# 8-bit: 150x faster than the prefill). Writing an evicted entry costs the engine thread 10 to 40 ms (plus 4 to 75 ms
+# to quantize it), paid on every eviction and repaid only by a later hit, and a load has a fixed cost of ~5-25 ms (file,
+# 30-180 arrays, dequantize): under 128 tokens a fast accelerator's prefill costs about that, so shorter entries are
+# not kept.
+DISK_MIN_TOKENS = 128
 
 
 @dataclass
@@ -75,6 +109,10 @@ class PrefixStats:
     skips: int = 0  # failures of the cache path, served uncached
     taken: int = 0  # hits that moved their entry out of the trie instead of copying it
     checkpoints: int = 0  # checkpoints stored during prefill (a model whose cache cannot be trimmed)
+    memory_hits: int = 0  # hits served by an entry held in memory (exact or quantized)
+    disk_hits: int = 0  # hits served by an entry loaded back from the disk tier
+    quantized: int = 0  # entries made cheaper (quantized) to stay in memory rather than be evicted
+    spills: int = 0  # entries evicted from memory and kept by the disk tier
 
 
 @dataclass
@@ -95,8 +133,12 @@ class PrefixCache:
     max_bytes: int
     # The model's cache cannot always be trimmed (`needs_checkpoints`): served from checkpoints (module doc).
     checkpoints: bool = False
+    # Idle entries' KV layers are quantized to this many bits under byte pressure (module doc); 0: never.
+    bits: int = 0
     lru: LRUPromptCache = field(init=False)
     stats: PrefixStats = field(default_factory=PrefixStats)
+    # The disk tier (`attach_disk`): entries evicted from memory, served back on a hit. None: evictions are dropped.
+    disk: DiskTier | None = field(default=None, init=False)
     # Entry files known complete (written or loaded by this process) and their sizes; what each
     # directory's manifest lists. A save rewrites only what these do not vouch for. (A size is None only
     # if the file vanished right after it was written.)
@@ -111,16 +153,26 @@ class PrefixCache:
     _ids: dict[int, tuple[list[int], int]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.bits not in QUANT_BITS:
+            raise ValueError(f"prefix cache bits must be one of {QUANT_BITS}, not {self.bits}")
         self.lru = self._new_lru()
 
     def _new_lru(self) -> LRUPromptCache:
         entries = self.max_entries * (CHECKPOINT_ENTRIES if self.checkpoints else 1)
-        return LRUPromptCache(max_size=entries, max_bytes=self.max_bytes)
+        return TieredLRU(max_size=entries, max_bytes=self.max_bytes, cheapen=self._cheapen, spill=self._spill)
+
+    def attach_disk(self, directory: Path, max_bytes: int) -> DiskTier:
+        """Serve hits from `directory` too (the saves' directory), within `max_bytes`: call before `load`."""
+        self.disk = DiskTier(directory, max_bytes)
+        return self.disk
 
     def clear(self) -> None:
-        """Drop every entry (an operator's `DELETE /v1/cache/prefix`); the next save empties the disk too."""
+        """Drop every entry (an operator's `DELETE /v1/cache/prefix`), the disk tier's too; the next save empties the
+        disk."""
         self.lru = self._new_lru()
         self._taken.clear()
+        if self.disk is not None:
+            self.disk.clear()
 
     # -- the request path -------------------------------------------------------------------
 
@@ -130,18 +182,24 @@ class PrefixCache:
         An entry that `tokens` extends (or equals) is taken out of the trie, not copied: the request
         inserts the extended cache when it finishes, which would drop that entry anyway. It is copied
         only when one of `others` (prompts still waiting) extends it too, so they can share it. A model
-        that checkpoints is served by `_fetch_untrimmed`.
+        that checkpoints is served by `_fetch_untrimmed`. A longer prefix in the disk tier than in memory is
+        loaded into memory first; a quantized entry comes back dequantized.
         """
         if self.checkpoints:
             return self._fetch_untrimmed(tokens, others)
         taken = None
+        from_disk = 0
         try:
+            if self.disk is not None and len(self.disk):
+                from_disk = self._from_disk(tokens, self._held_trimmable(tokens), trimmable=True)
             cache, rest = self._take(tokens, others)
             if cache is not None:
                 taken = entry_id(tokens[: len(tokens) - len(rest)])
                 self._taken.add(taken)
             if cache is None:
                 cache, rest = self.lru.fetch_nearest_cache(self.key, tokens)
+            if cache is not None:
+                cache = thawed(cache)  # taken or copied: this request's own
             if cache is not None and not rest:
                 # The whole prompt is cached: give the decoder its last token again.
                 if not can_trim_prompt_cache(cache):
@@ -151,14 +209,61 @@ class PrefixCache:
         except Exception:
             log.warning("prefix cache lookup failed; serving uncached", exc_info=True)
             self.stats.skips += 1
-            cache, rest = None, tokens
+            if taken is not None:
+                self._taken.discard(taken)
+            cache, rest, taken = None, tokens, None
+        return self._fetched(tokens, cache, rest, taken, from_disk)
+
+    def _fetched(
+        self, tokens: list[int], cache: list[Any] | None, rest: list[int], taken: int | None, from_disk: int
+    ) -> Fetched:
         if cache is None:
             self.stats.misses += 1
             return Fetched(make_prompt_cache(self.model), list(tokens), 0)
         cached = len(tokens) - len(rest)
         self.stats.hits += 1
+        if from_disk and cached >= from_disk:
+            self.stats.disk_hits += 1
+        else:
+            self.stats.memory_hits += 1
         self.stats.tokens_saved += cached
         return Fetched(cache, list(rest), cached, taken)
+
+    def _held_trimmable(self, tokens: list[int]) -> int:
+        """How many tokens of `tokens` the memory tier would serve (a trimmable model's lookup)."""
+        found = self.lru._trie.search(self.key, tokens)
+        if found.exact is not None:
+            return len(tokens) - 1
+        have = len(found.shorter) if found.shorter else 0
+        if found.longer is not None:
+            have = max(have, min(len(tokens) - 1, found.common_prefix))
+        return have
+
+    def _from_disk(self, tokens: list[int], have: int, *, trimmable: bool) -> int:
+        """When the disk tier serves more of `tokens` than the memory's `have`, load its entry into memory (where the
+        lookup that follows finds it): how many tokens it serves, 0 when it was not loaded. A trimmable model's entry
+        may be longer than `tokens` (trimmed back when served); otherwise it is a prefix of them. Never raises: an
+        entry that cannot be read is dropped from the tier, logged, and the lookup goes on without it."""
+        disk = self.disk
+        if disk is None or not len(disk):
+            return 0
+        found = disk.nearest(tokens, prefix_only=not trimmable)
+        if found is None:
+            return 0
+        entry, serves = found
+        if trimmable:
+            serves = min(serves, len(tokens) - 1)
+        if serves <= have:
+            return 0
+        try:
+            cache = disk.read(entry)
+        except Exception as exc:
+            log.warning("prefix cache disk entry %s unreadable, dropped: %s", entry.file, exc)
+            disk.remove(entry, unlink=True)
+            self._complete.pop(disk.directory / entry.file, None)
+            return 0
+        self.lru.insert_cache(self.key, list(entry.tokens), cache, cache_type=entry.cache_type)
+        return serves
 
     def _take(self, tokens: list[int], others: Iterable[list[int]]) -> tuple[list[Any] | None, list[int]]:
         """Remove and return the entry `tokens` extends, when it is trimmable, the best match and unshared."""
@@ -189,10 +294,16 @@ class PrefixCache:
         when it is the tip of a conversation (an "assistant" entry) and no waiting prompt extends it, else copied
         (its LRU place refreshed); a longer entry only when it can be trimmed back (a window not yet filled)."""
         taken = None
+        from_disk = 0
         try:
             cache, rest = None, tokens
             query = tokens[:-1]  # never the whole prompt: the decoder needs a token, and nothing gets trimmed
             found = self.lru._trie.search(self.key, query) if query else None
+            if found is not None and self.disk is not None and len(self.disk):
+                have = len(found.exact if found.exact is not None else found.shorter or [])
+                from_disk = self._from_disk(query, have, trimmable=False)
+                if from_disk:
+                    found = self.lru._trie.search(self.key, query)
             if found is not None:
                 prefix = found.exact if found.exact is not None else found.shorter
                 have = len(prefix) if prefix else 0
@@ -202,7 +313,7 @@ class PrefixCache:
                     longer = candidate if can_trim_prompt_cache(candidate.prompt_cache) else None
                 if longer is not None:
                     assert found.longer is not None
-                    cache = copy.deepcopy(longer.prompt_cache)
+                    cache = thawed(longer.prompt_cache, copy_rest=True)
                     keep = min(len(query), found.common_prefix)
                     if trim_prompt_cache(cache, len(found.longer) - keep) != len(found.longer) - keep:
                         raise ValueError("a trimmable entry did not trim")
@@ -212,11 +323,11 @@ class PrefixCache:
                     shared = any(other[: len(prefix)] == prefix for other in others)
                     if not shared and entry.cache_type == "assistant":
                         self._pop(prefix, entry)
-                        cache = entry.prompt_cache
+                        cache = thawed(entry.prompt_cache)
                         taken = entry_id(prefix)
                         self._taken.add(taken)
                     else:
-                        cache = copy.deepcopy(entry.prompt_cache)
+                        cache = thawed(entry.prompt_cache, copy_rest=True)
                         self.lru._lru.remove(self.key, prefix)
                         self.lru._lru.push(self.key, prefix, entry.cache_type)
                     rest = tokens[len(prefix) :]
@@ -226,13 +337,7 @@ class PrefixCache:
             if taken is not None:
                 self._taken.discard(taken)
             cache, rest, taken = None, tokens, None
-        if cache is None:
-            self.stats.misses += 1
-            return Fetched(make_prompt_cache(self.model), list(tokens), 0)
-        cached = len(tokens) - len(rest)
-        self.stats.hits += 1
-        self.stats.tokens_saved += cached
-        return Fetched(cache, list(rest), cached, taken)
+        return self._fetched(tokens, cache, rest, taken, from_disk)
 
     def insert(self, tokens: list[int], cache: list[Any]) -> int | None:
         """Store the cache after a generation; `tokens` are what it was fed (prompt + generated). Returns the
@@ -276,18 +381,62 @@ class PrefixCache:
         if taken is not None:
             self._taken.discard(taken)
 
+    # -- the tiers (called by TieredLRU) -----------------------------------------------------
+
+    def _cheapen(self, cache: list[Any]) -> list[Any] | None:
+        """An idle entry's cheaper form (its KV layers quantized to `bits`), or None when it has none."""
+        if not self.bits or cache_bits(cache):
+            return None
+        cheaper = quantized(cache, self.bits)
+        if cheaper is not None:
+            self.stats.quantized += 1
+        return cheaper
+
+    def _spill(self, model: Any, tokens: list[int], entry: Any) -> None:
+        """An entry evicted from memory: into the disk tier (quantized first), when one is attached and the entry is
+        long enough to be worth reading back (`DISK_MIN_TOKENS`). Never raises."""
+        disk = self.disk
+        if disk is None or model != self.key or len(tokens) < DISK_MIN_TOKENS:
+            return
+        try:
+            cache = self._cheapen(entry.prompt_cache) or entry.prompt_cache
+            if cache_bytes(cache) > disk.max_bytes:
+                return
+            disk.directory.mkdir(parents=True, exist_ok=True)
+            with _locked(disk.directory):
+                if can_trim_prompt_cache(cache):  # a trimmable entry serves every prefix of it: those only take space
+                    for shorter in disk.prefixes_of(tokens):
+                        disk.remove(shorter, unlink=True)
+                        self._complete.pop(disk.directory / shorter.file, None)
+                disk.add(self._write(disk.directory, tokens, cache, entry.cache_type))
+                for gone in disk.evict_to(disk.max_bytes):
+                    self._complete.pop(disk.directory / gone.file, None)
+            self.stats.spills += 1
+        except Exception:
+            log.warning("prefix cache entry not kept on disk", exc_info=True)
+
+    def _usable(self, bits: int) -> bool:
+        """Whether an entry stored at `bits` may be served: an exact one always, a quantized one when quantizing is
+        on and it is at least as precise (so MLXQ_PREFIX_CACHE_BITS=0 keeps every answer exact)."""
+        return bits == 0 or (self.bits != 0 and bits >= self.bits)
+
+    # -- what it holds ----------------------------------------------------------------------
+
     def entry_ids(self) -> set[int]:
-        """The ids of the entries held now, those in the trie and those taken by requests in flight. Safe from any
-        thread: each LRU deque and the taken set are copied whole under the GIL."""
+        """The ids of the entries held now, those in the trie, those taken by requests in flight and those in the
+        disk tier (served from there). Safe from any thread: each LRU deque, the taken set and the tier's index are
+        copied whole under the GIL."""
         known, fresh = self._ids, {}
         for lru in list(self.lru._lru._lrus.values()):
             for _, tokens in list(lru):
                 seen = known.get(id(tokens))
                 fresh[id(tokens)] = seen if seen is not None and seen[0] is tokens else (tokens, entry_id(tokens))
         self._ids = fresh
-        return {h for _, h in fresh.values()} | set(self._taken)
+        disk = self.disk.ids() if self.disk is not None else set()
+        return {h for _, h in fresh.values()} | set(self._taken) | disk
 
     def snapshot(self) -> dict[str, int]:
+        disk = self.disk
         return {
             "hits": self.stats.hits,
             "misses": self.stats.misses,
@@ -297,6 +446,12 @@ class PrefixCache:
             "checkpoints": self.stats.checkpoints,
             "entries": len(self.lru),
             "bytes": int(self.lru.nbytes),
+            "memory_hits": self.stats.memory_hits,
+            "disk_hits": self.stats.disk_hits,
+            "quantized": self.stats.quantized,
+            "spills": self.stats.spills,
+            "disk_entries": len(disk) if disk is not None else 0,
+            "disk_bytes": disk.nbytes if disk is not None else 0,
         }
 
     # -- persistence ------------------------------------------------------------------------
@@ -319,36 +474,60 @@ class PrefixCache:
     def fingerprint(self) -> str:
         return hashlib.sha256(repr(self.key).encode()).hexdigest()[:16]
 
-    def _file_name(self, tokens: list[int]) -> str:
+    def _file_name(self, tokens: list[int], bits: int = 0) -> str:
         # Named by everything that decides the bytes, so a file, once complete, never needs rewriting.
-        ident = f"{FORMAT_VERSION}:{mlx_lm_version}:{self.fingerprint()}:{tokens}"
+        ident = f"{FORMAT_VERSION}:{mlx_lm_version}:{self.fingerprint()}:{tokens}" + (f":q{bits}" if bits else "")
         return hashlib.sha256(ident.encode()).hexdigest()[:32] + ENTRY_SUFFIX
+
+    def _write(self, directory: Path, tokens: list[int], cache: list[Any], cache_type: str) -> DiskEntry:
+        """An entry's file in `directory`, written unless this process already vouches for it."""
+        bits = cache_bits(cache)
+        path = directory / self._file_name(tokens, bits)
+        if path not in self._complete or self._complete[path] != _size(path):
+            _write_atomic(path, functools.partial(_save_entry, cache=cache))
+            self._complete[path] = _size(path)
+        return DiskEntry(path.name, list(tokens), self._complete[path] or 0, cache_type, bits)
 
     def save(self, directory: Path, max_bytes: int) -> int:
         """Write entries (most recent first, within `max_bytes`); how many the manifest now lists.
 
-        Crash-safe: each entry file is written whole under a temporary name and renamed into place,
-        and the manifest, which alone makes entries visible, is replaced last. A save that dies
-        midway leaves the previous save loadable; what it left behind is removed by the next save
-        or load, as are the files of entries the new manifest no longer lists.
+        The entries in memory come first; what the bound leaves is kept for the disk tier's own entries (those
+        evicted from memory), most recent first, when the tier is this directory's. Crash-safe: each entry file is
+        written whole under a temporary name and renamed into place, and the manifest, which alone makes entries
+        visible, is replaced last. A save that dies midway leaves the previous save loadable; what it left behind
+        is removed by the next save or load, as are the files of entries the new manifest no longer lists.
         """
         directory.mkdir(parents=True, exist_ok=True)
         with _locked(directory):
+            disk = self.disk if self.disk is not None and self.disk.directory == directory else None
+            in_memory = self.typed_entries()
             chosen: list[tuple[list[int], list[Any], str]] = []
             total = 0
-            for tokens, cache, cache_type in reversed(self.typed_entries()):
-                size = sum(c.nbytes for c in cache)
+            for tokens, cache, cache_type in reversed(in_memory):
+                size = cache_bytes(cache)
                 if total + size > max_bytes:
                     continue
                 total += size
                 chosen.append((tokens, cache, cache_type))
-            listed = []
-            for tokens, cache, cache_type in reversed(chosen):  # the manifest lists them least recently used first
-                path = directory / self._file_name(tokens)
-                if path not in self._complete or self._complete[path] != _size(path):
-                    _write_atomic(path, functools.partial(_save_entry, cache=cache))
-                    self._complete[path] = _size(path)
-                listed.append({"file": path.name, "bytes": self._complete[path], "tokens": tokens, "type": cache_type})
+            kept: list[DiskEntry] = []  # the tier's entries besides memory's, most recent first
+            if disk is not None:
+                held = {_token_key(tokens) for tokens, _, _ in in_memory}
+                for entry in reversed(disk.entries()):
+                    if entry.key in held or total + entry.nbytes > max_bytes:
+                        continue
+                    total += entry.nbytes
+                    kept.append(entry)
+            # the manifest lists them least recently used first: the tier's, then memory's in load order
+            written = [
+                self._write(directory, tokens, cache, cache_type) for tokens, cache, cache_type in reversed(chosen)
+            ]
+            order = [*reversed(kept), *written]
+            if disk is not None:
+                disk.reset(order)
+                for gone in disk.evict_to(max_bytes):  # a file's header beyond what its arrays counted
+                    self._complete.pop(directory / gone.file, None)
+                order = disk.entries()
+            listed = [e.listing() for e in order]
             manifest = directory / MANIFEST
             if self._listed.get(directory) != listed or not manifest.exists():
                 _fsync_dir(directory)  # the entries' renames reach the disk before the manifest's
@@ -366,7 +545,9 @@ class PrefixCache:
         return len(listed)
 
     def load(self, directory: Path) -> int:
-        """Insert the saved entries that match this model and format; skip anything else with a log line.
+        """Insert the saved entries that match this model and format; skip anything else with a log line. With the
+        disk tier in `directory` (`attach_disk`), every valid entry goes into the tier and only the most recent that
+        fit the memory bounds are read into memory; the rest are read when a request needs them.
 
         Never raises for what it finds on disk: a missing, foreign or unreadable manifest loads
         nothing, and a missing, truncated or corrupt entry file is skipped.
@@ -377,20 +558,49 @@ class PrefixCache:
             entries = self._read_manifest(directory)
             if entries is None:
                 return 0
+            disk = self.disk if self.disk is not None and self.disk.directory == directory else None
             listed = []
+            found: list[DiskEntry] = []
             for entry in entries:
                 try:
-                    path, tokens, cache_type = self._load_entry(directory, entry)
+                    found.append(self._check_entry(directory, entry))
                 except Exception as exc:
                     log.warning("skipping unreadable prefix cache entry %s: %s", _describe(entry), exc)
+            if disk is not None:
+                disk.reset(found)
+                for gone in disk.evict_to(disk.max_bytes):
+                    self._complete.pop(directory / gone.file, None)
+                found = self._fitting(disk.entries())
+            for item in found:
+                try:
+                    self._load_entry(directory, item)
+                except Exception as exc:
+                    log.warning("skipping unreadable prefix cache entry %s: %s", item.file, exc)
+                    if disk is not None:
+                        disk.remove(item, unlink=False)
                     continue
-                listed.append({"file": path.name, "bytes": self._complete[path], "tokens": tokens, "type": cache_type})
+                if disk is None:
+                    listed.append(item.listing())
+            if disk is not None:
+                listed = [e.listing() for e in disk.entries()]
             if len(listed) == len(entries):  # else the next save rewrites the manifest without the bad ones
                 self._listed[directory] = listed
             self._remove_unlisted(
                 directory, {e["file"] for e in entries if isinstance(e, dict) and isinstance(e.get("file"), str)}
             )
         return len(listed)
+
+    def _fitting(self, entries: list[DiskEntry]) -> list[DiskEntry]:
+        """The most recent of `entries` (least recently used first) that fit the memory bounds, in the same order."""
+        room, count = self.lru.max_bytes, self.lru.max_size
+        fit: list[DiskEntry] = []
+        for entry in reversed(entries):
+            if len(fit) >= count:
+                break
+            if entry.nbytes <= room:
+                room -= entry.nbytes
+                fit.append(entry)
+        return fit[::-1]
 
     def _read_manifest(self, directory: Path) -> list[Any] | None:
         """The manifest's entries when it is this model's and format's; None (logged) otherwise."""
@@ -414,23 +624,31 @@ class PrefixCache:
             return None
         return entries
 
-    def _load_entry(self, directory: Path, entry: Any) -> tuple[Path, list[int], str]:
+    def _check_entry(self, directory: Path, entry: Any) -> DiskEntry:
+        """A manifest entry whose file is there at its listed size (vouched complete from now on)."""
         name, size, tokens = entry["file"], entry["bytes"], [int(t) for t in entry["tokens"]]
-        cache_type = entry.get("type", "assistant")
+        cache_type, bits = entry.get("type", "assistant"), int(entry.get("bits", 0))
         if not isinstance(name, str) or Path(name).name != name or not name.endswith(ENTRY_SUFFIX):
             raise ValueError(f"bad file name {name!r}")
         if cache_type not in CACHE_TYPES:
             raise ValueError(f"unknown cache type {cache_type!r}")
+        if not tokens:
+            raise ValueError("no tokens")
+        if not self._usable(bits):
+            raise ValueError(f"quantized to {bits} bits, and MLXQ_PREFIX_CACHE_BITS is {self.bits}")
         path = directory / name
         if _size(path) != size:  # caught here, before MLX maps the file
             raise ValueError(f"file holds {_size(path)} bytes, manifest lists {size}")
-        cache = load_prompt_cache(str(path))
-        materialize(cache)  # read into memory now, not lazily on the first request that hits it
-        if not tokens or cache_length(cache, len(tokens)) != len(tokens):
-            raise ValueError(f"cache holds {cache_length(cache, len(tokens))} tokens, manifest lists {len(tokens)}")
-        self.lru.insert_cache(self.key, tokens, cache, cache_type=cache_type)
         self._complete[path] = size
-        return path, tokens, cache_type
+        return DiskEntry(name, tokens, int(size), cache_type, bits)
+
+    def _load_entry(self, directory: Path, entry: DiskEntry) -> None:
+        try:
+            cache = read_entry(directory / entry.file, len(entry.tokens))
+        except Exception:
+            self._complete.pop(directory / entry.file, None)
+            raise
+        self.lru.insert_cache(self.key, list(entry.tokens), cache, cache_type=entry.cache_type)
 
     def _remove_unlisted(self, directory: Path, listed: set[str]) -> None:
         """Delete files of entries no longer listed, earlier formats' files and temporaries of a crashed save."""
@@ -449,6 +667,242 @@ class PrefixCache:
             except OSError as exc:
                 log.warning("could not remove stale prefix cache file %s: %s", path, exc)
             self._complete.pop(path, None)
+
+
+class _EvictionTrie(PromptTrie):
+    """mlx-lm's trie, noting what its LRU evicts while `evicted` is a list (those entries go to the disk tier)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.evicted: list[tuple[Any, list[int], Any]] | None = None
+
+    def pop(self, model: Any, tokens: list[int]) -> Any:
+        value = super().pop(model, tokens)
+        if self.evicted is not None:
+            self.evicted.append((model, list(tokens), value))
+        return value
+
+
+class TieredLRU(LRUPromptCache):
+    """LRUPromptCache whose byte bound makes idle entries cheaper before it evicts any, and hands what it evicts to
+    `spill`: least recently used first, `cheapen` gives an entry's cheaper form (None: it has none), and only
+    when every entry is as cheap as it gets does the least recently used go. The entry bound evicts as before."""
+
+    def __init__(
+        self,
+        *,
+        max_size: int,
+        max_bytes: int,
+        cheapen: Callable[[list[Any]], list[Any] | None],
+        spill: Callable[[Any, list[int], Any], None],
+    ) -> None:
+        super().__init__(max_size=max_size, max_bytes=max_bytes)
+        self._trie: _EvictionTrie = _EvictionTrie()
+        self._cheapen = cheapen
+        self._spill = spill
+
+    def insert_cache(
+        self, model: Any, tokens: list[int], prompt_cache: list[Any], *, cache_type: str = "assistant"
+    ) -> None:
+        bound, self.max_bytes = self.max_bytes, 1 << 63  # the byte bound is applied below, cheaper forms first
+        try:
+            with self._evicting():
+                super().insert_cache(model, tokens, prompt_cache, cache_type=cache_type)
+        finally:
+            self.max_bytes = bound
+        self._fit(bound)
+
+    def trim_to(self, *, n_sequences: int | None = None, n_bytes: int | None = None) -> None:
+        if n_sequences is not None:
+            with self._evicting():
+                super().trim_to(n_sequences=n_sequences)
+        if n_bytes is not None:
+            self._fit(max(0, n_bytes))
+
+    def _fit(self, n_bytes: int) -> None:
+        if self._n_bytes > n_bytes:
+            for cache_type, lru in list(self._lru._lrus.items()):  # LRUPromptCache's eviction order
+                for model, tokens in list(lru):
+                    if self._n_bytes <= n_bytes:
+                        break
+                    entry = self._trie.get(model, tokens)
+                    cheaper = self._cheapen(entry.prompt_cache)
+                    if cheaper is not None:
+                        size = cache_bytes(cheaper)
+                        self._n_bytes += size - entry.nbytes
+                        self._n_bytes_by_type[cache_type] += size - entry.nbytes
+                        entry.prompt_cache, entry.nbytes = cheaper, size
+        if self._n_bytes > n_bytes:
+            with self._evicting():
+                super().trim_to(n_bytes=n_bytes)
+
+    @contextmanager
+    def _evicting(self) -> Iterator[None]:
+        evicted: list[tuple[Any, list[int], Any]] = []
+        self._trie.evicted = evicted
+        try:
+            yield
+        finally:
+            self._trie.evicted = None
+        for model, tokens, entry in evicted:
+            self._spill(model, tokens, entry)
+
+
+def _token_key(tokens: Iterable[int]) -> bytes:
+    return array("q", tokens).tobytes()
+
+
+@dataclass
+class DiskEntry:
+    """One entry file of the disk tier, as its manifest lists it."""
+
+    file: str
+    tokens: list[int]
+    nbytes: int
+    cache_type: str
+    bits: int  # 0: exact; else its KV layers are quantized to this many bits
+    key: bytes = field(init=False, repr=False)  # the tokens as int64 bytes: the index's key
+    id: int = field(init=False, repr=False)  # entry_id(tokens), kept: the heartbeat asks for it often
+
+    def __post_init__(self) -> None:
+        self.key = _token_key(self.tokens)
+        self.id = entry_id(self.tokens)
+
+    def listing(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "bytes": self.nbytes,
+            "tokens": self.tokens,
+            "type": self.cache_type,
+            "bits": self.bits,
+        }
+
+
+class DiskTier:
+    """The entries on disk in one directory, least recently used first, within `max_bytes`, indexed by their tokens:
+    a sorted list of the token arrays (the entry sharing the longest prefix with a prompt is one of the two beside
+    it) and a map of their bytes (a prefix entry found by its length). It owns the index; the files are written and
+    the manifest kept by PrefixCache (the caller holds the directory lock)."""
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[bytes, DiskEntry] = OrderedDict()  # least recently used first
+        self._sorted: list[array[int]] = []
+        self._lengths: Counter[int] = Counter()
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def entries(self) -> list[DiskEntry]:
+        return list(self._entries.values())
+
+    def ids(self) -> set[int]:
+        return {e.id for e in list(self._entries.values())}
+
+    def clear(self) -> None:
+        self.reset([])
+
+    def reset(self, entries: list[DiskEntry]) -> None:
+        """Hold exactly `entries` (least recently used first)."""
+        self._entries.clear()
+        self._sorted.clear()
+        self._lengths.clear()
+        self.nbytes = 0
+        for entry in entries:
+            self.add(entry)
+
+    def add(self, entry: DiskEntry) -> None:
+        """Hold `entry` as the most recently used (in place of one with its tokens; its file is removed when it
+        was another one)."""
+        old = self._entries.get(entry.key)
+        if old is not None:
+            self.remove(old, unlink=old.file != entry.file)
+        self._entries[entry.key] = entry
+        insort(self._sorted, array("q", entry.tokens))
+        self._lengths[len(entry.tokens)] += 1
+        self.nbytes += entry.nbytes
+
+    def remove(self, entry: DiskEntry, *, unlink: bool) -> None:
+        if self._entries.get(entry.key) is not entry:
+            return
+        del self._entries[entry.key]
+        tokens = array("q", entry.tokens)
+        i = bisect_left(self._sorted, tokens)
+        if i < len(self._sorted) and self._sorted[i] == tokens:
+            del self._sorted[i]
+        self._lengths[len(entry.tokens)] -= 1
+        if not self._lengths[len(entry.tokens)]:
+            del self._lengths[len(entry.tokens)]
+        self.nbytes -= entry.nbytes
+        if unlink:
+            (self.directory / entry.file).unlink(missing_ok=True)
+
+    def evict_to(self, n_bytes: int) -> list[DiskEntry]:
+        """Remove the least recently used entries (and their files) until the tier holds at most `n_bytes`."""
+        gone = []
+        while self.nbytes > n_bytes and self._entries:
+            entry = next(iter(self._entries.values()))
+            self.remove(entry, unlink=True)
+            gone.append(entry)
+        return gone
+
+    def nearest(self, tokens: list[int], *, prefix_only: bool) -> tuple[DiskEntry, int] | None:
+        """The entry that serves most of `tokens` and how many it serves: the one sharing the longest prefix with
+        them (it may be longer: a trimmable entry is trimmed back), or with `prefix_only` the longest that is a
+        prefix of them. None when none shares a token."""
+        if not self._entries:
+            return None
+        query = array("q", tokens)
+        i = bisect_left(self._sorted, query)
+        best, shared = None, 0
+        for j in (i - 1, i):  # in sorted order, the longest common prefix is beside the query
+            if 0 <= j < len(self._sorted) and (n := _common(self._sorted[j], query)) > shared:
+                best, shared = self._sorted[j], n
+        if best is None:
+            return None
+        if not prefix_only:
+            return self._entries[best.tobytes()], shared
+        for length in sorted((n for n in self._lengths if n <= shared), reverse=True):
+            entry = self._entries.get(query[:length].tobytes())
+            if entry is not None:
+                return entry, length
+        return None
+
+    def prefixes_of(self, tokens: list[int]) -> list[DiskEntry]:
+        """The entries whose tokens are a proper prefix of `tokens`."""
+        query = array("q", tokens)
+        found = (self._entries.get(query[:n].tobytes()) for n in self._lengths if n < len(tokens))
+        return [e for e in found if e is not None]
+
+    def read(self, entry: DiskEntry) -> list[Any]:
+        """Load an entry's cache (a hit): it becomes the most recently used."""
+        cache = read_entry(self.directory / entry.file, len(entry.tokens))
+        self._entries.move_to_end(entry.key)
+        return cache
+
+
+def _common(a: array[int], b: array[int]) -> int:
+    """The length of the common prefix of two token arrays (a binary search on slices: each compare is a memcmp)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def read_entry(path: Path, length: int) -> list[Any]:
+    """An entry file's cache, read into memory now (not lazily on the first request that uses it), holding `length`
+    tokens."""
+    cache = load_prompt_cache(str(path))
+    materialize(cache)
+    if cache_length(cache, length) != length:
+        raise ValueError(f"cache holds {cache_length(cache, length)} tokens, manifest lists {length}")
+    return cache
 
 
 def _size(path: Path) -> int | None:
@@ -491,13 +945,35 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+# Per directory, the thread of this process holding its lock and how deep: a load or save that evicts an entry to
+# the disk tier takes the lock again (an flock taken twice by one process through two files would wait forever).
+_LOCKS: dict[Path, threading.RLock] = {}
+_DEPTH: dict[Path, int] = {}
+
+
 @contextmanager
 def _locked(directory: Path) -> Iterator[None]:
-    """One saver or loader per directory at a time, across processes: cleanup must not race a save.
+    """One saver or loader per directory at a time, across processes and threads: cleanup must not race a save. The
+    thread holding it may take it again.
 
     Where no lock can be had (a read-only directory, a file system without locks) it goes on
     unlocked: a load still works there, and a save fails on its own first write.
     """
+    with _LOCKS.setdefault(directory, threading.RLock()):
+        depth = _DEPTH.get(directory, 0)
+        _DEPTH[directory] = depth + 1
+        try:
+            if depth:
+                yield
+            else:
+                with _flocked(directory):
+                    yield
+        finally:
+            _DEPTH[directory] = depth
+
+
+@contextmanager
+def _flocked(directory: Path) -> Iterator[None]:
     try:
         f = open(directory / LOCK, "a+b")
     except OSError as exc:
@@ -529,6 +1005,71 @@ def materialize(cache: list[Any]) -> None:
             # mx.array copies always; mx.contiguous returns a small view as it is (still pinning the batch's buffer).
             layer.cache = [None if a is None else mx.array(a) for a in layer.cache]
     mx.eval([c.state for c in cache])
+
+
+def cache_bytes(cache: list[Any]) -> int:
+    return sum(c.nbytes for c in cache)
+
+
+def cache_bits(cache: list[Any]) -> int:
+    """The bits of an entry's quantized KV layers (the idle form), 0 when it holds none."""
+    return max((c.bits for c in layers(cache) if isinstance(c, QuantizedKVCache)), default=0)
+
+
+def quantized(cache: list[Any], bits: int) -> list[Any] | None:
+    """The cache with its KV layers quantized (mlx-lm's QuantizedKVCache, as `KVCache.to_quantized` makes it, from
+    the tokens it holds only), evaluated; None when no layer can be (no KV layer, or head dims no group divides)."""
+    out = [_quantized(c, bits) for c in cache]
+    if all(a is b for a, b in zip(out, cache, strict=True)):
+        return None
+    mx.eval([c.state for c in layers(out) if isinstance(c, QuantizedKVCache)])
+    return out
+
+
+def _quantized(layer: Any, bits: int) -> Any:
+    if isinstance(layer, CacheList):
+        parts = [_quantized(c, bits) for c in layer.caches]
+        return CacheList(*parts) if any(a is not b for a, b in zip(parts, layer.caches, strict=True)) else layer
+    if type(layer) is not KVCache or layer.keys is None or not layer.offset:
+        return layer
+    group = next((g for g in QUANT_GROUPS if not layer.keys.shape[-1] % g and not layer.values.shape[-1] % g), None)
+    if group is None:
+        return layer
+    n = layer.offset
+    out = QuantizedKVCache(group_size=group, bits=bits)
+    out.state = (
+        mx.quantize(layer.keys[..., :n, :], group_size=group, bits=bits),
+        mx.quantize(layer.values[..., :n, :], group_size=group, bits=bits),
+        n,
+        group,
+        bits,
+    )
+    return out
+
+
+def thawed(cache: list[Any], *, copy_rest: bool = False) -> list[Any]:
+    """The cache as the batch takes it: each quantized KV layer dequantized back to a KVCache (new arrays,
+    evaluated); the other layers as they are, or copies with `copy_rest` (the entry stays in the trie)."""
+    out = [_thawed(c, copy_rest) for c in cache]
+    fresh = [a.state for a, b in zip(layers(out), layers(cache), strict=True) if isinstance(b, QuantizedKVCache)]
+    if fresh:
+        mx.eval(fresh)
+    return out
+
+
+def _thawed(layer: Any, copy_rest: bool) -> Any:
+    if isinstance(layer, CacheList):
+        return CacheList(*(_thawed(c, copy_rest) for c in layer.caches))
+    if not isinstance(layer, QuantizedKVCache):
+        return copy.deepcopy(layer) if copy_rest else layer
+    n = layer.offset
+    out = KVCache()
+    if layer.keys is not None:
+        keys, values = ([a[..., :n, :] for a in part] for part in (layer.keys, layer.values))
+        out.keys = mx.dequantize(*keys, group_size=layer.group_size, bits=layer.bits)
+        out.values = mx.dequantize(*values, group_size=layer.group_size, bits=layer.bits)
+    out.offset = n
+    return out
 
 
 def layers(cache: list[Any]) -> list[Any]:

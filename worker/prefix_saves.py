@@ -1,5 +1,7 @@
 """The prefix cache on disk: loaded when the model is, saved when the engine is idle (at most every
-`prefix_cache_save_s`), at shutdown, and after an operator cleared it, so a restarted worker starts warm."""
+`prefix_cache_save_s`), at shutdown, and after an operator cleared it, so a restarted worker starts warm. The same
+directory is the cache's disk tier (entries evicted from memory, served back on a hit: worker.prefix_cache), within
+`prefix_cache_disk_mb`."""
 
 from __future__ import annotations
 
@@ -29,21 +31,30 @@ class PrefixSaves:
         return directory / re.sub(r"[^A-Za-z0-9_.-]", "_", settings.worker_name) if settings.worker_name else directory
 
     def enable(self) -> None:
-        """Turn the engine's prefix cache on (unless MLXQ_PREFIX_CACHE=false) and load what was saved."""
+        """Turn the engine's prefix cache on (unless MLXQ_PREFIX_CACHE=false), its idle form (MLXQ_PREFIX_CACHE_BITS)
+        and its disk tier in this directory, and load what was saved."""
         settings, engine = self._state.settings, self._state.engine
         if not settings.prefix_cache:
             return
         prefix = engine.enable_prefix_cache(max_entries=settings.prefix_cache_size)
+        prefix.bits = settings.prefix_cache_bits
+        prefix.attach_disk(self.directory, self.disk_bytes(prefix.max_bytes))
         loaded = prefix.load(self.directory)
         self._state.prefix_index.load(self.directory)
         log.info(
-            "prefix cache on: %d entries%s, %d MB; %d entries loaded from disk",
+            "prefix cache on: %d entries%s, %d MB, idle entries at %s; disk tier %d MB; %d entries on disk",
             prefix.lru.max_size,
             " (checkpoints)" if prefix.checkpoints else "",
             prefix.max_bytes >> 20,
+            f"{prefix.bits} bits" if prefix.bits else "full precision",
+            self.disk_bytes(prefix.max_bytes) >> 20,
             loaded,
         )
         self._saved_at = time.monotonic()
+
+    def disk_bytes(self, memory_bytes: int) -> int:
+        """The disk tier's bound: MLXQ_PREFIX_CACHE_DISK_MB, or the memory bound when 0."""
+        return (self._state.settings.prefix_cache_disk_mb << 20) or memory_bytes
 
     def save(self, *, force: bool = False) -> None:
         """Persist the prefix cache: when the engine is idle, at most every prefix_cache_save_s, and at shutdown.
@@ -61,8 +72,7 @@ class PrefixSaves:
             batch = engine.batcher.stats()
             if not force and (batch["active"] or batch["waiting"]):
                 return
-            disk = (settings.prefix_cache_disk_mb << 20) or prefix.max_bytes
-            written = engine.save_prefix_cache(self.directory, disk)
+            written = engine.save_prefix_cache(self.directory, self.disk_bytes(prefix.max_bytes))
             self._state.prefix_index.save(self.directory)
             log.info("prefix cache saved: %d entries", written)
         except Exception:

@@ -41,6 +41,8 @@ class Sequence:
     detokenizer: Any
     decode: Callable[[list[int]], str]
     priority: Priority = "interactive"
+    # Whose request it is, for fair shares of the batch (worker.batcher): an API key's id, or else the session; "" none.
+    owner: str = ""
     prefill: str = ""  # answer text already in the prompt (a forced tool call)
     logprobs: bool = False
     top_logprobs: int = 0
@@ -66,8 +68,7 @@ class Sequence:
     finish: FinishReason | None = None
     pending_logprobs: list[dict[str, Any]] = field(default_factory=list)
     all_logprobs: list[dict[str, Any]] = field(default_factory=list)
-    # Prompt tokens still to prefill (0 once the first token is out): the batcher parks low-priority prefill
-    # for an interactive request.
+    # Prompt tokens still to prefill (0 once the first token is out): the batcher parks one still prefilling first.
     prefilling: int = 0
     # A preempted sequence resumes from (KV cache or None, how many tokens of `fed` it holds).
     resume: tuple[list[Any] | None, int] | None = None

@@ -234,10 +234,11 @@ class SequenceBuilder:
         priority: Priority = "interactive",
         use_prefix_cache: bool = True,
         checkpoints: bool = False,
+        owner: str = "",
     ) -> Sequence:
         """The request as one sequence of the batch; RequestError when the model cannot serve it as asked.
         `checkpoints`: the model's cache cannot be trimmed and the prefix cache is on: the sequence gets the
-        positions to keep checkpoints at (worker.boundaries)."""
+        positions to keep checkpoints at (worker.boundaries). `owner`: whose it is, for fair shares (worker.batcher)."""
         prompt, prefill, tools, marks = self._prompt(kind, request, checkpoints=checkpoints)
         sampling = sampling_settings(request, self.vocab_size)
         processors = penalty_processors(sampling)
@@ -256,6 +257,7 @@ class SequenceBuilder:
             detokenizer=self.tokenizer.detokenizer,
             decode=self.tokenizer.decode,
             priority=priority,
+            owner=owner,
             prefill=prefill,
             logprobs=sampling.logprobs,
             top_logprobs=sampling.top_logprobs,

@@ -1,0 +1,284 @@
+"""The scheduler (issue 25: nobody waits behind somebody else's prompt), on the real engine with the tiny random llama.
+
+Each step decodes the running sequences, then prefills waiting prompts within a token budget (worker.generator
+.ChunkedPrefill): interactive first, then the owner with the least prefill for its weight, then the shortest. The
+batcher admits by fair shares between owners (worker.batcher). What is checked is the order of the engine's steps, as
+a recording generator sees them, never wall-clock thresholds: the engine's prefill stage is given a fixed budget of
+MIN_BUDGET tokens per step (its own follows the machine's measured speed), so a prompt takes a known number of steps.
+How that budget is sized is checked on its own, on given timings.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from worker.blas import preload_openblas
+
+preload_openblas()
+
+import mlx.core as mx  # noqa: E402
+from mlx_lm import load as mlx_load  # noqa: E402
+
+from worker.engine import BatchLimits, Engine, wait  # noqa: E402
+from worker.generator import (  # noqa: E402
+    EFFICIENT_CHUNK,
+    MIN_BUDGET,
+    Admission,
+    ChunkedPrefill,
+    Generator,
+    GeneratorConfig,
+    PrefillCost,
+    Step,
+    mlx_batch_generator,
+)
+from worker.prefix_cache import cache_length  # noqa: E402
+from worker.sequence import Sequence  # noqa: E402
+
+STEP_MS = 150.0  # 0: mlx-lm's own prefill, which each test here is meant to fail on
+
+
+class Recording:
+    """The engine's generator, keeping every step it hands out, in order."""
+
+    def __init__(self) -> None:
+        self.steps: list[Step] = []
+        self.gens: list[Generator] = []
+
+    def factory(self, config: GeneratorConfig, stream: Any) -> Generator:
+        gen = mlx_batch_generator(config, stream)
+        if isinstance(gen, ChunkedPrefill):
+            gen.budget = lambda decoding: MIN_BUDGET  # type: ignore[method-assign]
+        self.gens.append(gen)
+        return self
+
+    @property
+    def inner(self) -> Generator:
+        return self.gens[-1]
+
+    def admit(self, admission: Admission) -> int:
+        return self.inner.admit(admission)
+
+    def step(self) -> Step:
+        step = self.inner.step()
+        self.steps.append(step)
+        return step
+
+    def extract(self, uid: int) -> tuple[list[Any], list[int]]:
+        return self.inner.extract(uid)
+
+    def remove(self, uid: int) -> None:
+        self.inner.remove(uid)
+
+    # -- reading the record ------------------------------------------------------------------------------------
+
+    def chunks(self, uid: int) -> list[int]:
+        """The steps in which `uid` got a prefill chunk."""
+        return [i for i, s in enumerate(self.steps) if any(p.uid == uid and not p.finished for p in s.prefilled)]
+
+    def prefilled(self, uid: int) -> int:
+        """The step in which `uid`'s prompt was all in (it joined the decode batch)."""
+        return next(i for i, s in enumerate(self.steps) if any(p.uid == uid and p.finished for p in s.prefilled))
+
+    def tokens(self, uid: int) -> list[int]:
+        """The steps in which `uid` got a token (a step may bring two)."""
+        return [i for i, s in enumerate(self.steps) for g in s.generated if g.uid == uid]
+
+    def finished(self, uid: int) -> int:
+        return next(i for i, s in enumerate(self.steps) for g in s.generated if g.uid == uid and g.finish_reason)
+
+
+@pytest.fixture
+def recorded(tiny_model: Path) -> Iterator[Callable[..., tuple[Engine, Recording]]]:
+    engines: list[Engine] = []
+
+    def make(batch: BatchLimits, prefill_step: int = 512) -> tuple[Engine, Recording]:
+        recording = Recording()
+        engine = Engine.load(str(tiny_model), batch, generator=recording.factory)
+        engine.prefill_step = prefill_step  # read when the engine thread starts, on first use
+        engines.append(engine)
+        return engine, recording
+
+    yield make
+    for engine in engines:
+        engine.close()
+
+
+def tokens(n: int, salt: int = 0) -> list[int]:
+    return [100 + (i * 7919 + salt * 104729) % 40000 for i in range(n)]
+
+
+def completion(n: int, max_tokens: int, salt: int = 0) -> dict[str, Any]:
+    return {"prompt": tokens(n, salt), "max_tokens": max_tokens, "temperature": 0.0}
+
+
+def short(max_tokens: int = 4) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": max_tokens, "temperature": 0.0}
+
+
+def until(engine: Engine, ready: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Wait for `ready`, asked on the engine thread between two steps."""
+    deadline = time.monotonic() + timeout
+    while not engine.batcher.call(ready):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def prefilling(seq: Sequence) -> bool:
+    return seq.uid is not None and 0 < seq.prefilling < len(seq.prompt) - 2 * MIN_BUDGET
+
+
+def test_a_short_prompt_behind_a_long_one_starts_before_the_long_one_is_prefilled(recorded):
+    # One prompt prefilled at a time, as a memory budget whose prefill share holds one prompt would have it: mlx-lm's
+    # prompt batch would then hold the short one back until the long one is all in.
+    engine, rec = recorded(BatchLimits(size=4, prefill=1, step_ms=STEP_MS))
+    long = engine.submit("completion", completion(1500, 2))
+    until(engine, lambda: prefilling(long))
+    quick = engine.submit("chat", short())
+    wait(quick, lambda _e: None)
+    wait(long, lambda _e: None)
+    assert long.uid is not None and quick.uid is not None
+    first = rec.tokens(quick.uid)[0]
+    assert first < rec.prefilled(long.uid), "the short prompt waited for the long one's prefill"
+    # The long prompt pays a little: the steps the short one's prefill took, and no more.
+    chunks = rec.chunks(long.uid)
+    took = rec.prefilled(long.uid) - chunks[0]
+    assert took <= math.ceil(len(long.prompt) / MIN_BUDGET) + math.ceil(len(quick.prompt) / MIN_BUDGET) + 2
+    # Greedy answers are what each gets alone.
+    assert quick.result is not None and long.result is not None
+    assert engine.generate("chat", short())["text"] == quick.result["text"]
+    assert engine.generate("completion", completion(1500, 2))["text"] == long.result["text"]
+
+
+def test_a_decoding_stream_never_pauses_for_a_whole_prefill(recorded):
+    # A prompt shorter than the memory budget's prefill chunk: mlx-lm's prompt batch prefills it in one forward while
+    # every decoding stream waits.
+    engine, rec = recorded(BatchLimits(size=4, step_ms=STEP_MS), prefill_step=512)
+    decoder = engine.submit("completion", completion(20, 200, salt=1))
+    until(engine, lambda: len(decoder.generated) >= 2)
+    long = engine.submit("completion", completion(480, 2, salt=2))
+    wait(long, lambda _e: None)
+    assert not decoder.done.is_set(), "the decoder ended before the long prompt was prefilled: inconclusive"
+    decoder.cancelled.set()
+    wait(decoder, lambda _e: None)
+    assert long.uid is not None and decoder.uid is not None
+    # The prompt went in over many steps (a step's budget each), and the decoder got a token in every one of them.
+    chunks = rec.chunks(long.uid)
+    assert len(chunks) >= 480 // MIN_BUDGET - 1, f"the prompt went in {len(chunks)} steps"
+    decoded = set(rec.tokens(decoder.uid))
+    without = [i for i in chunks if i not in decoded]
+    assert not without, f"steps {without} prefilled the long prompt and gave the decoder no token"
+
+
+def test_another_owners_request_is_answered_while_one_owner_holds_the_batch_with_long_prompts(recorded):
+    engine, rec = recorded(BatchLimits(size=4, step_ms=STEP_MS))
+    flood = [engine.submit("completion", completion(1200, 4, salt=10 + i), owner="key-a") for i in range(4)]
+    until(engine, lambda: all(s.uid is not None for s in flood) and any(prefilling(s) for s in flood))
+    mine = engine.submit("chat", short(), owner="key-b")
+    results = [wait(s, lambda _e: None) for s in [mine, *flood]]
+    assert mine.uid is not None and all(s.uid is not None for s in flood)
+    done = rec.finished(mine.uid)
+    assert all(done < rec.finished(s.uid) for s in flood if s.uid is not None), "key B waited for key A's flood"
+    assert engine.batcher.stats()["preempted"] >= 1, "one of key A's sequences gave way"
+    # The one that gave way resumed from its own cache: every answer is what it is alone.
+    assert results[0]["text"] == engine.generate("chat", short())["text"]
+    for i, result in enumerate(results[1:]):
+        assert result["text"] == engine.generate("completion", completion(1200, 4, salt=10 + i))["text"]
+
+
+# -- the prefill stage alone ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model: Path) -> Any:
+    return mlx_load(str(tiny_model))[0]
+
+
+def stage(model: Any) -> ChunkedPrefill:
+    """One chunk of MIN_BUDGET tokens per step: the budget's cap (one prefill_step, one sequence) is its floor."""
+    config = GeneratorConfig(model, eos_ids=(2,), batch_size=4, prefill_batch_size=1, prefill_step=MIN_BUDGET)
+    return ChunkedPrefill(config, mx.default_stream(mx.default_device()))
+
+
+def admission(n: int, salt: int, *, owner: str = "", weight: float = 1.0, priority: str = "interactive") -> Admission:
+    return Admission(
+        rest=tokens(n, salt),
+        max_tokens=2,
+        cache=None,
+        history=[],
+        sampler=None,
+        processors=[],
+        priority=priority,
+        owner=owner,
+        weight=weight,
+    )
+
+
+def order(gen: ChunkedPrefill, steps: int) -> list[int]:
+    """The uid that got each step's chunk."""
+    got = []
+    for _ in range(steps):
+        (p,) = [p for p in gen.step().prefilled if not p.finished]
+        got.append(p.uid)
+    return got
+
+
+def test_prefill_goes_by_priority_then_owner_share_then_shortest(model: Any):
+    gen = stage(model)
+    a1, a2 = gen.admit(admission(200, 1, owner="a")), gen.admit(admission(100, 2, owner="a"))
+    b = gen.admit(admission(200, 3, owner="b"))
+    low = gen.admit(admission(20, 4, owner="c", priority="low"))
+    got = order(gen, 10)
+    # Owners a and b take turns; within a, the shorter first; low priority waits for both.
+    assert got[::2] == [a2] * 5 and got[1::2] == [b] * 5, got
+    assert a1 not in got and low not in got
+    # A prompt still prefilling comes out with the cache of exactly what it has in.
+    cache, held = gen.extract(a2)
+    assert held == tokens(100, 2)[: 5 * MIN_BUDGET] and cache_length(cache) == len(held)
+    gen.remove(a1)
+    gen.remove(b)
+    assert order(gen, 1) == [low]
+
+
+def test_an_owners_weight_is_its_share_of_prefill(model: Any):
+    gen = stage(model)
+    heavy = gen.admit(admission(400, 1, owner="a", weight=2.0))
+    light = gen.admit(admission(400, 2, owner="b"))
+    got = order(gen, 12)
+    assert got.count(heavy) == 8 and got.count(light) == 4, got
+
+
+def test_the_budget_fills_the_step_target_by_the_measured_cost(model: Any):
+    cost = PrefillCost()
+    assert cost.fit() is None
+    for n in [64, 16, 32, 64, 128, 16, 48]:  # a forward of n tokens: 5 ms + 0.07 ms a token (a GPU)
+        cost.add(n, 0.005 + 0.00007 * n)
+    a, b = cost.fit()  # type: ignore[misc]
+    assert a == pytest.approx(0.005) and b == pytest.approx(0.00007)
+    gen = stage(model)
+    gen.cost, gen.target_s, gen.chunk, gen.cap = cost, 0.150, 512, 4096
+    # What fits in 150 ms, each chunk of 512 paying 5 ms: ~2,071 tokens in one chunk's terms, 5 chunks, so 1,785.
+    assert gen.budget(0) == pytest.approx((0.150 - 5 * 0.005) / 0.00007, abs=1)
+    cost.add_decode(0.030)  # the decode step's 30 ms go first
+    assert gen.budget(8) == pytest.approx((0.150 - 0.030 - 4 * 0.005) / 0.00007, abs=1)
+    # Each decoding sequence counts a token at least: 1,000 of them are 70 ms.
+    assert gen.budget(1000) == pytest.approx((0.150 - 1000 * 0.00007 - 3 * 0.005) / 0.00007, abs=1)
+    gen.cap = 512
+    assert gen.budget(0) == 512
+    # One forward alone costs about the target (a small CPU): chunks stay large enough to prefill at 75% of the peak.
+    slow = PrefillCost()
+    for n in [16, 32, 64, 16, 45]:
+        slow.add(n, 0.060 + 0.004 * n)
+    slow.add_decode(0.080)
+    gen.cost, gen.cap = slow, 4096
+    assert gen.budget(1) == pytest.approx(EFFICIENT_CHUNK * 0.060 / 0.004, abs=1)
+    # Chunks all of one size tell no fixed cost apart: the average cost per token.
+    even = PrefillCost()
+    for _ in range(5):
+        even.add(100, 0.1)
+    assert even.fit() == (0.0, pytest.approx(0.001))
