@@ -150,6 +150,38 @@ def test_grammar_answers_are_valid_and_the_same_batched(engine: Engine):
     assert [r["text"] for r, _t in together] == [r["text"] for r, _t in alone]
 
 
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["c", "f"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+@each_family
+def test_a_forced_tool_call_is_a_valid_call_alone_and_batched(engine: Engine):
+    # Random weights never choose a call themselves: a named tool_choice makes every family decode one under the
+    # grammar (quantized and mixture-of-experts weights, recurrent and windowed caches alike), and the tool-call
+    # parser must read it back.
+    forced = {"type": "function", "function": {"name": "get_weather"}}
+    requests = [chat(messages, max_tokens=64, tools=[WEATHER], tool_choice=forced) for messages in PROMPTS[:2]]
+    alone = [run(engine, [request])[0] for request in requests]
+    for result, _tokens in alone:
+        assert result["finish_reason"] == "tool_calls", result
+        (call,) = result["tool_calls"]
+        assert call["function"]["name"] == "get_weather"
+        arguments = json.loads(call["function"]["arguments"])
+        assert set(arguments) == {"city", "unit"} and arguments["unit"] in ("c", "f")
+    together = run(engine, requests)
+    assert [r["tool_calls"] for r, _t in together] == [r["tool_calls"] for r, _t in alone]
+
+
 # -- the prefix cache ----------------------------------------------------------------------------------------
 
 
