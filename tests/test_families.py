@@ -179,7 +179,8 @@ def test_a_forced_tool_call_is_a_valid_call_alone_and_batched(engine: Engine):
         arguments = json.loads(call["function"]["arguments"])
         assert set(arguments) == {"city", "unit"} and arguments["unit"] in ("c", "f")
     together = run(engine, requests)
-    assert [r["tool_calls"] for r, _t in together] == [r["tool_calls"] for r, _t in alone]
+    functions = [[c["function"] for c in r["tool_calls"]] for r, _t in alone]
+    assert [[c["function"] for c in r["tool_calls"]] for r, _t in together] == functions
 
 
 # -- the prefix cache ----------------------------------------------------------------------------------------
