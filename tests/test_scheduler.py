@@ -28,6 +28,7 @@ from mlx_lm import load as mlx_load  # noqa: E402
 from worker.engine import BatchLimits, Engine, wait  # noqa: E402
 from worker.generator import (  # noqa: E402
     EFFICIENT_CHUNK,
+    MAX_STEP,
     MIN_BUDGET,
     Admission,
     ChunkedPrefill,
@@ -277,6 +278,16 @@ def test_the_budget_fills_the_step_target_by_the_measured_cost(model: Any):
     slow.add_decode(0.080)
     gen.cost, gen.cap = slow, 4096
     assert gen.budget(1) == pytest.approx(EFFICIENT_CHUNK * 0.060 / 0.004, abs=1)
+    # A fit that noise bent into a large fixed cost and a tiny cost per token (jitter on small chunks): the floor
+    # would be thousands of tokens, a step of a minute. The average cost per token bounds the step to MAX_STEP targets.
+    bent = PrefillCost()
+    for n, t in [(16, 0.60), (16, 0.90), (512, 0.95), (64, 0.70), (512, 1.00)]:
+        bent.add(n, t)
+    a, b = bent.fit()  # type: ignore[misc]
+    assert EFFICIENT_CHUNK * a / b > 1000
+    gen.cost = bent
+    assert gen.budget(1) == pytest.approx(MAX_STEP * 0.150 / bent.per_token(), abs=1)  # type: ignore[operator]
+    assert gen.budget(1) * bent.per_token() <= MAX_STEP * 0.150 + 1e-9  # type: ignore[operator]
     # Chunks all of one size tell no fixed cost apart: the average cost per token.
     even = PrefillCost()
     for _ in range(5):

@@ -221,6 +221,11 @@ FIRST_BUDGET = 64  # before any chunk has been timed
 # A chunk at least this many times its forward's fixed cost (75% of the peak prefill rate): where one forward alone
 # takes about the step's target (a CPU), steps run longer rather than prefill at a fraction of the machine's speed.
 EFFICIENT_CHUNK = 3.0
+# A step's prefill never runs past this many times the target by the plain average cost per token of the recent chunks
+# (their fixed costs spread over their tokens, so it errs long). A fit bent by noise (a fixed cost that is really a
+# busy machine's jitter) once made that floor thousands of tokens: a 37 s step, a newcomer and every decoding stream
+# held for a whole prefill. Measured on this 2-core CPU (SmolLM2, a 3,000-token prompt beside a decoding stream).
+MAX_STEP = 3.0
 
 
 class PrefillCost:
@@ -255,6 +260,11 @@ class PrefillCost:
             if b > 0 and a >= 0:
                 self._fitted = (a, b)
         return self._fitted or (0.0, t / n)
+
+    def per_token(self) -> float | None:
+        """The recent chunks' seconds over their tokens (fixed costs included); None before any chunk."""
+        _, n, t, _, _ = self._sums
+        return t / n if n > 0 and t > 0 else None
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -356,8 +366,9 @@ class ChunkedPrefill:
         target after the decode step (as measured; each decoding sequence at least one token's worth, as vLLM counts
         them) and each chunk's fixed cost, by the measured cost of a chunk (`PrefillCost`). Never below a chunk of
         EFFICIENT_CHUNK times the fixed cost (where the target cannot be met, a step runs longer instead) nor
-        MIN_BUDGET; never above `cap`: the tokens mlx-lm's prompt batch prefilled per step, `prefill_batch_size`
-        chunks of `prefill_step`, what the memory budget's prefill share is sized for (here one chunk at a time)."""
+        MIN_BUDGET; never above `cap` (the tokens mlx-lm's prompt batch prefilled per step, `prefill_batch_size`
+        chunks of `prefill_step`, what the memory budget's prefill share is sized for, here one chunk at a time) nor
+        above MAX_STEP times the target by the average cost per token, whatever the fit says."""
         fit = self.cost.fit()
         if fit is None:
             return min(FIRST_BUDGET, self.cap)
@@ -365,7 +376,9 @@ class ChunkedPrefill:
         left = self.target_s - (max(self.cost.decode_s, decoding * b) if decoding else 0.0)
         fits = (left - a) / b
         fits = (left - a * math.ceil(max(fits, 1) / self.chunk)) / b  # each chunk pays the fixed cost
-        return int(min(max(fits, EFFICIENT_CHUNK * a / b, MIN_BUDGET), self.cap))
+        per_token = self.cost.per_token() or b
+        most = min(self.cap, MAX_STEP * self.target_s / per_token)
+        return int(max(min(max(fits, EFFICIENT_CHUNK * a / b), most), MIN_BUDGET))
 
     def _step(self) -> Step:
         decoding = len(self._uid)
