@@ -75,7 +75,8 @@ def error_path(loc: Sequence[Any], body: Any, *, missing: bool = False) -> list[
     role, `string`, `array`, ...), which is no part of the body: a segment is kept only where it
     indexes into the body, or is the field found missing at the end.
     """
-    parts = list(loc[1:] if loc and loc[0] == "body" else loc)
+    # FastAPI's first segment says where the value came from (the body, the query string, ...), not its name.
+    parts = list(loc[1:] if loc and loc[0] in ("body", "query", "path", "header", "cookie") else loc)
     if body is None:
         return parts
     path: list[str | int] = []
@@ -110,11 +111,33 @@ def _describe(error: dict[str, Any], body: Any) -> tuple[str, str]:
     return dotted, f"Invalid value for '{dotted}': {error.get('msg')}."
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+# Pydantic's error types for a value that is not an object where one is expected.
+_NOT_AN_OBJECT = ("model_attributes_type", "model_type", "dict_type")
+_JSON_KINDS = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+
+
+def _not_an_object(first: dict[str, Any], body: Any, content_type: str | None) -> str | None:
+    """What to say when the body as a whole is not a JSON object: sent as another media type (FastAPI then does
+    not parse it), or JSON of another kind; None for any other error."""
+    if tuple(first.get("loc", ())) != ("body",) or first.get("type") not in _NOT_AN_OBJECT:
+        return None
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media and media != "application/json" and not media.endswith("+json"):
+        return (
+            f"The request body must be a JSON object sent with Content-Type: application/json; got Content-Type "
+            f"'{media}'."
+        )
+    kind = "null" if body is None else _JSON_KINDS.get(type(body), type(body).__name__)
+    return f"The request body must be a JSON object; got {kind}."
+
+
+def _validation_message(exc: RequestValidationError, content_type: str | None = None) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "Invalid request body.", None
     first = errors[0]
+    if not_object := _not_an_object(first, getattr(exc, "body", None), content_type):
+        return not_object, None
     if first.get("type") == "json_invalid":
         return f"Could not parse the request body as JSON: {(first.get('ctx') or {}).get('error', '')}", None
     # A lone surrogate (or NaN) is named as such even where it also made a field invalid.
@@ -174,7 +197,7 @@ def install(
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
+        message, param = _validation_message(exc, request.headers.get("content-type"))
         return respond(request, 400, message, type="invalid_request_error", param=param)
 
     @app.exception_handler(StarletteHTTPException)

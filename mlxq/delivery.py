@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from mlxq.contract import GENERATE_TASK, job_error
 from mlxq.jobspec import JobSpec, Route
-from mlxq.keys import prefix_hashes
+from mlxq.keys import cache_partition, prefix_hashes
 from mlxq.repos import jobs, workers
 from mlxq.settings import Settings
 from mlxq.states import JobStatus, RouteReason
@@ -102,16 +102,16 @@ def choose(views: list[WorkerView], hashes: list[str], session: str, margin: int
     return Route(pick.name, RouteReason.PREFIX if best else RouteReason.SESSION, best)
 
 
-def session_of(kind: str, canonical: dict[str, Any], given: str | None) -> str:
+def session_of(kind: str, canonical: dict[str, Any], given: str | None, partition: str = "") -> str:
     """What keeps a session on one worker: the client's own session id when it sent one, else the opening of
     the conversation (through its first user turn: a shared system prompt alone would put every session of
-    an agent on one worker)."""
+    an agent on one worker), in the request's prefix-cache partition."""
     if given:
         return given
     messages = canonical.get("messages") or []
     first_user = next((i for i, m in enumerate(messages) if m.get("role") == "user"), len(messages) - 1)
     opening = {**canonical, "messages": messages[: first_user + 1]} if kind == "chat" else canonical
-    hashes = prefix_hashes(kind, opening)
+    hashes = prefix_hashes(kind, opening, partition=partition)
     return hashes[-1] if hashes else ""
 
 
@@ -142,18 +142,30 @@ class Delivery:
         """`spec` with its route: the worker it goes to (module doc). A windowed job is routed when it is sent."""
         if spec.windowed:
             return spec
-        return dataclasses.replace(spec, route=self._route(spec.model, spec.kind, spec.request.wire(), spec.session))
+        route = self._route(spec.model, spec.kind, spec.request.wire(), spec.session, spec.namespace)
+        return dataclasses.replace(spec, route=route)
 
     def _route(
-        self, model: str, kind: str, canonical: dict[str, Any], session: str | None, *, spread: bool = False
+        self,
+        model: str,
+        kind: str,
+        canonical: dict[str, Any],
+        session: str | None,
+        namespace: str,
+        *,
+        spread: bool = False,
     ) -> Route:
-        """`spread`: a batch line, which goes to the least loaded worker unless another is as little loaded
-        (so a batch spreads over every worker of its model, by load)."""
+        """`namespace`: the job's cache namespace, which with its `cache_salt` is the prefix-cache partition the
+        worker published its hashes in (mlxq.keys.cache_partition). `spread`: a batch line, which goes to the least
+        loaded worker unless another is as little loaded (so a batch spreads over every worker of its model, by
+        load)."""
         views = [v for v in self.live_workers() if v.model == model]
         if self._settings.routing == "load":  # no prefix, no session: the least loaded, ties at random
             return choose(views, [], uuid.uuid4().hex, 0)
         margin = 0 if spread else self._settings.route_load_margin
-        return choose(views, prefix_hashes(kind, canonical), session_of(kind, canonical, session), margin)
+        partition = cache_partition(namespace, canonical.get("cache_salt"))
+        hashes = prefix_hashes(kind, canonical, partition=partition)
+        return choose(views, hashes, session_of(kind, canonical, session, partition), margin)
 
     def live_workers(self) -> list[WorkerView]:
         """The live workers done loading their model, as their heartbeats describe them (read at most every
@@ -198,7 +210,9 @@ class Delivery:
             waiting = jobs.jobs_for_sending(session=session, job_ids=ids)
         sent: dict[str, Route] = {}
         for job in waiting:
-            route = self._route(job.model, job.kind, job.request, job.session, spread=job.batch_id is not None)
+            route = self._route(
+                job.model, job.kind, job.request, job.session, job.namespace, spread=job.batch_id is not None
+            )
             if route.worker is None:
                 continue  # no live worker of its model: it waits for one (a starting worker asks again)
             self._send(job.id, kind=job.kind, chars=job.chars, route=route)

@@ -177,18 +177,35 @@ def is_deterministic(canonical: Request | dict[str, Any]) -> bool:
 PREFIX_HASH_CHARS = 16
 
 
-def prefix_hashes(kind: str, canonical: Request | dict[str, Any]) -> list[str]:
+def cache_partition(namespace: str, salt: str | None) -> str:
+    """The prefix KV cache's partition of a request: what a prompt may be served from and what it may serve. Its
+    response-cache namespace (the API key's, or "" with MLXQ_CACHE_SCOPE=global or keys off) with its `cache_salt`;
+    "" (the one shared partition) when it has neither, so a single user's cache and routing are as without
+    partitions. The worker keys its cache entries by it (worker.prefix_cache) and seeds the routing hashes it
+    publishes with it (`prefix_hashes`); the api computes the same to route (mlxq.delivery)."""
+    if not namespace and not salt:
+        return ""
+    blob = json.dumps([namespace, salt or ""], separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:PREFIX_HASH_CHARS]
+
+
+def prefix_hashes(kind: str, canonical: Request | dict[str, Any], *, partition: str = "") -> list[str]:
     """One hash per message boundary of a canonical chat request: of its model, tools and `messages[:k]` for
-    k = 1..n. A worker publishes those of the requests whose KV its prefix cache holds; the api matches a new
-    request's against them (mlxq.delivery), with no tokenizer: a later turn of a conversation repeats every
-    earlier boundary. A completion's prompt (one string) has one. Incremental: linear in the request's size."""
+    k = 1..n, seeded by its prefix-cache `partition` (`cache_partition`: another key's copy of a prompt hashes
+    apart, as its cache entries are apart). A worker publishes those of the requests whose KV its prefix cache
+    holds; the api matches a new request's against them (mlxq.delivery), with no tokenizer: a later turn of a
+    conversation repeats every earlier boundary. A completion's prompt (one string) has one. Incremental: linear
+    in the request's size."""
     canonical = _wire(canonical)
     if kind == "completion":
-        blob = json.dumps([canonical.get("model"), canonical.get("prompt")], sort_keys=True, ensure_ascii=False)
+        parts = [canonical.get("model"), canonical.get("prompt"), *([partition] if partition else [])]
+        blob = json.dumps(parts, sort_keys=True, ensure_ascii=False)
         return [hashlib.sha256(blob.encode()).hexdigest()[:PREFIX_HASH_CHARS]]
     if kind != "chat":
         return []
     head = {"model": canonical.get("model"), "tools": canonical.get("tools") or []}
+    if partition:
+        head["partition"] = partition
     running = hashlib.sha256(json.dumps(head, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode())
     out = []
     for message in canonical.get("messages") or []:

@@ -67,7 +67,10 @@ class Service:
         )
 
     def health(self) -> dict:
-        return httpx.get(f"{self.base}/health", timeout=5).json()
+        """/health with its details: sent with the first of MLXQ_API_KEYS when keys are on."""
+        key = next((k.strip() for k in self.env.get("MLXQ_API_KEYS", "").split(",") if k.strip()), None)
+        headers = {"x-api-key": key} if key else {}
+        return httpx.get(f"{self.base}/health", headers=headers, timeout=5).json()
 
     def wait_health(self, ok, timeout: float = 120) -> dict:
         deadline = time.time() + timeout

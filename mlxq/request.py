@@ -15,7 +15,7 @@ tests/test_sampling_reach.py fails until every dialect carries it to the sampler
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -69,6 +69,12 @@ class Sampling(SamplingExtras):
 SAMPLING: tuple[str, ...] = tuple(Sampling.model_fields)
 
 
+# vLLM's per-request `cache_salt`: clients that share an API key but not a trust boundary give different salts, and
+# neither's prompt is then served from the other's prefix KV cache or response cache (README, "What the caches
+# share"). A non-empty string, as vLLM requires; every dialect accepts it as an extra body field.
+CacheSalt = Annotated[str, Field(min_length=1)]
+
+
 class Message(BaseModel):
     """One turn of a chat, in the neutral form every dialect maps onto (system, user, assistant with its tool
     calls, tool results): what chat templates take."""
@@ -103,6 +109,9 @@ class Request(Sampling):
     # How it is scheduled, not what it answers: outside the key and the job's stored request (the job row has
     # its own columns for them).
     priority: Priority = Field("interactive", exclude=True)
+    # In the key (an identical request with another salt is not a response-cache hit) and the prefix cache's
+    # partition (mlxq.keys.cache_partition); it does not change the answer.
+    cache_salt: CacheSalt | None = None
     # The client's session (OpenAI's `prompt_cache_key`, Anthropic's `metadata.user_id`): it keeps a
     # conversation on one worker before its prefix is cached anywhere (mlxq.delivery).
     session: str | None = Field(None, exclude=True)

@@ -56,7 +56,12 @@ class Settings(BaseSettings):
     # and files belong to the key that made them, and each key has its own response-cache namespace
     # unless `cache_scope` is "global".
     api_keys: SecretStr = SecretStr("")
+    # What the caches share (README, "What the caches share"): "key", each key its own response cache, prefix KV
+    # cache and routing; "global", all keys one (one tenant, many keys).
     cache_scope: Literal["key", "global"] = "key"
+    # With keys on, /health without a valid key says only whether the service is up (no counts, no cache figures);
+    # true shows every caller the details, as with keys off.
+    health_details: bool = False
     # Back-pressure: with this many jobs queued, a request that would queue one more is a 429 with
     # Retry-After (0 = no ceiling); and a ceiling on max_tokens, clamped, not refused (0 = none).
     max_queue_depth: int = Field(default=0, ge=0)
@@ -119,6 +124,21 @@ class Settings(BaseSettings):
     # sequences wait, and one gives way (parked, resumed later) to another key's interactive request.
     key_weights: dict[str, float] = {}
     key_max_inflight: int = Field(default=0, ge=0)
+    # Speculative decoding in the batch (worker.speculative): "lookup" drafts tokens by prompt lookup (n-grams of
+    # each sequence's own prompt and output; an answer that copies its prompt gets several tokens per step), "off"
+    # decodes one token per step. true/false are taken for lookup/off. Off by default until scripts/bench_spec.py
+    # shows it pays on the machine at hand (issue 27).
+    speculative: Literal["lookup", "off"] = "off"
+
+    @field_validator("speculative", mode="before")
+    @classmethod
+    def _speculative_bool(cls, v: object) -> object:
+        if isinstance(v, bool):
+            return "lookup" if v else "off"
+        if isinstance(v, str) and v.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no"):
+            return "lookup" if v.strip().lower() in ("1", "true", "yes", "on") else "off"
+        return v
+
     # Niceness the worker process adds to itself (0 = none).
     worker_nice: int = 0
     # Reliability: a job whose worker died runs again, at most this many times in all (so one request

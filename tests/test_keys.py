@@ -65,6 +65,7 @@ CHANGES = {
     "presence_penalty": 0.5,
     "frequency_penalty": 0.5,
     "repetition_penalty": 1.1,
+    "cache_salt": "client-1",  # not the answer, but the cache: another salt is not a hit (README)
 }
 
 

@@ -176,7 +176,12 @@ def test_what_the_registry_tells_the_rest_of_the_api():
 
 
 def test_batch_lines_render_as_their_endpoint_answers():
-    job: Any = SimpleNamespace(model="m", result={"text": "Paris.", "finish_reason": "stop", "usage": {}})
+    job: Any = SimpleNamespace(
+        model="m",
+        result={"text": "Paris.", "finish_reason": "stop", "usage": {}},
+        request={"model": "m", "temperature": 0.0},  # the canonical request it ran
+        finished_at=1700000000.5,
+    )
     lines = {path: route.render_line(job) for path, route in registry.routes().items()}
     assert lines["/v1/chat/completions"]["choices"][0]["message"]["content"] == "Paris."
     assert lines["/v1/completions"]["choices"][0]["text"] == "Paris."
@@ -185,3 +190,4 @@ def test_batch_lines_render_as_their_endpoint_answers():
     assert (response["object"], response["status"], response["model"]) == ("response", "completed", "m")
     assert response["output"][0]["content"][0]["text"] == "Paris."
     assert isinstance(response["created_at"], int)
+    assert (response["temperature"], response["top_p"], response["completed_at"]) == (0.0, 1.0, 1700000000)

@@ -719,7 +719,8 @@ def test_response_echoes_the_request():
         user="u",
         prompt_cache_key="pck",
     )
-    assert out["tools"] == [WEATHER, APPLY_PATCH, {"type": "web_search"}]
+    # A function as the specification's function tool has it: `strict` (null: not given) and `parameters` always.
+    assert out["tools"] == [{**WEATHER, "strict": None}, APPLY_PATCH, {"type": "web_search"}]
     assert out["tool_choice"] == {"type": "function", "name": "weather"}
     assert out["text"] == {"format": {"type": "json_schema", "name": "n", "schema": WEATHER_SCHEMA, "strict": True}}
     assert (sdk.parallel_tool_calls, sdk.temperature, sdk.top_p, sdk.max_output_tokens) == (False, 0.2, 0.5, 50)
@@ -856,6 +857,9 @@ def test_response_ids():
 Sent = list[tuple[str, dict[str, Any]]]
 
 
+COMPLETED_AT = 1700000001
+
+
 def run_stream(
     items: list[Event] | AsyncIterator[Event],
     body: dict[str, Any] | None = None,
@@ -871,6 +875,7 @@ def run_stream(
         created_at=1700000000,
         request=ResponsesRequest.model_validate(body or responses()),
         starting_after=starting_after,
+        completed_at=COMPLETED_AT,  # as a late reader's writer has it (the job's end), so renders compare equal
     )
 
     async def collect() -> Sent:
@@ -944,7 +949,12 @@ def test_stream_of_text():
     final = accumulate(sent)
     assert final.output_text == "Hello there."
     expected = response_object(
-        result, model="mlxq-model", response_id="resp_s", created_at=1700000000, request=request()
+        result,
+        model="mlxq-model",
+        response_id="resp_s",
+        created_at=1700000000,
+        request=request(),
+        completed_at=COMPLETED_AT,
     )
     assert sent[-1][1]["response"] == expected
 
@@ -993,6 +1003,7 @@ def test_stream_of_text_then_tool_calls():
         response_id="resp_s",
         created_at=1700000000,
         request=ResponsesRequest.model_validate(body),
+        completed_at=COMPLETED_AT,
     )
     assert sent[-1][1]["response"] == expected
     assert final.output_text == "Checking."

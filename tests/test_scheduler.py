@@ -159,7 +159,8 @@ def test_a_short_prompt_behind_a_long_one_starts_before_the_long_one_is_prefille
 def test_a_decoding_stream_never_pauses_for_a_whole_prefill(recorded):
     # A prompt shorter than the memory budget's prefill chunk: mlx-lm's prompt batch prefills it in one forward while
     # every decoding stream waits.
-    engine, rec = recorded(BatchLimits(size=4, step_ms=STEP_MS), prefill_step=512)
+    # One token per step (no drafting, worker.speculative): the decoder must still be running when the prompt is in.
+    engine, rec = recorded(BatchLimits(size=4, step_ms=STEP_MS, speculative="off"), prefill_step=512)
     decoder = engine.submit("completion", completion(20, 200, salt=1))
     until(engine, lambda: len(decoder.generated) >= 2)
     long = engine.submit("completion", completion(480, 2, salt=2))

@@ -258,7 +258,8 @@ class Batcher:
                         return
                     continue
                 self._waiting[seq.priority].remove(seq)
-                others = [s.prompt for q in self._waiting.values() for s in q]
+                # Waiting prompts that may share its prefix-cache entry: its own partition's only.
+                others = [s.prompt for q in self._waiting.values() for s in q if s.partition == seq.partition]
             self._start(seq, others)
 
     def _drop_cancelled_waiting(self) -> None:
@@ -278,14 +279,14 @@ class Batcher:
             if cache is None and prefix is not None and prefix.checkpoints:
                 # Its cache could not be kept (it was decoding: a cache that cannot be trimmed holds one token too
                 # many to resume from): from its checkpoints, prefilling the tokens generated since.
-                resumed = prefix.fetch(seq.fed, others=others)
+                resumed = prefix.fetch(seq.fed, others=others, partition=seq.partition)
                 cache, kept = resumed.cache, resumed.cached_tokens
                 if resumed.taken is not None:
                     prefix.release(seq.taken_entry)
                     seq.taken_entry = resumed.taken
             rest, history = seq.fed[kept:], seq.fed[:kept]
         else:
-            fetched = prefix.fetch(seq.prompt, others=others) if prefix is not None else None
+            fetched = prefix.fetch(seq.prompt, others=others, partition=seq.partition) if prefix is not None else None
             cache = fetched.cache if fetched is not None else None
             rest = fetched.rest if fetched is not None else seq.prompt
             seq.cached_tokens = fetched.cached_tokens if fetched is not None else 0
@@ -407,7 +408,7 @@ class Batcher:
         if seq is None or prefix is None or (mark := seq.checkpoints.get(len(checkpoint.tokens))) is None:
             return
         cache_type, message = mark
-        entry = prefix.insert_checkpoint(checkpoint.tokens, checkpoint.cache, cache_type)
+        entry = prefix.insert_checkpoint(checkpoint.tokens, checkpoint.cache, cache_type, partition=seq.partition)
         if entry is not None:
             seq.checkpoint_entries.append((message, entry))
 
@@ -445,7 +446,7 @@ class Batcher:
         del self._active[seq.uid]
         try:
             if prefix is not None and cache and tokens:
-                seq.prefix_entry = prefix.insert(list(tokens), cache)
+                seq.prefix_entry = prefix.insert(list(tokens), cache, partition=seq.partition)
             if prefix is not None:
                 prefix.release(seq.taken_entry)
             seq.complete()

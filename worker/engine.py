@@ -7,7 +7,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -19,11 +19,12 @@ from mlx_lm.utils import dequantize_model
 
 from mlxq.contract import GenerationResult, JobKind, Priority
 from mlxq.events import Event
+from mlxq.keys import cache_partition
 from mlxq.request import Request
 from mlxq.settings import get_settings
 from worker.batcher import Batcher, KvLimit
 from worker.constrained import Grammars
-from worker.generator import GeneratorFactory, mlx_batch_generator
+from worker.generator import Generator, GeneratorConfig, GeneratorFactory, mlx_batch_generator
 from worker.memory import (
     ALLOWANCE_SLACK,
     Budget,
@@ -43,6 +44,7 @@ from worker.model_spec import ModelKey, ModelSpec, model_key
 from worker.prefix_cache import PrefixCache, needs_checkpoints
 from worker.sequence import Sequence
 from worker.sequence_builder import RequestError, SequenceBuilder, typed
+from worker.speculative import DraftStats
 from worker.tool_parse import ModelToolFormat, model_tool_format
 
 if TYPE_CHECKING:
@@ -69,6 +71,7 @@ class BatchLimits:
     step_ms: float = field(default_factory=lambda: get_settings().step_target_ms)
     key_weights: Mapping[str, float] = field(default_factory=lambda: dict(get_settings().key_weights))
     key_max_inflight: int = field(default_factory=lambda: get_settings().key_max_inflight)
+    speculative: str = field(default_factory=lambda: get_settings().speculative)  # worker.speculative: lookup | off
 
 
 def _on_cpu() -> bool:
@@ -135,10 +138,17 @@ class Engine:
         self.context_length = context_length
         # Held for speculative decoding, which a later change adds: nothing decodes with it yet.
         self.draft = draft
-        self.generator = generator
+        self.batch = batch or BatchLimits()
+        # Drafted and accepted tokens (worker.speculative), kept across the generators a failed step replaces.
+        self.draft_stats = DraftStats()
+
+        def make_generator(config: GeneratorConfig, stream: Any) -> Generator:
+            config = replace(config, speculative=self.batch.speculative, draft_stats=self.draft_stats)
+            return generator(config, stream)
+
+        self.generator: GeneratorFactory = make_generator
         self.tool_format: ModelToolFormat | None = model_tool_format(_parser_name(tokenizer))
         self.prefix: PrefixCache | None = None
-        self.batch = batch or BatchLimits()
         self._batcher: Batcher | None = None
         self._batcher_lock = threading.Lock()
         self.vocab_size = _vocab_size(model, tokenizer)
@@ -272,6 +282,12 @@ class Engine:
         """Bytes per token of the layers whose cache grows (0 for a model with none)."""
         return self.kv_shape.per_token
 
+    def speculation(self) -> dict[str, int]:
+        """Speculative decoding's counters (/health, /metrics): draft tokens verified and accepted, decode steps and
+        the tokens they generated (tokens per step)."""
+        s = self.draft_stats
+        return {"drafted": s.drafted, "accepted": s.accepted, "decode_steps": s.steps, "decode_tokens": s.tokens}
+
     def memory(self) -> dict[str, int]:
         """The budget, each part's limit and use, MLX's own counts and the process's RSS (/health, /metrics)."""
         batch = self.batcher.stats() if self._batcher is not None else {"kv_bytes": 0}
@@ -293,19 +309,24 @@ class Engine:
         priority: Priority = "interactive",
         use_prefix_cache: bool = True,
         owner: str = "",
+        partition: str | None = None,
     ) -> Sequence:
         """Queue one request for the batch; read its events from the returned sequence. A plain dict (tests,
         benchmarks) is validated as a Request first. `owner` (an API key's id, or a session) gets its fair share.
+        `partition`: the prefix-cache partition it is served from and stored into (mlxq.keys.cache_partition of its
+        job's namespace and its `cache_salt`); None: its salt's alone (no namespace).
 
         Raises RequestError (in the caller's thread, before anything is queued) when the prompt does not fit.
         """
+        request = typed(request, self.key.path)
         seq = self.builder.build(
             kind,
-            typed(request, self.key.path),
+            request,
             priority=priority,
             use_prefix_cache=use_prefix_cache,
             checkpoints=self.checkpoints and use_prefix_cache and self.prefix is not None,
             owner=owner,
+            partition=cache_partition("", request.cache_salt) if partition is None else partition,
         )
         self.batcher.submit(seq)
         return seq

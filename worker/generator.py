@@ -57,6 +57,9 @@ class GeneratorConfig:
     # Each step's target length in ms, decode included (`ChunkedPrefill`); 0: mlx-lm's own prefill (fixed chunks of
     # `prefill_step` tokens of every prompt in its prompt batch together).
     step_ms: float = DEFAULT_STEP_MS
+    # Speculative decoding in the decode batch (worker.speculative): "lookup" (prompt lookup) or "off".
+    speculative: str = "off"
+    draft_stats: Any = None  # a worker.speculative.DraftStats that the decode batch counts into; None: its own
 
 
 @dataclass(frozen=True)
@@ -485,7 +488,14 @@ def _copy(cache: list[Any]) -> list[Any]:
 
 
 def mlx_batch_generator(config: GeneratorConfig, stream: Any) -> Generator:
-    """The engine's generator: mlx-lm's batch behind the prefill stage, or alone with `step_ms` 0."""
+    """The engine's generator: the decode batch behind the prefill stage, or mlx-lm's batch alone with `step_ms` 0.
+    The decode batch drafts and verifies tokens (worker.speculative) where `speculative` asks and the model's cache
+    allows; else it is mlx-lm's."""
     if config.step_ms <= 0:
         return MlxBatchGenerator(config, stream)
-    return ChunkedPrefill(config, stream)
+    from worker.speculative import SpeculativeBatch, supports  # it builds on this module's types
+
+    inner: Generator | None = None
+    if config.speculative != "off" and supports(config.model):
+        inner = SpeculativeBatch(replace(config, prefill_batch_size=config.batch_size), stream, config.draft_stats)
+    return ChunkedPrefill(config, stream, inner)

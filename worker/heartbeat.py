@@ -41,6 +41,7 @@ class Heartbeat:
                 "fingerprint": state.engine.key.weights,  # with the adapter's: it changes the answers
             }
             stats["batch"] = state.engine.batcher.stats()  # its load: what the api routes by (mlxq.delivery)
+            stats["batch"].update(state.engine.speculation())  # drafted and accepted tokens (worker.speculative)
             stats["memory"] = state.engine.memory()
             if state.engine.prefix is not None:
                 stats["prefix_cache"] = state.engine.prefix.snapshot()

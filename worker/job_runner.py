@@ -14,7 +14,7 @@ from sqlalchemy.exc import DBAPIError
 
 from mlxq import events
 from mlxq.contract import CANCELLED, JobError, job_error
-from mlxq.keys import prefix_hashes, request_key
+from mlxq.keys import cache_partition, prefix_hashes, request_key
 from mlxq.repos import cache_entries, jobs
 from mlxq.request import Request
 from mlxq.sql import Job
@@ -76,10 +76,12 @@ class JobRunner:
             else:
                 # Fair shares of the batch go by API key, or with keys off by session (worker.batcher).
                 owner = job.owner or job.session or ""
-                seq = self._state.engine.submit(kind, request, priority=priority, owner=owner)
+                # Its prefix-cache partition: no other key's (or salt's) prompt shortens its prefill, nor its another's.
+                partition = cache_partition(job.namespace, request.cache_salt)
+                seq = self._state.engine.submit(kind, request, priority=priority, owner=owner, partition=partition)
                 answer = self._relay(job_id, seq, stream)
-                # What the api routes this conversation's later turns by (mlxq.delivery).
-                hashes = prefix_hashes(kind, request.wire())
+                # What the api routes this conversation's later turns by (mlxq.delivery), in the same partition.
+                hashes = prefix_hashes(kind, request.wire(), partition=partition)
                 if getattr(self._state.engine, "checkpoints", False):  # only the boundaries its entries hold
                     self._state.prefix_index.record_checkpoints(hashes, seq.prefix_entry, seq.checkpoint_entries)
                 else:

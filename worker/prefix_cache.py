@@ -25,7 +25,14 @@ entry is evicted, and a hit dequantizes them back to a KVCache for the batch (wh
 An entry in use stays exact until pressure reaches it. Entries evicted from memory go to the disk tier (the
 directory the saves use, within its own byte bound), indexed in memory by their tokens; a lookup that finds a
 longer prefix there than in memory loads it back into memory and serves it. The tier's entries are the saved
-entries: one manifest (format 3) lists both, and a restart loads what fits in memory and indexes the rest.
+entries: one manifest (format 4) lists both, and a restart loads what fits in memory and indexes the rest.
+
+Every entry belongs to one partition (mlxq.keys.cache_partition: the request's cache namespace, per API key unless
+MLXQ_CACHE_SCOPE=global, with its `cache_salt`): the LRU's model key is (model key, partition), the disk tier indexes
+each partition apart and its files and manifest name it, and entry ids include it. A prompt is served only from its
+own partition's entries and its cache goes only into them, so no key's prompt shortens another key's prefill or shows
+in its `cached_tokens`. The bounds (entries, bytes) and the LRU order are shared by all partitions. "" is the one
+partition of a single user (no namespace, no salt).
 """
 
 from __future__ import annotations
@@ -69,7 +76,7 @@ from mlx_lm.models.cache import (
 log = logging.getLogger(__name__)
 
 # Bump when the files on disk change shape; older files are then skipped (and removed by the next save).
-FORMAT_VERSION = 3  # 3: each entry's cache type in the manifest (checkpoints)
+FORMAT_VERSION = 4  # 3: each entry's cache type in the manifest (checkpoints); 4: each entry's partition
 # A directory holds the manifest (format, model, mlx-lm version, and each entry's file, size and token
 # ids), one mlx-lm `save_prompt_cache` file per entry (the KV arrays only), and the lock file.
 MANIFEST = "manifest.json"
@@ -176,8 +183,13 @@ class PrefixCache:
 
     # -- the request path -------------------------------------------------------------------
 
-    def fetch(self, tokens: list[int], *, others: Iterable[list[int]] = ()) -> Fetched:
-        """The nearest cached prefix of `tokens`; on any failure, a fresh cache and the whole prompt.
+    def _model(self, partition: str) -> tuple[Any, str]:
+        """The LRU's model key of a partition's entries."""
+        return (self.key, partition)
+
+    def fetch(self, tokens: list[int], *, others: Iterable[list[int]] = (), partition: str = "") -> Fetched:
+        """The nearest cached prefix of `tokens` in `partition` (module doc); on any failure, a fresh cache and the
+        whole prompt. `others` are prompts of the same partition.
 
         An entry that `tokens` extends (or equals) is taken out of the trie, not copied: the request
         inserts the extended cache when it finishes, which would drop that entry anyway. It is copied
@@ -186,18 +198,19 @@ class PrefixCache:
         loaded into memory first; a quantized entry comes back dequantized.
         """
         if self.checkpoints:
-            return self._fetch_untrimmed(tokens, others)
+            return self._fetch_untrimmed(tokens, others, partition)
         taken = None
         from_disk = 0
         try:
             if self.disk is not None and len(self.disk):
-                from_disk = self._from_disk(tokens, self._held_trimmable(tokens), trimmable=True)
-            cache, rest = self._take(tokens, others)
+                have = self._held_trimmable(tokens, partition)
+                from_disk = self._from_disk(tokens, have, trimmable=True, partition=partition)
+            cache, rest = self._take(tokens, others, partition)
             if cache is not None:
-                taken = entry_id(tokens[: len(tokens) - len(rest)])
+                taken = entry_id(tokens[: len(tokens) - len(rest)], partition)
                 self._taken.add(taken)
             if cache is None:
-                cache, rest = self.lru.fetch_nearest_cache(self.key, tokens)
+                cache, rest = self.lru.fetch_nearest_cache(self._model(partition), tokens)
             if cache is not None:
                 cache = thawed(cache)  # taken or copied: this request's own
             if cache is not None and not rest:
@@ -229,9 +242,9 @@ class PrefixCache:
         self.stats.tokens_saved += cached
         return Fetched(cache, list(rest), cached, taken)
 
-    def _held_trimmable(self, tokens: list[int]) -> int:
+    def _held_trimmable(self, tokens: list[int], partition: str) -> int:
         """How many tokens of `tokens` the memory tier would serve (a trimmable model's lookup)."""
-        found = self.lru._trie.search(self.key, tokens)
+        found = self.lru._trie.search(self._model(partition), tokens)
         if found.exact is not None:
             return len(tokens) - 1
         have = len(found.shorter) if found.shorter else 0
@@ -239,7 +252,7 @@ class PrefixCache:
             have = max(have, min(len(tokens) - 1, found.common_prefix))
         return have
 
-    def _from_disk(self, tokens: list[int], have: int, *, trimmable: bool) -> int:
+    def _from_disk(self, tokens: list[int], have: int, *, trimmable: bool, partition: str) -> int:
         """When the disk tier serves more of `tokens` than the memory's `have`, load its entry into memory (where the
         lookup that follows finds it): how many tokens it serves, 0 when it was not loaded. A trimmable model's entry
         may be longer than `tokens` (trimmed back when served); otherwise it is a prefix of them. Never raises: an
@@ -247,7 +260,7 @@ class PrefixCache:
         disk = self.disk
         if disk is None or not len(disk):
             return 0
-        found = disk.nearest(tokens, prefix_only=not trimmable)
+        found = disk.nearest(tokens, prefix_only=not trimmable, partition=partition)
         if found is None:
             return 0
         entry, serves = found
@@ -262,54 +275,58 @@ class PrefixCache:
             disk.remove(entry, unlink=True)
             self._complete.pop(disk.directory / entry.file, None)
             return 0
-        self.lru.insert_cache(self.key, list(entry.tokens), cache, cache_type=entry.cache_type)
+        self.lru.insert_cache(self._model(entry.partition), list(entry.tokens), cache, cache_type=entry.cache_type)
         return serves
 
-    def _take(self, tokens: list[int], others: Iterable[list[int]]) -> tuple[list[Any] | None, list[int]]:
+    def _take(
+        self, tokens: list[int], others: Iterable[list[int]], partition: str
+    ) -> tuple[list[Any] | None, list[int]]:
         """Remove and return the entry `tokens` extends, when it is trimmable, the best match and unshared."""
         # LRUPromptCache has no "take": its trie, LRU order and byte counts are updated here as its own
         # pop does, following the same choice of entry as fetch_nearest_cache.
-        found = self.lru._trie.search(self.key, tokens)
+        model = self._model(partition)
+        found = self.lru._trie.search(model, tokens)
         prefix = found.exact if found.exact is not None else found.shorter
         if not prefix or (found.longer is not None and found.common_prefix > len(prefix)):
             return None, tokens
-        entry = self.lru._trie.get(self.key, prefix)
+        entry = self.lru._trie.get(model, prefix)
         if not can_trim_prompt_cache(entry.prompt_cache):
             return None, tokens
         if any(other[: len(prefix)] == prefix for other in others):
             return None, tokens
-        self._pop(prefix, entry)
+        self._pop(model, prefix, entry)
         return entry.prompt_cache, tokens[len(prefix) :]
 
-    def _pop(self, prefix: list[int], entry: Any) -> None:
+    def _pop(self, model: tuple[Any, str], prefix: list[int], entry: Any) -> None:
         """Take an entry out of the trie, its LRU place and byte counts (as LRUPromptCache's own pop does)."""
-        self.lru._trie.pop(self.key, prefix)
-        self.lru._lru.remove(self.key, prefix)
+        self.lru._trie.pop(model, prefix)
+        self.lru._lru.remove(model, prefix)
         self.lru._n_bytes -= entry.nbytes
         self.lru._n_bytes_by_type[entry.cache_type] -= entry.nbytes
         self.stats.taken += 1
 
-    def _fetch_untrimmed(self, tokens: list[int], others: Iterable[list[int]]) -> Fetched:
+    def _fetch_untrimmed(self, tokens: list[int], others: Iterable[list[int]], partition: str) -> Fetched:
         """`fetch` for a model that checkpoints: the longest stored prefix of the prompt less its last token, taken
         when it is the tip of a conversation (an "assistant" entry) and no waiting prompt extends it, else copied
         (its LRU place refreshed); a longer entry only when it can be trimmed back (a window not yet filled)."""
         taken = None
         from_disk = 0
+        model = self._model(partition)
         try:
             cache, rest = None, tokens
             query = tokens[:-1]  # never the whole prompt: the decoder needs a token, and nothing gets trimmed
-            found = self.lru._trie.search(self.key, query) if query else None
+            found = self.lru._trie.search(model, query) if query else None
             if found is not None and self.disk is not None and len(self.disk):
                 have = len(found.exact if found.exact is not None else found.shorter or [])
-                from_disk = self._from_disk(query, have, trimmable=False)
+                from_disk = self._from_disk(query, have, trimmable=False, partition=partition)
                 if from_disk:
-                    found = self.lru._trie.search(self.key, query)
+                    found = self.lru._trie.search(model, query)
             if found is not None:
                 prefix = found.exact if found.exact is not None else found.shorter
                 have = len(prefix) if prefix else 0
                 longer = None
                 if found.longer is not None and found.common_prefix > have:
-                    candidate = self.lru._trie.get(self.key, found.longer)
+                    candidate = self.lru._trie.get(model, found.longer)
                     longer = candidate if can_trim_prompt_cache(candidate.prompt_cache) else None
                 if longer is not None:
                     assert found.longer is not None
@@ -319,17 +336,17 @@ class PrefixCache:
                         raise ValueError("a trimmable entry did not trim")
                     rest = tokens[keep:]
                 elif prefix:
-                    entry = self.lru._trie.get(self.key, prefix)
+                    entry = self.lru._trie.get(model, prefix)
                     shared = any(other[: len(prefix)] == prefix for other in others)
                     if not shared and entry.cache_type == "assistant":
-                        self._pop(prefix, entry)
+                        self._pop(model, prefix, entry)
                         cache = thawed(entry.prompt_cache)
-                        taken = entry_id(prefix)
+                        taken = entry_id(prefix, partition)
                         self._taken.add(taken)
                     else:
                         cache = thawed(entry.prompt_cache, copy_rest=True)
-                        self.lru._lru.remove(self.key, prefix)
-                        self.lru._lru.push(self.key, prefix, entry.cache_type)
+                        self.lru._lru.remove(model, prefix)
+                        self.lru._lru.push(model, prefix, entry.cache_type)
                     rest = tokens[len(prefix) :]
         except Exception:
             log.warning("prefix cache lookup failed; serving uncached", exc_info=True)
@@ -339,9 +356,9 @@ class PrefixCache:
             cache, rest, taken = None, tokens, None
         return self._fetched(tokens, cache, rest, taken, from_disk)
 
-    def insert(self, tokens: list[int], cache: list[Any]) -> int | None:
-        """Store the cache after a generation; `tokens` are what it was fed (prompt + generated). Returns the
-        new entry's id (`entry_id`), or None when nothing was stored."""
+    def insert(self, tokens: list[int], cache: list[Any], *, partition: str = "") -> int | None:
+        """Store the cache after a generation in `partition`; `tokens` are what it was fed (prompt + generated).
+        Returns the new entry's id (`entry_id`), or None when nothing was stored."""
         try:
             length = cache_length(cache, len(tokens))
             if length is None:
@@ -353,24 +370,27 @@ class PrefixCache:
             tokens = tokens[:length]
             if tokens:
                 materialize(cache)
-                self.lru.insert_cache(self.key, list(tokens), cache)
-                return entry_id(tokens)
+                self.lru.insert_cache(self._model(partition), list(tokens), cache)
+                return entry_id(tokens, partition)
         except Exception:
             log.warning("prefix cache insert failed; entry dropped", exc_info=True)
             self.stats.skips += 1
         return None
 
-    def insert_checkpoint(self, tokens: list[int], cache: list[Any], cache_type: str) -> int | None:
-        """Store a checkpoint taken during prefill: `cache` holds exactly `tokens`. Its entry id, or None."""
+    def insert_checkpoint(
+        self, tokens: list[int], cache: list[Any], cache_type: str, *, partition: str = ""
+    ) -> int | None:
+        """Store a checkpoint taken during prefill in `partition`: `cache` holds exactly `tokens`. Its entry id, or
+        None."""
         try:
             if cache_type not in CACHE_TYPES:
                 raise ValueError(f"unknown cache type {cache_type!r}")
             if not tokens or cache_length(cache, len(tokens)) != len(tokens):
                 raise ValueError(f"checkpoint holds {cache_length(cache, len(tokens))} tokens, not {len(tokens)}")
             materialize(cache)
-            self.lru.insert_cache(self.key, list(tokens), cache, cache_type=cache_type)
+            self.lru.insert_cache(self._model(partition), list(tokens), cache, cache_type=cache_type)
             self.stats.checkpoints += 1
-            return entry_id(tokens)
+            return entry_id(tokens, partition)
         except Exception:
             log.warning("prefix cache checkpoint failed; dropped", exc_info=True)
             self.stats.skips += 1
@@ -396,8 +416,9 @@ class PrefixCache:
         """An entry evicted from memory: into the disk tier (quantized first), when one is attached and the entry is
         long enough to be worth reading back (`DISK_MIN_TOKENS`). Never raises."""
         disk = self.disk
-        if disk is None or model != self.key or len(tokens) < DISK_MIN_TOKENS:
+        if disk is None or not isinstance(model, tuple) or model[0] != self.key or len(tokens) < DISK_MIN_TOKENS:
             return
+        partition = model[1]
         try:
             cache = self._cheapen(entry.prompt_cache) or entry.prompt_cache
             if cache_bytes(cache) > disk.max_bytes:
@@ -405,10 +426,10 @@ class PrefixCache:
             disk.directory.mkdir(parents=True, exist_ok=True)
             with _locked(disk.directory):
                 if can_trim_prompt_cache(cache):  # a trimmable entry serves every prefix of it: those only take space
-                    for shorter in disk.prefixes_of(tokens):
+                    for shorter in disk.prefixes_of(tokens, partition=partition):
                         disk.remove(shorter, unlink=True)
                         self._complete.pop(disk.directory / shorter.file, None)
-                disk.add(self._write(disk.directory, tokens, cache, entry.cache_type))
+                disk.add(self._write(disk.directory, tokens, cache, entry.cache_type, partition))
                 for gone in disk.evict_to(disk.max_bytes):
                     self._complete.pop(disk.directory / gone.file, None)
             self.stats.spills += 1
@@ -428,9 +449,11 @@ class PrefixCache:
         copied whole under the GIL."""
         known, fresh = self._ids, {}
         for lru in list(self.lru._lru._lrus.values()):
-            for _, tokens in list(lru):
+            for model, tokens in list(lru):
                 seen = known.get(id(tokens))
-                fresh[id(tokens)] = seen if seen is not None and seen[0] is tokens else (tokens, entry_id(tokens))
+                if seen is None or seen[0] is not tokens:
+                    seen = (tokens, entry_id(tokens, model[1]))
+                fresh[id(tokens)] = seen
         self._ids = fresh
         disk = self.disk.ids() if self.disk is not None else set()
         return {h for _, h in fresh.values()} | set(self._taken) | disk
@@ -463,30 +486,39 @@ class PrefixCache:
     def typed_entries(self) -> list[tuple[list[int], list[Any], str]]:
         """(tokens, cache, cache type) of every entry, least recently used first within each type, the types in
         LRUPromptCache's eviction order (so a load in this order keeps each type's order)."""
+        return [(tokens, cache, cache_type) for _, tokens, cache, cache_type in self.partitioned_entries()]
+
+    def partitioned_entries(self) -> list[tuple[str, list[int], list[Any], str]]:
+        """(partition, tokens, cache, cache type) of every entry, in `typed_entries`' order."""
         # LRUPromptCache has no public iterator; its LRU deques and trie are the source of truth.
         out = []
         for cache_type, lru in self.lru._lru._lrus.items():
             for model_key, tokens in lru:
-                if model_key == self.key:
-                    out.append((list(tokens), self.lru._trie.get(model_key, tokens).prompt_cache, cache_type))
+                if isinstance(model_key, tuple) and model_key[0] == self.key:
+                    entry = self.lru._trie.get(model_key, tokens)
+                    out.append((model_key[1], list(tokens), entry.prompt_cache, cache_type))
         return out
 
     def fingerprint(self) -> str:
         return hashlib.sha256(repr(self.key).encode()).hexdigest()[:16]
 
-    def _file_name(self, tokens: list[int], bits: int = 0) -> str:
-        # Named by everything that decides the bytes, so a file, once complete, never needs rewriting.
-        ident = f"{FORMAT_VERSION}:{mlx_lm_version}:{self.fingerprint()}:{tokens}" + (f":q{bits}" if bits else "")
+    def _file_name(self, tokens: list[int], bits: int = 0, partition: str = "") -> str:
+        # Named by everything that decides the bytes (and by its partition, so two partitions' copies of one prompt
+        # are two files), so a file, once complete, never needs rewriting.
+        ident = f"{FORMAT_VERSION}:{mlx_lm_version}:{self.fingerprint()}:{partition}:{tokens}"
+        ident += f":q{bits}" if bits else ""
         return hashlib.sha256(ident.encode()).hexdigest()[:32] + ENTRY_SUFFIX
 
-    def _write(self, directory: Path, tokens: list[int], cache: list[Any], cache_type: str) -> DiskEntry:
+    def _write(
+        self, directory: Path, tokens: list[int], cache: list[Any], cache_type: str, partition: str
+    ) -> DiskEntry:
         """An entry's file in `directory`, written unless this process already vouches for it."""
         bits = cache_bits(cache)
-        path = directory / self._file_name(tokens, bits)
+        path = directory / self._file_name(tokens, bits, partition)
         if path not in self._complete or self._complete[path] != _size(path):
             _write_atomic(path, functools.partial(_save_entry, cache=cache))
             self._complete[path] = _size(path)
-        return DiskEntry(path.name, list(tokens), self._complete[path] or 0, cache_type, bits)
+        return DiskEntry(path.name, list(tokens), self._complete[path] or 0, cache_type, bits, partition)
 
     def save(self, directory: Path, max_bytes: int) -> int:
         """Write entries (most recent first, within `max_bytes`); how many the manifest now lists.
@@ -500,18 +532,18 @@ class PrefixCache:
         directory.mkdir(parents=True, exist_ok=True)
         with _locked(directory):
             disk = self.disk if self.disk is not None and self.disk.directory == directory else None
-            in_memory = self.typed_entries()
-            chosen: list[tuple[list[int], list[Any], str]] = []
+            in_memory = self.partitioned_entries()
+            chosen: list[tuple[str, list[int], list[Any], str]] = []
             total = 0
-            for tokens, cache, cache_type in reversed(in_memory):
+            for partition, tokens, cache, cache_type in reversed(in_memory):
                 size = cache_bytes(cache)
                 if total + size > max_bytes:
                     continue
                 total += size
-                chosen.append((tokens, cache, cache_type))
+                chosen.append((partition, tokens, cache, cache_type))
             kept: list[DiskEntry] = []  # the tier's entries besides memory's, most recent first
             if disk is not None:
-                held = {_token_key(tokens) for tokens, _, _ in in_memory}
+                held = {_entry_key(partition, tokens) for partition, tokens, _, _ in in_memory}
                 for entry in reversed(disk.entries()):
                     if entry.key in held or total + entry.nbytes > max_bytes:
                         continue
@@ -519,7 +551,8 @@ class PrefixCache:
                     kept.append(entry)
             # the manifest lists them least recently used first: the tier's, then memory's in load order
             written = [
-                self._write(directory, tokens, cache, cache_type) for tokens, cache, cache_type in reversed(chosen)
+                self._write(directory, tokens, cache, cache_type, partition)
+                for partition, tokens, cache, cache_type in reversed(chosen)
             ]
             order = [*reversed(kept), *written]
             if disk is not None:
@@ -628,8 +661,11 @@ class PrefixCache:
         """A manifest entry whose file is there at its listed size (vouched complete from now on)."""
         name, size, tokens = entry["file"], entry["bytes"], [int(t) for t in entry["tokens"]]
         cache_type, bits = entry.get("type", "assistant"), int(entry.get("bits", 0))
+        partition = entry.get("partition", "")
         if not isinstance(name, str) or Path(name).name != name or not name.endswith(ENTRY_SUFFIX):
             raise ValueError(f"bad file name {name!r}")
+        if not isinstance(partition, str):
+            raise ValueError(f"bad partition {partition!r}")
         if cache_type not in CACHE_TYPES:
             raise ValueError(f"unknown cache type {cache_type!r}")
         if not tokens:
@@ -640,7 +676,7 @@ class PrefixCache:
         if _size(path) != size:  # caught here, before MLX maps the file
             raise ValueError(f"file holds {_size(path)} bytes, manifest lists {size}")
         self._complete[path] = size
-        return DiskEntry(name, tokens, int(size), cache_type, bits)
+        return DiskEntry(name, tokens, int(size), cache_type, bits, partition)
 
     def _load_entry(self, directory: Path, entry: DiskEntry) -> None:
         try:
@@ -648,7 +684,7 @@ class PrefixCache:
         except Exception:
             self._complete.pop(directory / entry.file, None)
             raise
-        self.lru.insert_cache(self.key, list(entry.tokens), cache, cache_type=entry.cache_type)
+        self.lru.insert_cache(self._model(entry.partition), list(entry.tokens), cache, cache_type=entry.cache_type)
 
     def _remove_unlisted(self, directory: Path, listed: set[str]) -> None:
         """Delete files of entries no longer listed, earlier formats' files and temporaries of a crashed save."""
@@ -670,7 +706,8 @@ class PrefixCache:
 
 
 class _EvictionTrie(PromptTrie):
-    """mlx-lm's trie, noting what its LRU evicts while `evicted` is a list (those entries go to the disk tier)."""
+    """mlx-lm's trie, noting what its LRU evicts while `evicted` is a list (those entries go to the disk tier), and
+    dropping a partition's root once its last entry is gone."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -678,6 +715,8 @@ class _EvictionTrie(PromptTrie):
 
     def pop(self, model: Any, tokens: list[int]) -> Any:
         value = super().pop(model, tokens)
+        if not self._trie[model]:  # a partition's last entry gone: so one salt per request leaves nothing behind
+            del self._trie[model]
         if self.evicted is not None:
             self.evicted.append((model, list(tokens), value))
         return value
@@ -748,8 +787,9 @@ class TieredLRU(LRUPromptCache):
             self._spill(model, tokens, entry)
 
 
-def _token_key(tokens: Iterable[int]) -> bytes:
-    return array("q", tokens).tobytes()
+def _entry_key(partition: str, tokens: Iterable[int]) -> tuple[str, bytes]:
+    """An entry's key in the disk tier's index: its partition and its tokens as int64 bytes."""
+    return (partition, array("q", tokens).tobytes())
 
 
 @dataclass
@@ -761,12 +801,13 @@ class DiskEntry:
     nbytes: int
     cache_type: str
     bits: int  # 0: exact; else its KV layers are quantized to this many bits
-    key: bytes = field(init=False, repr=False)  # the tokens as int64 bytes: the index's key
-    id: int = field(init=False, repr=False)  # entry_id(tokens), kept: the heartbeat asks for it often
+    partition: str = ""  # mlxq.keys.cache_partition: only prompts of this partition are served from it
+    key: tuple[str, bytes] = field(init=False, repr=False)  # the index's key (`_entry_key`)
+    id: int = field(init=False, repr=False)  # entry_id(tokens, partition), kept: the heartbeat asks for it often
 
     def __post_init__(self) -> None:
-        self.key = _token_key(self.tokens)
-        self.id = entry_id(self.tokens)
+        self.key = _entry_key(self.partition, self.tokens)
+        self.id = entry_id(self.tokens, self.partition)
 
     def listing(self) -> dict[str, Any]:
         return {
@@ -775,21 +816,23 @@ class DiskEntry:
             "tokens": self.tokens,
             "type": self.cache_type,
             "bits": self.bits,
+            "partition": self.partition,
         }
 
 
 class DiskTier:
-    """The entries on disk in one directory, least recently used first, within `max_bytes`, indexed by their tokens:
-    a sorted list of the token arrays (the entry sharing the longest prefix with a prompt is one of the two beside
-    it) and a map of their bytes (a prefix entry found by its length). It owns the index; the files are written and
-    the manifest kept by PrefixCache (the caller holds the directory lock)."""
+    """The entries on disk in one directory, least recently used first, within `max_bytes`, indexed per partition by
+    their tokens: a sorted list of the token arrays (the entry sharing the longest prefix with a prompt is one of the
+    two beside it) and a map of their bytes (a prefix entry found by its length). A lookup sees its own partition's
+    entries only. It owns the index; the files are written and the manifest kept by PrefixCache (the caller holds the
+    directory lock)."""
 
     def __init__(self, directory: Path, max_bytes: int) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[bytes, DiskEntry] = OrderedDict()  # least recently used first
-        self._sorted: list[array[int]] = []
-        self._lengths: Counter[int] = Counter()
+        self._entries: OrderedDict[tuple[str, bytes], DiskEntry] = OrderedDict()  # least recently used first
+        self._sorted: dict[str, list[array[int]]] = {}  # per partition
+        self._lengths: dict[str, Counter[int]] = {}
         self.nbytes = 0
 
     def __len__(self) -> int:
@@ -820,8 +863,8 @@ class DiskTier:
         if old is not None:
             self.remove(old, unlink=old.file != entry.file)
         self._entries[entry.key] = entry
-        insort(self._sorted, array("q", entry.tokens))
-        self._lengths[len(entry.tokens)] += 1
+        insort(self._sorted.setdefault(entry.partition, []), array("q", entry.tokens))
+        self._lengths.setdefault(entry.partition, Counter())[len(entry.tokens)] += 1
         self.nbytes += entry.nbytes
 
     def remove(self, entry: DiskEntry, *, unlink: bool) -> None:
@@ -829,12 +872,15 @@ class DiskTier:
             return
         del self._entries[entry.key]
         tokens = array("q", entry.tokens)
-        i = bisect_left(self._sorted, tokens)
-        if i < len(self._sorted) and self._sorted[i] == tokens:
-            del self._sorted[i]
-        self._lengths[len(entry.tokens)] -= 1
-        if not self._lengths[len(entry.tokens)]:
-            del self._lengths[len(entry.tokens)]
+        ordered, lengths = self._sorted[entry.partition], self._lengths[entry.partition]
+        i = bisect_left(ordered, tokens)
+        if i < len(ordered) and ordered[i] == tokens:
+            del ordered[i]
+        lengths[len(entry.tokens)] -= 1
+        if not lengths[len(entry.tokens)]:
+            del lengths[len(entry.tokens)]
+        if not ordered:
+            del self._sorted[entry.partition], self._lengths[entry.partition]
         self.nbytes -= entry.nbytes
         if unlink:
             (self.directory / entry.file).unlink(missing_ok=True)
@@ -848,32 +894,34 @@ class DiskTier:
             gone.append(entry)
         return gone
 
-    def nearest(self, tokens: list[int], *, prefix_only: bool) -> tuple[DiskEntry, int] | None:
-        """The entry that serves most of `tokens` and how many it serves: the one sharing the longest prefix with
-        them (it may be longer: a trimmable entry is trimmed back), or with `prefix_only` the longest that is a
-        prefix of them. None when none shares a token."""
-        if not self._entries:
+    def nearest(self, tokens: list[int], *, prefix_only: bool, partition: str = "") -> tuple[DiskEntry, int] | None:
+        """The entry of `partition` that serves most of `tokens` and how many it serves: the one sharing the longest
+        prefix with them (it may be longer: a trimmable entry is trimmed back), or with `prefix_only` the longest that
+        is a prefix of them. None when none shares a token."""
+        ordered = self._sorted.get(partition)
+        if not ordered:
             return None
         query = array("q", tokens)
-        i = bisect_left(self._sorted, query)
+        i = bisect_left(ordered, query)
         best, shared = None, 0
         for j in (i - 1, i):  # in sorted order, the longest common prefix is beside the query
-            if 0 <= j < len(self._sorted) and (n := _common(self._sorted[j], query)) > shared:
-                best, shared = self._sorted[j], n
+            if 0 <= j < len(ordered) and (n := _common(ordered[j], query)) > shared:
+                best, shared = ordered[j], n
         if best is None:
             return None
         if not prefix_only:
-            return self._entries[best.tobytes()], shared
-        for length in sorted((n for n in self._lengths if n <= shared), reverse=True):
-            entry = self._entries.get(query[:length].tobytes())
+            return self._entries[(partition, best.tobytes())], shared
+        for length in sorted((n for n in self._lengths[partition] if n <= shared), reverse=True):
+            entry = self._entries.get((partition, query[:length].tobytes()))
             if entry is not None:
                 return entry, length
         return None
 
-    def prefixes_of(self, tokens: list[int]) -> list[DiskEntry]:
-        """The entries whose tokens are a proper prefix of `tokens`."""
+    def prefixes_of(self, tokens: list[int], *, partition: str = "") -> list[DiskEntry]:
+        """The entries of `partition` whose tokens are a proper prefix of `tokens`."""
         query = array("q", tokens)
-        found = (self._entries.get(query[:n].tobytes()) for n in self._lengths if n < len(tokens))
+        lengths = self._lengths.get(partition, Counter())
+        found = (self._entries.get((partition, query[:n].tobytes())) for n in lengths if n < len(tokens))
         return [e for e in found if e is not None]
 
     def read(self, entry: DiskEntry) -> list[Any]:
@@ -988,10 +1036,18 @@ def _flocked(directory: Path) -> Iterator[None]:
         yield
 
 
-def entry_id(tokens: list[int]) -> int:
-    """An entry's id: the hash of its tokens (an int tuple's hash is the same in every process, so an index
-    saved with the entries still names them after a restart)."""
-    return hash(tuple(tokens))
+def entry_id(tokens: list[int], partition: str = "") -> int:
+    """An entry's id: the hash of its partition and tokens (an int tuple's hash is the same in every process, so an
+    index saved with the entries still names them after a restart; a str's is not, so the partition goes in as a
+    number)."""
+    if not partition:
+        return hash(tuple(tokens))
+    return hash((_partition_number(partition), tuple(tokens)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _partition_number(partition: str) -> int:
+    return int.from_bytes(hashlib.sha256(partition.encode()).digest()[:8], "big")
 
 
 def materialize(cache: list[Any]) -> None:

@@ -47,6 +47,8 @@ class Sequence:
     logprobs: bool = False
     top_logprobs: int = 0
     use_prefix_cache: bool = True
+    # Its prefix-cache partition (mlxq.keys.cache_partition): it is served from and stored into that one only.
+    partition: str = ""
     # Prefix-cache checkpoints to keep while its prompt is prefilled (a model whose cache cannot be trimmed:
     # worker.boundaries): token position -> (cache type, canonical message count whose boundary it holds).
     checkpoints: dict[int, tuple[str, int | None]] = field(default_factory=dict)

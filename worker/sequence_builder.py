@@ -235,10 +235,12 @@ class SequenceBuilder:
         use_prefix_cache: bool = True,
         checkpoints: bool = False,
         owner: str = "",
+        partition: str = "",
     ) -> Sequence:
         """The request as one sequence of the batch; RequestError when the model cannot serve it as asked.
         `checkpoints`: the model's cache cannot be trimmed and the prefix cache is on: the sequence gets the
-        positions to keep checkpoints at (worker.boundaries). `owner`: whose it is, for fair shares (worker.batcher)."""
+        positions to keep checkpoints at (worker.boundaries). `owner`: whose it is, for fair shares (worker.batcher).
+        `partition`: the prefix-cache partition it is served from and stored into (mlxq.keys.cache_partition)."""
         prompt, prefill, tools, marks = self._prompt(kind, request, checkpoints=checkpoints)
         sampling = sampling_settings(request, self.vocab_size)
         processors = penalty_processors(sampling)
@@ -262,5 +264,6 @@ class SequenceBuilder:
             logprobs=sampling.logprobs,
             top_logprobs=sampling.top_logprobs,
             use_prefix_cache=use_prefix_cache,
+            partition=partition,
             checkpoints=marks,
         )

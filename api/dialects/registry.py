@@ -56,8 +56,13 @@ class Route:
     # The adapter of a body a job or a batch line names this path with (None: they may not name it).
     job: Adapter | None = None
 
+    # A finished job's answer when the endpoint renders more of it than its results (None: `render`).
+    render_job: Callable[[Job], dict[str, Any]] | None = None
+
     def render_line(self, job: Job) -> dict[str, Any]:
         """A finished job's answer as this endpoint renders it (a batch line's `response.body`)."""
+        if self.render_job is not None:
+            return self.render_job(job)
         return self.render([job.result or {}], job.model)
 
 
@@ -145,6 +150,10 @@ RESPONSES = Dialect(
             render=lambda results, model: unstored(model).render(results[0]),
             writer=lambda model: unstored(model).stream_writer(),
             job=_stateless,
+            # The sampling it ran with, from its canonical request; completed when the job finished.
+            render_job=lambda job: unstored(job.model, job.request).render(
+                job.result or {}, completed_at=job.finished_at
+            ),
         ),
     ),
 )

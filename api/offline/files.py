@@ -34,11 +34,11 @@ def file_object(file: FileRow) -> dict[str, Any]:
     }
 
 
-def owned_file(session: Session, file_id: str, owner: str | None) -> FileRow:
+def owned_file(session: Session, file_id: str, owner: str | None, *, param: str = "file_id") -> FileRow:
     """The file, if it is the caller's: another key's file is as absent as an unknown one (404)."""
     file = files.get_file(session=session, file_id=file_id)
     if file is None or (owner is not None and file.owner != owner):
-        raise APIError(404, f"No file with id {file_id!r}.", code="file_not_found", param="file_id")
+        raise APIError(404, f"No file with id {file_id!r}.", code="file_not_found", param=param)
     return file
 
 

@@ -1,6 +1,7 @@
 """Cache administration, behind the API key: both caches' statistics, and emptying them.
 
-With per-key caches (MLXQ_CACHE_SCOPE=key, keys on) a key sees and clears its own namespace only."""
+With per-key caches (MLXQ_CACHE_SCOPE=key, keys on) a key sees and clears its own namespace only: its statistics
+are its own response cache's, and the prefix KV cache's (the workers', of every key together) are left out."""
 
 from __future__ import annotations
 
@@ -18,9 +19,14 @@ router = APIRouter(prefix="/v1/cache", tags=["cache"], dependencies=AUTHENTICATE
 
 
 @router.get("/stats")
-async def cache_stats(services: ServicesDep) -> dict[str, Any]:
+async def cache_stats(services: ServicesDep, owner: Owner) -> dict[str, Any]:
+    """The caches' statistics: the whole service's with keys off or MLXQ_CACHE_SCOPE=global; else the key's own."""
+    namespace = services.admission.namespace(owner)
+    if namespace:
+        own = await asyncio.to_thread(services.health.namespace_cache, namespace)
+        return {"scope": "key", "response_cache": own}
     snapshot = await asyncio.to_thread(services.health.snapshot)
-    return {"response_cache": snapshot["cache"], "prefix_cache": snapshot["prefix_cache"]}
+    return {"scope": "global", "response_cache": snapshot["cache"], "prefix_cache": snapshot["prefix_cache"]}
 
 
 @router.delete("")

@@ -1,4 +1,8 @@
-"""The service's state as /health, /metrics and `mlxq cache stats` report it."""
+"""The service's state as /health, /metrics and `mlxq cache stats` report it.
+
+With API keys on, /health without a valid key answers only `public(snapshot)`: whether the service is up, nothing
+about what anyone asked or how much (MLXQ_HEALTH_DETAILS=true shows everyone the details). A key's cache statistics
+are its own namespace's (`namespace_cache`)."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.operations.stats import StatsRecorder
+from api.operations.stats import StatsRecorder, is_namespaced, namespaced
 from mlxq.repos import cache_entries, counters, jobs, workers
 from mlxq.settings import Settings
 from mlxq.sql import Worker
@@ -42,6 +46,43 @@ class Health:
     def snapshot(self) -> dict[str, Any]:
         return health_snapshot(self._settings, self._sessions, self._stats, self.broker_problem())
 
+    def namespace_cache(self, namespace: str) -> dict[str, Any]:
+        """The response cache's figures of one namespace (an API key's): its own entries, hits, misses, bypasses."""
+        self._stats.flush()
+        with self._sessions() as session:
+            counts = counters.counters(session=session)
+            items, size = cache_entries.cache_items(session=session, namespace=namespace)
+        return _cache_block({k: counts.get(namespaced(k, namespace), 0) for k in _CACHE_COUNTERS}, items, size)
+
+
+# What /health says without a key when keys are on: whether the service is up and serves its models.
+PUBLIC = ("status", "model", "model_loaded", "models", "time")
+_CACHE_COUNTERS = ("cache_hits", "cache_misses", "cache_bypass")
+
+
+def public(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """The part of a /health snapshot anyone may read: up or not, and the models; no counts of requests, jobs,
+    cache entries or hits, no worker's load or memory."""
+    worker = snapshot["worker"]
+    return {
+        **{k: snapshot[k] for k in PUBLIC},
+        "broker": {"ok": snapshot["broker"]["ok"]},
+        "worker": {"alive": worker["alive"], "count": worker["count"], "error": worker["error"]},
+    }
+
+
+def _cache_block(counts: dict[str, int], items: int, size: int) -> dict[str, Any]:
+    hits, misses, bypass = (counts.get(k, 0) for k in _CACHE_COUNTERS)
+    return {
+        "hits": hits,
+        "misses": misses,
+        "bypass": bypass,
+        "total_requests": hits + misses + bypass,
+        "hit_rate": round(hits / (hits + misses), 4) if hits + misses else 0.0,
+        "cached_items": items,
+        "bytes": size,
+    }
+
 
 def health_snapshot(
     settings: Settings, sessions: sessionmaker[Session], stats: StatsRecorder, broker: str | None
@@ -52,9 +93,9 @@ def health_snapshot(
         by_status = jobs.job_counts(session=session)
         routed = jobs.route_counts(session=session)
         depth = by_status.get(JobStatus.QUEUED, 0)
-        counts = counters.counters(session=session)
+        # Each key's own cache counters stay out of the service's (a key reads its own: `namespace_cache`).
+        counts = {k: v for k, v in counters.counters(session=session).items() if not is_namespaced(k)}
         items, size = cache_entries.cache_items(session=session)
-    hits, misses = counts.get("cache_hits", 0), counts.get("cache_misses", 0)
     loaded = any(w.model_loaded for w in live)
     errors = [w.error for w in live if w.error]
     prefix = {k: 0 for k in ("hits", "misses", "tokens_saved", "skips", "taken", "entries", "bytes")}
@@ -81,15 +122,7 @@ def health_snapshot(
         },
         "queue_depth": depth,
         "jobs": {str(status): by_status.get(status, 0) for status in (*JOB_ACTIVE, *JOB_FINAL)},
-        "cache": {
-            "hits": hits,
-            "misses": misses,
-            "bypass": counts.get("cache_bypass", 0),
-            "total_requests": hits + misses + counts.get("cache_bypass", 0),
-            "hit_rate": round(hits / (hits + misses), 4) if hits + misses else 0.0,
-            "cached_items": items,
-            "bytes": size,
-        },
+        "cache": _cache_block(counts, items, size),
         "prefix_cache": prefix,
         "counters": counts,
         # Sequences decoding together in the workers' engines, waiting for room, and their KV token budget.
@@ -114,6 +147,8 @@ def _worker(w: Worker, routed: tuple[int, int]) -> dict[str, Any]:
             "kv_tokens": batch.get("tokens", 0),
         },
         "prefix_entries": prefix.get("entries", 0),
+        # Speculative decoding (worker.speculative): draft tokens verified and accepted.
+        "speculative": {"drafted": batch.get("drafted", 0), "accepted": batch.get("accepted", 0)},
         # Bytes: the budget (MLXQ_MEMORY_GB) and its shares, what each part holds now, MLX's active, cache and
         # peak memory, and the process's RSS, which stays within budget + allowance.
         "memory": stats.get("memory") or {},

@@ -2,7 +2,8 @@
 
 Hits (with their keys, for LRU access times) and the hit/miss/bypass counters are kept in
 memory and flushed in one transaction every `interval_s`, before /health reads them, and at
-shutdown. The counters live in SQL, so every api replica adds to the same totals.
+shutdown. The counters live in SQL, so every api replica adds to the same totals. The response cache's
+counters are kept per cache namespace too (`namespaced`), so a key's `GET /v1/cache/stats` counts its own.
 """
 
 from __future__ import annotations
@@ -21,6 +22,15 @@ from mlxq.repos import cache_entries, counters, request_log
 log = logging.getLogger(__name__)
 
 
+def namespaced(name: str, namespace: str) -> str:
+    """The counter `name` of one cache namespace (an API key's, mlxq.keys): kept beside the service-wide one."""
+    return f"{name}@{namespace}"
+
+
+def is_namespaced(name: str) -> bool:
+    return "@" in name
+
+
 class StatsRecorder:
     def __init__(self, sessions: sessionmaker[Session], interval_s: float = 1.0) -> None:
         self._sessions = sessions
@@ -34,14 +44,19 @@ class StatsRecorder:
         self._flushing = threading.Lock()
         self._task: asyncio.Task | None = None
 
-    def hit(self, key: str) -> None:
+    def hit(self, key: str, namespace: str = "") -> None:
         with self._lock:
             self._pending[key] += 1
             self._counts["cache_hits"] += 1
+            if namespace:
+                self._counts[namespaced("cache_hits", namespace)] += 1
 
-    def count(self, name: str, by: int = 1) -> None:
+    def count(self, name: str, by: int = 1, namespace: str = "") -> None:
+        """Add to the service-wide counter `name`, and to `namespace`'s own when given."""
         with self._lock:
             self._counts[name] += by
+            if namespace:
+                self._counts[namespaced(name, namespace)] += by
 
     def log(self, **row: object) -> None:
         """One request-log row (key, endpoint, cache outcome, token counts, tools, latency)."""

@@ -123,6 +123,14 @@ class Admission:
         if spec.idempotency_key and (
             known := idempotency_keys.job_for_idempotency_key(session=session, key=spec.idempotency_key)
         ):
+            if known.key != spec.key:  # another request under a used key: refused (IETF draft, Stripe), not joined
+                raise APIError(
+                    422,
+                    "This Idempotency-Key was already used with a different request body; use a new key for a new "
+                    "request (a retry must send the same body).",
+                    code="idempotency_key_reused",
+                    param="Idempotency-Key",
+                )
             hit = known.status == JobStatus.SUCCEEDED
             return Outcome(known.result or {}, CacheOutcome.HIT if hit else missed, spec.key, known.id, joined=True)
         outcome = self._decide(session, spec, missed)
@@ -186,7 +194,8 @@ class Admission:
         """Admit one request (module doc) and count its cache outcome."""
         outcome = await asyncio.to_thread(self._admit, spec)
         if outcome.cache == CacheOutcome.HIT:
-            self._stats.hit(spec.key)
+            self._stats.hit(spec.key, spec.namespace)
         else:
-            self._stats.count("cache_misses" if outcome.cache == CacheOutcome.MISS else "cache_bypass")
+            name = "cache_misses" if outcome.cache == CacheOutcome.MISS else "cache_bypass"
+            self._stats.count(name, namespace=spec.namespace)
         return outcome

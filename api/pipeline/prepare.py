@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from api.dialects.registry import job_endpoints
 from api.errors import APIError, invalid_body
+from api.pipeline.context_bound import check_context_bound
 from api.pipeline.incoming import Incoming
 from api.pipeline.model_info import resolve_model
 from api.pipeline.validation import check_generation, check_grammar, check_json_values
@@ -61,6 +62,8 @@ async def prepare(services: Services, incoming: Incoming, *, kind: JobKind | Non
     model = await resolve_model(settings, services.model_info, incoming.requests[0].model)
     requests = [r.model_copy(update={"model": model}) for r in incoming.requests]
     await check_generation(incoming.kind, requests, settings=settings, model_info=services.model_info)
+    # Before anything tokenizes it: text that cannot fit the context whatever its tokens is refused at once.
+    await check_context_bound(incoming.kind, requests, settings=settings, model_info=services.model_info)
     default_max = settings.default_max_tokens
     canonicals = [
         canonical_request(

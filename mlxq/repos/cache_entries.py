@@ -95,6 +95,10 @@ def clear_cache(*, session: Session, namespace: str | None = None, older_than_s:
     return rowcount(session.execute(query))
 
 
-def cache_items(*, session: Session) -> tuple[int, int]:
-    count, size = session.execute(select(func.count(), func.coalesce(func.sum(CacheEntry.size_bytes), 0))).one()
+def cache_items(*, session: Session, namespace: str | None = None) -> tuple[int, int]:
+    """(entries, bytes of their results): all, or one namespace's."""
+    query = select(func.count(), func.coalesce(func.sum(CacheEntry.size_bytes), 0))
+    if namespace is not None:
+        query = query.where(CacheEntry.namespace == namespace)
+    count, size = session.execute(query).one()
     return int(count), int(size)

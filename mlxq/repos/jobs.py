@@ -286,6 +286,7 @@ class Sending:
     session: str | None
     chars: int  # the size of its stored request (characters of its JSON)
     batch_id: str | None
+    namespace: str = ""  # its cache namespace: with its cache_salt, the prefix-cache partition routing matches in
 
 
 def jobs_for_sending(*, session: Session, job_ids: list[str]) -> list[Sending]:
@@ -293,12 +294,13 @@ def jobs_for_sending(*, session: Session, job_ids: list[str]) -> list[Sending]:
         return []
     size = func.length(cast(Job.request, Text))
     rows = session.execute(
-        select(Job.id, Job.kind, Job.model, Job.request, Job.session, size, Job.batch_id)
+        select(Job.id, Job.kind, Job.model, Job.request, Job.session, size, Job.batch_id, Job.namespace)
         .where(Job.id.in_(job_ids))
         .order_by(Job.created_at)
     )
     return [
-        Sending(i, kind, model, request, sess, int(n or 0), batch) for i, kind, model, request, sess, n, batch in rows
+        Sending(i, kind, model, request, sess, int(n or 0), batch, ns or "")
+        for i, kind, model, request, sess, n, batch, ns in rows
     ]
 
 

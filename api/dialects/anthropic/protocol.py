@@ -23,8 +23,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Fiel
 from pydantic_core import PydanticCustomError
 
 from api.dialects.openai.protocol import one_of
+from api.errors import APIError
 from mlxq.keys import strip_volatile
-from mlxq.request import EXTRAS, SamplingExtras
+from mlxq.request import EXTRAS, CacheSalt, SamplingExtras
 
 # Blocks of other modalities: named in the error, since the model is text-only.
 MEDIA_BLOCKS = ("image", "document")
@@ -289,6 +290,8 @@ class MessagesRequest(CountTokensRequest, SamplingExtras):
     # `top_k` is Anthropic's own; it and the non-spec extras come from mlxq.request.SamplingExtras.
     # LiteLLM-style per-request cache controls: {"no-cache": true, "no-store": true, "ttl": 60}.
     cache: dict[str, Any] | None = None
+    # vLLM's: separates this client's prefix KV cache and response cache from others' of the same key.
+    cache_salt: CacheSalt | None = None
     # Structured output as the current SDK sends it (`output_config.format`), and as the older beta did.
     output_config: OutputConfig | None = None
     output_format: OutputFormat | None = None
@@ -298,7 +301,7 @@ class MessagesRequest(CountTokensRequest, SamplingExtras):
 
 # Carried into the OpenAI body under the same name when set (the rest is renamed or dropped).
 # `metadata` carries Claude Code's session (`user_id`), which routing keeps on one worker; not in the cache key.
-_SAME_NAME = ("max_tokens", "temperature", "top_p", *EXTRAS, "stream", "cache", "metadata")
+_SAME_NAME = ("max_tokens", "temperature", "top_p", *EXTRAS, "stream", "cache", "cache_salt", "metadata")
 
 
 def _text_parts(blocks: list[TextBlock]) -> list[dict[str, Any]]:
@@ -368,6 +371,27 @@ def _tool_choice(choice: Any) -> str | dict[str, Any]:
     return {"auto": "auto", "any": "required", "none": "none"}[choice.type]
 
 
+def _check_tool_results(body: CountTokensRequest) -> None:
+    """Each `tool_result` answers a `tool_use` of an earlier assistant turn, as Anthropic requires (it names the
+    block as `messages.N.content.M` and the id in its message; the field here)."""
+    uses: set[str] = set()
+    for i, message in enumerate(body.messages):
+        if isinstance(message.content, str):
+            continue
+        if isinstance(message, UserMessage):
+            for j, block in enumerate(message.content):
+                if isinstance(block, ToolResultBlock) and block.tool_use_id not in uses:
+                    raise APIError(
+                        400,
+                        f"messages.{i}.content.{j}.tool_use_id: unexpected `tool_use_id` found in `tool_result` "
+                        f"blocks: {block.tool_use_id}. Each `tool_result` block must have a corresponding "
+                        "`tool_use` block in an earlier assistant message.",
+                        param=f"messages.{i}.content.{j}.tool_use_id",
+                    )
+        else:
+            uses.update(b.id for b in message.content if isinstance(b, ToolUseBlock))
+
+
 def to_chat(body: CountTokensRequest) -> dict[str, Any]:
     """The neutral chat body (what mlxq.request.Request.from_body reads) that says the same conversation, so every
     dialect shares one canonical request, one cache key and the prefix cache.
@@ -381,6 +405,7 @@ def to_chat(body: CountTokensRequest) -> dict[str, Any]:
       stop_sequences → stop; max_tokens and sampling carried; `model` as given.
     Consecutive turns of one role stay separate messages (the chat template sees them as sent).
     """
+    _check_tool_results(body)
     messages: list[dict[str, Any]] = []
     if body.system is not None and (system := _system(body.system)) is not None:
         messages.append({"role": "system", "content": system})

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from api.dialects.openai.protocol import ChatCompletionRequest, CompletionRequest
+from api.dialects.openai.protocol import AssistantMessage, ChatCompletionRequest, CompletionRequest, ToolMessage
 from api.errors import APIError
 from api.pipeline.incoming import Incoming
 
@@ -15,8 +15,31 @@ def _refuse_common(body: ChatCompletionRequest | CompletionRequest) -> None:
         raise APIError(400, "logit_bias is not supported.", param="logit_bias")
 
 
+def _check_tool_results(body: ChatCompletionRequest) -> None:
+    """A `tool` message answers a call an earlier assistant message made (by its `tool_call_id`), as OpenAI
+    requires; a call sent without an id (some clients leave it out) can be answered by any."""
+    calls: set[str] = set()
+    anonymous = False
+    for i, message in enumerate(body.messages):
+        if isinstance(message, AssistantMessage):
+            for call in message.tool_calls or []:
+                if call.id is None:
+                    anonymous = True
+                else:
+                    calls.add(call.id)
+        elif isinstance(message, ToolMessage) and message.tool_call_id not in calls and not anonymous:
+            raise APIError(
+                400,
+                f"Invalid parameter: the tool message's tool_call_id '{message.tool_call_id}' answers no tool call "
+                "of an earlier assistant message: a message with role 'tool' must answer a preceding message's "
+                "'tool_calls'.",
+                param=f"messages.{i}.tool_call_id",
+            )
+
+
 def chat(body: ChatCompletionRequest) -> Incoming:
     _refuse_common(body)
+    _check_tool_results(body)
     if body.audio is not None or (body.modalities and "audio" in body.modalities):
         raise APIError(
             400,

@@ -13,11 +13,22 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StrictInt, Tag, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictInt,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 from typing_extensions import TypedDict
 
-from mlxq.request import Priority, SamplingExtras, priority_of
+from mlxq.request import CacheSalt, Priority, SamplingExtras, priority_of
 
 # Content parts of other modalities: named in the error, since the model is text-only.
 MEDIA_PARTS = ("image_url", "input_audio", "file", "image", "audio", "input_image", "input_file", "video_url")
@@ -181,13 +192,15 @@ class JSONSchemaFormat(OpenAIBaseModel):
 
 class ResponseFormat(OpenAIBaseModel):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: JSONSchemaFormat | None = None
+    json_schema: JSONSchemaFormat | None = Field(None, validate_default=True)
 
-    @model_validator(mode="after")
-    def _schema_given(self) -> ResponseFormat:
-        if self.type == "json_schema" and self.json_schema is None:
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_given(cls, value: JSONSchemaFormat | None, info: ValidationInfo) -> JSONSchemaFormat | None:
+        # Checked on the field, not the model, so the 400 names `response_format.json_schema` itself.
+        if info.data.get("type") == "json_schema" and value is None:
             raise PydanticCustomError("missing", "Field required: json_schema")
-        return self
+        return value
 
 
 class StreamOptions(TypedDict, total=False):
@@ -229,6 +242,8 @@ class GenerationRequest(OpenAIBaseModel, SamplingExtras):
     # -- non-spec extras -------------------------------------------------------------------
     # LiteLLM-style per-request cache controls: {"no-cache": true, "no-store": true, "ttl": 60}.
     cache: dict[str, Any] | None = None
+    # vLLM's: separates this client's prefix KV cache and response cache from others' of the same key.
+    cache_salt: CacheSalt | None = None
 
     @property
     def priority(self) -> Priority:

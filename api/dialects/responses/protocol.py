@@ -22,16 +22,19 @@ so the same cache key as that conversation sent through any other dialect.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
+from llguidance import LLMatcher
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
 from api.dialects.openai.protocol import one_of
 from api.errors import APIError
-from mlxq.request import EXTRAS, Priority, SamplingExtras, priority_of
+from mlxq.grammar import parser_limits
+from mlxq.request import EXTRAS, CacheSalt, Priority, SamplingExtras, priority_of
 
 # The OpenAI dialect's rule for function names (api.dialects.openai.protocol.FunctionDefinition): every tool
 # here becomes one of its functions, so a name refused there is refused here, where the 400 names the tool.
@@ -491,6 +494,8 @@ class ResponsesRequest(ResponsesBaseModel, SamplingExtras):
     # -- non-spec extras: `seed` and the sampling extras come from mlxq.request.SamplingExtras -------------
     # LiteLLM-style per-request cache controls: {"no-cache": true, "no-store": true, "ttl": 60}.
     cache: dict[str, Any] | None = None
+    # vLLM's: separates this client's prefix KV cache and response cache from others' of the same key.
+    cache_salt: CacheSalt | None = None
 
     @property
     def priority(self) -> Priority:
@@ -642,12 +647,27 @@ def _custom_description(tool: CustomTool) -> str:
     return f"{tool.description}\n\n{note}" if tool.description else note
 
 
-def _chat_tool(tool: FunctionTool | CustomTool) -> dict[str, Any]:
+@functools.lru_cache(maxsize=256)
+def _regex_problem(pattern: str) -> str | None:
+    """Why llguidance cannot compile this input pattern, or None."""
+    grammar = LLMatcher.grammar_from_json_schema({"type": "string", "pattern": pattern})
+    is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, limits=parser_limits())
+    return (messages[0] if messages else "the regex does not compile") if is_error else None
+
+
+def _chat_tool(tool: FunctionTool | CustomTool, where: str) -> dict[str, Any]:
     if isinstance(tool, CustomTool):
         parameters = CUSTOM_TOOL_PARAMETERS
         if isinstance(tool.format, GrammarInputFormat) and tool.format.syntax == "regex":
             # A regex grammar is the input's pattern, so a call's input is decoded under it (mlxq.grammar).
             pattern = {"type": "string", "pattern": f"^(?:{tool.format.definition})$"}  # the whole input
+            # Refused whatever tool_choice says (a best-effort call grammar would drop it silently), naming it.
+            if why := _regex_problem(pattern["pattern"]):
+                raise APIError(
+                    400,
+                    f"Invalid regex in the custom tool '{tool.name}': {why}",
+                    param=f"{where}.format.definition",
+                )
             parameters = {**CUSTOM_TOOL_PARAMETERS, "properties": {"input": pattern}}
         function = {"name": tool.name, "description": _custom_description(tool), "parameters": parameters}
     else:
@@ -672,7 +692,7 @@ def _chat_tools(body: ResponsesRequest) -> list[dict[str, Any]]:
                 param=f"{where}.name",
             )
         seen[tool.name] = where
-        tools.append(_chat_tool(tool))
+        tools.append(_chat_tool(tool, where))
     return tools
 
 
@@ -730,6 +750,7 @@ _SAME_NAME = (
     "user",
     "cache",
     "prompt_cache_key",  # the session that routing keeps on one worker (mlxq.delivery); not in the cache key
+    "cache_salt",
 )
 # Responses' service tiers chat completions does not name: the same processing there.
 _SERVICE_TIERS = {"fast": "priority", "ultrafast": "priority"}

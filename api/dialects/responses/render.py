@@ -1,7 +1,9 @@
 """The Responses dialect's answers: a worker result as a `response` object, job events as the Responses event
 stream, errors as OpenAI error objects.
 
-Everything rendered for one response is a function of its id, `created_at`, the request and the job's events:
+Everything rendered for one response is a function of its id, `created_at`, the request (and the canonical request
+it ran: the sampling values it reports), the job's events and, once completed, `completed_at` (the job's end when
+it is known, else the moment it is rendered):
 item ids are derived from the response id and the item's place (`msg_…`, `fc_…`, `ctc_…`), sequence numbers
 count the events from 0. So a reader that joins late (a background response streamed with `starting_after=N`)
 regenerates the same events from the same job events and is sent only those after N; and the stored response
@@ -51,6 +53,7 @@ TERMINAL_EVENTS = {
     ResponseStatus.CANCELLED: "response.incomplete",
     ResponseStatus.FAILED: "response.failed",
 }
+TERMINAL_EVENT_TYPES = frozenset(TERMINAL_EVENTS.values())
 # A job's state as the response's status, while it has no result.
 PENDING = {JobStatus.QUEUED: ResponseStatus.QUEUED, JobStatus.RUNNING: ResponseStatus.IN_PROGRESS}
 
@@ -243,18 +246,25 @@ def _text_echo(text: TextConfig | None) -> dict[str, Any]:
     return {"format": {"type": "text"}, **echoed}
 
 
+def _tool_echo(tool: dict[str, Any]) -> dict[str, Any]:
+    """A declared tool as the response lists it: a function always with `parameters` and `strict` (null when not
+    given), as the specification's function tool requires them; inside a namespace too."""
+    if tool.get("type") == "function":
+        return {"parameters": None, "strict": None, **tool}
+    if tool.get("type") == "namespace" and isinstance(tool.get("tools"), list):
+        return {**tool, "tools": [_tool_echo(inner) for inner in tool["tools"]]}
+    return tool
+
+
 def _echo(request: ResponsesRequest) -> dict[str, Any]:
     """The request's parameters the response object carries back (the SDK's model requires `tools`,
     `tool_choice` and `parallel_tool_calls`); OpenAI's defaults where the request left one out."""
     tier = request.service_tier
     return {
         "instructions": request.instructions,
-        "tools": _dumped(request.tools or []),
+        "tools": [_tool_echo(tool) for tool in _dumped(request.tools or [])],
         "tool_choice": _dumped(request.tool_choice) if request.tool_choice is not None else "auto",
         "parallel_tool_calls": request.parallel_tool_calls if request.parallel_tool_calls is not None else True,
-        "temperature": request.temperature,
-        "top_p": request.top_p,
-        "top_logprobs": request.top_logprobs,
         "max_output_tokens": request.max_output_tokens,
         "max_tool_calls": request.max_tool_calls,
         "previous_response_id": request.previous_response_id,
@@ -274,6 +284,30 @@ def _echo(request: ResponsesRequest) -> dict[str, Any]:
     }
 
 
+# The sampler's default temperature (mlxq.settings `default_temperature`, which the canonical request fills in):
+# what a response reports when it has no canonical request to read.
+DEFAULT_TEMPERATURE = 1.0
+
+
+def sampling_used(canonical: Mapping[str, Any] | None, request: ResponsesRequest | None = None) -> dict[str, Any]:
+    """The sampling values a response ran with, as the Responses object reports them (required there, numbers, never
+    null): read from the canonical request (mlxq.keys: the temperature default filled in) as the worker's sampler
+    reads it (worker.sequence_builder.sampling_settings: 0 is off), so nucleus sampling off is `top_p` 1 and no
+    penalty is 0. Without a canonical request (a batch line rendered from its model alone), the request's own."""
+    source: Mapping[str, Any] = (
+        canonical if canonical is not None else (request.model_dump(exclude_none=True) if request is not None else {})
+    )
+    temperature = source.get("temperature")
+    top_p = source.get("top_p")
+    return {
+        "temperature": float(temperature) if temperature is not None else DEFAULT_TEMPERATURE,
+        "top_p": float(top_p) if top_p else 1.0,
+        "presence_penalty": float(source.get("presence_penalty") or 0.0),
+        "frequency_penalty": float(source.get("frequency_penalty") or 0.0),
+        "top_logprobs": int(source.get("top_logprobs") or 0),
+    }
+
+
 @dataclass(frozen=True)
 class ResponseContext:
     """One response: what renders it besides the job's result or events (its id, `created_at`, the request, the
@@ -287,6 +321,8 @@ class ResponseContext:
     cancelled: bool = False
     # The hosted tools the answer says it dropped (None: the request's, `hosted_tools`).
     dropped: tuple[str, ...] | None = None
+    # The canonical request it runs (mlxq.keys, wire form): the sampling values it reports (`sampling_used`).
+    canonical: Mapping[str, Any] | None = None
 
     @property
     def hosted(self) -> list[str]:
@@ -323,11 +359,14 @@ class ResponseContext:
         if job.status in PENDING:
             return self.render({}, status=PENDING[JobStatus(job.status)])
         if job.status == JobStatus.SUCCEEDED:
-            return self.render(job.result or {})
+            return self.render(job.result or {}, completed_at=job.finished_at)
         return self.render_failed(job.error or (dict(CANCELLED) if job.status == JobStatus.CANCELLED else {}))
 
-    def stream_writer(self, starting_after: int | None = None) -> ResponseStreamWriter:
-        """The writer of this response's event stream (for a late reader, only the events after `starting_after`)."""
+    def stream_writer(
+        self, starting_after: int | None = None, *, completed_at: float | None = None
+    ) -> ResponseStreamWriter:
+        """The writer of this response's event stream (for a late reader, only the events after `starting_after`;
+        `completed_at`, when its job had ended, so the late terminal event says what the first one said)."""
         return ResponseStreamWriter(
             model=self.model,
             response_id=self.id,
@@ -335,6 +374,8 @@ class ResponseContext:
             request=self.request,
             hosted_dropped=self.hosted,
             starting_after=starting_after,
+            canonical=self.canonical,
+            completed_at=completed_at,
         )
 
 
@@ -351,7 +392,7 @@ def _response(
     body: dict[str, Any] = {
         "id": context.id,
         "object": "response",
-        "created_at": context.created_at,
+        "created_at": int(context.created_at),  # whole seconds, as the specification types it
         "status": status,
         "model": context.model,
         "output": output,
@@ -359,9 +400,12 @@ def _response(
         "error": response_error(error) if error is not None and failed else None,
         "incomplete_details": {"reason": "max_output_tokens"} if status == ResponseStatus.INCOMPLETE else None,
         **_echo(context.request),
+        **sampling_used(context.canonical, context.request),
+        # Required, and null but when completed (then now, unless the job's end is known).
+        "completed_at": int(completed_at if completed_at is not None else time.time())
+        if status == ResponseStatus.COMPLETED
+        else None,
     }
-    if completed_at is not None and status == ResponseStatus.COMPLETED:
-        body["completed_at"] = completed_at
     extension: dict[str, Any] = {}
     if dropped := context.hosted:
         extension["dropped_tools"] = dropped
@@ -390,11 +434,14 @@ def response_object(
     return context.render(result, status, completed_at=completed_at)
 
 
-def unstored(model: str) -> ResponseContext:
+def unstored(model: str, canonical: Mapping[str, Any] | None = None) -> ResponseContext:
     """The context of a response nothing stored and no request but its model names (a batch line's, a stream
-    writer's made from the model alone): a fresh id, made now."""
+    writer's made from the model alone), and the canonical request it ran when known: a fresh id, made now."""
     return ResponseContext(
-        request=ResponsesRequest.model_validate({"model": model}), model=model, created_at=int(time.time())
+        request=ResponsesRequest.model_validate({"model": model}),
+        model=model,
+        created_at=int(time.time()),
+        canonical=canonical,
     )
 
 
@@ -437,10 +484,18 @@ class ResponseStreamWriter:
         request: ResponsesRequest,
         hosted_dropped: Iterable[str] = (),
         starting_after: int | None = None,
+        canonical: Mapping[str, Any] | None = None,
+        completed_at: float | None = None,
     ) -> None:
         self.context = ResponseContext(
-            request=request, model=model, id=response_id, created_at=created_at, dropped=tuple(hosted_dropped)
+            request=request,
+            model=model,
+            id=response_id,
+            created_at=created_at,
+            dropped=tuple(hosted_dropped),
+            canonical=canonical,
         )
+        self.completed_at = completed_at
         self.response_id = response_id
         self.kinds = ToolKinds(request)
         self.skip_through = starting_after if starting_after is not None else -1
@@ -457,7 +512,9 @@ class ResponseStreamWriter:
 
     def _emit(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
         number, self.sequence = self.sequence, self.sequence + 1
-        if number <= self.skip_through:
+        # The terminal event always goes out: a reader resuming at or past it (`starting_after` beyond the last
+        # event) still gets a stream that ends, with the final response, rather than an empty one.
+        if number <= self.skip_through and payload["type"] not in TERMINAL_EVENT_TYPES:
             return []
         return [{"type": payload["type"], "sequence_number": number, **payload}]
 
@@ -469,7 +526,10 @@ class ResponseStreamWriter:
         error: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """The response as it stands, with `status` (a copy: later events do not change it)."""
-        return _response(self.context, status=status, output=copy.deepcopy(self.output), usage=usage, error=error)
+        output = copy.deepcopy(self.output)
+        return _response(
+            self.context, status=status, output=output, usage=usage, error=error, completed_at=self.completed_at
+        )
 
     def start(self) -> list[dict[str, Any]]:
         """`response.created` and `response.in_progress`, both in progress with no output."""

@@ -82,7 +82,7 @@ async def create_response(
     with responses_params():
         incoming = adapter.incoming(body, previous)
         _, specs = await prepare_specs(services, incoming, owner=owner, cache_control=cache_control)
-    context = ResponseContext(request=body, model=specs[0].model, previous=previous)
+    context = ResponseContext(request=body, model=specs[0].model, previous=previous, canonical=specs[0].request.wire())
     keep, background = body.store is not False, bool(body.background)
     # A kept response needs a job row to name even for a cached answer; a background one runs to its end
     # whoever leaves, and publishes its text for the readers that stream it later.
@@ -127,7 +127,7 @@ def _late_stream(services: Services, context: ResponseContext, job: Job, after: 
     """A stored response's events from the start (those numbered after `after`): the job's own events, live while
     it runs and kept after it ends (MLXQ_STREAM_RETENTION_S), so they are numbered as its first stream numbered
     them; a job that never ran (a cached answer) is replayed from its result, as its first stream was."""
-    writer = context.stream_writer(starting_after=after)
+    writer = context.stream_writer(starting_after=after, completed_at=job.finished_at)
     if job.started_at is None and job.status in JOB_FINAL:
         source = from_list(replay(job.result or {}))
     else:

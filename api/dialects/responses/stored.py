@@ -32,7 +32,8 @@ def _read(
     return row, job
 
 
-def context_of(row: StoredResponse) -> ResponseContext:
+def context_of(row: StoredResponse, job: Job | None = None) -> ResponseContext:
+    """The stored response's context; with its job, the canonical request it ran (the sampling it reports)."""
     return ResponseContext(
         request=ResponsesRequest.model_validate(row.request),
         model=row.model,
@@ -40,6 +41,7 @@ def context_of(row: StoredResponse) -> ResponseContext:
         created_at=row.created_at,
         previous=list(row.previous_items),
         cancelled=row.cancelled_at is not None,
+        canonical=job.request if job is not None else None,
     )
 
 
@@ -47,7 +49,7 @@ async def load(
     services: Services, response_id: str, owner: str | None, *, param: str = "response_id"
 ) -> tuple[ResponseContext, Job]:
     row, job = await asyncio.to_thread(_read, services, response_id, owner, param)
-    return context_of(row), job
+    return context_of(row, job), job
 
 
 # The id prefix OpenAI gives each kind of item.
@@ -181,6 +183,6 @@ async def cancel(services: Services, response_id: str, owner: str | None) -> dic
         with services.sessions.begin() as session:
             responses.cancel_response(session=session, response_id=response_id)
         row, job = _read(services, response_id, owner)
-        return context_of(row).render_job(job)
+        return context_of(row, job).render_job(job)
 
     return await asyncio.to_thread(stop)

@@ -1,0 +1,329 @@
+"""Speculative decoding inside the batch (worker.speculative): prompt-lookup drafts verified in the batch's forward
+give the plain answers token for token (greedy), alone and batched, under a grammar and with stop strings; the
+acceptance rule keeps the target distribution (sampled); the prefix cache and parking work on its caches."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from worker.blas import preload_openblas
+
+preload_openblas()
+
+import mlx.core as mx  # noqa: E402
+from mlx_lm.models import llama  # noqa: E402
+from mlx_lm.sample_utils import make_sampler  # noqa: E402
+
+from worker.engine import BatchLimits, Engine, wait  # noqa: E402
+from worker.generator import Admission, GeneratorConfig  # noqa: E402
+from worker.speculative import PromptLookup, SpeculativeBatch, lookup_draft, supports  # noqa: E402
+
+SOURCE = """import json
+from dataclasses import dataclass
+
+
+@dataclass
+class Order:
+    item: str
+    quantity: int
+    price: float
+
+
+def load(path):
+    with open(path) as f:
+        return [Order(**row) for row in json.load(f)]
+
+
+def total(orders):
+    result = 0.0
+    for order in orders:
+        result += order.quantity * order.price
+    return result
+
+
+def cheapest(orders):
+    return min(orders, key=lambda order: order.price)
+
+
+def report(orders):
+    lines = []
+    for order in orders:
+        lines.append(f"{order.item}: {order.quantity} x {order.price:.2f}")
+    lines.append(f"total: {total(orders):.2f}")
+    return "\\n".join(lines)
+"""
+SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "country": {"type": "string"}, "people": {"type": "integer"}},
+    "required": ["city", "country", "people"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
+
+
+def chat(user: str, **kw: Any) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": user}], "temperature": 0.0, **kw}
+
+
+EDIT = f"Return this file with the function `total` renamed to `order_total`, and nothing else:\n\n{SOURCE}"
+PROMPTS = {
+    "edit": chat(EDIT, max_tokens=120),
+    "prose": chat("Write a short paragraph about lighthouses.", max_tokens=40),
+    "count": chat("Count from 1 to 30, separated by commas.", max_tokens=80),
+    "json": chat(
+        "Describe Paris as JSON.",
+        max_tokens=40,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA}},
+    ),
+    "stop": chat(EDIT, max_tokens=100, stop=["statement is"]),
+    "tools": chat("What is the weather in Paris? Use the tool.", max_tokens=40, tools=TOOLS),
+}
+
+
+def load(path: Path, mode: str, size: int = 8) -> Engine:
+    return Engine.load(str(path), BatchLimits(size=size, speculative=mode))
+
+
+def together(engine: Engine, requests: list[dict[str, Any]]) -> list[Any]:
+    seqs = [engine.submit("chat", r, use_prefix_cache=False) for r in requests]
+    return [wait(s, lambda _e: None) for s in seqs]
+
+
+def same(a: Any, b: Any) -> bool:
+    keys = ("text", "finish_reason", "tool_calls")
+    return (
+        all(a.get(k) == b.get(k) for k in keys) and a["usage"]["completion_tokens"] == b["usage"]["completion_tokens"]
+    )
+
+
+# -- greedy: the plain answers, token for token ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2: Path) -> Iterator[dict[str, Engine]]:
+    engines = {mode: load(smollm2, mode) for mode in ("off", "lookup")}
+    yield engines
+    for e in engines.values():
+        e.close()
+
+
+@pytest.fixture(scope="module")
+def smol_plain(smol: dict[str, Engine]) -> dict[str, Any]:
+    return {name: smol["off"].generate("chat", r, use_prefix_cache=False) for name, r in PROMPTS.items()}
+
+
+def test_drafting_gives_the_plain_greedy_answers_alone(smol: dict[str, Engine], smol_plain: dict[str, Any]):
+    on = smol["lookup"]
+    for name, request in PROMPTS.items():
+        before = on.draft_stats.accepted
+        got = on.generate("chat", request, use_prefix_cache=False)
+        assert same(got, smol_plain[name]), f"{name}: {got['text']!r} != {smol_plain[name]['text']!r}"
+        if name == "edit":  # the copy is drafted: several tokens per step
+            assert on.draft_stats.accepted - before > 20
+    assert smol_plain["stop"]["finish_reason"] == "stop" and smol_plain["stop"]["usage"]["completion_tokens"] < 100
+
+
+def test_drafting_gives_the_plain_greedy_answers_in_a_batch(smol: dict[str, Engine], smol_plain: dict[str, Any]):
+    names = [*PROMPTS, "edit", "count"]  # two of a kind as well
+    results = together(smol["lookup"], [PROMPTS[n] for n in names])
+    for name, got in zip(names, results, strict=True):
+        assert same(got, smol_plain[name]), f"{name}: {got['text']!r} != {smol_plain[name]['text']!r}"
+
+
+def test_drafting_gives_the_plain_greedy_answers_on_the_tiny_model(tiny_model: Path):
+    requests = [chat(f"{EDIT[: 200 + 40 * i]} {i}", max_tokens=48) for i in range(8)]
+    off, on = load(tiny_model, "off"), load(tiny_model, "lookup")
+    try:
+        plain = [off.generate("chat", r, use_prefix_cache=False) for r in requests]
+        alone = [on.generate("chat", r, use_prefix_cache=False) for r in requests[:3]]
+        batched = together(on, requests)
+        assert all(same(a, b) for a, b in zip(alone, plain, strict=False))
+        assert all(same(a, b) for a, b in zip(batched, plain, strict=True))
+        assert on.draft_stats.accepted > 0  # its loops are drafted
+    finally:
+        off.close()
+        on.close()
+
+
+# -- sampled: the acceptance rule keeps the distribution -----------------------------------------------------------
+
+
+def small_model(vocab: int = 6) -> llama.Model:
+    """A real llama of a small vocabulary (random weights, seeded)."""
+    args = llama.ModelArgs(
+        model_type="llama",
+        hidden_size=32,
+        num_hidden_layers=2,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        vocab_size=vocab,
+        tie_word_embeddings=True,
+    )
+    mx.random.seed(11)
+    model = llama.Model(args)
+    mx.eval(model.parameters())
+    return model
+
+
+def test_the_acceptance_rule_keeps_the_target_distribution():
+    """The first two sampled tokens after a prompt whose lookup drafts them: their joint frequencies over many draws
+    match the model's p(t1)·p(t2 | t1) (chi-square), and drafts were both accepted and rejected along the way."""
+    vocab, draws, rows = 6, 3000, 500
+    model = small_model(vocab)
+
+    def probs(prompts: list[list[int]]) -> list[list[float]]:
+        return cast(list[list[float]], mx.softmax(model(mx.array(prompts))[:, -1], axis=-1).tolist())
+
+    # A repeating prompt (lookup drafts its next tokens) whose first draft is neither certain nor hopeless.
+    patterns = [[a, b, c, d] for a in range(vocab) for b in range(vocab) for c in range(vocab) for d in (0, 5)]
+    candidates = [(p * 3)[:-2] for p in patterns if len(set(p)) == 4]
+    first = probs(candidates)
+    prompt = next(c for c, p in zip(candidates, first, strict=True) if 0.2 < p[c[2]] < 0.8)
+    assert lookup_draft(PromptLookup(prompt[:-1]), prompt[-1], 2) == prompt[2:4]
+    p1 = probs([prompt])[0]
+    p2 = probs([[*prompt, t] for t in range(vocab)])
+    expected = [p1[a] * p2[a][b] for a in range(vocab) for b in range(vocab)]
+
+    mx.random.seed(5)
+    sampler = make_sampler(temp=1.0)
+    stream = mx.default_stream(mx.default_device())
+    config = GeneratorConfig(model, eos_ids=(), batch_size=rows, prefill_batch_size=1, prefill_step=64)
+    gen = SpeculativeBatch(config, stream)
+    counts = [0] * (vocab * vocab)
+    for _ in range(draws // rows):
+        got: dict[int, list[int]] = {}
+        for _ in range(rows):
+            admission = Admission(
+                rest=list(prompt), max_tokens=3, cache=None, history=[], sampler=sampler, processors=[]
+            )
+            got[gen.admit(admission)] = []
+        while any(len(t) < 3 for t in got.values()):
+            for g in gen.step().generated:
+                got[g.uid].append(g.token)
+        for t in got.values():
+            counts[t[0] * vocab + t[1]] += 1
+    assert 0 < gen.stats.accepted < gen.stats.drafted
+    # Cells expected at least 5 times; the rest pooled into one.
+    cells = [(c, e * draws) for c, e in zip(counts, expected, strict=True)]
+    big = [(c, e) for c, e in cells if e >= 5]
+    small = (sum(c for c, e in cells if e < 5), sum(e for c, e in cells if e < 5))
+    if small[1] > 0:
+        big.append(small)
+    chi2 = sum((c - e) ** 2 / e for c, e in big)
+    dof = len(big) - 1
+    # The 99.9% quantile of chi-square (Wilson-Hilferty): a correct rule fails about once in a thousand seeds.
+    z = 3.09
+    limit = dof * (1 - 2 / (9 * dof) + z * (2 / (9 * dof)) ** 0.5) ** 3
+    assert chi2 < limit, f"chi2 {chi2:.1f} over {limit:.1f} ({dof} dof)"
+    # A rule that took every draft would put its mass on the drafted pair: the test can tell.
+    assert expected[prompt[2] * vocab + prompt[3]] < 0.8
+
+
+# -- caches: the prefix cache after a speculative turn, a parked sequence ------------------------------------------
+
+
+def test_the_prefix_cache_hits_after_a_speculative_turn(tiny_model: Path):
+    on, off = load(tiny_model, "lookup"), load(tiny_model, "off")
+    try:
+        on.enable_prefix_cache(max_entries=8)
+        first = chat(EDIT, max_tokens=60)
+        answer = on.generate("chat", first)
+        second = {
+            **first,
+            "messages": [
+                *first["messages"],
+                {"role": "assistant", "content": answer["text"]},
+                {"role": "user", "content": "Now the same file again, unchanged."},
+            ],
+        }
+        got = on.generate("chat", second)
+        assert on.draft_stats.accepted > 0  # the turns were drafted
+        assert got["usage"]["cached_tokens"] > len(on.chat_tokens(first)) // 2
+        assert same(got, off.generate("chat", second, use_prefix_cache=False))
+    finally:
+        on.close()
+        off.close()
+
+
+def test_a_parked_speculative_sequence_resumes_with_its_answer(tiny_model: Path):
+    engine = load(tiny_model, "lookup", size=2)
+    off = load(tiny_model, "off")
+    try:
+        background = [chat(f"{EDIT[: 300 + 50 * i]}", max_tokens=120) for i in range(6)]
+        low = [engine.submit("chat", r, priority="low") for r in background]
+        deadline = time.monotonic() + 60
+        while sum(len(s.generated) >= 2 for s in low) < 2:  # the batch is full of low-priority work, decoding
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        interactive = engine.submit("chat", chat("I am a person waiting", max_tokens=8))
+        assert wait(interactive, lambda _e: None)["usage"]["completion_tokens"] == 8
+        results = [wait(s, lambda _e: None) for s in low]
+        assert engine.batcher.stats()["preempted"] >= 1
+        assert engine.draft_stats.accepted > 0
+        plain = [off.generate("chat", r, use_prefix_cache=False) for r in background]
+        for got, want in zip(results, plain, strict=True):
+            assert same(got, want)
+    finally:
+        engine.close()
+        off.close()
+
+
+# -- pieces ------------------------------------------------------------------------------------------------------
+
+
+def test_lookup_drafts_the_latest_continuation_and_continues_a_loop():
+    context = PromptLookup([5, 6, 7, 8, 9, 5, 6, 7, 1, 2, 3, 5])
+    assert lookup_draft(context, 6, 4) == [7, 1, 2, 3]  # "5 6" last continued with 7 1 2 3
+    assert lookup_draft(context, 42, 4) == []
+    loop = PromptLookup([1, 2, 1, 2, 1])
+    assert lookup_draft(loop, 2, 5) == [1, 2, 1, 2, 1]  # past the end it repeats the loop
+    seed = PromptLookup([9, 9, 3, 4, 6, 6])
+    assert lookup_draft(PromptLookup([0, 3]), 4, 2, seed) == [6, 6]  # the client's prediction first
+
+
+def test_models_whose_cache_cannot_take_ragged_rows_decode_with_mlx_lm(family_models: Any):
+    from mlx_lm import load as mlx_load
+
+    model, _ = mlx_load(str(family_models("gemma3_text")))
+    assert not supports(model)  # sliding-window layers
+    llama_model, _ = mlx_load(str(family_models("llama")))
+    assert supports(llama_model)
+
+
+def test_concurrent_clients_see_their_own_answers(tiny_model: Path):
+    """Requests that arrive while others decode (rows join a batch in flight, of other lengths) still get theirs."""
+    engine, off = load(tiny_model, "lookup"), load(tiny_model, "off")
+    try:
+        requests = [chat(f"{EDIT[: 150 + 60 * i]}", max_tokens=30 + 5 * i) for i in range(6)]
+        results: list[Any] = [{}] * len(requests)
+
+        def one(i: int) -> None:
+            time.sleep(0.05 * i)
+            results[i] = engine.generate("chat", requests[i], use_prefix_cache=False)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        for got, r in zip(results, requests, strict=True):
+            assert same(got, off.generate("chat", r, use_prefix_cache=False))
+    finally:
+        engine.close()
+        off.close()
