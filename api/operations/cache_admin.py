@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 
 from api.auth import AUTHENTICATED, Owner
+from api.errors import APIError
 from api.services import ServicesDep
 from mlxq.contract import PREFIX_CACHE_CLEARS
 from mlxq.repos import cache_entries, counters
@@ -44,8 +45,19 @@ async def clear_response_cache(
 
 
 @router.delete("/prefix")
-async def clear_prefix_cache(services: ServicesDep) -> dict[str, Any]:
-    """Make every worker drop its prefix KV cache (within a heartbeat; saved empty)."""
+async def clear_prefix_cache(services: ServicesDep, owner: Owner) -> dict[str, Any]:
+    """Make every worker drop its prefix KV cache (within a heartbeat; saved empty). With per-key caches the workers'
+    caches hold every key's partitions, and one key must not empty another's: refused (an operator clears it with
+    keys off or MLXQ_CACHE_SCOPE=global)."""
+    if services.admission.namespace(owner):
+        raise APIError(
+            403,
+            "With per-key caches (MLXQ_CACHE_SCOPE=key) the prefix KV cache holds every key's partitions, and one key "
+            "may not empty the others'; a key's prompts are never served to another key. Clear it as an operator "
+            "(keys off or MLXQ_CACHE_SCOPE=global).",
+            type="permission_error",
+            code="prefix_cache_shared",
+        )
 
     def bump() -> None:
         with services.sessions.begin() as session:
