@@ -21,6 +21,8 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -224,6 +226,18 @@ def start_mlx_lm(model_dir: Path, log_path: Path, max_tokens: int, port: int = 0
         except httpx.HTTPError:
             time.sleep(0.2)
     return proc, base
+
+
+@contextmanager
+def running_mlx_lm(model_dir: Path, log: Path, max_tokens: int) -> Iterator[tuple[subprocess.Popen, str]]:
+    """mlx_lm.server started (`start_mlx_lm`), checked alive, and stopped afterwards: (its process, its base URL)."""
+    proc, base = start_mlx_lm(model_dir, log, max_tokens)
+    try:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlx_lm.server exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        yield proc, base
+    finally:
+        stop_process(proc)
 
 
 def stop_process(proc: subprocess.Popen) -> None:

@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench import PG_ADMIN, ms, pct, start_mlx_lm, stop_process  # noqa: E402
+from bench import PG_ADMIN, ms, pct, running_mlx_lm  # noqa: E402
 from bench_agent import f32_copy  # noqa: E402
 
 from mlxq.procs import Service  # noqa: E402
@@ -356,14 +356,8 @@ def mlxq_server(mode: str, model_dir: Path, tmp: Path) -> Iterator[tuple[Server,
 
 @contextmanager
 def mlx_lm_server(model_dir: Path, tmp: Path, max_tokens: int) -> Iterator[Server]:
-    log = tmp / "mlx_lm.log"
-    proc, base = start_mlx_lm(model_dir, log, max_tokens)
-    try:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlx_lm.server exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+    with running_mlx_lm(model_dir, tmp / "mlx_lm.log", max_tokens) as (proc, base):
         yield Server("mlx_lm.server", base, str(model_dir), lambda: [proc.pid])
-    finally:
-        stop_process(proc)
 
 
 # --- Report ------------------------------------------------------------------------------------

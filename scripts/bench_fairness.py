@@ -67,7 +67,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench import start_mlx_lm, stop_process  # noqa: E402
+from bench import running_mlx_lm  # noqa: E402
 from bench_agent import f32_copy  # noqa: E402
 
 from mlxq.procs import Service  # noqa: E402
@@ -497,14 +497,8 @@ def mlxq_server(model_dir: Path, run_dir: Path) -> Iterator[Target]:
 
 @contextmanager
 def mlx_lm_server(model_dir: Path, run_dir: Path, max_tokens: int) -> Iterator[Target]:
-    log = run_dir / "mlx_lm.log"
-    proc, base = start_mlx_lm(model_dir, log, max_tokens)
-    try:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlx_lm.server exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+    with running_mlx_lm(model_dir, run_dir / "mlx_lm.log", max_tokens) as (proc, base):
         yield Target("mlx_lm", base, str(model_dir))
-    finally:
-        stop_process(proc)
 
 
 # --- Report ------------------------------------------------------------------------------------
