@@ -6,7 +6,7 @@ and the worker reads the canonical request from the job row.
 
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from typing import Any, Required, TypedDict
 
 from mlxq.request import PRIORITIES, JobKind, Priority
 from mlxq.states import FinishReason
@@ -19,10 +19,13 @@ GENERATE_TASK = "mlxq.generate"
 # generation) and Priority live with the request they describe (mlxq.request).
 
 
-class Usage(TypedDict):
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
+class Usage(TypedDict, total=False):
+    prompt_tokens: Required[int]
+    completion_tokens: Required[int]
+    cached_tokens: Required[int]
+    # Speculative drafts taken from the client's `prediction` (OpenAI's Predicted Outputs) and accepted or not.
+    accepted_prediction_tokens: int
+    rejected_prediction_tokens: int
 
 
 class GenerationResult(TypedDict, total=False):

@@ -112,6 +112,10 @@ class Request(Sampling):
     # In the key (an identical request with another salt is not a response-cache hit) and the prefix cache's
     # partition (mlxq.keys.cache_partition); it does not change the answer.
     cache_salt: CacheSalt | None = None
+    # OpenAI's Predicted Outputs (`prediction.content`, as text): what the client expects most of the answer to be
+    # (an editor's file before its edit). It seeds speculative decoding's drafts (worker.speculative); it does not
+    # change the answer, only how fast it comes and the usage's accepted and rejected prediction tokens.
+    prediction: str | None = None
     # The client's session (OpenAI's `prompt_cache_key`, Anthropic's `metadata.user_id`): it keeps a
     # conversation on one worker before its prefix is cached anywhere (mlxq.delivery).
     session: str | None = Field(None, exclude=True)

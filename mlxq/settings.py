@@ -125,10 +125,10 @@ class Settings(BaseSettings):
     key_weights: dict[str, float] = {}
     key_max_inflight: int = Field(default=0, ge=0)
     # Speculative decoding in the batch (worker.speculative): "lookup" drafts tokens by prompt lookup (n-grams of
-    # each sequence's own prompt and output; an answer that copies its prompt gets several tokens per step), "off"
-    # decodes one token per step. true/false are taken for lookup/off. Off by default until scripts/bench_spec.py
-    # shows it pays on the machine at hand (issue 27).
-    speculative: Literal["lookup", "off"] = "off"
+    # each sequence's own prompt and output, and the client's `prediction`; an answer that copies its prompt gets
+    # several tokens per step, and one that copies nothing decodes plainly), "off" decodes one token per step.
+    # true/false are taken for lookup/off. scripts/bench_spec.py measures both.
+    speculative: Literal["lookup", "off"] = "lookup"
 
     @field_validator("speculative", mode="before")
     @classmethod

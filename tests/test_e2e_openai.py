@@ -29,6 +29,7 @@ TOOLS = [
     }
 ]
 FORCED = {"type": "function", "function": {"name": "get_weather"}}
+NO_CACHE = {"Cache-Control": "no-cache, no-store"}
 
 
 @pytest.fixture(scope="module")
@@ -307,3 +308,21 @@ def test_a_single_flight_joiner_keeps_an_abandoned_sync_job_alive(svc):
     joiner.join(300)
     assert answers and answers[0].status_code == 200 and answers[0].headers["x-cache"] == "MISS"
     assert answers[0].json()["choices"][0]["message"]["content"]
+
+
+def test_a_prediction_is_drafted_from_and_counted_in_the_usage(oa):
+    """OpenAI's Predicted Outputs through the official client: the answer is the one without a prediction, and
+    `completion_tokens_details` counts the predicted tokens accepted (drafting is on by default)."""
+    question = [{"role": "user", "content": "Write one sentence about the sea."}]
+    asked = dict(model=MODEL_NAME, messages=question, temperature=0, max_tokens=30, extra_headers=NO_CACHE)
+    plain = oa.chat.completions.create(**asked)
+    text = plain.choices[0].message.content
+    assert plain.usage.completion_tokens_details.accepted_prediction_tokens == 0
+    predicted = oa.chat.completions.create(
+        **asked, prediction={"type": "content", "content": [{"type": "text", "text": text}]}
+    )
+    assert predicted.choices[0].message.content == text
+    assert predicted.usage.completion_tokens_details.accepted_prediction_tokens >= plain.usage.completion_tokens // 2
+    with pytest.raises(openai.BadRequestError) as err:
+        oa.chat.completions.create(**asked, prediction={"type": "file", "content": text})
+    assert err.value.body["param"].startswith("prediction")

@@ -159,6 +159,23 @@ def test_drafting_gives_the_plain_greedy_answers_on_the_tiny_model(tiny_model: P
         on.close()
 
 
+def test_the_clients_prediction_seeds_the_drafts(smol: dict[str, Engine], smol_plain: dict[str, Any]):
+    """OpenAI's `prediction`: drafts come from the expected answer (here the plain answer itself, as an editor that
+    knows most of the file sends it); the answer is the plain one, and the usage counts what was accepted. A
+    prediction that is wrong changes nothing but the rejected count."""
+    on, plain = smol["lookup"], smol_plain["prose"]
+    predicted = on.generate("chat", {**PROMPTS["prose"], "prediction": plain["text"]}, use_prefix_cache=False)
+    assert same(predicted, plain)
+    usage = predicted["usage"]
+    # Prose copies nothing from its prompt: only the prediction could draft it.
+    assert usage["accepted_prediction_tokens"] >= plain["usage"]["completion_tokens"] // 2
+    wrong = "Lighthouses are tall towers " * 10
+    missed = on.generate("chat", {**PROMPTS["prose"], "prediction": wrong}, use_prefix_cache=False)
+    assert same(missed, plain)
+    unseeded = on.generate("chat", PROMPTS["prose"], use_prefix_cache=False)
+    assert unseeded["usage"]["accepted_prediction_tokens"] == unseeded["usage"]["rejected_prediction_tokens"] == 0
+
+
 # -- sampled: the acceptance rule keeps the distribution -----------------------------------------------------------
 
 
@@ -195,7 +212,7 @@ def test_the_acceptance_rule_keeps_the_target_distribution():
     candidates = [(p * 3)[:-2] for p in patterns if len(set(p)) == 4]
     first = probs(candidates)
     prompt = next(c for c, p in zip(candidates, first, strict=True) if 0.2 < p[c[2]] < 0.8)
-    assert lookup_draft(PromptLookup(prompt[:-1]), prompt[-1], 2) == prompt[2:4]
+    assert lookup_draft(PromptLookup(prompt[:-1]), prompt[-1], 2) == (prompt[2:4], False)
     p1 = probs([prompt])[0]
     p2 = probs([[*prompt, t] for t in range(vocab)])
     expected = [p1[a] * p2[a][b] for a in range(vocab) for b in range(vocab)]
@@ -289,12 +306,12 @@ def test_a_parked_speculative_sequence_resumes_with_its_answer(tiny_model: Path)
 
 def test_lookup_drafts_the_latest_continuation_and_continues_a_loop():
     context = PromptLookup([5, 6, 7, 8, 9, 5, 6, 7, 1, 2, 3, 5])
-    assert lookup_draft(context, 6, 4) == [7, 1, 2, 3]  # "5 6" last continued with 7 1 2 3
-    assert lookup_draft(context, 42, 4) == []
+    assert lookup_draft(context, 6, 4) == ([7, 1, 2, 3], False)  # "5 6" last continued with 7 1 2 3
+    assert lookup_draft(context, 42, 4) == ([], False)
     loop = PromptLookup([1, 2, 1, 2, 1])
-    assert lookup_draft(loop, 2, 5) == [1, 2, 1, 2, 1]  # past the end it repeats the loop
+    assert lookup_draft(loop, 2, 5) == ([1, 2, 1, 2, 1], False)  # past the end it repeats the loop
     seed = PromptLookup([9, 9, 3, 4, 6, 6])
-    assert lookup_draft(PromptLookup([0, 3]), 4, 2, seed) == [6, 6]  # the client's prediction first
+    assert lookup_draft(PromptLookup([0, 3]), 4, 2, seed) == ([6, 6], True)  # the client's prediction first
 
 
 def test_models_whose_cache_cannot_take_ragged_rows_decode_with_mlx_lm(family_models: Any):

@@ -303,6 +303,7 @@ class Batcher:
                 processors=seq.processors,
                 # Those it has not reached yet (a resumed sequence may be past some).
                 checkpoints=tuple(sorted(p for p in seq.checkpoints if p > len(history))) if prefix is not None else (),
+                prediction=tuple(seq.prediction),
                 priority=seq.priority,
                 owner=seq.owner,
                 weight=self._weight(seq.owner),
@@ -396,6 +397,8 @@ class Batcher:
             if seq is None:  # ended on an earlier token of this step
                 continue
             seq.prefilling = 0
+            seq.prediction_accepted += g.prediction[0]
+            seq.prediction_rejected += g.prediction[1]
             if seq.add_token(g.token, g.logprobs, g.finish_reason):
                 last = ended.get(g.uid, g)
                 self._retire(seq, last.cache, last.tokens)

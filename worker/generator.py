@@ -75,6 +75,8 @@ class Admission:
     # Prompt positions (counted from the start of `history`) to hand its cache back at, as a `Checkpoint`
     # (worker.boundaries): prefill stops there, so the cache then holds exactly that prefix.
     checkpoints: tuple[int, ...] = ()
+    # The answer the client expects (OpenAI's `prediction`), tokenized: it seeds speculative drafts.
+    prediction: tuple[int, ...] = ()
     # Who waits for it, for the prefill order (`ChunkedPrefill`): interactive before low, then by owner's share.
     priority: str = "interactive"
     owner: str = ""  # an API key's id, or a session; "" for none
@@ -102,6 +104,8 @@ class Generated:
     # When the generator ended the sequence: its KV cache and the tokens it holds (for the prefix cache).
     cache: list[Any] | None = None
     tokens: list[int] | None = None
+    # Draft tokens from the client's prediction verified with this token's step: (accepted, rejected).
+    prediction: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,9 @@ GeneratorFactory = Callable[[GeneratorConfig, Any], Generator]
 
 class MlxBatchGenerator:
     """mlx-lm's continuous batching behind the `Generator` interface."""
+
+    # Sequences admitted with several prompt tokens to go are prefilled together in one padded forward.
+    prefills_together = True
 
     def __init__(self, config: GeneratorConfig, stream: Any) -> None:
         self._gen = BatchGenerator(
@@ -310,6 +317,9 @@ class ChunkedPrefill:
         self._totals: dict[int, int] = {}  # ours -> its prompt's tokens to prefill, until it is reported finished
         self._served: dict[str, float] = {}  # owner -> prefill tokens over weight, while it has prompts here
         self._moved = False  # a sequence joined the inner generator since its last step
+        # Short prompts chosen in one step are prefilled together by mlx-lm's prompt batch (one padded forward, its
+        # fixed cost paid once: most of a short prompt's cost on a CPU) rather than one by one here.
+        self._groups = getattr(self.inner, "prefills_together", False)
 
     # -- the Generator interface -----------------------------------------------------------------------------------
 
@@ -387,38 +397,65 @@ class ChunkedPrefill:
         decoding = len(self._uid)
         tic = time.perf_counter()
         step = self._inner_step()
+        grouped = 0
         if self._prefilling:
             if decoding:
                 # mlx-lm's decode step runs asynchronously: waited for, so that its time is not taken for prefill's.
                 mx.synchronize(self.stream)
                 self.cost.add_decode(time.perf_counter() - tic)
-            prefilled, checkpoints = self._prefill(self.budget(decoding))
+            # With nothing decoding there is no stream to hold: short prompts that came together are prefilled
+            # together up to the prefill share of memory (`cap`), as mlx-lm's prompt batch would, rather than
+            # staggered over steps (each staggered one would decode in steps of its own at the end).
+            budget = self.budget(decoding)
+            prefilled, checkpoints, grouped = self._prefill(budget, budget if decoding else max(budget, self.cap))
             step.prefilled.extend(prefilled)
             step.checkpoints.extend(checkpoints)
         if self._moved:
             # Those that joined it take their first decoding forward now: their first token comes with the next
-            # step's decode, not one step later. The others get a second token in this step (the batcher takes
-            # both; one that ends on the first is ended by the generator on the second, with its cache).
+            # step's decode, not one step later (a group handed over whole is prefilled in it, in one forward). The
+            # others get a second token in this step (the batcher takes both; one that ends on the first is ended
+            # by the generator on the second, with its cache).
+            tic = time.perf_counter()
             more = self._inner_step()
+            if grouped and not decoding:
+                mx.synchronize(self.stream)
+                self.cost.add(grouped, time.perf_counter() - tic)
             step.prefilled.extend(more.prefilled)
             step.generated.extend(more.generated)
             step.checkpoints.extend(more.checkpoints)
         return step
 
-    def _prefill(self, budget: int) -> tuple[list[Prefilled], list[Checkpoint]]:
-        """Spend `budget` tokens on prefill chunks, the first in order (module doc) first, chosen again after each."""
+    def _prefill(self, budget: int, grouped: int) -> tuple[list[Prefilled], list[Checkpoint], int]:
+        """Spend `budget` tokens on prefill chunks, the first in order (module doc) first, chosen again after each.
+        Prompts whose whole rest fits in what is left (of `grouped`, for them) go to the decode batch whole, together,
+        and are prefilled there in one forward; the others are prefilled here a chunk at a time. Also returns the
+        group's padded tokens (0: none)."""
         self.last_budget = budget
         prefilled: list[Prefilled] = []
         checkpoints: list[Checkpoint] = []
-        left = budget
-        while left > 0 and self._prefilling:
+        group: list[_Prefilling] = []
+        spent = 0  # by chunks run here
+        while spent + _padded(group) < max(budget, grouped) and self._prefilling:
             p = min(self._prefilling.values(), key=self._order)
-            end = len(p.tokens) + len(p.rest) - 1  # every prompt token but the decoder's first input
-            if p.checkpoints:
-                end = min(end, p.checkpoints[0])  # a chunk never crosses a checkpoint: the cache holds it exactly
-            n = min(end - len(p.tokens), self.chunk, left)
+            if self._groups and not p.checkpoints and len(p.rest) - 1 <= self.chunk:
+                if group and spent + _padded([*group, p]) > grouped:
+                    break  # the next step's
+                if not group and spent + len(p.rest) - 1 > grouped:
+                    n = min(len(p.rest) - 1, budget - spent)  # one chunk of it, here, as for any other
+                else:
+                    group.append(p)
+                    self._served[p.admission.owner] += (len(p.rest) - 1) / max(p.admission.weight, 1e-6)
+                    del self._prefilling[p.uid]
+                    continue
+            else:
+                end = len(p.tokens) + len(p.rest) - 1  # every prompt token but the decoder's first input
+                if p.checkpoints:
+                    end = min(end, p.checkpoints[0])  # a chunk never crosses a checkpoint: the cache holds it exactly
+                n = min(end - len(p.tokens), self.chunk, budget - spent - _padded(group))
+            if n <= 0:
+                break
             self._run(p, n)
-            left -= n
+            spent += n
             self._served[p.admission.owner] += n / max(p.admission.weight, 1e-6)
             prefilled.append(Prefilled(p.uid, p.total - len(p.rest), p.total, False))
             if p.checkpoints and len(p.tokens) == p.checkpoints[0]:
@@ -428,8 +465,11 @@ class ChunkedPrefill:
                 del self._prefilling[p.uid]
                 self._forget_owner(p.admission.owner)
                 self._decode(p)
+        for p in group:
+            self._forget_owner(p.admission.owner)
+            self._decode(p)
         mx.clear_cache()  # prefill's transient buffers, as mlx-lm's prompt batch returns them
-        return prefilled, checkpoints
+        return prefilled, checkpoints, _padded(group)
 
     def _order(self, p: _Prefilling) -> tuple[int, float, int, int]:
         owner = p.admission.owner
@@ -478,6 +518,11 @@ class ChunkedPrefill:
             generated.append(replace(g, uid=uid))
         checkpoints = [replace(c, uid=self._uid[c.uid]) for c in inner.checkpoints if c.uid in self._uid]
         return Step(prefilled, generated, checkpoints)
+
+
+def _padded(group: list[_Prefilling]) -> int:
+    """The tokens one forward over a group's prompts computes: each padded to the longest."""
+    return max((len(p.rest) - 1 for p in group), default=0) * len(group)
 
 
 def _copy(cache: list[Any]) -> list[Any]:

@@ -52,6 +52,8 @@ class Sequence:
     # Prefix-cache checkpoints to keep while its prompt is prefilled (a model whose cache cannot be trimmed:
     # worker.boundaries): token position -> (cache type, canonical message count whose boundary it holds).
     checkpoints: dict[int, tuple[str, int | None]] = field(default_factory=dict)
+    # The answer the client expects (OpenAI's `prediction`), tokenized: speculative drafts are taken from it.
+    prediction: list[int] = field(default_factory=list)
 
     # -- filled in as it runs (engine thread) --------------------------------------------------
     uid: int | None = None  # in the generator while admitted
@@ -60,6 +62,9 @@ class Sequence:
     # The stop string that ended the answer, if one did (Anthropic reports it as `stop_sequence`).
     stop_sequence: str | None = None
     cached_tokens: int = 0
+    # Draft tokens from `prediction` accepted and rejected (OpenAI's usage reports both).
+    prediction_accepted: int = 0
+    prediction_rejected: int = 0
     prefix_entry: int | None = None  # the prefix-cache entry its KV went into when it finished
     taken_entry: int | None = None  # the prefix-cache entry it took out of the trie to extend
     # The checkpoints kept: (canonical message count or None, prefix-cache entry id), for worker.prefix_index.
@@ -196,6 +201,8 @@ class Sequence:
                 "prompt_tokens": len(self.prompt),
                 "completion_tokens": len(self.generated),
                 "cached_tokens": self.cached_tokens,
+                "accepted_prediction_tokens": self.prediction_accepted,
+                "rejected_prediction_tokens": self.prediction_rejected,
             },
         )
         if finish == FinishReason.STOP and not calls and self.stop_sequence in self.request_stops:

@@ -266,4 +266,7 @@ class SequenceBuilder:
             use_prefix_cache=use_prefix_cache,
             partition=partition,
             checkpoints=marks,
+            prediction=self.tokenizer.encode(request.prediction, add_special_tokens=False)
+            if request.prediction
+            else [],
         )

@@ -33,11 +33,12 @@ sequence that copies its prompt (an edit returns most of the file it was sent) g
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.generate import PromptProcessingBatch
 from mlx_lm.models.cache import BatchKVCache, KVCache, TokenBuffer, make_prompt_cache
 
 from worker.generator import Admission, Generated, GeneratorConfig, PrefillCost, Prefilled, Step
@@ -214,21 +215,22 @@ class PromptLookup:
         return self._at.get(tuple(suffix[-n:])) if len(suffix) >= n else None
 
 
-def lookup_draft(context: PromptLookup, last: int, k: int, seed: PromptLookup | None = None) -> list[int]:
+def lookup_draft(context: PromptLookup, last: int, k: int, seed: PromptLookup | None = None) -> tuple[list[int], bool]:
     """Up to k tokens to follow `last` (the sampled token not yet in `context`): the continuation of the latest
-    earlier occurrence of the context's last n tokens (longest n first), in the client's prediction first."""
+    earlier occurrence of the context's last n tokens (longest n first), in the client's prediction first; and
+    whether they come from the prediction."""
     if k <= 0:
-        return []
+        return [], False
     tail = [*context.tokens[-(max(context.ngrams) - 1) :], last]
     for n in context.ngrams:
         if seed is not None and (j := seed.find(tail, n)) is not None and j < len(seed.tokens):
-            return seed.tokens[j : j + k]
+            return seed.tokens[j : j + k], True
         if (j := context.find(tail, n)) is not None:
             # The occurrence may be the very end (a loop): its continuation repeats with the loop's period.
             whole = [*context.tokens, last]
             period = len(whole) - j
-            return [whole[j + i % period] for i in range(k)]
-    return []
+            return [whole[j + i % period] for i in range(k)], False
+    return [], False
 
 
 @dataclass(eq=False)
@@ -244,7 +246,8 @@ class _Row:
     processors: tuple[Any, ...]
     context: TokenBuffer | None  # the processors' view of its tokens
     lookup: PromptLookup
-    seed: PromptLookup | None
+    seed: PromptLookup | None  # the client's prediction
+    seeded: bool = False  # this step's draft comes from the prediction
     logprobs: mx.array | None = None  # of `last`
     k: int = K_START
     misses: int = 0
@@ -263,6 +266,7 @@ class SpeculativeBatch:
     def __init__(self, config: GeneratorConfig, stream: Any, stats: DraftStats | None = None) -> None:
         self.model = config.model
         self.stream = stream
+        self.prefill_step = config.prefill_step
         self.eos = set(config.eos_ids)
         self.stats = stats if stats is not None else DraftStats()
         self.cost = PrefillCost()  # a forward's seconds by positions: fixed + per position
@@ -270,34 +274,33 @@ class SpeculativeBatch:
         self._rows: list[_Row] = []
         self._cache: list[RaggedKVCache] = []
         self._last: mx.array | None = None  # each row's `last`, possibly still being computed (a plain step's)
-        self._joining: list[tuple[_Row, list[Any]]] = []
+        # Admitted, joining at the next step: each with its cache and the prompt tokens still to prefill before `last`.
+        self._joining: list[tuple[_Row, list[Any], list[int]]] = []
         self._next_uid = 0
 
     # -- the Generator interface -------------------------------------------------------------------------------------
 
-    def admit(self, admission: Admission, seed: list[int] | None = None) -> int:
+    # Short prompts come in whole, several at once (worker.generator.ChunkedPrefill's groups): prefilled as they
+    # join, together, in one padded forward.
+    prefills_together = True
+
+    def admit(self, admission: Admission) -> int:
         uid = self._next_uid
         self._next_uid += 1
         cache = admission.cache if admission.cache is not None else make_prompt_cache(self.model)
-        history, rest = list(admission.history), list(admission.rest)
-        if len(rest) > 1:  # the prefill stage hands over one token; anything before it goes in now
-            with mx.stream(self.stream):
-                self.model(mx.array(rest[:-1])[None], cache=cache)
-                mx.eval([c.state for c in cache])
-            history += rest[:-1]
         row = _Row(
             uid,
-            tokens=history,
-            last=rest[-1],
+            tokens=list(admission.history),
+            last=admission.rest[-1],
             fresh=True,
             left=admission.max_tokens,
             sampler=admission.sampler,
             processors=tuple(admission.processors or ()),
-            context=TokenBuffer(history) if admission.processors else None,
-            lookup=PromptLookup(history),
-            seed=PromptLookup(seed) if seed else None,
+            context=None,
+            lookup=PromptLookup([]),
+            seed=PromptLookup(list(admission.prediction)) if admission.prediction else None,
         )
-        self._joining.append((row, cache))
+        self._joining.append((row, cache, list(admission.rest[:-1])))
         return uid
 
     def step(self) -> Step:
@@ -305,8 +308,8 @@ class SpeculativeBatch:
             return self._step()
 
     def extract(self, uid: int) -> tuple[list[Any], list[int]]:
-        for j, (row, cache) in enumerate(self._joining):
-            if row.uid == uid:
+        for j, (row, cache, _) in enumerate(self._joining):
+            if row.uid == uid:  # the cache it came with, and the tokens that holds
                 del self._joining[j]
                 return cache, list(row.tokens)
         i = self._index(uid)
@@ -316,7 +319,7 @@ class SpeculativeBatch:
         return cache, list(row.tokens)
 
     def remove(self, uid: int) -> None:
-        for j, (row, _) in enumerate(self._joining):
+        for j, (row, _, _) in enumerate(self._joining):
             if row.uid == uid:
                 del self._joining[j]
                 return
@@ -326,7 +329,7 @@ class SpeculativeBatch:
 
     def _step(self) -> Step:
         # Those joining now have their whole prompt in: reported finished, as mlx-lm's batch reports them.
-        joined = [Prefilled(row.uid, 1, 1, True) for row, _ in self._joining]
+        joined = [Prefilled(row.uid, len(rest) + 1, len(rest) + 1, True) for row, _, rest in self._joining]
         if self._joining:
             self._join()
         if not self._rows:
@@ -337,14 +340,34 @@ class SpeculativeBatch:
         return step
 
     def _join(self) -> None:
-        rows, caches = zip(*self._joining, strict=True)
-        self._joining = []
-        merged = [RaggedKVCache.of(BatchKVCache.merge([c[layer] for c in caches])) for layer in range(len(caches[0]))]
-        if self._cache:
-            for mine, theirs in zip(self._cache, merged, strict=True):
-                mine.extend(theirs)
-        else:
-            self._cache = merged
+        """The admitted rows join the batch; those with prompt tokens to go are prefilled first, together, by
+        mlx-lm's prompt batch (one padded forward, its cache merged as it goes)."""
+        joining, self._joining = self._joining, []
+        prefill = [j for j in joining if j[2]]
+        ready = [j for j in joining if not j[2]]
+        parts: list[list[RaggedKVCache]] = []
+        if prefill:
+            uids, caches = [r.uid for r, _, _ in prefill], [c for _, c, _ in prefill]
+            batch = PromptProcessingBatch(self.model, uids, caches, prefill_step_size=self.prefill_step)
+            batch.prompt([rest for _, _, rest in prefill])
+            parts.append([RaggedKVCache.of(c) for c in batch.prompt_cache])
+            for row, _, rest in prefill:
+                row.tokens += rest
+        if ready:
+            caches = [c for _, c, _ in ready]
+            merged = [BatchKVCache.merge([c[layer] for c in caches]) for layer in range(len(caches[0]))]
+            parts.append([RaggedKVCache.of(c) for c in merged])
+        rows = [r for r, _, _ in prefill + ready]
+        for row in rows:
+            row.lookup.extend(row.tokens)
+            if row.processors:
+                row.context = TokenBuffer(row.tokens)
+        for part in parts:
+            if self._cache:
+                for mine, theirs in zip(self._cache, part, strict=True):
+                    mine.extend(theirs)
+            else:
+                self._cache = part
         lasts = mx.array([r.last for r in rows], dtype=mx.uint32)
         self._last = lasts if self._last is None else mx.concatenate([self._last, lasts])
         self._rows.extend(rows)
@@ -363,7 +386,7 @@ class SpeculativeBatch:
             if not row.wants():
                 drafts.append([])
                 continue
-            draft = lookup_draft(row.lookup, row.last, min(row.k, row.left - 1), row.seed)
+            draft, row.seeded = lookup_draft(row.lookup, row.last, min(row.k, row.left - 1), row.seed)
             if not draft:
                 self._missed(row)
             drafts.append(draft)
@@ -426,7 +449,7 @@ class SpeculativeBatch:
         self.cost.add(len(self._rows) * length, time.perf_counter() - tic)
         self._timed += 1
         out: list[list[tuple[int, mx.array | None]]] = []
-        fed_all, lasts = [], []
+        fed_all, lasts, predicted = [], [], []
         for i, (row, d, t) in enumerate(zip(self._rows, drafts, cast(list[list[int]], targets.tolist()), strict=True)):
             accepted = 0
             while accepted < len(d) and t[accepted] == d[accepted]:
@@ -437,22 +460,25 @@ class SpeculativeBatch:
                 ([] if row.fresh else [(row.last, previous[i])]) + [(d[j], logprobs[i, j]) for j in range(accepted)]
             )
             fed_all.append(fed)
+            predicted.append((accepted, len(d) - accepted) if row.seeded and d else (0, 0))
             row.fresh = False
             row.last, row.logprobs = t[accepted], logprobs[i, accepted]
             lasts.append(row.last)
             if d:
                 self._adapt(row, len(d), accepted)
         self._last = mx.array(lasts, dtype=mx.uint32)
-        return self._finish(out, [len(f) for f in fed_all], fed_all)
+        return self._finish(out, [len(f) for f in fed_all], fed_all, predicted)
 
     def _finish(
         self,
         out: list[list[tuple[int, mx.array | None]]],
         kept: list[int],
         fed: list[list[int]] | None = None,
+        predicted: list[tuple[int, int]] | None = None,
     ) -> Step:
         """Report each row's tokens of the step, ending those that reach an end-of-sequence token or their length;
-        each row's cache keeps what it fed up to there (`fed`: the tokens, when not yet in its `tokens`)."""
+        each row's cache keeps what it fed up to there (`fed`: the tokens, when not yet in its `tokens`). A row's
+        first token carries its drafts from the prediction (`predicted`: accepted, rejected)."""
         generated: list[Generated] = []
         ended: dict[int, int] = {}  # row -> the index of its last Generated
         for i, (row, tokens) in enumerate(zip(self._rows, out, strict=True)):
@@ -460,7 +486,8 @@ class SpeculativeBatch:
                 assert lp is not None
                 row.left -= 1
                 reason = "stop" if token in self.eos else "length" if row.left <= 0 else None
-                generated.append(Generated(row.uid, token, lp, reason))
+                prediction = predicted[i] if predicted is not None and j == 0 else (0, 0)
+                generated.append(Generated(row.uid, token, lp, reason, prediction=prediction))
                 if reason is not None:
                     kept[i] -= len(tokens) - 1 - j  # the tokens after it were fed but are not its
                     ended[i] = len(generated) - 1
@@ -473,9 +500,7 @@ class SpeculativeBatch:
         for i, at in ended.items():
             # The cache and the tokens it holds go with the last token (the prefix cache keeps them).
             g = generated[at]
-            generated[at] = Generated(
-                g.uid, g.token, g.logprobs, g.finish_reason, self._take(i), list(self._rows[i].tokens)
-            )
+            generated[at] = replace(g, cache=self._take(i), tokens=list(self._rows[i].tokens))
         self.stats.steps += 1
         self.stats.tokens += len(generated)
         self._drop(list(ended))

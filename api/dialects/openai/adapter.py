@@ -47,7 +47,8 @@ def chat(body: ChatCompletionRequest) -> Incoming:
             param="audio" if body.audio is not None else "modalities",
         )
     raw = body.model_dump(exclude_none=True)
-    return Incoming.of("chat", [raw], raw, priority=body.priority, stream=body.stream, cache=body.cache)
+    neutral = {**raw, "prediction": body.prediction.text} if body.prediction else raw
+    return Incoming.of("chat", [neutral], raw, priority=body.priority, stream=body.stream, cache=body.cache)
 
 
 def prompt_list(prompt: str | list[Any]) -> list[str | list[int]]:
@@ -74,7 +75,9 @@ def completion(body: CompletionRequest) -> Incoming:
         raise APIError(400, "Streaming supports a single prompt.", param="prompt")
     raw = body.model_dump(exclude_none=True)
     # A completion's logprobs (an int) is refused above; OpenAI's legacy completions default to 16 tokens.
-    shared = {k: v for k, v in raw.items() if k not in ("prompt", "logprobs")} | {"max_tokens": body.max_tokens or 16}
+    # `prediction` is chat's (Predicted Outputs); an unknown field here, as OpenAI's completions ignore it.
+    unshared = ("prompt", "logprobs", "prediction")
+    shared = {k: v for k, v in raw.items() if k not in unshared} | {"max_tokens": body.max_tokens or 16}
     echo = [p if body.echo and isinstance(p, str) else "" for p in prompts]
     bodies = [{**shared, "prompt": p} for p in prompts]
     return Incoming.of(

@@ -250,6 +250,18 @@ class GenerationRequest(OpenAIBaseModel, SamplingExtras):
         return priority_of(self.service_tier)
 
 
+class Prediction(OpenAIBaseModel):
+    """OpenAI's Predicted Outputs: the text the answer is expected to repeat (an edited file), as a string or text
+    parts."""
+
+    type: Literal["content"]
+    content: Content
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     # Output audio: refused (the model is text-only).
@@ -258,6 +270,7 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     metadata: dict[str, Any] | None = None
     modalities: list[Literal["text", "audio"]] | None = None
+    prediction: Prediction | None = None
     tool_choice: ToolChoice | None = None
     tools: list[ChatCompletionTool] | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)

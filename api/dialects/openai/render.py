@@ -33,6 +33,10 @@ def usage_block(usage: dict[str, int]) -> dict[str, Any]:
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": usage.get("cached_tokens", 0)},
+        "completion_tokens_details": {
+            "accepted_prediction_tokens": usage.get("accepted_prediction_tokens", 0),
+            "rejected_prediction_tokens": usage.get("rejected_prediction_tokens", 0),
+        },
     }
 
 
