@@ -4,6 +4,7 @@ acceptance rule keeps the target distribution (sampled); the prefix cache and pa
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -64,6 +65,7 @@ SCHEMA = {
     "required": ["city", "country", "people"],
     "additionalProperties": False,
 }
+CITY = {"city": "Reykjavik", "country": "Iceland", "people": 139875}
 TOOLS = [
     {
         "type": "function",
@@ -89,6 +91,13 @@ PROMPTS = {
         max_tokens=40,
         response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA}},
     ),
+    # Under a grammar and under penalties: their drafts are masked and taken as a plain step's would be.
+    "json_copy": chat(
+        f"Return this JSON object exactly as it is, and nothing else:\n{json.dumps(CITY, separators=(',', ':'))}",
+        max_tokens=60,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA}},
+    ),
+    "penalized": chat(EDIT, max_tokens=100, frequency_penalty=0.05, repetition_penalty=1.02),
     "stop": chat(EDIT, max_tokens=100, stop=["statement is"]),
     "tools": chat("What is the weather in Paris? Use the tool.", max_tokens=40, tools=TOOLS),
 }
@@ -132,8 +141,8 @@ def test_drafting_gives_the_plain_greedy_answers_alone(smol: dict[str, Engine], 
         before = on.draft_stats.accepted
         got = on.generate("chat", request, use_prefix_cache=False)
         assert same(got, smol_plain[name]), f"{name}: {got['text']!r} != {smol_plain[name]['text']!r}"
-        if name == "edit":  # the copy is drafted: several tokens per step
-            assert on.draft_stats.accepted - before > 20
+        if name in ("edit", "json_copy", "penalized"):  # the copy is drafted: several tokens per step
+            assert on.draft_stats.accepted - before > 10, name
     assert smol_plain["stop"]["finish_reason"] == "stop" and smol_plain["stop"]["usage"]["completion_tokens"] < 100
 
 

@@ -111,6 +111,25 @@ class GrammarProcessor:
             allowed = np.pad(allowed, (0, logits.shape[-1] - allowed.shape[0]))
         return mx.where(mx.array(allowed.astype(bool)), logits, -mx.inf)
 
+    # -- speculative drafts (worker.speculative) ----------------------------------------------------------------------
+
+    @property
+    def draftable(self) -> bool:
+        """Whether drafts can be masked and forgotten: a grammar that holds from the start (an armed one's watch of
+        the text cannot be rolled back)."""
+        return self._trigger is None and not self.matcher.is_error()
+
+    def allowed(self, tokens: list[int]) -> int:
+        """How many of these tokens, after those the matcher has taken, the grammar allows in a row."""
+        return int(self.matcher.validate_tokens(tokens))
+
+    def rollback(self, n: int) -> None:
+        """Forget the last n tokens taken (drafts that were not accepted)."""
+        if n > 0:
+            self.matcher.rollback(n)
+            assert self._seen is not None
+            self._seen -= n
+
     def _take(self, token: int) -> None:
         if self._active:
             if not self.matcher.consume_token(token):

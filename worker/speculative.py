@@ -22,9 +22,13 @@ sequence that copies its prompt (an edit returns most of the file it was sent) g
   then advances by the tokens it kept; nothing is moved. Only models whose every layer is a plain KV cache take
   this path (`supports`); the others decode with mlx-lm's batch.
 - A step where no sequence drafts decodes one token per sequence, as mlx-lm's batch does (the next forward is
-  queued before the previous step's tokens are read), so a workload that copies nothing runs no slower. A sequence
-  with logits processors (penalties, a grammar: they see one token per call) never drafts; it decodes one token
-  per step beside the others in the same forward.
+  queued before the previous step's tokens are read), so a workload that copies nothing runs no slower.
+- Logits processors see every verified position: the penalties with the context up to it, a grammar (worker.
+  constrained) as if each draft had been sampled. A draft is cut where the grammar would refuse it, the processors
+  mask each position as they would mask a plain step's, and the grammar forgets the drafts that were not accepted
+  (llguidance rolls back), so an answer under a schema that copies its prompt is drafted too, with the same
+  tokens. A grammar armed by a trigger (tool calls: free text until a call opens) does not draft: its watch of
+  the text cannot be rolled back.
 - How long a step's rows are: the expected accepted tokens over the step's cost. The cost of a forward over n
   positions is measured (a fixed cost and a cost per position, as for prefill chunks: worker.generator.PrefillCost);
   where the hardware is compute-bound (a CPU with many sequences) drafts are cut short.
@@ -39,7 +43,7 @@ from typing import Any, cast
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import PromptProcessingBatch
-from mlx_lm.models.cache import BatchKVCache, KVCache, TokenBuffer, make_prompt_cache
+from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
 from worker.generator import Admission, Generated, GeneratorConfig, PrefillCost, Prefilled, Step
 from worker.sequence import Sampler
@@ -244,7 +248,6 @@ class _Row:
     left: int  # tokens it may still generate
     sampler: Sampler | None
     processors: tuple[Any, ...]
-    context: TokenBuffer | None  # the processors' view of its tokens
     lookup: PromptLookup
     seed: PromptLookup | None  # the client's prediction
     seeded: bool = False  # this step's draft comes from the prediction
@@ -256,7 +259,15 @@ class _Row:
     alpha: list[float] = field(default_factory=lambda: [1.0, 2.0])  # accepted, tries (decaying): P(accept next)
 
     def wants(self) -> bool:
-        return not self.processors and self.rest == 0 and self.k > 0 and self.left > 1
+        return (
+            self.rest == 0
+            and self.k > 0
+            and self.left > 1
+            # A processor's first call sees the prompt, not a token it takes: drafts wait for the next step.
+            and (
+                not self.processors or (not self.fresh and all(getattr(p, "draftable", True) for p in self.processors))
+            )
+        )
 
 
 class SpeculativeBatch:
@@ -296,7 +307,6 @@ class SpeculativeBatch:
             left=admission.max_tokens,
             sampler=admission.sampler,
             processors=tuple(admission.processors or ()),
-            context=None,
             lookup=PromptLookup([]),
             seed=PromptLookup(list(admission.prediction)) if admission.prediction else None,
         )
@@ -360,8 +370,6 @@ class SpeculativeBatch:
         rows = [r for r, _, _ in prefill + ready]
         for row in rows:
             row.lookup.extend(row.tokens)
-            if row.processors:
-                row.context = TokenBuffer(row.tokens)
         for part in parts:
             if self._cache:
                 for mine, theirs in zip(self._cache, part, strict=True):
@@ -387,6 +395,9 @@ class SpeculativeBatch:
                 drafts.append([])
                 continue
             draft, row.seeded = lookup_draft(row.lookup, row.last, min(row.k, row.left - 1), row.seed)
+            for processor in row.processors:  # a grammar cuts the draft where it would refuse a token
+                if draft and hasattr(processor, "allowed"):
+                    draft = draft[: max(processor.allowed([row.last, *draft]) - 1, 0)]
             if not draft:
                 self._missed(row)
             drafts.append(draft)
@@ -442,7 +453,7 @@ class SpeculativeBatch:
             fed = [row.last, *d]
             inputs.append(fed + [fed[-1]] * (length - len(fed)))
         tic = time.perf_counter()
-        logprobs = self._forward(mx.array(inputs, dtype=mx.uint32))
+        logprobs = self._forward(mx.array(inputs, dtype=mx.uint32), [1 + len(d) for d in drafts])
         targets = self._sample(logprobs)
         previous = [row.logprobs for row in self._rows]
         mx.eval(targets, [p for p in previous if p is not None])
@@ -461,6 +472,9 @@ class SpeculativeBatch:
             )
             fed_all.append(fed)
             predicted.append((accepted, len(d) - accepted) if row.seeded and d else (0, 0))
+            for processor in row.processors if d else ():  # a grammar took every draft: it forgets the rejected
+                if hasattr(processor, "rollback"):
+                    processor.rollback(len(d) - accepted)
             row.fresh = False
             row.last, row.logprobs = t[accepted], logprobs[i, accepted]
             lasts.append(row.last)
@@ -509,20 +523,25 @@ class SpeculativeBatch:
     def _take(self, i: int) -> list[Any]:
         return [c.extract(i) for c in self._cache]
 
-    def _forward(self, inputs: mx.array) -> mx.array:
-        """Log-probabilities [B, L, V] of the rows' next tokens; rows with processors at their first position only."""
+    def _forward(self, inputs: mx.array, fed: list[int] | None = None) -> mx.array:
+        """Log-probabilities [B, L, V] of the rows' next tokens. A row with processors has them applied at each of
+        its first `fed[i]` positions (1 each when None), with its tokens up to that position as the context."""
         logits = self.model(inputs, cache=self._cache)
         if any(row.processors for row in self._rows):
             rows = []
             for i, row in enumerate(self._rows):
                 x = logits[i]
                 if row.processors:
-                    assert row.context is not None
-                    context = row.context.update_and_fetch(inputs[i, :1])
-                    first = x[:1]
-                    for processor in row.processors:
-                        first = processor(context, first)
-                    x = mx.concatenate([first, x[1:]]) if x.shape[0] > 1 else first
+                    n = fed[i] if fed is not None else 1
+                    held = mx.array(row.tokens, dtype=mx.uint32)
+                    positions = []
+                    for j in range(n):
+                        context = mx.concatenate([held, inputs[i, : j + 1].astype(mx.uint32)])
+                        position = x[j : j + 1]
+                        for processor in row.processors:
+                            position = processor(context, position)
+                        positions.append(position)
+                    x = mx.concatenate([*positions, x[n:]]) if x.shape[0] > n else mx.concatenate(positions)
                 rows.append(x)
             logits = mx.stack(rows)
         return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
