@@ -66,6 +66,7 @@ CHANGES = {
     "frequency_penalty": 0.5,
     "repetition_penalty": 1.1,
     "cache_salt": "client-1",  # not the answer, but the cache: another salt is not a hit (README)
+    "prediction": "the expected answer",  # not the text, but the usage (accepted prediction tokens)
 }
 
 

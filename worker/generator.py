@@ -248,8 +248,10 @@ class PrefillCost:
         self._sums = [0.0] * 5  # weights, n, t, n·n, n·t
         self._fitted: tuple[float, float] | None = None  # the last fit that told the fixed cost apart
         self.decode_s = 0.0
+        self.last = 0.0  # the last chunk's seconds per token
 
     def add(self, tokens: int, seconds: float) -> None:
+        self.last = seconds / tokens
         new = (1.0, tokens, seconds, tokens * tokens, tokens * seconds)
         self._sums = [self.decay * s + x for s, x in zip(self._sums, new, strict=True)]
 
@@ -272,9 +274,12 @@ class PrefillCost:
         return self._fitted or (0.0, t / n)
 
     def per_token(self) -> float | None:
-        """The recent chunks' seconds over their tokens (fixed costs included); None before any chunk."""
+        """Seconds per token (fixed costs included) of the recent chunks, or of the last one where that cost more:
+        a long prompt's chunks cost more as its context grows (on a CPU, a token at 2,500 tokens of context costs
+        four times one at the start: scripts/bench_fairness.py), so the average lags behind them. None before any
+        chunk."""
         _, n, t, _, _ = self._sums
-        return t / n if n > 0 and t > 0 else None
+        return max(t / n, self.last) if n > 0 and t > 0 else None
 
     @property
     def tokens_per_s(self) -> float | None:
