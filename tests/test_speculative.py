@@ -23,6 +23,7 @@ from mlx_lm.sample_utils import make_sampler  # noqa: E402
 
 from worker.engine import BatchLimits, Engine, wait  # noqa: E402
 from worker.generator import Admission, GeneratorConfig  # noqa: E402
+from worker.model_spec import ModelSpec  # noqa: E402
 from worker.speculative import PromptLookup, SpeculativeBatch, lookup_draft, supports  # noqa: E402
 
 SOURCE = """import json
@@ -166,6 +167,29 @@ def test_drafting_gives_the_plain_greedy_answers_on_the_tiny_model(tiny_model: P
     finally:
         off.close()
         on.close()
+
+
+def test_a_draft_model_drafts_where_lookup_finds_nothing(smollm2: Path, tiny_model: Path, smol_plain: dict[str, Any]):
+    """A draft model (MLXQ_DRAFT_MODEL, the model spec's `draft`) drafts its greedy continuation for rows that prompt
+    lookup finds nothing for: with the model itself as the draft nearly every draft is accepted, with a draft that
+    knows nothing (the tiny random model) nearly none; the answers are the plain ones either way, alone and in a
+    batch beside rows that draft by lookup."""
+    names = ["prose", "json", "edit", "count", "penalized"]
+    for draft, good in ((smollm2, True), (tiny_model, False)):
+        engine = Engine.load(ModelSpec(str(smollm2), draft=str(draft)), BatchLimits(size=8, speculative="lookup"))
+        try:
+            assert engine.draft is not None
+            got = engine.generate("chat", PROMPTS["prose"], use_prefix_cache=False)
+            assert same(got, smol_plain["prose"]), got["text"]
+            stats = engine.draft_stats
+            if good:  # prose copies nothing from its prompt: only the draft model could draft it
+                assert stats.accepted >= 0.8 * stats.drafted and stats.accepted > 20
+            else:
+                assert stats.accepted <= 0.2 * stats.drafted
+            for name, result in zip(names, together(engine, [PROMPTS[n] for n in names]), strict=True):
+                assert same(result, smol_plain[name]), f"{name}: {result['text']!r}"
+        finally:
+            engine.close()
 
 
 def test_the_clients_prediction_seeds_the_drafts(smol: dict[str, Engine], smol_plain: dict[str, Any]):

@@ -136,14 +136,16 @@ class Engine:
         self.tokenizer = tokenizer
         self.key = key
         self.context_length = context_length
-        # Held for speculative decoding, which a later change adds: nothing decodes with it yet.
+        # Drafts for speculative decoding where prompt lookup finds none (worker.speculative).
         self.draft = draft
         self.batch = batch or BatchLimits()
         # Drafted and accepted tokens (worker.speculative), kept across the generators a failed step replaces.
         self.draft_stats = DraftStats()
 
         def make_generator(config: GeneratorConfig, stream: Any) -> Generator:
-            config = replace(config, speculative=self.batch.speculative, draft_stats=self.draft_stats)
+            config = replace(
+                config, speculative=self.batch.speculative, draft_stats=self.draft_stats, draft_model=self.draft
+            )
             return generator(config, stream)
 
         self.generator: GeneratorFactory = make_generator
@@ -217,7 +219,9 @@ class Engine:
         if "draft" in dirs:
             draft, draft_tokenizer, _ = _load(dirs["draft"])
             if _vocab_size(draft, draft_tokenizer) != _vocab_size(net, tokenizer):
-                log.warning("the draft model %s has another vocabulary than the model's", dirs["draft"].name)
+                # Its tokens are not the model's: it cannot draft them. Not loaded, rather than a worker that fails.
+                log.warning("the draft model %s has another vocabulary than the model's: not used", dirs["draft"].name)
+                draft = None
         context = int(config.get("max_position_embeddings") or 8192)
         budget = Budget.split(total, weight_sets(net, draft), allowance, prefix=prefix_bytes, model=path.name)
         return cls(net, tokenizer, model_key(spec), context, batch, budget, draft=draft, generator=generator)

@@ -60,6 +60,8 @@ class GeneratorConfig:
     # Speculative decoding in the decode batch (worker.speculative): "lookup" (prompt lookup) or "off".
     speculative: str = "off"
     draft_stats: Any = None  # a worker.speculative.DraftStats that the decode batch counts into; None: its own
+    # A small model of the same tokenizer whose greedy continuation drafts where prompt lookup finds nothing.
+    draft_model: nn.Module | None = None
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model directory, a draft model's directory for speculative decoding (held, not used in decoding yet), and
+    """A model directory, a draft model's directory for speculative decoding (worker.speculative), and
     an mlx-lm LoRA adapter's directory (`adapters.safetensors`, `adapter_config.json`) applied to the model."""
 
     path: str
@@ -46,8 +46,8 @@ class ModelKey:
     @property
     def weights(self) -> str:
         """What names the answers (response-cache keys, the fingerprint the worker publishes): the model's
-        fingerprint, combined with its adapter's when it has one. The draft model is left out while it does not
-        decode; the change that makes it decode must decide whether it changes answers (seeded sampling)."""
+        fingerprint, combined with its adapter's when it has one. The draft model is left out: its drafts are
+        greedy point masses, which the acceptance rule keeps exact (the answers are the model's alone)."""
         if not self.adapter:
             return self.revision
         return hashlib.sha256(f"{self.revision}:{self.adapter}".encode()).hexdigest()[:16]

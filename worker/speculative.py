@@ -54,7 +54,8 @@ K_MAX = 8
 MISSES = 3  # steps in a row with nothing accepted before a sequence rests
 REST_START = 4  # steps a sequence rests the first time; doubled each time, up to REST_MAX
 REST_MAX = 64
-TIMED_BEFORE_FIT = 16  # verifying steps timed before their cost cuts drafts short (a few are noise)
+TIMED_BEFORE_FIT = 16
+CATCH_UP = 512  # tokens of a row's the draft model's cache takes in one step, at most  # verifying steps timed before their cost cuts drafts short (a few are noise)
 
 
 def supports(model: nn.Module) -> bool:
@@ -136,6 +137,11 @@ class RaggedKVCache:
         return [] if self.keys is None or self.values is None else [self.keys, self.values]
 
     # -- the batch ---------------------------------------------------------------------------------------------------
+
+    def rewind(self, held: list[int]) -> None:
+        """Each row holds only its first `held[i]` tokens (a draft model's cache, past the drafts not accepted)."""
+        self.ends = [s + h for s, h in zip(self.left, held, strict=True)]
+        self._sync()
 
     def advance(self, kept: list[int]) -> None:
         """After a forward: each row keeps this many of the positions it wrote."""
@@ -251,6 +257,8 @@ class _Row:
     lookup: PromptLookup
     seed: PromptLookup | None  # the client's prediction
     seeded: bool = False  # this step's draft comes from the prediction
+    modeled: bool = False  # this step's draft is the draft model's continuation
+    drafted_held: int = 0  # of `tokens`, how many the draft model's cache holds
     logprobs: mx.array | None = None  # of `last`
     k: int = K_START
     misses: int = 0
@@ -284,6 +292,10 @@ class SpeculativeBatch:
         self._timed = 0  # verifying steps timed into `cost`
         self._rows: list[_Row] = []
         self._cache: list[RaggedKVCache] = []
+        # The draft model (GeneratorConfig.draft_model) and its cache, row for row beside the model's; it catches up
+        # with a row's tokens when the row next drafts, a bounded number per step.
+        self.draft = config.draft_model if config.draft_model is not None and supports(config.draft_model) else None
+        self._draft_cache: list[RaggedKVCache] = []
         self._last: mx.array | None = None  # each row's `last`, possibly still being computed (a plain step's)
         # Admitted, joining at the next step: each with its cache and the prompt tokens still to prefill before `last`.
         self._joining: list[tuple[_Row, list[Any], list[int]]] = []
@@ -376,6 +388,13 @@ class SpeculativeBatch:
                     mine.extend(theirs)
             else:
                 self._cache = part
+        if self.draft is not None:  # empty rows: they catch up when they draft
+            empty = [RaggedKVCache([0] * len(rows), [0] * len(rows)) for _ in make_prompt_cache(self.draft)]
+            if self._draft_cache:
+                for mine, theirs in zip(self._draft_cache, empty, strict=True):
+                    mine.extend(theirs)
+            else:
+                self._draft_cache = empty
         lasts = mx.array([r.last for r in rows], dtype=mx.uint32)
         self._last = lasts if self._last is None else mx.concatenate([self._last, lasts])
         self._rows.extend(rows)
@@ -391,17 +410,68 @@ class SpeculativeBatch:
             row.last = last
         drafts: list[list[int]] = []
         for row in self._rows:
+            row.modeled = False
             if not row.wants():
                 drafts.append([])
                 continue
             draft, row.seeded = lookup_draft(row.lookup, row.last, min(row.k, row.left - 1), row.seed)
+            drafts.append(draft)
+        if self.draft is not None and any(row.wants() and not d for row, d in zip(self._rows, drafts, strict=True)):
+            drafts = self._modeled(drafts)
+        for i, row in enumerate(self._rows):
+            draft = drafts[i]
+            if not row.wants():
+                continue
             for processor in row.processors:  # a grammar cuts the draft where it would refuse a token
                 if draft and hasattr(processor, "allowed"):
                     draft = draft[: max(processor.allowed([row.last, *draft]) - 1, 0)]
             if not draft:
                 self._missed(row)
-            drafts.append(draft)
+            drafts[i] = draft
         return self._trim(drafts)
+
+    def _modeled(self, drafts: list[list[int]]) -> list[list[int]]:
+        """The draft model's greedy continuation for the rows that want a draft and found none by lookup. Its
+        cache first catches up with each row's tokens (at most CATCH_UP a step; a row further behind does not draft
+        this step), then it runs one forward per draft token for every row together. Greedy drafts are point
+        masses: the acceptance rule stays exact for sampled rows (module doc)."""
+        assert self.draft is not None
+        feeds, wanting = [], []
+        for row, d in zip(self._rows, drafts, strict=True):
+            behind = row.tokens[row.drafted_held :]
+            if row.wants() and not d and len(behind) < CATCH_UP:
+                feeds.append([*behind, row.last])
+                wanting.append(True)
+            else:
+                feeds.append(behind[:CATCH_UP])
+                wanting.append(False)
+        k = max((min(row.k, row.left - 1) for row, w in zip(self._rows, wanting, strict=True) if w), default=0)
+        if k <= 0:
+            return drafts
+        width = max(max(len(f) for f in feeds), 1)
+        inputs = mx.array([f + [0] * (width - len(f)) if f else [0] * width for f in feeds], dtype=mx.uint32)
+        logits = self.draft(inputs, cache=self._draft_cache)
+        at = mx.array([max(len(f) - 1, 0) for f in feeds])
+        token = mx.argmax(logits[mx.arange(len(feeds)), at], axis=-1)
+        for c in self._draft_cache:
+            c.advance([len(f) for f in feeds])
+        chain = [token]
+        for _ in range(k - 1):
+            logits = self.draft(token[:, None], cache=self._draft_cache)
+            token = mx.argmax(logits[:, -1], axis=-1)
+            for c in self._draft_cache:
+                c.advance([1] * len(feeds))
+            chain.append(token)
+        continuation = cast(list[list[int]], mx.stack(chain, axis=1).tolist())
+        out = list(drafts)
+        for i, (row, f, w) in enumerate(zip(self._rows, feeds, wanting, strict=True)):
+            # What its cache holds for certain: the tokens fed (a wanting row's `last` included); its drafts'
+            # are counted back in when they are accepted (`_verify`).
+            row.drafted_held += len(f)
+            if w:
+                out[i] = continuation[i][: min(row.k, row.left - 1)]
+                row.modeled = True
+        return out
 
     def _trim(self, drafts: list[list[int]]) -> list[list[int]]:
         """Cut the drafts to the step length that yields the most tokens per second: each row expects its accepted
@@ -472,6 +542,8 @@ class SpeculativeBatch:
             )
             fed_all.append(fed)
             predicted.append((accepted, len(d) - accepted) if row.seeded and d else (0, 0))
+            if row.modeled:  # the draft model's cache holds the accepted drafts it fed (all but its last)
+                row.drafted_held += min(accepted, len(d) - 1)
             for processor in row.processors if d else ():  # a grammar took every draft: it forgets the rejected
                 if hasattr(processor, "rollback"):
                     processor.rollback(len(d) - accepted)
@@ -511,6 +583,10 @@ class SpeculativeBatch:
                 row.lookup.extend(fed[i][: kept[i]])
         for c in self._cache:
             c.advance(kept)
+        if self._draft_cache:  # past what it holds for certain: the next catch-up writes over it
+            held = [min(row.drafted_held, len(row.tokens)) for row in self._rows]
+            for c in self._draft_cache:
+                c.rewind(held)
         for i, at in ended.items():
             # The cache and the tokens it holds go with the last token (the prefix cache keeps them).
             g = generated[at]
@@ -583,9 +659,9 @@ class SpeculativeBatch:
         keep = [i for i in range(len(self._rows)) if i not in set(indices)]
         self._rows = [self._rows[i] for i in keep]
         if not keep:
-            self._cache, self._last = [], None
+            self._cache, self._draft_cache, self._last = [], [], None
             return
-        for c in self._cache:
+        for c in [*self._cache, *self._draft_cache]:
             c.filter(keep)
         assert self._last is not None
         self._last = self._last[mx.array(keep)]
