@@ -44,7 +44,7 @@ from worker.model_spec import ModelKey, ModelSpec, model_key
 from worker.prefix_cache import PrefixCache, needs_checkpoints
 from worker.sequence import Sequence
 from worker.sequence_builder import RequestError, SequenceBuilder, typed
-from worker.speculative import DraftStats
+from worker.speculative import DraftStats, supports
 from worker.tool_parse import ModelToolFormat, model_tool_format
 
 if TYPE_CHECKING:
@@ -169,6 +169,9 @@ class Engine:
         self.budget = budget or Budget.split(default_budget(), weight_sets(model, draft), rss() + ALLOWANCE_SLACK)
         # What one sequence's cache costs: per token of the layers that grow, windows, recurrent state.
         self.kv_shape: KvShape = kv_shape(model)
+        if draft is not None and supports(draft):
+            # A drafting sequence holds a row of the draft model's cache too (worker.speculative): budgeted with it.
+            self.kv_shape = replace(self.kv_shape, per_token=self.kv_shape.per_token + kv_shape(draft).per_token)
         # The longest a sequence's KV can be: what prefill's working set is sized for.
         longest = max(self.kv_shape.longest(self.budget.kv, cap=context_length, chunk=PREFILL_STEP), 1)
         on_cpu = _on_cpu()
