@@ -255,7 +255,9 @@ def test_a_stream_that_joins_a_non_streamed_job_still_gets_the_whole_text(
 ):
     # A non-streamed job publishes no per-token deltas; an identical streamed request joining it is sent
     # the text at the end instead.
-    svc = service_factory(service_env(tmp_path, tiny_model)).start()
+    # The first job must still run when the second arrives: drafting off, or the tiny model's loops (drafted
+    # nearly whole) end it within the 0.3 s.
+    svc = service_factory(service_env(tmp_path, tiny_model, MLXQ_SPECULATIVE="off")).start()
     oa = client(svc)
     msgs = messages(5, "joined")
     sync: dict[str, str] = {}
