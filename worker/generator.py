@@ -400,6 +400,19 @@ class ChunkedPrefill:
         most = min(self.cap, MAX_STEP * self.target_s / per_token)
         return int(max(min(max(fits, EFFICIENT_CHUNK * a / b), most), MIN_BUDGET))
 
+    def group_budget(self, decoding: int) -> int:
+        """Padded tokens of short prompts prefilled together in one forward this step. They are newcomers' own
+        prefill, and each one staggered to a later step would wait for it and then decode in steps of its own at
+        the end: with nothing decoding, as many as the prefill share allows (`cap`), as mlx-lm's prompt batch
+        takes them; else what one forward does in MAX_STEP targets, the bound on any step."""
+        fit = self.cost.fit()
+        if not decoding:
+            return self.cap
+        if fit is None:
+            return min(FIRST_BUDGET, self.cap)
+        a, b = fit
+        return int(min(self.cap, max((MAX_STEP * self.target_s - self.cost.decode_s - a) / b, 0)))
+
     def _step(self) -> Step:
         decoding = len(self._uid)
         tic = time.perf_counter()
@@ -410,11 +423,8 @@ class ChunkedPrefill:
                 # mlx-lm's decode step runs asynchronously: waited for, so that its time is not taken for prefill's.
                 mx.synchronize(self.stream)
                 self.cost.add_decode(time.perf_counter() - tic)
-            # With nothing decoding there is no stream to hold: short prompts that came together are prefilled
-            # together up to the prefill share of memory (`cap`), as mlx-lm's prompt batch would, rather than
-            # staggered over steps (each staggered one would decode in steps of its own at the end).
             budget = self.budget(decoding)
-            prefilled, checkpoints, grouped = self._prefill(budget, budget if decoding else max(budget, self.cap))
+            prefilled, checkpoints, grouped = self._prefill(budget, max(budget, self.group_budget(decoding)))
             step.prefilled.extend(prefilled)
             step.checkpoints.extend(checkpoints)
         if self._moved:
