@@ -424,7 +424,10 @@ class ChunkedPrefill:
                 mx.synchronize(self.stream)
                 self.cost.add_decode(time.perf_counter() - tic)
             budget = self.budget(decoding)
-            prefilled, checkpoints, grouped = self._prefill(budget, max(budget, self.group_budget(decoding)))
+            # While others decode, a group holds only prompts that a step's budget takes whole: a longer one is
+            # prefilled a budget at a time, so no stream pauses for more than its share.
+            each = budget if decoding else self.chunk
+            prefilled, checkpoints, grouped = self._prefill(budget, max(budget, self.group_budget(decoding)), each)
             step.prefilled.extend(prefilled)
             step.checkpoints.extend(checkpoints)
         if self._moved:
@@ -442,11 +445,11 @@ class ChunkedPrefill:
             step.checkpoints.extend(more.checkpoints)
         return step
 
-    def _prefill(self, budget: int, grouped: int) -> tuple[list[Prefilled], list[Checkpoint], int]:
+    def _prefill(self, budget: int, grouped: int, each: int) -> tuple[list[Prefilled], list[Checkpoint], int]:
         """Spend `budget` tokens on prefill chunks, the first in order (module doc) first, chosen again after each.
-        Prompts whose whole rest fits in what is left (of `grouped`, for them) go to the decode batch whole, together,
-        and are prefilled there in one forward; the others are prefilled here a chunk at a time. Also returns the
-        group's padded tokens (0: none)."""
+        Prompts of at most `each` tokens to go whose whole rest fits in what is left (of `grouped`, for them) go to
+        the decode batch whole, together, and are prefilled there in one forward; the others are prefilled here a
+        chunk at a time. Also returns the group's padded tokens (0: none)."""
         self.last_budget = budget
         prefilled: list[Prefilled] = []
         checkpoints: list[Checkpoint] = []
@@ -454,7 +457,7 @@ class ChunkedPrefill:
         spent = 0  # by chunks run here
         while spent + _padded(group) < max(budget, grouped) and self._prefilling:
             p = min(self._prefilling.values(), key=self._order)
-            if self._groups and not p.checkpoints and len(p.rest) - 1 <= self.chunk:
+            if self._groups and not p.checkpoints and len(p.rest) - 1 <= min(each, self.chunk):
                 if group and spent + _padded([*group, p]) > grouped:
                     break  # the next step's
                 if not group and spent + len(p.rest) - 1 > grouped:
