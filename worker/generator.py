@@ -278,7 +278,7 @@ class PrefillCost:
     def per_token(self) -> float | None:
         """Seconds per token (fixed costs included) of the recent chunks, or of the last one where that cost more:
         a long prompt's chunks cost more as its context grows (on a CPU, a token at 2,500 tokens of context costs
-        four times one at the start: scripts/bench_fairness.py), so the average lags behind them. None before any
+        four times one at the start: scripts/bench_steps.py), so the average lags behind them. None before any
         chunk."""
         _, n, t, _, _ = self._sums
         return max(t / n, self.last) if n > 0 and t > 0 else None
@@ -405,9 +405,9 @@ class ChunkedPrefill:
         prefill, and each one staggered to a later step would wait for it and then decode in steps of its own at
         the end: with nothing decoding, as many as the prefill share allows (`cap`), as mlx-lm's prompt batch
         takes them; else what one forward does in MAX_STEP targets, the bound on any step."""
-        fit = self.cost.fit()
         if not decoding:
             return self.cap
+        fit = self.cost.fit()
         if fit is None:
             return min(FIRST_BUDGET, self.cap)
         a, b = fit
@@ -464,7 +464,7 @@ class ChunkedPrefill:
                     n = min(len(p.rest) - 1, budget - spent)  # one chunk of it, here, as for any other
                 else:
                     group.append(p)
-                    self._served[p.admission.owner] += (len(p.rest) - 1) / max(p.admission.weight, 1e-6)
+                    self._charge(p, len(p.rest) - 1)
                     del self._prefilling[p.uid]
                     continue
             else:
@@ -476,7 +476,7 @@ class ChunkedPrefill:
                 break
             self._run(p, n)
             spent += n
-            self._served[p.admission.owner] += n / max(p.admission.weight, 1e-6)
+            self._charge(p, n)
             prefilled.append(Prefilled(p.uid, p.total - len(p.rest), p.total, False))
             if p.checkpoints and len(p.tokens) == p.checkpoints[0]:
                 p.checkpoints.pop(0)
@@ -490,6 +490,10 @@ class ChunkedPrefill:
             self._decode(p)
         mx.clear_cache()  # prefill's transient buffers, as mlx-lm's prompt batch returns them
         return prefilled, checkpoints, _padded(group)
+
+    def _charge(self, p: _Prefilling, tokens: int) -> None:
+        """Its owner's fair share has had `tokens` more prefill, over the owner's weight."""
+        self._served[p.admission.owner] += tokens / max(p.admission.weight, 1e-6)
 
     def _order(self, p: _Prefilling) -> tuple[int, float, int, int]:
         owner = p.admission.owner

@@ -54,8 +54,8 @@ K_MAX = 8
 MISSES = 3  # steps in a row with nothing accepted before a sequence rests
 REST_START = 4  # steps a sequence rests the first time; doubled each time, up to REST_MAX
 REST_MAX = 64
-TIMED_BEFORE_FIT = 16
-CATCH_UP = 512  # tokens of a row's the draft model's cache takes in one step, at most  # verifying steps timed before their cost cuts drafts short (a few are noise)
+TIMED_BEFORE_FIT = 16  # verifying steps timed before their cost cuts drafts short (a few are noise)
+CATCH_UP = 512  # a row's tokens the draft model's cache takes in one step, at most
 
 
 def supports(model: nn.Module) -> bool:
@@ -266,6 +266,11 @@ class _Row:
     rest_next: int = REST_START
     alpha: list[float] = field(default_factory=lambda: [1.0, 2.0])  # accepted, tries (decaying): P(accept next)
 
+    @property
+    def draft_length(self) -> int:
+        """Draft tokens it asks for this step: its adaptive length, short of its last allowed token."""
+        return min(self.k, self.left - 1)
+
     def wants(self) -> bool:
         return (
             self.rest == 0
@@ -414,7 +419,7 @@ class SpeculativeBatch:
             if not row.wants():
                 drafts.append([])
                 continue
-            draft, row.seeded = lookup_draft(row.lookup, row.last, min(row.k, row.left - 1), row.seed)
+            draft, row.seeded = lookup_draft(row.lookup, row.last, row.draft_length, row.seed)
             drafts.append(draft)
         if self.draft is not None and any(row.wants() and not d for row, d in zip(self._rows, drafts, strict=True)):
             drafts = self._modeled(drafts)
@@ -445,11 +450,11 @@ class SpeculativeBatch:
             else:
                 feeds.append(behind[:CATCH_UP])
                 wanting.append(False)
-        k = max((min(row.k, row.left - 1) for row, w in zip(self._rows, wanting, strict=True) if w), default=0)
+        k = max((row.draft_length for row, w in zip(self._rows, wanting, strict=True) if w), default=0)
         if k <= 0:
             return drafts
         width = max(max(len(f) for f in feeds), 1)
-        inputs = mx.array([f + [0] * (width - len(f)) if f else [0] * width for f in feeds], dtype=mx.uint32)
+        inputs = mx.array([f + [0] * (width - len(f)) for f in feeds], dtype=mx.uint32)
         logits = self.draft(inputs, cache=self._draft_cache)
         at = mx.array([max(len(f) - 1, 0) for f in feeds])
         token = mx.argmax(logits[mx.arange(len(feeds)), at], axis=-1)
@@ -469,7 +474,7 @@ class SpeculativeBatch:
             # are counted back in when they are accepted (`_verify`).
             row.drafted_held += len(f)
             if w:
-                out[i] = continuation[i][: min(row.k, row.left - 1)]
+                out[i] = continuation[i][: row.draft_length]
                 row.modeled = True
         return out
 
