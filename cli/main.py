@@ -55,12 +55,6 @@ def models_pull() -> None:
     console.print(f"[green]ready[/green] {path}")
 
 
-# mlx-lm families that load and batch but are known to answer wrongly in some batches (mlx-lm 0.32.2).
-KNOWN_PROBLEMS = {
-    "nemotron_h": "mlx-lm's nemotron_h gives a prompt batched with longer ones a wrong Mamba2 state",
-}
-
-
 def model_report(path: Path) -> dict[str, Any]:
     """What `mlxq models check` says of a model directory: its family, quantization, the cache each layer keeps,
     whether a cached prompt can be trimmed to a shorter one, and whether mlxq serves it (with the problems if not).
@@ -107,8 +101,6 @@ def model_report(path: Path) -> dict[str, Any]:
         {f"mlx-lm cannot batch its {type(c).__name__} layers" for c in every if not hasattr(c, "merge")}
     )
     report["serves"] = not report["problems"]
-    if report["family"] in KNOWN_PROBLEMS:
-        report["warning"] = KNOWN_PROBLEMS[report["family"]]
     return report
 
 
@@ -157,8 +149,6 @@ def models_check(
         console.print(f"served         {'[green]yes[/green]' if report['serves'] else '[red]no[/red]'}")
         for problem in report["problems"]:
             console.print(f"  [red]{escape(problem)}[/red]")
-        if "warning" in report:
-            console.print(f"  [yellow]{escape(report['warning'])}[/yellow]")
     if not report["serves"]:
         raise typer.Exit(1)
 

@@ -63,8 +63,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "partial_rotary_factor": 0.25,
         "full_attention_interval": 4,
     },
-    # SSM hybrid: Mamba2 (ArraysCache), attention, Mamba2; MoE MLPs. (Not nemotron_h: mlx-lm 0.32.2 gives its
-    # shorter, right-padded prompts in a batch a wrong Mamba2 state.)
+    # SSM hybrid: Mamba2 (ArraysCache), attention, Mamba2; MoE MLPs.
     "granitemoehybrid": {
         **COMMON,
         "model_type": "granitemoehybrid",
@@ -116,6 +115,26 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "rope_theta": 10000.0,
         "norm_topk_prob": True,
     },
+    # Nemotron-H: Mamba2, attention, Mamba2 and an MLP as layers of their own. mlx-lm 0.32.2 batches it wrongly
+    # without worker/model_fixes.py.
+    "nemotron_h": {
+        **COMMON,
+        "model_type": "nemotron_h",
+        "intermediate_size": 128,
+        "hybrid_override_pattern": ["M", "*", "M", "-"],
+        "attention_bias": False,
+        "head_dim": 16,
+        "mamba_num_heads": 8,
+        "mamba_head_dim": 16,
+        "mamba_proj_bias": False,
+        "ssm_state_size": 16,
+        "conv_kernel": 4,
+        "n_groups": 1,
+        "mlp_bias": False,
+        "layer_norm_epsilon": 1e-5,
+        "use_bias": False,
+        "use_conv_bias": True,
+    },
     # Mamba2 and attention in parallel in every layer: a CacheList(ArraysCache, KVCache) per layer.
     "falcon_h1": {
         **COMMON,
@@ -144,6 +163,7 @@ MODELS: dict[str, tuple[str, bool]] = {
     "gemma3_text": ("gemma3_text", False),
     "qwen3_moe": ("qwen3_moe", False),
     "falcon_h1": ("falcon_h1", False),
+    "nemotron_h": ("nemotron_h", False),
 }
 
 

@@ -39,7 +39,7 @@ from worker.prefix_index import PrefixIndex  # noqa: E402
 from worker.sequence import Sequence  # noqa: E402
 from worker.sequence_builder import typed  # noqa: E402
 
-HYBRIDS = ["qwen3_next", "granitemoehybrid", "gemma3_text"]
+HYBRIDS = ["qwen3_next", "granitemoehybrid", "nemotron_h", "gemma3_text"]
 each_hybrid = pytest.mark.parametrize("family_model", HYBRIDS, indirect=True)
 PREFILL_STEP = 16  # prompts cross chunks, and the window
 ANSWER = 12

@@ -22,6 +22,7 @@ from mlxq.events import Event
 from mlxq.keys import cache_partition
 from mlxq.request import Request
 from mlxq.settings import get_settings
+from worker import model_fixes
 from worker.batcher import Batcher, KvLimit
 from worker.constrained import Grammars
 from worker.generator import Generator, GeneratorConfig, GeneratorFactory, mlx_batch_generator
@@ -108,6 +109,7 @@ def weight_sets(model: nn.Module, draft: nn.Module | None = None) -> dict[str, i
 
 
 def _load(path: Path, adapter: Path | None = None) -> tuple[nn.Module, TokenizerWrapper, dict[str, Any]]:
+    model_fixes.apply()
     # With return_config=True it is (model, tokenizer, config); mlx-lm's hint is the union of both forms.
     loaded = mlx_load(str(path), return_config=True, adapter_path=str(adapter) if adapter is not None else None)
     net, tokenizer, config = cast("tuple[nn.Module, TokenizerWrapper, dict[str, Any]]", loaded)
