@@ -24,7 +24,7 @@ from mlx_lm.sample_utils import make_sampler  # noqa: E402
 from worker.engine import BatchLimits, Engine, wait  # noqa: E402
 from worker.generator import Admission, GeneratorConfig  # noqa: E402
 from worker.model_spec import ModelSpec  # noqa: E402
-from worker.speculative import PromptLookup, SpeculativeBatch, lookup_draft, supports  # noqa: E402
+from worker.speculative import PromptLookup, SpeculativeBatch, StepCost, lookup_draft, supports  # noqa: E402
 
 SOURCE = """import json
 from dataclasses import dataclass
@@ -245,7 +245,7 @@ def test_the_acceptance_rule_keeps_the_target_distribution():
     candidates = [(p * 3)[:-2] for p in patterns if len(set(p)) == 4]
     first = probs(candidates)
     prompt = next(c for c, p in zip(candidates, first, strict=True) if 0.2 < p[c[2]] < 0.8)
-    assert lookup_draft(PromptLookup(prompt[:-1]), prompt[-1], 2) == (prompt[2:4], False)
+    assert lookup_draft(PromptLookup(prompt[:-1]), prompt[-1], 2)[:2] == (prompt[2:4], False)
     p1 = probs([prompt])[0]
     p2 = probs([[*prompt, t] for t in range(vocab)])
     expected = [p1[a] * p2[a][b] for a in range(vocab) for b in range(vocab)]
@@ -339,12 +339,56 @@ def test_a_parked_speculative_sequence_resumes_with_its_answer(tiny_model: Path)
 
 def test_lookup_drafts_the_latest_continuation_and_continues_a_loop():
     context = PromptLookup([5, 6, 7, 8, 9, 5, 6, 7, 1, 2, 3, 5])
-    assert lookup_draft(context, 6, 4) == ([7, 1, 2, 3], False)  # "5 6" last continued with 7 1 2 3
-    assert lookup_draft(context, 42, 4) == ([], False)
+    assert lookup_draft(context, 6, 4) == ([7, 1, 2, 3], False, 7)  # "5 6" last continued with 7 1 2 3
+    assert lookup_draft(context, 42, 4) == ([], False, None)
     loop = PromptLookup([1, 2, 1, 2, 1])
-    assert lookup_draft(loop, 2, 5) == ([1, 2, 1, 2, 1], False)  # past the end it repeats the loop
+    assert lookup_draft(loop, 2, 5)[:2] == ([1, 2, 1, 2, 1], False)  # past the end it repeats the loop
     seed = PromptLookup([9, 9, 3, 4, 6, 6])
-    assert lookup_draft(PromptLookup([0, 3]), 4, 2, seed) == ([6, 6], True)  # the client's prediction first
+    assert lookup_draft(PromptLookup([0, 3]), 4, 2, seed) == ([6, 6], True, None)  # the client's prediction first
+    # A copy being followed goes on where it is, not at the latest occurrence: "5 6" at 0 is followed by 7 8 9.
+    assert lookup_draft(context, 6, 3, follow=1) == ([7, 8, 9], False, 2)
+    assert lookup_draft(context, 6, 3, follow=2)[2] == 7  # `last` is not the token there: the copy is lost
+
+
+def test_step_cost_prices_only_what_was_measured_and_one_doubling_past_it():
+    cost = StepCost()
+    assert cost.estimate(8) is None  # nothing measured: nothing is drafted until the plain step has been
+    # Eight rows measured compute-bound on a CPU (bench figures: 0.12 s plain, 0.16 s at 2, 0.42 s at 9 each).
+    cost.add(8, 0.12)
+    assert cost.measured(8) and not cost.measured(9)
+    assert cost.estimate(16) == 0.12  # one doubling past: tried at the measured price
+    assert cost.estimate(17) is None  # further: not tried until 16 has been
+    cost.add(16, 0.16)
+    cost.add(72, 0.42)  # bucket 128
+    assert cost.estimate(12) == 0.16  # the same bucket
+    assert cost.estimate(4) == 0.12  # fewer positions than any measured cost at most the smallest
+    assert 0.16 < cast(float, cost.estimate(40)) < 0.42  # between measured buckets: interpolated
+    assert cost.estimate(200) == 0.42 and cost.estimate(300) is None
+    cost.add(8, 0.2)  # a later measurement moves the average (decaying)
+    assert 0.12 < cast(float, cost.estimate(8)) < 0.2
+
+
+def test_eight_rows_on_a_compute_bound_forward_do_not_draft_nine_positions(tiny_model: Path):
+    """A step's length is chosen by the measured cost where the batch runs: with one row's sure draft and seven
+    without, nine positions a row at 3.5x a plain step's price cannot pay (8 + 8 tokens for 3.5x the time)."""
+    from mlx_lm import load
+
+    model = load(str(tiny_model))[0]
+    config = GeneratorConfig(model=model, eos_ids=(), batch_size=8, prefill_batch_size=8, prefill_step=512)
+    batch = SpeculativeBatch(config, mx.default_stream(mx.default_device()))
+    for cost in ((8, 0.12), (16, 0.16), (32, 0.24), (72, 0.42)):
+        batch.cost.add(*cost)
+    for i in range(8):
+        batch.admit(
+            Admission(rest=[1, 2, 3, i + 4], max_tokens=32, cache=None, history=[], sampler=None, processors=[])
+        )
+    batch._join()
+    for row in batch._rows:
+        row.alpha = [1.0, 1.0]  # every draft accepted so far
+    sure = [[7] * 8] + [[] for _ in range(7)]
+    assert batch._trim(sure) == [[]] * 8
+    eager = [[7] * 8 for _ in range(8)]  # every row copies: longer steps pay
+    assert len(batch._trim(eager)[0]) >= 1
 
 
 def test_models_whose_cache_cannot_take_ragged_rows_decode_with_mlx_lm(family_models: Any):

@@ -45,7 +45,7 @@ import mlx.nn as nn
 from mlx_lm.generate import PromptProcessingBatch
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
-from worker.generator import Admission, Generated, GeneratorConfig, PrefillCost, Prefilled, Step
+from worker.generator import Admission, Generated, GeneratorConfig, Prefilled, Step
 from worker.sequence import Sampler
 
 NGRAMS = (3, 2)  # the suffix lengths looked up, longest first
@@ -54,7 +54,7 @@ K_MAX = 8
 MISSES = 3  # steps in a row with nothing accepted before a sequence rests
 REST_START = 4  # steps a sequence rests the first time; doubled each time, up to REST_MAX
 REST_MAX = 64
-TIMED_BEFORE_FIT = 16  # verifying steps timed before their cost cuts drafts short (a few are noise)
+PLAIN_TIMED_EVERY = 32  # plain steps between two timed ones (a timed step is not pipelined)
 CATCH_UP = 512  # a row's tokens the draft model's cache takes in one step, at most
 
 
@@ -225,22 +225,81 @@ class PromptLookup:
         return self._at.get(tuple(suffix[-n:])) if len(suffix) >= n else None
 
 
-def lookup_draft(context: PromptLookup, last: int, k: int, seed: PromptLookup | None = None) -> tuple[list[int], bool]:
-    """Up to k tokens to follow `last` (the sampled token not yet in `context`): the continuation of the latest
-    earlier occurrence of the context's last n tokens (longest n first), in the client's prediction first; and
-    whether they come from the prediction."""
+def lookup_draft(
+    context: PromptLookup, last: int, k: int, seed: PromptLookup | None = None, follow: int | None = None
+) -> tuple[list[int], bool, int | None]:
+    """Up to k tokens to follow `last` (the sampled token not yet in `context`); whether they come from the client's
+    prediction; and where in the context they start (None: not from the context).
+
+    In order: the prediction's continuation of the context's last 3 tokens; the copy being followed (`follow`: the
+    context position a copy has reached, when `last` is the token there); the continuation of the latest earlier
+    occurrence of the last n tokens (n = 3, then 2; the prediction first at each). The copy comes before the latest
+    occurrence because a file returned with an edit repeats its lines: `for order in` occurs in several functions,
+    and the latest one is rarely the one being copied."""
     if k <= 0:
-        return [], False
+        return [], False, None
     tail = [*context.tokens[-(max(context.ngrams) - 1) :], last]
     for n in context.ngrams:
         if seed is not None and (j := seed.find(tail, n)) is not None and j < len(seed.tokens):
-            return seed.tokens[j : j + k], True
+            return seed.tokens[j : j + k], True, None
+        if follow is not None and follow + 1 < len(context.tokens) and context.tokens[follow] == last:
+            return context.tokens[follow + 1 : follow + 1 + k], False, follow + 1
+        follow = None
         if (j := context.find(tail, n)) is not None:
             # The occurrence may be the very end (a loop): its continuation repeats with the loop's period.
             whole = [*context.tokens, last]
             period = len(whole) - j
-            return [whole[j + i % period] for i in range(k)], False
-    return [], False
+            return [whole[j + i % period] for i in range(k)], False, j
+    return [], False, None
+
+
+class StepCost:
+    """What a decoding forward costs by the positions it computes (rows × step length), as measured: a decaying
+    average per power-of-two bucket of positions.
+
+    Why not a line a + b·n: the cost is flat while the forward is memory-bound (a few positions: the weights are
+    read once whatever n is) and grows with n once it is compute-bound (many rows, or a CPU), and where it turns
+    depends on the machine and the model. A line fitted at one batch size misjudges another (fitted on one client's
+    drafts it priced eight clients' 9-position steps at a third of their measured 0.42 s, against 0.12 s for a
+    plain step: drafting then cost eight clients 25% of their throughput). Buckets measured where the batch runs
+    do not, and a bucket no step has reached is tried only one doubling past the largest measured (at that one's
+    cost: if the forward is still memory-bound there, drafting longer pays), so a step never goes far into
+    positions whose cost nobody knows. The plain step (one position a row) is measured first: nothing is drafted
+    before it is."""
+
+    def __init__(self, decay: float = 0.8) -> None:
+        self.decay = decay
+        self._seconds: dict[int, float] = {}  # bucket (a power of two) -> seconds
+
+    @staticmethod
+    def bucket(positions: int) -> int:
+        return 1 << max(positions - 1, 0).bit_length()
+
+    def add(self, positions: int, seconds: float) -> None:
+        b = self.bucket(positions)
+        old = self._seconds.get(b)
+        self._seconds[b] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
+
+    def measured(self, positions: int) -> bool:
+        return self.bucket(positions) in self._seconds
+
+    def estimate(self, positions: int) -> float | None:
+        """Seconds for a forward of `positions`; None where it is not to be tried yet (nothing measured, or more
+        than one doubling past what has been)."""
+        b = self.bucket(positions)
+        if not self._seconds:
+            return None
+        if b in self._seconds:
+            return self._seconds[b]
+        below = [k for k in self._seconds if k < b]
+        above = [k for k in self._seconds if k > b]
+        if below and above:  # between two measured buckets: interpolated
+            lo, hi = max(below), min(above)
+            return self._seconds[lo] + (self._seconds[hi] - self._seconds[lo]) * (b - lo) / (hi - lo)
+        if above:  # fewer positions than any measured forward cost at most what the smallest did
+            return self._seconds[min(above)]
+        top = max(below)
+        return self._seconds[top] if b <= 2 * top else None
 
 
 @dataclass(eq=False)
@@ -257,6 +316,8 @@ class _Row:
     lookup: PromptLookup
     seed: PromptLookup | None  # the client's prediction
     seeded: bool = False  # this step's draft comes from the prediction
+    start: int | None = None  # where in `lookup` this step's draft starts (None: not from there)
+    follow: int | None = None  # the position in `lookup` of the copy being followed, where `last` should be
     modeled: bool = False  # this step's draft is the draft model's continuation
     drafted_held: int = 0  # of `tokens`, how many the draft model's cache holds
     logprobs: mx.array | None = None  # of `last`
@@ -293,8 +354,8 @@ class SpeculativeBatch:
         self.prefill_step = config.prefill_step
         self.eos = set(config.eos_ids)
         self.stats = stats if stats is not None else DraftStats()
-        self.cost = PrefillCost()  # a forward's seconds by positions: fixed + per position
-        self._timed = 0  # verifying steps timed into `cost`
+        self.cost = StepCost()
+        self._plain_steps = 0
         self._rows: list[_Row] = []
         self._cache: list[RaggedKVCache] = []
         # The draft model (GeneratorConfig.draft_model) and its cache, row for row beside the model's; it catches up
@@ -362,7 +423,7 @@ class SpeculativeBatch:
         if not self._rows:
             return Step(joined, [])
         drafts = self._drafts()
-        step = self._plain() if drafts is None else self._verify(drafts)
+        step = self._plain() if drafts is None or not any(drafts) else self._verify(drafts)
         step.prefilled.extend(joined)
         return step
 
@@ -405,7 +466,8 @@ class SpeculativeBatch:
         self._rows.extend(rows)
 
     def _drafts(self) -> list[list[int]] | None:
-        """Each row's draft; None when no row tries to draft in this step (then its tokens need not be read yet)."""
+        """Each row's draft; None when no row tries to draft in this step (then its tokens need not be read yet).
+        When every draft is cut (`_trim`), the step decodes plainly."""
         for row in self._rows:
             row.rest = max(row.rest - 1, 0)
         if not any(row.wants() for row in self._rows):
@@ -415,11 +477,11 @@ class SpeculativeBatch:
             row.last = last
         drafts: list[list[int]] = []
         for row in self._rows:
-            row.modeled = False
+            row.modeled, row.start = False, None
             if not row.wants():
                 drafts.append([])
                 continue
-            draft, row.seeded = lookup_draft(row.lookup, row.last, row.draft_length, row.seed)
+            draft, row.seeded, row.start = lookup_draft(row.lookup, row.last, row.draft_length, row.seed, row.follow)
             drafts.append(draft)
         if self.draft is not None and any(row.wants() and not d for row, d in zip(self._rows, drafts, strict=True)):
             drafts = self._modeled(drafts)
@@ -475,7 +537,7 @@ class SpeculativeBatch:
             row.drafted_held += len(f)
             if w:
                 out[i] = continuation[i][: row.draft_length]
-                row.modeled = True
+                row.modeled, row.start = True, None
         return out
 
     def _trim(self, drafts: list[list[int]]) -> list[list[int]]:
@@ -484,31 +546,41 @@ class SpeculativeBatch:
         longest = max(len(d) for d in drafts)
         if not longest:
             return drafts
-        fit = self.cost.fit() if self._timed >= TIMED_BEFORE_FIT else None
-        a, b = fit if fit is not None and fit[0] > 0 else (1.0, 0.0)  # not measured enough: memory-bound
         rates = [row.alpha[0] / row.alpha[1] for row in self._rows]
         best, best_rate = 1, 0.0
         for length in range(1, longest + 2):
+            seconds = self.cost.estimate(len(drafts) * length)
+            if seconds is None:
+                break
             expected = sum(
                 1 + sum(r**j for j in range(1, min(len(d), length - 1) + 1)) for d, r in zip(drafts, rates, strict=True)
             )
-            rate = expected / (a + b * len(drafts) * length)
+            rate = expected / seconds
             if rate > best_rate * 1.02:  # a longer step must pay for itself clearly
                 best, best_rate = length, rate
-        if best == 1:  # drafting does not pay at these rates: those rows rest as if their drafts had failed
-            for row, d in zip(self._rows, drafts, strict=True):
-                if d:
-                    self._missed(row)
+        # Drafting that does not pay at this batch's size is not a failed draft: the rows do not rest for it (they
+        # would rest in turn, and with most rows resting no step's drafts would ever pay), the step is plain.
         return [d[: best - 1] for d in drafts]
 
     def _plain(self) -> Step:
         """One token per row, the next forward queued before this step's tokens are read (mlx-lm's decode step)."""
         assert self._last is not None
         inputs = self._last
+        # A plain step's forward is timed (so not pipelined) where its cost is not known, and now and then: the
+        # price drafting is weighed against (`_trim`). Between steps the scheduler may prefill, so the time between
+        # pipelined steps would not tell it.
+        timed = not self.cost.measured(len(self._rows)) or self._plain_steps % PLAIN_TIMED_EVERY == 0
+        self._plain_steps += 1
+        if timed:
+            mx.eval(inputs)
+            tic = time.perf_counter()
         logprobs = self._forward(inputs[:, None])
         sampled = self._sample(logprobs)[:, 0]
         previous = [row.logprobs for row in self._rows]
         now = [logprobs[i, 0] for i in range(len(self._rows))]
+        if timed:
+            mx.eval(sampled, now)
+            self.cost.add(len(self._rows), time.perf_counter() - tic)
         mx.async_eval(sampled, now)
         mx.eval(inputs, [p for p in previous if p is not None])
         out: list[list[tuple[int, mx.array | None]]] = []
@@ -516,7 +588,7 @@ class SpeculativeBatch:
             out.append([] if row.fresh else [(token, lp)])
             row.tokens.append(token)
             row.lookup.extend([token])
-            row.logprobs, row.fresh = nxt, False
+            row.logprobs, row.fresh, row.follow = nxt, False, None
         self._last = sampled
         return self._finish(out, [1] * len(self._rows))
 
@@ -533,7 +605,6 @@ class SpeculativeBatch:
         previous = [row.logprobs for row in self._rows]
         mx.eval(targets, [p for p in previous if p is not None])
         self.cost.add(len(self._rows) * length, time.perf_counter() - tic)
-        self._timed += 1
         out: list[list[tuple[int, mx.array | None]]] = []
         fed_all, lasts, predicted = [], [], []
         for i, (row, d, t) in enumerate(zip(self._rows, drafts, cast(list[list[int]], targets.tolist()), strict=True)):
@@ -548,12 +619,14 @@ class SpeculativeBatch:
             fed_all.append(fed)
             predicted.append((accepted, len(d) - accepted) if row.seeded and d else (0, 0))
             if row.modeled:  # the draft model's cache holds the accepted drafts it fed (all but its last)
-                row.drafted_held += min(accepted, len(d) - 1)
+                row.drafted_held += min(accepted, max(len(d) - 1, 0))
             for processor in row.processors if d else ():  # a grammar took every draft: it forgets the rejected
                 if hasattr(processor, "rollback"):
                     processor.rollback(len(d) - accepted)
             row.fresh = False
             row.last, row.logprobs = t[accepted], logprobs[i, accepted]
+            # Where its new last token sits in the copy it drafted from, if that is what it is copying.
+            row.follow = row.start + accepted if row.start is not None else None
             lasts.append(row.last)
             if d:
                 self._adapt(row, len(d), accepted)
