@@ -1,8 +1,8 @@
 """Agent sessions on every model family (issue 24): mlxq beside mlx_lm.server, one server at a time.
 
 Per family of tests.families (tiny random-weight models with SmolLM2's tokenizer, built here: llama, llama-q4,
-qwen3_next, granitemoehybrid, gemma3_text, qwen3_moe, falcon_h1), each server in turn is started alone on the model
-directory and sent:
+qwen3_next, granitemoehybrid, nemotron_h, gemma3_text, qwen3_moe, falcon_h1), each server in turn is started alone on
+the model directory and sent:
 
 - cold probes: single-turn requests whose system prompts share nothing (the cold TTFT, the median of them);
 - four agent sessions, interleaved (turn 1 of each, then turn 2 of each, ...), five turns each, a ~1,000-token
@@ -70,7 +70,7 @@ EDITED_ANSWER = 2  # which assistant message (1-based) the client changed
 EDITED_TEXT = "Let me start over: the build script compiles each module on its own and links them all at the end."
 # Families whose caches cannot be trimmed to a shorter prompt (recurrent state, a sliding window): mlx_lm.server
 # reuses only whole cached prompts on them.
-NOT_TRIMMABLE = {"qwen3_next", "granitemoehybrid", "gemma3_text", "falcon_h1"}
+NOT_TRIMMABLE = {"qwen3_next", "granitemoehybrid", "nemotron_h", "gemma3_text", "falcon_h1"}
 ELSEWHERE = "see bench_prefix_tiers"
 
 PROJECTS = ["orchard", "lighthouse", "quarry", "meridian", "tundra", "harbor", "copper", "saffron"]
