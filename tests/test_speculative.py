@@ -389,6 +389,8 @@ def test_eight_rows_on_a_compute_bound_forward_do_not_draft_nine_positions(tiny_
     assert batch._trim(sure) == [[]] * 8
     eager = [[7] * 8 for _ in range(8)]  # every row copies: longer steps pay
     assert len(batch._trim(eager)[0]) >= 1
+    batch.prefill_waits = True  # while prompts wait for prefill, no drafting step dearer than a plain one
+    assert batch._trim(eager) == [[]] * 8
 
 
 def test_models_whose_cache_cannot_take_ragged_rows_decode_with_mlx_lm(family_models: Any):

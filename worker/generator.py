@@ -415,6 +415,8 @@ class ChunkedPrefill:
 
     def _step(self) -> Step:
         decoding = len(self._uid)
+        if hasattr(self.inner, "prefill_waits"):  # a drafting decode stage: its steps leave prefill its share
+            self.inner.prefill_waits = bool(self._prefilling)
         tic = time.perf_counter()
         step = self._inner_step()
         grouped = 0
