@@ -3,7 +3,7 @@
 Each is an mlx-lm model directory (config.json, model.safetensors, SmolLM2's real tokenizer) that `mlx_lm.load` and
 `worker.engine.Engine.load` read. Together they hold every kind of cache a layer keeps: plain attention (llama, also
 4-bit quantized), a mixture of experts (qwen3_moe), linear-attention recurrent state (qwen3_next), Mamba2 state
-(granitemoehybrid), a sliding window shorter than the test prompts (gemma3_text), and an SSM and attention side by
+(granitemoehybrid, and nemotron_h, whose batching needs worker/model_fixes.py), a sliding window shorter than the test prompts (gemma3_text), and an SSM and attention side by
 side in every layer (falcon_h1: a CacheList per layer).
 
 Weights are random but deterministic (mx.random.seed). Every float matrix but the embedding is scaled by 3: with the
