@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -253,6 +254,33 @@ def test_an_owners_weight_is_its_share_of_prefill(model: Any):
     light = gen.admit(admission(400, 2, owner="b"))
     got = order(gen, 12)
     assert got.count(heavy) == 8 and got.count(light) == 4, got
+
+
+def test_newcomers_are_prefilled_together_unless_a_stream_decodes(model: Any):
+    """While a stream decodes, the newcomers prefilled together in a step are what one bounded step does (on this
+    slow timing, two prompts); while the batch decodes only answers read whole (sync requests, jobs, batch lines),
+    every short newcomer joins in one forward, as with nothing decoding. Eight sync clients arriving a step apart
+    otherwise ran at 0.75x mlx_lm.server's tokens/s (scripts/bench_concurrency.py)."""
+    joined: dict[bool, int] = {}
+    for watched in (True, False):
+        config = GeneratorConfig(model, eos_ids=(2,), batch_size=8, prefill_batch_size=8, prefill_step=64)
+        gen = ChunkedPrefill(config, mx.default_stream(mx.default_device()))
+        first = gen.admit(replace(admission(40, 0), max_tokens=50, watched=watched))
+        gen.step()  # prefilled alone (nothing decodes), and decoding from then on
+        slow = PrefillCost()  # a CPU's: 60 ms a forward and 4 ms a token, 80 ms a decode step
+        for n in [16, 32, 64, 16, 45]:
+            slow.add(n, 0.060 + 0.004 * n)
+        slow.add_decode(0.080)
+        gen.cost = slow
+        newcomers = [gen.admit(replace(admission(40, salt), watched=watched)) for salt in range(1, 7)]
+        step = gen.step()
+        assert any(g.uid == first for g in step.generated), "the decoding sequence goes on"
+        # A prompt handed to the decode batch is reported all in with the next step's output.
+        reported = gen.step().prefilled
+        joined[watched] = len({p.uid for p in reported if p.finished} & set(newcomers))
+        for uid in [first, *newcomers]:
+            gen.remove(uid)
+    assert joined[True] < len(newcomers) == joined[False], joined
 
 
 def test_the_budget_fills_the_step_target_by_the_measured_cost(model: Any):

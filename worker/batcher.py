@@ -307,6 +307,7 @@ class Batcher:
                 priority=seq.priority,
                 owner=seq.owner,
                 weight=self._weight(seq.owner),
+                watched=seq.watched,
             )
         )
         seq.admitted_at = time.monotonic()

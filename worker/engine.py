@@ -319,11 +319,13 @@ class Engine:
         use_prefix_cache: bool = True,
         owner: str = "",
         partition: str | None = None,
+        watched: bool = True,
     ) -> Sequence:
         """Queue one request for the batch; read its events from the returned sequence. A plain dict (tests,
         benchmarks) is validated as a Request first. `owner` (an API key's id, or a session) gets its fair share.
         `partition`: the prefix-cache partition it is served from and stored into (mlxq.keys.cache_partition of its
-        job's namespace and its `cache_salt`); None: its salt's alone (no namespace).
+        job's namespace and its `cache_salt`); None: its salt's alone (no namespace). `watched`: a client streams
+        it; an answer read whole (a sync request, a job, a batch line) lets the batch prefill newcomers together.
 
         Raises RequestError (in the caller's thread, before anything is queued) when the prompt does not fit.
         """
@@ -336,6 +338,7 @@ class Engine:
             checkpoints=self.checkpoints and use_prefix_cache and self.prefix is not None,
             owner=owner,
             partition=cache_partition("", request.cache_salt) if partition is None else partition,
+            watched=watched,
         )
         self.batcher.submit(seq)
         return seq

@@ -83,6 +83,9 @@ class Admission:
     priority: str = "interactive"
     owner: str = ""  # an API key's id, or a session; "" for none
     weight: float = 1.0  # the owner's weight in its fair share
+    # A client reads its tokens as they come (a stream): while it decodes, others' prefill may pause it only for a
+    # bounded step. A sync request, a job or a batch line sees its answer whole, so what counts is when it ends.
+    watched: bool = True
 
 
 @dataclass(frozen=True)
@@ -323,6 +326,7 @@ class ChunkedPrefill:
         self._uid: dict[int, int] = {}  # the inner generator's -> ours
         self._totals: dict[int, int] = {}  # ours -> its prompt's tokens to prefill, until it is reported finished
         self._served: dict[str, float] = {}  # owner -> prefill tokens over weight, while it has prompts here
+        self._watched: set[int] = set()  # ours, decoding, read as streams (`Admission.watched`)
         self._moved = False  # a sequence joined the inner generator since its last step
         # Short prompts chosen in one step are prefilled together by mlx-lm's prompt batch (one padded forward, its
         # fixed cost paid once: most of a short prompt's cost on a CPU) rather than one by one here.
@@ -367,6 +371,7 @@ class ChunkedPrefill:
             return p.cache, list(p.tokens)
         inner = self._inner_uid.pop(uid)
         del self._uid[inner]
+        self._watched.discard(uid)
         return self.inner.extract(inner)
 
     def remove(self, uid: int) -> None:
@@ -377,6 +382,7 @@ class ChunkedPrefill:
             return
         inner = self._inner_uid.pop(uid)
         del self._uid[inner]
+        self._watched.discard(uid)
         self.inner.remove(inner)
 
     # -- a step ----------------------------------------------------------------------------------------------------
@@ -400,12 +406,17 @@ class ChunkedPrefill:
         most = min(self.cap, MAX_STEP * self.target_s / per_token)
         return int(max(min(max(fits, EFFICIENT_CHUNK * a / b), most), MIN_BUDGET))
 
-    def group_budget(self, decoding: int) -> int:
+    def group_budget(self, watched: int) -> int:
         """Padded tokens of short prompts prefilled together in one forward this step. They are newcomers' own
         prefill, and each one staggered to a later step would wait for it and then decode in steps of its own at
-        the end: with nothing decoding, as many as the prefill share allows (`cap`), as mlx-lm's prompt batch
-        takes them; else what one forward does in MAX_STEP targets, the bound on any step."""
-        if not decoding:
+        the end: with no stream decoding (`watched`: nothing, or only answers read whole), as many as the prefill
+        share allows (`cap`), as mlx-lm's prompt batch takes them; else what one forward does in MAX_STEP targets,
+        the bound on any step a stream pauses for.
+
+        Eight sync clients arriving a step apart were prefilled one or two a step with the bound applied to answers
+        nobody saw until their end: 0.75x mlx_lm.server's tokens/s, against 0.85x grouped (scripts/bench_concurrency.py,
+        this 2-core CPU, where one prompt's forward takes about the whole bound)."""
+        if not watched:
             return self.cap
         fit = self.cost.fit()
         if fit is None:
@@ -415,6 +426,7 @@ class ChunkedPrefill:
 
     def _step(self) -> Step:
         decoding = len(self._uid)
+        watched = len(self._watched)
         if hasattr(self.inner, "prefill_waits"):  # a drafting decode stage: its steps leave prefill its share
             self.inner.prefill_waits = bool(self._prefilling)
         tic = time.perf_counter()
@@ -426,10 +438,10 @@ class ChunkedPrefill:
                 mx.synchronize(self.stream)
                 self.cost.add_decode(time.perf_counter() - tic)
             budget = self.budget(decoding)
-            # While others decode, a group holds only prompts that a step's budget takes whole: a longer one is
+            # While streams decode, a group holds only prompts that a step's budget takes whole: a longer one is
             # prefilled a budget at a time, so no stream pauses for more than its share.
-            each = budget if decoding else self.chunk
-            prefilled, checkpoints, grouped = self._prefill(budget, max(budget, self.group_budget(decoding)), each)
+            each = budget if watched else self.chunk
+            prefilled, checkpoints, grouped = self._prefill(budget, max(budget, self.group_budget(watched)), each)
             step.prefilled.extend(prefilled)
             step.checkpoints.extend(checkpoints)
         if self._moved:
@@ -517,6 +529,8 @@ class ChunkedPrefill:
         inner = self.inner.admit(replace(a, rest=p.rest, cache=p.cache, history=p.tokens, checkpoints=()))
         self._inner_uid[p.uid] = inner
         self._uid[inner] = p.uid
+        if a.watched:
+            self._watched.add(p.uid)
         self._moved = True
 
     def _forget_owner(self, owner: str) -> None:
@@ -541,6 +555,7 @@ class ChunkedPrefill:
             if g.finish_reason is not None:  # the inner generator has let it go
                 del self._uid[g.uid], self._inner_uid[uid]
                 self._totals.pop(uid, None)
+                self._watched.discard(uid)
             generated.append(replace(g, uid=uid))
         checkpoints = [replace(c, uid=self._uid[c.uid]) for c in inner.checkpoints if c.uid in self._uid]
         return Step(prefilled, generated, checkpoints)

@@ -78,7 +78,10 @@ class JobRunner:
                 owner = job.owner or job.session or ""
                 # Its prefix-cache partition: no other key's (or salt's) prompt shortens its prefill, nor its another's.
                 partition = cache_partition(job.namespace, request.cache_salt)
-                seq = self._state.engine.submit(kind, request, priority=priority, owner=owner, partition=partition)
+                # A stream's decoding pauses only briefly for others' prefill; an answer read whole waits on throughput.
+                seq = self._state.engine.submit(
+                    kind, request, priority=priority, owner=owner, partition=partition, watched=stream
+                )
                 answer = self._relay(job_id, seq, stream)
                 # What the api routes this conversation's later turns by (mlxq.delivery), in the same partition.
                 hashes = prefix_hashes(kind, request.wire(), partition=partition)

@@ -54,6 +54,8 @@ class Sequence:
     checkpoints: dict[int, tuple[str, int | None]] = field(default_factory=dict)
     # The answer the client expects (OpenAI's `prediction`), tokenized: speculative drafts are taken from it.
     prediction: list[int] = field(default_factory=list)
+    # A client streams it (worker.generator.Admission.watched): others' prefill pauses its decoding only briefly.
+    watched: bool = True
 
     # -- filled in as it runs (engine thread) --------------------------------------------------
     uid: int | None = None  # in the generator while admitted

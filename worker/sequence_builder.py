@@ -236,11 +236,13 @@ class SequenceBuilder:
         checkpoints: bool = False,
         owner: str = "",
         partition: str = "",
+        watched: bool = True,
     ) -> Sequence:
         """The request as one sequence of the batch; RequestError when the model cannot serve it as asked.
         `checkpoints`: the model's cache cannot be trimmed and the prefix cache is on: the sequence gets the
         positions to keep checkpoints at (worker.boundaries). `owner`: whose it is, for fair shares (worker.batcher).
-        `partition`: the prefix-cache partition it is served from and stored into (mlxq.keys.cache_partition)."""
+        `partition`: the prefix-cache partition it is served from and stored into (mlxq.keys.cache_partition).
+        `watched`: a client streams it (worker.generator.Admission.watched)."""
         prompt, prefill, tools, marks = self._prompt(kind, request, checkpoints=checkpoints)
         sampling = sampling_settings(request, self.vocab_size)
         processors = penalty_processors(sampling)
@@ -265,6 +267,7 @@ class SequenceBuilder:
             top_logprobs=sampling.top_logprobs,
             use_prefix_cache=use_prefix_cache,
             partition=partition,
+            watched=watched,
             checkpoints=marks,
             prediction=self.tokenizer.encode(request.prediction, add_special_tokens=False)
             if request.prediction

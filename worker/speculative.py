@@ -29,13 +29,16 @@ sequence that copies its prompt (an edit returns most of the file it was sent) g
   (llguidance rolls back), so an answer under a schema that copies its prompt is drafted too, with the same
   tokens. A grammar armed by a trigger (tool calls: free text until a call opens) does not draft: its watch of
   the text cannot be rolled back.
-- How long a step's rows are: the expected accepted tokens over the step's cost. The cost of a forward over n
-  positions is measured (a fixed cost and a cost per position, as for prefill chunks: worker.generator.PrefillCost);
-  where the hardware is compute-bound (a CPU with many sequences) drafts are cut short.
+- How long a step's rows are: what quickens the rows most as their clients see it. Each row expects its accepted
+  prefix over the step's cost, which every row pays: the cost of a forward by its positions is measured
+  (`StepCost`), and the step length maximizes the geometric mean of the rows' expected rates (`_best_length`).
+  Where the hardware is compute-bound (a CPU with many sequences) drafts are cut short, and a few rows' copies do
+  not slow the rest.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
@@ -557,23 +560,30 @@ class SpeculativeBatch:
         return [d[: best - 1] for d in drafts]
 
     def _best_length(self, lengths: list[int]) -> int:
-        """The step length (1 + drafts) that yields the most tokens per second for rows with drafts of these
-        lengths: each row expects its accepted prefix (its acceptance rate per token), the forward costs by its
-        positions (`StepCost`). 1: drafting does not pay."""
+        """The step length (1 + drafts) for rows with drafts of these lengths that maximizes the geometric mean of
+        the rows' expected tokens per second: each row expects its accepted prefix (its acceptance rate per token),
+        and every row waits for the whole forward, priced by its positions (`StepCost`). 1: drafting does not pay.
+
+        Why not the batch's total tokens per second: each client waits for its own answer. Eight essays, a few of
+        them repeating themselves, drafted where their copies made the total grow while every other row's step got
+        dearer: the batch ran at 0.82x drafting off (scripts/bench_concurrency.py, 8 clients). The geometric mean
+        (proportional fairness) drafts when the rows' gains outweigh what all of them pay; for one row, or rows that
+        all copy, it is the total's choice."""
         rates = [row.alpha[0] / row.alpha[1] for row in self._rows]
-        best, best_rate, plain = 1, 0.0, 0.0
+        margin = len(lengths) * math.log(1.02)  # a longer step must pay for itself clearly: 2% a row
+        best, best_score, plain = 1, -math.inf, 0.0
         for length in range(1, max(lengths, default=0) + 2):
             seconds = self.cost.estimate(len(lengths) * length)
             if seconds is None or (length > 1 and self.prefill_waits and seconds > PREFILL_WAITS_COST * plain):
                 break
             if length == 1:
                 plain = seconds
-            expected = sum(
-                1 + sum(r**j for j in range(1, min(n, length - 1) + 1)) for n, r in zip(lengths, rates, strict=True)
-            )
-            rate = expected / seconds
-            if rate > best_rate * 1.02:  # a longer step must pay for itself clearly
-                best, best_rate = length, rate
+            score = sum(
+                math.log(1 + sum(r**j for j in range(1, min(n, length - 1) + 1)))
+                for n, r in zip(lengths, rates, strict=True)
+            ) - len(lengths) * math.log(seconds)
+            if score > best_score + (margin if length > 1 else 0.0):
+                best, best_score = length, score
         return best
 
     def _plain(self) -> Step:
