@@ -209,6 +209,20 @@ def test_the_clients_prediction_seeds_the_drafts(smol: dict[str, Engine], smol_p
     assert unseeded["usage"]["accepted_prediction_tokens"] == unseeded["usage"]["rejected_prediction_tokens"] == 0
 
 
+def test_a_seeded_answer_is_the_same_whether_or_not_it_drafts(smol: dict[str, Engine]):
+    """A seed reproduces the answer however its steps were drafted (drafting depends on the rest of the batch): the
+    n-th token takes the seed's n-th draw, and a rejected draft's draws are drawn again."""
+    seeded = {**PROMPTS["edit"], "temperature": 0.3, "seed": 5}
+    plain = smol["off"].generate("chat", seeded, use_prefix_cache=False)
+    stats = smol["lookup"].draft_stats
+    accepted, rejected = stats.accepted, stats.drafted - stats.accepted
+    drafted = smol["lookup"].generate("chat", seeded, use_prefix_cache=False)
+    assert same(drafted, plain), f"{drafted['text']!r} != {plain['text']!r}"
+    assert stats.accepted > accepted and stats.drafted - stats.accepted > rejected  # it drafted, and missed some
+    batched = together(smol["lookup"], [seeded, PROMPTS["count"], PROMPTS["prose"]])
+    assert same(batched[0], plain)
+
+
 # -- sampled: the acceptance rule keeps the distribution -----------------------------------------------------------
 
 

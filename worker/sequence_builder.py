@@ -9,18 +9,17 @@ so a sampling parameter declared there and not used here fails at once instead o
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
-import mlx.core as mx
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors, make_sampler
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from mlxq.contract import JobError, JobKind, Priority, job_error
 from mlxq.grammar import Constraint, constraint_for
 from mlxq.request import SAMPLING, Request
 from worker.boundaries import Marks, chat_marks, completion_marks
 from worker.constrained import GrammarError, Grammars
+from worker.seeded_sampler import SeededSampler
 from worker.sequence import Sampler, Sequence
 from worker.tool_parse import ModelToolFormat, ToolStreamFilter
 from worker.tool_prompt import prepare_chat, template_knows_tools
@@ -83,29 +82,6 @@ def penalty_processors(sampling: SamplingSettings) -> list[Any]:
         presence_penalty=sampling.presence_penalty,
         frequency_penalty=sampling.frequency_penalty,
     )
-
-
-def seeded_sampler(temp: float, top_p: float, min_p: float, top_k: int, seed: int) -> Sampler:
-    """mlx-lm's sampling chain drawing from its own random key, so a seed reproduces whatever else is batched."""
-    # mlx-lm's samplers draw from the global mx.random.state, which MLX 0.32 no longer lets a caller swap
-    # per request; its filters are reused here and only the draw takes this request's key.
-    filters: list[Callable[[mx.array], mx.array]] = []
-    if 0 < top_p < 1.0:
-        filters.append(lambda x: apply_top_p(x, top_p))
-    if min_p:
-        filters.append(lambda x: apply_min_p(x, min_p))
-    if top_k > 0:
-        filters.append(lambda x: apply_top_k(x, top_k))
-    key = mx.random.key(seed)
-
-    def sample(logprobs: mx.array) -> mx.array:
-        nonlocal key
-        for f in filters:
-            logprobs = f(logprobs)
-        key, draw = mx.random.split(key)
-        return mx.random.categorical(logprobs * (1 / temp), key=draw)
-
-    return sample
 
 
 def typed(request: Request | dict[str, Any], model: str) -> Request:
@@ -204,7 +180,7 @@ class SequenceBuilder:
         if sampling.temperature == 0:
             return None  # the generator's greedy sampler, one batched argmax for all greedy sequences
         if sampling.seed is not None:
-            return seeded_sampler(*params, seed=sampling.seed)
+            return SeededSampler(*params, seed=sampling.seed)
         if params not in self._samplers:  # shared by equal requests, so they sample in one call
             self._samplers[params] = make_sampler(temp=params[0], top_p=params[1], min_p=params[2], top_k=params[3])
         return self._samplers[params]

@@ -49,6 +49,7 @@ from mlx_lm.generate import PromptProcessingBatch
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
 from worker.generator import Admission, Generated, GeneratorConfig, Prefilled, Step
+from worker.seeded_sampler import SeededSampler
 from worker.sequence import Sampler
 
 NGRAMS = (3, 2)  # the suffix lengths looked up, longest first
@@ -647,6 +648,8 @@ class SpeculativeBatch:
             for processor in row.processors if d else ():  # a grammar took every draft: it forgets the rejected
                 if hasattr(processor, "rollback"):
                     processor.rollback(len(d) - accepted)
+            if isinstance(row.sampler, SeededSampler):  # a seeded sampler drew every position: it hands back the unkept
+                row.sampler.rollback(length - 1 - accepted)
             row.fresh = False
             row.last, row.logprobs = t[accepted], logprobs[i, accepted]
             # Where its new last token sits in the copy it drafted from, if that is what it is copying.
