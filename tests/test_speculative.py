@@ -382,15 +382,14 @@ def test_step_cost_prices_only_what_was_measured_and_one_doubling_past_it():
     assert 0.12 < cast(float, cost.estimate(8)) < 0.2
 
 
-def test_eight_rows_on_a_compute_bound_forward_do_not_draft_nine_positions(tiny_model: Path):
-    """A step's length is chosen by the measured cost where the batch runs: with one row's sure draft and seven
-    without, nine positions a row at 3.5x a plain step's price cannot pay (8 + 8 tokens for 3.5x the time)."""
+def priced_batch(tiny_model: Path, costs: list[tuple[int, float]]) -> SpeculativeBatch:
+    """Eight decoding rows whose drafts have all been accepted so far, at these measured step costs."""
     from mlx_lm import load
 
     model = load(str(tiny_model))[0]
     config = GeneratorConfig(model=model, eos_ids=(), batch_size=8, prefill_batch_size=8, prefill_step=512)
     batch = SpeculativeBatch(config, mx.default_stream(mx.default_device()))
-    for cost in ((8, 0.12), (16, 0.16), (32, 0.24), (72, 0.42)):
+    for cost in costs:
         batch.cost.add(*cost)
     for i in range(8):
         batch.admit(
@@ -398,13 +397,34 @@ def test_eight_rows_on_a_compute_bound_forward_do_not_draft_nine_positions(tiny_
         )
     batch._join()
     for row in batch._rows:
-        row.alpha = [1.0, 1.0]  # every draft accepted so far
+        row.alpha = [1.0, 1.0]
+    return batch
+
+
+def test_eight_rows_on_a_compute_bound_forward_do_not_draft_nine_positions(tiny_model: Path):
+    """A step's length is chosen by the measured cost where the batch runs: with one row's sure draft and seven
+    without, nine positions a row at 3.5x a plain step's price cannot pay (8 + 8 tokens for 3.5x the time)."""
+    batch = priced_batch(tiny_model, [(8, 0.12), (16, 0.16), (32, 0.24), (72, 0.42)])
     sure = [[7] * 8] + [[] for _ in range(7)]
     assert batch._trim(sure) == [[]] * 8
     eager = [[7] * 8 for _ in range(8)]  # every row copies: longer steps pay
     assert len(batch._trim(eager)[0]) >= 1
     batch.prefill_waits = True  # while prompts wait for prefill, no drafting step dearer than a plain one
     assert batch._trim(eager) == [[]] * 8
+
+
+def test_a_few_copying_rows_do_not_slow_the_rest(tiny_model: Path):
+    """Memory-bound prices (nine positions a row for 2x a plain step): two rows sure of eight drafts beside six
+    with none would raise the batch's total tokens per second (6 + 2·9 tokens for 2x the time), but every other
+    row's tokens would come at half the rate. The step length maximizes the geometric mean of the rows' rates:
+    the two draft little, and when every row copies, all of them draft (nearly) in full."""
+    batch = priced_batch(tiny_model, [(8, 0.10), (16, 0.11), (32, 0.13), (72, 0.20)])
+    plain, nine = batch.cost.estimate(8), batch.cost.estimate(72)
+    assert plain is not None and nine is not None and (6 + 2 * 9) / nine > 8 / plain  # the total would draft 8
+    few = [[7] * 8, [7] * 8] + [[] for _ in range(6)]
+    assert len(batch._trim(few)[0]) <= 2
+    every = [[7] * 8 for _ in range(8)]
+    assert len(batch._trim(every)[0]) >= 6
 
 
 def test_models_whose_cache_cannot_take_ragged_rows_decode_with_mlx_lm(family_models: Any):
