@@ -56,6 +56,9 @@ class Recording:
         gen = mlx_batch_generator(config, stream)
         if isinstance(gen, ChunkedPrefill):
             gen.budget = lambda decoding: MIN_BUDGET  # type: ignore[method-assign]
+            # A group's, in the same terms while a stream decodes (it follows the measured cost too).
+            cap = gen.cap
+            gen.group_budget = lambda watched: MIN_BUDGET if watched else cap  # type: ignore[method-assign]
         self.gens.append(gen)
         return self
 
@@ -282,6 +285,41 @@ def test_newcomers_are_prefilled_together_unless_a_stream_decodes(model: Any):
         for uid in [first, *newcomers]:
             gen.remove(uid)
     assert joined[True, False] < len(newcomers) == joined[False, False] == joined[False, True], joined
+
+
+def test_a_short_newcomer_goes_whole_while_a_stream_decodes(model: Any):
+    """The budget counts the tokens of the prompt under way, which deep in a long prompt cost several times a newcomer's:
+    a newcomer near the start of its context goes whole into the decode batch where one bounded group forward takes it,
+    while one deep in its context (a long prefix-cache hit) is prefilled a budget at a time like any other prompt."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    config = GeneratorConfig(model, eos_ids=(2,), batch_size=8, prefill_batch_size=8, prefill_step=64)
+    gen = ChunkedPrefill(config, mx.default_stream(mx.default_device()))
+    stream = gen.admit(replace(admission(40, 0), max_tokens=50, watched=True))
+    gen.step()  # prefilled alone, and decoding from then on
+    long = gen.admit(admission(400, 1))
+    gen.budget = lambda decoding: MIN_BUDGET  # type: ignore[method-assign]  # a long prompt's deep tokens' worth
+    slow = PrefillCost()  # a CPU's: 60 ms a forward and 4 ms a token, 80 ms a decode step
+    for n in [16, 32, 64, 16, 45]:
+        slow.add(n, 0.060 + 0.004 * n)
+    slow.add_decode(0.080)
+    gen.cost = slow
+    gen.step()
+    assert gen.group_budget(1) > 40 > MIN_BUDGET
+
+    newcomer = gen.admit(replace(admission(40, 2), max_tokens=50))
+    held = tokens(200, 3)
+    cache = make_prompt_cache(model)
+    model(mx.array(held)[None], cache=cache)
+    deep = gen.admit(replace(admission(40, 4), cache=cache, history=held))
+    steps = [gen.step(), gen.step()]
+    chunked = {p.uid for step in steps for p in step.prefilled if not p.finished}
+    finished = {p.uid for step in steps for p in step.prefilled if p.finished}
+    assert newcomer in finished and newcomer not in chunked, "the newcomer went whole"
+    assert deep in chunked and deep not in finished, "the deep one goes a budget at a time"
+    assert any(g.uid == stream for g in steps[-1].generated), "the stream goes on"
+    for uid in (stream, long, newcomer, deep):
+        gen.remove(uid)
 
 
 def test_the_budget_fills_the_step_target_by_the_measured_cost(model: Any):

@@ -246,7 +246,15 @@ MAX_STEP = 3.0
 class PrefillCost:
     """What a prefill chunk costs, as measured: a forward of n tokens takes about `a + b·n` seconds (a: its fixed cost,
     the weights read once and the kernels launched; b: per token), fitted by least squares over the chunks run, older
-    ones decaying; and the decode step's seconds (an average, older ones decaying)."""
+    ones decaying; and the decode step's seconds (an average, older ones decaying).
+
+    Where in its context a chunk sits matters too: its tokens attend to every token before them, so deep in a long
+    prompt a token costs several times one at the start (on a CPU, 15 ms against 4 at 2,500 tokens of context). What
+    a newcomer's tokens cost is measured apart (`at_start`): the chunks that start within `START` tokens of their
+    context."""
+
+    # A chunk this near the start of its context costs about what a newcomer's does.
+    START = 512
 
     def __init__(self, decay: float = 0.95) -> None:
         self.decay = decay
@@ -254,11 +262,23 @@ class PrefillCost:
         self._fitted: tuple[float, float] | None = None  # the last fit that told the fixed cost apart
         self.decode_s = 0.0
         self.last = 0.0  # the last chunk's seconds per token
+        self._start = (0.0, 0.0)  # tokens, seconds of the chunks near the start of their context, decaying
 
-    def add(self, tokens: int, seconds: float) -> None:
+    def add(self, tokens: int, seconds: float, depth: int = 0) -> None:
+        """A forward of `tokens` tokens after `depth` tokens of context took `seconds`."""
         self.last = seconds / tokens
         new = (1.0, tokens, seconds, tokens * tokens, tokens * seconds)
         self._sums = [self.decay * s + x for s, x in zip(self._sums, new, strict=True)]
+        if depth < self.START:
+            n, t = self._start
+            self._start = (self.decay * n + tokens, self.decay * t + seconds)
+
+    @property
+    def at_start(self) -> float | None:
+        """Seconds per token, fixed costs included, of the recent chunks near the start of their context (what a
+        newcomer's cost); None before any."""
+        n, t = self._start
+        return t / n if n > 0 and t > 0 else None
 
     def add_decode(self, seconds: float) -> None:
         self.decode_s = seconds if not self.decode_s else self.decay * self.decode_s + (1 - self.decay) * seconds
@@ -411,18 +431,23 @@ class ChunkedPrefill:
         prefill, and each one staggered to a later step would wait for it and then decode in steps of its own at
         the end: with no stream decoding (`watched`: nothing, or only answers read whole), as many as the prefill
         share allows (`cap`), as mlx-lm's prompt batch takes them; else what one forward does in MAX_STEP targets,
-        the bound on any step a stream pauses for.
+        the bound on any step a stream pauses for, at what tokens near the start of their context cost
+        (`PrefillCost.at_start`; a long prompt's deep chunks, which the fit takes in too, made it a few dozen tokens
+        on a CPU, and a one-line question was then prefilled over three steps while a stream decoded).
 
         Eight sync clients arriving a step apart were prefilled one or two a step with the bound applied to answers
         nobody saw until their end: 0.75x mlx_lm.server's tokens/s, against 0.85x grouped (scripts/bench_concurrency.py,
         this 2-core CPU, where one prompt's forward takes about the whole bound)."""
         if not watched:
             return self.cap
+        left = MAX_STEP * self.target_s - self.cost.decode_s
+        if (start := self.cost.at_start) is not None:  # newcomers' tokens, at the start of their context
+            return int(min(self.cap, max(left / start, 0)))
         fit = self.cost.fit()
         if fit is None:
             return min(FIRST_BUDGET, self.cap)
         a, b = fit
-        return int(min(self.cap, max((MAX_STEP * self.target_s - self.cost.decode_s - a) / b, 0)))
+        return int(min(self.cap, max((left - a) / b, 0)))
 
     def _step(self) -> Step:
         decoding = len(self._uid)
@@ -461,9 +486,10 @@ class ChunkedPrefill:
 
     def _prefill(self, budget: int, grouped: int, each: int) -> tuple[list[Prefilled], list[Checkpoint], int]:
         """Spend `budget` tokens on prefill chunks, the first in order (module doc) first, chosen again after each.
-        Prompts of at most `each` tokens to go whose whole rest fits in what is left (of `grouped`, for them) go to
-        the decode batch whole, together, and are prefilled there in one forward; the others are prefilled here a
-        chunk at a time. Also returns the group's padded tokens (0: none)."""
+        Prompts of at most `each` tokens to go (a newcomer near the start of its context: `grouped`) whose whole rest
+        fits in what is left (of `grouped`, for them) go to the decode batch whole, together, and are prefilled there
+        in one forward; the others are prefilled here a chunk at a time. Also returns the group's padded tokens (0:
+        none)."""
         self.last_budget = budget
         prefilled: list[Prefilled] = []
         checkpoints: list[Checkpoint] = []
@@ -471,7 +497,11 @@ class ChunkedPrefill:
         spent = 0  # by chunks run here
         while spent + _padded(group) < max(budget, grouped) and self._prefilling:
             p = min(self._prefilling.values(), key=self._order)
-            if self._groups and not p.checkpoints and len(p.rest) - 1 <= min(each, self.chunk):
+            # A newcomer near the start of its context goes whole where the group's forward takes it: the budget counts
+            # the tokens of the prompt under way, which deep in a long prompt cost several times a newcomer's (on a
+            # CPU, 15 ms against 4 at 2,500 tokens of context), so a one-line question was prefilled over three steps.
+            whole = grouped if len(p.rest) == p.total and len(p.tokens) < self.chunk else each
+            if self._groups and not p.checkpoints and len(p.rest) - 1 <= min(whole, self.chunk):
                 if group and spent + _padded([*group, p]) > grouped:
                     break  # the next step's
                 if not group and spent + len(p.rest) - 1 > grouped:
@@ -519,7 +549,7 @@ class ChunkedPrefill:
         tic = time.perf_counter()
         self.model(mx.array(chunk)[None], cache=p.cache)
         mx.eval([c.state for c in p.cache])
-        self.cost.add(n, time.perf_counter() - tic)
+        self.cost.add(n, time.perf_counter() - tic, depth=len(p.tokens))
         p.tokens.extend(chunk)
         del p.rest[:n]
 

@@ -23,9 +23,10 @@ Two tiers make more sessions fit (`PrefixCache.bits`, `PrefixCache.disk`; measur
 bound, the least recently used entries' KV layers are quantized (8 or 4 bits, mlx-lm's QuantizedKVCache) before an
 entry is evicted, and a hit dequantizes them back to a KVCache for the batch (which cannot merge quantized layers).
 An entry in use stays exact until pressure reaches it. Entries evicted from memory go to the disk tier (the
-directory the saves use, within its own byte bound), indexed in memory by their tokens; a lookup that finds a
-longer prefix there than in memory loads it back into memory and serves it. The tier's entries are the saved
-entries: one manifest (format 4) lists both, and a restart loads what fits in memory and indexes the rest.
+directory the saves use, within its own byte bound; their files written off the engine thread), indexed in memory by
+their tokens; a lookup that finds a longer prefix there than in memory loads it back into memory and serves it. The
+tier's entries are the saved entries: one manifest (format 4) lists both, and a restart loads what fits in memory and
+indexes the rest.
 
 Every entry belongs to one partition (mlxq.keys.cache_partition: the request's cache namespace, per API key unless
 MLXQ_CACHE_SCOPE=global, with its `cache_salt`): the LRU's model key is (model key, partition), the disk tier indexes
@@ -51,12 +52,14 @@ from array import array
 from bisect import bisect_left, insort
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import mlx.core as mx
+from mlx.utils import tree_map
 from mlx_lm import __version__ as mlx_lm_version
 from mlx_lm.models.cache import (
     ArraysCache,
@@ -106,6 +109,15 @@ QUANT_BITS = (0, 2, 3, 4, 5, 6, 8)  # what mx.quantize's affine mode takes; 0: e
 # 30-180 arrays, dequantize): under 128 tokens a fast accelerator's prefill costs about that, so shorter entries are
 # not kept.
 DISK_MIN_TOKENS = 128
+# An evicted entry's file is written by a thread of its own (`PrefixCache._spill`): the write costs about 2.7 ms a MB
+# here (a 3,000-token SmolLM2 entry at 8 bits is 39 MB: 100 ms), and an agent's 30,000-token context on an 8B model
+# is gigabytes, which every stream in the batch waited for. At most this many are being written at once, each held in
+# memory until it is: beyond them the engine thread waits for the oldest, so what they hold stays bounded.
+SPILLS_IN_FLIGHT = 2
+# What an entry's file holds beyond its arrays, at most: safetensors' JSON header (each array's name, dtype, shape and
+# offsets) and mlx-lm's metadata (each layer's class and state). A spilled entry counts this until its file is written.
+HEADER_BYTES = 4096
+HEADER_BYTES_PER_ARRAY = 512
 
 
 @dataclass
@@ -158,6 +170,8 @@ class PrefixCache:
     # the heartbeat asks for the ids often (after every finished request), and hashing every entry's tokens each
     # time would cost milliseconds per beat.
     _ids: dict[int, tuple[list[int], int]] = field(default_factory=dict, init=False, repr=False)
+    # Writes the disk tier's files off the engine thread (`_spill`); made with the first.
+    _writer: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.bits not in QUANT_BITS:
@@ -414,27 +428,70 @@ class PrefixCache:
 
     def _spill(self, model: Any, tokens: list[int], entry: Any) -> None:
         """An entry evicted from memory: into the disk tier (quantized first), when one is attached and the entry is
-        long enough to be worth reading back (`DISK_MIN_TOKENS`). Never raises."""
+        long enough to be worth reading back (`DISK_MIN_TOKENS`). The tier lists it at once, counted at its file's
+        largest size; the file is written by the writer thread (`SPILLS_IN_FLIGHT`), and a hit on it before that waits
+        for it. Never raises."""
         disk = self.disk
         if disk is None or not isinstance(model, tuple) or model[0] != self.key or len(tokens) < DISK_MIN_TOKENS:
             return
         partition = model[1]
         try:
             cache = self._cheapen(entry.prompt_cache) or entry.prompt_cache
-            if cache_bytes(cache) > disk.max_bytes:
+            bound = _file_bound(cache)
+            if bound > disk.max_bytes:
                 return
+            while len(disk.pending) >= SPILLS_IN_FLIGHT:
+                wait([next(iter(disk.pending.values()))[0]])
+                self._settle()
             disk.directory.mkdir(parents=True, exist_ok=True)
             with _locked(disk.directory):
                 if can_trim_prompt_cache(cache):  # a trimmable entry serves every prefix of it: those only take space
                     for shorter in disk.prefixes_of(tokens, partition=partition):
                         disk.remove(shorter, unlink=True)
                         self._complete.pop(disk.directory / shorter.file, None)
-                disk.add(self._write(disk.directory, tokens, cache, entry.cache_type, partition))
+                bits = cache_bits(cache)
+                path = disk.directory / self._file_name(tokens, bits, partition)
+                spilled = DiskEntry(path.name, list(tokens), bound, entry.cache_type, bits, partition)
+                if (size := self._complete.get(path)) is not None and size == _size(path):
+                    spilled.nbytes = size  # written whole before, by this process
+                elif (writing := disk.pending.get(path.name)) is not None:
+                    disk.pending[path.name] = (writing[0], spilled)  # being written already
+                else:
+                    if self._writer is None:
+                        self._writer = ThreadPoolExecutor(1, thread_name_prefix="prefix-disk")
+                    disk.pending[path.name] = (self._writer.submit(_write_entry, path, _compacted(cache)), spilled)
+                disk.add(spilled)
                 for gone in disk.evict_to(disk.max_bytes):
                     self._complete.pop(disk.directory / gone.file, None)
             self.stats.spills += 1
         except Exception:
             log.warning("prefix cache entry not kept on disk", exc_info=True)
+
+    def _settle(self, *, block: bool = False) -> None:
+        """Account for the disk tier's files written since (all of them, waiting for those still being written, with
+        `block`): each entry counts its file's size; one whose write failed leaves the tier."""
+        disk = self.disk
+        if disk is None or not disk.pending:
+            return
+        with _locked(disk.directory):
+            for name, (job, entry) in list(disk.pending.items()):
+                if not (block or job.done()):
+                    continue
+                del disk.pending[name]
+                path = disk.directory / name
+                try:
+                    size = job.result()
+                except Exception as exc:
+                    log.warning("prefix cache entry %s not written to disk: %s", name, exc)
+                    disk.remove(entry, unlink=True)
+                    self._complete.pop(path, None)
+                    continue
+                self._complete[path] = size
+                disk.resize(entry, size or 0)
+
+    def flush(self) -> None:
+        """Wait until every file the disk tier lists is written."""
+        self._settle(block=True)
 
     def _usable(self, bits: int) -> bool:
         """Whether an entry stored at `bits` may be served: an exact one always, a quantized one when quantizing is
@@ -530,6 +587,7 @@ class PrefixCache:
         is removed by the next save or load, as are the files of entries the new manifest no longer lists.
         """
         directory.mkdir(parents=True, exist_ok=True)
+        self.flush()  # the manifest lists only files that are whole
         with _locked(directory):
             disk = self.disk if self.disk is not None and self.disk.directory == directory else None
             in_memory = self.partitioned_entries()
@@ -834,6 +892,8 @@ class DiskTier:
         self._sorted: dict[str, list[array[int]]] = {}  # per partition
         self._lengths: dict[str, Counter[int]] = {}
         self.nbytes = 0
+        # Files still being written (PrefixCache._spill), by name: the write's future (the file's size) and its entry.
+        self.pending: dict[str, tuple[Future[int | None], DiskEntry]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -883,7 +943,15 @@ class DiskTier:
             del self._sorted[entry.partition], self._lengths[entry.partition]
         self.nbytes -= entry.nbytes
         if unlink:
+            if (writing := self.pending.pop(entry.file, None)) is not None:
+                wait([writing[0]])  # else its rename would bring the file back
             (self.directory / entry.file).unlink(missing_ok=True)
+
+    def resize(self, entry: DiskEntry, nbytes: int) -> None:
+        """`entry`'s file turned out `nbytes` long."""
+        if self._entries.get(entry.key) is entry:
+            self.nbytes += nbytes - entry.nbytes
+        entry.nbytes = nbytes
 
     def evict_to(self, n_bytes: int) -> list[DiskEntry]:
         """Remove the least recently used entries (and their files) until the tier holds at most `n_bytes`."""
@@ -925,7 +993,9 @@ class DiskTier:
         return [e for e in found if e is not None]
 
     def read(self, entry: DiskEntry) -> list[Any]:
-        """Load an entry's cache (a hit): it becomes the most recently used."""
+        """Load an entry's cache (a hit): it becomes the most recently used. One still being written is waited for."""
+        if (writing := self.pending.get(entry.file)) is not None:
+            writing[0].result()  # a failed write raises: the caller drops the entry
         cache = read_entry(self.directory / entry.file, len(entry.tokens))
         self._entries.move_to_end(entry.key)
         return cache
@@ -962,6 +1032,38 @@ def _size(path: Path) -> int | None:
 
 def _describe(entry: Any) -> str:
     return str(entry.get("file")) if isinstance(entry, dict) else repr(entry)[:60]
+
+
+def _file_bound(cache: list[Any]) -> int:
+    """The most bytes an entry's file takes: its arrays and what a header may add (`HEADER_BYTES`)."""
+    arrays = sum(len(c.state) if isinstance(c.state, (list, tuple)) else 1 for c in layers(cache))
+    return cache_bytes(cache) + HEADER_BYTES + HEADER_BYTES_PER_ARRAY * arrays
+
+
+def _compacted(cache: list[Any]) -> list[Any]:
+    """The cache as its file holds it, made here (the engine thread): each layer's state cut to the tokens it holds,
+    contiguous and evaluated, on copies of the layers, so that writing it elsewhere computes no array (mlx-lm's
+    save_prompt_cache would slice a KV layer's buffer) and only reads bytes."""
+    out = [_compacted_layer(c) for c in cache]
+    mx.eval([c.state for c in layers(out)])
+    return out
+
+
+def _compacted_layer(layer: Any) -> Any:
+    if isinstance(layer, CacheList):
+        return CacheList(*[_compacted_layer(c) for c in layer.caches])
+    state = layer.state
+    if not isinstance(state, (list, tuple)) or any(a is None for a in state):
+        return layer
+    frozen = copy.copy(layer)
+    frozen.state = tree_map(lambda a: mx.contiguous(a) if isinstance(a, mx.array) else a, tuple(state))
+    return frozen
+
+
+def _write_entry(path: Path, cache: list[Any]) -> int | None:
+    """An entry's file, written whole (on the writer thread, from `_compacted`); its size."""
+    _write_atomic(path, functools.partial(_save_entry, cache=cache))
+    return _size(path)
 
 
 def _save_entry(f: BinaryIO, cache: list[Any]) -> None:
