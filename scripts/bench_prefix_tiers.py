@@ -8,7 +8,9 @@ time of a one-token request (`max_tokens` 1: the prefill of what the cache does 
 * memory exact: the entry held as it was stored (what mlx-lm's LRUPromptCache, mlx_lm.server's, always holds);
 * memory 8-bit / 4-bit: the same entry after byte pressure quantized it (MLXQ_PREFIX_CACHE_BITS), dequantized on hit;
 * disk exact / 8-bit / 4-bit: the entry evicted from memory to the disk tier (quantized first at 8 and 4 bits), read
-  back on the hit (the page cache warm: just written).
+  back on the hit (the page cache warm: just written);
+* evict exact / 8-bit / 4-bit: what that eviction cost the engine thread (every stream in the batch waits for it):
+  the insert that evicted the entry, its quantizing included; its file is written by a thread of its own.
 
 Each a median of `--repeat` tries. Then sessions per budget: `--sessions` distinct ~`--session-tokens`-token prompts
 into a prefix cache bounded at `--budget-mb`, at bits 0 (exact: the mlx-lm LRU's count), 8 and 4: how many the memory
@@ -102,12 +104,33 @@ def hit_costs(engine: Engine, size: int, repeat: int, workdir: Path) -> dict[str
             prefix.bits = bits
             prefix.attach_disk(workdir / f"disk-{size}-{attempt}-{bits}", 1 << 34)
             engine.generate("chat", body)
+            inserts = insert_times(prefix)
             engine.generate("chat", request(f"evictor {attempt} {bits}", "Go on."))
+            if prefix.snapshot()["spills"]:  # what the batch waited for: the evictor's insert, which spilled the entry
+                costs.setdefault(f"evict {bits or 'exact'}", []).append(inserts[-1])
+            prefix.flush()
             if not prefix.snapshot()["spills"]:
                 costs.setdefault(f"disk {bits or 'exact'}", [])  # shorter than DISK_MIN_TOKENS: not kept
                 continue
             record(f"disk {bits or 'exact'}", *timed(engine, body), True)
     return {name: statistics.median(times) for name, times in costs.items() if times}
+
+
+def insert_times(prefix: PrefixCache) -> list[float]:
+    """The seconds of each of `prefix`'s inserts from now on, on the engine thread: an insert that evicts an entry
+    quantizes it and hands its file to the writer thread (worker.prefix_cache.SPILLS_IN_FLIGHT)."""
+    times: list[float] = []
+    insert = prefix.insert
+
+    def timed_insert(*args: Any, **kwargs: Any) -> int | None:
+        tic = time.perf_counter()
+        try:
+            return insert(*args, **kwargs)
+        finally:
+            times.append(time.perf_counter() - tic)
+
+    prefix.insert = timed_insert  # type: ignore[method-assign]
+    return times
 
 
 def sessions_per_budget(engine: Engine, budget_mb: int, sessions: int, tokens: int) -> dict[int, int]:
@@ -181,6 +204,7 @@ def main() -> None:
     exact = exactness(engine, plain, args.turns)
 
     names = ["cold", "memory exact", "memory 8", "memory 4", "disk exact", "disk 8", "disk 4"]
+    print("A hit on each tier against the prefill (cold):", file=sys.stderr)
     print("| prefix tokens | " + " | ".join(names) + " |", file=sys.stderr)
     print("|---" * (len(names) + 1) + "|", file=sys.stderr)
     for size, row in costs.items():
@@ -192,6 +216,15 @@ def main() -> None:
                 cells.append(f"{row[name]:.3f} s")
             else:
                 cells.append(f"{row[name]:.3f} s ({row['cold'] / row[name]:.0f}x)")
+        print(f"| {size} | " + " | ".join(cells) + " |", file=sys.stderr)
+    evicts = ["evict exact", "evict 8", "evict 4"]
+    print(
+        "\nWhat the engine thread pays to evict the entry to disk (stored as it was, at 8 and at 4 bits):",
+        file=sys.stderr,
+    )
+    print("| prefix tokens | " + " | ".join(evicts) + " |\n" + "|---" * (len(evicts) + 1) + "|", file=sys.stderr)
+    for size, row in costs.items():
+        cells = [f"{row[name] * 1000:.0f} ms" if name in row else "not kept" for name in evicts]
         print(f"| {size} | " + " | ".join(cells) + " |", file=sys.stderr)
     print(
         f"\n{args.budget_mb} MB bound, {args.sessions} sessions of ~{args.session_tokens} tokens held in memory: "

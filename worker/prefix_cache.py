@@ -801,6 +801,11 @@ class TieredLRU(LRUPromptCache):
     def insert_cache(
         self, model: Any, tokens: list[int], prompt_cache: list[Any], *, cache_type: str = "assistant"
     ) -> None:
+        # Room first, so that the bytes held never pass the bound, even for a moment: other threads read them (the
+        # heartbeat's memory parts, which once caught the cache over its share in the middle of an insert).
+        replaced = self._trie.search(model, tokens).exact is not None  # an entry for the same tokens: freed by it
+        freed = self._trie.get(model, tokens).nbytes if replaced else 0
+        self._fit(max(self.max_bytes - cache_bytes(prompt_cache) + freed, 0))
         bound, self.max_bytes = self.max_bytes, 1 << 63  # the byte bound is applied below, cheaper forms first
         try:
             with self._evicting():
