@@ -308,7 +308,7 @@ def test_a_short_newcomer_goes_whole_while_a_stream_decodes(model: Any):
     assert gen.group_budget(1) > 40 > MIN_BUDGET
 
     newcomer = gen.admit(replace(admission(40, 2), max_tokens=50))
-    held = tokens(200, 3)
+    held = tokens(PrefillCost.START + 88, 3)  # deep in its context
     cache = make_prompt_cache(model)
     model(mx.array(held)[None], cache=cache)
     deep = gen.admit(replace(admission(40, 4), cache=cache, history=held))

@@ -500,7 +500,7 @@ class ChunkedPrefill:
             # A newcomer near the start of its context goes whole where the group's forward takes it: the budget counts
             # the tokens of the prompt under way, which deep in a long prompt cost several times a newcomer's (on a
             # CPU, 15 ms against 4 at 2,500 tokens of context), so a one-line question was prefilled over three steps.
-            whole = grouped if len(p.rest) == p.total and len(p.tokens) < self.chunk else each
+            whole = grouped if len(p.rest) == p.total and len(p.tokens) < PrefillCost.START else each
             if self._groups and not p.checkpoints and len(p.rest) - 1 <= min(whole, self.chunk):
                 if group and spent + _padded([*group, p]) > grouped:
                     break  # the next step's

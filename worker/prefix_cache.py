@@ -154,7 +154,7 @@ class PrefixCache:
     checkpoints: bool = False
     # Idle entries' KV layers are quantized to this many bits under byte pressure (module doc); 0: never.
     bits: int = 0
-    lru: LRUPromptCache = field(init=False)
+    lru: TieredLRU = field(init=False)
     stats: PrefixStats = field(default_factory=PrefixStats)
     # The disk tier (`attach_disk`): entries evicted from memory, served back on a hit. None: evictions are dropped.
     disk: DiskTier | None = field(default=None, init=False)
@@ -178,7 +178,7 @@ class PrefixCache:
             raise ValueError(f"prefix cache bits must be one of {QUANT_BITS}, not {self.bits}")
         self.lru = self._new_lru()
 
-    def _new_lru(self) -> LRUPromptCache:
+    def _new_lru(self) -> TieredLRU:
         entries = self.max_entries * (CHECKPOINT_ENTRIES if self.checkpoints else 1)
         return TieredLRU(max_size=entries, max_bytes=self.max_bytes, cheapen=self._cheapen, spill=self._spill)
 
@@ -317,6 +317,7 @@ class PrefixCache:
         self.lru._lru.remove(model, prefix)
         self.lru._n_bytes -= entry.nbytes
         self.lru._n_bytes_by_type[entry.cache_type] -= entry.nbytes
+        self.lru.settle()
         self.stats.taken += 1
 
     def _fetch_untrimmed(self, tokens: list[int], others: Iterable[list[int]], partition: str) -> Fetched:
@@ -436,6 +437,7 @@ class PrefixCache:
             return
         partition = model[1]
         try:
+            self._settle()
             cache = self._cheapen(entry.prompt_cache) or entry.prompt_cache
             bound = _file_bound(cache)
             if bound > disk.max_bytes:
@@ -794,6 +796,9 @@ class TieredLRU(LRUPromptCache):
         spill: Callable[[Any, list[int], Any], None],
     ) -> None:
         super().__init__(max_size=max_size, max_bytes=max_bytes)
+        # The bytes held between operations, for other threads (the heartbeat's memory parts): in the middle of an
+        # insert the count passes the bound until the insert applies it, and a read then caught it over its share.
+        self.held = 0
         self._trie: _EvictionTrie = _EvictionTrie()
         self._cheapen = cheapen
         self._spill = spill
@@ -801,11 +806,6 @@ class TieredLRU(LRUPromptCache):
     def insert_cache(
         self, model: Any, tokens: list[int], prompt_cache: list[Any], *, cache_type: str = "assistant"
     ) -> None:
-        # Room first, so that the bytes held never pass the bound, even for a moment: other threads read them (the
-        # heartbeat's memory parts, which once caught the cache over its share in the middle of an insert).
-        replaced = self._trie.search(model, tokens).exact is not None  # an entry for the same tokens: freed by it
-        freed = self._trie.get(model, tokens).nbytes if replaced else 0
-        self._fit(max(self.max_bytes - cache_bytes(prompt_cache) + freed, 0))
         bound, self.max_bytes = self.max_bytes, 1 << 63  # the byte bound is applied below, cheaper forms first
         try:
             with self._evicting():
@@ -813,6 +813,7 @@ class TieredLRU(LRUPromptCache):
         finally:
             self.max_bytes = bound
         self._fit(bound)
+        self.settle()
 
     def trim_to(self, *, n_sequences: int | None = None, n_bytes: int | None = None) -> None:
         if n_sequences is not None:
@@ -820,6 +821,11 @@ class TieredLRU(LRUPromptCache):
                 super().trim_to(n_sequences=n_sequences)
         if n_bytes is not None:
             self._fit(max(0, n_bytes))
+        self.settle()
+
+    def settle(self) -> None:
+        """The bytes held are whole again (an insert, a trim or a take has ended): what `held` reports."""
+        self.held = self._n_bytes
 
     def _fit(self, n_bytes: int) -> None:
         if self._n_bytes > n_bytes:
@@ -948,8 +954,8 @@ class DiskTier:
             del self._sorted[entry.partition], self._lengths[entry.partition]
         self.nbytes -= entry.nbytes
         if unlink:
-            if (writing := self.pending.pop(entry.file, None)) is not None:
-                wait([writing[0]])  # else its rename would bring the file back
+            if (writing := self.pending.pop(entry.file, None)) is not None and not writing[0].cancel():
+                wait([writing[0]])  # being written: else its rename would bring the file back
             (self.directory / entry.file).unlink(missing_ok=True)
 
     def resize(self, entry: DiskEntry, nbytes: int) -> None:
@@ -1046,9 +1052,9 @@ def _file_bound(cache: list[Any]) -> int:
 
 
 def _compacted(cache: list[Any]) -> list[Any]:
-    """The cache as its file holds it, made here (the engine thread): each layer's state cut to the tokens it holds,
-    contiguous and evaluated, on copies of the layers, so that writing it elsewhere computes no array (mlx-lm's
-    save_prompt_cache would slice a KV layer's buffer) and only reads bytes."""
+    """The cache as its file holds it, made here (the engine thread): each layer's state as mlx-lm saves it (a KV
+    layer's cut to the tokens it holds), contiguous and evaluated, on copies of the layers, so that writing it elsewhere
+    computes no array (mlx-lm's save_prompt_cache would slice a KV layer's buffer) and only reads bytes."""
     out = [_compacted_layer(c) for c in cache]
     mx.eval([c.state for c in layers(out)])
     return out
