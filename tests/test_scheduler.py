@@ -322,6 +322,34 @@ def test_a_short_newcomer_goes_whole_while_a_stream_decodes(model: Any):
         gen.remove(uid)
 
 
+def test_newcomers_that_go_whole_get_a_step_of_their_own_every_other_step_at_most(model: Any):
+    """A short newcomer's step runs no chunk of the long prompt under way, so its first token comes after its own
+    forward and the decode step (key B behind key A's flood waited for a chunk every time); a second newcomer in the
+    very next step goes beside the long prompt's chunk, so a stream of newcomers cannot hold it back for good."""
+    config = GeneratorConfig(model, eos_ids=(2,), batch_size=8, prefill_batch_size=8, prefill_step=64)
+    gen = ChunkedPrefill(config, mx.default_stream(mx.default_device()))
+    stream = gen.admit(replace(admission(40, 0), max_tokens=50, watched=True))
+    gen.step()  # prefilled alone, and decoding from then on
+    long = gen.admit(admission(400, 1, owner="a"))
+    gen.budget = lambda decoding: 64  # type: ignore[method-assign]  # the group's tokens count in it
+    gen.group_budget = lambda watched: 64  # type: ignore[method-assign]
+    assert [p.uid for p in gen.step().prefilled if not p.finished] == [long]
+
+    def chunked(step: Step) -> set[int]:
+        return {p.uid for p in step.prefilled if not p.finished}
+
+    first = gen.admit(replace(admission(30, 2, owner="b"), max_tokens=50))
+    step = gen.step()
+    assert chunked(step) == set(), "the long prompt waits one step for the newcomer, which went whole"
+    second = gen.admit(replace(admission(30, 3, owner="c"), max_tokens=50))
+    step = gen.step()
+    assert chunked(step) == {long}, "not two steps in a row, and the second newcomer went whole beside it"
+    assert {g.uid for g in step.generated} >= {stream, first}, "the newcomer's first token came with the decode step"
+    assert any(g.uid == second for g in [*gen.step().generated, *gen.step().generated])
+    for uid in (stream, long, first, second):
+        gen.remove(uid)
+
+
 def test_the_budget_fills_the_step_target_by_the_measured_cost(model: Any):
     cost = PrefillCost()
     assert cost.fit() is None

@@ -367,12 +367,18 @@ def test_lookup_drafts_the_latest_continuation_and_continues_a_loop():
 def test_step_cost_prices_only_what_was_measured_and_one_doubling_past_it():
     cost = StepCost()
     assert cost.estimate(8) is None  # nothing measured: nothing is drafted until the plain step has been
+    # A bucket's first forward builds its kernels (seconds on a GPU): it is not counted.
+    cost.add(8, 3.0)
+    assert not cost.measured(8) and cost.estimate(8) is None
     # Eight rows measured compute-bound on a CPU (bench figures: 0.12 s plain, 0.16 s at 2, 0.42 s at 9 each).
     cost.add(8, 0.12)
-    assert cost.measured(8) and not cost.measured(9)
+    assert cost.measured(8) and not cost.measured(9) and cost.estimate(8) == 0.12
     assert cost.estimate(16) == 0.12  # one doubling past: tried at the measured price
     assert cost.estimate(17) is None  # further: not tried until 16 has been
+    cost.add(16, 2.5)
+    assert cost.estimate(16) == 0.12  # its first forward told nothing: tried again at the price below
     cost.add(16, 0.16)
+    cost.add(72, 1.0)
     cost.add(72, 0.42)  # bucket 128
     assert cost.estimate(12) == 0.16  # the same bucket
     assert cost.estimate(4) == 0.12  # fewer positions than any measured cost at most the smallest
@@ -390,6 +396,7 @@ def priced_batch(tiny_model: Path, costs: list[tuple[int, float]]) -> Speculativ
     config = GeneratorConfig(model=model, eos_ids=(), batch_size=8, prefill_batch_size=8, prefill_step=512)
     batch = SpeculativeBatch(config, mx.default_stream(mx.default_device()))
     for cost in costs:
+        batch.cost.add(*cost)  # a bucket's first forward is not counted
         batch.cost.add(*cost)
     for i in range(8):
         batch.admit(

@@ -348,6 +348,7 @@ class ChunkedPrefill:
         self._served: dict[str, float] = {}  # owner -> prefill tokens over weight, while it has prompts here
         self._watched: set[int] = set()  # ours, decoding, read as streams (`Admission.watched`)
         self._moved = False  # a sequence joined the inner generator since its last step
+        self._held_back = False  # the last step took newcomers whole and held the prompts under way back for them
         # Short prompts chosen in one step are prefilled together by mlx-lm's prompt batch (one padded forward, its
         # fixed cost paid once: most of a short prompt's cost on a CPU) rather than one by one here.
         self._groups = getattr(self.inner, "prefills_together", False)
@@ -495,13 +496,23 @@ class ChunkedPrefill:
         checkpoints: list[Checkpoint] = []
         group: list[_Prefilling] = []
         spent = 0  # by chunks run here
+        held_back = False
         while spent + _padded(group) < max(budget, grouped) and self._prefilling:
             p = min(self._prefilling.values(), key=self._order)
             # A newcomer near the start of its context goes whole where the group's forward takes it: the budget counts
             # the tokens of the prompt under way, which deep in a long prompt cost several times a newcomer's (on a
             # CPU, 15 ms against 4 at 2,500 tokens of context), so a one-line question was prefilled over three steps.
             whole = grouped if len(p.rest) == p.total and len(p.tokens) < PrefillCost.START else each
-            if self._groups and not p.checkpoints and len(p.rest) - 1 <= min(whole, self.chunk):
+            goes_whole = self._groups and not p.checkpoints and len(p.rest) - 1 <= min(whole, self.chunk)
+            if group and not goes_whole and not self._held_back:
+                # Newcomers that go whole get a step of their own: their first token then comes after their forward
+                # and the decode step, not after a chunk of somebody's long prompt as well. Key B's one-line question
+                # behind key A's flood of 3,000-token prompts waited for such a chunk every time (4-5x its idle time
+                # to first token on this CPU, 8x on an H200). At most every other step, so that newcomers arriving
+                # without a pause cannot hold a long prompt back for good.
+                held_back = True
+                break
+            if goes_whole:
                 if group and spent + _padded([*group, p]) > grouped:
                     break  # the next step's
                 if not group and spent + len(p.rest) - 1 > grouped:
@@ -529,6 +540,7 @@ class ChunkedPrefill:
                 del self._prefilling[p.uid]
                 self._forget_owner(p.admission.owner)
                 self._decode(p)
+        self._held_back = held_back
         for p in group:
             self._forget_owner(p.admission.owner)
             self._decode(p)

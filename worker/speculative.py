@@ -270,11 +270,16 @@ class StepCost:
     do not, and a bucket no step has reached is tried only one doubling past the largest measured (at that one's
     cost: if the forward is still memory-bound there, drafting longer pays), so a step never goes far into
     positions whose cost nobody knows. The plain step (one position a row) is measured first: nothing is drafted
-    before it is."""
+    before it is.
+
+    A bucket's first forward is not counted: it is the first of its shapes, and on a GPU MLX builds kernels for new
+    shapes as it meets them. On an H200 that first forward took seconds where the step takes about 10 ms, and
+    priced drafting out for good: eight edit clients then never drafted (scripts/bench_spec.py, MLX's CUDA build)."""
 
     def __init__(self, decay: float = 0.8) -> None:
         self.decay = decay
         self._seconds: dict[int, float] = {}  # bucket (a power of two) -> seconds
+        self._met: set[int] = set()  # buckets whose first forward has run (and was not counted)
 
     @staticmethod
     def bucket(positions: int) -> int:
@@ -282,6 +287,9 @@ class StepCost:
 
     def add(self, positions: int, seconds: float) -> None:
         b = self.bucket(positions)
+        if b not in self._met:
+            self._met.add(b)
+            return
         old = self._seconds.get(b)
         self._seconds[b] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
 
