@@ -350,6 +350,26 @@ def test_newcomers_that_go_whole_get_a_step_of_their_own_every_other_step_at_mos
         gen.remove(uid)
 
 
+def test_a_step_of_several_chunks_ends_after_the_chunk_under_way_when_somebody_arrives(model: Any):
+    """Where a step runs several chunks (a GPU's), a request that comes in waits for the chunk under way, not for all
+    of them: the engine admits it before the next."""
+    arrivals = [0]
+    config = GeneratorConfig(model, eos_ids=(2,), batch_size=4, prefill_batch_size=4, prefill_step=MIN_BUDGET)
+    gen = ChunkedPrefill(replace(config, arrived=lambda: arrivals[0] > 0), mx.default_stream(mx.default_device()))
+    gen.budget = lambda decoding: 4 * MIN_BUDGET  # type: ignore[method-assign]
+    long = gen.admit(admission(400, 1))
+
+    def chunks(step: Step) -> int:
+        return sum(1 for p in step.prefilled if p.uid == long and not p.finished)
+
+    assert chunks(gen.step()) == 4
+    arrivals[0] = 1  # somebody is waiting to be admitted
+    assert chunks(gen.step()) == 1
+    arrivals[0] = 0  # admitted
+    assert chunks(gen.step()) == 4
+    gen.remove(long)
+
+
 def test_the_budget_fills_the_step_target_by_the_measured_cost(model: Any):
     cost = PrefillCost()
     assert cost.fit() is None

@@ -113,6 +113,9 @@ class Batcher:
         self._waiting: dict[str, deque[Sequence]] = {"interactive": deque(), "low": deque()}
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
         self._active: dict[int, Sequence] = {}
+        # Interactive submissions, and how many of them the last admission had seen (`_arrived`).
+        self._arrivals = 0
+        self._admitted_at = 0
         self._gen: Generator | None = None
         self._stopping = False
         self.preempted = 0
@@ -125,7 +128,13 @@ class Batcher:
     def submit(self, seq: Sequence) -> None:
         with self._cond:
             self._waiting[seq.priority].append(seq)
+            self._arrivals += seq.priority == "interactive"
             self._cond.notify()
+
+    def _arrived(self) -> bool:
+        """An interactive request came in after the last admission began (read by the generator between prefill
+        chunks, on the engine thread: an int read needs no lock)."""
+        return self._arrivals != self._admitted_at
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the engine thread between steps (the prefix cache is the engine's alone)."""
@@ -194,6 +203,7 @@ class Batcher:
             prefill_batch_size=self.prefill_batch_size,
             prefill_step=self.prefill_step,
             step_ms=self.step_ms,
+            arrived=self._arrived,
         )
         gen = self.generator(config, stream)
         # The budget's limits, set with each generator: mlx-lm's sets the wired limit to the machine's.
@@ -247,6 +257,7 @@ class Batcher:
         return None
 
     def _admit(self) -> None:
+        self._admitted_at = self._arrivals
         self._drop_cancelled_waiting()
         while True:
             with self._cond:

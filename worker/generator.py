@@ -62,6 +62,9 @@ class GeneratorConfig:
     draft_stats: Any = None  # a worker.speculative.DraftStats that the decode batch counts into; None: its own
     # A small model of the same tokenizer whose greedy continuation drafts where prompt lookup finds nothing.
     draft_model: nn.Module | None = None
+    # True when an interactive request has come in since the engine last admitted (worker.batcher): a step's prefill
+    # ends after the chunk under way, and the newcomer is admitted then rather than after the step's whole budget.
+    arrived: Callable[[], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -352,6 +355,7 @@ class ChunkedPrefill:
         # Short prompts chosen in one step are prefilled together by mlx-lm's prompt batch (one padded forward, its
         # fixed cost paid once: most of a short prompt's cost on a CPU) rather than one by one here.
         self._groups = getattr(self.inner, "prefills_together", False)
+        self._arrived = config.arrived or (lambda: False)
 
     # -- the Generator interface -----------------------------------------------------------------------------------
 
@@ -540,6 +544,10 @@ class ChunkedPrefill:
                 del self._prefilling[p.uid]
                 self._forget_owner(p.admission.owner)
                 self._decode(p)
+            if self._arrived():
+                # Somebody is waiting to be admitted: where a step runs several chunks (a GPU runs a 512-token chunk
+                # in a small part of the step's target), it would otherwise wait for all of them before its own.
+                break
         self._held_back = held_back
         for p in group:
             self._forget_owner(p.admission.owner)
