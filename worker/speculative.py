@@ -273,8 +273,9 @@ class StepCost:
     before it is.
 
     A bucket's first forward is not counted: it is the first of its shapes, and on a GPU MLX builds kernels for new
-    shapes as it meets them. On an H200 that first forward took seconds where the step takes about 10 ms, and
-    priced drafting out for good: eight edit clients then never drafted (scripts/bench_spec.py, MLX's CUDA build)."""
+    shapes as it meets them. On an H200 (MLX's CUDA build, scripts/bench_spec.py) the first round of eight edit
+    clients ran at a third of the later rounds' speed, and no round at eight drafted anything: a cold price is kept
+    (the decaying average hardly moves, and a bucket priced out is not tried again)."""
 
     def __init__(self, decay: float = 0.8) -> None:
         self.decay = decay
