@@ -247,6 +247,8 @@ def test_an_evicted_entry_is_written_off_the_engine_thread(tiny_model: Path, tmp
     assert not written.is_set(), "the engine waited for a file"
     assert writers and all(name.startswith("prefix-disk") for name in writers)
     assert prefix.snapshot()["spills"] == 2 and prefix.snapshot()["disk_entries"] == 2
+    # Held in memory until written, and /health says so.
+    assert engine.memory()["prefix_spilling"] == sum(e.nbytes for e in prefix.disk.entries()) > 0
 
     release.set()
     again = engine.generate("chat", alpha)  # served from its file, once written
@@ -255,6 +257,7 @@ def test_an_evicted_entry_is_written_off_the_engine_thread(tiny_model: Path, tmp
     prefix.flush()
     assert prefix.disk is not None and set(disk_files(tmp_path)) == {e.file for e in prefix.disk.entries()}
     assert prefix.snapshot()["disk_hits"] == 1
+    assert engine.memory()["prefix_spilling"] == 0
 
 
 def beta_tokens(engine: Engine, request: dict) -> int:

@@ -305,6 +305,7 @@ class Engine:
             "kv_in_flight": batch["kv_bytes"],
             "kv_limit": self.kv_limit,
             "prefix_cache": int(self.prefix.lru.held) if self.prefix is not None else 0,
+            "prefix_spilling": self.prefix.spilling if self.prefix is not None else 0,
             **mlx_memory(),
             "rss": rss(),
             "rss_peak": peak_rss(),

@@ -495,6 +495,17 @@ class PrefixCache:
         """Wait until every file the disk tier lists is written."""
         self._settle(block=True)
 
+    @property
+    def spilling(self) -> int:
+        """Bytes of evicted entries still held in memory for their files (at most SPILLS_IN_FLIGHT entries, at their
+        files' largest sizes), apart from the entries the memory tier holds (/health's `prefix_spilling`). Read by
+        other threads: from a copy of the pending writes, and a finished write's entry is gone whether or not the
+        engine thread has accounted for it yet."""
+        disk = self.disk
+        if disk is None:
+            return 0
+        return sum(entry.nbytes for job, entry in list(disk.pending.values()) if not job.done())
+
     def _usable(self, bits: int) -> bool:
         """Whether an entry stored at `bits` may be served: an exact one always, a quantized one when quantizing is
         on and it is at least as precise (so MLXQ_PREFIX_CACHE_BITS=0 keeps every answer exact)."""
