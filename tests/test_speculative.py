@@ -367,7 +367,7 @@ def test_lookup_drafts_the_latest_continuation_and_continues_a_loop():
 def test_step_cost_prices_only_what_was_measured_and_one_doubling_past_it():
     cost = StepCost()
     assert cost.estimate(8) is None  # nothing measured: nothing is drafted until the plain step has been
-    # A bucket's first forward builds its kernels (seconds on a GPU): it is not counted.
+    # A bucket's first forward builds its kernels (on a GPU, MLX compiles them for new shapes): it is not counted.
     cost.add(8, 3.0)
     assert not cost.measured(8) and cost.estimate(8) is None
     # Eight rows measured compute-bound on a CPU (bench figures: 0.12 s plain, 0.16 s at 2, 0.42 s at 9 each).

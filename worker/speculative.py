@@ -274,8 +274,8 @@ class StepCost:
 
     A bucket's first forward is not counted: it is the first of its shapes, and on a GPU MLX builds kernels for new
     shapes as it meets them. On an H200 (MLX's CUDA build, scripts/bench_spec.py) the first round of eight edit
-    clients ran at a third of the later rounds' speed, and no round at eight drafted anything: a cold price is kept
-    (the decaying average hardly moves, and a bucket priced out is not tried again)."""
+    clients ran at a third of the later rounds' speed, and the rounds at eight drafted little or nothing; a cold
+    price, kept, would explain it (the decaying average hardly moves, and a bucket priced out is not tried again)."""
 
     def __init__(self, decay: float = 0.8) -> None:
         self.decay = decay
