@@ -333,7 +333,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workloads", default="edit,write")
     parser.add_argument("--edit-tokens", type=int, default=800, help="max_tokens of an edit (the file is ~650)")
     parser.add_argument("--write-tokens", type=int, default=256)
-    parser.add_argument("--repeat", type=int, default=1, help="rounds per point; the median tokens/s one is kept")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds per point; drafting on's median one is kept")
     parser.add_argument("--baseline", action="store_true", help="mlx_lm.server as well")
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--log-dir", help="keep server logs and data here instead of a temporary directory")
@@ -378,10 +378,11 @@ def main() -> None:
                             f"{f', {len(r.errors)} errors: {r.errors[0]}' if r.errors else ''}",
                             flush=True,
                         )
-        results = {
-            name: {k: sorted(rs, key=lambda r: r.tok_s)[len(rs) // 2] for k, rs in by_key.items()}
-            for name, by_key in tries.items()
-        }
+        # Each point keeps one attempt for every server, the same one (its prompts are the same, so the ratio and the
+        # texts compare like with like): the first server's median round.
+        first = tries[servers[0].name]
+        kept = {k: sorted(range(len(rs)), key=lambda i: rs[i].tok_s)[len(rs) // 2] for k, rs in first.items()}
+        results = {name: {k: rs[kept[k]] for k, rs in by_key.items()} for name, by_key in tries.items()}
     print_table(results)
     plot(Path(args.out), results)
 

@@ -9,13 +9,14 @@ gives (issue 25). Three parts, one model (the built-in SmolLM2 as float32, as th
 * together: 8 short chat prompts admitted at once, 64 tokens each, greedy: tokens/s of the prefill stage in front of
   mlx-lm's batch (`ChunkedPrefill`) and of mlx-lm's batch alone (`MLXQ_STEP_TARGET_MS=0`), alternating.
 
-    .venv/bin/python scripts/bench_steps.py [--parts cost,pause,together] [--long-tokens 3000] [--repeat 3]
+    .venv/bin/python scripts/bench_steps.py [--parts cost,pause,together] [--long-tokens 3000] [--repeat 3] [--chunks 1,16,64,256]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import statistics
 import sys
 import time
@@ -26,17 +27,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_agent import f32_copy  # noqa: E402
-
-from mlxq.settings import BUILTIN_MODEL  # noqa: E402
 from worker.blas import preload_openblas  # noqa: E402
 
-preload_openblas()
+preload_openblas()  # before anything imports MLX (bench_agent does)
 
 import mlx.core as mx  # noqa: E402
+from bench_agent import f32_copy  # noqa: E402
 from mlx_lm import load  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
+from mlxq.settings import BUILTIN_MODEL  # noqa: E402
 from worker.generator import DEFAULT_STEP_MS, Admission, Generator, GeneratorConfig, mlx_batch_generator  # noqa: E402
 
 TOPICS = ["the printing press", "volcanoes", "the water cycle", "the Roman Empire", "airplanes", "honeybees"]
@@ -60,7 +60,7 @@ def generator(model: Any, step_ms: float, speculative: str = "off") -> Generator
     return mlx_batch_generator(config, mx.default_stream(mx.default_device()))
 
 
-def cost(model: Any, tokens: list[int]) -> None:
+def cost(model: Any, tokens: list[int], chunks: tuple[int, ...] = (1, 16, 64, 256)) -> None:
     print("prefill cost by context (SmolLM2 float32):")
     print("context  chunk  seconds  ms per token")
     for context in (0, 1000, 2500):
@@ -68,7 +68,7 @@ def cost(model: Any, tokens: list[int]) -> None:
         for i in range(0, context, 512):
             model(mx.array(tokens[i : min(i + 512, context)])[None], cache=cache)
             mx.eval([c.state for c in cache])
-        for n in (1, 16, 64, 256):
+        for n in chunks:
             copied = copy.deepcopy(cache)
             mx.eval([c.state for c in copied])
             times = []
@@ -81,14 +81,14 @@ def cost(model: Any, tokens: list[int]) -> None:
             print(f"{context:7d}  {n:5d}  {best:7.3f}  {best / n * 1000:12.2f}")
 
 
-def pause(model: Any, tokenizer: Any, long_tokens: int, step_ms: float) -> None:
+def pause(model: Any, tokenizer: Any, long_tokens: int, step_ms: float, speculative: str = "off") -> None:
     long = tokenizer.encode("The quick brown fox jumps over the lazy dog. " * (long_tokens // 9 + 10))[:long_tokens]
     short = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Write a long essay about the sea."}], add_generation_prompt=True
     )
 
     def run(beside: bool) -> tuple[float, list[float]]:
-        gen = generator(model, step_ms)
+        gen = generator(model, step_ms, speculative)
         decoder = gen.admit(admission(short, 100_000))
         for _ in range(10):
             gen.step()
@@ -108,7 +108,9 @@ def pause(model: Any, tokenizer: Any, long_tokens: int, step_ms: float) -> None:
 
     alone, _ = run(False)
     beside, gaps = run(True)
-    print(f"\na {long_tokens}-token prompt beside a decoding stream (step target {step_ms:g} ms):")
+    print(
+        f"\na {long_tokens}-token prompt beside a decoding stream (step target {step_ms:g} ms, drafting {speculative}):"
+    )
     print(f"  the stream's longest gap {max(gaps):.2f} s, median {statistics.median(gaps):.2f} s (target <= 0.5 s)")
     print(f"  the prompt's first token: {beside:.1f} s beside it, {alone:.1f} s alone: {beside / alone:.2f}x")
 
@@ -146,6 +148,8 @@ def main() -> None:
     parser.add_argument("--long-tokens", type=int, default=3000)
     parser.add_argument("--step-ms", type=float, default=DEFAULT_STEP_MS)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--speculative", default="off", help="the pause part's decode batch drafts: lookup, off")
+    parser.add_argument("--chunks", default="1,16,64,256", help="chunk sizes the cost part times (a GPU: up to 2048)")
     args = parser.parse_args()
     from worker.pull import pull_builtin
 
@@ -154,9 +158,11 @@ def main() -> None:
     model, tokenizer = load(str(model_dir))[:2]
     parts = args.parts.split(",")
     if "cost" in parts:
-        cost(model, tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 400))
+        chunks = tuple(int(n) for n in args.chunks.split(","))
+        cost(model, tokenizer.encode("The quick brown fox jumps over the lazy dog. " * (300 + max(chunks))), chunks)
     if "pause" in parts:
-        pause(model, tokenizer, args.long_tokens, args.step_ms)
+        logging.basicConfig(level=logging.INFO, format="  %(name)s: %(message)s")  # slow steps, if any
+        pause(model, tokenizer, args.long_tokens, args.step_ms, args.speculative)
     if "together" in parts:
         together(model, tokenizer, args.repeat)
 

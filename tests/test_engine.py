@@ -121,3 +121,20 @@ def test_model_key_is_hashable_and_stable(tiny_model: Path, tiny: Engine):
 def test_missing_model_directory_fails_clearly(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="models pull"):
         Engine.load(str(tmp_path / "nope"))
+
+
+def test_a_thorough_warm_up_runs_the_batch_paths_together_and_leaves_nothing_behind(tiny_model: Path):
+    """On a GPU the warm-up also runs a prompt of several chunks beside a drafting stream and short prompts, greedy
+    and sampled, at once (MLX builds a GPU's kernels as it first meets them), then starts the generator afresh: its
+    cold forwards must not price the steps after it. Forced here on the CPU."""
+    from worker.generator import ChunkedPrefill
+
+    engine = Engine.load(str(tiny_model))
+    before = engine.generate("chat", chat())
+    engine.warm_up(thorough=True)
+    stats = engine.batcher.stats()
+    assert stats["active"] == 0 and stats["waiting"] == 0 and stats["tokens"] == 0
+    gen = engine.batcher._gen
+    assert isinstance(gen, ChunkedPrefill) and gen.cost.fit() is None, "the warm-up's timings are forgotten"
+    assert engine.generate("chat", chat()) == before
+    engine.batcher.stop()

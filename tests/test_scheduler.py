@@ -411,6 +411,45 @@ def test_the_budget_fills_the_step_target_by_the_measured_cost(model: Any):
     assert even.fit() == (0.0, pytest.approx(0.001))
 
 
+def test_a_prompts_chunk_grows_where_a_forwards_fixed_cost_would_make_it_mostly_overhead(model: Any):
+    """On an H200 a forward costs about 20 ms whatever its size and 0.013 ms a token (scripts/bench_steps.py): a
+    chunk of prefill_step (512) tokens is three quarters overhead. One prompt's chunk then grows, in whole chunks, to
+    EFFICIENT_CHUNK times the fixed cost, never past `long_chunk` (the prefill share's tokens); on a CPU's costs, or
+    where the batcher allows no more (a model with windowed layers), it stays prefill_step."""
+    config = GeneratorConfig(model, eos_ids=(2,), batch_size=4, prefill_batch_size=8, prefill_step=64)
+    gen = ChunkedPrefill(replace(config, long_chunk=8 * 64), mx.default_stream(mx.default_device()))
+    assert gen.chunk_size() == 64, "nothing measured yet"
+    gpu = PrefillCost()
+    for n in [64, 16, 32, 64, 128, 16, 48]:
+        gpu.add(n, 0.020 + 0.000013 * n)
+    gen.cost = gpu
+    assert gen.chunk_size() == 8 * 64, "EFFICIENT_CHUNK * a / b is thousands of tokens: the long_chunk"
+    cpu = PrefillCost()
+    for n in [64, 16, 32, 64, 128, 16, 48]:
+        cpu.add(n, 0.060 + 0.004 * n)
+    gen.cost = cpu
+    assert gen.chunk_size() == 64, "3 * 60 / 4 = 45 tokens: one prefill_step"
+    between = PrefillCost()
+    for n in [64, 16, 32, 64, 128, 16, 48]:
+        between.add(n, 0.010 + 0.0002 * n)  # 3 * 10 / 0.2 = 150 tokens: three chunks of 64
+    gen.cost = between
+    assert gen.chunk_size() == 3 * 64
+    windowed = ChunkedPrefill(config, mx.default_stream(mx.default_device()))
+    windowed.cost = gpu
+    assert windowed.chunk_size() == 64
+
+    # A step runs the grown chunk as one forward, within the step's budget.
+    gen.cost = gpu
+    gen.budget = lambda decoding: 8 * 64  # type: ignore[method-assign]
+    long = gen.admit(admission(1000, 1))
+    step = gen.step()
+    assert [p.done for p in step.prefilled if p.uid == long] == [8 * 64]
+    gen.budget = lambda decoding: 100  # type: ignore[method-assign]
+    step = gen.step()
+    assert [p.done for p in step.prefilled if p.uid == long] == [8 * 64 + 100], "the budget bounds it as any chunk"
+    gen.remove(long)
+
+
 def test_the_step_bound_follows_a_long_prompts_dearer_chunks():
     """A long prompt's chunks cost more as its context grows (measured on a CPU: 4 ms a token at the start, 17 ms at
     2,500 tokens of context): the bound on a step's prefill goes by the last chunk where that cost more than the

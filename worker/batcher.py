@@ -112,6 +112,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._waiting: dict[str, deque[Sequence]] = {"interactive": deque(), "low": deque()}
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
+        self._stream: Any = None  # the engine thread's, once it runs
         self._active: dict[int, Sequence] = {}
         # Interactive submissions, and how many of them the last admission had seen (`_arrived`).
         self._arrivals = 0
@@ -144,6 +145,16 @@ class Batcher:
             self._cond.notify()
         return future.result()
 
+    def renew(self) -> None:
+        """A new generator, its measured costs forgotten, if nothing is in flight: after the warm-up
+        (worker.engine.Engine.warm_up), whose forwards were the first of their shapes and, on a GPU, built kernels as
+        they ran; timed, they would price prefill and drafting for many steps."""
+        self.call(self._renew)
+
+    def _renew(self) -> None:
+        if not self._active and self._stream is not None:
+            self._gen = self._new_generator(self._stream)
+
     def stats(self) -> dict[str, int]:
         with self._cond:
             return {
@@ -165,7 +176,7 @@ class Batcher:
 
     def _run(self) -> None:
         # The generator's stream is made on this thread: MLX streams belong to the thread that runs them.
-        stream = mx.default_stream(mx.default_device())
+        stream = self._stream = mx.default_stream(mx.default_device())
         self._gen = self._new_generator(stream)
         while True:
             with self._cond:
@@ -204,6 +215,7 @@ class Batcher:
             prefill_step=self.prefill_step,
             step_ms=self.step_ms,
             arrived=self._arrived,
+            long_chunk=self.prefill_step * (1 if self.kv.shape.windows else self.prefill_batch_size),
         )
         gen = self.generator(config, stream)
         # The budget's limits, set with each generator: mlx-lm's sets the wired limit to the machine's.

@@ -65,6 +65,10 @@ class GeneratorConfig:
     # True when an interactive request has come in since the engine last admitted (worker.batcher): a step's prefill
     # ends after the chunk under way, and the newcomer is admitted then rather than after the step's whole budget.
     arrived: Callable[[], bool] | None = None
+    # The most tokens one prompt's chunk may take (`ChunkedPrefill.chunk_size`); 0: `prefill_step`. The batcher
+    # allows the prefill share's tokens (prefill_step × prefill_batch_size) where no layer keeps a window (a window
+    # briefly holds a chunk more, and the KV budget counts `prefill_step`).
+    long_chunk: int = 0
 
 
 @dataclass(frozen=True)
@@ -244,6 +248,7 @@ EFFICIENT_CHUNK = 3.0
 # busy machine's jitter) once made that floor thousands of tokens: a 37 s step, a newcomer and every decoding stream
 # held for a whole prefill. Measured on this 2-core CPU (SmolLM2, a 3,000-token prompt beside a decoding stream).
 MAX_STEP = 3.0
+SLOW_STEP = 3.0  # a step this many times its expected cost is logged (`ChunkedPrefill._log_slow`)
 
 
 class PrefillCost:
@@ -341,6 +346,7 @@ class ChunkedPrefill:
         self.target_s = config.step_ms / 1000
         self.chunk = max(config.prefill_step, 1)  # one forward's tokens: the memory budget's prefill chunk
         self.cap = self.chunk * max(config.prefill_batch_size, 1)  # a step's, as mlx-lm's prompt batch prefilled
+        self.long_chunk = min(max(config.long_chunk, self.chunk), self.cap)
         self.cost = PrefillCost()
         self.last_budget = 0
         self._next_uid = 0
@@ -356,6 +362,7 @@ class ChunkedPrefill:
         # fixed cost paid once: most of a short prompt's cost on a CPU) rather than one by one here.
         self._groups = getattr(self.inner, "prefills_together", False)
         self._arrived = config.arrived or (lambda: False)
+        self._chunks: list[tuple[int, int, float]] = []  # this step's chunks: tokens, depth, seconds (`_log_slow`)
 
     # -- the Generator interface -----------------------------------------------------------------------------------
 
@@ -426,10 +433,26 @@ class ChunkedPrefill:
         a, b = fit
         left = self.target_s - (max(self.cost.decode_s, decoding * b) if decoding else 0.0)
         fits = (left - a) / b
-        fits = (left - a * math.ceil(max(fits, 1) / self.chunk)) / b  # each chunk pays the fixed cost
+        fits = (left - a * math.ceil(max(fits, 1) / self.chunk_size())) / b  # each chunk pays the fixed cost
         per_token = self.cost.per_token() or b
         most = min(self.cap, MAX_STEP * self.target_s / per_token)
         return int(max(min(max(fits, EFFICIENT_CHUNK * a / b), most), MIN_BUDGET))
+
+    def chunk_size(self) -> int:
+        """One forward's tokens of a prompt: the memory budget's chunk (`prefill_step`), or where a forward's measured
+        fixed cost would make that mostly overhead, EFFICIENT_CHUNK times it (a/b tokens), in whole chunks (fewer
+        shapes: a GPU builds kernels for each), up to `long_chunk`. The step's budget bounds it as any chunk.
+
+        On an H200 (MLX's CUDA build, SmolLM2, scripts/bench_steps.py --parts cost) a forward costs about 20 ms
+        whatever its size and 0.013 ms a token: a 512-token chunk took 25 ms, 2,048 took 47 ms, so 512-token chunks
+        prefilled at half the speed 2,048 did, and a flood of 3,000-token prompts finished 23 in 15 s where
+        mlx_lm.server's 2,048-token chunks finished 85 in 25 s. On a CPU a forward's fixed cost is a few dozen tokens'
+        worth: the chunk stays `prefill_step`."""
+        fit = self.cost.fit()
+        if fit is None or self.long_chunk <= self.chunk:
+            return self.chunk
+        a, b = fit
+        return int(min(max(math.ceil(EFFICIENT_CHUNK * a / b / self.chunk), 1) * self.chunk, self.long_chunk))
 
     def group_budget(self, watched: int) -> int:
         """Padded tokens of short prompts prefilled together in one forward this step. They are newcomers' own
@@ -459,14 +482,18 @@ class ChunkedPrefill:
         watched = len(self._watched)
         if hasattr(self.inner, "prefill_waits"):  # a drafting decode stage: its steps leave prefill its share
             self.inner.prefill_waits = bool(self._prefilling)
-        tic = time.perf_counter()
+        self._chunks = []
+        per_token = self.cost.per_token()  # before this step's chunks: what they were expected to cost
+        start = tic = time.perf_counter()
         step = self._inner_step()
         grouped = 0
+        decode_s = 0.0
         if self._prefilling:
             if decoding:
                 # mlx-lm's decode step runs asynchronously: waited for, so that its time is not taken for prefill's.
                 mx.synchronize(self.stream)
-                self.cost.add_decode(time.perf_counter() - tic)
+                decode_s = time.perf_counter() - tic
+                self.cost.add_decode(decode_s)
             budget = self.budget(decoding)
             # While streams decode, a group holds only prompts that a step's budget takes whole: a longer one is
             # prefilled a budget at a time, so no stream pauses for more than its share.
@@ -487,7 +514,27 @@ class ChunkedPrefill:
             step.prefilled.extend(more.prefilled)
             step.generated.extend(more.generated)
             step.checkpoints.extend(more.checkpoints)
+        took = time.perf_counter() - start
+        if per_token and (self._chunks or grouped):
+            expected = decode_s + per_token * (grouped + sum(n for n, _, _ in self._chunks))
+            if took > max(MAX_STEP * self.target_s, SLOW_STEP * expected):
+                self._log_slow(took, decoding, decode_s, grouped)
         return step
+
+    def _log_slow(self, took: float, decoding: int, decode_s: float, grouped: int) -> None:
+        """A step with prefill in it ran several times what its chunks were expected to cost and past MAX_STEP targets,
+        and every decoding stream paused for it: what it held, so that such a pause (a GPU's first forwards of new
+        shapes, say) can be told from the budget's."""
+        chunks = ", ".join(f"{n}@{depth}: {s * 1000:.0f} ms" for n, depth, s in self._chunks)
+        log.warning(
+            "slow step %.0f ms: %d decoding (%.0f ms), budget %d, chunks [%s], group of %d tokens",
+            took * 1000,
+            decoding,
+            decode_s * 1000,
+            self.last_budget,
+            chunks,
+            grouped,
+        )
 
     def _prefill(self, budget: int, grouped: int, each: int) -> tuple[list[Prefilled], list[Checkpoint], int]:
         """Spend `budget` tokens on prefill chunks, the first in order (module doc) first, chosen again after each.
@@ -501,6 +548,7 @@ class ChunkedPrefill:
         group: list[_Prefilling] = []
         spent = 0  # by chunks run here
         held_back = False
+        size = self.chunk_size()
         while spent + _padded(group) < max(budget, grouped) and self._prefilling:
             p = min(self._prefilling.values(), key=self._order)
             # A newcomer near the start of its context goes whole where the group's forward takes it: the budget counts
@@ -531,7 +579,7 @@ class ChunkedPrefill:
                 end = len(p.tokens) + len(p.rest) - 1  # every prompt token but the decoder's first input
                 if p.checkpoints:
                     end = min(end, p.checkpoints[0])  # a chunk never crosses a checkpoint: the cache holds it exactly
-                n = min(end - len(p.tokens), self.chunk, budget - spent - _padded(group))
+                n = min(end - len(p.tokens), size, budget - spent - _padded(group))
             if n <= 0:
                 break
             self._run(p, n)
@@ -570,7 +618,9 @@ class ChunkedPrefill:
         tic = time.perf_counter()
         self.model(mx.array(chunk)[None], cache=p.cache)
         mx.eval([c.state for c in p.cache])
-        self.cost.add(n, time.perf_counter() - tic, depth=len(p.tokens))
+        seconds = time.perf_counter() - tic
+        self.cost.add(n, seconds, depth=len(p.tokens))
+        self._chunks.append((n, len(p.tokens), seconds))
         p.tokens.extend(chunk)
         del p.rest[:n]
 

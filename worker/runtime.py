@@ -5,6 +5,7 @@ on stop, interrupt running jobs, save the prefix cache, deregister."""
 from __future__ import annotations
 
 import logging
+import os
 
 from mlxq.repos import jobs, workers
 from worker.heartbeat import Heartbeat
@@ -30,6 +31,9 @@ class Runtime:
         from worker.engine import BatchLimits, Engine
 
         state, settings = self.state, self.state.settings
+        # MLX's CUDA build compiles kernels as it first meets them and keeps them in the system's temporary directory
+        # by default, lost with it: kept with the worker's other caches instead, so a restart finds them built.
+        os.environ.setdefault("MLX_PTX_CACHE_DIR", str(settings.data_dir / "mlx-ptx"))
         limits = BatchLimits(
             size=settings.batch_size, tokens=settings.batch_tokens, prefill=settings.prefill_batch_size
         )
