@@ -450,6 +450,25 @@ def test_a_prompts_chunk_grows_where_a_forwards_fixed_cost_would_make_it_mostly_
     gen.remove(long)
 
 
+def test_a_step_far_past_its_expected_cost_is_logged_with_what_it_held(model: Any, caplog: pytest.LogCaptureFixture):
+    """A step that runs several times what its chunks were expected to cost (a GPU building kernels for shapes it
+    meets first: 5.8 s on a fresh H200 for a 0.2 s step) is logged with its chunks, so such a pause can be told from
+    the budget's; a step as expected is not."""
+    gen = stage(model)
+    gen.budget = lambda decoding: 64  # type: ignore[method-assign]
+    long = gen.admit(admission(400, 1))
+    with caplog.at_level("WARNING", logger="worker.generator"):
+        gen.step()  # nothing measured yet: nothing expected
+        gen.step()
+        assert not [r for r in caplog.records if "slow step" in r.message]
+        gen.target_s = 1e-6  # past MAX_STEP targets, and ...
+        gen.cost.add(1000, 1e-6)  # ... chunks priced at a fraction of what they take
+        gen.step()
+    slow = [r.getMessage() for r in caplog.records if "slow step" in r.getMessage()]
+    assert len(slow) == 1 and "chunks [16@128: " in slow[0], "four chunks of the stage's 16 tokens"
+    gen.remove(long)
+
+
 def test_the_step_bound_follows_a_long_prompts_dearer_chunks():
     """A long prompt's chunks cost more as its context grows (measured on a CPU: 4 ms a token at the start, 17 ms at
     2,500 tokens of context): the bound on a step's prefill goes by the last chunk where that cost more than the
