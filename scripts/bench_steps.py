@@ -122,10 +122,12 @@ def together(model: Any, tokenizer: Any, repeat: int) -> None:
         )
         for topic in TOPICS
     ]
-    rates: dict[str, list[float]] = {"ChunkedPrefill": [], "mlx-lm batch": []}
+    runs = [("mlx-lm batch", 0.0, "off"), ("ChunkedPrefill", DEFAULT_STEP_MS, "off")]
+    runs += [("drafting batch", DEFAULT_STEP_MS, "lookup")]  # ChunkedPrefill before worker.speculative's batch
+    rates: dict[str, list[float]] = {name: [] for name, _, _ in runs}
     for _ in range(repeat):
-        for name, step_ms in (("mlx-lm batch", 0.0), ("ChunkedPrefill", DEFAULT_STEP_MS)):
-            gen = generator(model, step_ms)
+        for name, step_ms, speculative in runs:
+            gen = generator(model, step_ms, speculative)
             tic = time.perf_counter()
             for p in prompts:
                 gen.admit(admission(p, 64))
@@ -138,8 +140,9 @@ def together(model: Any, tokenizer: Any, repeat: int) -> None:
     print(f"\n8 prompts admitted at once, 64 tokens each (median of {repeat}, alternating):")
     for name, r in rates.items():
         print(f"  {name:15s} {statistics.median(r):6.1f} tok/s")
-    ratio = statistics.median(rates["ChunkedPrefill"]) / statistics.median(rates["mlx-lm batch"])
-    print(f"  ratio {ratio:.2f}x")
+    for name in ("ChunkedPrefill", "drafting batch"):
+        ratio = statistics.median(rates[name]) / statistics.median(rates["mlx-lm batch"])
+        print(f"  {name} / mlx-lm batch: {ratio:.2f}x")
 
 
 def main() -> None:

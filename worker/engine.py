@@ -256,15 +256,19 @@ class Engine:
             {"prompt": "Hi", "temperature": 0.0, "max_tokens": 4},
             {"prompt": "Hello there", "temperature": 0.8, "top_p": 0.9, "max_tokens": 4},
         ]
-        with ThreadPoolExecutor(len(requests)) as pool:
-            runs = []
-            for i, request in enumerate(requests):
-                runs.append(pool.submit(self.generate, "completion", request, use_prefix_cache=False))
-                if i == 0:
-                    time.sleep(0.05)  # the stream decodes when the others come in
-            for run in runs:
-                run.result()
-        self.batcher.renew()
+        try:
+            with ThreadPoolExecutor(len(requests)) as pool:
+                runs = []
+                for i, request in enumerate(requests):
+                    runs.append(pool.submit(self.generate, "completion", request, use_prefix_cache=False))
+                    if i == 0:
+                        time.sleep(0.05)  # the stream decodes when the others come in
+                for run in runs:
+                    run.result()
+        except Exception:  # the worker still serves: its first requests build what is missing
+            log.warning("the warm-up of the batch's paths failed", exc_info=True)
+        finally:
+            self.batcher.renew()
 
     # -- prompts (worker.sequence_builder) ---------------------------------------------------
 
