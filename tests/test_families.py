@@ -60,6 +60,7 @@ JSON_ANSWER = {"type": "json_schema", "json_schema": {"name": "answer", "schema"
 def load(path: Path, *, prefix: bool = False) -> Engine:
     engine = Engine.load(str(path))
     engine.prefill_step = PREFILL_STEP  # read when the engine thread starts, on first use
+    engine.chunks_grow = False  # a tiny model's forward is mostly fixed cost: its chunks would grow past 16
     if prefix:
         engine.enable_prefix_cache(max_entries=64, max_bytes=1 << 30)
     return engine
@@ -279,3 +280,15 @@ def test_models_check_refuses_what_is_not_a_model(tmp_path: Path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "no_such_family"}))
     result = CliRunner().invoke(app, ["models", "check", str(tmp_path), "--json"])
     assert result.exit_code == 1 and not json.loads(result.stdout)["serves"]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_prompts_chunk_may_grow_only_where_every_layers_cache_grows_with_the_sequence(
+    name: str, family_models: Any
+) -> None:
+    """On a GPU a prompt's chunk grows past prefill_step to the prefill share's tokens (worker.generator
+    .ChunkedPrefill.chunk_size); not for a sliding window (it briefly holds a chunk more than its size, and the KV
+    budget counts prefill_step) nor a recurrent layer (its scan's transients may grow with the chunk's square)."""
+    engine = Engine.load(str(family_models(name)))
+    assert engine.chunks_grow == (name in {"llama", "llama-q4", "qwen3_moe"})
+    engine.close()

@@ -91,6 +91,7 @@ class Batcher:
         step_ms: float = DEFAULT_STEP_MS,
         key_weights: Mapping[str, float] | None = None,
         key_max_inflight: int = 0,
+        chunks_grow: bool = False,
     ) -> None:
         self.model = model
         self.generator = generator
@@ -103,6 +104,9 @@ class Batcher:
         self.budget = budget
         self.prefill_batch_size = min(prefill_batch_size, batch_size)
         self.prefill_step = prefill_step
+        # One prompt's chunk may grow to the prefill share's tokens (GeneratorConfig.long_chunk; worker.engine says
+        # for which models).
+        self.chunks_grow = chunks_grow
         self.step_ms = step_ms
         # Fair shares between owners: each one's weight (1 unless set), and the most sequences one holds while
         # another waits (0: half the batch).
@@ -215,7 +219,7 @@ class Batcher:
             prefill_step=self.prefill_step,
             step_ms=self.step_ms,
             arrived=self._arrived,
-            long_chunk=self.prefill_step * (1 if self.kv.shape.windows else self.prefill_batch_size),
+            long_chunk=self.prefill_step * (self.prefill_batch_size if self.chunks_grow else 1),
         )
         gen = self.generator(config, stream)
         # The budget's limits, set with each generator: mlx-lm's sets the wired limit to the machine's.

@@ -184,6 +184,11 @@ class Engine:
         self.prefill_step, self.prefill_sequences = prefill_sizes(
             self.budget.prefill, per_token, chunk=PREFILL_STEP, sequences=self.batch.prefill
         )
+        # A prompt's chunk may grow to the prefill share's tokens (worker.generator.ChunkedPrefill.chunk_size) where
+        # every layer's cache grows with the sequence: a window briefly holds a chunk more (and the KV budget counts
+        # `prefill_step`), and a recurrent layer's scan may take transients quadratic in its chunk, which the prefill
+        # share does not count. Read when the engine thread starts, as `prefill_step` is.
+        self.chunks_grow = not (self.kv_shape.windows or self.kv_shape.fixed)
 
     def enable_prefix_cache(self, *, max_entries: int, max_bytes: int | None = None) -> PrefixCache:
         """The prefix cache, bounded by `max_bytes` or else by the memory budget's prefix share."""
@@ -296,6 +301,7 @@ class Engine:
                     kv=KvLimit(self.kv_limit, self.kv_shape),
                     prefill_batch_size=self.prefill_sequences,
                     prefill_step=self.prefill_step,
+                    chunks_grow=self.chunks_grow,
                     prefix=lambda: self.prefix,
                     budget=self.budget,
                     generator=self.generator,

@@ -65,9 +65,9 @@ class GeneratorConfig:
     # True when an interactive request has come in since the engine last admitted (worker.batcher): a step's prefill
     # ends after the chunk under way, and the newcomer is admitted then rather than after the step's whole budget.
     arrived: Callable[[], bool] | None = None
-    # The most tokens one prompt's chunk may take (`ChunkedPrefill.chunk_size`); 0: `prefill_step`. The batcher
-    # allows the prefill share's tokens (prefill_step × prefill_batch_size) where no layer keeps a window (a window
-    # briefly holds a chunk more, and the KV budget counts `prefill_step`).
+    # The most tokens one prompt's chunk may take (`ChunkedPrefill.chunk_size`); 0: `prefill_step`. The engine
+    # allows the prefill share's tokens (prefill_step × prefill_batch_size) where every layer's cache grows with the
+    # sequence (worker.engine: not for windows or recurrent layers).
     long_chunk: int = 0
 
 
