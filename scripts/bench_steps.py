@@ -54,6 +54,7 @@ def generator(model: Any, step_ms: float, speculative: str = "off") -> Generator
         batch_size=16,
         prefill_batch_size=8,
         prefill_step=512,
+        long_chunk=512 * 8,  # the engine's, for a model whose every layer's cache grows with the sequence
         step_ms=step_ms,
         speculative=speculative,
     )

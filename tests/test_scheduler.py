@@ -10,6 +10,7 @@ How that budget is sized is checked on its own, on given timings.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -439,12 +440,14 @@ def test_a_prompts_chunk_grows_where_a_forwards_fixed_cost_would_make_it_mostly_
     assert windowed.chunk_size() == 64
 
     # A step runs the grown chunk as one forward, within the step's budget.
+    gpu_costs = copy.deepcopy(gpu)
     gen.cost = gpu
     gen.budget = lambda decoding: 8 * 64  # type: ignore[method-assign]
     long = gen.admit(admission(1000, 1))
     step = gen.step()
     assert [p.done for p in step.prefilled if p.uid == long] == [8 * 64]
     gen.budget = lambda decoding: 100  # type: ignore[method-assign]
+    gen.cost = copy.deepcopy(gpu_costs)  # whatever the real forward of the step before took
     step = gen.step()
     assert [p.done for p in step.prefilled if p.uid == long] == [8 * 64 + 100], "the budget bounds it as any chunk"
     gen.remove(long)
@@ -462,7 +465,8 @@ def test_a_step_far_past_its_expected_cost_is_logged_with_what_it_held(model: An
         gen.step()
         assert not [r for r in caplog.records if "slow step" in r.message]
         gen.target_s = 1e-6  # past MAX_STEP targets, and ...
-        gen.cost.add(1000, 1e-6)  # ... chunks priced at a fraction of what they take
+        gen.cost = PrefillCost()
+        gen.cost.add(1000, 1e-6)  # ... chunks priced at a fraction of what they take, whatever the first ones took
         gen.step()
     slow = [r.getMessage() for r in caplog.records if "slow step" in r.getMessage()]
     assert len(slow) == 1 and "chunks [16@128: " in slow[0], "four chunks of the stage's 16 tokens"

@@ -157,6 +157,9 @@ class Batcher:
 
     def _renew(self) -> None:
         if not self._active and self._stream is not None:
+            # The old one goes first: mlx-lm's batch puts back the wired-memory limit it found when it is dropped,
+            # which would undo the one the new generator sets.
+            self._gen = None
             self._gen = self._new_generator(self._stream)
 
     def stats(self) -> dict[str, int]:
@@ -206,6 +209,7 @@ class Batcher:
                 for seq in list(self._active.values()):
                     seq.fail(exc)
                 self._active.clear()
+                self._gen = None  # dropped before the next is made (`_renew`)
                 self._gen = self._new_generator(stream)
         for seq in [*self._active.values(), *self._waiting["interactive"], *self._waiting["low"]]:
             seq.fail(RuntimeError("the engine stopped"))

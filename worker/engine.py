@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -60,6 +59,8 @@ __all__ = ["BatchLimits", "Engine", "ModelKey", "ModelSpec", "RequestError", "wa
 EventSink = Callable[[Event], None]
 # Prefill in chunks this size: each chunk reports progress (SSE keepalives during long prompts).
 PREFILL_STEP = 512
+# The thorough warm-up waits at most this long for its stream to decode before the others come in (`warm_up`).
+WARM_UP_WAIT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -255,19 +256,24 @@ class Engine:
         sentence = "The quick brown fox jumps over the lazy dog. "
         long_tokens = min(3 * self.prefill_step + 100, self.context_length - 64)
         long = sentence * max(long_tokens // len(self.completion_tokens({"prompt": sentence})), 1)
-        requests = [
-            {"prompt": "Repeat this: " + sentence * 8, "temperature": 0.0, "max_tokens": 48},  # drafts by lookup
+        stream = {"prompt": "Repeat this: " + sentence * 8, "temperature": 0.0, "max_tokens": 96}  # drafts by lookup
+        others = [
             {"prompt": long, "temperature": 0.0, "max_tokens": 2},
             {"prompt": "Hi", "temperature": 0.0, "max_tokens": 4},
             {"prompt": "Hello there", "temperature": 0.8, "top_p": 0.9, "max_tokens": 4},
         ]
+        decoding = threading.Event()
+
+        def on_event(event: Event) -> None:
+            if event.get("type") == "delta":
+                decoding.set()
+
         try:
-            with ThreadPoolExecutor(len(requests)) as pool:
-                runs = []
-                for i, request in enumerate(requests):
-                    runs.append(pool.submit(self.generate, "completion", request, use_prefix_cache=False))
-                    if i == 0:
-                        time.sleep(0.05)  # the stream decodes when the others come in
+            with ThreadPoolExecutor(1 + len(others)) as pool:
+                runs = [pool.submit(self.generate, "completion", stream, on_event, use_prefix_cache=False)]
+                runs[0].add_done_callback(lambda _: decoding.set())  # ended with no text: nothing to wait for
+                decoding.wait(timeout=WARM_UP_WAIT_S)  # the others come in while the stream decodes
+                runs += [pool.submit(self.generate, "completion", r, use_prefix_cache=False) for r in others]
                 for run in runs:
                     run.result()
         except Exception:  # the worker still serves: its first requests build what is missing

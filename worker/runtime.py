@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
+from importlib.metadata import version
 
 from mlxq.repos import jobs, workers
 from worker.heartbeat import Heartbeat
@@ -32,8 +34,10 @@ class Runtime:
 
         state, settings = self.state, self.state.settings
         # MLX's CUDA build compiles kernels as it first meets them and keeps them in the system's temporary directory
-        # by default, lost with it: kept with the worker's other caches instead, so a restart finds them built.
-        os.environ.setdefault("MLX_PTX_CACHE_DIR", str(settings.data_dir / "mlx-ptx"))
+        # by default, lost with it: kept with the worker's other caches instead, so a restart finds them built. Its
+        # files are named by kernel alone: one folder per MLX version (safe to delete: they are built again).
+        ptx = settings.data_dir / "mlx-ptx" / f"mlx-{version('mlx')}-{platform.machine()}"
+        os.environ.setdefault("MLX_PTX_CACHE_DIR", str(ptx))
         limits = BatchLimits(
             size=settings.batch_size, tokens=settings.batch_tokens, prefill=settings.prefill_batch_size
         )
