@@ -209,8 +209,7 @@ class Batcher:
                 for seq in list(self._active.values()):
                     seq.fail(exc)
                 self._active.clear()
-                self._gen = None  # dropped before the next is made (`_renew`)
-                self._gen = self._new_generator(stream)
+                self._renew()
         for seq in [*self._active.values(), *self._waiting["interactive"], *self._waiting["low"]]:
             seq.fail(RuntimeError("the engine stopped"))
 
