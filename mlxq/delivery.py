@@ -13,7 +13,8 @@ it to find lost messages and the jobs of workers that are gone. It decides:
   message is harmless: only a queued job can be claimed (`repos.jobs.start_job`);
 - where (`route`, the one routing decision): each worker consumes its own queue (`worker_queue`), and a job
   goes to one live worker of its model: the one whose prefix cache holds the longest prefix of the request
-  (by the message-boundary hashes of mlxq.keys.prefix_hashes that each worker publishes in its heartbeat),
+  (by the message-boundary hashes of mlxq.keys.prefix_hashes that each worker publishes in its heartbeat, and
+  those of the requests just routed to it, which it holds once they are done),
   unless that worker's load exceeds the least loaded one's by more than `Settings.route_load_margin` (then the
   least loaded); ties by a consistent (rendezvous) hash of the job's session, so a session stays on one worker
   before anything of it is cached, and a worker that joins takes only the sessions it wins. Batch lines
@@ -48,6 +49,10 @@ log = logging.getLogger(__name__)
 
 # How long a read of the live workers serves routing decisions (heartbeats come every `heartbeat_s`).
 VIEW_TTL_S = 0.25
+# How long a worker is taken to hold the prefix of a request routed to it before its heartbeat says so: longer
+# than a job queues and runs, so a conversation's next turn, sent the moment the answer comes and before the
+# worker's next heartbeat is read, finds the worker that has just cached it.
+EXPECTED_S = 600.0
 
 
 class BrokerUnavailable(Exception):
@@ -127,6 +132,10 @@ class Delivery:
         self._read_at = float("-inf")
         self._beats: dict[str, float] = {}  # each worker's last heartbeat seen, and jobs routed to it since
         self._routed: dict[str, int] = {}
+        # The last boundary hash of each request routed to a worker, and when: that worker will hold it once the
+        # job is done. Kept until the worker's heartbeat publishes it (then the heartbeat is the record: an
+        # eviction drops it) or EXPECTED_S passes (the worker did not cache it).
+        self._expected: dict[str, dict[str, float]] = {}
 
     # -- the decisions ---------------------------------------------------------------------
 
@@ -165,13 +174,17 @@ class Delivery:
         margin = 0 if spread else self._settings.route_load_margin
         partition = cache_partition(namespace, canonical.get("cache_salt"))
         hashes = prefix_hashes(kind, canonical, partition=partition)
-        return choose(views, hashes, session_of(kind, canonical, session, partition), margin)
+        route = choose(views, hashes, session_of(kind, canonical, session, partition), margin)
+        if route.worker is not None and hashes:
+            with self._lock:
+                self._expected.setdefault(route.worker, {})[hashes[-1]] = time.monotonic()
+        return route
 
     def live_workers(self) -> list[WorkerView]:
         """The live workers done loading their model, as their heartbeats describe them (read at most every
         VIEW_TTL_S), each one's load counting the jobs routed to it since its last heartbeat."""
         with self._lock:
-            if time.monotonic() - self._read_at >= VIEW_TTL_S:
+            if (now := time.monotonic()) - self._read_at >= VIEW_TTL_S:
                 with self._sessions() as session:
                     rows = workers.live_workers(session=session, within_s=self._settings.worker_lost_after_s)
                     beats = [
@@ -185,9 +198,22 @@ class Delivery:
                         self._beats[name], self._routed[name] = seen, 0
                     batch = stats.get("batch") or {}
                     load = int(batch.get("active", 0)) + int(batch.get("waiting", 0))
-                    self._views.append(WorkerView(name, model, load, frozenset(stats.get("prefix_index") or ())))
+                    published = frozenset(stats.get("prefix_index") or ())
+                    expected = self._expected.get(name, {})
+                    for h in [h for h, at in expected.items() if h in published or now - at > EXPECTED_S]:
+                        del expected[h]
+                    self._views.append(WorkerView(name, model, load, published))
+                live = {v.name for v in self._views}
+                self._expected = {name: e for name, e in self._expected.items() if name in live}
                 self._read_at = time.monotonic()
-            return [dataclasses.replace(v, load=v.load + self._routed.get(v.name, 0)) for v in self._views]
+            return [
+                dataclasses.replace(
+                    v,
+                    load=v.load + self._routed.get(v.name, 0),
+                    prefixes=v.prefixes | frozenset(self._expected.get(v.name, ())),
+                )
+                for v in self._views
+            ]
 
     # -- what callers tell it --------------------------------------------------------------
 

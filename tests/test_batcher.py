@@ -121,7 +121,15 @@ def test_a_prefix_a_waiting_request_shares_is_copied_not_taken(tiny_model: Path)
 def test_interactive_request_overtakes_a_full_batch_of_low_priority_work(tiny_model: Path):
     engine = Engine.load(str(tiny_model), BatchLimits(size=4))
     low = [engine.submit("chat", chat(f"background job {i}", max_tokens=60), priority="low") for i in range(32)]
-    time.sleep(0.2)  # the batch fills with low-priority work
+    # The batch is full of low-priority work none of which ends within the next steps: the interactive request
+    # cannot take a slot freed as it comes, it must park one (a group that has gone too far is let finish).
+    deadline = time.monotonic() + 60
+    while not (
+        len(running := [s for s in low if s.generated and not s.done.is_set()]) == 4
+        and all(len(s.generated) <= 30 for s in running)
+    ):
+        assert time.monotonic() < deadline, "the batch never filled"
+        time.sleep(0.001)
     interactive = engine.submit("chat", chat("I am a person waiting", max_tokens=8))
     result = wait(interactive, lambda _e: None)
     unfinished = sum(1 for s in low if not s.done.is_set())

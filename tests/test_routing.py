@@ -58,3 +58,35 @@ def test_a_session_is_the_clients_id_or_the_conversations_opening():
     # Without one, the opening through the first user turn: later turns keep it, another task does not.
     assert session_of("chat", chat("hi"), None) == session_of("chat", chat("hi", "hello", "more"), None)
     assert session_of("chat", chat("hi"), None) != session_of("chat", chat("other task"), None)
+
+
+def test_a_turn_sent_before_the_workers_next_heartbeat_finds_the_worker_its_last_turn_went_to(tmp_path):
+    import dataclasses
+
+    from mlxq.celery_app import make_celery
+    from mlxq.db import make_engine, make_sessionmaker, upgrade
+    from mlxq.delivery import Delivery
+    from mlxq.repos import workers
+    from mlxq.request import Request
+    from mlxq.settings import Settings
+    from tests.factories import job_spec
+
+    settings = Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'q.sqlite'}")
+    upgrade(settings)
+    engine = make_engine(settings.database_url)
+    sessions = make_sessionmaker(engine)
+    try:
+        with sessions.begin() as s:
+            for name in ("w1", "w2"):
+                workers.heartbeat(session=s, name=name, model="m", model_loaded=True, error=None, started_at=0.0)
+        delivery = Delivery(sessions, make_celery(settings), settings)
+        spec = dataclasses.replace(job_spec("k"), request=Request.read(chat("task")))
+        first = delivery.route(spec).route
+        assert first is not None and first.reason == RouteReason.SESSION
+        # The next turn comes at once, before either worker's heartbeat publishes anything, under session ids
+        # half of which rendezvous hashing would send to the other worker: the prefix decides.
+        later = dataclasses.replace(spec, request=Request.read(chat("task", "done", "next")))
+        routes = [delivery.route(dataclasses.replace(later, session=f"s{i}")).route for i in range(20)]
+        assert {(r.worker, r.reason) for r in routes if r is not None} == {(first.worker, RouteReason.PREFIX)}
+    finally:
+        engine.dispose()
