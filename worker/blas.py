@@ -20,14 +20,19 @@ _CANDIDATES = (
 )
 
 
+_loaded: str | None = None  # what an earlier call loaded: callers each make sure, and only the first counts
+
+
 def preload_openblas() -> str | None:
-    if not sys.platform.startswith("linux"):
-        return None
+    global _loaded
+    if _loaded is not None or not sys.platform.startswith("linux"):
+        return _loaded
     if "mlx.core" in sys.modules:
         log.warning("mlx was imported before OpenBLAS could be preloaded; matmul will be slow")
     for name in _CANDIDATES:
         try:
             ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+            _loaded = name
             return name
         except OSError:
             continue
