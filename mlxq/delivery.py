@@ -51,8 +51,10 @@ log = logging.getLogger(__name__)
 VIEW_TTL_S = 0.25
 # How long a worker is taken to hold the prefix of a request routed to it before its heartbeat says so: longer
 # than a job queues and runs, so a conversation's next turn, sent the moment the answer comes and before the
-# worker's next heartbeat is read, finds the worker that has just cached it.
+# worker's next heartbeat is read, finds the worker that has just cached it. At most EXPECTED_MAX a worker, the
+# latest (each request routed scans them).
 EXPECTED_S = 600.0
+EXPECTED_MAX = 1024
 
 
 class BrokerUnavailable(Exception):
@@ -80,6 +82,8 @@ class WorkerView:
     model: str
     load: int  # sequences it decodes and holds waiting, plus the jobs routed to it since that heartbeat
     prefixes: frozenset[str]  # the message-boundary hashes its prefix cache holds
+    # The last boundary hashes of the requests routed to it that its heartbeat has not published yet.
+    expected: frozenset[str] = frozenset()
 
 
 def _score(session: str, worker: str) -> int:
@@ -89,7 +93,7 @@ def _score(session: str, worker: str) -> int:
 def matched(view: WorkerView, hashes: list[str]) -> int:
     """How many leading message boundaries of a request `view`'s prefix cache holds."""
     for k in range(len(hashes), 0, -1):
-        if hashes[k - 1] in view.prefixes:
+        if hashes[k - 1] in view.prefixes or hashes[k - 1] in view.expected:
             return k
     return 0
 
@@ -175,9 +179,13 @@ class Delivery:
         partition = cache_partition(namespace, canonical.get("cache_salt"))
         hashes = prefix_hashes(kind, canonical, partition=partition)
         route = choose(views, hashes, session_of(kind, canonical, session, partition), margin)
-        if route.worker is not None and hashes:
+        if route.worker is not None and hashes and not spread:  # a batch line has no next turn
             with self._lock:
-                self._expected.setdefault(route.worker, {})[hashes[-1]] = time.monotonic()
+                expected = self._expected.setdefault(route.worker, {})
+                expected.pop(hashes[-1], None)  # (re)inserted last: the oldest go first
+                expected[hashes[-1]] = time.monotonic()
+                while len(expected) > EXPECTED_MAX:
+                    del expected[next(iter(expected))]
         return route
 
     def live_workers(self) -> list[WorkerView]:
@@ -208,9 +216,7 @@ class Delivery:
                 self._read_at = time.monotonic()
             return [
                 dataclasses.replace(
-                    v,
-                    load=v.load + self._routed.get(v.name, 0),
-                    prefixes=v.prefixes | frozenset(self._expected.get(v.name, ())),
+                    v, load=v.load + self._routed.get(v.name, 0), expected=frozenset(self._expected.get(v.name, ()))
                 )
                 for v in self._views
             ]
