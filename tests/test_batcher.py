@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -151,3 +152,26 @@ def test_request_over_the_token_budget_waits_and_completes(tiny_model: Path):
     assert all(r["finish_reason"] == "length" for r in results)
     assert results[-1]["usage"]["completion_tokens"] == 80
     assert engine.batcher.stats()["active"] == engine.batcher.stats()["waiting"] == 0
+
+
+def test_engine_work_outside_the_step_that_pauses_the_batch_is_logged(
+    tiny_model: Path, caplog: pytest.LogCaptureFixture
+):
+    """What the engine thread does besides the generator's step (the prefix cache's insert when a sequence ends, its
+    fetch when one is admitted) pauses every decoding stream as a step does: when it runs long it is logged, so a
+    pause can be traced to it; a sequence ending as usual is not."""
+    engine = Engine.load(str(tiny_model), BatchLimits(size=4))
+    prefix = engine.enable_prefix_cache(max_entries=8, max_bytes=1 << 30)
+    with caplog.at_level("WARNING", logger="worker.batcher"):
+        engine.generate("chat", chat("an ordinary end", max_tokens=4))
+        assert not [r for r in caplog.records if "slow" in r.getMessage()]
+        insert = prefix.insert
+
+        def slow_insert(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(0.4)
+            return insert(*args, **kwargs)
+
+        prefix.insert = slow_insert  # type: ignore[method-assign]
+        engine.generate("chat", chat("an end that takes long", max_tokens=4))
+    slow = [r.getMessage() for r in caplog.records if "slow step's aftermath" in r.getMessage()]
+    assert len(slow) == 1 and "(1 ended)" in slow[0], slow

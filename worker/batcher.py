@@ -63,6 +63,10 @@ from worker.sequence import Sequence
 log = logging.getLogger(__name__)
 
 PRIORITIES = ("interactive", "low")
+# Work of the engine thread besides the generator's step (admitting: the prefix cache's fetch; retiring: its insert)
+# that takes longer than this is logged: every decoding stream pauses for it as for a step (the generator logs its
+# own slow steps).
+SLOW_WORK_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -199,7 +203,10 @@ class Batcher:
                 except BaseException as exc:
                     future.set_exception(exc)
             try:
+                tic = time.perf_counter()
                 self._admit()
+                if (took := time.perf_counter() - tic) > SLOW_WORK_S:
+                    log.warning("slow admission: %.0f ms, %d sequences in the batch", took * 1000, len(self._active))
                 if self._active:
                     self._step()
                 self._retire_cancelled()
@@ -412,6 +419,7 @@ class Batcher:
     def _step(self) -> None:
         assert self._gen is not None
         step = self._gen.step()
+        tic = time.perf_counter()
         for checkpoint in step.checkpoints:
             self._checkpoint(checkpoint)
         for p in step.prefilled:
@@ -433,6 +441,14 @@ class Batcher:
             if seq.add_token(g.token, g.logprobs, g.finish_reason):
                 last = ended.get(g.uid, g)
                 self._retire(seq, last.cache, last.tokens)
+        if (took := time.perf_counter() - tic) > SLOW_WORK_S:
+            log.warning(
+                "slow step's aftermath: %.0f ms for %d checkpoints, %d tokens (%d ended)",
+                took * 1000,
+                len(step.checkpoints),
+                len(step.generated),
+                len(ended),
+            )
 
     def _checkpoint(self, checkpoint: Checkpoint) -> None:
         """Keep a checkpoint of a prompt in the prefix cache (worker.boundaries); the sequence remembers it for the
