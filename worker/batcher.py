@@ -207,10 +207,15 @@ class Batcher:
                 self._admit()
                 if (took := time.perf_counter() - tic) > SLOW_WORK_S:
                     log.warning("slow admission: %.0f ms, %d sequences in the batch", took * 1000, len(self._active))
-                if self._active:
+                busy = bool(self._active)
+                if busy:
                     self._step()
                 self._retire_cancelled()
                 self._keep_within_budget()
+                if busy and not self._active and not any(self._waiting.values()):
+                    # Gone idle: the heap's pages that the batch's transients freed go back to the system, so the
+                    # process at rest holds its weights, caches and allowance, not what its busiest moment left.
+                    trim_heap()
             except Exception as exc:
                 log.exception("batch step failed; failing %d sequences", len(self._active))
                 for seq in list(self._active.values()):
