@@ -52,9 +52,17 @@ class Recording:
     def __init__(self) -> None:
         self.steps: list[Step] = []
         self.gens: list[Generator] = []
+        self.early: list[Step] = []  # what the step under way handed over before its prefill (`decoded`)
 
     def factory(self, config: GeneratorConfig, stream: Any) -> Generator:
-        gen = mlx_batch_generator(config, stream)
+        handed = config.decoded
+
+        def decoded(step: Step) -> None:
+            self.early.append(step)
+            assert handed is not None
+            handed(step)
+
+        gen = mlx_batch_generator(replace(config, decoded=decoded if handed else None), stream)
         if isinstance(gen, ChunkedPrefill):
             gen.budget = lambda decoding: MIN_BUDGET  # type: ignore[method-assign]
             # A group's, in the same terms while a stream decodes (it follows the measured cost too).
@@ -72,7 +80,14 @@ class Recording:
 
     def step(self) -> Step:
         step = self.inner.step()
-        self.steps.append(step)
+        parts, self.early = [*self.early, step], []
+        self.steps.append(
+            Step(
+                [p for s in parts for p in s.prefilled],
+                [g for s in parts for g in s.generated],
+                [c for s in parts for c in s.checkpoints],
+            )
+        )
         return step
 
     def extract(self, uid: int) -> tuple[list[Any], list[int]]:
@@ -486,24 +501,26 @@ def test_the_step_bound_follows_a_long_prompts_dearer_chunks():
     assert cost.per_token() < (20 * 0.017 + 0.1) / 20  # type: ignore[operator]
 
 
+class Counting:
+    """A model that counts the prompt tokens of its forwards (those of more than one token) and notes each in `log`."""
+
+    def __init__(self, inner: Any, log: list[str] | None = None) -> None:
+        self.inner, self.tokens, self.log = inner, 0, log if log is not None else []
+
+    def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        if inputs.shape[1] > 1:
+            self.tokens += inputs.shape[0] * inputs.shape[1]
+            self.log.append("prefill")
+        return self.inner(inputs, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
 def test_a_long_prompts_tail_goes_whole_within_the_steps_budget_not_beside_its_last_chunk(model: Any):
     """The group's allowance is for newcomers' tokens, cheap at the start of their context. A long prompt's tail, deep in
     its context, once took it after a chunk of its own: the step that ended a 3,000-token prompt ran twice the others
     (0.93 s against 0.45 on this CPU) and every decoding stream paused for it."""
-
-    class Counting:
-        """The model, counting each step's prompt tokens (forwards of more than one token)."""
-
-        def __init__(self, inner: Any) -> None:
-            self.inner, self.tokens = inner, 0
-
-        def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-            if inputs.shape[1] > 1:
-                self.tokens += inputs.shape[0] * inputs.shape[1]
-            return self.inner(inputs, *args, **kwargs)
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self.inner, name)
 
     counting = Counting(model)
     config = GeneratorConfig(counting, eos_ids=(2,), batch_size=4, prefill_batch_size=1, prefill_step=MIN_BUDGET)
@@ -523,3 +540,30 @@ def test_a_long_prompts_tail_goes_whole_within_the_steps_budget_not_beside_its_l
     assert max(per_step) <= MIN_BUDGET, per_step
     assert [n for n in per_step if n][-1] == MIN_BUDGET // 2 - 1, f"the tail whole, in a step of its own: {per_step}"
     gen.remove(long)
+
+
+def test_the_decode_batchs_tokens_go_out_before_the_steps_prefill_chunks(model: Any):
+    """A step decodes, then prefills for up to MAX_STEP targets: its tokens (a stream's next, a newcomer's first) are
+    handed over as soon as they are out, not held for the chunks. Key B's first token behind key A's eight 3,000-token
+    prompts came 0.35 s sooner on this CPU (engine level)."""
+    log: list[str] = []
+    config = GeneratorConfig(
+        Counting(model, log),
+        eos_ids=(2,),
+        batch_size=4,
+        prefill_batch_size=1,
+        prefill_step=MIN_BUDGET,
+        decoded=lambda step: log.extend(f"token {g.uid}" for g in step.generated),
+    )
+    gen = ChunkedPrefill(config, mx.default_stream(mx.default_device()))
+    gen.budget = lambda decoding: MIN_BUDGET  # type: ignore[method-assign]
+    stream = gen.admit(replace(admission(2 * MIN_BUDGET, 3), max_tokens=50))
+    for _ in range(6):
+        gen.step()
+    long = gen.admit(admission(20 * MIN_BUDGET, 4))
+    log.clear()
+    returned = [g.uid for _ in range(3) for g in gen.step().generated]
+    assert log == [f"token {stream}", "prefill"] * 3, log
+    assert returned == [], "handed over, not returned again"
+    gen.remove(long)
+    gen.remove(stream)

@@ -54,6 +54,7 @@ from worker.generator import (
     Generator,
     GeneratorConfig,
     GeneratorFactory,
+    Step,
     mlx_batch_generator,
 )
 from worker.memory import Budget, KvShape, trim_heap
@@ -234,6 +235,7 @@ class Batcher:
             prefill_step=self.prefill_step,
             step_ms=self.step_ms,
             arrived=self._arrived,
+            decoded=self._take,
             long_chunk=self.prefill_step * (self.prefill_batch_size if self.chunks_grow else 1),
         )
         gen = self.generator(config, stream)
@@ -423,7 +425,11 @@ class Batcher:
 
     def _step(self) -> None:
         assert self._gen is not None
-        step = self._gen.step()
+        self._take(self._gen.step())
+
+    def _take(self, step: Step) -> None:
+        """A step's output (or its decode batch's, handed over before its prefill: `GeneratorConfig.decoded`): keep
+        its checkpoints, note its prefill progress, emit its tokens, retire the sequences that ended."""
         tic = time.perf_counter()
         for checkpoint in step.checkpoints:
             self._checkpoint(checkpoint)

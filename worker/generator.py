@@ -65,6 +65,10 @@ class GeneratorConfig:
     # True when an interactive request has come in since the engine last admitted (worker.batcher): a step's prefill
     # ends after the chunk under way, and the newcomer is admitted then rather than after the step's whole budget.
     arrived: Callable[[], bool] | None = None
+    # Called on the engine thread with the decode batch's output as soon as it is out, before the step's prefill
+    # chunks (`ChunkedPrefill`), which then no longer hold every stream's token and a newcomer's first one for up to
+    # MAX_STEP targets; the step returns the rest. None: the step returns it all.
+    decoded: Callable[[Step], None] | None = None
     # The most tokens one prompt's chunk may take (`ChunkedPrefill.chunk_size`); 0: `prefill_step`. The engine
     # allows the prefill share's tokens (prefill_step × prefill_batch_size) where every layer's cache grows with the
     # sequence (worker.engine: not for windows or recurrent layers).
@@ -362,6 +366,7 @@ class ChunkedPrefill:
         # fixed cost paid once: most of a short prompt's cost on a CPU) rather than one by one here.
         self._groups = getattr(self.inner, "prefills_together", False)
         self._arrived = config.arrived or (lambda: False)
+        self._decoded = config.decoded
         self._chunks: list[tuple[int, int, float]] = []  # this step's chunks: tokens, depth, seconds (`_log_slow`)
 
     # -- the Generator interface -----------------------------------------------------------------------------------
@@ -494,6 +499,12 @@ class ChunkedPrefill:
                 mx.synchronize(self.stream)
                 decode_s = time.perf_counter() - tic
                 self.cost.add_decode(decode_s)
+            if self._decoded is not None and (step.generated or step.prefilled or step.checkpoints):
+                # Its tokens go out now, not after the chunks below (a newcomer's first token among them). Measured on
+                # this CPU with key A's eight 3,000-token prompts prefilling: key B's time to first token was its
+                # prefill's step, then the next step's decode and that step's chunks.
+                self._decoded(step)
+                step = Step([], [])
             budget = self.budget(decoding)
             # While streams decode, a group holds only prompts that a step's budget takes whole: a longer one is
             # prefilled a budget at a time, so no stream pauses for more than its share.
