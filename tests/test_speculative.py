@@ -19,12 +19,20 @@ preload_openblas()
 
 import mlx.core as mx  # noqa: E402
 from mlx_lm.models import llama  # noqa: E402
+from mlx_lm.models.cache import KVCache  # noqa: E402
 from mlx_lm.sample_utils import make_sampler  # noqa: E402
 
 from worker.engine import BatchLimits, Engine, wait  # noqa: E402
 from worker.generator import Admission, GeneratorConfig  # noqa: E402
 from worker.model_spec import ModelSpec  # noqa: E402
-from worker.speculative import PromptLookup, SpeculativeBatch, StepCost, lookup_draft, supports  # noqa: E402
+from worker.speculative import (  # noqa: E402
+    PromptLookup,
+    RaggedKVCache,
+    SpeculativeBatch,
+    StepCost,
+    lookup_draft,
+    supports,
+)
 
 SOURCE = """import json
 from dataclasses import dataclass
@@ -349,6 +357,36 @@ def test_a_parked_speculative_sequence_resumes_with_its_answer(tiny_model: Path)
 
 
 # -- pieces ------------------------------------------------------------------------------------------------------
+
+
+def test_rows_join_with_their_own_caches_and_a_long_row_that_ends_leaves_the_others_length():
+    """Prefilled sequences join the ragged batch cache from their own caches, each row reading back its tokens, and
+    the batch's writes never change a sequence's own cache. When the long row ends, the buffer shrinks to the other
+    rows' length: every later forward and copy would otherwise carry its 700 positions."""
+
+    def own(n: int, seed: int) -> tuple[KVCache, mx.array, mx.array]:
+        keys, values = (mx.random.normal((1, 2, n, 8), key=mx.random.key(seed + k)) for k in (0, 100))
+        cache = KVCache()
+        cache.update_and_fetch(keys, values)
+        return cache, keys, values
+
+    rows = [own(40, 1), own(700, 2), own(90, 3)]
+    batch = RaggedKVCache.single(rows[0][0])
+    batch.extend(*(RaggedKVCache.single(c) for c, _, _ in rows[1:]))
+    before = [mx.array(c.keys) for c, _, _ in rows]
+    batch.update_and_fetch(mx.ones((3, 2, 1, 8)), mx.ones((3, 2, 1, 8)))
+    batch.advance([0, 0, 0])  # written, not kept
+    for i, (cache, keys, values) in enumerate(rows):
+        row = batch.extract(i)
+        assert mx.array_equal(row.keys, keys) and mx.array_equal(row.values, values), i
+        assert mx.array_equal(cache.keys, before[i]), "the sequence's own cache is left as it was"
+    assert batch.keys is not None and batch.keys.shape[2] >= 700
+
+    batch.filter([0, 2])
+    assert batch.keys is not None and batch.keys.shape[0] == 2 and batch.keys.shape[2] <= RaggedKVCache.step
+    for i, (_, keys, values) in zip((0, 1), (rows[0], rows[2]), strict=True):
+        row = batch.extract(i)
+        assert mx.array_equal(row.keys, keys) and mx.array_equal(row.values, values), i
 
 
 def test_lookup_drafts_the_latest_continuation_and_continues_a_loop():
