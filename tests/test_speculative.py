@@ -446,6 +446,22 @@ def priced_batch(tiny_model: Path, costs: list[tuple[int, float]]) -> Speculativ
     return batch
 
 
+def test_step_cost_prices_a_deep_context_apart():
+    """Every position attends to its row's whole cache: a long prompt that joined a drafting stream was verified at
+    the stream's shallow price (a 595 ms step beside 50 ms plain ones on this CPU). A deeper context bucket is priced
+    by what was measured there, from its plain step up, as a batch starts."""
+    cost = StepCost()
+    for _ in range(2):
+        cost.add(1, 0.05, context=200)
+        cost.add(16, 0.06, context=200)
+    assert cost.estimate(16, context=400) == 0.06  # one shallow bucket
+    assert cost.estimate(16, context=3000) is None and not cost.measured(1, context=3000)
+    for _ in range(2):
+        cost.add(1, 0.1, context=3000)
+    assert cost.measured(1, context=2500) and cost.estimate(2, context=3000) == 0.1
+    assert cost.estimate(16, context=3000) is None, "not tried until the doublings below it are measured there"
+
+
 def test_eight_rows_on_a_compute_bound_forward_do_not_draft_nine_positions(tiny_model: Path):
     """A step's length is chosen by the measured cost where the batch runs: with one row's sure draft and seven
     without, nine positions a row at 3.5x a plain step's price cannot pay (8 + 8 tokens for 3.5x the time)."""

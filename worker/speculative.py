@@ -275,8 +275,9 @@ def lookup_draft(
 
 
 class StepCost:
-    """What a decoding forward costs by the positions it computes (rows × step length), as measured: a decaying
-    average per power-of-two bucket of positions.
+    """What a decoding forward costs by the positions it computes (rows × step length) and the context they attend
+    to, as measured: a decaying average per power-of-two bucket of positions, kept apart for each power-of-two bucket
+    of context (the batch's longest row).
 
     Why not a line a + b·n: the cost is flat while the forward is memory-bound (a few positions: the weights are
     read once whatever n is) and grows with n once it is compute-bound (many rows, or a CPU), and where it turns
@@ -288,48 +289,60 @@ class StepCost:
     positions whose cost nobody knows. The plain step (one position a row) is measured first: nothing is drafted
     before it is.
 
+    Why the context: every position attends to its row's whole cache, so deep in a long context a position costs
+    several times one near the start (on a CPU, the attention's softmax is most of a deep forward). Priced by the
+    positions alone, a 3,000-token prompt that joined a drafting stream was verified at the stream's shallow price:
+    a 595 ms step beside 50 ms plain ones on this CPU, every stream paused for it. A context bucket starts unmeasured
+    like any other: plain steps until its plain step is.
+
     A bucket's first forward is not counted: it is the first of its shapes, and on a GPU MLX builds kernels for new
     shapes as it meets them. On an H200 (MLX's CUDA build, scripts/bench_spec.py) the first round of eight edit
     clients ran at a third of the later rounds' speed, and the rounds at eight drafted little or nothing; a cold
     price, kept, would explain it (the decaying average hardly moves, and a bucket priced out is not tried again)."""
 
+    SHALLOW = 512  # contexts up to this are one bucket
+
     def __init__(self, decay: float = 0.8) -> None:
         self.decay = decay
-        self._seconds: dict[int, float] = {}  # bucket (a power of two) -> seconds
-        self._met: set[int] = set()  # buckets whose first forward has run (and was not counted)
+        self._seconds: dict[tuple[int, int], float] = {}  # (context bucket, positions bucket) -> seconds
+        self._met: set[tuple[int, int]] = set()  # buckets whose first forward has run (and was not counted)
 
     @staticmethod
     def bucket(positions: int) -> int:
         return 1 << max(positions - 1, 0).bit_length()
 
-    def add(self, positions: int, seconds: float) -> None:
-        b = self.bucket(positions)
-        if b not in self._met:
-            self._met.add(b)
+    def _key(self, positions: int, context: int) -> tuple[int, int]:
+        return max(self.bucket(context), self.SHALLOW), self.bucket(positions)
+
+    def add(self, positions: int, seconds: float, context: int = 0) -> None:
+        key = self._key(positions, context)
+        if key not in self._met:
+            self._met.add(key)
             return
-        old = self._seconds.get(b)
-        self._seconds[b] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
+        old = self._seconds.get(key)
+        self._seconds[key] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
 
-    def measured(self, positions: int) -> bool:
-        return self.bucket(positions) in self._seconds
+    def measured(self, positions: int, context: int = 0) -> bool:
+        return self._key(positions, context) in self._seconds
 
-    def estimate(self, positions: int) -> float | None:
-        """Seconds for a forward of `positions`; None where it is not to be tried yet (nothing measured, or more
-        than one doubling past what has been)."""
-        b = self.bucket(positions)
-        if not self._seconds:
+    def estimate(self, positions: int, context: int = 0) -> float | None:
+        """Seconds for a forward of `positions` over `context`; None where it is not to be tried yet (nothing
+        measured at that context, or more than one doubling past what has been)."""
+        depth, b = self._key(positions, context)
+        seconds = {k: v for (d, k), v in self._seconds.items() if d == depth}
+        if not seconds:
             return None
-        if b in self._seconds:
-            return self._seconds[b]
-        below = [k for k in self._seconds if k < b]
-        above = [k for k in self._seconds if k > b]
+        if b in seconds:
+            return seconds[b]
+        below = [k for k in seconds if k < b]
+        above = [k for k in seconds if k > b]
         if below and above:  # between two measured buckets: interpolated
             lo, hi = max(below), min(above)
-            return self._seconds[lo] + (self._seconds[hi] - self._seconds[lo]) * (b - lo) / (hi - lo)
+            return seconds[lo] + (seconds[hi] - seconds[lo]) * (b - lo) / (hi - lo)
         if above:  # fewer positions than any measured forward cost at most what the smallest did
-            return self._seconds[min(above)]
+            return seconds[min(above)]
         top = max(below)
-        return self._seconds[top] if b <= 2 * top else None
+        return seconds[top] if b <= 2 * top else None
 
 
 @dataclass(eq=False)
@@ -596,7 +609,7 @@ class SpeculativeBatch:
         margin = len(lengths) * math.log(1.02)  # a longer step must pay for itself clearly: 2% a row
         best, best_score, plain = 1, -math.inf, 0.0
         for length in range(1, max(lengths, default=0) + 2):
-            seconds = self.cost.estimate(len(lengths) * length)
+            seconds = self.cost.estimate(len(lengths) * length, self._context())
             if seconds is None or (length > 1 and self.prefill_waits and seconds > PREFILL_WAITS_COST * plain):
                 break
             if length == 1:
@@ -616,7 +629,8 @@ class SpeculativeBatch:
         # A plain step's forward is timed (so not pipelined) where its cost is not known, and now and then: the
         # price drafting is weighed against (`_trim`). Between steps the scheduler may prefill, so the time between
         # pipelined steps would not tell it.
-        timed = not self.cost.measured(len(self._rows)) or self._plain_steps % PLAIN_TIMED_EVERY == 0
+        context = self._context()
+        timed = not self.cost.measured(len(self._rows), context) or self._plain_steps % PLAIN_TIMED_EVERY == 0
         self._plain_steps += 1
         if timed:
             mx.eval(inputs)
@@ -627,7 +641,7 @@ class SpeculativeBatch:
         now = [logprobs[i, 0] for i in range(len(self._rows))]
         if timed:
             mx.eval(sampled, now)
-            self.cost.add(len(self._rows), time.perf_counter() - tic)
+            self.cost.add(len(self._rows), time.perf_counter() - tic, context)
         mx.async_eval(sampled, now)
         mx.eval(inputs, [p for p in previous if p is not None])
         out: list[list[tuple[int, mx.array | None]]] = []
@@ -646,12 +660,13 @@ class SpeculativeBatch:
         for row, d in zip(self._rows, drafts, strict=True):
             fed = [row.last, *d]
             inputs.append(fed + [fed[-1]] * (length - len(fed)))
+        context = self._context()
         tic = time.perf_counter()
         logprobs = self._forward(mx.array(inputs, dtype=mx.uint32), [1 + len(d) for d in drafts])
         targets = self._sample(logprobs)
         previous = [row.logprobs for row in self._rows]
         mx.eval(targets, [p for p in previous if p is not None])
-        self.cost.add(len(self._rows) * length, time.perf_counter() - tic)
+        self.cost.add(len(self._rows) * length, time.perf_counter() - tic, context)
         out: list[list[tuple[int, mx.array | None]]] = []
         fed_all, lasts, predicted = [], [], []
         for i, (row, d, t) in enumerate(zip(self._rows, drafts, cast(list[list[int]], targets.tolist()), strict=True)):
@@ -776,6 +791,10 @@ class SpeculativeBatch:
         if row.misses >= MISSES:
             row.misses, row.rest = 0, row.rest_next
             row.rest_next = min(row.rest_next * 2, REST_MAX)
+
+    def _context(self) -> int:
+        """The positions the batch's next forward attends to: its longest row's."""
+        return max(self._cache[0].ends, default=0) if self._cache else 0
 
     def _index(self, uid: int) -> int:
         return next(i for i, row in enumerate(self._rows) if row.uid == uid)
