@@ -340,11 +340,17 @@ async def together(http: httpx.AsyncClient, target: Target, prompts: Prompts, to
         raise RuntimeError(f"decoder failed: {dec.error}")
     gaps = dec.gaps(after=long.sent, before=window_end)
     before = dec.gaps(before=long.sent)
+    # Where the longest pause fell, from the long prompt's send (its first token came at `long_ttft`): a step of its
+    # prefill, its join to the batch, its end.
+    pauses = [(b - a, a - long.sent) for a, b in zip(dec.chunks, dec.chunks[1:], strict=False) if b > long.sent]
+    pauses = [p for p in pauses if p[1] + long.sent < window_end]
     return {
         "short_ttft": short.ttft,
         "long_ttft": long.ttft,
         "short_during_prefill": long.first is None or short.sent < long.first,
         "max_gap": max(gaps) if gaps else None,
+        "max_gap_at": max(pauses)[1] if pauses else None,
+        "gaps_over_target": sum(g > TARGET_GAP_S for g in gaps),
         "decoder_median_gap": median(before),
         "decoder_covered": covered,
         "long_prompt_tokens": long.prompt_tokens,
@@ -437,6 +443,7 @@ async def run_target(target: Target, prompts: Prompts, args) -> dict[str, Any]:
                     f"  {target.name} ~{tokens} tokens #{attempt + 1}: short idle {idle[-1]:.3f}s, "
                     f"during {run['short_ttft']:.3f}s; long alone {alone[-1].ttft:.3f}s, "
                     f"with others {run['long_ttft']:.3f}s; decoder max gap {run['max_gap'] or 0:.3f}s"
+                    f" at {run['max_gap_at'] or 0:.2f}s ({run['gaps_over_target']} over {TARGET_GAP_S} s)"
                     f"{'' if run['decoder_covered'] else ' (decoder ended inside the window)'}"
                     f"{'' if run['short_during_prefill'] else ' (short sent after the long first token)'}"
                 )

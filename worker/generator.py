@@ -431,16 +431,20 @@ class ChunkedPrefill:
         EFFICIENT_CHUNK times the fixed cost (where the target cannot be met, a step runs longer instead) nor
         MIN_BUDGET; never above `cap` (the tokens mlx-lm's prompt batch prefilled per step, `prefill_batch_size`
         chunks of `prefill_step`, what the memory budget's prefill share is sized for, here one chunk at a time) nor
-        above MAX_STEP times the target by the average cost per token, whatever the fit says."""
+        above what fits in MAX_STEP times the target after the decode step by the average cost per token, whatever the
+        fit says."""
         fit = self.cost.fit()
         if fit is None:
             return min(FIRST_BUDGET, self.cap)
         a, b = fit
-        left = self.target_s - (max(self.cost.decode_s, decoding * b) if decoding else 0.0)
+        decode = max(self.cost.decode_s, decoding * b) if decoding else 0.0
+        left = self.target_s - decode
         fits = (left - a) / b
         fits = (left - a * math.ceil(max(fits, 1) / self.chunk_size())) / b  # each chunk pays the fixed cost
         per_token = self.cost.per_token() or b
-        most = min(self.cap, MAX_STEP * self.target_s / per_token)
+        # The bound is on the whole step, its decode included: it is what a stream pauses and a newcomer waits for. Deep
+        # in a long prompt on this CPU, chunks filled MAX_STEP targets beside the decode step, and steps ran 0.45-0.52 s.
+        most = min(self.cap, (MAX_STEP * self.target_s - decode) / per_token)
         return int(max(min(max(fits, EFFICIENT_CHUNK * a / b), most), MIN_BUDGET))
 
     def chunk_size(self) -> int:
