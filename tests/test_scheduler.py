@@ -368,42 +368,6 @@ def test_a_prompt_deep_in_its_context_joins_the_decode_batch_from_its_own_cache(
     assert answers[0] == answers[1]
 
 
-@pytest.mark.parametrize("streamed", [True, False])
-def test_a_prompt_prefilled_beside_a_stream_joins_the_batch_in_a_step_without_chunks(model: Any, streamed: bool):
-    """Copying a long prompt's cache into the decode batch costs a step of its own: joined in the step of its last
-    chunk, a 3,000-token prompt paused a stream for 0.58-0.76 s on this CPU, against 0.45 s for its other steps. Beside
-    a stream it joins with the next step's decode, and gets its first token in that step, which runs no chunks; beside
-    answers read whole (nothing streams) it joins at once, as before."""
-    config = GeneratorConfig(model, eos_ids=(), batch_size=8, prefill_batch_size=1, prefill_step=MIN_BUDGET)
-    gen = ChunkedPrefill(config, mx.default_stream(mx.default_device()))
-    gen.budget = lambda decoding: MIN_BUDGET  # type: ignore[method-assign]
-    decoder = gen.admit(replace(admission(20, 0), max_tokens=500, watched=streamed))
-    gen.step()
-    long = gen.admit(replace(admission(PrefillCost.START + MIN_BUDGET + 5, 1), max_tokens=4))
-    other = gen.admit(replace(admission(2 * PrefillCost.START, 2), max_tokens=4))  # waits behind it (longer)
-    steps = []
-    for _ in range(200):
-        step = gen.step()
-        steps.append((step, [(n, depth) for n, depth, _ in gen._chunks]))
-        if any(g.uid == long for g in step.generated):
-            break
-    last_chunk = max(
-        i for i, (step, _) in enumerate(steps) if any(p.uid == long and not p.finished for p in step.prefilled)
-    )
-    joined = next(i for i, (step, _) in enumerate(steps) if any(p.uid == long and p.finished for p in step.prefilled))
-    first = next(i for i, (step, _) in enumerate(steps) if any(g.uid == long for g in step.generated))
-    if streamed:
-        assert (joined, first) == (last_chunk + 1, last_chunk + 1), (last_chunk, joined, first)
-        assert steps[joined][1] == [], "the step it joins in runs no chunks"
-        assert any(g.uid == decoder for g in steps[joined][0].generated), "the stream goes on"
-    else:
-        assert joined == last_chunk and first == last_chunk + 1, (last_chunk, joined, first)
-    gen.step()
-    assert gen._chunks and gen._chunks[0][1] < PrefillCost.START, "the next prompt's chunks go on"
-    for uid in (decoder, long, other):
-        gen.remove(uid)
-
-
 def test_newcomers_that_go_whole_get_a_step_of_their_own_every_other_step_at_most(model: Any):
     """A short newcomer's step runs no chunk of the long prompt under way, so its first token comes after its own
     forward and the decode step (key B behind key A's flood waited for a chunk every time); a second newcomer in the

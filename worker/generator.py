@@ -361,9 +361,6 @@ class ChunkedPrefill:
         self._served: dict[str, float] = {}  # owner -> prefill tokens over weight, while it has prompts here
         self._watched: set[int] = set()  # ours, decoding, read as streams (`Admission.watched`)
         self._moved = False  # a sequence joined the inner generator since its last step
-        # A prompt prefilled here in chunks was handed over while streams decode: it joins the decode batch with the
-        # next step's decode, in a step of no chunks (`_step`).
-        self._join_next = False
         self._held_back = False  # the last step took newcomers whole and held the prompts under way back for them
         # Short prompts chosen in one step are prefilled together by mlx-lm's prompt batch (one padded forward, its
         # fixed cost paid once: most of a short prompt's cost on a CPU) rather than one by one here.
@@ -496,18 +493,11 @@ class ChunkedPrefill:
             self.inner.prefill_waits = bool(self._prefilling)
         self._chunks = []
         per_token = self.cost.per_token()  # before this step's chunks: what they were expected to cost
-        joining, self._join_next = self._join_next, False
         start = tic = time.perf_counter()
         step = self._inner_step()
         grouped = 0
         decode_s = 0.0
-        if joining:
-            # Its decode took in a prompt that was prefilled here: copying that cache into the batch's costs a step of
-            # its own where the prompt is long. The joined one decodes its first token now, as those moved in a step
-            # do (below); the step runs no chunks. Joined in the step of its last chunk, a 3,000-token prompt paused
-            # a stream for 0.58-0.76 s on this CPU, against 0.45 s for the steps of its other chunks.
-            self._moved = True
-        elif self._prefilling:
+        if self._prefilling:
             if decoding:
                 # mlx-lm's decode step runs asynchronously: waited for, so that its time is not taken for prefill's.
                 mx.synchronize(self.stream)
@@ -530,7 +520,6 @@ class ChunkedPrefill:
             # by the generator on the second, with its cache).
             tic = time.perf_counter()
             more = self._inner_step()
-            self._join_next = False  # that step took in whatever was handed over
             if grouped and not decoding:
                 mx.synchronize(self.stream)
                 self.cost.add(grouped, time.perf_counter() - tic)
@@ -618,7 +607,7 @@ class ChunkedPrefill:
             if len(p.rest) == 1:
                 del self._prefilling[p.uid]
                 self._forget_owner(p.admission.owner)
-                self._decode(p, now=not self._watched)
+                self._decode(p)
             if self._arrived():
                 # Somebody is waiting to be admitted: where a step runs several chunks (a GPU runs a 512-token chunk
                 # in a small part of the step's target), it would otherwise wait for all of them before its own.
@@ -650,19 +639,15 @@ class ChunkedPrefill:
         p.tokens.extend(chunk)
         del p.rest[:n]
 
-    def _decode(self, p: _Prefilling, now: bool = True) -> None:
-        """Hand a prefilled sequence (its cache holds all its prompt but the last token) to the decode batch: it
-        decodes in this step (`now`), or joins with the next step's decode (`_join_next`)."""
+    def _decode(self, p: _Prefilling) -> None:
+        """Hand a prefilled sequence (its cache holds all its prompt but the last token) to the decode batch."""
         a = p.admission
         inner = self.inner.admit(replace(a, rest=p.rest, cache=p.cache, history=p.tokens, checkpoints=()))
         self._inner_uid[p.uid] = inner
         self._uid[inner] = p.uid
         if a.watched:
             self._watched.add(p.uid)
-        if now:
-            self._moved = True
-        else:
-            self._join_next = True
+        self._moved = True
 
     def _forget_owner(self, owner: str) -> None:
         if not any(q.admission.owner == owner for q in self._prefilling.values()):
