@@ -186,7 +186,7 @@ class RaggedKVCache:
         parts = [p for p in (self, *others) if p.keys is not None and p.values is not None]
         left = [s for p in (self, *others) for s in p.left]
         ends = [e for p in (self, *others) for e in p.ends]
-        if parts and (len(parts) > 1 or parts[0] is not self or len(ends) > len(self.ends)):
+        if parts and len(ends) > len(self.ends):
             ref = parts[0].keys
             assert ref is not None
             size = self._room(max(ends))
@@ -608,8 +608,9 @@ class SpeculativeBatch:
         rates = [row.alpha[0] / row.alpha[1] for row in self._rows]
         margin = len(lengths) * math.log(1.02)  # a longer step must pay for itself clearly: 2% a row
         best, best_score, plain = 1, -math.inf, 0.0
+        context = self._context()
         for length in range(1, max(lengths, default=0) + 2):
-            seconds = self.cost.estimate(len(lengths) * length, self._context())
+            seconds = self.cost.estimate(len(lengths) * length, context)
             if seconds is None or (length > 1 and self.prefill_waits and seconds > PREFILL_WAITS_COST * plain):
                 break
             if length == 1:
