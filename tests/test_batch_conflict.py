@@ -58,7 +58,9 @@ def inproc(
 def test_a_batch_line_meeting_an_identical_request_created_at_the_same_instant_joins_it(
     inproc: Service, pg_url: str, monkeypatch: pytest.MonkeyPatch
 ):
-    line = batch_line("same", "asked twice at once")
+    # A long answer keeps the interactive job in flight while the batch's line retries: with 8 tokens it could finish
+    # first (CI once), and then there is nothing left to join.
+    line = batch_line("same", "asked twice at once", max_tokens=256)
     asked: dict[str, httpx.Response] = {}
     ask = threading.Thread(
         target=lambda: asked.update(
