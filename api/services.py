@@ -73,7 +73,7 @@ class Services:
             delivery=delivery,
             model_info=model_info,
             admission=Admission(settings, sessions, delivery, stats, model_info),
-            follower=JobFollower(settings, sessions, channel, closing),
+            follower=JobFollower(settings, sessions, channel, delivery, closing),
             health=health,
             metrics=Metrics(health.snapshot),
             auth=Authenticator(settings, sessions),

@@ -134,8 +134,10 @@ class Delivery:
         self._lock = threading.Lock()
         self._views: list[WorkerView] = []
         self._read_at = float("-inf")
-        self._beats: dict[str, float] = {}  # each worker's last heartbeat seen, and jobs routed to it since
-        self._routed: dict[str, int] = {}
+        # Each worker's last heartbeat seen, and the jobs routed to it since that have not been seen to end (a
+        # session's turns sent back to back must not pile up as load until the next heartbeat).
+        self._beats: dict[str, float] = {}
+        self._routed: dict[str, set[str]] = {}
         # The last boundary hash of each request routed to a worker, and when: that worker will hold it once the
         # job is done. Kept until the worker's heartbeat publishes it (then the heartbeat is the record: an
         # eviction drops it) or EXPECTED_S passes (the worker did not cache it).
@@ -203,7 +205,7 @@ class Delivery:
                     if not ready:  # still loading its model (it asks for its jobs once loaded); one that failed
                         continue  # to load takes them, to answer each with why
                     if self._beats.get(name) != seen:  # a new heartbeat counts what was routed before it
-                        self._beats[name], self._routed[name] = seen, 0
+                        self._beats[name], self._routed[name] = seen, set()
                     batch = stats.get("batch") or {}
                     load = int(batch.get("active", 0)) + int(batch.get("waiting", 0))
                     published = frozenset(stats.get("prefix_index") or ())
@@ -216,12 +218,21 @@ class Delivery:
                 self._read_at = time.monotonic()
             return [
                 dataclasses.replace(
-                    v, load=v.load + self._routed.get(v.name, 0), expected=frozenset(self._expected.get(v.name, ()))
+                    v,
+                    load=v.load + len(self._routed.get(v.name, ())),
+                    expected=frozenset(self._expected.get(v.name, ())),
                 )
                 for v in self._views
             ]
 
     # -- what callers tell it --------------------------------------------------------------
+
+    def ended(self, job_id: str) -> None:
+        """A job this process follows has ended: it no longer counts in its worker's load before the next
+        heartbeat."""
+        with self._lock:
+            for routed in self._routed.values():
+                routed.discard(job_id)
 
     def admitted(self, job_id: str, spec: JobSpec, *, new: bool, waiting_for_room: bool) -> None:
         """After an admission's commit: a new routed job's message now, or the waiting jobs when there may be
@@ -296,7 +307,7 @@ class Delivery:
         """The task carries only the job id; `chars` is the size of its canonical request as stored (JSON)."""
         assert route.worker is not None
         with self._lock:  # its load until its next heartbeat counts this job
-            self._routed[route.worker] = self._routed.get(route.worker, 0) + 1
+            self._routed.setdefault(route.worker, set()).add(job_id)
         self._celery.send_task(
             GENERATE_TASK,
             args=[job_id],

@@ -90,3 +90,46 @@ def test_a_turn_sent_before_the_workers_next_heartbeat_finds_the_worker_its_last
         assert {(r.worker, r.reason) for r in routes if r is not None} == {(first.worker, RouteReason.PREFIX)}
     finally:
         engine.dispose()
+
+
+def test_a_sessions_turns_that_have_ended_are_not_load_before_the_next_heartbeat(tmp_path):
+    import dataclasses
+    import uuid
+
+    from mlxq.celery_app import make_celery
+    from mlxq.db import make_engine, make_sessionmaker, upgrade
+    from mlxq.delivery import Delivery
+    from mlxq.repos import workers
+    from mlxq.request import Request
+    from mlxq.settings import Settings
+    from tests.factories import job_spec
+
+    settings = Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'q.sqlite'}")
+    upgrade(settings)
+    engine = make_engine(settings.database_url)
+    sessions = make_sessionmaker(engine)
+    try:
+        with sessions.begin() as s:
+            for name in ("w1", "w2"):
+                workers.heartbeat(session=s, name=name, model="m", model_loaded=True, error=None, started_at=0.0)
+        delivery = Delivery(sessions, make_celery(settings), settings)
+        base = dataclasses.replace(job_spec("k"), session="one-session")
+        # Unrelated first turns of one session, each answered before the next is sent, and no heartbeat between:
+        # more of them than the load margin, all on the session's worker.
+        routes = []
+        for n in range(settings.route_load_margin + 3):
+            spec = delivery.route(dataclasses.replace(base, request=Request.read(chat(f"question {n}"))))
+            job_id = uuid.uuid4().hex
+            delivery.admitted(job_id, spec, new=True, waiting_for_room=False)
+            routes.append(spec.route)
+            delivery.ended(job_id)
+        assert {(r.worker, r.reason) for r in routes if r is not None} == {(routes[0].worker, RouteReason.SESSION)}
+        # Turns still running are load: past the margin, the next goes to the other worker.
+        for n in range(settings.route_load_margin + 1):
+            spec = delivery.route(dataclasses.replace(base, request=Request.read(chat(f"running {n}"))))
+            delivery.admitted(uuid.uuid4().hex, spec, new=True, waiting_for_room=False)
+        spec = delivery.route(dataclasses.replace(base, request=Request.read(chat("one more"))))
+        assert spec.route is not None and spec.route.reason == RouteReason.BALANCE
+        assert spec.route.worker != routes[0].worker
+    finally:
+        engine.dispose()

@@ -20,6 +20,7 @@ from api.errors import APIError
 from mlxq import events
 from mlxq.channel import Channel
 from mlxq.contract import job_error
+from mlxq.delivery import Delivery
 from mlxq.events import Event
 from mlxq.repos import jobs
 from mlxq.settings import Settings
@@ -30,11 +31,17 @@ class JobFollower:
     """Made once per api process (api.services) and injected."""
 
     def __init__(
-        self, settings: Settings, sessions: sessionmaker[Session], channel: Channel, closing: threading.Event
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        channel: Channel,
+        delivery: Delivery,
+        closing: threading.Event,
     ) -> None:
         self._settings = settings
         self._sessions = sessions
         self._channel = channel
+        self._delivery = delivery
         # Set when the server begins to stop: waiting requests answer 503 at once.
         self._closing = closing
 
@@ -112,6 +119,8 @@ class JobFollower:
                             continue
                         event = {**event, "content": text[cut:], "logprobs": None}
                     relayed += len(event.get("content") or "")
+                if events.is_final(event):
+                    self._delivery.ended(job_id)
                 yield event
                 if events.is_final(event):
                     return
