@@ -115,7 +115,8 @@ class Settings(BaseSettings):
     # The worker's scheduler (issue 25): each step decodes the batch, then prefills waiting prompts (interactive
     # first, then by fair share, shortest first) for about the rest of this many ms, by the model's prefill rate as
     # measured. It is what a newcomer waits for the step in progress and a decoding stream pauses, about; longer
-    # prefills a long prompt with fewer decode steps between its chunks. 0: mlx-lm's own prefill (fixed chunks of
+    # prefills a long prompt with fewer decode steps between its chunks (beside decoding sequences a step runs longer
+    # by itself, up to 2.7x this, where their decode would take over 13% of it). 0: mlx-lm's own prefill (fixed chunks of
     # every prompt in its prompt batch together, padded), for comparison.
     step_target_ms: float = Field(default=150.0, ge=0)
     # Fair shares of the batch between API keys (with keys off, between sessions): each key's weight by its id (as

@@ -451,10 +451,15 @@ async def run_target(target: Target, prompts: Prompts, args) -> dict[str, Any]:
         say(f"  {target.name}: flood, {args.flood_clients} key-A clients of ~{args.flood_tokens} tokens")
         fl = await flood(http, target, prompts, args)
         say(
-            f"  {target.name} flood: key B idle {fl['key_b_idle_ttft']:.3f}s, p50 {fl['key_b_p50']:.3f}s, "
-            f"max {fl['key_b_max']:.3f}s over {len(fl['key_b_ttft'])}; key A {fl['key_a_done']} done"
+            f"  {target.name} flood: key B idle {seconds(fl['key_b_idle_ttft'])}, p50 {seconds(fl['key_b_p50'])}, "
+            f"max {seconds(fl['key_b_max'])} over {len(fl['key_b_ttft'])}; key A {fl['key_a_done']} done"
         )
     return {"sizes": sizes, "flood": fl}
+
+
+def seconds(value: float | None) -> str:
+    """A figure for the progress lines: none where nothing was measured (a flood too short for key B to ask)."""
+    return "-" if value is None else f"{value:.3f}s"
 
 
 def summarise_size(idle: list[float], alone: list[Stream], runs: list[dict[str, Any]]) -> dict[str, Any]:

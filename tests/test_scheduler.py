@@ -32,6 +32,8 @@ from worker.generator import (  # noqa: E402
     EFFICIENT_CHUNK,
     MAX_STEP,
     MIN_BUDGET,
+    OVERHEAD_SHARE,
+    PAUSE_SHARE,
     Admission,
     ChunkedPrefill,
     Generator,
@@ -39,6 +41,7 @@ from worker.generator import (  # noqa: E402
     PrefillCost,
     Step,
     mlx_batch_generator,
+    pairs,
 )
 from worker.prefix_cache import cache_length  # noqa: E402
 from worker.sequence import Sequence  # noqa: E402
@@ -64,7 +67,7 @@ class Recording:
 
         gen = mlx_batch_generator(replace(config, decoded=decoded if handed else None), stream)
         if isinstance(gen, ChunkedPrefill):
-            gen.budget = lambda decoding: MIN_BUDGET  # type: ignore[method-assign]
+            gen.budget = lambda decoding, depth=0: MIN_BUDGET  # type: ignore[method-assign]
             # A group's, in the same terms while a stream decodes (it follows the measured cost too).
             cap = gen.cap
             gen.group_budget = lambda watched: MIN_BUDGET if watched else cap  # type: ignore[method-assign]
@@ -314,7 +317,7 @@ def test_a_short_newcomer_goes_whole_while_a_stream_decodes(model: Any):
     stream = gen.admit(replace(admission(40, 0), max_tokens=50, watched=True))
     gen.step()  # prefilled alone, and decoding from then on
     long = gen.admit(admission(400, 1))
-    gen.budget = lambda decoding: MIN_BUDGET  # type: ignore[method-assign]  # a long prompt's deep tokens' worth
+    gen.budget = lambda decoding, depth=0: MIN_BUDGET  # type: ignore[method-assign]  # a long prompt's deep tokens' worth
     slow = PrefillCost()  # a CPU's: 60 ms a forward and 4 ms a token, 80 ms a decode step
     for n in [16, 32, 64, 16, 45]:
         slow.add(n, 0.060 + 0.004 * n)
@@ -377,7 +380,7 @@ def test_newcomers_that_go_whole_get_a_step_of_their_own_every_other_step_at_mos
     stream = gen.admit(replace(admission(40, 0), max_tokens=50, watched=True))
     gen.step()  # prefilled alone, and decoding from then on
     long = gen.admit(admission(400, 1, owner="a"))
-    gen.budget = lambda decoding: 64  # type: ignore[method-assign]  # the group's tokens count in it
+    gen.budget = lambda decoding, depth=0: 64  # type: ignore[method-assign]  # the group's tokens count in it
     gen.group_budget = lambda watched: 64  # type: ignore[method-assign]
     assert [p.uid for p in gen.step().prefilled if not p.finished] == [long]
 
@@ -402,7 +405,7 @@ def test_a_step_of_several_chunks_ends_after_the_chunk_under_way_when_somebody_a
     arrivals = [0]
     config = GeneratorConfig(model, eos_ids=(2,), batch_size=4, prefill_batch_size=4, prefill_step=MIN_BUDGET)
     gen = ChunkedPrefill(replace(config, arrived=lambda: arrivals[0] > 0), mx.default_stream(mx.default_device()))
-    gen.budget = lambda decoding: 4 * MIN_BUDGET  # type: ignore[method-assign]
+    gen.budget = lambda decoding, depth=0: 4 * MIN_BUDGET  # type: ignore[method-assign]
     long = gen.admit(admission(400, 1))
 
     def chunks(step: Step) -> int:
@@ -427,19 +430,26 @@ def test_the_budget_fills_the_step_target_by_the_measured_cost(model: Any):
     gen.cost, gen.target_s, gen.chunk, gen.cap = cost, 0.150, 512, 4096
     # What fits in 150 ms, each chunk of 512 paying 5 ms: ~2,071 tokens in one chunk's terms, 5 chunks, so 1,785.
     assert gen.budget(0) == pytest.approx((0.150 - 5 * 0.005) / 0.00007, abs=1)
-    cost.add_decode(0.030)  # the decode step's 30 ms go first
-    assert gen.budget(8) == pytest.approx((0.150 - 0.030 - 4 * 0.005) / 0.00007, abs=1)
-    # Each decoding sequence counts a token at least: 1,000 of them are 70 ms.
-    assert gen.budget(1000) == pytest.approx((0.150 - 1000 * 0.00007 - 3 * 0.005) / 0.00007, abs=1)
+    cost.add_decode(0.010)  # the decode step's 10 ms go first: with a chunk's 5, within OVERHEAD_SHARE of 150 ms
+    assert gen.step_s(0.010, 0.005) == 0.150
+    assert gen.budget(8) == pytest.approx((0.150 - 0.010 - 4 * 0.005) / 0.00007, abs=1)
+    # Each decoding sequence counts a token at least: 1,000 of them are 70 ms, and the step runs longer to leave the
+    # prompt all but OVERHEAD_SHARE of it: (70 + 5) ms / 0.13, 577 ms, past the bound: PAUSE_SHARE of MAX_STEP targets.
+    step = PAUSE_SHARE * MAX_STEP * 0.150
+    assert (1000 * 0.00007 + 0.005) / OVERHEAD_SHARE > step
+    assert gen.step_s(1000 * 0.00007, 0.005) == pytest.approx(step)
+    assert gen.step_s(0.020, 0.005) == pytest.approx(0.025 / OVERHEAD_SHARE)  # within the bound: overhead's share
+    assert gen.budget(1000) == pytest.approx((step - 1000 * 0.00007 - 10 * 0.005) / 0.00007, abs=1)  # 10 chunks
     gen.cap = 512
     assert gen.budget(0) == 512
-    # One forward alone costs about the target (a small CPU): chunks stay large enough to prefill at 75% of the peak.
+    # One forward alone costs about the target (a small CPU) and a decode step half of it: the step runs to its bound.
     slow = PrefillCost()
     for n in [16, 32, 64, 16, 45]:
         slow.add(n, 0.060 + 0.004 * n)
     slow.add_decode(0.080)
     gen.cost, gen.cap = slow, 4096
-    assert gen.budget(1) == pytest.approx(EFFICIENT_CHUNK * 0.060 / 0.004, abs=1)
+    assert gen.budget(1) == pytest.approx((step - 0.080 - 0.060) / 0.004, abs=1)
+    assert gen.budget(1) > EFFICIENT_CHUNK * 0.060 / 0.004  # chunks large enough to prefill at 75% of the peak
     # A fit that noise bent into a large fixed cost and a tiny cost per token (jitter on small chunks): the floor
     # would be thousands of tokens, a step of a minute. The average cost per token bounds the step to MAX_STEP targets.
     bent = PrefillCost()
@@ -455,6 +465,61 @@ def test_the_budget_fills_the_step_target_by_the_measured_cost(model: Any):
     for _ in range(5):
         even.add(100, 0.1)
     assert even.fit() == (0.0, pytest.approx(0.001))
+
+
+def test_a_chunk_deep_in_its_context_is_priced_by_its_depth(model: Any):
+    """Its tokens attend to all the context before them: on this CPU a token 5,500 tokens in cost 29 ms against 4 at
+    the start, and a step sized by the chunks before it (shallower, cheaper) ran past the bound deep in a long prompt.
+    The cost per pair of a token and one it attends to is told apart, and the budget is what fits at the chunk's depth."""
+    cost = PrefillCost()
+    a, b, c = 0.060, 0.0016, 4e-6  # this CPU's, SmolLM2 float32 (scripts/bench_steps.py --parts cost)
+    for n, depth in [(64, 0), (512, 64), (512, 576), (96, 1088), (40, 1184), (30, 1224), (24, 1254), (20, 1278)]:
+        cost.add(n, a + b * n + c * pairs(n, depth), depth=depth)
+    fitted = cost.fit_depth()
+    assert fitted is not None and fitted == pytest.approx((a, b, c), rel=1e-3)
+    assert cost.seconds(16, 5500) == pytest.approx(a + b * 16 + c * pairs(16, 5500))
+    gen = stage(model)
+    gen.cost, gen.target_s, gen.chunk, gen.cap = cost, 0.150, 512, 4096
+    cost.add_decode(0.070)
+    step = gen.step_s(0.070, a)
+    for depth in (0, 1000, 2500):
+        n = gen.budget(1, depth)
+        assert cost.seconds(n, depth) <= step - 0.070 + 1e-9 < cost.seconds(n + 1, depth), depth  # type: ignore[operator]
+    assert gen.budget(1, 0) > 2 * gen.budget(1, 2500) > 2 * MIN_BUDGET
+    assert gen.budget(1, 5500) == MIN_BUDGET  # where not even MIN_BUDGET fits, the step runs longer
+    # Timings that a line fits tell no cost per pair apart: the line, as before.
+    shallow = PrefillCost()
+    for n in [64, 16, 32, 64, 128, 16, 48]:
+        shallow.add(n, 0.005 + 0.00007 * n)
+    line = shallow.fit_depth()
+    assert line is not None and line[:2] == (pytest.approx(0.005), pytest.approx(0.00007)) and line[2] < 1e-12
+
+
+def test_a_prompt_s_cache_grows_once_for_its_whole_prefill(model: Any):
+    """mlx-lm's KVCache grows 256 tokens at a time, a new buffer with the whole cache copied in each time: a long
+    prompt's is reserved whole when it is admitted, and grows by mlx-lm's step again once it decodes (a stored prefix
+    entry or a checkpoint must not reserve thousands of tokens each time it is extended)."""
+    from mlx_lm.models.cache import KVCache
+
+    config = GeneratorConfig(model, eos_ids=(), batch_size=4, prefill_batch_size=1, prefill_step=64)
+    gen = ChunkedPrefill(config, mx.default_stream(mx.default_device()))
+    uid = gen.admit(replace(admission(700, 1), max_tokens=3))
+    p = gen._prefilling[uid]
+    sizes = set()
+    while uid in gen._prefilling:
+        gen.step()
+        sizes.add(p.cache[0].keys.shape[2])
+    assert sizes == {768}, "one buffer for the prompt's 700 tokens"
+    assert all(type(c) is not KVCache or "step" not in c.__dict__ for c in p.cache), "mlx-lm's step again"
+    out = []
+    while len(out) < 3:
+        out += [g.token for g in gen.step().generated if g.uid == uid]
+    plain = mlx_batch_generator(replace(config, step_ms=0), mx.default_stream(mx.default_device()))
+    ref = plain.admit(replace(admission(700, 1), max_tokens=3))
+    expected: list[int] = []
+    while len(expected) < 3:
+        expected += [g.token for g in plain.step().generated if g.uid == ref]
+    assert out == expected
 
 
 def test_a_prompts_chunk_grows_where_a_forwards_fixed_cost_would_make_it_mostly_overhead(model: Any):
@@ -487,11 +552,11 @@ def test_a_prompts_chunk_grows_where_a_forwards_fixed_cost_would_make_it_mostly_
     # A step runs the grown chunk as one forward, within the step's budget.
     gpu_costs = copy.deepcopy(gpu)
     gen.cost = gpu
-    gen.budget = lambda decoding: 8 * 64  # type: ignore[method-assign]
+    gen.budget = lambda decoding, depth=0: 8 * 64  # type: ignore[method-assign]
     long = gen.admit(admission(1000, 1))
     step = gen.step()
     assert [p.done for p in step.prefilled if p.uid == long] == [8 * 64]
-    gen.budget = lambda decoding: 100  # type: ignore[method-assign]
+    gen.budget = lambda decoding, depth=0: 100  # type: ignore[method-assign]
     gen.cost = copy.deepcopy(gpu_costs)  # whatever the real forward of the step before took
     step = gen.step()
     assert [p.done for p in step.prefilled if p.uid == long] == [8 * 64 + 100], "the budget bounds it as any chunk"
@@ -503,7 +568,7 @@ def test_a_step_far_past_its_expected_cost_is_logged_with_what_it_held(model: An
     meets first: 5.8 s on a fresh H200 for a 0.2 s step) is logged with its chunks, so such a pause can be told from
     the budget's; a step as expected is not."""
     gen = stage(model)
-    gen.budget = lambda decoding: 64  # type: ignore[method-assign]
+    gen.budget = lambda decoding, depth=0: 64  # type: ignore[method-assign]
     long = gen.admit(admission(400, 1))
     with caplog.at_level("WARNING", logger="worker.generator"):
         gen.step()  # nothing measured yet: nothing expected
@@ -555,7 +620,7 @@ def test_a_long_prompts_tail_goes_whole_within_the_steps_budget_not_beside_its_l
     counting = Counting(model)
     config = GeneratorConfig(counting, eos_ids=(2,), batch_size=4, prefill_batch_size=1, prefill_step=MIN_BUDGET)
     gen = ChunkedPrefill(config, mx.default_stream(mx.default_device()))
-    gen.budget = lambda decoding: MIN_BUDGET  # type: ignore[method-assign]
+    gen.budget = lambda decoding, depth=0: MIN_BUDGET  # type: ignore[method-assign]
     gen.group_budget = lambda watched: 4 * MIN_BUDGET  # type: ignore[method-assign]
     total = PrefillCost.START + 3 * MIN_BUDGET + MIN_BUDGET // 2  # its tail is shorter than a chunk
     long = gen.admit(admission(total, 7))
@@ -586,7 +651,7 @@ def test_the_decode_batchs_tokens_go_out_before_the_steps_prefill_chunks(model: 
         decoded=lambda step: log.extend(f"token {g.uid}" for g in step.generated),
     )
     gen = ChunkedPrefill(config, mx.default_stream(mx.default_device()))
-    gen.budget = lambda decoding: MIN_BUDGET  # type: ignore[method-assign]
+    gen.budget = lambda decoding, depth=0: MIN_BUDGET  # type: ignore[method-assign]
     stream = gen.admit(replace(admission(2 * MIN_BUDGET, 3), max_tokens=50))
     for _ in range(6):
         gen.step()

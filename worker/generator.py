@@ -16,9 +16,11 @@ the next step, and the long one loses only that short prompt's tokens. A prompt 
 the last one goes on to mlx-lm's batch, which decodes from there as from any prefix-cache hit.
 
 The budget is time: about `GeneratorConfig.step_ms` per step, decode included. What a chunk costs (a fixed cost per
-forward, and a cost per token) is measured over the chunks actually run, so the budget follows the machine, the model
-and the context length without a setting per model; where one forward alone costs about the target (a small CPU), a
-chunk is still kept large enough to prefill at most of the machine's speed, and the steps run longer (`budget`).
+forward, a cost per token, and one per pair of a token and one it attends to, which deep in a long prompt is most of
+it) is measured over the chunks actually run, so the budget follows the machine, the model and the context length
+without a setting per model. Beside decoding sequences a step runs longer, up to the bound a stream pauses for, where
+the decode forward and a chunk's fixed cost would otherwise take more than OVERHEAD_SHARE of it (a small CPU), so a
+long prompt beside a stream pays little for it (`budget`, `step_s`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import Any, Protocol
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache
 
 from worker.sequence import Sampler
 
@@ -253,6 +255,15 @@ EFFICIENT_CHUNK = 3.0
 # held for a whole prefill. Measured on this 2-core CPU (SmolLM2, a 3,000-token prompt beside a decoding stream).
 MAX_STEP = 3.0
 SLOW_STEP = 3.0  # a step this many times its expected cost is logged (`ChunkedPrefill._log_slow`)
+# Beside decoding sequences, what a step costs besides its prompt tokens (the decode forward, a chunk's fixed cost) is
+# at most this share of it: the step runs longer, up to MAX_STEP targets, rather than leave a long prompt a step's
+# remains. 1 - 1/1.15: the issue's bound on what a long prompt pays beside a stream. With 150 ms steps on this 2-core
+# CPU (a decode forward 70 ms, a chunk's fixed cost 60 ms) a 3,000-token prompt's first token came 1.6x its time alone
+# (scripts/bench_steps.py --parts pause).
+OVERHEAD_SHARE = 0.13
+# Of MAX_STEP targets, what such a step aims at: steps on this CPU ran up to a fifth past their estimate (a busy VM).
+PAUSE_SHARE = 0.9
+_N_SCALE, _Q_SCALE = 256.0, float(1 << 20)  # a chunk's tokens and pairs (`pairs`), in units near their usual size
 
 
 class PrefillCost:
@@ -261,9 +272,10 @@ class PrefillCost:
     ones decaying; and the decode step's seconds (an average, older ones decaying).
 
     Where in its context a chunk sits matters too: its tokens attend to every token before them, so deep in a long
-    prompt a token costs several times one at the start (on a CPU, 15 ms against 4 at 2,500 tokens of context). What
-    a newcomer's tokens cost is measured apart (`at_start`): the chunks that start within `START` tokens of their
-    context."""
+    prompt a token costs several times one at the start (on a CPU, 15 ms against 4 at 2,500 tokens of context, 29 at
+    5,500). `fit_depth` tells that apart, a cost per pair of a token and one it attends to (`pairs`), so that a step
+    deep in a long prompt is sized by what its chunk will cost there, not by the chunks before it. What a newcomer's
+    tokens cost is measured apart too (`at_start`): the chunks that start within `START` tokens of their context."""
 
     # A chunk this near the start of its context costs about what a newcomer's does.
     START = 512
@@ -275,12 +287,18 @@ class PrefillCost:
         self.decode_s = 0.0
         self.last = 0.0  # the last chunk's seconds per token
         self._start = (0.0, 0.0)  # tokens, seconds of the chunks near the start of their context, decaying
+        # The normal equations of t = a + b·n + c·pairs, decaying: the 3x3 X'X (upper triangle) and X't.
+        self._depth_sums = [0.0] * 9
+        self._depth_fitted: tuple[float, float, float] | None = None
 
     def add(self, tokens: int, seconds: float, depth: int = 0) -> None:
         """A forward of `tokens` tokens after `depth` tokens of context took `seconds`."""
         self.last = seconds / tokens
         new = (1.0, tokens, seconds, tokens * tokens, tokens * seconds)
         self._sums = [self.decay * s + x for s, x in zip(self._sums, new, strict=True)]
+        n, q = tokens / _N_SCALE, pairs(tokens, depth) / _Q_SCALE  # of one magnitude: a well-conditioned solve
+        row = (1.0, n, q, n * n, n * q, q * q, seconds, n * seconds, q * seconds)
+        self._depth_sums = [self.decay * s + x for s, x in zip(self._depth_sums, row, strict=True)]
         if depth < self.START:
             n, t = self._start
             self._start = (self.decay * n + tokens, self.decay * t + seconds)
@@ -310,6 +328,29 @@ class PrefillCost:
                 self._fitted = (a, b)
         return self._fitted or (0.0, t / n)
 
+    def fit_depth(self) -> tuple[float, float, float] | None:
+        """(a, b, c): a forward of n tokens after d of context takes about a + b·n + c·pairs(n, d) seconds; None before
+        any chunk. Where the recent chunks tell no cost per pair apart (all near the start of their context, as on a GPU
+        where attention costs little, or timings that noise bent into a negative cost): the last fit that did, else
+        `fit()`'s line and c = 0."""
+        w, n, q, nn, nq, qq, t, nt, qt = self._depth_sums
+        line = self.fit()
+        if line is None:
+            return None
+        matrix = [[w, n, q], [n, nn, nq], [q, nq, qq]]
+        solved = _solve3(matrix, [t, nt, qt])
+        if solved is not None and all(x >= 0 for x in solved) and solved[1] > 0 and solved[2] > 0:
+            self._depth_fitted = (solved[0], solved[1] / _N_SCALE, solved[2] / _Q_SCALE)
+        return self._depth_fitted or (*line, 0.0)
+
+    def seconds(self, tokens: int, depth: int) -> float | None:
+        """What a forward of `tokens` tokens after `depth` of context is expected to take; None before any chunk."""
+        fit = self.fit_depth()
+        if fit is None:
+            return None
+        a, b, c = fit
+        return a + b * tokens + c * pairs(tokens, depth)
+
     def per_token(self) -> float | None:
         """Seconds per token (fixed costs included) of the recent chunks, or of the last one where that cost more:
         a long prompt's chunks cost more as its context grows (on a CPU, a token at 2,500 tokens of context costs
@@ -323,6 +364,34 @@ class PrefillCost:
         """The peak prefill rate (a long chunk's), for the record."""
         fit = self.fit()
         return 1 / fit[1] if fit is not None else None
+
+
+def pairs(tokens: int, depth: int) -> int:
+    """The pairs of a token and one it attends to in a forward of `tokens` tokens after `depth` of context (each
+    attends to the context and to itself and those before it in the chunk): what its attention costs."""
+    return tokens * depth + tokens * (tokens + 1) // 2
+
+
+def _solve3(m: list[list[float]], v: list[float]) -> tuple[float, float, float] | None:
+    """x with m·x = v (Cramer's rule, m symmetric and 3x3), or None where m is near singular (the recent chunks do
+    not tell the three costs apart). Written out rather than numpy's: three equations, on the engine thread."""
+
+    def det(a: list[list[float]]) -> float:
+        return (
+            a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1])
+            - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
+            + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0])
+        )
+
+    d = det(m)
+    scale = m[0][0] * m[1][1] * m[2][2]
+    if scale <= 0 or abs(d) <= 1e-9 * scale:
+        return None
+    xs = []
+    for i in range(3):
+        replaced = [[v[r] if j == i else m[r][j] for j in range(3)] for r in range(3)]
+        xs.append(det(replaced) / d)
+    return xs[0], xs[1], xs[2]
 
 
 @dataclass(eq=False)
@@ -377,6 +446,7 @@ class ChunkedPrefill:
         self._totals[uid] = len(admission.rest)
         history = list(admission.history)
         cache = admission.cache if admission.cache is not None else make_prompt_cache(self.model)
+        _reserve(cache, len(admission.rest))
         base, end = len(history), len(history) + len(admission.rest)
         p = _Prefilling(
             uid,
@@ -405,6 +475,7 @@ class ChunkedPrefill:
         p = self._prefilling.pop(uid, None)
         if p is not None:
             self._forget_owner(p.admission.owner)
+            _reserve(p.cache, 0)
             return p.cache, list(p.tokens)
         inner = self._inner_uid.pop(uid)
         del self._uid[inner]
@@ -424,28 +495,40 @@ class ChunkedPrefill:
 
     # -- a step ----------------------------------------------------------------------------------------------------
 
-    def budget(self, decoding: int) -> int:
-        """Prefill tokens for this step (vLLM's and Sarathi-Serve's token budget, in time): what fits in the step's
-        target after the decode step (as measured; each decoding sequence at least one token's worth, as vLLM counts
-        them) and each chunk's fixed cost, by the measured cost of a chunk (`PrefillCost`). Never below a chunk of
-        EFFICIENT_CHUNK times the fixed cost (where the target cannot be met, a step runs longer instead) nor
-        MIN_BUDGET; never above `cap` (the tokens mlx-lm's prompt batch prefilled per step, `prefill_batch_size`
-        chunks of `prefill_step`, what the memory budget's prefill share is sized for, here one chunk at a time) nor
-        above what fits in MAX_STEP times the target after the decode step by the average cost per token, whatever the
-        fit says."""
-        fit = self.cost.fit()
+    def budget(self, decoding: int, depth: int = 0) -> int:
+        """Prefill tokens for this step (vLLM's and Sarathi-Serve's token budget, in time): what fits in the step
+        (`step_s`) after the decode step (as measured; each decoding sequence at least one token's worth, as vLLM counts
+        them) and each chunk's fixed cost, by what a chunk `depth` tokens into its context is expected to cost
+        (`PrefillCost.fit_depth`). Never below a chunk of EFFICIENT_CHUNK times the fixed cost (where the target cannot
+        be met, a step runs longer instead) nor MIN_BUDGET; never above `cap` (the tokens mlx-lm's prompt batch
+        prefilled per step, `prefill_batch_size` chunks of `prefill_step`, what the memory budget's prefill share is
+        sized for, here one chunk at a time) nor above what fits in MAX_STEP targets after the decode step, by that
+        cost and by the average cost per token, whatever the fit says."""
+        fit = self.cost.fit_depth()
         if fit is None:
             return min(FIRST_BUDGET, self.cap)
-        a, b = fit
+        a, b, c = fit
         decode = max(self.cost.decode_s, decoding * b) if decoding else 0.0
-        left = self.target_s - decode
-        fits = (left - a) / b
-        fits = (left - a * math.ceil(max(fits, 1) / self.chunk_size())) / b  # each chunk pays the fixed cost
+        size = self.chunk_size()
+        fits = _tokens_within(self.step_s(decode, a) - decode, a, b, c, depth, size)
         per_token = self.cost.per_token() or b
         # The bound is on the whole step, its decode included: it is what a stream pauses and a newcomer waits for. Deep
-        # in a long prompt on this CPU, chunks filled MAX_STEP targets beside the decode step, and steps ran 0.45-0.52 s.
-        most = min(self.cap, (MAX_STEP * self.target_s - decode) / per_token)
-        return int(max(min(max(fits, EFFICIENT_CHUNK * a / b), most), MIN_BUDGET))
+        # in a long prompt on this CPU, chunks sized by the cost of those before them ran 0.45-0.56 s beside the decode.
+        bound = MAX_STEP * self.target_s - decode
+        # A fit that noise bent (a fixed cost that is really a busy machine's jitter) says nothing fits, or that a chunk
+        # efficient by it is thousands of tokens: there the plain average cost per token stands.
+        by_fit = _tokens_within(bound, a, b, c, depth, size)
+        most = min(self.cap, by_fit if by_fit > 0 else bound / per_token)
+        efficient = min(EFFICIENT_CHUNK * a / (b + c * depth), bound / per_token)
+        return int(max(min(max(fits, efficient), most), MIN_BUDGET))
+
+    def step_s(self, decode: float, fixed: float) -> float:
+        """This step's length: the target, or beside decoding sequences long enough that the decode forward and a
+        chunk's fixed cost are at most OVERHEAD_SHARE of it, up to PAUSE_SHARE of MAX_STEP targets (the bound a stream
+        pauses for)."""
+        if not decode:
+            return self.target_s
+        return min(max(self.target_s, (decode + fixed) / OVERHEAD_SHARE), PAUSE_SHARE * MAX_STEP * self.target_s)
 
     def chunk_size(self) -> int:
         """One forward's tokens of a prompt: the memory budget's chunk (`prefill_step`), or where a forward's measured
@@ -509,7 +592,8 @@ class ChunkedPrefill:
                 # prefill's step, then the next step's decode and that step's chunks.
                 self._decoded(step)
                 step = Step([], [])
-            budget = self.budget(decoding)
+            first = min(self._prefilling.values(), key=self._order)  # the prompt the budget's first chunk goes to
+            budget = self.budget(decoding, len(first.tokens))
             prefilled, checkpoints, grouped = self._prefill(budget, max(budget, self.group_budget(watched)))
             step.prefilled.extend(prefilled)
             step.checkpoints.extend(checkpoints)
@@ -641,6 +725,7 @@ class ChunkedPrefill:
 
     def _decode(self, p: _Prefilling) -> None:
         """Hand a prefilled sequence (its cache holds all its prompt but the last token) to the decode batch."""
+        _reserve(p.cache, 0)
         a = p.admission
         inner = self.inner.admit(replace(a, rest=p.rest, cache=p.cache, history=p.tokens, checkpoints=()))
         self._inner_uid[p.uid] = inner
@@ -677,14 +762,41 @@ class ChunkedPrefill:
         return Step(prefilled, generated, checkpoints)
 
 
+def _tokens_within(seconds: float, a: float, b: float, c: float, depth: int, size: int) -> float:
+    """The tokens n that chunks of at most `size`, back to back from `depth` tokens into their context, prefill in
+    `seconds`: k·a + b·n + c·pairs(n, depth) <= seconds, k the chunks n tokens take."""
+    n = 0.0
+    for _ in range(2):  # as one chunk, then in as many chunks as that many tokens take
+        room = seconds - a * max(math.ceil(n / size), 1)
+        if room <= 0:
+            return 0.0
+        per = b + c * (depth + 0.5)
+        n = room / per if c <= 0 else 2 * room / (per + math.sqrt(per * per + 2 * c * room))
+    return n
+
+
 def _padded(group: list[_Prefilling]) -> int:
     """The tokens one forward over a group's prompts computes: each padded to the longest."""
     return max((len(p.rest) - 1 for p in group), default=0) * len(group)
 
 
+def _reserve(cache: list[Any], tokens: int) -> None:
+    """Its attention layers grow by `tokens` at once, the prompt still to prefill (0: by mlx-lm's step again, as any
+    cache that leaves the prefill stage). mlx-lm's KVCache grows 256 tokens at a time, each time a new buffer with the
+    whole cache copied in: over a 6,000-token prompt some 3 GB copied, and on this CPU the stream beside it paused
+    0.2 s longer every 16 steps."""
+    for layer in cache:
+        if type(layer) in (KVCache, QuantizedKVCache):
+            if tokens > 0:
+                layer.step = -(-tokens // KVCache.step) * KVCache.step
+            else:
+                layer.__dict__.pop("step", None)
+
+
 def _copy(cache: list[Any]) -> list[Any]:
     """A copy of a cache that goes on being prefilled into (a checkpoint): its own arrays, evaluated now."""
     copied = copy.deepcopy(cache)
+    _reserve(copied, 0)
     mx.eval([c.state for c in copied])
     return copied
 
