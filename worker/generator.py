@@ -256,8 +256,8 @@ EFFICIENT_CHUNK = 3.0
 MAX_STEP = 3.0
 SLOW_STEP = 3.0  # a step this many times its expected cost is logged (`ChunkedPrefill._log_slow`)
 # Beside decoding sequences, what a step costs besides its prompt tokens (the decode forward, a chunk's fixed cost) is
-# at most this share of it: the step runs longer, up to MAX_STEP targets, rather than leave a long prompt a step's
-# remains. 1 - 1/1.15: the bound on what a long prompt pays beside a stream. With 150 ms steps on this 2-core
+# at most this share of it: the step runs longer, up to PAUSE_SHARE of MAX_STEP targets, rather than leave a long
+# prompt a step's remains. 1 - 1/1.15: the bound on what a long prompt pays beside a stream. With 150 ms steps on this 2-core
 # CPU (a decode forward 70 ms, a chunk's fixed cost 60 ms) a 3,000-token prompt's first token came 1.6x its time alone
 # (scripts/bench_steps.py --parts pause).
 OVERHEAD_SHARE = 0.13
