@@ -430,15 +430,15 @@ def test_the_budget_fills_the_step_target_by_the_measured_cost(model: Any):
     gen.cost, gen.target_s, gen.chunk, gen.cap = cost, 0.150, 512, 4096
     # What fits in 150 ms, each chunk of 512 paying 5 ms: ~2,071 tokens in one chunk's terms, 5 chunks, so 1,785.
     assert gen.budget(0) == pytest.approx((0.150 - 5 * 0.005) / 0.00007, abs=1)
-    cost.add_decode(0.010)  # the decode step's 10 ms go first: with a chunk's 5, within OVERHEAD_SHARE of 150 ms
-    assert gen.step_s(0.010, 0.005) == 0.150
+    cost.add_decode(0.010)  # the decode step's 10 ms go first: within OVERHEAD_SHARE of 150 ms
+    assert gen.step_s(0.010) == 0.150
     assert gen.budget(8) == pytest.approx((0.150 - 0.010 - 4 * 0.005) / 0.00007, abs=1)
     # Each decoding sequence counts a token at least: 1,000 of them are 70 ms, and the step runs longer to leave the
-    # prompt all but OVERHEAD_SHARE of it: (70 + 5) ms / 0.13, 577 ms, past the bound: PAUSE_SHARE of MAX_STEP targets.
+    # prompt all but OVERHEAD_SHARE of it: 70 ms / 0.13, 538 ms, past the bound: PAUSE_SHARE of MAX_STEP targets.
     step = PAUSE_SHARE * MAX_STEP * 0.150
-    assert (1000 * 0.00007 + 0.005) / OVERHEAD_SHARE > step
-    assert gen.step_s(1000 * 0.00007, 0.005) == pytest.approx(step)
-    assert gen.step_s(0.020, 0.005) == pytest.approx(0.025 / OVERHEAD_SHARE)  # within the bound: overhead's share
+    assert 1000 * 0.00007 / OVERHEAD_SHARE > step
+    assert gen.step_s(1000 * 0.00007) == pytest.approx(step)
+    assert gen.step_s(0.025) == pytest.approx(0.025 / OVERHEAD_SHARE)  # within the bound: the decode's share
     assert gen.budget(1000) == pytest.approx((step - 1000 * 0.00007 - 10 * 0.005) / 0.00007, abs=1)  # 10 chunks
     gen.cap = 512
     assert gen.budget(0) == 512
@@ -481,7 +481,7 @@ def test_a_chunk_deep_in_its_context_is_priced_by_its_depth(model: Any):
     gen = stage(model)
     gen.cost, gen.target_s, gen.chunk, gen.cap = cost, 0.150, 512, 4096
     cost.add_decode(0.070)
-    step = gen.step_s(0.070, a)
+    step = gen.step_s(0.070)
     for depth in (0, 1000, 2500):
         n = gen.budget(1, depth)
         assert cost.seconds(n, depth) <= step - 0.070 + 1e-9 < cost.seconds(n + 1, depth), depth  # type: ignore[operator]

@@ -19,8 +19,8 @@ The budget is time: about `GeneratorConfig.step_ms` per step, decode included. W
 forward, a cost per token, and one per pair of a token and one it attends to, which deep in a long prompt is most of
 it) is measured over the chunks actually run, so the budget follows the machine, the model and the context length
 without a setting per model. Beside decoding sequences a step runs longer, up to the bound a stream pauses for, where
-the decode forward and a chunk's fixed cost would otherwise take more than OVERHEAD_SHARE of it (a small CPU), so a
-long prompt beside a stream pays little for it (`budget`, `step_s`).
+the decode forward would otherwise take more than OVERHEAD_SHARE of it (a small CPU), so a long prompt beside a stream
+pays little for it (`budget`, `step_s`).
 """
 
 from __future__ import annotations
@@ -255,11 +255,12 @@ EFFICIENT_CHUNK = 3.0
 # held for a whole prefill. Measured on this 2-core CPU (SmolLM2, a 3,000-token prompt beside a decoding stream).
 MAX_STEP = 3.0
 SLOW_STEP = 3.0  # a step this many times its expected cost is logged (`ChunkedPrefill._log_slow`)
-# Beside decoding sequences, what a step costs besides its prompt tokens (the decode forward, a chunk's fixed cost) is
-# at most this share of it: the step runs longer, up to PAUSE_SHARE of MAX_STEP targets, rather than leave a long
-# prompt a step's remains. 1 - 1/1.15: the issue's bound on what a long prompt pays beside a stream. With 150 ms steps on this 2-core
-# CPU (a decode forward 70 ms, a chunk's fixed cost 60 ms) a 3,000-token prompt's first token came 1.6x its time alone
-# (scripts/bench_steps.py --parts pause).
+# Beside decoding sequences, the decode forward (what a stream adds to a long prompt's prefill) is at most this share of
+# a step: the step runs longer, up to PAUSE_SHARE of MAX_STEP targets, rather than leave a long prompt a step's remains.
+# 1 - 1/1.15: the issue's bound on what a long prompt pays beside a stream. With 150 ms steps on this 2-core CPU (a
+# decode forward 70 ms, a chunk's fixed cost 60 ms) a 3,000-token prompt's first token came 1.6x its time alone
+# (scripts/bench_steps.py --parts pause). On a GPU, where a decode forward is a few ms, steps keep their target: there
+# it is also most of what a newcomer waits for (an H200's idle time to first token is about 50 ms).
 OVERHEAD_SHARE = 0.13
 # Of MAX_STEP targets, what such a step aims at: steps on this CPU ran up to a fifth past their estimate (a busy VM).
 PAUSE_SHARE = 0.9
@@ -510,7 +511,7 @@ class ChunkedPrefill:
         a, b, c = fit
         decode = max(self.cost.decode_s, decoding * b) if decoding else 0.0
         size = self.chunk_size()
-        fits = _tokens_within(self.step_s(decode, a) - decode, a, b, c, depth, size)
+        fits = _tokens_within(self.step_s(decode) - decode, a, b, c, depth, size)
         per_token = self.cost.per_token() or b
         # The bound is on the whole step, its decode included: it is what a stream pauses and a newcomer waits for. Deep
         # in a long prompt on this CPU, chunks sized by the cost of those before them ran 0.45-0.56 s beside the decode.
@@ -522,13 +523,12 @@ class ChunkedPrefill:
         efficient = min(EFFICIENT_CHUNK * a / (b + c * depth), bound / per_token)
         return int(max(min(max(fits, efficient), most), MIN_BUDGET))
 
-    def step_s(self, decode: float, fixed: float) -> float:
-        """This step's length: the target, or beside decoding sequences long enough that the decode forward and a
-        chunk's fixed cost are at most OVERHEAD_SHARE of it, up to PAUSE_SHARE of MAX_STEP targets (the bound a stream
-        pauses for)."""
+    def step_s(self, decode: float) -> float:
+        """This step's length: the target, or beside decoding sequences long enough that their decode forward is at
+        most OVERHEAD_SHARE of it, up to PAUSE_SHARE of MAX_STEP targets (the bound a stream pauses for)."""
         if not decode:
             return self.target_s
-        return min(max(self.target_s, (decode + fixed) / OVERHEAD_SHARE), PAUSE_SHARE * MAX_STEP * self.target_s)
+        return min(max(self.target_s, decode / OVERHEAD_SHARE), PAUSE_SHARE * MAX_STEP * self.target_s)
 
     def chunk_size(self) -> int:
         """One forward's tokens of a prompt: the memory budget's chunk (`prefill_step`), or where a forward's measured
