@@ -439,7 +439,10 @@ def test_the_budget_fills_the_step_target_by_the_measured_cost(model: Any):
     assert 1000 * 0.00007 / OVERHEAD_SHARE > step
     assert gen.step_s(1000 * 0.00007) == pytest.approx(step)
     assert gen.step_s(0.025) == pytest.approx(0.025 / OVERHEAD_SHARE)  # within the bound: the decode's share
-    assert gen.budget(1000) == pytest.approx((step - 1000 * 0.00007 - 10 * 0.005) / 0.00007, abs=1)  # 10 chunks
+    # What fits in it by the fit (10 chunks), but never past the bound by the average cost per token, fixed costs in.
+    by_fit = (step - 1000 * 0.00007 - 10 * 0.005) / 0.00007
+    by_average = (MAX_STEP * 0.150 - 1000 * 0.00007) / cost.per_token()  # type: ignore[operator]
+    assert gen.budget(1000) == pytest.approx(min(by_fit, by_average), abs=1)
     gen.cap = 512
     assert gen.budget(0) == 512
     # One forward alone costs about the target (a small CPU) and a decode step half of it: the step runs to its bound.
@@ -448,7 +451,8 @@ def test_the_budget_fills_the_step_target_by_the_measured_cost(model: Any):
         slow.add(n, 0.060 + 0.004 * n)
     slow.add_decode(0.080)
     gen.cost, gen.cap = slow, 4096
-    assert gen.budget(1) == pytest.approx((step - 0.080 - 0.060) / 0.004, abs=1)
+    by_average = (MAX_STEP * 0.150 - 0.080) / slow.per_token()  # type: ignore[operator]
+    assert gen.budget(1) == pytest.approx(min((step - 0.080 - 0.060) / 0.004, by_average), abs=1)
     assert gen.budget(1) > EFFICIENT_CHUNK * 0.060 / 0.004  # chunks large enough to prefill at 75% of the peak
     # A fit that noise bent into a large fixed cost and a tiny cost per token (jitter on small chunks): the floor
     # would be thousands of tokens, a step of a minute. The average cost per token bounds the step to MAX_STEP targets.
@@ -482,10 +486,10 @@ def test_a_chunk_deep_in_its_context_is_priced_by_its_depth(model: Any):
     gen.cost, gen.target_s, gen.chunk, gen.cap = cost, 0.150, 512, 4096
     cost.add_decode(0.070)
     step = gen.step_s(0.070)
-    for depth in (0, 1000, 2500):
-        n = gen.budget(1, depth)
-        assert cost.seconds(n, depth) <= step - 0.070 + 1e-9 < cost.seconds(n + 1, depth), depth  # type: ignore[operator]
-    assert gen.budget(1, 0) > 2 * gen.budget(1, 2500) > 2 * MIN_BUDGET
+    by_average = (MAX_STEP * 0.150 - 0.070) / cost.per_token()  # type: ignore[operator]  # the guard on any fit
+    n = gen.budget(1, 2500)
+    assert cost.seconds(n, 2500) <= step - 0.070 + 1e-9 < cost.seconds(n + 1, 2500)  # type: ignore[operator]
+    assert int(by_average) >= gen.budget(1, 1000) > n > MIN_BUDGET
     assert gen.budget(1, 5500) == MIN_BUDGET  # where not even MIN_BUDGET fits, the step runs longer
     # Timings that a line fits tell no cost per pair apart: the line, as before.
     shallow = PrefillCost()
