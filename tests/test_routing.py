@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
-from mlxq.delivery import WorkerView, choose, session_of
+import dataclasses
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mlxq.celery_app import make_celery
+from mlxq.db import make_engine, make_sessionmaker, upgrade
+from mlxq.delivery import Delivery, WorkerView, choose, session_of
 from mlxq.keys import prefix_hashes
+from mlxq.repos import workers
+from mlxq.request import Request
+from mlxq.settings import Settings
 from mlxq.states import RouteReason
+from tests.factories import job_spec
 
 SYSTEM = {"role": "system", "content": "You are a coding agent."}
 
@@ -60,17 +73,9 @@ def test_a_session_is_the_clients_id_or_the_conversations_opening():
     assert session_of("chat", chat("hi"), None) != session_of("chat", chat("other task"), None)
 
 
-def test_a_turn_sent_before_the_workers_next_heartbeat_finds_the_worker_its_last_turn_went_to(tmp_path):
-    import dataclasses
-
-    from mlxq.celery_app import make_celery
-    from mlxq.db import make_engine, make_sessionmaker, upgrade
-    from mlxq.delivery import Delivery
-    from mlxq.repos import workers
-    from mlxq.request import Request
-    from mlxq.settings import Settings
-    from tests.factories import job_spec
-
+@pytest.fixture
+def two_workers(tmp_path: Path) -> Iterator[Delivery]:
+    """A Delivery over a fresh SQLite database where workers w1 and w2 of model "m" have just beaten (nothing cached)."""
     settings = Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'q.sqlite'}")
     upgrade(settings)
     engine = make_engine(settings.database_url)
@@ -79,57 +84,41 @@ def test_a_turn_sent_before_the_workers_next_heartbeat_finds_the_worker_its_last
         with sessions.begin() as s:
             for name in ("w1", "w2"):
                 workers.heartbeat(session=s, name=name, model="m", model_loaded=True, error=None, started_at=0.0)
-        delivery = Delivery(sessions, make_celery(settings), settings)
-        spec = dataclasses.replace(job_spec("k"), request=Request.read(chat("task")))
-        first = delivery.route(spec).route
-        assert first is not None and first.reason == RouteReason.SESSION
-        # The next turn comes at once, before either worker's heartbeat publishes anything, under session ids
-        # half of which rendezvous hashing would send to the other worker: the prefix decides.
-        later = dataclasses.replace(spec, request=Request.read(chat("task", "done", "next")))
-        routes = [delivery.route(dataclasses.replace(later, session=f"s{i}")).route for i in range(20)]
-        assert {(r.worker, r.reason) for r in routes if r is not None} == {(first.worker, RouteReason.PREFIX)}
+        yield Delivery(sessions, make_celery(settings), settings)
     finally:
         engine.dispose()
 
 
-def test_a_sessions_turns_that_have_ended_are_not_load_before_the_next_heartbeat(tmp_path):
-    import dataclasses
-    import uuid
+def test_a_turn_sent_before_the_workers_next_heartbeat_finds_the_worker_its_last_turn_went_to(two_workers: Delivery):
+    delivery = two_workers
+    spec = dataclasses.replace(job_spec("k"), request=Request.read(chat("task")))
+    first = delivery.route(spec).route
+    assert first is not None and first.reason == RouteReason.SESSION
+    # The next turn comes at once, before either worker's heartbeat publishes anything, under session ids
+    # half of which rendezvous hashing would send to the other worker: the prefix decides.
+    later = dataclasses.replace(spec, request=Request.read(chat("task", "done", "next")))
+    routes = [delivery.route(dataclasses.replace(later, session=f"s{i}")).route for i in range(20)]
+    assert {(r.worker, r.reason) for r in routes if r is not None} == {(first.worker, RouteReason.PREFIX)}
 
-    from mlxq.celery_app import make_celery
-    from mlxq.db import make_engine, make_sessionmaker, upgrade
-    from mlxq.delivery import Delivery
-    from mlxq.repos import workers
-    from mlxq.request import Request
-    from mlxq.settings import Settings
-    from tests.factories import job_spec
 
-    settings = Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'q.sqlite'}")
-    upgrade(settings)
-    engine = make_engine(settings.database_url)
-    sessions = make_sessionmaker(engine)
-    try:
-        with sessions.begin() as s:
-            for name in ("w1", "w2"):
-                workers.heartbeat(session=s, name=name, model="m", model_loaded=True, error=None, started_at=0.0)
-        delivery = Delivery(sessions, make_celery(settings), settings)
-        base = dataclasses.replace(job_spec("k"), session="one-session")
-        # Unrelated first turns of one session, each answered before the next is sent, and no heartbeat between:
-        # more of them than the load margin, all on the session's worker.
-        routes = []
-        for n in range(settings.route_load_margin + 3):
-            spec = delivery.route(dataclasses.replace(base, request=Request.read(chat(f"question {n}"))))
-            job_id = uuid.uuid4().hex
-            delivery.admitted(job_id, spec, new=True, waiting_for_room=False)
-            routes.append(spec.route)
-            delivery.ended(job_id)
-        assert {(r.worker, r.reason) for r in routes if r is not None} == {(routes[0].worker, RouteReason.SESSION)}
-        # Turns still running are load: past the margin, the next goes to the other worker.
-        for n in range(settings.route_load_margin + 1):
-            spec = delivery.route(dataclasses.replace(base, request=Request.read(chat(f"running {n}"))))
-            delivery.admitted(uuid.uuid4().hex, spec, new=True, waiting_for_room=False)
-        spec = delivery.route(dataclasses.replace(base, request=Request.read(chat("one more"))))
-        assert spec.route is not None and spec.route.reason == RouteReason.BALANCE
-        assert spec.route.worker != routes[0].worker
-    finally:
-        engine.dispose()
+def test_a_sessions_turns_that_have_ended_are_not_load_before_the_next_heartbeat(two_workers: Delivery):
+    delivery = two_workers
+    margin = Settings().route_load_margin
+    base = dataclasses.replace(job_spec("k"), session="one-session")
+    # Unrelated first turns of one session, each answered before the next is sent, and no heartbeat between:
+    # more of them than the load margin, all on the session's worker.
+    routes = []
+    for n in range(margin + 3):
+        spec = delivery.route(dataclasses.replace(base, request=Request.read(chat(f"question {n}"))))
+        job_id = uuid.uuid4().hex
+        delivery.admitted(job_id, spec, new=True, waiting_for_room=False)
+        routes.append(spec.route)
+        delivery.ended(job_id)
+    assert {(r.worker, r.reason) for r in routes if r is not None} == {(routes[0].worker, RouteReason.SESSION)}
+    # Turns still running are load: past the margin, the next goes to the other worker.
+    for n in range(margin + 1):
+        spec = delivery.route(dataclasses.replace(base, request=Request.read(chat(f"running {n}"))))
+        delivery.admitted(uuid.uuid4().hex, spec, new=True, waiting_for_room=False)
+    spec = delivery.route(dataclasses.replace(base, request=Request.read(chat("one more"))))
+    assert spec.route is not None and spec.route.reason == RouteReason.BALANCE
+    assert spec.route.worker != routes[0].worker
