@@ -37,7 +37,9 @@ from mlx_lm import load  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
 from mlxq.settings import BUILTIN_MODEL  # noqa: E402
+from worker.engine import weight_sets  # noqa: E402
 from worker.generator import DEFAULT_STEP_MS, Admission, Generator, GeneratorConfig, mlx_batch_generator  # noqa: E402
+from worker.memory import ALLOWANCE_SLACK, Budget, default_budget, rss  # noqa: E402
 
 TOPICS = ["the printing press", "volcanoes", "the water cycle", "the Roman Empire", "airplanes", "honeybees"]
 TOPICS += ["the telephone", "computer memory"]
@@ -88,7 +90,7 @@ def pause(model: Any, tokenizer: Any, long_tokens: int, step_ms: float, speculat
         [{"role": "user", "content": "Write a long essay about the sea."}], add_generation_prompt=True
     )
 
-    def run(beside: bool) -> tuple[float, list[float]]:
+    def run(beside: bool) -> tuple[float, list[float], float]:
         gen = generator(model, step_ms, speculative)
         decoder = gen.admit(admission(short, 100_000))
         for _ in range(10):
@@ -98,21 +100,27 @@ def pause(model: Any, tokenizer: Any, long_tokens: int, step_ms: float, speculat
         tic = last = time.perf_counter()
         prompt = gen.admit(admission(long, 4))
         gaps = []
+        joined = 0.0  # the gap that holds the step where the prompt joined the stream's batch
         while True:
             step = gen.step()
             now = time.perf_counter()
+            ended = any(p.uid == prompt and p.finished for p in step.prefilled)
             if any(g.uid == decoder for g in step.generated):
                 gaps.append(now - last)
                 last = now
+                joined = joined or (gaps[-1] if ended else 0.0)
             if any(g.uid == prompt for g in step.generated):
-                return now - tic, gaps
+                return now - tic, gaps, joined
 
-    alone, _ = run(False)
-    beside, gaps = run(True)
+    alone, _, _ = run(False)
+    beside, gaps, joined = run(True)
     print(
         f"\na {long_tokens}-token prompt beside a decoding stream (step target {step_ms:g} ms, drafting {speculative}):"
     )
-    print(f"  the stream's longest gap {max(gaps):.2f} s, median {statistics.median(gaps):.2f} s (target <= 0.5 s)")
+    print(
+        f"  the stream's longest gap {max(gaps):.2f} s, median {statistics.median(gaps):.2f} s, "
+        f"where it joined {joined:.2f} s (target <= 0.5 s)"
+    )
     print(f"  the prompt's first token: {beside:.1f} s beside it, {alone:.1f} s alone: {beside / alone:.2f}x")
 
 
@@ -160,6 +168,8 @@ def main() -> None:
     models = ROOT / ".data" / "models"
     model_dir = f32_copy(pull_builtin(models / BUILTIN_MODEL), models / f"{BUILTIN_MODEL}-f32")
     model, tokenizer = load(str(model_dir))[:2]
+    # The worker's memory settings (MLX's buffer cache, glibc's mmap threshold): what a step's fresh buffers cost.
+    Budget.split(default_budget(), weight_sets(model, None), rss() + ALLOWANCE_SLACK).apply()
     parts = args.parts.split(",")
     if "cost" in parts:
         chunks = tuple(int(n) for n in args.chunks.split(","))

@@ -30,6 +30,7 @@ from mlx_lm import load as mlx_load  # noqa: E402
 from worker.engine import BatchLimits, Engine, wait  # noqa: E402
 from worker.generator import (  # noqa: E402
     EFFICIENT_CHUNK,
+    JOIN_APART,
     MAX_STEP,
     MIN_BUDGET,
     OVERHEAD_SHARE,
@@ -639,6 +640,45 @@ def test_a_long_prompts_tail_goes_whole_within_the_steps_budget_not_beside_its_l
     assert max(per_step) <= MIN_BUDGET, per_step
     assert [n for n in per_step if n][-1] == MIN_BUDGET // 2 - 1, f"the tail whole, in a step of its own: {per_step}"
     gen.remove(long)
+
+
+def test_a_long_prompt_joins_a_decoding_batch_in_a_step_of_its_own(model: Any):
+    """Joining the decode batch copies a prompt's whole cache (and the batch's rows to its length) into a new buffer,
+    and every stream pauses for it: a prompt prefilled over many chunks gets there in a step that runs one token of it
+    and nothing else (on this CPU a 3,000-token prompt's join beside the last 19 tokens, deep in their context, paused a
+    stream 1.2-1.3 s). A prompt of a few chunks joins in the step of its last chunk, as before. Answers are those
+    prefilled with nothing decoding beside them."""
+    config = GeneratorConfig(model, eos_ids=(), batch_size=4, prefill_batch_size=1, prefill_step=MIN_BUDGET)
+    chunks = JOIN_APART + 4
+    sizes = {"long": chunks * MIN_BUDGET + MIN_BUDGET // 2, "short": 3 * MIN_BUDGET + MIN_BUDGET // 2}
+    answers: dict[tuple[str, bool], list[int]] = {}
+    for beside in (True, False):
+        for name, total in sizes.items():
+            gen = ChunkedPrefill(config, mx.default_stream(mx.default_device()))
+            gen.budget = lambda decoding, depth=0: 2 * MIN_BUDGET  # type: ignore[method-assign]
+            if beside:
+                stream = gen.admit(replace(admission(MIN_BUDGET, 3), max_tokens=10_000))
+                for _ in range(3):
+                    gen.step()
+            uid = gen.admit(replace(admission(total, 9), max_tokens=6))
+            out: list[int] = []
+            last_step: list[int] = []
+            for _ in range(200):
+                step = gen.step()
+                if any(p.uid == uid and p.finished for p in step.prefilled):
+                    last_step = [n for n, _, _ in gen._chunks]
+                out += [g.token for g in step.generated if g.uid == uid]
+                if len(out) >= 6:
+                    break
+            answers[name, beside] = out
+            if beside and name == "long":
+                assert last_step == [1], f"its last token alone, then the join: {last_step}"
+            elif beside:
+                assert sum(last_step) > 1, f"joined in the step of its last chunk: {last_step}"
+            if beside:
+                gen.remove(stream)
+    for name in sizes:
+        assert answers[name, True] == answers[name, False], name
 
 
 def test_the_decode_batchs_tokens_go_out_before_the_steps_prefill_chunks(model: Any):

@@ -264,6 +264,13 @@ SLOW_STEP = 3.0  # a step this many times its expected cost is logged (`ChunkedP
 OVERHEAD_SHARE = 0.13
 # Of MAX_STEP targets, what such a step aims at: steps on this CPU ran up to a fifth past their estimate (a busy VM).
 PAUSE_SHARE = 0.9
+# A prompt prefilled over at least this many chunks joins a decoding batch in a step of its own, its last chunk one
+# token (`ChunkedPrefill._prefill`): the join copies its whole cache, and the batch's rows to its length, into a new
+# buffer, and the next decode forward reads it all, every stream paused for both. On this 2-core CPU the step that ran a
+# 3,000-token prompt's last 19 tokens (0.34 s, deep in their context) and then joined it paused a stream 1.2-1.3 s
+# (scripts/bench_steps.py --parts pause). Over so many chunks the step it loses is a few percent of its prefill; a
+# prompt of fewer (any prompt on a GPU, where a step takes thousands of tokens) joins in the step its last chunk runs.
+JOIN_APART = 16
 _N_SCALE, _Q_SCALE = 256.0, float(1 << 20)  # a chunk's tokens and pairs (`pairs`), in units near their usual size
 
 
@@ -406,6 +413,7 @@ class _Prefilling:
     rest: list[int]  # still to prefill, the last one (the decoder's first input) included
     total: int  # len(rest) when admitted
     checkpoints: list[int]  # the positions (len(tokens)) still to hand a copy of the cache back at, ascending
+    chunks: int = 0  # run so far (`_run`)
 
 
 class ChunkedPrefill:
@@ -595,7 +603,7 @@ class ChunkedPrefill:
                 step = Step([], [])
             first = min(self._prefilling.values(), key=self._order)  # the prompt the budget's first chunk goes to
             budget = self.budget(decoding, len(first.tokens))
-            prefilled, checkpoints, grouped = self._prefill(budget, max(budget, self.group_budget(watched)))
+            prefilled, checkpoints, grouped = self._prefill(budget, max(budget, self.group_budget(watched)), decoding)
             step.prefilled.extend(prefilled)
             step.checkpoints.extend(checkpoints)
         if self._moved:
@@ -633,11 +641,12 @@ class ChunkedPrefill:
             grouped,
         )
 
-    def _prefill(self, budget: int, grouped: int) -> tuple[list[Prefilled], list[Checkpoint], int]:
+    def _prefill(self, budget: int, grouped: int, decoding: int = 0) -> tuple[list[Prefilled], list[Checkpoint], int]:
         """Spend `budget` tokens on prefill chunks, the first in order (module doc) first, chosen again after each.
         Newcomers (near the start of their context) whose whole rest fits in what is left of `grouped` go to the decode
         batch whole, together, and are prefilled there in one forward; the others are prefilled here a chunk at a
-        time. Also returns the group's padded tokens (0: none)."""
+        time. Beside `decoding` sequences, a long prompt joins them in a step of its own (JOIN_APART). Also returns the
+        group's padded tokens (0: none)."""
         self.last_budget = budget
         prefilled: list[Prefilled] = []
         checkpoints: list[Checkpoint] = []
@@ -680,6 +689,12 @@ class ChunkedPrefill:
                 if p.checkpoints:
                     end = min(end, p.checkpoints[0])  # a chunk never crosses a checkpoint: the cache holds it exactly
                 n = min(end - len(p.tokens), size, budget - spent - _padded(group))
+            last = len(p.rest) - 1  # a chunk of this many ends its prefill, and it joins the decode batch
+            joins_apart = decoding > 0 and p.chunks >= JOIN_APART and n == last
+            if joins_apart and (spent or _padded(group) or n > 1):
+                n -= 1  # all but one token now; that one, and the join, first in a later step
+                if n <= 0:
+                    break
             if n <= 0:
                 break
             self._run(p, n)
@@ -693,6 +708,8 @@ class ChunkedPrefill:
                 del self._prefilling[p.uid]
                 self._forget_owner(p.admission.owner)
                 self._decode(p)
+                if joins_apart:
+                    break  # the step's remains are the join's
             if self._arrived():
                 # Somebody is waiting to be admitted: where a step runs several chunks (a GPU runs a 512-token chunk
                 # in a small part of the step's target), it would otherwise wait for all of them before its own.
@@ -721,6 +738,7 @@ class ChunkedPrefill:
         seconds = time.perf_counter() - tic
         self.cost.add(n, seconds, depth=len(p.tokens))
         self._chunks.append((n, len(p.tokens), seconds))
+        p.chunks += 1
         p.tokens.extend(chunk)
         del p.rest[:n]
 
