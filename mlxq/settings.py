@@ -23,7 +23,8 @@ class Settings(BaseSettings):
     model: str = ""
     # The id clients send in `model`; defaults to the model directory's name.
     model_name: str = ""
-    # A draft model directory for speculative decoding (same tokenizer; loaded and budgeted, not decoding yet).
+    # A draft model directory for speculative decoding (same tokenizer, budgeted): it drafts where prompt lookup finds
+    # nothing (worker.speculative).
     draft_model: str | None = None
     # An mlx-lm LoRA adapter directory (adapters.safetensors, adapter_config.json) applied to the model.
     adapter_path: str | None = None

@@ -173,5 +173,9 @@ def test_engine_work_outside_the_step_that_pauses_the_batch_is_logged(
 
         prefix.insert = slow_insert  # type: ignore[method-assign]
         engine.generate("chat", chat("an end that takes long", max_tokens=4))
-    slow = [r.getMessage() for r in caplog.records if "slow step's aftermath" in r.getMessage()]
+        # The answer is complete once the insert is done; the aftermath is logged just after, on the engine thread.
+        deadline = time.monotonic() + 10
+        while not (slow := [r.getMessage() for r in caplog.records if "slow step's aftermath" in r.getMessage()]):
+            assert time.monotonic() < deadline, "never logged"
+            time.sleep(0.05)
     assert len(slow) == 1 and "(1 ended)" in slow[0], slow

@@ -35,6 +35,7 @@ from worker.generator import (  # noqa: E402
     MIN_BUDGET,
     OVERHEAD_SHARE,
     PAUSE_SHARE,
+    WARM_STEPS,
     Admission,
     ChunkedPrefill,
     Generator,
@@ -46,6 +47,7 @@ from worker.generator import (  # noqa: E402
 )
 from worker.prefix_cache import cache_length  # noqa: E402
 from worker.sequence import Sequence  # noqa: E402
+from worker.speculative import RaggedKVCache, SpeculativeBatch  # noqa: E402
 
 STEP_MS = 150.0  # 0: mlx-lm's own prefill, which each test here is meant to fail on
 
@@ -679,6 +681,67 @@ def test_a_long_prompt_joins_a_decoding_batch_in_a_step_of_its_own(model: Any):
                 gen.remove(stream)
     for name in sizes:
         assert answers[name, True] == answers[name, False], name
+
+
+def test_a_long_prompts_join_buffers_are_made_ready_in_the_steps_before_it(model: Any, monkeypatch: pytest.MonkeyPatch):
+    """The join's copy goes into buffers made in the steps before it (the drafting decode batch's `warm`), a share of
+    each: on this CPU the first touch of the fresh memory was most of a 3,000-token prompt's join (0.6-0.7 s of the step,
+    every stream paused for it; 0.37 s for the whole step with the buffers ready). Its answer is the one it gets with
+    nothing decoding beside it; a prompt taken out before its join leaves no buffers behind."""
+    config = GeneratorConfig(
+        model,
+        eos_ids=(),
+        batch_size=4,
+        prefill_batch_size=1,
+        prefill_step=MIN_BUDGET,
+        step_ms=STEP_MS,
+        speculative="lookup",
+    )
+    total = (JOIN_APART + WARM_STEPS) * 2 * MIN_BUDGET + 5
+    answers = []
+    into: list[bool] = []  # each join's layers: copied into the buffers made ready
+    extend = RaggedKVCache.extend
+
+    def recorded(self: RaggedKVCache, *others: RaggedKVCache, **kw: Any) -> None:
+        given = kw.get("into")
+        extend(self, *others, **kw)
+        into.append(given is not None and self.keys is given[0] and self.values is given[1])
+
+    monkeypatch.setattr(RaggedKVCache, "extend", recorded)
+    for beside in (True, False):
+        gen = mlx_batch_generator(config, mx.default_stream(mx.default_device()))
+        assert isinstance(gen, ChunkedPrefill) and isinstance(gen.inner, SpeculativeBatch)
+        batch = gen.inner
+        gen.budget = lambda decoding, depth=0: 2 * MIN_BUDGET  # type: ignore[method-assign]
+        if beside:
+            stream = gen.admit(replace(admission(MIN_BUDGET, 3), max_tokens=10_000))
+            for _ in range(3):
+                gen.step()
+        uid = gen.admit(replace(admission(total, 9), max_tokens=6))
+        out: list[int] = []
+        ready: list[int] = []  # layers made ready, after each step
+        for _ in range(300):
+            into.clear()
+            step = gen.step()
+            if any(p.uid == uid and p.finished for p in step.prefilled):
+                assert into == ([True] * len(batch._cache) if beside else []), into
+                assert not batch._ready
+            out += [g.token for g in step.generated if g.uid == uid]
+            ready.append(len(batch._ready))
+            if len(out) >= 6:
+                break
+        answers.append(out)
+        if beside:
+            assert sum(n > 0 for n in ready) >= WARM_STEPS // 2, f"made ready over the steps before: {ready}"
+            again = gen.admit(replace(admission(total, 11), max_tokens=6))
+            while not batch._ready:
+                gen.step()
+            gen.remove(again)
+            assert not batch._ready, "its buffers went with it"
+            gen.remove(stream)
+        else:
+            assert not any(ready), "nothing decodes beside it: nothing to make ready"
+    assert answers[0] == answers[1]
 
 
 def test_the_decode_batchs_tokens_go_out_before_the_steps_prefill_chunks(model: Any):

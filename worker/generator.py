@@ -271,6 +271,9 @@ PAUSE_SHARE = 0.9
 # (scripts/bench_steps.py --parts pause). Over so many chunks the step it loses is a few percent of its prefill; a
 # prompt of fewer (any prompt on a GPU, where a step takes thousands of tokens) joins in the step its last chunk runs.
 JOIN_APART = 16
+# Such a prompt's join buffers are made ready (`SpeculativeBatch.warm`) in the steps before it, from this many steps'
+# budgets before its end, at most this share of each step.
+WARM_STEPS, WARM_SHARE = 24, 0.15
 _N_SCALE, _Q_SCALE = 256.0, float(1 << 20)  # a chunk's tokens and pairs (`pairs`), in units near their usual size
 
 
@@ -446,6 +449,7 @@ class ChunkedPrefill:
         self._arrived = config.arrived or (lambda: False)
         self._decoded = config.decoded
         self._chunks: list[tuple[int, int, float]] = []  # this step's chunks: tokens, depth, seconds (`_log_slow`)
+        self.warm_s = 0.0  # this step's spent making a coming join's buffers ready (`_warm`)
 
     # -- the Generator interface -----------------------------------------------------------------------------------
 
@@ -484,6 +488,7 @@ class ChunkedPrefill:
         p = self._prefilling.pop(uid, None)
         if p is not None:
             self._forget_owner(p.admission.owner)
+            self._warm(0)  # the buffers made ready for its join, if any, go
             _reserve(p.cache, 0)
             return p.cache, list(p.tokens)
         inner = self._inner_uid.pop(uid)
@@ -496,6 +501,7 @@ class ChunkedPrefill:
         p = self._prefilling.pop(uid, None)
         if p is not None:
             self._forget_owner(p.admission.owner)
+            self._warm(0)  # the buffers made ready for its join, if any, go
             return
         inner = self._inner_uid.pop(uid)
         del self._uid[inner]
@@ -519,11 +525,11 @@ class ChunkedPrefill:
         a, b, c = fit
         decode = max(self.cost.decode_s, decoding * b) if decoding else 0.0
         size = self.chunk_size()
-        fits = _tokens_within(self.step_s(decode) - decode, a, b, c, depth, size)
+        fits = _tokens_within(self.step_s(decode) - decode - self.warm_s, a, b, c, depth, size)
         per_token = self.cost.per_token() or b
         # The bound is on the whole step, its decode included: it is what a stream pauses and a newcomer waits for. Deep
         # in a long prompt on this CPU, chunks sized by the cost of those before them ran 0.45-0.56 s beside the decode.
-        bound = MAX_STEP * self.target_s - decode
+        bound = MAX_STEP * self.target_s - decode - self.warm_s
         # A fit that noise bent (a fixed cost that is really a busy machine's jitter; three chunks fitted exactly) can say
         # nothing fits, or that thousands of tokens do: the plain average cost per token bounds the step whatever it says.
         # Without that bound, a stream beside a 2,645-token prompt paused 14.8 s for one chunk (the built-in model).
@@ -602,6 +608,7 @@ class ChunkedPrefill:
                 self._decoded(step)
                 step = Step([], [])
             first = min(self._prefilling.values(), key=self._order)  # the prompt the budget's first chunk goes to
+            self.warm_s = self._warm(decoding)
             budget = self.budget(decoding, len(first.tokens))
             prefilled, checkpoints, grouped = self._prefill(budget, max(budget, self.group_budget(watched)), decoding)
             step.prefilled.extend(prefilled)
@@ -625,6 +632,20 @@ class ChunkedPrefill:
             if took > max(MAX_STEP * self.target_s, SLOW_STEP * expected):
                 self._log_slow(took, decoding, decode_s, grouped)
         return step
+
+    def _warm(self, decoding: int) -> float:
+        """Where the decode batch can make a join's buffers ready beforehand and a prompt that joins apart
+        (JOIN_APART) is within WARM_STEPS steps of its end: a share of this step doing so. Returns the seconds spent."""
+        warm = getattr(self.inner, "warm", None)
+        if warm is None:
+            return 0.0
+        joining = [p for p in self._prefilling.values() if p.chunks >= JOIN_APART]
+        if not decoding or not joining:
+            return float(warm(0, 0.0))
+        p = min(joining, key=lambda q: len(q.rest))
+        if len(p.rest) > WARM_STEPS * max(self.last_budget, MIN_BUDGET):
+            return 0.0
+        return float(warm(len(p.tokens) + len(p.rest) - 1, WARM_SHARE * self.step_s(self.cost.decode_s)))
 
     def _log_slow(self, took: float, decoding: int, decode_s: float, grouped: int) -> None:
         """A step with prefill in it ran several times what its chunks were expected to cost and past MAX_STEP targets,

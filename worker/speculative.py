@@ -178,11 +178,12 @@ class RaggedKVCache:
             self.ends = [e - shift for e in self.ends]
         self._sync()
 
-    def extend(self, *others: RaggedKVCache) -> None:
+    def extend(self, *others: RaggedKVCache, into: Buffers | None = None) -> None:
         """Rows added below, in one buffer made once and written once (rows need not end together, so each part is
-        copied up to its own last position). On this 2-core VM a first touch of fresh memory runs at under 1 GB/s,
-        and joining a 3,000-token prompt's cache to a decoding stream by padding and concatenating (three copies of
-        it) took 0.4-0.9 s of one step, every stream paused for it."""
+        copied up to its own last position): `into`, made ready beforehand (`joined_shape`), where its shape is the
+        one needed. On this 2-core VM a first touch of fresh memory runs at under 1 GB/s, and joining a 3,000-token
+        prompt's cache to a decoding stream by padding and concatenating (three copies of it) took 0.4-0.9 s of one
+        step, every stream paused for it."""
         parts = [p for p in (self, *others) if p.keys is not None and p.values is not None]
         left = [s for p in (self, *others) for s in p.left]
         ends = [e for p in (self, *others) for e in p.ends]
@@ -191,7 +192,10 @@ class RaggedKVCache:
             assert ref is not None
             size = self._room(max(ends))
             shape = (len(ends), ref.shape[1], size, ref.shape[3])
-            keys, values = mx.zeros(shape, ref.dtype), mx.zeros(shape, ref.dtype)
+            if into is not None and tuple(into[0].shape) == shape and into[0].dtype == ref.dtype:
+                keys, values = into
+            else:
+                keys, values = mx.zeros(shape, ref.dtype), mx.zeros(shape, ref.dtype)
             row = 0
             for p in (self, *others):
                 if p.keys is not None and p.values is not None and (end := max(p.ends, default=0)):
@@ -202,6 +206,12 @@ class RaggedKVCache:
             self.keys, self.values = keys, values
         self.left, self.ends = left, ends
         self._sync()
+
+    def joined_shape(self, rows: int, end: int) -> tuple[int, ...] | None:
+        """The buffer's shape once it holds `rows` rows and one more of them ends at `end` (None: nothing to go by)."""
+        if self.keys is None:
+            return None
+        return (rows, self.keys.shape[1], self._room(max(*self.ends, end)), self.keys.shape[3])
 
     def _room(self, tokens: int) -> int:
         """A buffer's length for rows that hold up to `tokens` positions: whole steps, with room for the next write."""
@@ -218,6 +228,9 @@ class RaggedKVCache:
     @property
     def nbytes(self) -> int:
         return sum(x.nbytes for x in self.state)
+
+
+Buffers = tuple[mx.array, mx.array]  # a layer's keys and values
 
 
 def _ints(x: mx.array) -> list[int]:
@@ -409,6 +422,7 @@ class SpeculativeBatch:
         # Admitted, joining at the next step: each with its cache and the prompt tokens still to prefill before `last`.
         self._joining: list[tuple[_Row, list[Any], list[int]]] = []
         self._next_uid = 0
+        self._ready: dict[int, Buffers] = {}  # layer -> the zeroed buffers a coming join copies into (`warm`)
 
     # -- the Generator interface -------------------------------------------------------------------------------------
 
@@ -461,6 +475,31 @@ class SpeculativeBatch:
                 return
         self._drop([self._index(uid)])
 
+    def warm(self, end: int, seconds: float) -> float:
+        """Make ready, a few layers each call, for up to about `seconds`, the buffers that a prompt whose cache ends at
+        `end` will join the batch in (`end` 0: none is coming, the buffers go). The join then copies into memory
+        already touched: on this 2-core VM, where the first touch of fresh memory is the join's cost (0.6-0.7 s of the
+        step that joined a 3,000-token prompt to a stream, 0.13 s when warm), that cost is spread over the steps before
+        it, each of which leaves prefill that much less (worker.generator.ChunkedPrefill.budget). Returns the seconds
+        spent."""
+        if end <= 0 or not self._cache:
+            self._ready.clear()
+            return 0.0
+        tic = time.perf_counter()
+        rows = len(self._rows) + len(self._joining) + 1
+        for layer, cache in enumerate(self._cache):
+            shape = cache.joined_shape(rows, end)
+            held = self._ready.get(layer)
+            if shape is None or (held is not None and tuple(held[0].shape) == shape):
+                continue
+            assert cache.keys is not None
+            buffers = mx.zeros(shape, cache.keys.dtype), mx.zeros(shape, cache.keys.dtype)
+            mx.eval(*buffers)
+            self._ready[layer] = buffers
+            if time.perf_counter() - tic >= seconds:
+                break
+        return time.perf_counter() - tic
+
     # -- a step ------------------------------------------------------------------------------------------------------
 
     def _step(self) -> Step:
@@ -498,7 +537,8 @@ class SpeculativeBatch:
             self._cache, parts = parts[0], parts[1:]
         if parts:
             for layer, mine in enumerate(self._cache):
-                mine.extend(*(part[layer] for part in parts))
+                mine.extend(*(part[layer] for part in parts), into=self._ready.pop(layer, None))
+        self._ready.clear()
         if self.draft is not None:  # empty rows: they catch up when they draft
             empty = [RaggedKVCache([0] * len(rows), [0] * len(rows)) for _ in make_prompt_cache(self.draft)]
             if self._draft_cache:
