@@ -493,11 +493,7 @@ def test_a_chunk_deep_in_its_context_is_priced_by_its_depth(model: Any):
     n = gen.budget(1, 2500)
     assert cost.seconds(n, 2500) <= step - 0.070 + 1e-9 < cost.seconds(n + 1, 2500)  # type: ignore[operator]
     assert int(by_average) >= gen.budget(1, 1000) > n > MIN_BUDGET
-    # Where not even MIN_BUDGET fits in the bound, what does (at least half of it); deeper, the step runs longer.
-    deep = gen.budget(1, 5500)
-    assert MIN_BUDGET // 2 <= deep < MIN_BUDGET
-    assert cost.seconds(deep, 5500) <= MAX_STEP * 0.150 - 0.070 < cost.seconds(deep + 1, 5500)  # type: ignore[operator]
-    assert gen.budget(1, 20_000) == MIN_BUDGET // 2
+    assert gen.budget(1, 5500) == MIN_BUDGET  # where not even MIN_BUDGET fits, the step runs longer
     # Timings that a line fits tell no cost per pair apart: the line, as before.
     shallow = PrefillCost()
     for n in [64, 16, 32, 64, 128, 16, 48]:

@@ -536,11 +536,7 @@ class ChunkedPrefill:
         by_fit = _tokens_within(bound, a, b, c, depth, size)
         most = min(self.cap, bound / per_token, by_fit if by_fit > 0 else math.inf)
         efficient = min(EFFICIENT_CHUNK * a / (b + c * depth), bound / per_token)
-        # The floor gives way to the bound deep in a long prompt, down to half of it: at 5,500 tokens of context on this
-        # CPU MIN_BUDGET's 16 tokens cost 0.45 s, and every such step paused a stream 0.5-0.56 s. Half of it costs the
-        # prompt a forward's fixed cost more per 8 tokens, so no less: a fit bent by noise cannot make a prompt crawl.
-        floor = max(min(MIN_BUDGET, by_fit), MIN_BUDGET // 2)
-        return int(max(min(max(fits, efficient), most), floor))
+        return int(max(min(max(fits, efficient), most), MIN_BUDGET))
 
     def step_s(self, decode: float) -> float:
         """This step's length: the target, or beside decoding sequences long enough that their decode forward is at
