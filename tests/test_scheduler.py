@@ -34,6 +34,7 @@ from worker.generator import (  # noqa: E402
     MAX_STEP,
     MIN_BUDGET,
     OVERHEAD_SHARE,
+    OWN_WARM_MIN,
     PAUSE_SHARE,
     WARM_STEPS,
     Admission,
@@ -741,6 +742,57 @@ def test_a_long_prompts_join_buffers_are_made_ready_in_the_steps_before_it(model
             gen.remove(stream)
         else:
             assert not any(ready), "nothing decodes beside it: nothing to make ready"
+    assert answers[0] == answers[1]
+
+
+class Allocated:
+    """A model that notes, at each prompt forward into a sequence's own cache, each KV layer's buffer length before it
+    (None: not made yet)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.seen = inner, []
+
+    def __call__(self, inputs: Any, *args: Any, cache: Any = None, **kwargs: Any) -> Any:
+        from mlx_lm.models.cache import KVCache
+
+        if inputs.shape[1] > 1 and cache is not None:
+            self.seen.append([None if c.keys is None else c.keys.shape[2] for c in cache if type(c) is KVCache])
+        return self.inner(inputs, *args, cache=cache, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_a_long_prompt_s_cache_is_made_before_its_first_chunk_beside_a_stream(model: Any):
+    """A long prompt's cache is reserved whole for its prefill; beside a decoding stream its buffers are made in the
+    steps before its first chunk (a share of each), not by the chunk's forward: on this CPU the first touch of that
+    memory at once paused a stream 0.98 s as a 6,000-token prompt's prefill began. Nothing decoding, it is made in the
+    first chunk, as before. Either way it never grows, and the answers are the same."""
+    allocated = Allocated(model)
+    config = GeneratorConfig(allocated, eos_ids=(), batch_size=4, prefill_batch_size=1, prefill_step=MIN_BUDGET)
+    total = OWN_WARM_MIN + 3 * MIN_BUDGET
+    whole = -(-total // 256) * 256
+    layers = len(model.layers)
+    answers = []
+    for beside in (True, False):
+        gen = ChunkedPrefill(config, mx.default_stream(mx.default_device()))
+        gen.budget = lambda decoding, depth=0: 4 * MIN_BUDGET  # type: ignore[method-assign]
+        if beside:
+            stream = gen.admit(replace(admission(MIN_BUDGET, 3), max_tokens=10_000))
+            for _ in range(3):
+                gen.step()
+        allocated.seen.clear()
+        uid = gen.admit(replace(admission(total, 5), max_tokens=4))
+        out: list[int] = []
+        for _ in range(300):
+            out += [g.token for g in gen.step().generated if g.uid == uid]
+            if len(out) >= 4:
+                break
+        assert allocated.seen[0] == ([whole] if beside else [None]) * layers, allocated.seen[0]
+        assert all(seen == [whole] * layers for seen in allocated.seen[1:]), "it never grows"
+        answers.append(out)
+        if beside:
+            gen.remove(stream)
     assert answers[0] == answers[1]
 
 

@@ -274,6 +274,11 @@ JOIN_APART = 16
 # Such a prompt's join buffers are made ready (`SpeculativeBatch.warm`) in the steps before it, from this many steps'
 # budgets before its end, at most this share of each step.
 WARM_STEPS, WARM_SHARE = 24, 0.15
+# A prompt of at least this many tokens admitted beside decoding sequences has its cache's buffers (reserved whole for
+# its prefill, `_reserve`) made over the steps before its first chunk (`ChunkedPrefill._warm_own`), a share of each or,
+# while no other prompt is ready, the prefill's part: made in its first chunk they were a first touch of the whole
+# cache's memory at once, and on this CPU a stream paused 0.98 s as a 6,000-token prompt's prefill began.
+OWN_WARM_MIN = 1024
 _N_SCALE, _Q_SCALE = 256.0, float(1 << 20)  # a chunk's tokens and pairs (`pairs`), in units near their usual size
 
 
@@ -417,6 +422,9 @@ class _Prefilling:
     total: int  # len(rest) when admitted
     checkpoints: list[int]  # the positions (len(tokens)) still to hand a copy of the cache back at, ascending
     chunks: int = 0  # run so far (`_run`)
+    # While its cache's buffers are being made, over the steps before its first chunk (OWN_WARM_MIN): layer -> keys,
+    # values made so far. None: ready (its cache takes its chunks).
+    own: dict[int, tuple[mx.array, mx.array]] | None = None
 
 
 class ChunkedPrefill:
@@ -449,7 +457,9 @@ class ChunkedPrefill:
         self._arrived = config.arrived or (lambda: False)
         self._decoded = config.decoded
         self._chunks: list[tuple[int, int, float]] = []  # this step's chunks: tokens, depth, seconds (`_log_slow`)
-        self.warm_s = 0.0  # this step's spent making a coming join's buffers ready (`_warm`)
+        self.warm_s = 0.0  # this step's spent making buffers ready: a coming join's (`_warm`), a prompt's (`_warm_own`)
+        # Each KV layer's index, heads, key and value head dims and dtype (`_warm_own`), once a prompt needs them.
+        self._layout: list[tuple[int, int, int, int, Any]] | None = None
 
     # -- the Generator interface -----------------------------------------------------------------------------------
 
@@ -459,6 +469,10 @@ class ChunkedPrefill:
         self._totals[uid] = len(admission.rest)
         history = list(admission.history)
         cache = admission.cache if admission.cache is not None else make_prompt_cache(self.model)
+        warms = bool(self._uid) and len(admission.rest) >= OWN_WARM_MIN
+        if warms and self._layout is None:
+            self._layout = _kv_layout(self.model)
+        warms = warms and bool(self._layout)
         _reserve(cache, len(admission.rest))
         base, end = len(history), len(history) + len(admission.rest)
         p = _Prefilling(
@@ -469,6 +483,7 @@ class ChunkedPrefill:
             list(admission.rest),
             len(admission.rest),
             sorted({c for c in admission.checkpoints if base < c < end}),
+            own={} if warms else None,
         )
         if len(p.rest) <= 1:
             self._decode(p)
@@ -607,12 +622,15 @@ class ChunkedPrefill:
                 # prefill's step, then the next step's decode and that step's chunks.
                 self._decoded(step)
                 step = Step([], [])
-            first = min(self._prefilling.values(), key=self._order)  # the prompt the budget's first chunk goes to
-            self.warm_s = self._warm(decoding)
-            budget = self.budget(decoding, len(first.tokens))
-            prefilled, checkpoints, grouped = self._prefill(budget, max(budget, self.group_budget(watched)), decoding)
-            step.prefilled.extend(prefilled)
-            step.checkpoints.extend(checkpoints)
+            self.warm_s = self._warm(decoding) + self._warm_own(decode_s)
+            if ready := self._ready():
+                first = min(ready, key=self._order)  # the prompt the budget's first chunk goes to
+                budget = self.budget(decoding, len(first.tokens))
+                prefilled, checkpoints, grouped = self._prefill(
+                    budget, max(budget, self.group_budget(watched)), decoding
+                )
+                step.prefilled.extend(prefilled)
+                step.checkpoints.extend(checkpoints)
         if self._moved:
             # Those that joined it take their first decoding forward now: their first token comes with the next
             # step's decode, not one step later (a group handed over whole is prefilled in it, in one forward). The
@@ -647,6 +665,42 @@ class ChunkedPrefill:
             return 0.0
         return float(warm(len(p.tokens) + len(p.rest) - 1, WARM_SHARE * self.step_s(self.cost.decode_s)))
 
+    def _ready(self) -> list[_Prefilling]:
+        """The prompts whose caches can take a chunk (not still being made: `_warm_own`)."""
+        return [p for p in self._prefilling.values() if p.own is None]
+
+    def _warm_own(self, decode: float) -> float:
+        """Make the buffers of the prompts admitted to have them made beforehand (OWN_WARM_MIN), a layer at a time, for
+        up to WARM_SHARE of the step, or while no other prompt is ready the step's prefill part; a prompt whose layers
+        are all made has them as its cache's (what it holds already copied in). Returns the seconds spent."""
+        warming = sorted((p for p in self._prefilling.values() if p.own is not None), key=self._order)
+        if not warming or self._layout is None:
+            return 0.0
+        step = self.step_s(decode)
+        limit = WARM_SHARE * step if len(warming) < len(self._prefilling) else max(step - decode, WARM_SHARE * step)
+        tic = time.perf_counter()
+        for p in warming:
+            assert p.own is not None
+            size = -(-(len(p.tokens) + len(p.rest)) // KVCache.step) * KVCache.step
+            for layer, heads, k_dim, v_dim, dtype in self._layout:
+                if layer in p.own:
+                    continue
+                if time.perf_counter() - tic >= limit:
+                    return time.perf_counter() - tic
+                buffers = mx.zeros((1, heads, size, k_dim), dtype), mx.zeros((1, heads, size, v_dim), dtype)
+                mx.eval(*buffers)
+                p.own[layer] = buffers
+            own, p.own = p.own, None
+            for layer, (keys, values) in own.items():
+                cache = p.cache[layer]
+                if cache.keys is not None and cache.offset:  # a prefix-cache hit's: what it holds, copied in
+                    keys[..., : cache.offset, :] = cache.keys[..., : cache.offset, :]
+                    values[..., : cache.offset, :] = cache.values[..., : cache.offset, :]
+                cache.keys, cache.values = keys, values
+            own.clear()
+            mx.eval([c.state for c in p.cache])
+        return time.perf_counter() - tic
+
     def _log_slow(self, took: float, decoding: int, decode_s: float, grouped: int) -> None:
         """A step with prefill in it ran several times what its chunks were expected to cost and past MAX_STEP targets,
         and every decoding stream paused for it: what it held, so that such a pause (a GPU's first forwards of new
@@ -675,8 +729,8 @@ class ChunkedPrefill:
         spent = 0  # by chunks run here
         held_back = False
         size = self.chunk_size()
-        while spent + _padded(group) < max(budget, grouped) and self._prefilling:
-            p = min(self._prefilling.values(), key=self._order)
+        while spent + _padded(group) < max(budget, grouped) and (ready := self._ready()):
+            p = min(ready, key=self._order)
             # A newcomer near the start of its context goes whole where the group's forward takes it: the budget counts
             # the tokens of the prompt under way, which deep in a long prompt cost several times a newcomer's (on a
             # CPU, 15 ms against 4 at 2,500 tokens of context), so a one-line question was prefilled over three steps.
@@ -813,6 +867,15 @@ def _tokens_within(seconds: float, a: float, b: float, c: float, depth: int, siz
         per = b + c * (depth + 0.5)
         n = room / per if c <= 0 else 2 * room / (per + math.sqrt(per * per + 2 * c * room))
     return n
+
+
+def _kv_layout(model: nn.Module) -> list[tuple[int, int, int, int, Any]]:
+    """Each KV layer's index, heads, key and value head dims and dtype, as one token forwarded into a new cache shows
+    them (mlx-lm's caches take their shapes from what they are given)."""
+    cache = make_prompt_cache(model)
+    model(mx.array([[0]]), cache=cache)
+    kv = [(i, c) for i, c in enumerate(cache) if type(c) is KVCache and c.keys is not None]
+    return [(i, c.keys.shape[1], c.keys.shape[3], c.values.shape[3], c.keys.dtype) for i, c in kv]
 
 
 def _padded(group: list[_Prefilling]) -> int:
