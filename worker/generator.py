@@ -20,7 +20,9 @@ forward, a cost per token, and one per pair of a token and one it attends to, wh
 it) is measured over the chunks actually run, so the budget follows the machine, the model and the context length
 without a setting per model. Beside decoding sequences a step runs longer, up to the bound a stream pauses for, where
 the decode forward would otherwise take more than OVERHEAD_SHARE of it (a small CPU), so a long prompt beside a stream
-pays little for it (`budget`, `step_s`).
+pays little for it (`budget`, `step_s`). Beside them, a long prompt's memory is made ahead of the step that would
+touch it first, a share of the steps before (`OWN_WARM_MIN`: its own cache; `JOIN_APART`: the decode batch's buffer it
+joins), since a first touch of fresh memory was most of what those steps cost on a small CPU.
 """
 
 from __future__ import annotations
