@@ -115,6 +115,26 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "rope_theta": 10000.0,
         "norm_topk_prob": True,
     },
+    # Multi-head latent attention (DeepSeek-V3's, as Kimi K2 and GLM-4.7-Flash have it): each layer's KVCache holds a
+    # latent as its keys and the rotary part as its values, of different widths; mixture of experts after a dense layer.
+    "deepseek_v3": {
+        **COMMON,
+        "model_type": "deepseek_v3",
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "moe_intermediate_size": 32,
+        "n_shared_experts": 1,
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "kv_lora_rank": 32,
+        "q_lora_rank": 48,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 16,
+        "v_head_dim": 16,
+        "first_k_dense_replace": 1,
+        "n_group": 1,
+        "topk_group": 1,
+    },
     # Nemotron-H: Mamba2, attention, Mamba2 and an MLP as layers of their own. mlx-lm 0.32.2 batches it wrongly
     # without worker/model_fixes.py.
     "nemotron_h": {
@@ -164,6 +184,7 @@ MODELS: dict[str, tuple[str, bool]] = {
     "qwen3_moe": ("qwen3_moe", False),
     "falcon_h1": ("falcon_h1", False),
     "nemotron_h": ("nemotron_h", False),
+    "deepseek_v3": ("deepseek_v3", False),
 }
 
 

@@ -471,9 +471,11 @@ class ChunkedPrefill:
         self._totals[uid] = len(admission.rest)
         history = list(admission.history)
         cache = admission.cache if admission.cache is not None else make_prompt_cache(self.model)
-        warms = bool(self._uid) and len(admission.rest) >= OWN_WARM_MIN
+        # Not one that goes whole to the decode batch (its buffers would be merged there, not these).
+        warms = bool(self._uid) and len(admission.rest) >= max(OWN_WARM_MIN, self.chunk + 2)
         if warms and self._layout is None:
-            self._layout = _kv_layout(self.model)
+            with mx.stream(self.stream):
+                self._layout = _kv_layout(self.model)
         warms = warms and bool(self._layout)
         _reserve(cache, len(admission.rest))
         base, end = len(history), len(history) + len(admission.rest)
@@ -505,7 +507,8 @@ class ChunkedPrefill:
         p = self._prefilling.pop(uid, None)
         if p is not None:
             self._forget_owner(p.admission.owner)
-            self._warm(0)  # the buffers made ready for its join, if any, go
+            if p.chunks >= JOIN_APART:
+                self._warm(0)  # the buffers made ready for its join, if any, go
             _reserve(p.cache, 0)
             return p.cache, list(p.tokens)
         inner = self._inner_uid.pop(uid)
@@ -518,7 +521,8 @@ class ChunkedPrefill:
         p = self._prefilling.pop(uid, None)
         if p is not None:
             self._forget_owner(p.admission.owner)
-            self._warm(0)  # the buffers made ready for its join, if any, go
+            if p.chunks >= JOIN_APART:
+                self._warm(0)  # the buffers made ready for its join, if any, go
             return
         inner = self._inner_uid.pop(uid)
         del self._uid[inner]
@@ -648,7 +652,7 @@ class ChunkedPrefill:
             step.checkpoints.extend(more.checkpoints)
         took = time.perf_counter() - start
         if per_token and (self._chunks or grouped):
-            expected = decode_s + per_token * (grouped + sum(n for n, _, _ in self._chunks))
+            expected = decode_s + self.warm_s + per_token * (grouped + sum(n for n, _, _ in self._chunks))
             if took > max(MAX_STEP * self.target_s, SLOW_STEP * expected):
                 self._log_slow(took, decoding, decode_s, grouped)
         return step
@@ -679,7 +683,10 @@ class ChunkedPrefill:
         if not warming or self._layout is None:
             return 0.0
         step = self.step_s(decode)
-        limit = WARM_SHARE * step if len(warming) < len(self._prefilling) else max(step - decode, WARM_SHARE * step)
+        # The prefill's part while it comes first (no other prompt ready, or it is the one the step's chunks would go
+        # to first); else a share, so as not to hold up the one that comes first.
+        first = min(self._prefilling.values(), key=self._order)
+        limit = max(step - decode, WARM_SHARE * step) if first.own is not None else WARM_SHARE * step
         tic = time.perf_counter()
         for p in warming:
             assert p.own is not None
@@ -731,7 +738,10 @@ class ChunkedPrefill:
         spent = 0  # by chunks run here
         held_back = False
         size = self.chunk_size()
-        while spent + _padded(group) < max(budget, grouped) and (ready := self._ready()):
+        skipped: set[int] = set()  # prompts that wait for a later step (their join: JOIN_APART)
+        while spent + _padded(group) < max(budget, grouped) and (
+            ready := [p for p in self._ready() if p.uid not in skipped]
+        ):
             p = min(ready, key=self._order)
             # A newcomer near the start of its context goes whole where the group's forward takes it: the budget counts
             # the tokens of the prompt under way, which deep in a long prompt cost several times a newcomer's (on a
@@ -768,10 +778,13 @@ class ChunkedPrefill:
                 n = min(end - len(p.tokens), size, budget - spent - _padded(group))
             last = len(p.rest) - 1  # a chunk of this many ends its prefill, and it joins the decode batch
             joins_apart = decoding > 0 and p.chunks >= JOIN_APART and n == last
-            if joins_apart and (spent or _padded(group) or n > 1):
+            # A step that holds newcomers back for the prompts under way (`_held_back`) takes the join beside its
+            # group: newcomers arriving without a pause would otherwise hold it back for good.
+            if joins_apart and (spent or (_padded(group) and not self._held_back) or n > 1):
                 n -= 1  # all but one token now; that one, and the join, first in a later step
                 if n <= 0:
-                    break
+                    skipped.add(p.uid)
+                    continue
             if n <= 0:
                 break
             self._run(p, n)

@@ -188,14 +188,15 @@ class RaggedKVCache:
         left = [s for p in (self, *others) for s in p.left]
         ends = [e for p in (self, *others) for e in p.ends]
         if parts and len(ends) > len(self.ends):
-            ref = parts[0].keys
-            assert ref is not None
+            ref, ref_v = parts[0].keys, parts[0].values
+            assert ref is not None and ref_v is not None
             size = self._room(max(ends))
-            shape = (len(ends), ref.shape[1], size, ref.shape[3])
-            if into is not None and tuple(into[0].shape) == shape and into[0].dtype == ref.dtype:
+            # Keys and values apart: an MLA model's (DeepSeek-V3's) values are narrower than its keys.
+            shapes = (len(ends), ref.shape[1], size, ref.shape[3]), (len(ends), ref_v.shape[1], size, ref_v.shape[3])
+            if into is not None and _fits(into, shapes, (ref.dtype, ref_v.dtype)):
                 keys, values = into
             else:
-                keys, values = mx.zeros(shape, ref.dtype), mx.zeros(shape, ref.dtype)
+                keys, values = mx.zeros(shapes[0], ref.dtype), mx.zeros(shapes[1], ref_v.dtype)
             row = 0
             for p in (self, *others):
                 if p.keys is not None and p.values is not None and (end := max(p.ends, default=0)):
@@ -207,11 +208,18 @@ class RaggedKVCache:
         self.left, self.ends = left, ends
         self._sync()
 
-    def joined_shape(self, rows: int, end: int) -> tuple[int, ...] | None:
-        """The buffer's shape once it holds `rows` rows and one more of them ends at `end` (None: nothing to go by)."""
-        if self.keys is None:
+    def joined_shapes(self, rows: int, end: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        """The keys' and values' buffer shapes once it holds `rows` rows and one more of them ends at `end` (None:
+        nothing to go by)."""
+        if self.keys is None or self.values is None:
             return None
-        return (rows, self.keys.shape[1], self._room(max(*self.ends, end)), self.keys.shape[3])
+        size = self._room(max(*self.ends, end))
+        return (rows, self.keys.shape[1], size, self.keys.shape[3]), (
+            rows,
+            self.values.shape[1],
+            size,
+            self.values.shape[3],
+        )
 
     def _room(self, tokens: int) -> int:
         """A buffer's length for rows that hold up to `tokens` positions: whole steps, with room for the next write."""
@@ -231,6 +239,10 @@ class RaggedKVCache:
 
 
 Buffers = tuple[mx.array, mx.array]  # a layer's keys and values
+
+
+def _fits(buffers: Buffers, shapes: tuple[tuple[int, ...], tuple[int, ...]], dtypes: tuple[Any, Any]) -> bool:
+    return all(tuple(b.shape) == s and b.dtype == d for b, s, d in zip(buffers, shapes, dtypes, strict=True))
 
 
 def _ints(x: mx.array) -> list[int]:
@@ -488,12 +500,12 @@ class SpeculativeBatch:
         tic = time.perf_counter()
         rows = len(self._rows) + len(self._joining) + 1
         for layer, cache in enumerate(self._cache):
-            shape = cache.joined_shape(rows, end)
+            shapes = cache.joined_shapes(rows, end)
             held = self._ready.get(layer)
-            if shape is None or (held is not None and tuple(held[0].shape) == shape):
+            if shapes is None or (held is not None and _fits(held, shapes, (held[0].dtype, held[1].dtype))):
                 continue
-            assert cache.keys is not None
-            buffers = mx.zeros(shape, cache.keys.dtype), mx.zeros(shape, cache.keys.dtype)
+            assert cache.keys is not None and cache.values is not None
+            buffers = mx.zeros(shapes[0], cache.keys.dtype), mx.zeros(shapes[1], cache.values.dtype)
             mx.eval(*buffers)
             self._ready[layer] = buffers
             if time.perf_counter() - tic >= seconds:
