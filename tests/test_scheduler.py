@@ -645,6 +645,17 @@ def test_a_long_prompts_tail_goes_whole_within_the_steps_budget_not_beside_its_l
     gen.remove(long)
 
 
+def fixed_budget(gen: ChunkedPrefill, budget: int, beside: bool) -> int | None:
+    """`gen` at `budget` prefill tokens a step; `beside`: with a stream decoding there already (its uid)."""
+    gen.budget = lambda decoding, depth=0: budget  # type: ignore[method-assign]
+    if not beside:
+        return None
+    stream = gen.admit(replace(admission(MIN_BUDGET, 3), max_tokens=10_000))
+    for _ in range(3):
+        gen.step()
+    return stream
+
+
 def test_a_long_prompt_joins_a_decoding_batch_in_a_step_of_its_own(model: Any):
     """Joining the decode batch copies a prompt's whole cache (and the batch's rows to its length) into a new buffer,
     and every stream pauses for it: a prompt prefilled over many chunks gets there in a step that runs one token of it
@@ -658,11 +669,7 @@ def test_a_long_prompt_joins_a_decoding_batch_in_a_step_of_its_own(model: Any):
     for beside in (True, False):
         for name, total in sizes.items():
             gen = ChunkedPrefill(config, mx.default_stream(mx.default_device()))
-            gen.budget = lambda decoding, depth=0: 2 * MIN_BUDGET  # type: ignore[method-assign]
-            if beside:
-                stream = gen.admit(replace(admission(MIN_BUDGET, 3), max_tokens=10_000))
-                for _ in range(3):
-                    gen.step()
+            stream = fixed_budget(gen, 2 * MIN_BUDGET, beside)
             uid = gen.admit(replace(admission(total, 9), max_tokens=6))
             out: list[int] = []
             last_step: list[int] = []
@@ -678,7 +685,7 @@ def test_a_long_prompt_joins_a_decoding_batch_in_a_step_of_its_own(model: Any):
                 assert last_step == [1], f"its last token alone, then the join: {last_step}"
             elif beside:
                 assert sum(last_step) > 1, f"joined in the step of its last chunk: {last_step}"
-            if beside:
+            if stream is not None:
                 gen.remove(stream)
     for name in sizes:
         assert answers[name, True] == answers[name, False], name
@@ -713,11 +720,7 @@ def test_a_long_prompts_join_buffers_are_made_ready_in_the_steps_before_it(model
         gen = mlx_batch_generator(config, mx.default_stream(mx.default_device()))
         assert isinstance(gen, ChunkedPrefill) and isinstance(gen.inner, SpeculativeBatch)
         batch = gen.inner
-        gen.budget = lambda decoding, depth=0: 2 * MIN_BUDGET  # type: ignore[method-assign]
-        if beside:
-            stream = gen.admit(replace(admission(MIN_BUDGET, 3), max_tokens=10_000))
-            for _ in range(3):
-                gen.step()
+        stream = fixed_budget(gen, 2 * MIN_BUDGET, beside)
         uid = gen.admit(replace(admission(total, 9), max_tokens=6))
         out: list[int] = []
         ready: list[int] = []  # layers made ready, after each step
@@ -732,7 +735,7 @@ def test_a_long_prompts_join_buffers_are_made_ready_in_the_steps_before_it(model
             if len(out) >= 6:
                 break
         answers.append(out)
-        if beside:
+        if stream is not None:
             assert sum(n > 0 for n in ready) >= WARM_STEPS // 2, f"made ready over the steps before: {ready}"
             again = gen.admit(replace(admission(total, 11), max_tokens=6))
             while not batch._ready:
@@ -776,11 +779,7 @@ def test_a_long_prompt_s_cache_is_made_before_its_first_chunk_beside_a_stream(mo
     answers = []
     for beside in (True, False):
         gen = ChunkedPrefill(config, mx.default_stream(mx.default_device()))
-        gen.budget = lambda decoding, depth=0: 4 * MIN_BUDGET  # type: ignore[method-assign]
-        if beside:
-            stream = gen.admit(replace(admission(MIN_BUDGET, 3), max_tokens=10_000))
-            for _ in range(3):
-                gen.step()
+        stream = fixed_budget(gen, 4 * MIN_BUDGET, beside)
         allocated.seen.clear()
         uid = gen.admit(replace(admission(total, 5), max_tokens=4))
         out: list[int] = []
@@ -791,7 +790,7 @@ def test_a_long_prompt_s_cache_is_made_before_its_first_chunk_beside_a_stream(mo
         assert allocated.seen[0] == ([whole] if beside else [None]) * layers, allocated.seen[0]
         assert all(seen == [whole] * layers for seen in allocated.seen[1:]), "it never grows"
         answers.append(out)
-        if beside:
+        if stream is not None:
             gen.remove(stream)
     assert answers[0] == answers[1]
 

@@ -690,7 +690,7 @@ class ChunkedPrefill:
         tic = time.perf_counter()
         for p in warming:
             assert p.own is not None
-            size = -(-(len(p.tokens) + len(p.rest)) // KVCache.step) * KVCache.step
+            size = _whole_steps(len(p.tokens) + len(p.rest))
             for layer, heads, k_dim, v_dim, dtype in self._layout:
                 if layer in p.own:
                     continue
@@ -706,7 +706,6 @@ class ChunkedPrefill:
                     keys[..., : cache.offset, :] = cache.keys[..., : cache.offset, :]
                     values[..., : cache.offset, :] = cache.values[..., : cache.offset, :]
                 cache.keys, cache.values = keys, values
-            own.clear()
             mx.eval([c.state for c in p.cache])
         return time.perf_counter() - tic
 
@@ -906,9 +905,14 @@ def _reserve(cache: list[Any], tokens: int) -> None:
     for layer in cache:
         if type(layer) in (KVCache, QuantizedKVCache):
             if tokens > 0:
-                layer.step = -(-tokens // KVCache.step) * KVCache.step
+                layer.step = _whole_steps(tokens)
             else:
                 layer.__dict__.pop("step", None)
+
+
+def _whole_steps(tokens: int) -> int:
+    """`tokens` rounded up to mlx-lm's KVCache allocation step."""
+    return -(-tokens // KVCache.step) * KVCache.step
 
 
 def _copy(cache: list[Any]) -> list[Any]:

@@ -180,8 +180,8 @@ class RaggedKVCache:
 
     def extend(self, *others: RaggedKVCache, into: Buffers | None = None) -> None:
         """Rows added below, in one buffer made once and written once (rows need not end together, so each part is
-        copied up to its own last position): `into`, made ready beforehand (`joined_shape`), where its shape is the
-        one needed. On this 2-core VM a first touch of fresh memory runs at under 1 GB/s, and joining a 3,000-token
+        copied up to its own last position): `into`, made ready beforehand (`joined_shapes`), where its shapes are
+        the ones needed. On this 2-core VM a first touch of fresh memory runs at under 1 GB/s, and joining a 3,000-token
         prompt's cache to a decoding stream by padding and concatenating (three copies of it) took 0.4-0.9 s of one
         step, every stream paused for it."""
         parts = [p for p in (self, *others) if p.keys is not None and p.values is not None]
@@ -190,9 +190,7 @@ class RaggedKVCache:
         if parts and len(ends) > len(self.ends):
             ref, ref_v = parts[0].keys, parts[0].values
             assert ref is not None and ref_v is not None
-            size = self._room(max(ends))
-            # Keys and values apart: an MLA model's (DeepSeek-V3's) values are narrower than its keys.
-            shapes = (len(ends), ref.shape[1], size, ref.shape[3]), (len(ends), ref_v.shape[1], size, ref_v.shape[3])
+            shapes = _shapes(ref, ref_v, len(ends), self._room(max(ends)))
             if into is not None and _fits(into, shapes, (ref.dtype, ref_v.dtype)):
                 keys, values = into
             else:
@@ -213,13 +211,7 @@ class RaggedKVCache:
         nothing to go by)."""
         if self.keys is None or self.values is None:
             return None
-        size = self._room(max(*self.ends, end))
-        return (rows, self.keys.shape[1], size, self.keys.shape[3]), (
-            rows,
-            self.values.shape[1],
-            size,
-            self.values.shape[3],
-        )
+        return _shapes(self.keys, self.values, rows, self._room(max(*self.ends, end)))
 
     def _room(self, tokens: int) -> int:
         """A buffer's length for rows that hold up to `tokens` positions: whole steps, with room for the next write."""
@@ -239,6 +231,12 @@ class RaggedKVCache:
 
 
 Buffers = tuple[mx.array, mx.array]  # a layer's keys and values
+
+
+def _shapes(keys: mx.array, values: mx.array, rows: int, size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Keys' and values' buffer shapes for `rows` rows of `size` positions, each by its own head dim: an MLA model's
+    (DeepSeek-V3's) values are narrower than its keys."""
+    return (rows, keys.shape[1], size, keys.shape[3]), (rows, values.shape[1], size, values.shape[3])
 
 
 def _fits(buffers: Buffers, shapes: tuple[tuple[int, ...], tuple[int, ...]], dtypes: tuple[Any, Any]) -> bool:
