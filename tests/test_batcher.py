@@ -13,6 +13,7 @@ from worker.blas import preload_openblas
 
 preload_openblas()
 
+from worker.batcher import IDLE_TRIM_S  # noqa: E402
 from worker.engine import BatchLimits, Engine, wait  # noqa: E402
 
 
@@ -179,3 +180,25 @@ def test_engine_work_outside_the_step_that_pauses_the_batch_is_logged(
             assert time.monotonic() < deadline, "never logged"
             time.sleep(0.05)
     assert len(slow) == 1 and "(1 ended)" in slow[0], slow
+
+
+def test_the_heap_goes_back_once_the_batch_has_rested_not_between_turns(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # An agent's next turn comes a few ms after the answer before it: the heap is trimmed after a rest, not in between.
+    trims: list[float] = []
+    monkeypatch.setattr("worker.batcher.trim_heap", lambda: trims.append(time.monotonic()))
+    engine = Engine.load(str(tiny_model), BatchLimits(size=4))
+    try:
+        engine.generate("chat", chat("Name a colour.", max_tokens=4))
+        trims.clear()  # the load's warm-up rested before this
+        for turn in range(3):
+            engine.generate("chat", chat(f"Turn {turn}: name a fruit.", max_tokens=4))
+        assert trims == []
+        rested = time.monotonic()
+        deadline = rested + 10
+        while not trims and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(trims) == 1 and trims[0] - rested >= IDLE_TRIM_S / 2, trims
+    finally:
+        engine.close()

@@ -19,7 +19,7 @@ preload_openblas()
 
 import mlx.core as mx  # noqa: E402
 from mlx_lm.models import llama  # noqa: E402
-from mlx_lm.models.cache import KVCache  # noqa: E402
+from mlx_lm.models.cache import KVCache, make_prompt_cache  # noqa: E402
 from mlx_lm.sample_utils import make_sampler  # noqa: E402
 
 from worker.engine import BatchLimits, Engine, wait  # noqa: E402
@@ -518,3 +518,34 @@ def test_concurrent_clients_see_their_own_answers(tiny_model: Path):
     finally:
         engine.close()
         off.close()
+
+
+def test_a_rows_first_token_is_never_read_after_a_timed_forward(monkeypatch: pytest.MonkeyPatch):
+    # A timed plain step reads its tokens after its own forward: the step that reports a row's first token is not
+    # timed, whatever the schedule says (here: every step), so its client does not wait a decode step more for it.
+    monkeypatch.setattr("worker.speculative.PLAIN_TIMED_EVERY", 1)
+    model = small_model(vocab=32)
+    config = GeneratorConfig(model, eos_ids=(), batch_size=4, prefill_batch_size=4, prefill_step=64)
+    batch = SpeculativeBatch(config, mx.default_stream(mx.default_device()))
+    timed: list[int] = []
+    add = batch.cost.add
+    monkeypatch.setattr(batch.cost, "add", lambda *a, **k: (timed.append(steps), add(*a, **k)))
+
+    def admit(prompt: list[int]) -> int:
+        cache = make_prompt_cache(model)
+        model(mx.array(prompt[:-1])[None], cache=cache)
+        mx.eval([c.state for c in cache])
+        return batch.admit(
+            Admission(rest=prompt[-1:], max_tokens=6, cache=cache, history=prompt[:-1], sampler=None, processors=[])
+        )
+
+    firsts: dict[int, int] = {}
+    uids = [admit([1, 5, 7, 9, 3])]
+    for steps in range(8):
+        if steps == 3:
+            uids.append(admit([4, 4, 2, 8]))
+        for g in batch.step().generated:
+            firsts.setdefault(g.uid, steps)
+    assert set(firsts) == set(uids)
+    assert firsts[uids[1]] not in timed and firsts[uids[0]] not in timed, (firsts, timed)
+    assert len(timed) >= 5  # every other plain step was timed

@@ -68,6 +68,10 @@ PRIORITIES = ("interactive", "low")
 # that takes longer than this is logged: every decoding stream pauses for it as for a step (the generator logs its
 # own slow steps).
 SLOW_WORK_S = 0.25
+# How long the batch rests before the heap's free pages go back to the system. An agent's next turn comes a few ms
+# after the answer it follows, and a trim then (glibc walks the whole heap: up to tens of ms for a worker's) was in its
+# time to first token.
+IDLE_TRIM_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -190,14 +194,23 @@ class Batcher:
         # The generator's stream is made on this thread: MLX streams belong to the thread that runs them.
         stream = self._stream = mx.default_stream(mx.default_device())
         self._gen = self._new_generator(stream)
+        trim_at: float | None = None  # when the batch, gone idle, hands the heap's free pages back
         while True:
             with self._cond:
                 while not (self._stopping or self._calls or self._active or any(self._waiting.values())):
-                    self._cond.wait()
+                    if trim_at is not None and trim_at <= time.monotonic():
+                        break
+                    self._cond.wait(None if trim_at is None else trim_at - time.monotonic())
                 if self._stopping:
                     break
                 calls = list(self._calls)
                 self._calls.clear()
+                idle = not (calls or self._active or any(self._waiting.values()))
+            if idle:
+                # At rest the process holds its weights, caches and allowance, not what its busiest moment left.
+                trim_at = None
+                trim_heap()
+                continue
             for fn, future in calls:
                 try:
                     future.set_result(fn())
@@ -214,9 +227,7 @@ class Batcher:
                 self._retire_cancelled()
                 self._keep_within_budget()
                 if busy and not self._active and not any(self._waiting.values()):
-                    # Gone idle: the heap's pages that the batch's transients freed go back to the system, so the
-                    # process at rest holds its weights, caches and allowance, not what its busiest moment left.
-                    trim_heap()
+                    trim_at = time.monotonic() + IDLE_TRIM_S  # unless work comes first (IDLE_TRIM_S)
             except Exception as exc:
                 log.exception("batch step failed; failing %d sequences", len(self._active))
                 for seq in list(self._active.values()):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import resource
@@ -326,7 +327,9 @@ def mlx_memory() -> dict[str, int]:
     }
 
 
+@functools.cache
 def _libc() -> Any:
+    # Found once: find_library runs `ldconfig -p` in a subprocess each time.
     if not sys.platform.startswith("linux"):
         return None
     name = ctypes.util.find_library("c")

@@ -381,6 +381,7 @@ class _Row:
     processors: tuple[Any, ...]
     lookup: PromptLookup
     seed: PromptLookup | None  # the client's prediction
+    opened: bool = False  # a token of it has been reported (its first is what its client waits for)
     seeded: bool = False  # this step's draft comes from the prediction
     start: int | None = None  # where in `lookup` this step's draft starts (None: not from there)
     follow: int | None = None  # the position in `lookup` of the copy being followed, where `last` should be
@@ -682,6 +683,10 @@ class SpeculativeBatch:
         # pipelined steps would not tell it.
         context = self._context()
         timed = not self.cost.measured(len(self._rows), context) or self._plain_steps % PLAIN_TIMED_EVERY == 0
+        # Nor a step that reports a row's first token: a timed step reads its tokens after its own forward, which
+        # would then be in that row's time to first token (a decode step: 4 ms for the tiny model on this CPU, 70 ms
+        # for SmolLM2).
+        timed = timed and all(row.fresh or row.opened for row in self._rows)
         self._plain_steps += 1
         if timed:
             mx.eval(inputs)
@@ -761,6 +766,7 @@ class SpeculativeBatch:
         generated: list[Generated] = []
         ended: dict[int, int] = {}  # row -> the index of its last Generated
         for i, (row, tokens) in enumerate(zip(self._rows, out, strict=True)):
+            row.opened = row.opened or bool(tokens)
             for j, (token, lp) in enumerate(tokens):
                 assert lp is not None
                 row.left -= 1
