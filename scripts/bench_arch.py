@@ -1,8 +1,9 @@
 """Agent sessions on every model family (issue 24): mlxq beside mlx_lm.server, one server at a time.
 
 Per family of tests.families (tiny random-weight models with SmolLM2's tokenizer, built here: llama, llama-q4,
-qwen3_next, granitemoehybrid, nemotron_h, gemma3_text, qwen3_moe, falcon_h1), each server in turn is started alone on
-the model directory and sent:
+qwen3_next, granitemoehybrid, nemotron_h, gemma3_text, qwen3_moe, falcon_h1, deepseek_v3), and the built-in SmolLM2
+itself (`smollm2`: its float32 copy; `smollm2-q4`: as pulled, 4-bit), each server in turn is started alone on the model
+directory and sent:
 
 - cold probes: single-turn requests whose system prompts share nothing (the cold TTFT, the median of them);
 - four agent sessions, interleaved (turn 1 of each, then turn 2 of each, ...), five turns each, a ~1,000-token
@@ -56,8 +57,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench import ms, start_mlx_lm, stop_process  # noqa: E402
+from bench_agent import f32_copy  # noqa: E402
 
 from mlxq.procs import Service  # noqa: E402
+from mlxq.settings import BUILTIN_MODEL  # noqa: E402
 from tests.families import MODELS, build  # noqa: E402
 
 CONFIGS = ("mlxq", "mlx_lm")
@@ -72,6 +75,11 @@ EDITED_TEXT = "Let me start over: the build script compiles each module on its o
 # reuses only whole cached prompts on them.
 NOT_TRIMMABLE = {"qwen3_next", "granitemoehybrid", "nemotron_h", "gemma3_text", "falcon_h1"}
 ELSEWHERE = "see bench_prefix_tiers"
+# The built-in SmolLM2 itself, as pulled (4-bit, 8-bit embeddings) and as the float32 copy the other benchmarks serve:
+# the plain family at a size whose forward costs what a user's model's does. On the tiny models a later turn's TTFT is
+# 20-30 ms, most of it a fixed cost of each server's path (mlxq's api, queue and worker hops against mlx_lm.server's
+# one process), not the model.
+REAL = {"smollm2": False, "smollm2-q4": True}
 
 PROJECTS = ["orchard", "lighthouse", "quarry", "meridian", "tundra", "harbor", "copper", "saffron"]
 USERS = [
@@ -420,7 +428,8 @@ def plot(rows: dict[str, dict[str, Any]], out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--families", default=None, help=f"comma-separated, of {','.join(MODELS)} (default: all)")
+    names = [*MODELS, *REAL]
+    parser.add_argument("--families", default=None, help=f"comma-separated, of {','.join(names)} (default: all)")
     parser.add_argument("--configs", default="mlxq,mlx_lm")
     parser.add_argument("--quick", action="store_true", help="llama,qwen3_next; 2 sessions x 3 turns; 300 tokens")
     parser.add_argument("--sessions", type=int, default=None, help="interleaved sessions (4; --quick 2)")
@@ -435,11 +444,11 @@ def main() -> None:
     args.turns = args.turns or (3 if quick else 5)
     args.system_tokens = args.system_tokens or (300 if quick else 1000)
     args.cold = args.cold or (2 if quick else 3)
-    families = (args.families or ("llama,qwen3_next" if quick else ",".join(MODELS))).split(",")
+    families = (args.families or ("llama,qwen3_next" if quick else ",".join(names))).split(",")
     configs = args.configs.split(",")
     for name in families:
-        if name not in MODELS:
-            parser.error(f"unknown family {name!r}: one of {', '.join(MODELS)}")
+        if name not in names:
+            parser.error(f"unknown family {name!r}: one of {', '.join(names)}")
     for config in configs:
         if config not in CONFIGS:
             parser.error(f"unknown config {config!r}: one of {', '.join(CONFIGS)}")
@@ -449,7 +458,7 @@ def main() -> None:
     preload_openblas()  # before anything imports mlx (transformers may): the models are built in this process
     from worker.pull import pull_builtin
 
-    smollm2 = pull_builtin(ROOT / ".data" / "models" / "SmolLM2-135M-Instruct")
+    smollm2 = pull_builtin(ROOT / ".data" / "models" / BUILTIN_MODEL)
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -458,8 +467,14 @@ def main() -> None:
             tmp_path.mkdir(parents=True, exist_ok=False)
         prompts = Prompts(smollm2, args.system_tokens)
         for name in families:
-            family, quantize = MODELS[name]
-            model_dir = build(family, tmp_path / "models" / name, smollm2, quantize=quantize)
+            if name in REAL:
+                family, quantize = "llama", REAL[name]
+                model_dir = (
+                    smollm2 if quantize else f32_copy(smollm2, ROOT / ".data" / "models" / f"{BUILTIN_MODEL}-f32")
+                )
+            else:
+                family, quantize = MODELS[name]
+                model_dir = build(family, tmp_path / "models" / name, smollm2, quantize=quantize)
             row: dict[str, Any] = {"family": family, "quantized": quantize, "trimmable": family not in NOT_TRIMMABLE}
             for config in configs:  # one server at a time
                 run = run_mlxq if config == "mlxq" else run_mlx_lm

@@ -432,8 +432,18 @@ def test_the_budget_fills_the_step_target_by_the_measured_cost(model: Any):
     assert a == pytest.approx(0.005) and b == pytest.approx(0.00007)
     gen = stage(model)
     gen.cost, gen.target_s, gen.chunk, gen.cap = cost, 0.150, 512, 4096
-    # What fits in 150 ms, each chunk of 512 paying 5 ms: ~2,071 tokens in one chunk's terms, 5 chunks, so 1,785.
-    assert gen.budget(0) == pytest.approx((0.150 - 5 * 0.005) / 0.00007, abs=1)
+    # Nothing decoding: nobody waits for the step as a whole (a newcomer ends it after the chunk under way), so it runs
+    # to the bound on any step, PAUSE_SHARE of MAX_STEP targets: what fits there by the fit (10 chunks of 512 paying 5
+    # ms each), never past MAX_STEP targets at the average cost per token, fixed costs in.
+    assert gen.step_s(0) == pytest.approx(PAUSE_SHARE * MAX_STEP * 0.150)
+    idle_fit = (PAUSE_SHARE * MAX_STEP * 0.150 - 10 * 0.005) / 0.00007
+    idle_average = MAX_STEP * 0.150 / cost.per_token()  # type: ignore[operator]
+    assert idle_average < idle_fit
+    assert gen.budget(0) == pytest.approx(idle_average, abs=1)
+    assert idle_average > 1.4 * (0.150 - 5 * 0.005) / 0.00007  # 1,785 tokens: what fitted in a 150 ms step
+    gen.cap = 1024
+    assert gen.budget(0) == 1024  # and never past the prefill share's tokens
+    gen.cap = 4096
     cost.add_decode(0.010)  # the decode step's 10 ms go first: within OVERHEAD_SHARE of 150 ms
     assert gen.step_s(0.010) == 0.150
     assert gen.budget(8) == pytest.approx((0.150 - 0.010 - 4 * 0.005) / 0.00007, abs=1)

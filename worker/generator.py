@@ -560,11 +560,18 @@ class ChunkedPrefill:
         return int(max(min(max(fits, efficient), most), MIN_BUDGET))
 
     def step_s(self, decode: float) -> float:
-        """This step's length: the target, or beside decoding sequences long enough that their decode forward is at
-        most OVERHEAD_SHARE of it, up to PAUSE_SHARE of MAX_STEP targets (the bound a stream pauses for)."""
+        """This step's length: beside decoding sequences the target, or long enough that their decode forward is at
+        most OVERHEAD_SHARE of it, up to PAUSE_SHARE of MAX_STEP targets (the bound a stream pauses for); with none,
+        that bound. Nobody then waits for the step as a whole: a newcomer for the chunk under way (the step's prefill
+        ends after it, `GeneratorConfig.arrived`), at most the bound on any step. Each chunk pays a forward's fixed
+        cost, and short of it on this CPU (SmolLM2: 58 ms a forward, 6 ms a token at 1,000 tokens of context) an agent's
+        later turn, prefilled alone, was cut into 150 ms chunks: 1.28x mlx_lm.server's time to first token on a turn
+        of ~300 new tokens (scripts/bench_arch.py --families smollm2). Where a chunk's size bounds it first (a GPU,
+        `chunk_size`), the step runs more chunks, each ended early for a newcomer as before."""
+        bound = PAUSE_SHARE * MAX_STEP * self.target_s
         if not decode:
-            return self.target_s
-        return min(max(self.target_s, decode / OVERHEAD_SHARE), PAUSE_SHARE * MAX_STEP * self.target_s)
+            return bound
+        return min(max(self.target_s, decode / OVERHEAD_SHARE), bound)
 
     def chunk_size(self) -> int:
         """One forward's tokens of a prompt: the memory budget's chunk (`prefill_step`), or where a forward's measured
