@@ -71,7 +71,7 @@ class Recording:
 
         gen = mlx_batch_generator(replace(config, decoded=decoded if handed else None), stream)
         if isinstance(gen, ChunkedPrefill):
-            gen.budget = lambda decoding, depth=0: MIN_BUDGET  # type: ignore[method-assign]
+            gen.budget = lambda decoding, depth=0, alone=False: MIN_BUDGET  # type: ignore[method-assign]
             # A group's, in the same terms while a stream decodes (it follows the measured cost too).
             cap = gen.cap
             gen.group_budget = lambda watched: MIN_BUDGET if watched else cap  # type: ignore[method-assign]
@@ -321,7 +321,7 @@ def test_a_short_newcomer_goes_whole_while_a_stream_decodes(model: Any):
     stream = gen.admit(replace(admission(40, 0), max_tokens=50, watched=True))
     gen.step()  # prefilled alone, and decoding from then on
     long = gen.admit(admission(400, 1))
-    gen.budget = lambda decoding, depth=0: MIN_BUDGET  # type: ignore[method-assign]  # a long prompt's deep tokens' worth
+    gen.budget = lambda decoding, depth=0, alone=False: MIN_BUDGET  # type: ignore[method-assign]  # a long prompt's deep tokens' worth
     slow = PrefillCost()  # a CPU's: 60 ms a forward and 4 ms a token, 80 ms a decode step
     for n in [16, 32, 64, 16, 45]:
         slow.add(n, 0.060 + 0.004 * n)
@@ -384,7 +384,7 @@ def test_newcomers_that_go_whole_get_a_step_of_their_own_every_other_step_at_mos
     stream = gen.admit(replace(admission(40, 0), max_tokens=50, watched=True))
     gen.step()  # prefilled alone, and decoding from then on
     long = gen.admit(admission(400, 1, owner="a"))
-    gen.budget = lambda decoding, depth=0: 64  # type: ignore[method-assign]  # the group's tokens count in it
+    gen.budget = lambda decoding, depth=0, alone=False: 64  # type: ignore[method-assign]  # the group's tokens count in it
     gen.group_budget = lambda watched: 64  # type: ignore[method-assign]
     assert [p.uid for p in gen.step().prefilled if not p.finished] == [long]
 
@@ -409,7 +409,7 @@ def test_a_step_of_several_chunks_ends_after_the_chunk_under_way_when_somebody_a
     arrivals = [0]
     config = GeneratorConfig(model, eos_ids=(2,), batch_size=4, prefill_batch_size=4, prefill_step=MIN_BUDGET)
     gen = ChunkedPrefill(replace(config, arrived=lambda: arrivals[0] > 0), mx.default_stream(mx.default_device()))
-    gen.budget = lambda decoding, depth=0: 4 * MIN_BUDGET  # type: ignore[method-assign]
+    gen.budget = lambda decoding, depth=0, alone=False: 4 * MIN_BUDGET  # type: ignore[method-assign]
     long = gen.admit(admission(400, 1))
 
     def chunks(step: Step) -> int:
@@ -432,17 +432,19 @@ def test_the_budget_fills_the_step_target_by_the_measured_cost(model: Any):
     assert a == pytest.approx(0.005) and b == pytest.approx(0.00007)
     gen = stage(model)
     gen.cost, gen.target_s, gen.chunk, gen.cap = cost, 0.150, 512, 4096
-    # Nothing decoding: nobody waits for the step as a whole (a newcomer ends it after the chunk under way), so it runs
-    # to the bound on any step, PAUSE_SHARE of MAX_STEP targets: what fits there by the fit (10 chunks of 512 paying 5
-    # ms each), never past MAX_STEP targets at the average cost per token, fixed costs in.
-    assert gen.step_s(0) == pytest.approx(PAUSE_SHARE * MAX_STEP * 0.150)
+    # What fits in 150 ms, each chunk of 512 paying 5 ms: ~2,071 tokens in one chunk's terms, 5 chunks, so 1,785.
+    assert gen.step_s(0) == 0.150
+    assert gen.budget(0) == pytest.approx((0.150 - 5 * 0.005) / 0.00007, abs=1)
+    # Nothing decoding and one prompt alone: nobody waits for the step as a whole (a newcomer ends it after the chunk
+    # under way), so it runs to the bound on any step, PAUSE_SHARE of MAX_STEP targets: what fits there by the fit
+    # (10 chunks of 512 paying 5 ms each), never past MAX_STEP targets at the average cost per token, fixed costs in.
+    assert gen.step_s(0, alone=True) == pytest.approx(PAUSE_SHARE * MAX_STEP * 0.150)
     idle_fit = (PAUSE_SHARE * MAX_STEP * 0.150 - 10 * 0.005) / 0.00007
     idle_average = MAX_STEP * 0.150 / cost.per_token()  # type: ignore[operator]
-    assert idle_average < idle_fit
-    assert gen.budget(0) == pytest.approx(idle_average, abs=1)
-    assert idle_average > 1.4 * (0.150 - 5 * 0.005) / 0.00007  # 1,785 tokens: what fitted in a 150 ms step
+    assert 1.4 * gen.budget(0) < idle_average < idle_fit
+    assert gen.budget(0, alone=True) == pytest.approx(idle_average, abs=1)
     gen.cap = 1024
-    assert gen.budget(0) == 1024  # and never past the prefill share's tokens
+    assert gen.budget(0, alone=True) == 1024  # and never past the prefill share's tokens
     gen.cap = 4096
     cost.add_decode(0.010)  # the decode step's 10 ms go first: within OVERHEAD_SHARE of 150 ms
     assert gen.step_s(0.010) == 0.150
@@ -570,11 +572,11 @@ def test_a_prompts_chunk_grows_where_a_forwards_fixed_cost_would_make_it_mostly_
     # A step runs the grown chunk as one forward, within the step's budget.
     gpu_costs = copy.deepcopy(gpu)
     gen.cost = gpu
-    gen.budget = lambda decoding, depth=0: 8 * 64  # type: ignore[method-assign]
+    gen.budget = lambda decoding, depth=0, alone=False: 8 * 64  # type: ignore[method-assign]
     long = gen.admit(admission(1000, 1))
     step = gen.step()
     assert [p.done for p in step.prefilled if p.uid == long] == [8 * 64]
-    gen.budget = lambda decoding, depth=0: 100  # type: ignore[method-assign]
+    gen.budget = lambda decoding, depth=0, alone=False: 100  # type: ignore[method-assign]
     gen.cost = copy.deepcopy(gpu_costs)  # whatever the real forward of the step before took
     step = gen.step()
     assert [p.done for p in step.prefilled if p.uid == long] == [8 * 64 + 100], "the budget bounds it as any chunk"
@@ -586,7 +588,7 @@ def test_a_step_far_past_its_expected_cost_is_logged_with_what_it_held(model: An
     meets first: 5.8 s on a fresh H200 for a 0.2 s step) is logged with its chunks, so such a pause can be told from
     the budget's; a step as expected is not."""
     gen = stage(model)
-    gen.budget = lambda decoding, depth=0: 64  # type: ignore[method-assign]
+    gen.budget = lambda decoding, depth=0, alone=False: 64  # type: ignore[method-assign]
     long = gen.admit(admission(400, 1))
     with caplog.at_level("WARNING", logger="worker.generator"):
         gen.step()  # nothing measured yet: nothing expected
@@ -638,7 +640,7 @@ def test_a_long_prompts_tail_goes_whole_within_the_steps_budget_not_beside_its_l
     counting = Counting(model)
     config = GeneratorConfig(counting, eos_ids=(2,), batch_size=4, prefill_batch_size=1, prefill_step=MIN_BUDGET)
     gen = ChunkedPrefill(config, mx.default_stream(mx.default_device()))
-    gen.budget = lambda decoding, depth=0: MIN_BUDGET  # type: ignore[method-assign]
+    gen.budget = lambda decoding, depth=0, alone=False: MIN_BUDGET  # type: ignore[method-assign]
     gen.group_budget = lambda watched: 4 * MIN_BUDGET  # type: ignore[method-assign]
     total = PrefillCost.START + 3 * MIN_BUDGET + MIN_BUDGET // 2  # its tail is shorter than a chunk
     long = gen.admit(admission(total, 7))
@@ -657,7 +659,7 @@ def test_a_long_prompts_tail_goes_whole_within_the_steps_budget_not_beside_its_l
 
 def fixed_budget(gen: ChunkedPrefill, budget: int, beside: bool) -> int | None:
     """`gen` at `budget` prefill tokens a step; `beside`: with a stream decoding there already (its uid)."""
-    gen.budget = lambda decoding, depth=0: budget  # type: ignore[method-assign]
+    gen.budget = lambda decoding, depth=0, alone=False: budget  # type: ignore[method-assign]
     if not beside:
         return None
     stream = gen.admit(replace(admission(MIN_BUDGET, 3), max_tokens=10_000))
@@ -819,7 +821,7 @@ def test_the_decode_batchs_tokens_go_out_before_the_steps_prefill_chunks(model: 
         decoded=lambda step: log.extend(f"token {g.uid}" for g in step.generated),
     )
     gen = ChunkedPrefill(config, mx.default_stream(mx.default_device()))
-    gen.budget = lambda decoding, depth=0: MIN_BUDGET  # type: ignore[method-assign]
+    gen.budget = lambda decoding, depth=0, alone=False: MIN_BUDGET  # type: ignore[method-assign]
     stream = gen.admit(replace(admission(2 * MIN_BUDGET, 3), max_tokens=50))
     for _ in range(6):
         gen.step()

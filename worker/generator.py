@@ -531,7 +531,7 @@ class ChunkedPrefill:
 
     # -- a step ----------------------------------------------------------------------------------------------------
 
-    def budget(self, decoding: int, depth: int = 0) -> int:
+    def budget(self, decoding: int, depth: int = 0, alone: bool = False) -> int:
         """Prefill tokens for this step (vLLM's and Sarathi-Serve's token budget, in time): what fits in the step
         (`step_s`) after the decode step (as measured; each decoding sequence at least one token's worth, as vLLM counts
         them) and each chunk's fixed cost, by what a chunk `depth` tokens into its context is expected to cost
@@ -546,7 +546,7 @@ class ChunkedPrefill:
         a, b, c = fit
         decode = max(self.cost.decode_s, decoding * b) if decoding else 0.0
         size = self.chunk_size()
-        fits = _tokens_within(self.step_s(decode) - decode - self.warm_s, a, b, c, depth, size)
+        fits = _tokens_within(self.step_s(decode, alone) - decode - self.warm_s, a, b, c, depth, size)
         per_token = self.cost.per_token() or b
         # The bound is on the whole step, its decode included: it is what a stream pauses and a newcomer waits for. Deep
         # in a long prompt on this CPU, chunks sized by the cost of those before them ran 0.45-0.56 s beside the decode.
@@ -559,18 +559,18 @@ class ChunkedPrefill:
         efficient = min(EFFICIENT_CHUNK * a / (b + c * depth), bound / per_token)
         return int(max(min(max(fits, efficient), most), MIN_BUDGET))
 
-    def step_s(self, decode: float) -> float:
-        """This step's length: beside decoding sequences the target, or long enough that their decode forward is at
-        most OVERHEAD_SHARE of it, up to PAUSE_SHARE of MAX_STEP targets (the bound a stream pauses for); with none,
-        that bound. Nobody then waits for the step as a whole: a newcomer for the chunk under way (the step's prefill
-        ends after it, `GeneratorConfig.arrived`), at most the bound on any step. Each chunk pays a forward's fixed
-        cost, and short of it on this CPU (SmolLM2: 58 ms a forward, 6 ms a token at 1,000 tokens of context) an agent's
-        later turn, prefilled alone, was cut into 150 ms chunks: 1.28x mlx_lm.server's time to first token on a turn
-        of ~300 new tokens (scripts/bench_arch.py --families smollm2). Where a chunk's size bounds it first (a GPU,
-        `chunk_size`), the step runs more chunks, each ended early for a newcomer as before."""
+    def step_s(self, decode: float, alone: bool = False) -> float:
+        """This step's length: the target, or beside decoding sequences long enough that their decode forward is at
+        most OVERHEAD_SHARE of it, up to PAUSE_SHARE of MAX_STEP targets (the bound a stream pauses for); with none
+        and one prompt `alone` to prefill, that bound. Nobody then waits for the step as a whole: a newcomer waits for
+        the chunk under way (the step's prefill ends after it, `GeneratorConfig.arrived`), at most the bound on any
+        step. Each chunk pays a forward's fixed cost, and on this CPU (SmolLM2: 58 ms a forward, 6 ms a token at 1,000
+        tokens of context) an agent's later turn, prefilled alone, was cut into 150 ms chunks: 1.28x mlx_lm.server's
+        time to first token on a turn of ~300 new tokens (scripts/bench_arch.py --families smollm2). Beside other
+        prompts the target holds: one that is ready to decode waits for the rest of the step's chunks."""
         bound = PAUSE_SHARE * MAX_STEP * self.target_s
         if not decode:
-            return bound
+            return bound if alone else self.target_s
         return min(max(self.target_s, decode / OVERHEAD_SHARE), bound)
 
     def chunk_size(self) -> int:
@@ -624,21 +624,27 @@ class ChunkedPrefill:
         grouped = 0
         decode_s = 0.0
         if self._prefilling:
+            # Its tokens go out now, not after the chunks below (a newcomer's first token among them). Measured on this
+            # CPU with key A's eight 3,000-token prompts prefilling: key B's time to first token was its prefill's
+            # step, then the next step's decode and that step's chunks. Before the decode forward it queued for the
+            # next tokens is done, too, unless the step hands caches back (ended sequences, checkpoints): the prefix
+            # cache's insert waits for the forward, and would be timed as the decode's.
+            decoded = self._decoded if step.generated or step.prefilled or step.checkpoints else None
+            if decoded is not None and not (step.checkpoints or any(g.cache is not None for g in step.generated)):
+                decoded(step)
+                step, decoded = Step([], []), None
             if decoding:
                 # mlx-lm's decode step runs asynchronously: waited for, so that its time is not taken for prefill's.
                 mx.synchronize(self.stream)
                 decode_s = time.perf_counter() - tic
                 self.cost.add_decode(decode_s)
-            if self._decoded is not None and (step.generated or step.prefilled or step.checkpoints):
-                # Its tokens go out now, not after the chunks below (a newcomer's first token among them). Measured on
-                # this CPU with key A's eight 3,000-token prompts prefilling: key B's time to first token was its
-                # prefill's step, then the next step's decode and that step's chunks.
-                self._decoded(step)
+            if decoded is not None:
+                decoded(step)
                 step = Step([], [])
             self.warm_s = self._warm(decoding) + self._warm_own(decode_s)
             if ready := self._ready():
                 first = min(ready, key=self._order)  # the prompt the budget's first chunk goes to
-                budget = self.budget(decoding, len(first.tokens))
+                budget = self.budget(decoding, len(first.tokens), alone=len(ready) == 1)
                 prefilled, checkpoints, grouped = self._prefill(
                     budget, max(budget, self.group_budget(watched)), decoding
                 )

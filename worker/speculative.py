@@ -423,6 +423,7 @@ class SpeculativeBatch:
         self.stats = stats if stats is not None else DraftStats()
         self.cost = StepCost()
         self._plain_steps = 0
+        self._timing_due = False  # a plain step's timing was put off (`_plain`)
         self._rows: list[_Row] = []
         self._cache: list[RaggedKVCache] = []
         # The draft model (GeneratorConfig.draft_model) and its cache, row for row beside the model's; it catches up
@@ -682,11 +683,13 @@ class SpeculativeBatch:
         # price drafting is weighed against (`_trim`). Between steps the scheduler may prefill, so the time between
         # pipelined steps would not tell it.
         context = self._context()
-        timed = not self.cost.measured(len(self._rows), context) or self._plain_steps % PLAIN_TIMED_EVERY == 0
-        # Nor a step that reports a row's first token: a timed step reads its tokens after its own forward, which
+        due = self._timing_due or not self.cost.measured(len(self._rows), context)
+        due = due or self._plain_steps % PLAIN_TIMED_EVERY == 0
+        # Not a step that reports a row's first token: a timed step reads its tokens after its own forward, which
         # would then be in that row's time to first token (a decode step: 4 ms for the tiny model on this CPU, 70 ms
-        # for SmolLM2).
-        timed = timed and all(row.fresh or row.opened for row in self._rows)
+        # for SmolLM2). The timing is due still, at the next step that may take it.
+        timed = due and all(row.fresh or row.opened for row in self._rows)
+        self._timing_due = due and not timed
         self._plain_steps += 1
         if timed:
             mx.eval(inputs)
