@@ -549,4 +549,4 @@ def test_a_rows_first_token_is_never_read_after_a_timed_forward(monkeypatch: pyt
             firsts.setdefault(g.uid, steps)
     assert set(firsts) == set(uids)
     assert firsts[uids[1]] not in timed and firsts[uids[0]] not in timed, (firsts, timed)
-    assert len(timed) >= 5  # every other plain step was timed
+    assert len(timed) >= 5  # and the plain steps that report no first token were timed
