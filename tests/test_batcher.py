@@ -202,3 +202,24 @@ def test_the_heap_goes_back_once_the_batch_has_rested_not_between_turns(
         assert len(trims) == 1 and trims[0] - last >= 2.0, trims
     finally:
         engine.close()
+
+
+def test_a_finished_sequence_counts_as_in_flight_until_its_cache_is_stored(tiny_model: Path):
+    # /health reads the batch from another thread: between a sequence leaving the batch and its cache reaching the
+    # prefix cache (with the entries that insert evicts on their way to disk), its KV was counted nowhere.
+    engine = Engine.load(str(tiny_model), BatchLimits(size=4))
+    try:
+        prefix = engine.enable_prefix_cache(max_entries=8, max_bytes=1 << 30)
+        seen: list[dict[str, int]] = []
+        insert = prefix.insert
+
+        def counted_insert(*args: Any, **kw: Any) -> Any:
+            seen.append(engine.batcher.stats())
+            return insert(*args, **kw)
+
+        prefix.insert = counted_insert  # type: ignore[method-assign]
+        engine.generate("chat", chat("Name a colour.", max_tokens=4))
+        assert seen and all(s["active"] == 1 and s["kv_bytes"] > 0 for s in seen), seen
+        assert engine.batcher.stats()["active"] == 0
+    finally:
+        engine.close()

@@ -515,12 +515,16 @@ class Batcher:
                 cache, tokens = self._gen.extract(seq.uid)
             else:  # nothing would keep its cache
                 self._gen.remove(seq.uid)
-        del self._active[seq.uid]
         try:
-            if prefix is not None and cache and tokens:
-                seq.prefix_entry = prefix.insert(list(tokens), cache, partition=seq.partition)
-            if prefix is not None:
-                prefix.release(seq.taken_entry)
+            # It leaves the batch once its cache is stored: until then its KV counts as in flight. A /health read
+            # between the two found it nowhere, nor the entries its insert evicted on their way to the disk tier.
+            try:
+                if prefix is not None and cache and tokens:
+                    seq.prefix_entry = prefix.insert(list(tokens), cache, partition=seq.partition)
+                if prefix is not None:
+                    prefix.release(seq.taken_entry)
+            finally:
+                del self._active[seq.uid]
             seq.complete()
         except Exception as exc:  # this sequence's failure, not the batch's: its consumer is told, never left waiting
             log.exception("finishing a sequence failed")
