@@ -116,6 +116,14 @@ def f32_copy(src: Path, dest: Path) -> Path:
     return dest
 
 
+def builtin_f32() -> Path:
+    """The built-in model's float32 copy beside it (pulled first when missing): what every benchmark serves."""
+    from worker.pull import pull_builtin
+
+    models = ROOT / ".data" / "models"
+    return f32_copy(pull_builtin(models / BUILTIN_MODEL), models / f"{BUILTIN_MODEL}-f32")
+
+
 def ttft(
     client: openai.OpenAI, model: str, messages: list[dict], headers: dict | None = None, usage: list | None = None
 ) -> tuple[float, str]:
@@ -165,10 +173,7 @@ def session(client: openai.OpenAI, model: str) -> dict:
 
 
 def main() -> None:
-    from worker.pull import pull_builtin
-
-    models = ROOT / ".data" / "models"
-    model_dir = f32_copy(pull_builtin(models / BUILTIN_MODEL), models / f"{BUILTIN_MODEL}-f32")
+    model_dir = builtin_f32()
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         # mlx_lm.server, with the system OpenBLAS like mlxq's worker.

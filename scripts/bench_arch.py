@@ -57,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench import ms, start_mlx_lm, stop_process  # noqa: E402
-from bench_agent import f32_copy  # noqa: E402
+from bench_agent import builtin_f32  # noqa: E402
 
 from mlxq.procs import Service  # noqa: E402
 from mlxq.settings import BUILTIN_MODEL  # noqa: E402
@@ -469,9 +469,7 @@ def main() -> None:
         for name in families:
             if name in REAL:
                 family, quantize = "llama", REAL[name]
-                model_dir = (
-                    smollm2 if quantize else f32_copy(smollm2, ROOT / ".data" / "models" / f"{BUILTIN_MODEL}-f32")
-                )
+                model_dir = smollm2 if quantize else builtin_f32()
             else:
                 family, quantize = MODELS[name]
                 model_dir = build(family, tmp_path / "models" / name, smollm2, quantize=quantize)

@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench import PG_ADMIN, ms, pct, running_mlx_lm  # noqa: E402
-from bench_agent import f32_copy  # noqa: E402
+from bench_agent import builtin_f32  # noqa: E402
 
 from mlxq.procs import Service  # noqa: E402
 from mlxq.settings import BUILTIN_MODEL  # noqa: E402
@@ -439,10 +439,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    from worker.pull import pull_builtin
-
-    models = ROOT / ".data" / "models"
-    model_dir = f32_copy(pull_builtin(models / BUILTIN_MODEL), models / f"{BUILTIN_MODEL}-f32")
+    model_dir = builtin_f32()
     warm_clients = min(4, max(args.client_counts))
     results: dict[str, dict[int, Round]] = {}
     idle: dict[str, float] = {}

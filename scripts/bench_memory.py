@@ -66,7 +66,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench import ms, start_mlx_lm, stop_process  # noqa: E402
-from bench_agent import USERS, f32_copy  # noqa: E402
+from bench_agent import USERS, builtin_f32  # noqa: E402
 from bench_concurrency import process_tree  # noqa: E402
 
 from mlxq.procs import Service  # noqa: E402
@@ -627,10 +627,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    from worker.pull import pull_builtin
-
-    models = ROOT / ".data" / "models"
-    model_dir = f32_copy(pull_builtin(models / BUILTIN_MODEL), models / f"{BUILTIN_MODEL}-f32")
+    model_dir = builtin_f32()
     prompts = load_prompts(args.seed, args.rounds, args.concurrency, args.prompt_tokens)
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench import ms, start_mlx_lm  # noqa: E402
-from bench_agent import USERS, f32_copy, system_prompt  # noqa: E402
+from bench_agent import USERS, builtin_f32, system_prompt  # noqa: E402
 
 from mlxq.procs import Service  # noqa: E402
 from mlxq.settings import BUILTIN_MODEL  # noqa: E402
@@ -168,10 +168,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     chosen = set(args.configs.split(","))
-    from worker.pull import pull_builtin
-
-    models = ROOT / ".data" / "models"
-    model_dir = f32_copy(pull_builtin(models / BUILTIN_MODEL), models / f"{BUILTIN_MODEL}-f32")
+    model_dir = builtin_f32()
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench import running_mlx_lm  # noqa: E402
-from bench_agent import f32_copy  # noqa: E402
+from bench_agent import builtin_f32  # noqa: E402
 
 from mlxq.procs import Service  # noqa: E402
 from mlxq.settings import BUILTIN_MODEL  # noqa: E402
@@ -352,10 +352,7 @@ def main() -> None:
     with ExitStack() as stack:
         tmp = Path(args.log_dir) if args.log_dir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         tmp.mkdir(parents=True, exist_ok=True)
-        from worker.pull import pull_builtin
-
-        models = ROOT / ".data" / "models"
-        model_dir = f32_copy(pull_builtin(models / BUILTIN_MODEL), models / f"{BUILTIN_MODEL}-f32")
+        model_dir = builtin_f32()
         servers = [stack.enter_context(mlxq_server(mode, model_dir, tmp)) for mode in ("lookup", "off")]
         if args.baseline:
             servers.append(stack.enter_context(mlx_lm_server(model_dir, tmp, max(args.edit_tokens, args.write_tokens))))

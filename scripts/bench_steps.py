@@ -32,11 +32,10 @@ from worker.blas import preload_openblas  # noqa: E402
 preload_openblas()  # before anything imports MLX (bench_agent does)
 
 import mlx.core as mx  # noqa: E402
-from bench_agent import f32_copy  # noqa: E402
+from bench_agent import builtin_f32  # noqa: E402
 from mlx_lm import load  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
-from mlxq.settings import BUILTIN_MODEL  # noqa: E402
 from worker.engine import weight_sets  # noqa: E402
 from worker.generator import DEFAULT_STEP_MS, Admission, Generator, GeneratorConfig, mlx_batch_generator  # noqa: E402
 from worker.memory import ALLOWANCE_SLACK, Budget, default_budget, rss  # noqa: E402
@@ -163,10 +162,7 @@ def main() -> None:
     parser.add_argument("--speculative", default="off", help="the pause part's decode batch drafts: lookup, off")
     parser.add_argument("--chunks", default="1,16,64,256", help="chunk sizes the cost part times (a GPU: up to 2048)")
     args = parser.parse_args()
-    from worker.pull import pull_builtin
-
-    models = ROOT / ".data" / "models"
-    model_dir = f32_copy(pull_builtin(models / BUILTIN_MODEL), models / f"{BUILTIN_MODEL}-f32")
+    model_dir = builtin_f32()
     model, tokenizer = load(str(model_dir))[:2]
     # The worker's memory settings (MLX's buffer cache, glibc's mmap threshold): what a step's fresh buffers cost.
     Budget.split(default_budget(), weight_sets(model, None), rss() + ALLOWANCE_SLACK).apply()

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_agent import f32_copy  # noqa: E402
+from bench_agent import builtin_f32  # noqa: E402
 from bench_concurrency import mlx_lm_server, mlxq_server  # noqa: E402
 
 from mlxq.settings import BUILTIN_MODEL  # noqa: E402
@@ -219,10 +219,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--out", default=str(ROOT / "bench_structured.png"))
     args = parser.parse_args()
-    from worker.pull import pull_builtin
-
-    models = ROOT / ".data" / "models"
-    model_dir = f32_copy(pull_builtin(models / BUILTIN_MODEL), models / f"{BUILTIN_MODEL}-f32")
+    model_dir = builtin_f32()
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         with mlxq_server("embedded", model_dir, tmp_path) as started:

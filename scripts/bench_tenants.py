@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_agent import USERS, f32_copy, system_prompt  # noqa: E402
+from bench_agent import USERS, builtin_f32, system_prompt  # noqa: E402
 
 from mlxq.procs import Service  # noqa: E402
 from mlxq.settings import BUILTIN_MODEL  # noqa: E402
@@ -149,10 +149,7 @@ def main() -> None:
     parser.add_argument("--configs", default="global,one-key,four-keys")
     parser.add_argument("--turns", type=int, default=5)
     args = parser.parse_args()
-    from worker.pull import pull_builtin
-
-    models = ROOT / ".data" / "models"
-    model_dir = f32_copy(pull_builtin(models / BUILTIN_MODEL), models / f"{BUILTIN_MODEL}-f32")
+    model_dir = builtin_f32()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.configs.split(","):
