@@ -13,6 +13,7 @@ from worker.blas import preload_openblas
 
 preload_openblas()
 
+from worker.batcher import KvLimit  # noqa: E402
 from worker.engine import BatchLimits, Engine, wait  # noqa: E402
 
 
@@ -186,9 +187,14 @@ def test_the_heap_goes_back_once_the_batch_has_rested_not_between_turns(
 ):
     # An agent's next turn comes a few ms after the answer before it: the heap is trimmed after a rest, not in between.
     trims: list[float] = []
-    monkeypatch.setattr("worker.batcher.trim_heap", lambda: trims.append(time.monotonic()))
+    # This engine's trims only: an earlier test's engine, still alive, trims when its batch rests too.
+    mine: list[threading.Thread] = []
+    monkeypatch.setattr(
+        "worker.batcher.trim_heap", lambda: threading.current_thread() in mine and trims.append(time.monotonic())
+    )
     monkeypatch.setattr("worker.batcher.IDLE_TRIM_S", 2.0)  # a loaded machine's pause between turns is not a rest
     engine = Engine.load(str(tiny_model), BatchLimits(size=4))
+    mine.append(engine.batcher._thread)
     try:
         engine.generate("chat", chat("Name a colour.", max_tokens=4))
         trims.clear()  # the load's warm-up rested before this
@@ -221,5 +227,58 @@ def test_a_finished_sequence_counts_as_in_flight_until_its_cache_is_stored(tiny_
         engine.generate("chat", chat("Name a colour.", max_tokens=4))
         assert seen and all(s["active"] == 1 and s["kv_bytes"] > 0 for s in seen), seen
         assert engine.batcher.stats()["active"] == 0
+    finally:
+        engine.close()
+
+
+def test_a_parked_cache_counts_within_the_kv_share(tiny_model: Path):
+    """A parked sequence keeps its cache only while it leaves the room it was parked for: the batch and the parked
+    caches together stay within the KV share (a parked cache once counted nowhere), and /health shows them."""
+    engine = Engine.load(str(tiny_model), BatchLimits(size=4))
+    try:
+        prefix = engine.enable_prefix_cache(max_entries=16)  # a dropped cache's sequence resumes from it
+        batcher = engine.batcher
+        requests = [chat(f"background job {i}", max_tokens=200) for i in range(4)]
+        answers = [engine.generate("chat", r) for r in requests]
+        alone = [a["text"] for a in answers]
+        seen: list[tuple[int, int, int]] = []  # at each admission: sequences in the batch, its KV and the parked caches
+        start = batcher._start
+
+        def counted_start(seq: Any, others: Any) -> None:
+            start(seq, others)
+            memory = engine.memory()
+            seen.append((len(batcher._active), memory["kv_in_flight"], memory["kv_parked"]))
+
+        batcher._start = counted_start  # type: ignore[method-assign]
+
+        def park_one() -> list[dict]:
+            seen.clear()
+            low = [engine.submit("chat", r, priority="low") for r in requests]
+            deadline = time.monotonic() + 60
+            while not all(len(s.generated) >= 20 for s in low):
+                assert time.monotonic() < deadline, "the batch never filled"
+                time.sleep(0.005)
+            interactive = wait(engine.submit("chat", chat("I am a person waiting", max_tokens=8)), lambda _e: None)
+            assert interactive["usage"]["completion_tokens"] == 8
+            return [wait(s, lambda _e: None) for s in low]
+
+        # The batch is full by its size, with KV to spare: the parked cache is kept, and counted.
+        results = park_one()
+        assert [r["text"] for r in results] == alone
+        assert any(parked > 0 for _n, _kv, parked in seen), seen
+        assert all(kv + parked <= batcher.kv.bytes for _n, kv, parked in seen)
+
+        # The batch is full by its KV share: the interactive request needs the parked cache's room, so it is dropped and
+        # the sequence prefills again when it resumes, with the same answer.
+        shape = batcher.kv.shape
+        tight = shape.reservation(answers[0]["usage"]["prompt_tokens"] + 200, 4) + 8 * shape.per_token
+        batcher.call(lambda: setattr(batcher, "kv", KvLimit(bytes=tight, shape=shape)))
+        hits = prefix.stats.hits + len(requests)  # each request's own admission hits its earlier answer
+        results = park_one()
+        assert [r["text"] for r in results] == alone
+        assert batcher.stats()["preempted"] >= 2
+        assert all(n == 1 or kv + parked <= tight for n, kv, parked in seen), (seen, tight)
+        assert prefix.stats.hits > hits, "the dropped cache's sequence did not resume from the prefix cache"
+        assert engine.memory()["kv_parked"] == 0
     finally:
         engine.close()

@@ -307,6 +307,29 @@ def test_the_acceptance_rule_keeps_the_target_distribution():
     assert expected[prompt[2] * vocab + prompt[3]] < 0.8
 
 
+def test_a_joins_buffers_are_made_ahead_only_within_the_kv_shares_free_room():
+    """Buffers made ahead of a long prompt's join are held for steps, beside the batch's reservation: they are made
+    only where the KV share has room for them (GeneratorConfig.room), else the join makes its own as it copies."""
+    room = [0]
+    stream = mx.default_stream(mx.default_device())
+    config = GeneratorConfig(
+        small_model(), eos_ids=(), batch_size=4, prefill_batch_size=1, prefill_step=64, room=lambda: room[0]
+    )
+    gen = SpeculativeBatch(config, stream)
+    gen.admit(Admission(rest=[1, 2, 3, 4], max_tokens=50, cache=None, history=[], sampler=None, processors=[]))
+    gen.step()  # decoding: the batch has a cache a join extends
+    assert gen.warm(3000, seconds=10.0) == 0.0 and gen.ahead_bytes == 0, "made with no room for them"
+    room[0] = 1 << 30
+    gen.warm(3000, seconds=10.0)
+    assert gen.ahead_bytes > 0
+    # Two rows of a 3,000-token join, in whole steps of 256 with room for the next write: each layer's keys and
+    # values, float32 (2 layers, 2 KV heads of 8 dims).
+    rows, size = 2, (3000 + 256) // 256 * 256
+    assert gen.ahead_bytes == 2 * 2 * rows * 2 * size * 8 * 4
+    room[0] = gen.ahead_bytes - 1  # the batch grew: they go
+    assert gen.warm(3000, seconds=10.0) == 0.0 and gen.ahead_bytes == 0
+
+
 # -- caches: the prefix cache after a speculative turn, a parked sequence ------------------------------------------
 
 

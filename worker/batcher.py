@@ -14,7 +14,10 @@ engine thread loops over four small steps:
   empty. An interactive sequence that does not fit parks a low-priority one, else one of an owner
   over its ceiling (one still prefilling first), their KV caches kept and resumed later. So neither
   low-priority work nor another key's flood holds an interactive request for longer than the step in
-  progress plus its own prefill.
+  progress plus its own prefill. A parked cache counts within the KV share beside the batch: it is kept
+  only while it leaves room for the sequence it was parked for, and dropped when an admission needs its
+  room (the sequence then prefills again from the prefix cache when it resumes, as vLLM's recompute
+  preemption does), so parking never takes memory past the budget.
 - step: one generator step: one decoding step for the batch, then prefill chunks of waiting prompts
   within a time budget (worker.generator.ChunkedPrefill: interactive first, then the owner with the
   least prefill for its weight, then the shortest), so a short prompt behind a long one is prefilled
@@ -58,7 +61,7 @@ from worker.generator import (
     mlx_batch_generator,
 )
 from worker.memory import Budget, KvShape, trim_heap
-from worker.prefix_cache import PrefixCache, cache_length, materialize
+from worker.prefix_cache import PrefixCache, cache_bytes, cache_length, materialize
 from worker.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -127,6 +130,8 @@ class Batcher:
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
         self._stream: Any = None  # the engine thread's, once it runs
         self._active: dict[int, Sequence] = {}
+        # Waiting sequences that were parked with their KV cache (`_park`); pruned as their caches go.
+        self._parked: list[Sequence] = []
         # Interactive submissions, and how many of them the last admission had seen (`_arrived`).
         self._arrivals = 0
         self._admitted_at = 0
@@ -178,6 +183,8 @@ class Batcher:
                 "waiting": sum(len(q) for q in self._waiting.values()),
                 "tokens": self._tokens_in_flight(),
                 "kv_bytes": self._kv_bytes(),
+                "parked_bytes": self._parked_bytes(),
+                "ahead_bytes": int(getattr(self._gen, "ahead_bytes", 0)),
                 "preempted": self.preempted,
                 "sheds": self.sheds,
             }
@@ -248,6 +255,7 @@ class Batcher:
             arrived=self._arrived,
             decoded=self._take,
             long_chunk=self.prefill_step * (self.prefill_batch_size if self.chunks_grow else 1),
+            room=lambda: self.kv.bytes - self._kv_bytes() - self._parked_bytes(),
         )
         gen = self.generator(config, stream)
         # The budget's limits, set with each generator: mlx-lm's sets the wired limit to the machine's.
@@ -270,6 +278,26 @@ class Batcher:
         if not self._active:
             return True
         return len(self._active) < self.batch_size and self._kv_bytes(seq) <= self.kv.bytes
+
+    # -- parked caches -------------------------------------------------------------------------------
+
+    def _parked_bytes(self, but: Sequence | None = None) -> int:
+        """Bytes of the KV caches that parked sequences keep while they wait, `but`'s aside."""
+        return sum(cache_bytes(s.resume[0]) for s in self._parked if s is not but and s.resume and s.resume[0])
+
+    def _parked_room(self, seq: Sequence, held: int = 0) -> bool:
+        """Whether the batch with `seq` in it, the parked caches beside it and `held` more bytes fit the KV share."""
+        return self._kv_bytes(seq) + self._parked_bytes(but=seq) + held <= self.kv.bytes
+
+    def _drop_parked(self, seq: Sequence) -> None:
+        """Give `seq` the room parked caches hold, as little as it needs: low priority's first, the most recently
+        parked first within a priority. Those sequences prefill again when they resume (`_start`)."""
+        for other in sorted(reversed([s for s in self._parked if s is not seq]), key=lambda s: s.priority != "low"):
+            if self._parked_room(seq):
+                return
+            if other.resume is not None:
+                other.resume = (None, 0)
+                log.info("dropped a parked sequence's cache (it prefills again) to make room")
 
     # -- fair shares -------------------------------------------------------------------------------
 
@@ -303,15 +331,19 @@ class Batcher:
     def _admit(self) -> None:
         self._admitted_at = self._arrivals
         self._drop_cancelled_waiting()
+        with self._cond:  # those resumed, or whose cache went, are parked no more
+            self._parked = [s for s in self._parked if s.resume is not None and s.resume[0] is not None]
         while True:
             with self._cond:
                 seq = self._pick()
                 if seq is None:
                     return
                 if not self._fits(seq):
-                    if seq.priority == "low" or not (self._preempt_low() or self._preempt_unfair(seq)):
+                    if seq.priority == "low" or not (self._preempt_low(seq) or self._preempt_unfair(seq)):
                         return
                     continue
+                if not self._parked_room(seq):
+                    self._drop_parked(seq)
                 self._waiting[seq.priority].remove(seq)
                 # Waiting prompts that may share its prefix-cache entry: its own partition's only.
                 others = [s.prompt for q in self._waiting.values() for s in q if s.partition == seq.partition]
@@ -323,6 +355,7 @@ class Batcher:
             for seq in cancelled:
                 self._waiting[seq.priority].remove(seq)
         for seq in cancelled:
+            seq.resume = None  # a parked cache goes with it
             seq.finish = FinishReason.CANCELLED
             seq.complete()
 
@@ -331,9 +364,10 @@ class Batcher:
         prefix = self.prefix() if seq.use_prefix_cache else None
         if seq.resume is not None:  # preempted earlier: continue from its own KV cache
             (cache, kept), seq.resume = seq.resume, None
-            if cache is None and prefix is not None and prefix.checkpoints:
-                # Its cache could not be kept (it was decoding: a cache that cannot be trimmed holds one token too
-                # many to resume from): from its checkpoints, prefilling the tokens generated since.
+            if cache is None and prefix is not None:
+                # Its cache was not kept (dropped for room, or it was decoding and cannot be trimmed: it holds one
+                # token too many to resume from): from the prefix cache (a checkpoint where the model keeps them),
+                # prefilling the rest.
                 resumed = prefix.fetch(seq.fed, others=others, partition=seq.partition)
                 cache, kept = resumed.cache, resumed.cached_tokens
                 if resumed.taken is not None:
@@ -369,7 +403,7 @@ class Batcher:
         seq.prefilling = len(rest)
         self._active[seq.uid] = seq
 
-    def _preempt_low(self) -> bool:
+    def _preempt_low(self, seq: Sequence) -> bool:
         """Make room for an interactive sequence: park a low-priority one with its KV cache, the one parked
         least often so far (the newest among those): always the newest would park the same line each
         time, leaving it to finish alone at the end of a batch."""
@@ -377,9 +411,9 @@ class Batcher:
         if not low:
             return False
         if self.checkpoints:  # one still prefilling keeps its cache; a decoding one prefills its answer again
-            self._park(min(low, key=lambda s: (not s.prefilling, s.preemptions, -s.admitted_at)))
+            self._park(min(low, key=lambda s: (not s.prefilling, s.preemptions, -s.admitted_at)), seq)
         else:
-            self._park(min(low, key=lambda s: (s.preemptions, -s.admitted_at)))
+            self._park(min(low, key=lambda s: (s.preemptions, -s.admitted_at)), seq)
         return True
 
     def _preempt_unfair(self, seq: Sequence) -> bool:
@@ -398,11 +432,12 @@ class Batcher:
         if not over:
             return False
         victim = min(over, key=lambda s: (not s.prefilling, s.preemptions, -s.admitted_at))
-        self._park(victim, reason="another owner's request (fair share)")
+        self._park(victim, seq, reason="another owner's request (fair share)")
         return True
 
-    def _park(self, seq: Sequence, reason: str = "") -> None:
-        """Take a sequence out of the batch with its KV cache; it resumes from there later, first of its priority."""
+    def _park(self, seq: Sequence, room_for: Sequence, reason: str = "") -> None:
+        """Take a sequence out of the batch with its KV cache, kept while it leaves room for `room_for` within the KV
+        share; it resumes from there later, first of its priority."""
         assert self._gen is not None
         seq.preemptions += 1
         uid = seq.uid
@@ -419,11 +454,14 @@ class Batcher:
             # A cache that cannot be trimmed (recurrent state, a moved window) trims nothing: feeding the last token
             # again on top of it would be wrong.
             usable = can_trim_prompt_cache(cache) and trim_prompt_cache(cache, drop) == drop
+        if usable and not self._parked_room(room_for, held=cache_bytes(cache)):
+            usable = False  # its bytes are the room wanted (a batch at its KV share, not at its size)
         if not usable:
-            cache = None  # prefill again: from the prefix cache's checkpoints where the model keeps them
+            cache = None  # prefill again: from the prefix cache (its checkpoints, where the model keeps them)
             keep = 0
         else:
             materialize(cache)
+            self._parked.append(seq)
         seq.resume, seq.uid = (cache, keep), None
         self.preempted += 1
         self._waiting[seq.priority].appendleft(seq)

@@ -345,10 +345,18 @@ class Engine:
 
     def memory(self) -> dict[str, int]:
         """The budget, each part's limit and use, MLX's own counts and the process's RSS (/health, /metrics)."""
-        batch = self.batcher.stats() if self._batcher is not None else {"kv_bytes": 0}
+        batch = (
+            self.batcher.stats()
+            if self._batcher is not None
+            else dict.fromkeys(("kv_bytes", "parked_bytes", "ahead_bytes"), 0)
+        )
         return {
             **self.budget.limits(),
             "kv_in_flight": batch["kv_bytes"],
+            # Within the KV share beside the batch (worker.batcher): parked sequences' caches, and a coming join's
+            # buffers made ahead of it.
+            "kv_parked": batch["parked_bytes"],
+            "kv_ahead": batch["ahead_bytes"],
             "kv_limit": self.kv_limit,
             "prefix_cache": int(self.prefix.lru.held) if self.prefix is not None else 0,
             "prefix_spilling": self.prefix.spilling if self.prefix is not None else 0,

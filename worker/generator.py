@@ -77,6 +77,9 @@ class GeneratorConfig:
     # allows the prefill share's tokens (prefill_step × prefill_batch_size) where every layer's cache grows with the
     # sequence (worker.engine: not for windows or recurrent layers).
     long_chunk: int = 0
+    # Bytes the KV share has free beside the batch's reservation and the parked caches (worker.batcher): a join's
+    # buffers are made ahead of it (`SpeculativeBatch.warm`) only within them. None: no bound.
+    room: Callable[[], int] | None = None
 
 
 @dataclass(frozen=True)
@@ -683,6 +686,11 @@ class ChunkedPrefill:
         if len(p.rest) > WARM_STEPS * max(self.last_budget, MIN_BUDGET):
             return 0.0
         return float(warm(len(p.tokens) + len(p.rest) - 1, WARM_SHARE * self.step_s(self.cost.decode_s)))
+
+    @property
+    def ahead_bytes(self) -> int:
+        """The bytes of a coming join's buffers made ahead of it (`_warm`)."""
+        return int(getattr(self.inner, "ahead_bytes", 0))
 
     def _ready(self) -> list[_Prefilling]:
         """The prompts whose caches can take a chunk (not still being made: `_warm_own`)."""

@@ -243,6 +243,12 @@ def _fits(buffers: Buffers, shapes: tuple[tuple[int, ...], tuple[int, ...]], dty
     return all(tuple(b.shape) == s and b.dtype == d for b, s, d in zip(buffers, shapes, dtypes, strict=True))
 
 
+def _buffer_bytes(shapes: tuple[tuple[int, ...], tuple[int, ...]], cache: RaggedKVCache) -> int:
+    """The bytes of a layer's keys and values buffers of these shapes, in its cache's dtypes."""
+    assert cache.keys is not None and cache.values is not None  # a layer with shapes to go by holds both
+    return math.prod(shapes[0]) * cache.keys.dtype.size + math.prod(shapes[1]) * cache.values.dtype.size
+
+
 def _ints(x: mx.array) -> list[int]:
     return cast(list[int], x.tolist())
 
@@ -435,6 +441,8 @@ class SpeculativeBatch:
         self._joining: list[tuple[_Row, list[Any], list[int]]] = []
         self._next_uid = 0
         self._ready: dict[int, Buffers] = {}  # layer -> the zeroed buffers a coming join copies into (`warm`)
+        self.ahead_bytes = 0  # theirs (an int: /health reads it from another thread)
+        self.room = config.room
 
     # -- the Generator interface -------------------------------------------------------------------------------------
 
@@ -494,13 +502,18 @@ class SpeculativeBatch:
         step that joined a 3,000-token prompt to a stream, 0.13 s when warm), that cost is spread over the steps before
         it, each of which leaves prefill that much less (worker.generator.ChunkedPrefill.budget). Returns the seconds
         spent."""
-        if end <= 0 or not self._cache:
+        rows = len(self._rows) + len(self._joining) + 1
+        joined = [cache.joined_shapes(rows, end) if end > 0 else None for cache in self._cache]
+        # Held for up to WARM_STEPS steps, they are memory the batch's reservation does not count: made only within the
+        # KV share's free room, else the join makes its buffers as it copies (its step pays the first touch).
+        need = sum(_buffer_bytes(s, c) for s, c in zip(joined, self._cache, strict=True) if s is not None)
+        if end <= 0 or not self._cache or (self.room is not None and need > self.room()):
             self._ready.clear()
+            self.ahead_bytes = 0
             return 0.0
         tic = time.perf_counter()
-        rows = len(self._rows) + len(self._joining) + 1
         for layer, cache in enumerate(self._cache):
-            shapes = cache.joined_shapes(rows, end)
+            shapes = joined[layer]
             held = self._ready.get(layer)
             if shapes is None or (held is not None and _fits(held, shapes, (held[0].dtype, held[1].dtype))):
                 continue
@@ -508,6 +521,7 @@ class SpeculativeBatch:
             buffers = mx.zeros(shapes[0], cache.keys.dtype), mx.zeros(shapes[1], cache.values.dtype)
             mx.eval(*buffers)
             self._ready[layer] = buffers
+            self.ahead_bytes = sum(k.nbytes + v.nbytes for k, v in self._ready.values())
             if time.perf_counter() - tic >= seconds:
                 break
         return time.perf_counter() - tic
@@ -551,6 +565,7 @@ class SpeculativeBatch:
             for layer, mine in enumerate(self._cache):
                 mine.extend(*(part[layer] for part in parts), into=self._ready.pop(layer, None))
         self._ready.clear()
+        self.ahead_bytes = 0
         if self.draft is not None:  # empty rows: they catch up when they draft
             empty = [RaggedKVCache([0] * len(rows), [0] * len(rows)) for _ in make_prompt_cache(self.draft)]
             if self._draft_cache:
