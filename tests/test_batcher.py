@@ -268,8 +268,8 @@ def test_a_parked_cache_counts_within_the_kv_share(tiny_model: Path):
         assert any(parked > 0 for _n, _kv, parked in seen), seen
         assert all(kv + parked <= batcher.kv.bytes for _n, kv, parked in seen)
 
-        # The batch is full by its KV share: the interactive request needs the parked cache's room, so it is dropped and
-        # the sequence prefills again when it resumes, with the same answer.
+        # The batch is full by its KV share: the interactive request needs the parked cache's room, so it goes to the
+        # prefix cache, and the sequence resumes from there with the same answer.
         shape = batcher.kv.shape
         tight = shape.reservation(answers[0]["usage"]["prompt_tokens"] + 200, 4) + 8 * shape.per_token
         batcher.call(lambda: setattr(batcher, "kv", KvLimit(bytes=tight, shape=shape)))
@@ -278,7 +278,7 @@ def test_a_parked_cache_counts_within_the_kv_share(tiny_model: Path):
         assert [r["text"] for r in results] == alone
         assert batcher.stats()["preempted"] >= 2
         assert all(n == 1 or kv + parked <= tight for n, kv, parked in seen), (seen, tight)
-        assert prefix.stats.hits > hits, "the dropped cache's sequence did not resume from the prefix cache"
+        assert prefix.stats.hits > hits, "the parked sequence did not resume from the prefix cache"
         assert engine.memory()["kv_parked"] == 0
     finally:
         engine.close()

@@ -15,9 +15,9 @@ engine thread loops over four small steps:
   over its ceiling (one still prefilling first), their KV caches kept and resumed later. So neither
   low-priority work nor another key's flood holds an interactive request for longer than the step in
   progress plus its own prefill. A parked cache counts within the KV share beside the batch: it is kept
-  only while it leaves room for the sequence it was parked for, and dropped when an admission needs its
-  room (the sequence then prefills again from the prefix cache when it resumes, as vLLM's recompute
-  preemption does), so parking never takes memory past the budget.
+  only while it leaves room for the sequence it was parked for, and handed to the prefix cache when an
+  admission needs its room (the sequence resumes from there, or prefills again once the LRU has let it
+  go, as vLLM's recompute preemption does), so parking never takes memory past the budget.
 - step: one generator step: one decoding step for the batch, then prefill chunks of waiting prompts
   within a time budget (worker.generator.ChunkedPrefill: interactive first, then the owner with the
   least prefill for its weight, then the shortest), so a short prompt behind a long one is prefilled
@@ -295,9 +295,17 @@ class Batcher:
         for other in sorted(reversed([s for s in self._parked if s is not seq]), key=lambda s: s.priority != "low"):
             if self._parked_room(seq):
                 return
-            if other.resume is not None:
+            if other.resume is not None and other.resume[0] is not None:
+                self._let_go(other, other.resume[0], other.resume[1])
                 other.resume = (None, 0)
-                log.info("dropped a parked sequence's cache (it prefills again) to make room")
+                log.info("dropped a parked sequence's cache (it resumes from the prefix cache) to make room")
+
+    def _let_go(self, seq: Sequence, cache: list[Any], keep: int) -> None:
+        """A parked cache whose room is wanted goes into the prefix cache, within that share's bytes, where its resume
+        finds it unless the LRU has let it go by then (it then prefills again, as vLLM's recompute preemption does)."""
+        prefix = self.prefix() if seq.use_prefix_cache else None
+        if prefix is not None and keep > 0 and can_trim_prompt_cache(cache):
+            prefix.insert(seq.fed[:keep], cache, partition=seq.partition)
 
     # -- fair shares -------------------------------------------------------------------------------
 
@@ -455,7 +463,9 @@ class Batcher:
             # again on top of it would be wrong.
             usable = can_trim_prompt_cache(cache) and trim_prompt_cache(cache, drop) == drop
         if usable and not self._parked_room(room_for, held=cache_bytes(cache)):
-            usable = False  # its bytes are the room wanted (a batch at its KV share, not at its size)
+            # Its bytes are the room wanted (a batch at its KV share, not at its size).
+            self._let_go(seq, cache, keep)
+            usable = False
         if not usable:
             cache = None  # prefill again: from the prefix cache (its checkpoints, where the model keeps them)
             keep = 0
