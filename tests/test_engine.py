@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -142,3 +144,21 @@ def test_a_thorough_warm_up_runs_the_batch_paths_together_and_leaves_nothing_beh
     assert isinstance(gen, ChunkedPrefill) and gen.cost.fit() is None, "the warm-up's timings are forgotten"
     assert engine.generate("chat", chat()) == before
     engine.batcher.stop()
+
+
+def test_a_process_that_closed_its_engine_exits_cleanly(tiny_model: Path):
+    """A script that loads an engine, generates and closes it ends with status 0. The engine thread's C++ thread-locals
+    (MLX's compile cache) were destroyed after join() returned, and when the interpreter had begun to finalize by
+    then, the process aborted as it ended (status 134, "terminate called without an active exception")."""
+    script = (
+        "from worker.blas import preload_openblas\n"
+        "preload_openblas()\n"
+        "from worker.engine import Engine\n"
+        f"engine = Engine.load({str(tiny_model)!r})\n"
+        "engine.generate('chat', {'messages': [{'role': 'user', 'content': 'hi'}], 'max_tokens': 4})\n"
+        "engine.close()\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    for _ in range(3):  # it aborted on nearly every run before
+        done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]

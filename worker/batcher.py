@@ -42,6 +42,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -194,6 +195,14 @@ class Batcher:
             self._stopping = True
             self._cond.notify()
         self._thread.join(timeout=10)
+        # join() returns before the thread's own C++ thread-locals are destroyed: MLX's compile cache among them, which
+        # takes the GIL to drop what it holds. Had the interpreter begun to finalize by then, the thread was made to exit
+        # inside that destructor and the process aborted ("terminate called without an active exception"). On Linux,
+        # wait until the thread is gone.
+        task = Path(f"/proc/self/task/{self._thread.native_id}")
+        deadline = time.monotonic() + 2.0
+        while not self._thread.is_alive() and task.exists() and time.monotonic() < deadline:
+            time.sleep(0.002)
 
     # -- the engine thread -------------------------------------------------------------------
 
