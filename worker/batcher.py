@@ -292,7 +292,8 @@ class Batcher:
 
     def _parked_bytes(self, but: Sequence | None = None) -> int:
         """Bytes of the KV caches that parked sequences keep while they wait, `but`'s aside."""
-        return sum(cache_bytes(s.resume[0]) for s in self._parked if s is not but and s.resume and s.resume[0])
+        # `resume` read once: the engine thread clears it (a resume) while /health reads this under the lock.
+        return sum(cache_bytes(r[0]) for s in self._parked if s is not but and (r := s.resume) and r[0])
 
     def _parked_room(self, seq: Sequence, held: int = 0) -> bool:
         """Whether the batch with `seq` in it, the parked caches beside it and `held` more bytes fit the KV share."""
@@ -381,6 +382,7 @@ class Batcher:
         prefix = self.prefix() if seq.use_prefix_cache else None
         if seq.resume is not None:  # preempted earlier: continue from its own KV cache
             (cache, kept), seq.resume = seq.resume, None
+            self._parked = [s for s in self._parked if s is not seq]  # parked again later, it is listed again
             if cache is None and prefix is not None:
                 # Its cache was not kept (dropped for room, or it was decoding and cannot be trimmed: it holds one
                 # token too many to resume from): from the prefix cache (a checkpoint where the model keeps them),
