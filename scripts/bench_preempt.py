@@ -43,6 +43,7 @@ preload_openblas()  # before anything imports MLX (bench_agent does)
 from bench_agent import builtin_f32  # noqa: E402
 
 from worker.engine import BatchLimits, Engine, wait  # noqa: E402
+from worker.memory import KV_STEP  # noqa: E402
 
 LINES = 4
 
@@ -69,7 +70,7 @@ def run(model: Path, config: str, lines: list[dict[str, Any]], alone: list[str],
         probe = Engine.load(str(model), BatchLimits(size=LINES))
         longest = max(len(probe.chat_tokens(r)) + args.max_tokens for r in lines)
         probe.close()
-        tokens = LINES * (longest + 255) + 64
+        tokens = LINES * (longest + KV_STEP - 1) + 64  # worker.memory.KvShape.reservation's rows
     engine = Engine.load(str(model), BatchLimits(size=LINES, tokens=tokens))
     engine.enable_prefix_cache(max_entries=16)
     drops = Drops()

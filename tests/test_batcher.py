@@ -236,7 +236,7 @@ def test_a_parked_cache_counts_within_the_kv_share(tiny_model: Path):
     caches together stay within the KV share (a parked cache once counted nowhere), and /health shows them."""
     engine = Engine.load(str(tiny_model), BatchLimits(size=4))
     try:
-        prefix = engine.enable_prefix_cache(max_entries=16)  # a dropped cache's sequence resumes from it
+        prefix = engine.enable_prefix_cache(max_entries=16)  # a parked cache whose room is wanted goes there
         batcher = engine.batcher
         requests = [chat(f"background job {i}", max_tokens=200) for i in range(4)]
         answers = [engine.generate("chat", r) for r in requests]

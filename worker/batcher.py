@@ -301,7 +301,7 @@ class Batcher:
 
     def _drop_parked(self, seq: Sequence) -> None:
         """Give `seq` the room parked caches hold, as little as it needs: low priority's first, the most recently
-        parked first within a priority. Those sequences prefill again when they resume (`_start`)."""
+        parked first within a priority. Their caches go to the prefix cache, which their resume reads (`_start`)."""
         for other in sorted(reversed([s for s in self._parked if s is not seq]), key=lambda s: s.priority != "low"):
             if self._parked_room(seq):
                 return

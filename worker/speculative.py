@@ -521,9 +521,9 @@ class SpeculativeBatch:
             buffers = mx.zeros(shapes[0], cache.keys.dtype), mx.zeros(shapes[1], cache.values.dtype)
             mx.eval(*buffers)
             self._ready[layer] = buffers
-            self.ahead_bytes = sum(k.nbytes + v.nbytes for k, v in self._ready.values())
             if time.perf_counter() - tic >= seconds:
                 break
+        self.ahead_bytes = sum(k.nbytes + v.nbytes for k, v in self._ready.values())
         return time.perf_counter() - tic
 
     # -- a step ------------------------------------------------------------------------------------------------------
