@@ -48,7 +48,7 @@ import mlx.nn as nn
 from mlx_lm.generate import PromptProcessingBatch
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
-from worker.generator import Admission, Generated, GeneratorConfig, Prefilled, Step
+from worker.generator import Admission, Generated, GeneratorConfig, Prefilled, Step, ints
 from worker.seeded_sampler import SeededSampler
 from worker.sequence import Sampler
 
@@ -249,10 +249,6 @@ def _buffer_bytes(shapes: tuple[tuple[int, ...], tuple[int, ...]], cache: Ragged
     return math.prod(shapes[0]) * cache.keys.dtype.size + math.prod(shapes[1]) * cache.values.dtype.size
 
 
-def _ints(x: mx.array) -> list[int]:
-    return cast(list[int], x.tolist())
-
-
 class PromptLookup:
     """N-gram index of a sequence's tokens (prompt and output): where each n-gram last occurred."""
 
@@ -381,7 +377,9 @@ class _Row:
     uid: int
     tokens: list[int]  # what its cache holds
     last: int  # the token to feed next (sampled, not yet in the cache); known from the step that drafted
-    fresh: bool  # `last` is its prompt's last token: not generated, not reported
+    fresh: (
+        bool  # `last` is not reported: its prompt's last token, or a first token the prefill stage sampled and reported
+    )
     left: int  # tokens it may still generate
     sampler: Sampler | None
     processors: tuple[Any, ...]
@@ -454,23 +452,28 @@ class SpeculativeBatch:
     # from the prompts waiting: then only drafts about as cheap as a plain step are tried (where the forward is
     # memory-bound). Measured here: eight edit clients at 0.9x drafting off, and 0.75x with steps up to the target.
     prefill_waits: bool = False
+    # A sequence may come in with its whole prompt in its cache and its first token sampled (`Admission.first`).
+    takes_sampled = True
 
     def admit(self, admission: Admission) -> int:
         uid = self._next_uid
         self._next_uid += 1
         cache = admission.cache if admission.cache is not None else make_prompt_cache(self.model)
+        sampled = admission.first is not None
         row = _Row(
             uid,
             tokens=list(admission.history),
-            last=admission.rest[-1],
+            # A first token sampled by the prefill stage was reported there: `fresh`, it is fed but not reported again.
+            last=admission.first if admission.first is not None else admission.rest[-1],
             fresh=True,
-            left=admission.max_tokens,
+            left=admission.max_tokens - sampled,
             sampler=admission.sampler,
             processors=tuple(admission.processors or ()),
             lookup=PromptLookup([]),
             seed=PromptLookup(list(admission.prediction)) if admission.prediction else None,
+            opened=sampled,
         )
-        self._joining.append((row, cache, list(admission.rest[:-1])))
+        self._joining.append((row, cache, [] if sampled else list(admission.rest[:-1])))
         return uid
 
     def step(self) -> Step:
@@ -588,7 +591,7 @@ class SpeculativeBatch:
         if self._best_length([row.draft_length if row.wants() else 0 for row in self._rows]) == 1:
             return None
         assert self._last is not None
-        for row, last in zip(self._rows, _ints(self._last), strict=True):
+        for row, last in zip(self._rows, ints(self._last), strict=True):
             row.last = last
         drafts: list[list[int]] = []
         for row in self._rows:
@@ -719,7 +722,7 @@ class SpeculativeBatch:
         mx.async_eval(sampled, now)
         mx.eval(inputs, [p for p in previous if p is not None])
         out: list[list[tuple[int, mx.array | None]]] = []
-        for row, token, lp, nxt in zip(self._rows, _ints(inputs), previous, now, strict=True):
+        for row, token, lp, nxt in zip(self._rows, ints(inputs), previous, now, strict=True):
             out.append([] if row.fresh else [(token, lp)])
             row.tokens.append(token)
             row.lookup.extend([token])
