@@ -377,23 +377,27 @@ def test_a_prompt_deep_in_its_context_joins_the_decode_batch_from_its_own_cache(
 
 def test_a_prompts_last_chunk_gives_its_first_token_where_the_decode_batch_is_ours(model: Any):
     """Before the decode batch (worker.speculative), a prompt's last chunk takes its last token too, and its first token
-    is sampled from that forward: it comes with the step that ends the prompt, not after a decode forward of the last
-    prompt token in the step after, as mlx-lm's batch has it (one forward sooner: on this CPU 318 ms against 373 for a
-    30-token later turn of SmolLM2). Its answer is the one mlx-lm's batch gives, plain and under penalties (processors
-    see the whole prompt first); one that ends on that token leaves with the cache of its whole prompt."""
+    is sampled from that forward (or, where `_merges` says so, from a forward of the last token alone, in the same
+    step): it comes with the step that ends the prompt, not after a decode forward of the last prompt token in the step
+    after, as mlx-lm's batch has it (one forward sooner: on this CPU 318 ms against 373 for a 30-token later turn of
+    SmolLM2). Its answer is the one mlx-lm's batch gives, plain and under penalties (processors see the whole prompt
+    first); one that ends on that token (its length, or an end-of-sequence token) leaves with its whole prompt's
+    cache."""
     from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.sample_utils import make_logits_processors
 
     held, rest = tokens(PrefillCost.START + 88, 3), tokens(10, 4)
-    config = GeneratorConfig(model, eos_ids=(), batch_size=8, prefill_batch_size=8, prefill_step=64)
     stream = mx.default_stream(mx.default_device())
 
-    def run(ours: bool, max_tokens: int, processors: list[Any]) -> tuple[list[Step], int]:
+    def run(
+        ours: bool, max_tokens: int, processors: list[Any], merges: bool = False, eos: tuple[int, ...] = ()
+    ) -> tuple[list[Step], int]:
+        config = GeneratorConfig(model, eos_ids=eos, batch_size=8, prefill_batch_size=8, prefill_step=64)
         gen = ChunkedPrefill(config, stream, SpeculativeBatch(config, stream) if ours else None)
+        gen._merges = lambda *_: merges  # type: ignore[method-assign]
         cache = make_prompt_cache(model)
         model(mx.array(held)[None], cache=cache)
-        a = Admission(rest, max_tokens, cache, list(held), None, processors, watched=False)
-        uid = gen.admit(a)
+        uid = gen.admit(Admission(rest, max_tokens, cache, list(held), None, processors, watched=False))
         steps: list[Step] = []
         deep: list[int] = []
         while not any(g.uid == uid and g.finish_reason for s in steps for g in s.generated):
@@ -407,19 +411,21 @@ def test_a_prompts_last_chunk_gives_its_first_token_where_the_decode_batch_is_ou
         return [g.token for s in steps for g in s.generated if g.uid == uid]
 
     for processors in ([], make_logits_processors(repetition_penalty=1.3, presence_penalty=0.5)):
-        (ours, uid), (theirs, their_uid) = run(True, 6, processors), run(False, 6, processors)
-        assert answer(ours, uid) == answer(theirs, their_uid)
-        ended = next(i for i, s in enumerate(ours) if any(p.uid == uid and p.finished for p in s.prefilled))
-        assert [g.uid for g in ours[ended].generated] == [uid], (
-            "the first token comes with the step that ends the prompt"
-        )
+        theirs, their_uid = run(False, 6, processors)
         their_end = next(i for i, s in enumerate(theirs) if any(p.finished for p in s.prefilled))
         assert not theirs[their_end].generated, "mlx-lm's batch: one decode forward later"
+        for merges in (False, True):
+            ours, uid = run(True, 6, processors, merges)
+            assert answer(ours, uid) == answer(theirs, their_uid)
+            ended = next(i for i, s in enumerate(ours) if any(p.uid == uid and p.finished for p in s.prefilled))
+            assert [g.uid for g in ours[ended].generated] == [uid], "the first token comes with the prompt's end"
 
-    steps, uid = run(True, 1, [])
-    (only,) = [g for s in steps for g in s.generated]
-    assert only.finish_reason == "length" and only.tokens == held + rest
-    assert only.cache is not None and cache_length(only.cache) == len(held) + len(rest)
+    first = answer(theirs, their_uid)[0]
+    for max_tokens, eos, reason in ((1, (), "length"), (6, (first,), "stop")):
+        steps, uid = run(True, max_tokens, [], eos=eos)
+        (only,) = [g for s in steps for g in s.generated]
+        assert (only.token, only.finish_reason, only.tokens) == (first, reason, held + rest)
+        assert only.cache is not None and cache_length(only.cache) == len(held) + len(rest)
 
 
 def test_newcomers_that_go_whole_get_a_step_of_their_own_every_other_step_at_most(model: Any):

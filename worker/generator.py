@@ -428,7 +428,7 @@ class _Prefilling:
     admission: Admission
     cache: list[Any]
     tokens: list[int]  # what `cache` holds: the history, then the prompt tokens prefilled so far
-    rest: list[int]  # still to prefill, the last one (the decoder's first input) included
+    rest: list[int]  # still to prefill, the last one included (the decoder's first input, unless `_tail` is 0)
     total: int  # len(rest) when admitted
     checkpoints: list[int]  # the positions (len(tokens)) still to hand a copy of the cache back at, ascending
     chunks: int = 0  # run so far (`_run`)
@@ -669,15 +669,15 @@ class ChunkedPrefill:
                 prefilled, checkpoints, grouped = self._prefill(
                     budget, max(budget, self.group_budget(watched)), decoding
                 )
-                step.prefilled.extend(prefilled)
                 step.checkpoints.extend(checkpoints)
-                if self._firsts:
-                    # Out before the join below copies their caches into the decode batch's.
-                    firsts, self._firsts = Step([], self._firsts), []
-                    if self._decoded is not None:
-                        self._decoded(firsts)
-                    else:
-                        step.generated.extend(firsts.generated)
+                if self._firsts and self._decoded is not None:
+                    # Out before the join below copies their caches into the decode batch's (with the prefill progress,
+                    # which then comes before them).
+                    self._decoded(Step(prefilled, self._firsts))
+                else:
+                    step.prefilled.extend(prefilled)
+                    step.generated.extend(self._firsts)
+                self._firsts = []
         if self._moved:
             # Those that joined it take their first decoding forward now: their first token comes with the next
             # step's decode, not one step later (a group handed over whole is prefilled in it, in one forward). The
@@ -879,10 +879,10 @@ class ChunkedPrefill:
                 mx.eval([c.state for c in p.cache])
                 self.cost.add(n - 1, time.perf_counter() - tic, depth=depth)
                 last = chunk[-1:]
-            toc = time.perf_counter()
             token, logprobs = self._sample(p, chunk, self._last_logits(mx.array(last)[None], p.cache))
             mx.eval([c.state for c in p.cache], token, logprobs)
-            self.cost.add(len(last), time.perf_counter() - toc, depth=depth + n - len(last))
+            if last is chunk:  # a forward of the chunk's own: its cost is a chunk's (the last token's alone is not)
+                self.cost.add(n, time.perf_counter() - tic, depth=depth)
             p.first = ints(token)[0], logprobs[0]
         else:
             self.model(mx.array(chunk)[None], cache=p.cache)
@@ -995,27 +995,23 @@ def _last_logits(model: nn.Module) -> Callable[[mx.array, list[Any]], mx.array] 
     its head (the output projection over the vocabulary) over that position alone: over every position, a chunk of
     n tokens would pay n of the head's forwards, on this CPU a fifth of a SmolLM2 token's cost each. mlx-lm's models
     are a body (`model.model`) under a head (`lm_head`, or the tied embedding's `as_linear`); one that does more (a
-    logit scale, a softcap) is caught by the check against the whole model here, and keeps mlx-lm's way (None)."""
-    body = getattr(model, "model", None)
-    if body is None:
-        return None
-    if "lm_head" in model:
-        head = model["lm_head"]
-    elif body is not None and hasattr(getattr(body, "embed_tokens", None), "as_linear"):
-        head = body.embed_tokens.as_linear
-    else:
+    logit scale, a softcap) is told apart here by comparing body and head with the whole model, over the same
+    positions (the same kernels), and keeps mlx-lm's way (None)."""
+    try:
+        body = model["model"]
+        head = model["lm_head"] if "lm_head" in model else body["embed_tokens"].as_linear
+        probe = mx.array([[1, 2, 3]])
+        same = bool(mx.array_equal(head(body(probe, cache=make_prompt_cache(model))), model(probe)).item())
+    except Exception:  # not a body under a head, or a body that is called otherwise
+        same = False
+    if not same:
+        log.info("the model is not a body under an output projection: prompts' last tokens are fed by the decoder")
         return None
 
     def last(tokens: mx.array, cache: list[Any]) -> mx.array:
         return head(body(tokens, cache=cache)[:, -1, :])
 
-    probe = mx.array([[1, 2, 3]])
-    try:
-        whole = model(probe, cache=make_prompt_cache(model))[:, -1, :]
-        ok = bool(mx.allclose(last(probe, make_prompt_cache(model)), whole, rtol=1e-3, atol=1e-4).item())
-    except Exception:  # a body that is called otherwise
-        ok = False
-    return last if ok else None
+    return last
 
 
 def ints(x: mx.array) -> list[int]:

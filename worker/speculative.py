@@ -417,7 +417,8 @@ class _Row:
 
 class SpeculativeBatch:
     """The decode stage with speculative decoding (module doc), behind the `Generator` interface: sequences come in
-    prefilled (their cache holds all but the last prompt token: worker.generator.ChunkedPrefill's inner)."""
+    prefilled (worker.generator.ChunkedPrefill's inner): their cache holds all but the last prompt token, or all of it
+    with their first token sampled (`Admission.first`)."""
 
     def __init__(self, config: GeneratorConfig, stream: Any, stats: DraftStats | None = None) -> None:
         self.model = config.model
