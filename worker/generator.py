@@ -924,15 +924,15 @@ class ChunkedPrefill:
         or with `first` none) to the decode batch, its first token (`first`) to the batcher with this step."""
         _reserve(p.cache, 0)
         a = p.admission
+        first = None
         if p.first is not None:
-            token, logprobs = p.first
-            reason = "stop" if token in self.eos else "length" if a.max_tokens <= 1 else None
-            if reason is not None:  # it ends here: the cache, holding its prompt, goes with its only token
+            first, logprobs = p.first
+            if reason := finish_reason(first, self.eos, a.max_tokens - 1):
+                # It ends here: the cache, holding its prompt, goes with its only token.
                 self._totals.pop(p.uid, None)
-                self._firsts.append(Generated(p.uid, token, logprobs, reason, p.cache, list(p.tokens)))
+                self._firsts.append(Generated(p.uid, first, logprobs, reason, p.cache, list(p.tokens)))
                 return
-            self._firsts.append(Generated(p.uid, token, logprobs, None))
-        first = p.first[0] if p.first is not None else None
+            self._firsts.append(Generated(p.uid, first, logprobs, None))
         inner = self.inner.admit(replace(a, rest=p.rest, cache=p.cache, history=p.tokens, checkpoints=(), first=first))
         self._inner_uid[p.uid] = inner
         self._uid[inner] = p.uid
@@ -1012,6 +1012,12 @@ def _last_logits(model: nn.Module) -> Callable[[mx.array, list[Any]], mx.array] 
         return head(body(tokens, cache=cache)[:, -1, :])
 
     return last
+
+
+def finish_reason(token: int, eos: set[int], left: int) -> str | None:
+    """How a sequence that has just generated `token` ends, with `left` tokens it may still generate: "stop" on an
+    end-of-sequence token, "length" with none left; None while it goes on."""
+    return "stop" if token in eos else "length" if left <= 0 else None
 
 
 def ints(x: mx.array) -> list[int]:

@@ -48,7 +48,7 @@ import mlx.nn as nn
 from mlx_lm.generate import PromptProcessingBatch
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
-from worker.generator import Admission, Generated, GeneratorConfig, Prefilled, Step, ints
+from worker.generator import Admission, Generated, GeneratorConfig, Prefilled, Step, finish_reason, ints
 from worker.seeded_sampler import SeededSampler
 from worker.sequence import Sampler
 
@@ -377,9 +377,8 @@ class _Row:
     uid: int
     tokens: list[int]  # what its cache holds
     last: int  # the token to feed next (sampled, not yet in the cache); known from the step that drafted
-    fresh: (
-        bool  # `last` is not reported: its prompt's last token, or a first token the prefill stage sampled and reported
-    )
+    # `last` is not reported: its prompt's last token, or a first token the prefill stage sampled and reported.
+    fresh: bool
     left: int  # tokens it may still generate
     sampler: Sampler | None
     processors: tuple[Any, ...]
@@ -792,7 +791,7 @@ class SpeculativeBatch:
             for j, (token, lp) in enumerate(tokens):
                 assert lp is not None
                 row.left -= 1
-                reason = "stop" if token in self.eos else "length" if row.left <= 0 else None
+                reason = finish_reason(token, self.eos, row.left)
                 prediction = predicted[i] if predicted is not None and j == 0 else (0, 0)
                 generated.append(Generated(row.uid, token, lp, reason, prediction=prediction))
                 if reason is not None:
