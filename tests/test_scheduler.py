@@ -428,6 +428,69 @@ def test_a_prompts_last_chunk_gives_its_first_token_where_the_decode_batch_is_ou
         assert only.cache is not None and cache_length(only.cache) == len(held) + len(rest)
 
 
+def test_a_group_of_newcomers_gets_its_first_tokens_from_its_own_forward_where_the_decode_batch_is_ours(model: Any):
+    """Short newcomers that go whole to the decode batch (worker.speculative) are prefilled there together, their last
+    prompt tokens too, and their first tokens come with the step that prefills them (from the padded forward's logits
+    at each row's last token), not after a decode forward of their last prompt tokens in the step after, as mlx-lm's
+    batch has it. Their answers are mlx-lm's batch's, beside a sequence already decoding, plain and under penalties;
+    one that ends on its first token (its length, or an end-of-sequence token) leaves with its prompt's cache while
+    the others go on."""
+    from mlx_lm.sample_utils import make_logits_processors
+
+    lengths = (12, 31, 20)
+    stream = mx.default_stream(mx.default_device())
+
+    def run(
+        ours: bool,
+        processors: list[Any],
+        merges: bool = True,
+        ends: dict[int, tuple[int, tuple[int, ...]]] | None = None,
+    ) -> tuple[list[Step], int, list[int]]:
+        ends = ends or {}
+        eos = next(iter(ends.values()))[1] if ends else ()
+        config = GeneratorConfig(model, eos_ids=eos, batch_size=8, prefill_batch_size=8, prefill_step=64)
+        gen = ChunkedPrefill(config, stream, SpeculativeBatch(config, stream) if ours else None)
+        gen._merges = lambda *_: merges  # type: ignore[method-assign]
+        decoding = gen.admit(Admission(tokens(40, 9), 12, None, [], None, processors, watched=False))
+        steps = [gen.step(), gen.step()]
+        uids = [
+            gen.admit(Admission(tokens(n, i), ends.get(i, (8, ()))[0], None, [], None, processors, watched=False))
+            for i, n in enumerate(lengths)
+        ]
+        while not all(
+            any(g.uid == u and g.finish_reason for s in steps for g in s.generated) for u in [decoding, *uids]
+        ):
+            steps.append(gen.step())
+            assert len(steps) < 30
+        return steps, decoding, uids
+
+    def answer(steps: list[Step], uid: int) -> list[int]:
+        return [g.token for s in steps for g in s.generated if g.uid == uid]
+
+    for processors in ([], make_logits_processors(repetition_penalty=1.3, presence_penalty=0.5)):
+        theirs, their_decoding, their_uids = run(False, processors)
+        for merges in (True, False):
+            ours, decoding, uids = run(True, processors, merges)
+            assert answer(ours, decoding) == answer(theirs, their_decoding)
+            assert [answer(ours, u) for u in uids] == [answer(theirs, u) for u in their_uids]
+            joined = next(i for i, s in enumerate(ours) if any(p.uid == uids[0] and p.finished for p in s.prefilled))
+            assert all(any(p.uid == u and p.finished for p in ours[joined].prefilled) for u in uids), "one group"
+            firsts = {g.uid for g in ours[joined].generated} & set(uids)
+            assert firsts == (set(uids) if merges else set()), "their first tokens come with their forward"
+
+    theirs, _, their_uids = run(False, [])  # plain, as below
+    first = answer(theirs, their_uids[1])[0]
+    for ends, reason in (({1: (1, ())}, "length"), ({1: (8, (first,))}, "stop")):
+        steps, _, uids = run(True, [], ends=ends)
+        ended = [g for s in steps for g in s.generated if g.uid == uids[1]]
+        assert [(g.token, g.finish_reason) for g in ended] == [(first, reason)]
+        assert ended[0].tokens == tokens(lengths[1], 1)
+        assert ended[0].cache is not None and cache_length(ended[0].cache) == lengths[1]
+        assert [answer(steps, u) for u in (uids[0], uids[2])] == [
+            answer(theirs, u) for u in (their_uids[0], their_uids[2])
+        ]
+
+
 def test_newcomers_that_go_whole_get_a_step_of_their_own_every_other_step_at_most(model: Any):
     """A short newcomer's step runs no chunk of the long prompt under way, so its first token comes after its own
     forward and the decode step (key B behind key A's flood waited for a chunk every time); a second newcomer in the

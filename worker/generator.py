@@ -107,8 +107,11 @@ class Admission:
     # bounded step. A sync request, a job or a batch line sees its answer whole, so what counts is when it ends.
     watched: bool = True
     # Its whole prompt is in `cache` (`rest` empty) and its first token was sampled from the prefill's last forward
-    # (`ChunkedPrefill`, where the decode batch `takes_sampled`): already reported, it is the decoder's first input.
+    # (`ChunkedPrefill`, where the decode batch has `last_logits`): already reported, it is the decoder's first input.
     first: int | None = None
+    # It comes whole with others (`ChunkedPrefill`'s group) and the decode batch prefills its last prompt token with
+    # the rest, its first token sampled from that forward (where the decode batch has `last_logits`, and `_merges`).
+    sample_first: bool = False
 
 
 @dataclass(frozen=True)
@@ -468,15 +471,12 @@ class ChunkedPrefill:
         self._arrived = config.arrived or (lambda: False)
         self._decoded = config.decoded
         self.eos = set(config.eos_ids)
-        # Where the decode batch takes a sequence with its first token sampled (`Admission.first`), a prompt's last
-        # chunk takes its last token too and samples the first token from that forward's last position alone
-        # (`_last_logits`): 0 tokens are left for the decoder to feed. Else 1, as mlx-lm's batch takes them. Measured on
-        # this CPU (SmolLM2, a later turn of 30 new tokens on 1,100 cached): 29 tokens then a forward of the last one,
-        # 373 ms; all 30 in one forward, 318 ms.
-        self._last_logits = None
-        if getattr(self.inner, "takes_sampled", False):
-            with mx.stream(stream):
-                self._last_logits = _last_logits(self.model)
+        # Where the decode batch takes a sequence with its first token sampled (`Admission.first`: it has the model's
+        # `last_logits`), a prompt's last chunk takes its last token too and samples the first token from that
+        # forward's last position alone: 0 tokens are left for the decoder to feed. Else 1, as mlx-lm's batch takes
+        # them. Measured on this CPU (SmolLM2, a later turn of 30 new tokens on 1,100 cached): 29 tokens then a forward
+        # of the last one, 373 ms; all 30 in one forward, 318 ms.
+        self._last_logits: LastLogits | None = getattr(self.inner, "last_logits", None)
         self._tail = 1 if self._last_logits is None else 0
         self._firsts: list[Generated] = []  # first tokens sampled in this step's chunks (`_decode`)
         self._chunks: list[tuple[int, int, float]] = []  # this step's chunks: tokens, depth, seconds (`_log_slow`)
@@ -680,9 +680,9 @@ class ChunkedPrefill:
                 self._firsts = []
         if self._moved:
             # Those that joined it take their first decoding forward now: their first token comes with the next
-            # step's decode, not one step later (a group handed over whole is prefilled in it, in one forward). The
-            # others get a second token in this step (the batcher takes both; one that ends on the first is ended
-            # by the generator on the second, with its cache).
+            # step's decode, not one step later (a group handed over whole is prefilled in it, in one forward, which
+            # gives their first tokens where they `sample_first`). The others get a second token in this step (the
+            # batcher takes both; one that ends on the first is ended by the generator on the second, with its cache).
             tic = time.perf_counter()
             more = self._inner_step()
             if grouped and not decoding:
@@ -850,9 +850,14 @@ class ChunkedPrefill:
                 # in a small part of the step's target), it would otherwise wait for all of them before its own.
                 break
         self._held_back = held_back
+        # The group's first tokens from its forward too, where that costs less than the decode forward that would
+        # otherwise feed their last prompt tokens (`_merges`, over the group's padded tokens).
+        sample_first = (
+            bool(group) and self._last_logits is not None and self._merges(_padded(group), 0, len(group[0].cache))
+        )
         for p in group:
             self._forget_owner(p.admission.owner)
-            self._decode(p)
+            self._decode(p, sample_first)
         mx.clear_cache()  # prefill's transient buffers, as mlx-lm's prompt batch returns them
         return prefilled, checkpoints, _padded(group)
 
@@ -879,7 +884,9 @@ class ChunkedPrefill:
                 mx.eval([c.state for c in p.cache])
                 self.cost.add(n - 1, time.perf_counter() - tic, depth=depth)
                 last = chunk[-1:]
-            token, logprobs = self._sample(p, chunk, self._last_logits(mx.array(last)[None], p.cache))
+            logits = self._last_logits(mx.array(last)[None], p.cache)
+            a = p.admission
+            token, logprobs = sample_first(logits, p.tokens + chunk, a.processors or (), a.sampler)
             mx.eval([c.state for c in p.cache], token, logprobs)
             if last is chunk:  # a forward of the chunk's own: its cost is a chunk's (the last token's alone is not)
                 self.cost.add(n, time.perf_counter() - tic, depth=depth)
@@ -907,21 +914,10 @@ class ChunkedPrefill:
         fixed = fit[0]
         return (expected - fixed) / max(layers, 1) < fixed
 
-    def _sample(self, p: _Prefilling, chunk: list[int], logits: mx.array) -> tuple[mx.array, mx.array]:
-        """A prompt's first token from its last position's logits ([1, V]) as the decode batch samples a token: its
-        processors with the whole prompt as their context, log-probabilities, its sampler or the argmax."""
-        processors = p.admission.processors or ()
-        if processors:
-            context = mx.array(p.tokens + chunk, dtype=mx.uint32)
-            for processor in processors:
-                logits = processor(context, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        sampler = p.admission.sampler
-        return (mx.argmax(logprobs, axis=-1) if sampler is None else sampler(logprobs)), logprobs
-
-    def _decode(self, p: _Prefilling) -> None:
+    def _decode(self, p: _Prefilling, sample_first: bool = False) -> None:
         """Hand a prefilled sequence (its cache holds all its prompt but what the decoder feeds: the last prompt token,
-        or with `first` none) to the decode batch, its first token (`first`) to the batcher with this step."""
+        or with `first` none) to the decode batch, its first token (`first`) to the batcher with this step. A group's
+        (`sample_first`) has the decode batch prefill its last prompt token with the rest and sample its first."""
         _reserve(p.cache, 0)
         a = p.admission
         first = None
@@ -933,7 +929,11 @@ class ChunkedPrefill:
                 self._firsts.append(Generated(p.uid, first, logprobs, reason, p.cache, list(p.tokens)))
                 return
             self._firsts.append(Generated(p.uid, first, logprobs, None))
-        inner = self.inner.admit(replace(a, rest=p.rest, cache=p.cache, history=p.tokens, checkpoints=(), first=first))
+        inner = self.inner.admit(
+            replace(
+                a, rest=p.rest, cache=p.cache, history=p.tokens, checkpoints=(), first=first, sample_first=sample_first
+            )
+        )
         self._inner_uid[p.uid] = inner
         self._uid[inner] = p.uid
         if a.watched:
@@ -990,8 +990,15 @@ def _kv_layout(model: nn.Module) -> list[tuple[int, int, int, int, Any]]:
     return [(i, c.keys.shape[1], c.keys.shape[3], c.values.shape[3], c.keys.dtype) for i, c in kv]
 
 
-def _last_logits(model: nn.Module) -> Callable[[mx.array, list[Any]], mx.array] | None:
-    """The model's logits at the last position of a forward over `tokens` (into `cache`), its body over them all and
+class LastLogits(Protocol):
+    def __call__(self, tokens: mx.array, cache: list[Any], at: mx.array | None = None) -> mx.array:
+        """Logits [B, V] at each row's last position (`at`: each row's position, else the last) of a forward over
+        `tokens` [B, L] into `cache`."""
+        ...
+
+
+def last_logits(model: nn.Module) -> LastLogits | None:
+    """The model's logits at one position per row of a forward over `tokens` (into `cache`), its body over them all and
     its head (the output projection over the vocabulary) over that position alone: over every position, a chunk of
     n tokens would pay n of the head's forwards, on this CPU a fifth of a SmolLM2 token's cost each. mlx-lm's models
     are a body (`model.model`) under a head (`lm_head`, or the tied embedding's `as_linear`); one that does more (a
@@ -1008,10 +1015,24 @@ def _last_logits(model: nn.Module) -> Callable[[mx.array, list[Any]], mx.array] 
         log.info("the model is not a body under an output projection: prompts' last tokens are fed by the decoder")
         return None
 
-    def last(tokens: mx.array, cache: list[Any]) -> mx.array:
-        return head(body(tokens, cache=cache)[:, -1, :])
+    def last(tokens: mx.array, cache: list[Any], at: mx.array | None = None) -> mx.array:
+        hidden = body(tokens, cache=cache)
+        return head(hidden[:, -1, :] if at is None else hidden[mx.arange(hidden.shape[0]), at])
 
     return last
+
+
+def sample_first(
+    logits: mx.array, context: list[int], processors: tuple[Any, ...] | list[Any], sampler: Sampler | None
+) -> tuple[mx.array, mx.array]:
+    """A prompt's first token from its last position's logits ([1, V]) as the decode batch samples a token: its
+    processors with the whole prompt (`context`) as theirs, log-probabilities, its sampler or the argmax."""
+    if processors:
+        tokens = mx.array(context, dtype=mx.uint32)
+        for processor in processors:
+            logits = processor(tokens, logits)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return (mx.argmax(logprobs, axis=-1) if sampler is None else sampler(logprobs)), logprobs
 
 
 def finish_reason(token: int, eos: set[int], left: int) -> str | None:

@@ -48,7 +48,17 @@ import mlx.nn as nn
 from mlx_lm.generate import PromptProcessingBatch
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
-from worker.generator import Admission, Generated, GeneratorConfig, Prefilled, Step, finish_reason, ints
+from worker.generator import (
+    Admission,
+    Generated,
+    GeneratorConfig,
+    Prefilled,
+    Step,
+    finish_reason,
+    ints,
+    last_logits,
+    sample_first,
+)
 from worker.seeded_sampler import SeededSampler
 from worker.sequence import Sampler
 
@@ -437,10 +447,17 @@ class SpeculativeBatch:
         self._last: mx.array | None = None  # each row's `last`, possibly still being computed (a plain step's)
         # Admitted, joining at the next step: each with its cache and the prompt tokens still to prefill before `last`.
         self._joining: list[tuple[_Row, list[Any], list[int]]] = []
+        self._samples: set[int] = set()  # of those joining, the ones whose first token their prefill samples
         self._next_uid = 0
         self._ready: dict[int, Buffers] = {}  # layer -> the zeroed buffers a coming join copies into (`warm`)
         self.ahead_bytes = 0  # theirs (an int: /health reads it from another thread)
         self.room = config.room
+        # A sequence may come in with its whole prompt in its cache and its first token sampled (`Admission.first`),
+        # or have its first token sampled from its prefill here (`Admission.sample_first`): the model's logits at a
+        # prompt's last position alone (None: a model that is not a body under a head, whose prompts' last tokens
+        # are fed by the decode step).
+        with mx.stream(stream):
+            self.last_logits = last_logits(self.model)
 
     # -- the Generator interface -------------------------------------------------------------------------------------
 
@@ -452,8 +469,6 @@ class SpeculativeBatch:
     # from the prompts waiting: then only drafts about as cheap as a plain step are tried (where the forward is
     # memory-bound). Measured here: eight edit clients at 0.9x drafting off, and 0.75x with steps up to the target.
     prefill_waits: bool = False
-    # A sequence may come in with its whole prompt in its cache and its first token sampled (`Admission.first`).
-    takes_sampled = True
 
     def admit(self, admission: Admission) -> int:
         uid = self._next_uid
@@ -474,6 +489,8 @@ class SpeculativeBatch:
             opened=sampled,
         )
         self._joining.append((row, cache, [] if sampled else list(admission.rest[:-1])))
+        if admission.sample_first and len(admission.rest) > 1:
+            self._samples.add(uid)
         return uid
 
     def step(self) -> Step:
@@ -534,29 +551,38 @@ class SpeculativeBatch:
     def _step(self) -> Step:
         # Those joining now have their whole prompt in: reported finished, as mlx-lm's batch reports them.
         joined = [Prefilled(row.uid, len(rest) + 1, len(rest) + 1, True) for row, _, rest in self._joining]
-        if self._joining:
-            self._join()
+        firsts = self._join() if self._joining else []
         if not self._rows:
-            return Step(joined, [])
+            return Step(joined, firsts)
         drafts = self._drafts()
         step = self._plain() if drafts is None or not any(drafts) else self._verify(drafts)
         step.prefilled.extend(joined)
+        step.generated[:0] = firsts
         return step
 
-    def _join(self) -> None:
+    def _join(self) -> list[Generated]:
         """The admitted rows join the batch; those with prompt tokens to go are prefilled first, together, by
-        mlx-lm's prompt batch (one padded forward, its cache merged as it goes)."""
+        mlx-lm's prompt batch (one padded forward, its cache merged as it goes), their last prompt tokens too where
+        they `sample_first` (`_prompt_sampled`). Returns the first tokens sampled so."""
         joining, self._joining = self._joining, []
+        samples, self._samples = self._samples, set()
         prefill = [j for j in joining if j[2]]
         ready = [j for j in joining if not j[2]]
         parts: list[list[RaggedKVCache]] = []
+        firsts: list[Generated] = []
         if prefill:
             uids, caches = [r.uid for r, _, _ in prefill], [c for _, c, _ in prefill]
             batch = PromptProcessingBatch(self.model, uids, caches, prefill_step_size=self.prefill_step)
-            batch.prompt([rest for _, _, rest in prefill])
-            parts.append([RaggedKVCache.of(c) for c in batch.prompt_cache])
-            for row, _, rest in prefill:
-                row.tokens += rest
+            if self.last_logits is not None and all(row.uid in samples for row, _, _ in prefill):
+                prefill, firsts = self._prompt_sampled(batch, prefill)
+            else:
+                batch.prompt([rest for _, _, rest in prefill])
+                for row, _, rest in prefill:
+                    row.tokens += rest
+            if prefill:
+                parts.append([RaggedKVCache.of(c) for c in batch.prompt_cache])
+        if not prefill and not ready:
+            return firsts  # every one ended on its first token
         for _, cache, _ in ready:  # each as it is: `RaggedKVCache.extend` copies them all once
             parts.append([RaggedKVCache.single(c) for c in cache])
         rows = [r for r, _, _ in prefill + ready]
@@ -579,6 +605,51 @@ class SpeculativeBatch:
         lasts = mx.array([r.last for r in rows], dtype=mx.uint32)
         self._last = lasts if self._last is None else mx.concatenate([self._last, lasts])
         self._rows.extend(rows)
+        return firsts
+
+    def _prompt_sampled(
+        self, batch: PromptProcessingBatch, prefill: list[tuple[_Row, list[Any], list[int]]]
+    ) -> tuple[list[tuple[_Row, list[Any], list[int]]], list[Generated]]:
+        """Prefill the rows' rests and their last prompt tokens (`last`) in one forward into mlx-lm's prompt batch's
+        cache, right-padded as its `prompt` pads them, and sample each row's first token from its last token's logits
+        alone (`last_logits`), as the prefill stage samples a prompt's (worker.generator.sample_first): their first
+        tokens then come with this step, not after a decode forward of their last prompt tokens. A row that ends on
+        its first token leaves at once with its cache. Returns the rows that join and the first tokens."""
+        assert self.last_logits is not None
+        fed = [rest + [row.last] for row, _, rest in prefill]
+        lengths = [len(f) for f in fed]
+        width = max(lengths)
+        padding = [width - n for n in lengths]
+        if max(padding) > 0:
+            for c in batch.prompt_cache:
+                c.prepare(lengths=lengths, right_padding=padding)
+        inputs = mx.array([f + [0] * (width - len(f)) for f in fed], dtype=mx.uint32)
+        logits = self.last_logits(inputs, batch.prompt_cache, mx.array([n - 1 for n in lengths]))
+        sampled = []
+        for i, ((row, _, _), seq) in enumerate(zip(prefill, fed, strict=True)):
+            row.tokens += seq
+            sampled.append(sample_first(logits[i : i + 1], row.tokens, row.processors, row.sampler))
+        if max(padding) > 0:
+            for c in batch.prompt_cache:
+                c.finalize()
+        tokens = mx.concatenate([t for t, _ in sampled])
+        mx.eval([c.state for c in batch.prompt_cache], tokens, [lp for _, lp in sampled])
+        mx.clear_cache()
+        joining, firsts, ended = [], [], []
+        for i, (j, token, (_, logprobs)) in enumerate(zip(prefill, ints(tokens), sampled, strict=True)):
+            row = j[0]
+            row.last, row.left, row.opened = token, row.left - 1, True  # fed next, not reported again (`fresh`)
+            reason = finish_reason(token, self.eos, row.left)
+            cache = batch.extract_cache(i) if reason else None
+            firsts.append(Generated(row.uid, token, logprobs[0], reason, cache, list(row.tokens) if reason else None))
+            if reason:
+                ended.append(i)
+            else:
+                joining.append(j)
+        if ended and joining:
+            for c in batch.prompt_cache:
+                c.filter([i for i in range(len(prefill)) if i not in ended])
+        return joining, firsts
 
     def _drafts(self) -> list[list[int]] | None:
         """Each row's draft; None when no row tries to draft in this step (then its tokens need not be read yet).
