@@ -2,7 +2,9 @@
 
 On SIGTERM or SIGINT, uvicorn stops accepting connections and waits for the open ones; requests still
 waiting for a job would hold that wait for as long as the job runs. Here the signal also sets
-`Services.closing`, so those requests answer 503 within a second, and uvicorn's wait is bounded.
+`Services.closing`, so those requests answer 503 within a second, and uvicorn's wait is bounded. A stream answers
+with an error event in its dialect: sse-starlette's own drain, which cuts every stream on the signal, is off, or it
+raced the 503 and a stream could end on an ordinary delta, the client unable to tell its answer was cut short.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import cast
 
 import uvicorn
 from fastapi import FastAPI
+from sse_starlette.sse import AppStatus
 
 from api.app import create_app
 from mlxq.settings import Settings
@@ -38,4 +41,5 @@ def run(settings: Settings, *, host: str, port: int, log_level: str) -> None:
         access_log=False,
         timeout_graceful_shutdown=GRACEFUL_S,
     )
+    AppStatus.disable_automatic_graceful_drain()  # streams end by `closing`, with an error event (module doc)
     Server(config).run()

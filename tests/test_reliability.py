@@ -3,6 +3,7 @@ that kills its worker, clients that leave, a lost task message, a zero cache lif
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -173,7 +174,17 @@ def test_sigterm_stops_serve_and_its_worker_within_15s_saving_the_prefix_cache(s
     client = serve.client()
     client.chat.completions.create(**{**ask("Name a fruit."), "max_tokens": 4})  # an entry to save
     waiter, out = in_thread(lambda: client.chat.completions.create(**ask("Write a long story about a dragon.")))
-    serve.wait_jobs(lambda jobs: jobs[-1][0] == "running")
+    streamed: list[str] = []  # the data lines of a stream cut by the stop
+
+    def stream() -> None:
+        body = {**ask("Write a long poem about the sea."), "stream": True}
+        with httpx.stream("POST", f"{serve.base}/v1/chat/completions", json=body, timeout=60) as r:
+            streamed.extend(line for line in r.iter_lines() if line.startswith("data:"))
+
+    streamer, _ = in_thread(stream)
+    serve.wait_jobs(lambda jobs: [s for s, _ in jobs[-2:]] == ["running", "running"])
+    while not any('"content"' in line for line in streamed):
+        time.sleep(0.05)
     worker = serve.worker_pid()
 
     started = time.monotonic()
@@ -187,9 +198,83 @@ def test_sigterm_stops_serve_and_its_worker_within_15s_saving_the_prefix_cache(s
     waiter.join(5)
     error = out[0]  # the waiting client was told at once, in its dialect
     assert isinstance(error, openai.APIStatusError) and error.status_code == 503 and error.code == "shutting_down"
+    # The stream was told too, in its last event: not cut after an ordinary delta (sse-starlette's own drain raced it).
+    streamer.join(5)
+    assert '"shutting_down"' in streamed[-2] and streamed[-1].endswith("[DONE]"), streamed[-3:]
     assert list((tmp_path / "data" / "prefix_cache").rglob("*.safetensors"))  # per model, per worker
-    # The interrupted job went back to the queue without using up an attempt: the next start runs it.
-    assert serve.jobs()[-1] == ("queued", 0)
+    # The interrupted jobs went back to the queue without using up an attempt: the next start runs them.
+    assert serve.jobs()[-2:] == [("queued", 0), ("queued", 0)]
+
+
+def test_a_stream_that_waits_for_its_turn_is_told_of_a_stop_not_cut_short(tmp_path: Path, tiny_model: Path):
+    """A stream whose job waits (a batch of one, taken) when the server stops gets the `shutting_down` error event and
+    its dialect's end. sse-starlette's own drain cut every stream on the signal, racing the 503: with no event to
+    relay, the api checks for the stop each second, and the stream ended on a keepalive, the client unable to tell
+    its answer was cut short."""
+    svc = Serve(service_env(tmp_path, tiny_model, MLXQ_BATCH_SIZE="1"), tmp_path / "serve.log")
+    try:
+        svc.wait(lambda h: h["model_loaded"])
+        client = svc.client()
+        busy, _ = in_thread(
+            lambda: client.chat.completions.create(**{**ask("Write a long story."), "max_tokens": 4000})
+        )
+        svc.wait_jobs(lambda jobs: jobs == [("running", 1)])
+        lines: list[str] = []
+
+        def stream() -> None:
+            body = {**ask("Write a poem."), "stream": True}
+            with httpx.stream("POST", f"{svc.base}/v1/chat/completions", json=body, timeout=60) as r:
+                lines.extend(line for line in r.iter_lines() if line)
+
+        streamer, _ = in_thread(stream)
+        deadline = time.time() + 30
+        while not lines:  # the stream has begun (a keepalive while it waits)
+            assert time.time() < deadline and streamer.is_alive()
+            time.sleep(0.05)
+        svc.proc.send_signal(signal.SIGTERM)
+        streamer.join(15)
+        data = [line for line in lines if line.startswith("data:")]
+        assert len(data) >= 2 and '"shutting_down"' in data[-2] and data[-1].endswith("[DONE]"), lines[-4:]
+        busy.join(15)
+    finally:
+        svc.proc.kill()
+        svc.proc.wait()
+        for pid in _pids_of(tmp_path):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_prefix_cache_save_put_off_while_the_engine_was_busy_is_made_once_it_is_idle(
+    tmp_path: Path, tiny_model: Path
+):
+    """A job that ends while another runs puts the save off (it waits for an idle engine); the save is made once the
+    engine is idle, with no further job to prompt it, so a worker killed then keeps what it had cached. Before, the
+    put-off save restarted the interval, and the last job's end came within it: nothing was saved until some later
+    job ended, and a kill -9 lost every prefix cached since."""
+    svc = Serve(service_env(tmp_path, tiny_model, MLXQ_PREFIX_CACHE_SAVE_S="3"), tmp_path / "serve.log")
+    try:
+        svc.wait(lambda h: h["model_loaded"])
+        time.sleep(3.5)  # a save is due from the start
+        client = svc.client()
+        long, out = in_thread(
+            lambda: client.chat.completions.create(**{**ask("Write a long story."), "max_tokens": 400})
+        )
+        svc.wait_jobs(lambda jobs: jobs == [("running", 1)])
+        client.chat.completions.create(**{**ask("Say hi."), "max_tokens": 2})  # ends while the long one runs
+        assert svc.jobs()[0][0] == "running", "the short job ended while the long one ran"
+        long.join(120)
+        assert out and not isinstance(out[0], Exception), out
+        manifests = tmp_path / "data" / "prefix_cache"
+        deadline = time.time() + 15
+        while not list(manifests.rglob("manifest.json")):
+            assert time.time() < deadline, svc.log.read_text()[-3000:]
+            time.sleep(0.2)
+        (manifest,) = manifests.rglob("manifest.json")
+        assert len(json.loads(manifest.read_text())["entries"]) >= 2  # both prompts
+    finally:
+        svc.proc.kill()
+        svc.proc.wait()
+        for pid in _pids_of(tmp_path):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_a_stream_joined_by_another_client_lives_on_when_the_first_goes_away(

@@ -227,6 +227,16 @@ def test_an_answer_that_opens_with_a_code_fence_streams_as_it_is_written():
     assert calls == [] and shown + rest == text and len(shown) >= len(code) - 1
 
 
+def test_code_whose_braces_hold_a_stray_quote_streams_on():
+    # A dict in code is read as the start of a JSON value; a quote mark inside single quotes opened a JSON string in
+    # the scan, the value never closed, and the rest of the answer (569 of 582 characters) came in one piece at the end.
+    code = '```python\nd = {"q": \'"\', "b": 1}\n' + "".join(f"x{i} = {i}\n" for i in range(40)) + "```\n"
+    f = ToolStreamFilter(TOOLS)
+    assert f.safe_length(code[: code.index("x20")]) >= code.index("x19")
+    shown, rest, calls = stream(code)
+    assert calls == [] and shown + rest == code and len(shown) > code.index("x39")  # all but the closing fence
+
+
 def test_json_that_is_not_a_call_is_released_once_it_closes():
     text = 'The config is {"debug": true, "level": 3} as asked.\nDone.'
     f = ToolStreamFilter(TOOLS)

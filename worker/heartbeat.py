@@ -92,6 +92,7 @@ class Heartbeat:
                     self.beat()
                 except Exception:
                     log.exception("heartbeat failed")
+                self._prefix_saves.save_due()
 
         threading.Thread(target=loop, name="mlxq-heartbeat", daemon=True).start()
 

@@ -21,6 +21,7 @@ class PrefixSaves:
         self._state = state
         self._saved_at = time.monotonic()
         self._saving = threading.Lock()
+        self._pending = False  # a job ended since the last save: the cache may hold what the disk does not
 
     @property
     def directory(self) -> Path:
@@ -57,26 +58,44 @@ class PrefixSaves:
         return (self._state.settings.prefix_cache_disk_mb << 20) or memory_bytes
 
     def save(self, *, force: bool = False) -> None:
-        """Persist the prefix cache: when the engine is idle, at most every prefix_cache_save_s, and at shutdown.
+        """Persist the prefix cache (a job has ended: it may have changed): when the engine is idle, at most every
+        prefix_cache_save_s, and at shutdown (`force`).
 
         The save runs on the engine thread (the trie is its alone), so it waits for an idle engine rather
-        than stall a running batch.
+        than stall a running batch: put off, it stays due, and the heartbeat tries it again (`save_due`).
         """
-        settings, engine = self._state.settings, self._state.engine
+        self._pending = True
+        self._save(force=force)
+
+    def save_due(self) -> None:
+        """A save put off while the engine was busy, once it is idle: on a thread of its own, since a large cache
+        takes seconds to write and the heartbeat that calls this must not stall. Without it, a job ending while
+        others ran put the save off until some later job ended, and a worker killed meanwhile lost every prefix
+        cached since."""
+        if self._pending and self._due() and not self._saving.locked():
+            threading.Thread(target=self._save, name="mlxq-prefix-save", daemon=True).start()
+
+    def _due(self) -> bool:
+        return time.monotonic() - self._saved_at >= self._state.settings.prefix_cache_save_s
+
+    def _save(self, *, force: bool = False) -> None:
+        engine = self._state.engine
         prefix = engine.prefix if engine is not None else None
-        if prefix is None or (not force and time.monotonic() - self._saved_at < settings.prefix_cache_save_s):
+        if prefix is None or not (force or self._due()):
             return
         if not self._saving.acquire(blocking=force):
             return
         try:
             batch = engine.batcher.stats()
             if not force and (batch["active"] or batch["waiting"]):
-                return
+                return  # still due
+            self._pending = False  # before the write: a job that ends during it makes it due again
             written = engine.save_prefix_cache(self.directory, self.disk_bytes(prefix.max_bytes))
             self._state.prefix_index.save(self.directory)
             log.info("prefix cache saved: %d entries", written)
+            self._saved_at = time.monotonic()
         except Exception:
             log.exception("could not save the prefix cache")
+            self._saved_at = time.monotonic()  # tried again after the interval, not at every beat
         finally:
-            self._saved_at = time.monotonic()
             self._saving.release()

@@ -409,9 +409,15 @@ def _content(text: str, floor: int, spans: list[tuple[int, int]]) -> str:
     return kept + out.rstrip()
 
 
+# Outside its strings a JSON value holds only these (Python's decoder also reads NaN, Infinity and -Infinity).
+_JSON_BARE = frozenset(" \t\r\n{}[]:,-+.0123456789eE" + "truefalsn" + "NaNInfinity")
+
+
 class _JsonScan:
     """Where a JSON value that starts at `start` ends, found incrementally as the text grows: the stream filter
-    asks after every token, so each character is read once (a rescan per token would be quadratic)."""
+    asks after every token, so each character is read once (a rescan per token would be quadratic). A character no
+    JSON value holds outside a string (a quote mark, `=`, `(`: code, say `d = {"q": '"'}`) ends it at once, as a
+    value that cannot parse; else a stray quote inside it held the rest of the answer back until its end."""
 
     def __init__(self, start: int) -> None:
         self.start = start
@@ -433,6 +439,9 @@ class _JsonScan:
                     self.in_string = False
             elif ch == '"':
                 self.in_string = True
+            elif ch not in _JSON_BARE:
+                self.pos = i + 1
+                return i + 1  # not JSON: the decoder refuses it
             elif ch in "{[":
                 self.depth += 1
             elif ch in "}]":
