@@ -453,6 +453,9 @@ def test_a_group_of_newcomers_gets_its_first_tokens_from_its_own_forward_where_t
         gen._merges = lambda *_: merges  # type: ignore[method-assign]
         decoding = gen.admit(Admission(tokens(40, 9), 12, None, [], None, processors, watched=False))
         steps = [gen.step(), gen.step()]
+        timed: list[int] = []
+        add = gen.cost.add
+        gen.cost.add = lambda n, *a, **k: (timed.append(n), add(n, *a, **k))  # type: ignore[method-assign]
         uids = [
             gen.admit(Admission(tokens(n, i), ends.get(i, (8, ()))[0], None, [], None, processors, watched=False))
             for i, n in enumerate(lengths)
@@ -462,6 +465,8 @@ def test_a_group_of_newcomers_gets_its_first_tokens_from_its_own_forward_where_t
         ):
             steps.append(gen.step())
             assert len(steps) < 30
+        if ours:  # the group's forward, timed beside the decoding sequence: the cost model learns from it
+            assert timed == [len(lengths) * (max(lengths) - 1 + merges)]
         return steps, decoding, uids
 
     def answer(steps: list[Step], uid: int) -> list[int]:

@@ -685,7 +685,12 @@ class ChunkedPrefill:
             # batcher takes both; one that ends on the first is ended by the generator on the second, with its cache).
             tic = time.perf_counter()
             more = self._inner_step()
-            if grouped and not decoding:
+            timed = getattr(self.inner, "group_time", lambda: None)()
+            if timed is not None:
+                # The group's forward alone, as the decode batch timed it (beside decoding sequences too: eight sync
+                # clients' groups were never timed, and a fit of the lone first prompts alone told no fixed cost apart).
+                self.cost.add(*timed)
+            elif grouped and not decoding:
                 mx.synchronize(self.stream)
                 self.cost.add(grouped, time.perf_counter() - tic)
             step.prefilled.extend(more.prefilled)
@@ -850,10 +855,12 @@ class ChunkedPrefill:
                 # in a small part of the step's target), it would otherwise wait for all of them before its own.
                 break
         self._held_back = held_back
-        # The group's first tokens from its forward too, where that costs less than the decode forward that would
-        # otherwise feed their last prompt tokens (`_merges`, over the group's padded tokens).
+        # The group's first tokens from its forward too, where that costs less than the decode step their last prompt
+        # tokens would otherwise wait for (`_merges`, over the group's padded tokens).
         sample_first = (
-            bool(group) and self._last_logits is not None and self._merges(_padded(group), 0, len(group[0].cache))
+            bool(group)
+            and self._last_logits is not None
+            and self._merges(_padded(group), 0, len(group[0].cache), self.cost.decode_s)
         )
         for p in group:
             self._forget_owner(p.admission.owner)
@@ -900,19 +907,21 @@ class ChunkedPrefill:
         p.tokens.extend(chunk)
         del p.rest[:n]
 
-    def _merges(self, n: int, depth: int, layers: int) -> bool:
+    def _merges(self, n: int, depth: int, layers: int, apart: float = 0.0) -> bool:
         """Whether a prompt's last chunk of `n` tokens takes its last token in the same forward. A chunk that only
         fills the cache leaves its last layer's attention and MLP uncomputed; one whose last position's logits are
         wanted computes that layer for every token of the chunk, about a `layers`-th of what the chunk costs past its
-        fixed cost. Apart, the last token costs one more forward's fixed cost. Measured on this CPU: SmolLM2 (30
-        layers), 30 tokens on 1,100 cached, 318 ms in one forward against 373 apart; the 2-layer tiny llama, a
-        1,000-token prompt's last 488 tokens, 75 ms in one against 25 apart."""
+        fixed cost. Apart, the last token costs one more forward's fixed cost, or `apart` where that is more (a
+        group's: the decode step its rows wait for). Measured on this CPU: SmolLM2 (30 layers), 30 tokens on 1,100
+        cached, 318 ms in one forward against 373 apart; the 2-layer tiny llama, a 1,000-token prompt's last 488
+        tokens, 75 ms in one against 25 apart. Chunks all of one size (a group's, eight clients' alike) tell no fixed
+        cost apart: then `apart` alone decides."""
         fit = self.cost.fit_depth()
         expected = self.cost.seconds(n, depth)
         if fit is None or expected is None:
             return False
         fixed = fit[0]
-        return (expected - fixed) / max(layers, 1) < fixed
+        return (expected - fixed) / max(layers, 1) < max(fixed, apart)
 
     def _decode(self, p: _Prefilling, sample_first: bool = False) -> None:
         """Hand a prefilled sequence (its cache holds all its prompt but what the decoder feeds: the last prompt token,

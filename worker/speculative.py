@@ -448,6 +448,7 @@ class SpeculativeBatch:
         # Admitted, joining at the next step: each with its cache and the prompt tokens still to prefill before `last`.
         self._joining: list[tuple[_Row, list[Any], list[int]]] = []
         self._samples: set[int] = set()  # of those joining, the ones whose first token their prefill samples
+        self._group_time: tuple[int, float] | None = None  # the last join's prefill: padded tokens, seconds
         self._next_uid = 0
         self._ready: dict[int, Buffers] = {}  # layer -> the zeroed buffers a coming join copies into (`warm`)
         self.ahead_bytes = 0  # theirs (an int: /health reads it from another thread)
@@ -515,6 +516,12 @@ class SpeculativeBatch:
                 return
         self._drop([self._index(uid)])
 
+    def group_time(self) -> tuple[int, float] | None:
+        """The padded tokens and seconds of the prefill of the rows that joined since the last call, if any (the
+        scheduler's cost model takes them: worker.generator.PrefillCost)."""
+        timed, self._group_time = self._group_time, None
+        return timed
+
     def warm(self, end: int, seconds: float) -> float:
         """Make ready, a few layers each call, for up to about `seconds`, the buffers that a prompt whose cache ends at
         `end` will join the batch in (`end` 0: none is coming, the buffers go). The join then copies into memory
@@ -573,14 +580,18 @@ class SpeculativeBatch:
         parts: list[list[RaggedKVCache]] = []
         firsts: list[Generated] = []
         if prefill:
+            tic = time.perf_counter()
             uids, caches = [r.uid for r, _, _ in prefill], [c for _, c, _ in prefill]
             batch = PromptProcessingBatch(self.model, uids, caches, prefill_step_size=self.prefill_step)
-            if self.last_logits is not None and all(row.uid in samples for row, _, _ in prefill):
+            sampled = self.last_logits is not None and all(row.uid in samples for row, _, _ in prefill)
+            padded = len(prefill) * (max(len(rest) for _, _, rest in prefill) + sampled)
+            if sampled:
                 prefill, firsts = self._prompt_sampled(batch, prefill)
             else:
-                batch.prompt([rest for _, _, rest in prefill])
+                batch.prompt([rest for _, _, rest in prefill])  # evaluated: its time is the forward's
                 for row, _, rest in prefill:
                     row.tokens += rest
+            self._group_time = (padded, time.perf_counter() - tic)
             if prefill:
                 parts.append([RaggedKVCache.of(c) for c in batch.prompt_cache])
         if not prefill and not ready:
