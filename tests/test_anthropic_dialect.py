@@ -537,6 +537,18 @@ def test_stream_of_text():
     assert final["id"].startswith("msg_") and final["model"] == "claude-x"
 
 
+def test_message_start_carries_the_prompts_usage_once_the_job_has_started():
+    # As Anthropic's does: the input and cache-read tokens from the start (before, 0 until `message_delta`).
+    result = {"text": "Hi.", "finish_reason": "stop", "usage": USAGE}
+    sent = run_stream([events.started(120, 100), events.delta("Hi."), events.done(result)])
+    usage = sent[0][1]["message"]["usage"]
+    assert (usage["input_tokens"], usage["cache_read_input_tokens"], usage["output_tokens"]) == (20, 100, 0)
+    # A job still queued when the stream opens: not known yet.
+    sent = run_stream([events.waiting("queued"), events.started(120, 100), events.delta("Hi."), events.done(result)])
+    assert sent[0][1]["message"]["usage"]["input_tokens"] == 0
+    assert accumulate(sent)["usage"] == message(result, model="m")["usage"]
+
+
 def test_stream_of_text_then_tool_calls():
     second = {"id": "call_2", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Rome"}'}}
     result = {"text": "Checking.", "finish_reason": "tool_calls", "tool_calls": [CALL, second], "usage": USAGE}

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -88,6 +88,26 @@ def serve(tmp_path: Path, smollm2: Path) -> Iterator[Serve]:
     svc = Serve(env, tmp_path / "serve.log")
     svc.wait(lambda h: h["model_loaded"])
     yield svc
+    _kill(svc, tmp_path)
+
+
+@pytest.fixture
+def serve_tiny(tmp_path: Path, tiny_model: Path) -> Iterator[Callable[..., Serve]]:
+    """`mlxq serve` on the tiny model with these settings, started and ready; killed with whatever it left after."""
+    started: list[Serve] = []
+
+    def start(**settings: str) -> Serve:
+        svc = Serve(service_env(tmp_path, tiny_model, **settings), tmp_path / f"serve{len(started)}.log")
+        started.append(svc)
+        svc.wait(lambda h: h["model_loaded"])
+        return svc
+
+    yield start
+    for svc in started:
+        _kill(svc, tmp_path)
+
+
+def _kill(svc: Serve, tmp_path: Path) -> None:
     if svc.proc.poll() is None:
         svc.proc.kill()
         svc.proc.wait()
@@ -206,75 +226,57 @@ def test_sigterm_stops_serve_and_its_worker_within_15s_saving_the_prefix_cache(s
     assert serve.jobs()[-2:] == [("queued", 0), ("queued", 0)]
 
 
-def test_a_stream_that_waits_for_its_turn_is_told_of_a_stop_not_cut_short(tmp_path: Path, tiny_model: Path):
+def test_a_stream_that_waits_for_its_turn_is_told_of_a_stop_not_cut_short(serve_tiny: Callable[..., Serve]):
     """A stream whose job waits (a batch of one, taken) when the server stops gets the `shutting_down` error event and
     its dialect's end. sse-starlette's own drain cut every stream on the signal, racing the 503: with no event to
     relay, the api checks for the stop each second, and the stream ended on a keepalive, the client unable to tell
     its answer was cut short."""
-    svc = Serve(service_env(tmp_path, tiny_model, MLXQ_BATCH_SIZE="1"), tmp_path / "serve.log")
-    try:
-        svc.wait(lambda h: h["model_loaded"])
-        client = svc.client()
-        busy, _ = in_thread(
-            lambda: client.chat.completions.create(**{**ask("Write a long story."), "max_tokens": 4000})
-        )
-        svc.wait_jobs(lambda jobs: jobs == [("running", 1)])
-        lines: list[str] = []
+    svc = serve_tiny(MLXQ_BATCH_SIZE="1")
+    client = svc.client()
+    busy, _ = in_thread(lambda: client.chat.completions.create(**{**ask("Write a long story."), "max_tokens": 4000}))
+    svc.wait_jobs(lambda jobs: jobs == [("running", 1)])
+    lines: list[str] = []
 
-        def stream() -> None:
-            body = {**ask("Write a poem."), "stream": True}
-            with httpx.stream("POST", f"{svc.base}/v1/chat/completions", json=body, timeout=60) as r:
-                lines.extend(line for line in r.iter_lines() if line)
+    def stream() -> None:
+        body = {**ask("Write a poem."), "stream": True}
+        with httpx.stream("POST", f"{svc.base}/v1/chat/completions", json=body, timeout=60) as r:
+            lines.extend(line for line in r.iter_lines() if line)
 
-        streamer, _ = in_thread(stream)
-        deadline = time.time() + 30
-        while not lines:  # the stream has begun (a keepalive while it waits)
-            assert time.time() < deadline and streamer.is_alive()
-            time.sleep(0.05)
-        svc.proc.send_signal(signal.SIGTERM)
-        streamer.join(15)
-        data = [line for line in lines if line.startswith("data:")]
-        assert len(data) >= 2 and '"shutting_down"' in data[-2] and data[-1].endswith("[DONE]"), lines[-4:]
-        busy.join(15)
-    finally:
-        svc.proc.kill()
-        svc.proc.wait()
-        for pid in _pids_of(tmp_path):
-            os.kill(pid, signal.SIGKILL)
+    streamer, _ = in_thread(stream)
+    deadline = time.time() + 30
+    while not lines:  # the stream has begun (a keepalive while it waits)
+        assert time.time() < deadline and streamer.is_alive()
+        time.sleep(0.05)
+    svc.proc.send_signal(signal.SIGTERM)
+    streamer.join(15)
+    data = [line for line in lines if line.startswith("data:")]
+    assert len(data) >= 2 and '"shutting_down"' in data[-2] and data[-1].endswith("[DONE]"), lines[-4:]
+    busy.join(15)
 
 
 def test_a_prefix_cache_save_put_off_while_the_engine_was_busy_is_made_once_it_is_idle(
-    tmp_path: Path, tiny_model: Path
+    tmp_path: Path, serve_tiny: Callable[..., Serve]
 ):
     """A job that ends while another runs puts the save off (it waits for an idle engine); the save is made once the
     engine is idle, with no further job to prompt it, so a worker killed then keeps what it had cached. Before, the
     put-off save restarted the interval, and the last job's end came within it: nothing was saved until some later
     job ended, and a kill -9 lost every prefix cached since."""
-    svc = Serve(service_env(tmp_path, tiny_model, MLXQ_PREFIX_CACHE_SAVE_S="3"), tmp_path / "serve.log")
-    try:
-        svc.wait(lambda h: h["model_loaded"])
-        time.sleep(3.5)  # a save is due from the start
-        client = svc.client()
-        long, out = in_thread(
-            lambda: client.chat.completions.create(**{**ask("Write a long story."), "max_tokens": 400})
-        )
-        svc.wait_jobs(lambda jobs: jobs == [("running", 1)])
-        client.chat.completions.create(**{**ask("Say hi."), "max_tokens": 2})  # ends while the long one runs
-        assert svc.jobs()[0][0] == "running", "the short job ended while the long one ran"
-        long.join(120)
-        assert out and not isinstance(out[0], Exception), out
-        manifests = tmp_path / "data" / "prefix_cache"
-        deadline = time.time() + 15
-        while not list(manifests.rglob("manifest.json")):
-            assert time.time() < deadline, svc.log.read_text()[-3000:]
-            time.sleep(0.2)
-        (manifest,) = manifests.rglob("manifest.json")
-        assert len(json.loads(manifest.read_text())["entries"]) >= 2  # both prompts
-    finally:
-        svc.proc.kill()
-        svc.proc.wait()
-        for pid in _pids_of(tmp_path):
-            os.kill(pid, signal.SIGKILL)
+    svc = serve_tiny(MLXQ_PREFIX_CACHE_SAVE_S="3")
+    time.sleep(3.5)  # a save is due from the start
+    client = svc.client()
+    long, out = in_thread(lambda: client.chat.completions.create(**{**ask("Write a long story."), "max_tokens": 400}))
+    svc.wait_jobs(lambda jobs: jobs == [("running", 1)])
+    client.chat.completions.create(**{**ask("Say hi."), "max_tokens": 2})  # ends while the long one runs
+    assert svc.jobs()[0][0] == "running", "the short job ended while the long one ran"
+    long.join(120)
+    assert out and not isinstance(out[0], Exception), out
+    manifests = tmp_path / "data" / "prefix_cache"
+    deadline = time.time() + 15
+    while not list(manifests.rglob("manifest.json")):
+        assert time.time() < deadline, svc.log.read_text()[-3000:]
+        time.sleep(0.2)
+    (manifest,) = manifests.rglob("manifest.json")
+    assert len(json.loads(manifest.read_text())["entries"]) >= 2  # both prompts
 
 
 def test_a_stream_joined_by_another_client_lives_on_when_the_first_goes_away(

@@ -24,8 +24,9 @@ class StreamWriter(Protocol):
     """One stream's events in a dialect's shapes. Each method returns the payloads to send (maybe none), in order;
     the writer keeps whatever state its dialect numbers or nests events by."""
 
-    def start(self) -> list[Payload]:
-        """What opens the stream, before the job's first event."""
+    def start(self, started: Event | None) -> list[Payload]:
+        """What opens the stream, before the job's other events: `started` (the prompt's tokens, the cached ones) when
+        that is the first, as it is unless the job waits in the queue."""
         ...
 
     def delta(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> list[Payload]:
@@ -68,6 +69,14 @@ def keepalive_comment(event: Event) -> ServerSentEvent:
     return ServerSentEvent(comment=f"keepalive {event.get('status', 'queued')}", sep="\n")
 
 
+async def _chain(first: Event | None, rest: AsyncIterator[Event]) -> AsyncIterator[Event]:
+    if first is None:
+        return
+    yield first
+    async for event in rest:
+        yield event
+
+
 def missed_text(result: dict[str, Any], sent: str) -> str:
     """What a finished result's text has past what the stream sent ("" unless the stream sent a prefix of it)."""
     text = result.get("text") or ""
@@ -75,12 +84,16 @@ def missed_text(result: dict[str, Any], sent: str) -> str:
 
 
 async def relay(source: AsyncIterator[Event], writer: StreamWriter) -> AsyncIterator[ServerSentEvent]:
-    """Relay job events as the writer's SSE events, each as soon as it comes. `started` and `restarted` say nothing
+    """Relay job events as the writer's SSE events, each as soon as it comes. A first `started` goes to the writer's
+    start (Anthropic's `message_start` carries the prompt's usage); otherwise `started` and `restarted` say nothing
     here (the followers drop a restart's repeated text before this)."""
-    for payload in writer.start():
+    guarded = guard(source)
+    # At once: a live job's first events were read before the response began (api.pipeline.streaming.job_events).
+    first = await anext(guarded, None)
+    for payload in writer.start(first if first is not None and first["type"] == "started" else None):
         yield writer.frame(payload)
     sent = ""
-    async for event in guard(source):
+    async for event in _chain(first, guarded):
         kind = event["type"]
         payloads: list[Payload] = []
         if kind == "delta":

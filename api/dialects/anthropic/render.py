@@ -131,9 +131,13 @@ class MessageStreamWriter:
         self.text_open = False
         self.calls_sent = False
 
-    def start(self) -> list[dict[str, Any]]:
-        """`message_start`, sent before the job starts: no content, usage not known yet (0; `message_delta`
-        carries the whole usage at the end, which the SDKs and Claude Code take over the start's)."""
+    def start(self, started: Event | None) -> list[dict[str, Any]]:
+        """`message_start`: no content; the prompt's usage as Anthropic's has it (input and cache-read tokens) when the
+        job has started (`started`), else 0 (a job still queued). `message_delta` carries the whole usage at the end,
+        which the SDKs and Claude Code take over the start's."""
+        usage = (
+            {"prompt_tokens": started["prompt_tokens"], "cached_tokens": started["cached_tokens"]} if started else {}
+        )
         return [
             {
                 "type": "message_start",
@@ -145,7 +149,7 @@ class MessageStreamWriter:
                     "content": [],
                     "stop_reason": None,
                     "stop_sequence": None,
-                    "usage": usage_block({}),
+                    "usage": usage_block(usage),
                 },
             }
         ]

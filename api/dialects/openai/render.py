@@ -132,7 +132,7 @@ class ChunkWriter:
             chunk["usage"] = None
         return chunk
 
-    def start(self) -> list[dict[str, Any]]:
+    def start(self, started: Event | None = None) -> list[dict[str, Any]]:
         chunks = []
         if self.kind == "chat":
             chunks.append(

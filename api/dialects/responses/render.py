@@ -531,7 +531,7 @@ class ResponseStreamWriter:
             self.context, status=status, output=output, usage=usage, error=error, completed_at=self.completed_at
         )
 
-    def start(self) -> list[dict[str, Any]]:
+    def start(self, started: Event | None = None) -> list[dict[str, Any]]:
         """`response.created` and `response.in_progress`, both in progress with no output."""
         return [
             *self._emit({"type": "response.created", "response": self.snapshot(ResponseStatus.IN_PROGRESS)}),
