@@ -72,11 +72,15 @@ class PrefixSaves:
         takes seconds to write and the heartbeat that calls this must not stall. Without it, a job ending while
         others ran put the save off until some later job ended, and a worker killed meanwhile lost every prefix
         cached since."""
-        if self._pending and self._due() and not self._saving.locked():
+        if self._pending and self._due() and not self._saving.locked() and not self._busy():
             threading.Thread(target=self._save, name="mlxq-prefix-save", daemon=True).start()
 
     def _due(self) -> bool:
         return time.monotonic() - self._saved_at >= self._state.settings.prefix_cache_save_s
+
+    def _busy(self) -> bool:
+        batch = self._state.engine.batcher.stats() if self._state.engine is not None else {}
+        return bool(batch.get("active") or batch.get("waiting"))
 
     def _save(self, *, force: bool = False) -> None:
         engine = self._state.engine
@@ -86,8 +90,7 @@ class PrefixSaves:
         if not self._saving.acquire(blocking=force):
             return
         try:
-            batch = engine.batcher.stats()
-            if not force and (batch["active"] or batch["waiting"]):
+            if not force and self._busy():
                 return  # still due
             self._pending = False  # before the write: a job that ends during it makes it due again
             written = engine.save_prefix_cache(self.directory, self.disk_bytes(prefix.max_bytes))

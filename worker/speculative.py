@@ -395,6 +395,7 @@ class _Row:
     lookup: PromptLookup
     seed: PromptLookup | None  # the client's prediction
     opened: bool = False  # a token of it has been reported (its first is what its client waits for)
+    sample_first: bool = False  # joining: its prefill here takes `last` too and samples its first token
     seeded: bool = False  # this step's draft comes from the prediction
     start: int | None = None  # where in `lookup` this step's draft starts (None: not from there)
     follow: int | None = None  # the position in `lookup` of the copy being followed, where `last` should be
@@ -447,7 +448,6 @@ class SpeculativeBatch:
         self._last: mx.array | None = None  # each row's `last`, possibly still being computed (a plain step's)
         # Admitted, joining at the next step: each with its cache and the prompt tokens still to prefill before `last`.
         self._joining: list[tuple[_Row, list[Any], list[int]]] = []
-        self._samples: set[int] = set()  # of those joining, the ones whose first token their prefill samples
         self._group_time: tuple[int, float] | None = None  # the last join's prefill: padded tokens, seconds
         self._next_uid = 0
         self._ready: dict[int, Buffers] = {}  # layer -> the zeroed buffers a coming join copies into (`warm`)
@@ -488,10 +488,9 @@ class SpeculativeBatch:
             lookup=PromptLookup([]),
             seed=PromptLookup(list(admission.prediction)) if admission.prediction else None,
             opened=sampled,
+            sample_first=admission.sample_first and len(admission.rest) > 1,
         )
         self._joining.append((row, cache, [] if sampled else list(admission.rest[:-1])))
-        if admission.sample_first and len(admission.rest) > 1:
-            self._samples.add(uid)
         return uid
 
     def step(self) -> Step:
@@ -574,7 +573,6 @@ class SpeculativeBatch:
         mlx-lm's prompt batch (one padded forward, its cache merged as it goes), their last prompt tokens too where
         they `sample_first` (`_prompt_sampled`). Returns the first tokens sampled so."""
         joining, self._joining = self._joining, []
-        samples, self._samples = self._samples, set()
         prefill = [j for j in joining if j[2]]
         ready = [j for j in joining if not j[2]]
         parts: list[list[RaggedKVCache]] = []
@@ -583,7 +581,7 @@ class SpeculativeBatch:
             tic = time.perf_counter()
             uids, caches = [r.uid for r, _, _ in prefill], [c for _, c, _ in prefill]
             batch = PromptProcessingBatch(self.model, uids, caches, prefill_step_size=self.prefill_step)
-            sampled = self.last_logits is not None and all(row.uid in samples for row, _, _ in prefill)
+            sampled = self.last_logits is not None and all(row.sample_first for row, _, _ in prefill)
             padded = len(prefill) * (max(len(rest) for _, _, rest in prefill) + sampled)
             if sampled:
                 prefill, firsts = self._prompt_sampled(batch, prefill)
