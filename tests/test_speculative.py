@@ -150,7 +150,11 @@ def test_drafting_gives_the_plain_greedy_answers_alone(smol: dict[str, Engine], 
         before = on.draft_stats.accepted
         got = on.generate("chat", request, use_prefix_cache=False)
         assert same(got, smol_plain[name]), f"{name}: {got['text']!r} != {smol_plain[name]['text']!r}"
-        if name in ("edit", "json_copy", "penalized"):  # the copy is drafted: several tokens per step
+        # A copy is drafted: several tokens a step. Only where the answer is one: this model answers `edit` greedily
+        # with prose about the change (as mlx_lm.generate does), whose drafts are few and taken or not by the step
+        # costs this machine measured at the time.
+        if name in ("json_copy", "penalized"):
+            assert got["text"].startswith(("```python\nimport json", '{"city":"Reykjavik"')), name
             assert on.draft_stats.accepted - before > 10, name
     assert smol_plain["stop"]["finish_reason"] == "stop" and smol_plain["stop"]["usage"]["completion_tokens"] < 100
 
