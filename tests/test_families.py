@@ -133,8 +133,14 @@ def test_greedy_answers_equal_mlx_lm_alone_and_four_at_once(engine: Engine):
     assert len({t for tokens in expected for t in tokens}) > 4, "the tiny model must not answer one token over"
     alone = [run(engine, [request])[0][1] for request in requests]
     assert alone == expected
+    before = engine.speculation()
     together = [tokens for _result, tokens in run(engine, requests)]
     assert together == expected
+    # /health's decode counters count every family's decode batch, mlx-lm's (hybrid, windowed) as well as mlxq's.
+    after = engine.speculation()
+    produced = sum(len(tokens) for tokens in together)
+    assert 0 < after["decode_steps"] - before["decode_steps"] < produced
+    assert produced - len(requests) <= after["decode_tokens"] - before["decode_tokens"] <= produced
 
 
 @each_family

@@ -195,6 +195,7 @@ class MlxBatchGenerator:
         )
         # uid -> (tokens its cache held when admitted, the absolute positions still to hand back).
         self._checkpoints: dict[int, tuple[int, set[int]]] = {}
+        self._stats = config.draft_stats  # its decode steps and their tokens (/health), as the drafting batch counts
 
     def admit(self, admission: Admission) -> int:
         # The prompt goes in as segments ending at the checkpoints: mlx-lm's prefill never crosses a segment's end
@@ -223,6 +224,9 @@ class MlxBatchGenerator:
 
     def step(self) -> Step:
         prompt_responses, responses = self._gen.next()
+        if responses and self._stats is not None:
+            self._stats.steps += 1
+            self._stats.tokens += len(responses)
         wanted = []
         for p in prompt_responses:
             if p.uid not in self._checkpoints:
