@@ -41,12 +41,13 @@ def long_prompt(seed: int, words: int) -> str:
 
 
 def test_the_split_adds_up_to_the_budget_and_a_fixed_prefix_share_is_kept():
-    b = Budget.split(4 * GIB, {"model": GIB}, 300 * MIB)
-    parts = b.weights + b.kv + b.prefix + b.prefill + b.buffer_cache
-    assert b.total - 8 <= parts <= b.total
-    assert b.kv > b.prefix > b.prefill > b.buffer_cache > 0
-    fixed = Budget.split(4 * GIB, {"model": GIB}, 300 * MIB, prefix=100 * MIB)
-    assert fixed.prefix == 100 * MIB and fixed.kv + fixed.prefix == b.kv + b.prefix
+    for total in (4 * GIB, 24 * GIB):  # the buffer cache's share under its cap, and over it (what is over goes to KV)
+        b = Budget.split(total, {"model": GIB}, 300 * MIB)
+        parts = b.weights + b.kv + b.prefix + b.prefill + b.buffer_cache
+        assert b.total - 8 <= parts <= b.total
+        assert b.kv > b.prefix > b.prefill > b.buffer_cache > 0
+        fixed = Budget.split(total, {"model": GIB}, 300 * MIB, prefix=100 * MIB)
+        assert fixed.prefix == 100 * MIB and fixed.kv + fixed.prefix == b.kv + b.prefix
 
 
 def test_a_budget_with_no_room_beyond_the_weights_is_refused_with_the_setting_named():

@@ -137,7 +137,10 @@ class Budget:
                 f"{MIN_WORKING / GIB:.2f} GB to serve, more than its memory budget of {total / GIB:.2f} GB: raise "
                 f"MLXQ_MEMORY_GB or serve a smaller (quantized) model"
             )
-        kv_and_prefix = int(free * (KV_SHARE + PREFIX_SHARE))
+        # A larger cache of freed buffers saves allocations but holds memory nothing uses: what its share has over
+        # the cap goes to KV, so that the parts still add up to the budget.
+        buffer_cache = min(int(free * BUFFER_SHARE), MAX_BUFFER_CACHE)
+        kv_and_prefix = int(free * (KV_SHARE + PREFIX_SHARE)) + int(free * BUFFER_SHARE) - buffer_cache
         prefix = min(prefix, kv_and_prefix // 2) if prefix else int(free * PREFIX_SHARE)
         return cls(
             total=total,
@@ -146,8 +149,7 @@ class Budget:
             kv=kv_and_prefix - prefix,
             prefix=prefix,
             prefill=int(free * PREFILL_SHARE),
-            # A larger cache of freed buffers saves allocations but holds memory nothing uses.
-            buffer_cache=min(int(free * BUFFER_SHARE), MAX_BUFFER_CACHE),
+            buffer_cache=buffer_cache,
             weight_sets=tuple(weights.items()),
         )
 
