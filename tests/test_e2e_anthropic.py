@@ -93,6 +93,32 @@ def test_a_tool_use_round_trip(svc: Service):
     assert followup.content and followup.usage.input_tokens + followup.usage.cache_read_input_tokens > 0
 
 
+def test_a_final_assistant_message_is_continued_not_answered_anew(svc: Service, smollm2: Path):
+    """Anthropic's prefill: the answer goes on from the final assistant message's text (its leading space its own),
+    as mlx-lm greedy decoding goes on from that prompt; streamed the same; count_tokens counts that prompt."""
+    from mlx_lm import load, stream_generate
+
+    messages = [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "The capital of France is"},
+    ]
+    client = claude(svc)
+    answer = client.messages.create(**{**ask(""), "max_tokens": 6, "messages": messages})
+    model, tokenizer = load(str(smollm2))[:2]
+    prompt = tokenizer.apply_chat_template(messages, continue_final_message=True, tokenize=False)
+    assert prompt.endswith("The capital of France is")  # no end of turn, no new turn
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    tokens = [r.token for r in stream_generate(model, tokenizer, ids, max_tokens=6)]
+    # Decoded whole: mlx-lm's streaming detokenizer would drop the leading space, right only for a new turn.
+    assert answer.content[0].text == tokenizer.decode([t for t in tokens if t not in tokenizer.eos_token_ids])
+    assert answer.content[0].text.startswith(" Paris")
+    with client.messages.stream(**{**ask(""), "max_tokens": 6, "messages": messages}) as stream:
+        assert "".join(stream.text_stream) == answer.content[0].text
+    counted = client.messages.count_tokens(model=MODEL_NAME, messages=messages)
+    read = answer.usage.cache_read_input_tokens or 0  # Anthropic's input_tokens leave out what the cache read
+    assert counted.input_tokens == len(ids) == answer.usage.input_tokens + read
+
+
 def test_count_tokens_matches_the_tokenizer(svc: Service, smollm2: Path):
     from transformers import AutoTokenizer
 

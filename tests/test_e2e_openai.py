@@ -192,6 +192,15 @@ def test_legacy_completions(oa):
     assert "".join(c.choices[0].text for c in streamed if c.choices) == r.choices[0].text
     echo = oa.completions.create(model=MODEL_NAME, prompt="One, two,", max_tokens=3, temperature=0, echo=True)
     assert echo.choices[0].text.startswith("One, two,")
+    # A completion continues its prompt: the first token's leading space is the answer's (" Paris"), so the prompt
+    # and the answer join as the model wrote them (mlx-lm's detokenizer drops it, right only for a new turn).
+    assert r.choices[0].text.startswith(" Paris")
+    assert (
+        echo.choices[0].text
+        == "One, two,"
+        + oa.completions.create(model=MODEL_NAME, prompt="One, two,", max_tokens=3, temperature=0).choices[0].text
+    )
+    assert echo.choices[0].text.startswith("One, two, ")
 
 
 def test_sampling_options_and_logprobs(oa):

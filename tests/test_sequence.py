@@ -114,3 +114,31 @@ def test_real_model_cut_by_max_tokens_inside_a_call(smol: Engine):
     assert cut["finish_reason"] == "length" and "tool_calls" not in cut
     assert cut["text"].startswith("<tool_call>")
     assert streamed(events) == cut["text"]
+
+
+def test_a_final_assistant_message_is_continued_unless_a_grammar_holds_the_whole_answer(smol: Engine):
+    """The prefill: the prompt ends in the assistant's text, no new turn opened. Under a schema or a forced call the
+    grammar starts the answer, so those open a new turn; a final turn of tool calls is no prefill."""
+    user = {"role": "user", "content": "What is the capital of France?"}
+    prefill = {"role": "assistant", "content": "The capital of France is"}
+
+    def prompt(**request: object) -> str:
+        return str(smol.tokenizer.decode(smol.chat_tokens({"messages": [user, prefill], **request})))
+
+    assert prompt().endswith("<|im_start|>assistant\nThe capital of France is")
+    assert prompt(tools=TOOLS).endswith("The capital of France is")  # a call the model opens on its own may follow
+    new_turn = "The capital of France is<|im_end|>\n<|im_start|>assistant\n"
+    assert prompt(response_format={"type": "json_object"}).endswith(new_turn)
+    assert (
+        prompt(tools=TOOLS, tool_choice="required")
+        .split("<|im_start|>assistant\n")[-2]
+        .endswith("The capital of France is<|im_end|>\n")
+    )
+    calls = {
+        **prefill,
+        "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}],
+    }
+    tokens = smol.chat_tokens({"messages": [user, calls]})
+    assert smol.tokenizer.decode(tokens).endswith("<|im_start|>assistant\n")
+    answer = smol.generate("chat", {"messages": [user, prefill], "max_tokens": 4, "temperature": 0})
+    assert answer["text"].startswith(" Paris")

@@ -44,6 +44,9 @@ class Sequence:
     # Whose request it is, for fair shares of the batch (worker.batcher): an API key's id, or else the session; "" none.
     owner: str = ""
     prefill: str = ""  # answer text already in the prompt (a forced tool call)
+    # The answer continues text in the prompt (a completion, an assistant prefill): a leading space of its first
+    # token is its own, where mlx-lm's detokenizers drop it (right for a new turn).
+    keep_space: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
     use_prefix_cache: bool = True
@@ -130,6 +133,9 @@ class Sequence:
             if finish_reason is not None:
                 self.detokenizer.finalize()
         piece = self.detokenizer.last_segment
+        if self.keep_space and piece and len(self.text) == len(self.prefill) and not piece.startswith(" "):
+            if self.decode(self.generated).startswith(" "):
+                piece = " " + piece
         self.text += piece
         if self.stops and self._cut_at_stop(len(piece)):
             self.finish = FinishReason.STOP

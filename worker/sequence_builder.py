@@ -84,6 +84,18 @@ def penalty_processors(sampling: SamplingSettings) -> list[Any]:
     )
 
 
+def final_prefill(messages: list[dict[str, Any]]) -> bool:
+    """A final assistant message with text and no tool calls is the start of the answer, which the model continues:
+    Anthropic's Messages API says so ("prefill"), and llama.cpp's server and Ollama take any dialect's that way."""
+    last = messages[-1] if messages else {}
+    if last.get("role") != "assistant" or last.get("tool_calls"):
+        return False
+    content = last.get("content")
+    if isinstance(content, list):
+        content = "".join(str(p.get("text") or "") for p in content if isinstance(p, dict))
+    return isinstance(content, str) and bool(content.strip())
+
+
 def typed(request: Request | dict[str, Any], model: str) -> Request:
     """A plain body (tests, benchmarks) validated as the api's requests are; it may leave out `model`."""
     return request if isinstance(request, Request) else Request.model_validate({"model": model, **request})
@@ -126,13 +138,41 @@ class SequenceBuilder:
             raise RequestError("a chat request needs `messages`.", param="messages")
         wire = request.wire()
         messages, tools, prefill, parse_tools = prepare_chat(wire, template_knows_tools(self.chat_template))
-        text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+        text = self._render(messages, tools, continuing=self.continues("chat", request))
         if not checkpoints:
             return self.tokenizer.encode(text + prefill, add_special_tokens=False), prefill, parse_tools, {}
         # worker.tool_prompt may have put a system message before the canonical ones (mlxq.keys.prefix_hashes').
         shift = len(messages) - len(wire.get("messages") or [])
         prompt, marks = chat_marks(self.tokenizer, messages, tools, text + prefill, shift=shift)
         return prompt, prefill, parse_tools, marks
+
+    def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, *, continuing: bool) -> str:
+        """The template's text: a new assistant turn opened, or the final assistant message left open to continue
+        (the template may not place its content where it can be found: then a new turn, logged)."""
+        if continuing:
+            try:
+                return str(
+                    self.tokenizer.apply_chat_template(
+                        messages, tools=tools, continue_final_message=True, tokenize=False
+                    )
+                )
+            except ValueError as exc:
+                log.warning("the final assistant message opens a new turn: %s", exc)
+        return str(
+            self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+        )
+
+    def continues(self, kind: JobKind, request: Request) -> bool:
+        """The answer goes on from text already in the prompt, so its first token's leading space is its own: a
+        completion's prompt, or a chat's final assistant message (a prefill, `final_prefill`) where no grammar holds
+        the whole answer from its start (a schema, a forced tool call: they open a new turn)."""
+        if kind != "chat":
+            return True
+        wire = request.wire()
+        if not final_prefill(wire.get("messages") or []):
+            return False
+        constraint = constraint_for(wire, native_tools=template_knows_tools(self.chat_template))
+        return constraint is None or constraint.trigger is not None
 
     def completion_tokens(self, request: Request) -> list[int]:
         prompt = request.prompt
@@ -235,6 +275,7 @@ class SequenceBuilder:
             stops=[] if constraint is not None and constraint.trigger is None else list(request.stop or []),
             tool_filter=ToolStreamFilter(tools, self.tool_format),
             detokenizer=self.tokenizer.detokenizer,
+            keep_space=self.continues(kind, request),
             decode=self.tokenizer.decode,
             priority=priority,
             owner=owner,
