@@ -139,6 +139,9 @@ def test_bad_input_is_an_openai_4xx_and_nothing_is_enqueued(tmp_path: Path, smol
     with pytest.raises(openai.NotFoundError) as exc:
         client(svc).chat.completions.create(model="gpt-9", messages=QUESTION)
     assert exc.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError):  # retrieved by name: the same names, the same 404
+        client(svc).models.retrieve("gpt-9")
+    assert client(svc).models.retrieve(MODEL_NAME).id == MODEL_NAME
     with pytest.raises(openai.BadRequestError):
         client(svc).chat.completions.create(model=MODEL_NAME, messages=[])
 

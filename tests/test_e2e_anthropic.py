@@ -119,6 +119,14 @@ def test_a_final_assistant_message_is_continued_not_answered_anew(svc: Service, 
     assert counted.input_tokens == len(ids) == answer.usage.input_tokens + read
 
 
+def test_a_model_is_retrieved_by_either_client(svc: Service):
+    """GET /v1/models/{model}: the served model by its name, and by any other (the default alias names it)."""
+    assert claude(svc).models.retrieve(MODEL_NAME).id == MODEL_NAME
+    assert claude(svc).models.retrieve("claude-sonnet-4-5").display_name == MODEL_NAME
+    oa = openai.OpenAI(base_url=f"{svc.base}/v1", api_key="unused", max_retries=0)
+    assert oa.models.retrieve(MODEL_NAME).id == MODEL_NAME
+
+
 def test_count_tokens_matches_the_tokenizer(svc: Service, smollm2: Path):
     from transformers import AutoTokenizer
 

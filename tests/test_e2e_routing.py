@@ -220,6 +220,7 @@ def test_two_models_behind_one_api_each_answered_by_its_own_worker(
     svc.wait_workers({"w-main", "w-smol"})
     oa = client(svc)
     assert [m.id for m in oa.models.list().data] == [MODEL_NAME, "smol", "ghost"]
+    assert [oa.models.retrieve(m).id for m in ("smol", "ghost", "gpt-4o")] == ["smol", "ghost", MODEL_NAME]
     paris = oa.chat.completions.with_raw_response.create(
         model="smol", messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0
     )

@@ -11,6 +11,8 @@ from api.auth import AUTHENTICATED, Owner
 from api.dialects.openai import adapter
 from api.dialects.openai.protocol import ChatCompletionRequest, CompletionRequest
 from api.dialects.openai.render import ChunkWriter, chat_completion, model_list, text_completion
+from api.errors import APIError
+from api.pipeline.model_info import resolve_model
 from api.pipeline.prepare import prepare_specs
 from api.pipeline.relay import relay
 from api.pipeline.respond import answer
@@ -67,3 +69,16 @@ async def models(services: ServicesDep) -> dict[str, Any]:
     configured = list(services.settings.served_models)
     live = await services.model_info.live_models()
     return model_list([*configured, *sorted(live - set(configured))])
+
+
+@router.get("/v1/models/{model_id:path}")
+async def model(model_id: str, services: ServicesDep) -> dict[str, Any]:
+    """One model (OpenAI's and Anthropic's retrieve): a served model by its name, or the one an alias names (answers
+    name the served model too); a 404 for any other name. A hub id has slashes: the path takes them."""
+    try:
+        served = await resolve_model(services.settings, services.model_info, model_id)
+    except APIError as exc:
+        if exc.status != 503:  # a configured model without a worker now is still a model of this server
+            raise
+        served = model_id
+    return model_list([served])["data"][0]
