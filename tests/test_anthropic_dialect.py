@@ -436,7 +436,7 @@ def test_tool_use_ids():
         (413, "request_too_large"),
         (422, "invalid_request_error"),
         (429, "rate_limit_error"),
-        (499, "invalid_request_error"),
+        (499, "api_error"),
         (500, "api_error"),
         (502, "api_error"),
         (503, "overloaded_error"),

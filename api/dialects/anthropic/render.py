@@ -31,6 +31,7 @@ ERROR_TYPES = {
     404: "not_found_error",
     413: "request_too_large",
     429: "rate_limit_error",
+    499: "api_error",  # cancelled (DELETE, a batch cancelled, the worker stopping): the request itself was valid
     500: "api_error",
     503: "overloaded_error",
     504: "timeout_error",
