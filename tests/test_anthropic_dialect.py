@@ -372,6 +372,22 @@ def test_one_key_whatever_the_tool_call_ids():
     assert key(converted(a)) == key(o)
 
 
+@pytest.mark.parametrize("content", ["no such city", [{"type": "text", "text": "no such city"}]])
+def test_a_tool_result_marked_as_an_error_tells_the_model_so(content: Any):
+    """`is_error`: the OpenAI form has no such flag, so the result's text says it (and the key differs from a
+    success's): the model is told its call failed."""
+    a, _ = tool_conversation(call_id="toolu_01abc", arguments='{"city": "Paris"}')
+    result = a["messages"][-1]["content"][0]
+    tool_messages = {}
+    for flag in (None, False, True):
+        result.update(content=content, **({} if flag is None else {"is_error": flag}))
+        tool_messages[flag] = converted(a)["messages"][-1]
+    assert tool_messages[None] == tool_messages[False] != tool_messages[True]
+    text = [tool_messages[True]["content"]] if isinstance(tool_messages[True]["content"], str) else None
+    text = text or [p["text"] for p in tool_messages[True]["content"]]
+    assert "".join(text) == "Error: no such city"
+
+
 # -- message -----------------------------------------------------------------------------------
 
 USAGE = {"prompt_tokens": 120, "completion_tokens": 9, "cached_tokens": 100}

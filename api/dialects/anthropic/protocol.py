@@ -308,6 +308,10 @@ def _text_parts(blocks: list[TextBlock]) -> list[dict[str, Any]]:
     return [{"type": "text", "text": b.text} for b in blocks]
 
 
+def _parts(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"type": "text", "text": content}] if isinstance(content, str) and content else list(content or [])
+
+
 def _content(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
     # The OpenAI form takes no empty list; mlxq.keys flattens a list of text parts, "" is the same as none.
     return parts or ""
@@ -323,6 +327,10 @@ def _system(content: str | list[TextBlock]) -> str | list[dict[str, Any]] | None
     return parts or None
 
 
+# What a tool result with `is_error` says first: the tool failed, and what follows is its error.
+TOOL_ERROR = "Error: "
+
+
 def _user(content: str | list[Any]) -> list[dict[str, Any]]:
     """A user turn: its tool results become `tool` messages in order; text between them, user messages."""
     if isinstance(content, str):
@@ -335,6 +343,8 @@ def _user(content: str | list[Any]) -> list[dict[str, Any]]:
                 out.append({"role": "user", "content": parts})
                 parts = []
             result = block.content if isinstance(block.content, str) else _text_parts(block.content or [])
+            if block.is_error:  # the model is told, as the OpenAI form has no flag for it
+                result = [{"type": "text", "text": TOOL_ERROR}, *_parts(result)]
             out.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": result or ""})
         else:
             parts.append({"type": "text", "text": block.text})
