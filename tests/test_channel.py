@@ -137,3 +137,49 @@ def test_events_already_published_are_replayed_in_order(db_url: str):
 
     events = [e for _, e in asyncio.run(main())]
     assert events == [{"type": "started"}, *({"type": "delta", "content": str(i)} for i in range(3)), {"type": "done"}]
+
+
+@pytest.mark.parametrize("replayable", [True, False])
+def test_a_job_restarted_twice_is_relayed_once_or_its_client_told_to_retry(db_url: str, replayable: bool):
+    """api.pipeline.follow on this channel: a stopped worker's `restarted` (kill -TERM), then a killed one's
+    (kill -9) before the second run got as far: a deterministic job's text reaches the client once, whole; any other
+    job's client, having had part of an answer, is told to retry."""
+    import threading
+
+    from celery import Celery
+
+    from api.errors import APIError
+    from api.pipeline.follow import JobFollower
+    from mlxq.delivery import Delivery
+
+    sessions = make_sessionmaker(make_engine(db_url))
+    channel = SQLChannel(sessions, poll_interval_s=0.05)
+    settings = Settings(database_url=db_url)
+    follower = JobFollower(settings, sessions, channel, Delivery(sessions, Celery(), settings), threading.Event())
+    deltas = lambda *texts: [{"type": "delta", "content": t} for t in texts]  # noqa: E731
+    channel.publish_many(
+        "j",
+        [
+            *deltas("Hello", " wor"),
+            {"type": "restarted", "attempt": 1},  # the stop: nothing counted
+            *deltas("Hel"),
+            {"type": "restarted", "attempt": 2},  # the kill, before the second run reached the first's end
+            *deltas("Hello", " world", "!"),
+            {"type": "done", "result": {"text": "Hello world!"}},
+        ],
+    )
+
+    async def relayed() -> str:
+        text = ""
+        try:
+            async for event in follower.events("j", replayable=replayable):
+                text += event.get("content") or "" if event["type"] == "delta" else ""
+        finally:
+            await channel.aclose()
+        return text
+
+    if replayable:
+        assert asyncio.run(relayed()) == "Hello world!"
+    else:
+        with pytest.raises(APIError, match="retry"):
+            asyncio.run(relayed())

@@ -172,6 +172,40 @@ def test_serve_restarts_a_killed_worker_and_its_jobs_run_again_for_sync_and_stre
     assert client.chat.completions.create(**sync_req).choices[0].message.content == answer.choices[0].message.content
 
 
+def test_a_stream_whose_worker_is_stopped_with_sigterm_goes_on_without_a_repeat(serve: Serve):
+    """A stopped worker (kill -TERM, as systemd or Kubernetes stops it) hands its jobs back uncounted and serve
+    starts another: a deterministic stream goes on where it was, its text not doubled; a sampled one, whose new
+    text would not continue the old, is told to retry (worker_lost), as after a kill -9."""
+    greedy_req = ask("Write a long poem about the sea.")
+    sampled_req = {**ask("Write a long story about a fox."), "temperature": 1.0}
+    chunks: dict[str, list[dict]] = {"greedy": [], "sampled": []}
+
+    def stream(name: str, body: dict) -> None:
+        with httpx.stream("POST", f"{serve.base}/v1/chat/completions", json={**body, "stream": True}, timeout=240) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    chunks[name].append(json.loads(line[len("data: ") :]))
+
+    def text(name: str) -> str:
+        return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks[name] if c.get("choices"))
+
+    threads = [
+        in_thread(lambda n=n, b=b: stream(n, b))[0] for n, b in (("greedy", greedy_req), ("sampled", sampled_req))
+    ]
+    deadline = time.monotonic() + 120
+    while not (text("greedy") and text("sampled")):  # both have had part of their answer
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.kill(serve.worker_pid(), signal.SIGTERM)
+    for thread in threads:
+        thread.join(240)
+
+    hit = serve.client().chat.completions.with_raw_response.create(**greedy_req)
+    assert hit.headers["x-cache"] == "HIT" and hit.parse().choices[0].message.content == text("greedy")
+    assert chunks["sampled"][-1].get("error", {}).get("code") == "worker_lost", chunks["sampled"][-2:]
+    assert serve.health()["worker"]["restarts"] == 1
+
+
 def test_a_request_that_kills_the_worker_twice_fails_cleanly_and_the_worker_stays_up(serve: Serve):
     client = serve.client()
     waiter, out = in_thread(lambda: client.chat.completions.create(**ask("Write a long story about a dragon.")))

@@ -98,6 +98,11 @@ class JobRunner:
             return
         if answer.get("finish_reason") == FinishReason.CANCELLED:
             if self._state.stopping.is_set():
+                if stream:
+                    # Its clients have had part of the answer and the next run starts over; the next run's own
+                    # `restarted` goes out only for an attempt counted (a stop is not one), and this one must be in
+                    # the channel before that run's text can be.
+                    self._publish(job_id, [events.restarted(job.attempts)])
                 with self._state.sessions.begin() as session:
                     jobs.requeue_job(session=session, job_id=job_id)
                 return

@@ -73,7 +73,9 @@ class JobFollower:
         # Without `timeout` (a reader of a detached job, which runs however long it takes) only keepalives.
         deadline = time.monotonic() + self._settings.request_timeout_s if timeout else float("inf")
         ended_quietly = False
-        relayed = skip = 0  # characters of text relayed; of the restarted job's text still to skip
+        # Characters of the answer's text the client has, and of this run's text come so far: a restarted job's
+        # text (deterministic: the same) is relayed from where the client's ends, however often it restarts.
+        shown = seen = 0
         try:
             while True:
                 if self._closing.is_set():
@@ -102,23 +104,23 @@ class JobFollower:
                         yield events.waiting(status)
                         continue
                 if event["type"] == "restarted":
-                    if relayed and not replayable:
+                    if shown and not replayable:
                         raise APIError(
                             503,
                             "The worker stopped in the middle of this answer; retry the request.",
                             code="worker_lost",
                         )
-                    skip, relayed = relayed, 0
+                    seen = 0
                     continue
                 if event["type"] == "delta":
                     text = event.get("content") or ""
-                    if skip:
-                        cut = min(skip, len(text))
-                        skip -= cut
-                        if cut == len(text):
-                            continue
+                    cut = min(max(shown - seen, 0), len(text))
+                    seen += len(text)
+                    shown = max(shown, seen)
+                    if cut == len(text) and text:
+                        continue
+                    if cut:
                         event = {**event, "content": text[cut:], "logprobs": None}
-                    relayed += len(event.get("content") or "")
                 if events.is_final(event):
                     self._delivery.ended(job_id)
                 yield event
