@@ -139,11 +139,14 @@ def test_events_already_published_are_replayed_in_order(db_url: str):
     assert events == [{"type": "started"}, *({"type": "delta", "content": str(i)} for i in range(3)), {"type": "done"}]
 
 
-@pytest.mark.parametrize("replayable", [True, False])
-def test_a_job_restarted_twice_is_relayed_once_or_its_client_told_to_retry(db_url: str, replayable: bool):
+@pytest.mark.parametrize("replayable,last_run", [(True, False), (False, False), (False, True)])
+def test_a_job_restarted_twice_is_relayed_once_or_its_client_told_to_retry(
+    db_url: str, replayable: bool, last_run: bool
+):
     """api.pipeline.follow on this channel: a stopped worker's `restarted` (kill -TERM), then a killed one's
     (kill -9) before the second run got as far: a deterministic job's text reaches the client once, whole; any other
-    job's client, having had part of an answer, is told to retry."""
+    job's client, having had part of an answer, is told to retry; a reader of the ended job's kept events (a stored
+    response streamed again) gets its last run's."""
     import threading
 
     from celery import Celery
@@ -172,13 +175,13 @@ def test_a_job_restarted_twice_is_relayed_once_or_its_client_told_to_retry(db_ur
     async def relayed() -> str:
         text = ""
         try:
-            async for event in follower.events("j", replayable=replayable):
+            async for event in follower.events("j", replayable=replayable, last_run=last_run):
                 text += event.get("content") or "" if event["type"] == "delta" else ""
         finally:
             await channel.aclose()
         return text
 
-    if replayable:
+    if replayable or last_run:
         assert asyncio.run(relayed()) == "Hello world!"
     else:
         with pytest.raises(APIError, match="retry"):

@@ -53,7 +53,7 @@ class JobFollower:
             return job.status, job.result, job.error
 
     async def events(
-        self, job_id: str, *, replayable: bool = True, timeout: bool = True
+        self, job_id: str, *, replayable: bool = True, timeout: bool = True, last_run: bool = False
     ) -> AsyncGenerator[Event, None]:
         """A job's events from the stream channel, ending with `done` or `error`.
 
@@ -61,8 +61,10 @@ class JobFollower:
         past `request_timeout_s` the iterator raises a 504, and when the server begins to stop, a 503.
         When the job restarts (its worker died), the text already relayed is not relayed twice: a
         `replayable` (deterministic) job produces it again, so that much of the new text is skipped;
-        any other job's new text would not continue the old, so the client gets a 503 to retry.
+        any other job's new text would not continue the old, so the client gets a 503 to retry. With `last_run`
+        (a reader of a finished job's kept events, who has been sent nothing yet) only the last run's events.
         """
+
         queue: asyncio.Queue[Event] = asyncio.Queue()
 
         async def pump() -> None:
@@ -76,6 +78,7 @@ class JobFollower:
         # Characters of the answer's text the client has, and of this run's text come so far: a restarted job's
         # text (deterministic: the same) is relayed from where the client's ends, however often it restarts.
         shown = seen = 0
+        held: list[Event] = []  # with `last_run`: this run's events, sent once the job's end is read
         try:
             while True:
                 if self._closing.is_set():
@@ -103,6 +106,15 @@ class JobFollower:
                     else:
                         yield events.waiting(status)
                         continue
+                if event["type"] == "restarted" and last_run:
+                    held = []
+                    continue
+                if last_run and not events.is_final(event):
+                    held.append(event)
+                    continue
+                for kept in held:
+                    yield kept
+                held = []
                 if event["type"] == "restarted":
                     if shown and not replayable:
                         raise APIError(

@@ -131,8 +131,12 @@ def _late_stream(services: Services, context: ResponseContext, job: Job, after: 
     if job.started_at is None and job.status in JOB_FINAL:
         source = from_list(replay(job.result or {}))
     else:
-        # No deadline: a background job runs however long it takes; a restart of a sampled one is not replayable.
-        source = services.follower.events(job.id, replayable=is_deterministic(job.request), timeout=False)
+        # No deadline: a background job runs however long it takes; a restart of a sampled one is not replayable
+        # while it runs, and once it has ended its last run's events are its answer's.
+        deterministic = is_deterministic(job.request)
+        source = services.follower.events(
+            job.id, replayable=deterministic, timeout=False, last_run=job.status in JOB_FINAL and not deterministic
+        )
     return event_source(relay(source, writer), {}, services.settings.sse_keepalive_s)
 
 
