@@ -162,6 +162,15 @@ def test_jobs_submit_poll_join_late_cancel_idempotent_and_gone_after_retention(
         assert time.time() < deadline, job
         time.sleep(0.1)
     assert job["attempts"] == 1 and job["result"]["object"] == "chat.completion"
+    again = http.get(f"/v1/jobs/{job_id}").json()["result"]  # one answer: one id and one time, read after read
+    assert (
+        (again["id"], again["created"])
+        == (job["result"]["id"], job["result"]["created"])
+        == (
+            f"chatcmpl-{job_id.replace('-', '')}",
+            job["finished_at"],
+        )
+    )
     text = job["result"]["choices"][0]["message"]["content"]
     # Late join: the events from the first, then the end.
     with http.stream("GET", f"/v1/jobs/{job_id}/events") as events:
@@ -195,6 +204,11 @@ def test_jobs_submit_poll_join_late_cancel_idempotent_and_gone_after_retention(
     assert http.get(f"/v1/jobs/{job_id}").json()["error"]["code"] == "job_not_found"
     assert http.post("/v1/jobs", json={**body, "stream": True}).status_code == 400
     assert http.post("/v1/jobs", json={"endpoint": "/v1/nope", "body": body}).status_code == 400
+    # A body of another dialect's endpoint is a batch line's or a background response's: a job's result is rendered
+    # by its kind, which would answer a Responses body as a chat completion.
+    responses = {"endpoint": "/v1/responses", "body": {"model": MODEL_NAME, "input": "hi"}}
+    refused = http.post("/v1/jobs", json=responses)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "endpoint"
 
 
 def test_the_batch_cli_submits_waits_writes_results_and_lists_jobs(svc: Service, tmp_path: Path):

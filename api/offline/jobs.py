@@ -26,13 +26,19 @@ from mlxq.sql import Job
 from mlxq.states import JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=AUTHENTICATED)
+JOB_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 
 
-def render_result(model: str, kind: str, result: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A job's result as the endpoint it named would have answered, by `model`."""
-    if result is None:
+def render_result(job: Job) -> dict[str, Any] | None:
+    """A job's result as the endpoint it named would have answered, by its model: one id (the job's) and one time
+    (its end) however often it is read."""
+    if job.result is None:
         return None
-    return chat_completion(result, model=model) if kind == "chat" else text_completion([result], model=model)
+    if job.kind == "chat":
+        rendered, prefix = chat_completion(job.result, model=job.model), "chatcmpl"
+    else:
+        rendered, prefix = text_completion([job.result], model=job.model), "cmpl"
+    return {**rendered, "id": f"{prefix}-{job.id.replace('-', '')}", "created": int(job.finished_at or job.created_at)}
 
 
 def job_object(services: Services, job: Job) -> dict[str, Any]:
@@ -56,7 +62,7 @@ def job_object(services: Services, job: Job) -> dict[str, Any]:
             "cached_messages": job.route_matched,
         },
         "worker": job.worker,
-        "result": render_result(job.model, job.kind, job.result) if job.status == JobStatus.SUCCEEDED else None,
+        "result": render_result(job) if job.status == JobStatus.SUCCEEDED else None,
         "error": job.error if job.status in (JobStatus.FAILED, JobStatus.CANCELLED) else None,
     }
 
@@ -88,6 +94,13 @@ async def submit_job(
     priority = raw.get("priority")
     if priority is not None and priority not in PRIORITIES:
         raise APIError(400, f"priority must be one of {', '.join(PRIORITIES)}.", param="priority")
+    if endpoint not in JOB_ENDPOINTS:  # a job's result is rendered by its kind, which is all its row keeps
+        raise APIError(
+            400,
+            f"A job takes a body of {' or '.join(JOB_ENDPOINTS)}, not {endpoint!r}; other endpoints go in a batch "
+            "(or, for /v1/responses, `background: true`).",
+            param="endpoint",
+        )
     incoming = parse(endpoint, body_raw)
     if incoming.stream:
         raise APIError(400, "A job is not streamed in its response; read GET /v1/jobs/{id}/events.", param="stream")
