@@ -93,8 +93,10 @@ class Job(Base):
     # The API key that made it (mlxq.auth.owner_id; None with keys off) and its cache namespace.
     owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     namespace: Mapped[str] = mapped_column(String(64), default="", server_default="")
-    # The answer's length, kept beside it so a batch's progress in tokens is one SUM, not a JSON walk.
+    # The answer's usage, kept beside it so a batch's usage is one SUM, not a JSON walk.
     completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    cached_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)

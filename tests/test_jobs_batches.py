@@ -91,6 +91,16 @@ def test_a_batch_answers_every_valid_line_once_serves_duplicates_from_the_cache_
     assert by_id["q0"]["request_id"] == by_id["q6"]["request_id"] == by_id["q12"]["request_id"]
     assert by_id["q0"]["body"]["choices"][0]["message"] == by_id["q6"]["body"]["choices"][0]["message"]
     assert len({r["request_id"] for r in by_id.values()}) == 7  # 6 distinct questions + the cached one
+    # The batch's usage in OpenAI's shape: every line's, as its output reports it (one job's answer to three lines is
+    # three lines' usage).
+    jobs_usage = [r["body"]["usage"] for r in by_id.values()]
+    assert batch.usage is not None
+    assert batch.usage.output_tokens == sum(u["completion_tokens"] for u in jobs_usage) > 0
+    assert batch.usage.input_tokens == sum(u["prompt_tokens"] for u in jobs_usage) > 0
+    assert batch.usage.total_tokens == batch.usage.input_tokens + batch.usage.output_tokens
+    assert batch.usage.input_tokens_details.cached_tokens == sum(
+        u["prompt_tokens_details"]["cached_tokens"] for u in jobs_usage
+    )
     assert [(e["custom_id"], e["error"]["code"] if e["error"] else None) for e in errors] == [
         ("bad-model", "model_not_found"),
         (None, "invalid_json"),

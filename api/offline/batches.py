@@ -64,8 +64,14 @@ def batch_object(session: Session, batch: Batch) -> dict[str, Any]:
             )
         },
         "request_counts": {k: counts[k] for k in ("total", "completed", "failed")},
-        # Not in OpenAI's object (its clients ignore it): what the lines have generated so far.
-        "usage": {"completion_tokens": counts["completion_tokens"]},
+        # What the lines have used so far, each as its output line reports it, in OpenAI's batch object's shape.
+        "usage": {
+            "input_tokens": counts["prompt_tokens"],
+            "input_tokens_details": {"cached_tokens": counts["cached_tokens"]},
+            "output_tokens": counts["completion_tokens"],
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": counts["prompt_tokens"] + counts["completion_tokens"],
+        },
         "metadata": batch.meta,
     }
 

@@ -70,7 +70,8 @@ def move(*, session: Session, batch_id: str, to: BatchStatus, frm: tuple[BatchSt
 
 
 def line_counts(*, session: Session, batch_id: str) -> dict[str, int]:
-    """OpenAI's request_counts: total lines, completed (succeeded), failed (refused, failed, cancelled)."""
+    """OpenAI's request_counts: total lines, completed (succeeded), failed (refused, failed, cancelled); and the
+    lines' token usage."""
     row = session.execute(
         select(
             func.count(),
@@ -80,6 +81,8 @@ def line_counts(*, session: Session, batch_id: str) -> dict[str, int]:
             ),
             func.sum(case((Job.status.in_(JOB_ACTIVE), 1), else_=0)),
             func.sum(Job.completion_tokens),
+            func.sum(Job.prompt_tokens),
+            func.sum(Job.cached_tokens),
         )
         .select_from(BatchLine)
         .outerjoin(Job, Job.id == BatchLine.job_id)
@@ -91,6 +94,8 @@ def line_counts(*, session: Session, batch_id: str) -> dict[str, int]:
         "failed": int(row[2] or 0),
         "active": int(row[3] or 0),
         "completion_tokens": int(row[4] or 0),
+        "prompt_tokens": int(row[5] or 0),
+        "cached_tokens": int(row[6] or 0),
     }
 
 

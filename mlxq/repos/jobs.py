@@ -52,7 +52,7 @@ def create_job(*, session: Session, spec: JobSpec, sent: bool, result: dict[str,
         job.target, job.route_reason, job.route_matched = spec.route.worker, spec.route.reason, spec.route.matched
     if result is not None:
         job.status, job.result, job.finished_at, job.sent_at = JobStatus.SUCCEEDED, result, now, None
-        job.completion_tokens = _completion_tokens(result)
+        job.completion_tokens, job.prompt_tokens, job.cached_tokens = _usage(result)
     session.add(job)
     return job
 
@@ -186,15 +186,18 @@ def finish_job(
             result=result,
             error=error,
             finished_at=time.time(),
-            completion_tokens=_completion_tokens(result),
+            **dict(zip(("completion_tokens", "prompt_tokens", "cached_tokens"), _usage(result), strict=True)),
         )
     )
     return bool(rowcount(done))
 
 
-def _completion_tokens(result: dict[str, Any] | None) -> int | None:
-    tokens = ((result or {}).get("usage") or {}).get("completion_tokens")
-    return int(tokens) if isinstance(tokens, int) else None
+def _usage(result: dict[str, Any] | None) -> tuple[int | None, int | None, int | None]:
+    """(completion, prompt, cached) tokens of a result's usage."""
+    usage = (result or {}).get("usage") or {}
+    counts = [usage.get(k) for k in ("completion_tokens", "prompt_tokens", "cached_tokens")]
+    completion, prompt, cached = (int(n) if isinstance(n, int) else None for n in counts)
+    return completion, prompt, cached
 
 
 def requeue_job(*, session: Session, job_id: str) -> bool:
