@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -180,7 +181,7 @@ def serve(host: str = typer.Option(None), port: int = typer.Option(None), log_le
     """Start the api and a worker for each configured model (MLXQ_MODEL, and any in MLXQ_MODELS) together (the
     embedded default: SQLite, no servers); a worker that dies is restarted, and SIGTERM or SIGINT stops all."""
     from mlxq.db import make_engine, make_sessionmaker, upgrade
-    from mlxq.repos import counters
+    from mlxq.repos import counters, workers
     from mlxq.supervisor import Supervisor
 
     settings = get_settings()
@@ -195,6 +196,10 @@ def serve(host: str = typer.Option(None), port: int = typer.Option(None), log_le
     def count_restart(_: int) -> None:
         with sessions.begin() as session:
             counters.bump(session=session, name="worker_restarts")
+
+    def silence(worker: str) -> float | None:
+        with sessions() as session:
+            return workers.silence(session=session, name=worker)
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # One worker per model, each named for this host and its model: a restarted one keeps its name, so it
@@ -212,6 +217,8 @@ def serve(host: str = typer.Option(None), port: int = typer.Option(None), log_le
                 **({} if i == 0 else {"MLXQ_DRAFT_MODEL": "", "MLXQ_ADAPTER_PATH": ""}),
             },
             on_restart=count_restart,
+            silence=functools.partial(silence, f"{host_name}:{name}"),
+            hung_s=settings.worker_hung_s,
         ).start()
         for i, (name, path) in enumerate(settings.served_models.items())
     ]

@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     # (mlxq.bell) carries the latency; this poll only catches a lost signal, so it can be slow.
     poll_interval_s: float = 1.0
     heartbeat_s: float = 2.0
+    # `mlxq serve` kills and restarts a worker whose heartbeat has stopped this long (hung, or stopped with
+    # SIGSTOP): its process lives, so nothing else would. Its running jobs go back to the queue as a dead one's.
+    worker_hung_s: float = Field(default=60.0, gt=0)
     # SSE keepalive comment interval while a streamed job waits or prefills.
     sse_keepalive_s: float = 5.0
     # The worker's memory budget (GB of MLX memory: weights, KV in flight, prefix cache, prefill, buffer cache;

@@ -8,6 +8,8 @@ Promises:
 - A worker that exits while serve runs is started again, after a back-off that doubles from `backoff_s`
   to `max_backoff_s` while it keeps dying young (a run longer than `stable_s` resets it); every restart is
   logged and reported to `on_restart`.
+- A worker whose heartbeat stops for `hung_s` after it has beaten (`silence`: seconds since its last beat) is
+  killed, and so restarted: hung or stopped (SIGSTOP), its process would never exit by itself.
 - `stop()` sends SIGTERM (the worker then hands its running jobs back to the queue and saves its prefix
   cache) and SIGKILLs it after `stop_timeout_s`; it returns when the worker is gone.
 - The worker runs in its own session, so a terminal's Ctrl-C reaches serve alone, which stops it in
@@ -38,12 +40,15 @@ class Supervisor:
         max_backoff_s: float = 30.0,
         stable_s: float = 60.0,
         stop_timeout_s: float = 12.0,
+        silence: Callable[[], float | None] | None = None,
+        hung_s: float = 60.0,
     ) -> None:
         self.argv = argv
         self.env = {**(env if env is not None else os.environ), "MLXQ_SUPERVISOR_PID": str(os.getpid())}
         self.on_restart = on_restart
         self.backoff_s, self.max_backoff_s, self.stable_s = backoff_s, max_backoff_s, stable_s
         self.stop_timeout_s = stop_timeout_s
+        self.silence, self.hung_s = silence, hung_s
         self.restarts = 0
         self.proc: subprocess.Popen | None = None
         self._stopping = threading.Event()
@@ -65,7 +70,7 @@ class Supervisor:
         failures = 0
         while (proc := self._spawn()) is not None:
             started = time.monotonic()
-            code = proc.wait()
+            code = self._wait(proc)
             if self._stopping.is_set():
                 return
             failures = 1 if time.monotonic() - started > self.stable_s else failures + 1
@@ -80,6 +85,26 @@ class Supervisor:
                     self.on_restart(self.restarts)
                 except Exception:
                     log.exception("could not record the worker restart")
+
+    def _wait(self, proc: subprocess.Popen) -> int:
+        """Its exit code, once it exits; killed first if its heartbeat stops for `hung_s` after this run's first."""
+        beaten = False  # this run has beaten: until then the silence is its predecessor's (the same name)
+        while True:
+            try:
+                return proc.wait(timeout=min(self.hung_s / 4, 5.0) if self.silence is not None else None)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                quiet = self.silence() if self.silence is not None else None
+            except Exception:  # the database is away: no judgement now
+                log.exception("could not read the worker's heartbeat")
+                continue
+            if quiet is None or self._stopping.is_set():
+                continue
+            beaten = beaten or quiet < self.hung_s / 2
+            if beaten and quiet > self.hung_s:
+                log.warning("the worker (pid %d) has not beaten for %.0f s; killing it", proc.pid, quiet)
+                proc.kill()
 
     def terminate(self) -> None:
         """Begin the stop: no more restarts, SIGTERM to the worker (several supervisors stop together so)."""

@@ -206,6 +206,23 @@ def test_a_stream_whose_worker_is_stopped_with_sigterm_goes_on_without_a_repeat(
     assert serve.health()["worker"]["restarts"] == 1
 
 
+def test_a_hung_worker_is_killed_and_restarted_and_its_job_runs_again(serve_tiny: Callable[..., Serve]):
+    """A worker stopped with SIGSTOP (as a hang: its process lives, nothing beats) is killed once its heartbeat has
+    been silent MLXQ_WORKER_HUNG_S, and restarted; the job it held is answered by the next one."""
+    serve = serve_tiny(MLXQ_WORKER_HUNG_S="6", MLXQ_HEARTBEAT_S="0.5")
+    client = serve.client()
+    request = {**ask("Write a long story about a lighthouse."), "max_tokens": 2000}
+    waiter, out = in_thread(lambda: client.chat.completions.create(**request))
+    serve.wait_jobs(lambda jobs: [s for s, _ in jobs] == ["running"])
+    hung = serve.worker_pid()
+    os.kill(hung, signal.SIGSTOP)
+    waiter.join(120)
+    assert out and not isinstance(out[0], Exception), out
+    assert out[0].choices[0].finish_reason == "length" and serve.jobs() == [("succeeded", 2)]
+    assert not Path(f"/proc/{hung}").exists() and serve.health()["worker"]["restarts"] == 1
+    assert "has not beaten for" in serve.log.read_text()
+
+
 def test_a_request_that_kills_the_worker_twice_fails_cleanly_and_the_worker_stays_up(serve: Serve):
     client = serve.client()
     waiter, out = in_thread(lambda: client.chat.completions.create(**ask("Write a long story about a dragon.")))

@@ -33,5 +33,11 @@ def live_workers(*, session: Session, within_s: float) -> list[Worker]:
     return list(session.scalars(select(Worker).where(Worker.last_seen >= db_now() - within_s)))
 
 
+def silence(*, session: Session, name: str) -> float | None:
+    """Seconds since the worker's last heartbeat, by the database's clock; None when it has none."""
+    value = session.scalar(select(db_now() - Worker.last_seen).where(Worker.name == name))
+    return None if value is None else float(value)
+
+
 def remove_worker(*, session: Session, name: str) -> None:
     session.execute(delete(Worker).where(Worker.name == name))
