@@ -10,7 +10,7 @@ import pytest
 from mlxq import retention
 from mlxq.db import make_engine, make_sessionmaker, upgrade
 from mlxq.jobspec import Route
-from mlxq.repos import cache_entries, counters, jobs, request_log, workers
+from mlxq.repos import cache_entries, counters, files, jobs, request_log, workers
 from mlxq.settings import Settings
 from mlxq.states import RouteReason
 from tests.factories import job_spec
@@ -200,3 +200,21 @@ def test_liveness_reads_the_databases_clock(sessions):
         workers.heartbeat(session=s, name="w", model="m", model_loaded=True, error=None, started_at=0.0)
     with sessions() as s:
         assert [w.name for w in workers.live_workers(session=s, within_s=5)] == ["w"]
+    with sessions() as s:  # what mlxq serve's watchdog reads: seconds since the beat, by the same clock
+        quiet = workers.silence(session=s, name="w")
+        assert quiet is not None and 0 <= quiet < 5 and workers.silence(session=s, name="nobody") is None
+
+
+def test_files_are_listed_newest_or_oldest_first_in_pages(sessions):
+    with sessions.begin() as s:
+        ids = [
+            files.create_file(session=s, purpose="batch", filename=f"{i}.jsonl", content=b"x", owner=None).id
+            for i in range(3)
+        ]
+    with sessions() as s:
+
+        def listed(**kw: object) -> list[str]:
+            return [f.id for f in files.list_files(session=s, owner=None, **kw)]
+
+        assert listed() == ids[::-1] and listed(oldest=True) == ids
+        assert listed(after=ids[2], limit=1) == [ids[1]] and listed(after=ids[0], limit=1, oldest=True) == [ids[1]]

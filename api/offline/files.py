@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import Response
@@ -76,10 +76,13 @@ async def list_files(
     purpose: str | None = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
     after: str | None = None,
+    order: Literal["asc", "desc"] = "desc",
 ) -> dict[str, Any]:
     def read() -> list[dict[str, Any]]:
         with services.sessions() as session:
-            rows = files.list_files(session=session, owner=owner, purpose=purpose, limit=limit + 1, after=after)
+            rows = files.list_files(
+                session=session, owner=owner, purpose=purpose, limit=limit + 1, after=after, oldest=order == "asc"
+            )
             return [file_object(f) for f in rows]
 
     return list_page(await asyncio.to_thread(read), limit)

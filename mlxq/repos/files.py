@@ -36,9 +36,15 @@ def get_file(*, session: Session, file_id: str) -> File | None:
 
 
 def list_files(
-    *, session: Session, owner: str | None, purpose: str | None = None, limit: int = 100, after: str | None = None
+    *,
+    session: Session,
+    owner: str | None,
+    purpose: str | None = None,
+    limit: int = 100,
+    after: str | None = None,
+    oldest: bool = False,
 ) -> list[File]:
-    query = newest_first(session, File, owner=owner, limit=limit, after=after)
+    query = newest_first(session, File, owner=owner, limit=limit, after=after, oldest=oldest)
     if purpose is not None:
         query = query.where(File.purpose == purpose)
     return list(session.scalars(query.options(defer(File.content))))
