@@ -97,8 +97,8 @@ async def submit_job(
     if endpoint not in JOB_ENDPOINTS:  # a job's result is rendered by its kind, which is all its row keeps
         raise APIError(
             400,
-            f"A job takes a body of {' or '.join(JOB_ENDPOINTS)}, not {endpoint!r}; other endpoints go in a batch "
-            "(or, for /v1/responses, `background: true`).",
+            f"Unsupported endpoint {endpoint!r} for a job; use one of {', '.join(JOB_ENDPOINTS)} (other endpoints "
+            "go in a batch, or for /v1/responses, `background: true`).",
             param="endpoint",
         )
     incoming = parse(endpoint, body_raw)
