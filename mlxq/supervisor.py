@@ -88,7 +88,9 @@ class Supervisor:
 
     def _wait(self, proc: subprocess.Popen) -> int:
         """Its exit code, once it exits; killed first if its heartbeat stops for `hung_s` after this run's first."""
-        beaten = False  # this run has beaten: until then the silence is its predecessor's (the same name)
+        # Whether this run has beaten: until then the silence is its predecessor's (the same name), and a model that
+        # takes minutes to load (it beats once loaded) must not be judged by it.
+        beaten, spawned = False, time.monotonic()
         while True:
             try:
                 return proc.wait(timeout=min(self.hung_s / 4, 5.0) if self.silence is not None else None)
@@ -101,7 +103,7 @@ class Supervisor:
                 continue
             if quiet is None or self._stopping.is_set():
                 continue
-            beaten = beaten or quiet < self.hung_s / 2
+            beaten = beaten or quiet < time.monotonic() - spawned  # a beat since it was spawned
             if beaten and quiet > self.hung_s:
                 log.warning("the worker (pid %d) has not beaten for %.0f s; killing it", proc.pid, quiet)
                 proc.kill()

@@ -223,6 +223,27 @@ def test_a_hung_worker_is_killed_and_restarted_and_its_job_runs_again(serve_tiny
     assert "has not beaten for" in serve.log.read_text()
 
 
+def test_the_watchdog_judges_a_worker_by_its_own_beats_not_its_predecessors():
+    """A worker that has not beaten yet (loading a large model: it beats once loaded) is not killed for the silence
+    its predecessor of the same name left, however long; one that beat and went quiet is."""
+    from mlxq.supervisor import Supervisor
+
+    def run(silence) -> tuple[int | None, float]:
+        supervisor = Supervisor(["sleep", "30"], silence=silence, hung_s=1.0)
+        proc = subprocess.Popen(["sleep", "4"])
+        tic = time.monotonic()
+        return supervisor._wait(proc), time.monotonic() - tic
+
+    spawned = time.monotonic()
+    loading = lambda: 0.1 + time.monotonic() - spawned  # noqa: E731  (the predecessor beat 0.1 s before)
+    code, took = run(loading)
+    assert code == 0 and took > 3.5  # it ran its course
+    spawned = time.monotonic()
+    hung = lambda: max(time.monotonic() - spawned - 0.3, 0.0)  # noqa: E731  (it beat at 0.3 s, then nothing)
+    code, took = run(hung)
+    assert code == -signal.SIGKILL and took < 3.5
+
+
 def test_a_request_that_kills_the_worker_twice_fails_cleanly_and_the_worker_stays_up(serve: Serve):
     client = serve.client()
     waiter, out = in_thread(lambda: client.chat.completions.create(**ask("Write a long story about a dragon.")))
