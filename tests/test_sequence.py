@@ -15,6 +15,7 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer  # noqa: E402
 
 from worker.engine import Engine  # noqa: E402
 from worker.sequence import Sequence  # noqa: E402
+from worker.sequence_builder import typed  # noqa: E402
 from worker.tool_parse import ToolStreamFilter, parse_tool_calls  # noqa: E402
 
 TOOLS = [
@@ -140,5 +141,10 @@ def test_a_final_assistant_message_is_continued_unless_a_grammar_holds_the_whole
     }
     tokens = smol.chat_tokens({"messages": [user, calls]})
     assert smol.tokenizer.decode(tokens).endswith("<|im_start|>assistant\n")
+    for request in ({}, {"response_format": {"type": "json_object"}}, {"tools": TOOLS, "tool_choice": "required"}):
+        body = typed({"messages": [user, prefill], **request}, smol.key.path)
+        built = smol.builder.build("chat", body)  # the sequence decides as the prompt alone does
+        assert built.prompt == smol.chat_tokens(body)
+        assert built.keep_space == (request == {})
     answer = smol.generate("chat", {"messages": [user, prefill], "max_tokens": 4, "temperature": 0})
     assert answer["text"].startswith(" Paris")

@@ -129,16 +129,18 @@ class SequenceBuilder:
 
     def chat_prompt(self, request: Request) -> tuple[list[int], str, list[dict[str, Any]]]:
         """(prompt tokens, answer prefill, tools to parse for) of a chat request."""
-        prompt, prefill, tools, _ = self._chat(request, checkpoints=False)
+        prompt, prefill, tools, _ = self._chat(request, continuing=self._continuing("chat", request), checkpoints=False)
         return prompt, prefill, tools
 
-    def _chat(self, request: Request, *, checkpoints: bool) -> tuple[list[int], str, list[dict[str, Any]], Marks]:
+    def _chat(
+        self, request: Request, *, continuing: bool, checkpoints: bool
+    ) -> tuple[list[int], str, list[dict[str, Any]], Marks]:
         """`chat_prompt`, and the prompt's prefix-cache checkpoints when asked (worker.boundaries)."""
         if request.messages is None:
             raise RequestError("a chat request needs `messages`.", param="messages")
         wire = request.wire()
         messages, tools, prefill, parse_tools = prepare_chat(wire, template_knows_tools(self.chat_template))
-        text = self._render(messages, tools, continuing=self.continues("chat", request))
+        text = self._render(messages, tools, continuing=continuing)
         if not checkpoints:
             return self.tokenizer.encode(text + prefill, add_special_tokens=False), prefill, parse_tools, {}
         # worker.tool_prompt may have put a system message before the canonical ones (mlxq.keys.prefix_hashes').
@@ -162,17 +164,19 @@ class SequenceBuilder:
             self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
         )
 
-    def continues(self, kind: JobKind, request: Request) -> bool:
+    def continues(self, kind: JobKind, request: Request, constraint: Constraint | None) -> bool:
         """The answer goes on from text already in the prompt, so its first token's leading space is its own: a
         completion's prompt, or a chat's final assistant message (a prefill, `final_prefill`) where no grammar holds
-        the whole answer from its start (a schema, a forced tool call: they open a new turn)."""
+        the whole answer from its start (a schema, a forced tool call: they open a new turn). `constraint`: the
+        request's (`constraint_of`)."""
         if kind != "chat":
             return True
-        wire = request.wire()
-        if not final_prefill(wire.get("messages") or []):
+        if not final_prefill(request.wire().get("messages") or []):
             return False
-        constraint = constraint_for(wire, native_tools=template_knows_tools(self.chat_template))
         return constraint is None or constraint.trigger is not None
+
+    def _continuing(self, kind: JobKind, request: Request) -> bool:
+        return self.continues(kind, request, self.constraint_of(kind, request))
 
     def completion_tokens(self, request: Request) -> list[int]:
         prompt = request.prompt
@@ -192,15 +196,17 @@ class SequenceBuilder:
 
     def prompt(self, kind: JobKind, request: Request) -> tuple[list[int], str, list[dict[str, Any]]]:
         """The prompt and what comes with it, refused (RequestError) when it leaves no room to answer."""
-        prompt, prefill, tools, _ = self._prompt(kind, request, checkpoints=False)
+        prompt, prefill, tools, _ = self._prompt(
+            kind, request, continuing=self._continuing(kind, request), checkpoints=False
+        )
         return prompt, prefill, tools
 
     def _prompt(
-        self, kind: JobKind, request: Request, *, checkpoints: bool
+        self, kind: JobKind, request: Request, *, continuing: bool, checkpoints: bool
     ) -> tuple[list[int], str, list[dict[str, Any]], Marks]:
         """`prompt`, and its prefix-cache checkpoints when asked."""
         if kind == "chat":
-            prompt, prefill, tools, marks = self._chat(request, checkpoints=checkpoints)
+            prompt, prefill, tools, marks = self._chat(request, continuing=continuing, checkpoints=checkpoints)
         else:
             prompt, prefill, tools = self.completion_tokens(request), "", []
             marks = completion_marks(prompt) if checkpoints else {}
@@ -225,20 +231,22 @@ class SequenceBuilder:
             self._samplers[params] = make_sampler(temp=params[0], top_p=params[1], min_p=params[2], top_k=params[3])
         return self._samplers[params]
 
-    def constraint(self, kind: JobKind, request: Request) -> tuple[Constraint | None, Any]:
-        """The grammar the answer must match (mlxq.grammar), and its logits processor (None when it has none, or a
-        best-effort one did not compile)."""
+    def constraint_of(self, kind: JobKind, request: Request) -> Constraint | None:
+        """The grammar the answer must match (mlxq.grammar), if any."""
         native = kind == "chat" and template_knows_tools(self.chat_template)
-        constraint = constraint_for(request.wire(), native_tools=native)
+        return constraint_for(request.wire(), native_tools=native)
+
+    def grammar(self, constraint: Constraint | None) -> Any:
+        """The constraint's logits processor (None when there is none, or a best-effort one did not compile)."""
         if constraint is None:
-            return None, None
+            return None
         try:
-            return constraint, self.grammars.processor(constraint)
+            return self.grammars.processor(constraint)
         except GrammarError as exc:
             if constraint.required:
                 raise RequestError(f"The grammar does not compile: {exc}", param=constraint.param) from exc
             log.warning("tool calls left unconstrained: %s", exc)
-            return constraint, None
+            return None
 
     # -- the sequence ----------------------------------------------------------------------
 
@@ -259,10 +267,13 @@ class SequenceBuilder:
         positions to keep checkpoints at (worker.boundaries). `owner`: whose it is, for fair shares (worker.batcher).
         `partition`: the prefix-cache partition it is served from and stored into (mlxq.keys.cache_partition).
         `watched`: a client streams it (worker.generator.Admission.watched)."""
-        prompt, prefill, tools, marks = self._prompt(kind, request, checkpoints=checkpoints)
+        # One reading of the grammar decides both where the answer starts and what holds it.
+        constraint = self.constraint_of(kind, request)
+        continuing = self.continues(kind, request, constraint)
+        prompt, prefill, tools, marks = self._prompt(kind, request, continuing=continuing, checkpoints=checkpoints)
         sampling = sampling_settings(request, self.vocab_size)
         processors = penalty_processors(sampling)
-        constraint, grammar = self.constraint(kind, request)
+        grammar = self.grammar(constraint)
         if grammar is not None:  # last, so the mask has the final word over the penalties
             processors.append(grammar)
         max_tokens = request.max_tokens or DEFAULT_MAX_TOKENS
@@ -275,7 +286,7 @@ class SequenceBuilder:
             stops=[] if constraint is not None and constraint.trigger is None else list(request.stop or []),
             tool_filter=ToolStreamFilter(tools, self.tool_format),
             detokenizer=self.tokenizer.detokenizer,
-            keep_space=self.continues(kind, request),
+            keep_space=continuing,
             decode=self.tokenizer.decode,
             priority=priority,
             owner=owner,
