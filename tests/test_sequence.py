@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,44 @@ def test_a_final_assistant_message_is_continued_unless_a_grammar_holds_the_whole
         assert built.keep_space == (request == {})
     answer = smol.generate("chat", {"messages": [user, prefill], "max_tokens": 4, "temperature": 0})
     assert answer["text"].startswith(" Paris")
+
+
+@pytest.fixture(scope="module")
+def spm_tokenizer(tmp_path_factory: pytest.TempPathFactory):
+    """A SentencePiece-style tokenizer (a `▁` marks a word's space; decoding strips the first one), built here:
+    Llama 2's, Mistral's and Gemma's are of this kind, and mlx-lm streams them with its SPM detokenizer."""
+    from tokenizers import Tokenizer, decoders, models
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁The": 3, "▁capital": 4, "▁is": 5, "▁Paris": 6, ".": 7}
+    spm = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    spm.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    folder = tmp_path_factory.mktemp("spm")
+    spm.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "LlamaTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return load_tokenizer(folder)
+
+
+@pytest.mark.parametrize("keep_space", [True, False])
+def test_a_continued_answer_keeps_its_first_space_with_a_sentencepiece_tokenizer(spm_tokenizer, keep_space: bool):
+    """`The capital is` + `▁Paris.`: a continuation reads " Paris." (its decode alone says "Paris."); a new turn
+    starts at the word."""
+    assert type(spm_tokenizer.detokenizer).__name__ == "SPMStreamingDetokenizer"
+    seq = Sequence(
+        prompt=[3, 4, 5],
+        max_tokens=2,
+        sampler=None,
+        processors=[],
+        stops=[],
+        tool_filter=ToolStreamFilter([]),
+        detokenizer=spm_tokenizer.detokenizer,
+        decode=spm_tokenizer.decode,
+        keep_space=keep_space,
+    )
+    seq.detokenizer.reset()
+    logprobs = mx.zeros((len(spm_tokenizer.vocab),))
+    seq.add_token(6, logprobs, None)
+    seq.add_token(7, logprobs, "length")
+    assert seq.text == (" Paris." if keep_space else "Paris.")

@@ -114,6 +114,14 @@ class Sequence:
         """KV tokens this sequence may come to hold."""
         return len(self.prompt) + self.max_tokens
 
+    def _starts_with_space(self) -> bool:
+        """Whether the answer's text begins with a space, read after the prompt's last token: a SentencePiece
+        tokenizer's decode drops a leading space of the first token it decodes, as its detokenizer does."""
+        if not self.prompt:
+            return bool(self.decode(self.generated).startswith(" "))
+        anchor = self.prompt[-1:]
+        return bool(self.decode(anchor + self.generated)[len(self.decode(anchor)) :].startswith(" "))
+
     def emit(self, event: Event) -> None:
         self.events.put(event)
 
@@ -134,7 +142,7 @@ class Sequence:
                 self.detokenizer.finalize()
         piece = self.detokenizer.last_segment
         if self.keep_space and piece and len(self.text) == len(self.prefill) and not piece.startswith(" "):
-            if self.decode(self.generated).startswith(" "):
+            if self._starts_with_space():
                 piece = " " + piece
         self.text += piece
         if self.stops and self._cut_at_stop(len(piece)):
