@@ -54,6 +54,7 @@ def create_app(
         BodyLimit,
         max_bytes=int(settings.max_body_mb * 2**20),
         uploads=("/v1/files", int(settings.max_file_mb * 2**20) + 2**16, "MLXQ_MAX_FILE_MB"),
+        shapes=registry.error_shapes(dialects),
     )
     for router in (
         ops.router,

@@ -162,6 +162,23 @@ def invalid_body(exc: ValidationError, body: Any) -> APIError:
 ErrorShape = Callable[[int, str], dict[str, Any]]
 
 
+def error_body(
+    path: str,
+    shapes: Sequence[tuple[str, ErrorShape]],
+    status: int,
+    message: str,
+    *,
+    type: str,
+    code: str | None = None,
+    param: str | None = None,
+) -> dict[str, Any]:
+    """The error body a client of `path` reads: its dialect's shape (by prefix), else OpenAI's error object."""
+    for prefix, shape in shapes:
+        if path.startswith(prefix):
+            return shape(status, _utf8(message))
+    return openai_error_body(message, type=type, code=code, param=param)
+
+
 def install(
     app: FastAPI, shapes: Sequence[tuple[str, ErrorShape]] = (), endpoints: Mapping[str, str] | None = None
 ) -> None:
@@ -183,10 +200,7 @@ def install(
         endpoint = endpoints.get(request.url.path)
         if endpoint is not None and (services := getattr(request.app.state, "services", None)) is not None:
             services.stats.count(request_counter(endpoint, status, "none"))
-        for prefix, shape in shapes:
-            if request.url.path.startswith(prefix):
-                return JSONResponse(shape(status, _utf8(message)), status_code=status, headers=headers)
-        body = openai_error_body(message, type=type, code=code, param=param)
+        body = error_body(request.url.path, shapes, status, message, type=type, code=code, param=param)
         return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(APIError)

@@ -8,10 +8,11 @@ whole, so one that grows past it is refused without the app ever holding it.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import openai_error_body
+from api.errors import ErrorShape, error_body
 
 TOO_LARGE = "request_too_large"
 
@@ -19,10 +20,18 @@ TOO_LARGE = "request_too_large"
 class BodyLimit:
     """`max_bytes` for every path but those under `uploads`, a prefix with its own bound (file uploads)."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int, uploads: tuple[str, int, str] | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_bytes: int,
+        uploads: tuple[str, int, str] | None = None,
+        shapes: Sequence[tuple[str, ErrorShape]] = (),
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.uploads = uploads
+        self.shapes = shapes  # the dialects' error bodies by path prefix (api.errors.error_body)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -34,7 +43,7 @@ class BodyLimit:
         declared = _content_length(scope)
         if declared is not None:
             if declared > limit:
-                await self._refuse(send, f"The request body ({declared} bytes) is larger", limit, setting)
+                await self._refuse(scope, send, f"The request body ({declared} bytes) is larger", limit, setting)
                 return
             # The server frames the body by its Content-Length: no more than that can arrive.
             await self.app(scope, receive, send)
@@ -48,7 +57,7 @@ class BodyLimit:
                 break  # the client went away: let the app see it
             size += len(message.get("body", b""))
             if size > limit:
-                await self._refuse(send, "The request body is larger", limit, setting)
+                await self._refuse(scope, send, "The request body is larger", limit, setting)
                 return
             if not message.get("more_body", False):
                 break
@@ -58,10 +67,13 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send: Send, what: str, limit: int, setting: str) -> None:
+    async def _refuse(self, scope: Scope, send: Send, what: str, limit: int, setting: str) -> None:
         limit_mb = limit / 2**20
         message = f"{what} than the limit of {limit_mb:g} MB ({setting})."
-        body = json.dumps(openai_error_body(message, type="invalid_request_error", code=TOO_LARGE)).encode()
+        error = error_body(
+            scope.get("path", ""), self.shapes, 413, message, type="invalid_request_error", code=TOO_LARGE
+        )
+        body = json.dumps(error).encode()
         # The unread rest of the body is not wanted: close the connection after the answer.
         await send(
             {

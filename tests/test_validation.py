@@ -396,6 +396,14 @@ def test_a_body_over_the_limit_is_a_413_declared_or_chunked(api: Api):
         f"{api.base}/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"}, timeout=60
     )
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    # An Anthropic client reads Anthropic's error object, declared or chunked.
+    for content in (big, chunks()):
+        r = httpx.post(
+            f"{api.base}/v1/messages", content=content, headers={"Content-Type": "application/json"}, timeout=60
+        )
+        assert r.status_code == 413
+        assert r.json()["type"] == "error" and r.json()["error"]["type"] == "request_too_large"
+        assert "16 MB" in r.json()["error"]["message"]
     api.assert_nothing_enqueued(before)
     # The api still serves after refusing (and a chunked body under the limit goes through whole).
     small = json.dumps({"model": MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}], "seed": -1}).encode()
