@@ -25,7 +25,9 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from llguidance import LLMatcher, LLParserLimits
+import numpy as np
+from llguidance import LLMatcher, LLParserLimits, LLTokenizer
+from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
@@ -178,13 +180,41 @@ def constraint_for(request: dict[str, Any], *, native_tools: bool = False) -> Co
     return None
 
 
+# How many bytes of an answer `problem` walks the grammar through: a schema that compiles and still cannot be
+# matched (a reference to itself and nothing else, a property that requires itself forever) fails at its first.
+PROBE_BYTES = 16
+
+
 def problem(constraint: Constraint) -> str | None:
-    """Why the grammar cannot be compiled (a feature llguidance does not implement, a bad pattern), or None."""
+    """Why the grammar cannot be compiled (a feature llguidance does not implement, a bad pattern) or matched, or
+    None."""
     is_error, messages = LLMatcher.validate_grammar_with_warnings(constraint.grammar, limits=parser_limits())
     if is_error:
         return messages[0] if messages else "the grammar does not compile"
     unimplemented = [m for m in messages if "Unimplemented" in m or "unsupported" in m.lower()]
-    return unimplemented[0] if unimplemented else None
+    return unimplemented[0] if unimplemented else _probe(constraint.grammar)
+
+
+def _probe(grammar: str) -> str | None:
+    """The parser's error on the first bytes of some answer the grammar allows (its first allowed byte each step),
+    or None. Compiling checks the grammar, not that it can be followed: one that cannot fails here as it would in
+    the worker's first steps, where it would leave the answer unconstrained. Bytes, so the api needs no model."""
+    global _BYTES
+    if _BYTES is None:
+        _BYTES = LLTokenizer("byte")
+    matcher = LLMatcher(_BYTES, grammar, limits=parser_limits())
+    mask = allocate_token_bitmask(1, _BYTES.vocab_size)
+    for _ in range(PROBE_BYTES):
+        if matcher.is_error() or matcher.is_stopped() or matcher.is_accepting():
+            break
+        fill_next_token_bitmask(matcher, mask, 0)
+        allowed = np.flatnonzero(np.unpackbits(mask.view(np.uint8), bitorder="little")[: _BYTES.vocab_size])
+        if not allowed.size or not matcher.consume_token(int(allowed[0])):
+            break
+    return f"no answer can follow it ({matcher.get_error().splitlines()[0]})" if matcher.is_error() else None
+
+
+_BYTES: LLTokenizer | None = None
 
 
 def parser_limits() -> LLParserLimits:

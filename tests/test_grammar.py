@@ -168,3 +168,54 @@ def test_strict_holds_an_answer_to_exactly_its_declared_fields(grammars: Grammar
     named = {"tools": [tool], "tool_choice": {"type": "function", "function": {"name": "f"}}}
     assert not accepts(grammars, named, '{"a":1}}' + CALL_CLOSE)
     assert accepts(grammars, named, '{"a":1,"b":"x"}}' + CALL_CLOSE)
+
+
+# Schemas that compile and cannot be followed: a reference to itself alone, and a property that requires itself.
+UNFOLLOWABLE = {
+    "self-reference": {"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}},
+    "endless": {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]},
+}
+
+
+def schema_request(schema: dict) -> dict:
+    return {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+
+
+@pytest.mark.parametrize("name", sorted(UNFOLLOWABLE))
+def test_a_schema_no_answer_can_follow_is_refused_up_front(name: str):
+    assert "no answer can follow it" in (problem(constraint_for(schema_request(UNFOLLOWABLE[name]))) or "")
+    recursive = {"type": "object", "properties": {"a": {"$ref": "#"}}}  # optional: `{}` ends it
+    assert problem(constraint_for(schema_request(recursive))) is None
+
+
+def test_an_answer_whose_grammar_breaks_fails_instead_of_going_on_free(grammars: Grammars, smollm2: Path):
+    """In the worker (the api's probe aside): the parser gives up mid-answer, and the answer ends as a 400 naming
+    the schema, never a 200 whose text does not match it."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    from worker.sequence import Sequence
+    from worker.tool_parse import ToolStreamFilter
+
+    processor = grammars.processor(constraint_for(schema_request(UNFOLLOWABLE["endless"])))
+    tokenizer = load_tokenizer(smollm2)
+    seq = Sequence(
+        prompt=[1],
+        max_tokens=8,
+        sampler=None,
+        processors=[processor],
+        stops=[],
+        tool_filter=ToolStreamFilter([]),
+        detokenizer=tokenizer.detokenizer,
+        decode=tokenizer.decode,
+    )
+    seq.detokenizer.reset()
+    logits, brace = mx.zeros((1, 49152)), grammars.tokenizer().tokenize_str("{")[0]
+    processor(mx.array([1]), logits)
+    assert not seq.add_token(brace, logits[0], None)
+    processor(mx.array([1, brace]), logits)  # the next step hands the matcher "{": the parser gives up
+    assert processor.broken
+    assert seq.add_token(brace, logits[0], None), "it ends rather than going on unconstrained"
+    seq.complete()
+    assert seq.result is None and seq.error is not None
+    error = seq.error.error  # type: ignore[attr-defined]
+    assert (error["status"], error["code"], error["param"]) == (400, "invalid_schema", "response_format")

@@ -250,6 +250,21 @@ BAD = [
         "cannot be enforced",
         "invalid_schema",
     ),
+    (
+        "response-format-schema-no-answer-follows",
+        chat(
+            response_format={
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "x",
+                    "schema": {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]},
+                },
+            }
+        ),
+        "response_format",
+        "no answer can follow it",
+        "invalid_schema",
+    ),
     ("stop-with-number", chat(stop=["END", 5]), "stop.1", "valid string", None),
     ("stop-empty-string", chat(stop=["END", ""]), "stop.1", "at least 1 character", None),
     ("too-many-stops", chat(stop=[f"s{i}" for i in range(17)]), "stop", "at most 16", None),

@@ -65,7 +65,11 @@ class Grammars:
             else:
                 self._compiled.move_to_end(constraint.key)
             return GrammarProcessor(
-                matcher.deep_copy(), self.vocab_size, tokenizer=self.tokenizer(), trigger=constraint.trigger
+                matcher.deep_copy(),
+                self.vocab_size,
+                tokenizer=self.tokenizer(),
+                trigger=constraint.trigger,
+                param=constraint.param,
             )
 
 
@@ -84,9 +88,16 @@ class GrammarProcessor:
     """
 
     def __init__(
-        self, matcher: LLMatcher, vocab_size: int, *, tokenizer: LLTokenizer | None = None, trigger: str | None = None
+        self,
+        matcher: LLMatcher,
+        vocab_size: int,
+        *,
+        tokenizer: LLTokenizer | None = None,
+        trigger: str | None = None,
+        param: str = "response_format",
     ) -> None:
         self.matcher = matcher
+        self.param = param
         self.vocab_size = vocab_size
         self._bitmask = allocate_token_bitmask(1, vocab_size)
         self._seen: int | None = None  # the length of the context the matcher has consumed up to
@@ -110,6 +121,15 @@ class GrammarProcessor:
         if allowed.shape[0] < logits.shape[-1]:
             allowed = np.pad(allowed, (0, logits.shape[-1] - allowed.shape[0]))
         return mx.where(mx.array(allowed.astype(bool)), logits, -mx.inf)
+
+    @property
+    def broken(self) -> str | None:
+        """Why a grammar that holds the whole answer (a schema, a forced call) can no longer hold it (the parser's
+        error: a limit met deep in an answer), or None. The answer is then not what was asked for: it ends, failed
+        (worker.sequence), rather than going on as free text. A tool call's grammar (armed) is best effort."""
+        if self._trigger is None and self.matcher.is_error():
+            return str(self.matcher.get_error()).splitlines()[0]
+        return None
 
     # -- speculative drafts (worker.speculative) ----------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from typing import Any, cast
 import mlx.core as mx
 
 from mlxq import events
-from mlxq.contract import GenerationResult, Priority
+from mlxq.contract import GenerationResult, JobError, Priority, job_error
 from mlxq.states import FinishReason
 from worker.tool_parse import ToolStreamFilter
 
@@ -26,6 +26,21 @@ log = logging.getLogger(__name__)
 
 Event = events.Event
 Sampler = Callable[[mx.array], mx.array]
+
+
+class GrammarBroken(Exception):
+    """The grammar that holds the whole answer could not go on (the parser's limits): a 400, since the schema is
+    what cannot be followed, never a 200 whose answer does not match it."""
+
+    def __init__(self, why: str, *, param: str) -> None:
+        super().__init__(why)
+        self.error: JobError = job_error(
+            400,
+            f"The {param} schema could not be followed to the end of the answer: {why}",
+            type="invalid_request_error",
+            code="invalid_schema",
+            param=param,
+        )
 
 
 @dataclass(eq=False)
@@ -129,6 +144,9 @@ class Sequence:
 
     def add_token(self, token: int, logprobs: mx.array, finish_reason: str | None) -> bool:
         """Take one generated token; True when the sequence is finished."""
+        if self.grammar_broken() is not None:  # it would go on as free text: ends here, failed (`complete`)
+            self.finish = FinishReason.STOP
+            return True
         self.generated.append(token)
         if finish_reason == "stop":  # mlx-lm's own reason: an end-of-sequence token, never part of the text
             self.detokenizer.finalize()
@@ -192,8 +210,18 @@ class Sequence:
 
     # -- the end -----------------------------------------------------------------------------
 
+    def grammar_broken(self) -> str | None:
+        """Why the grammar that holds the whole answer broke (worker.constrained.GrammarProcessor.broken), or None."""
+        for processor in self.processors:
+            if why := getattr(processor, "broken", None):
+                return str(why)
+        return None
+
     def complete(self) -> None:
         """Flush what was held back, build the result and wake the consumer."""
+        if (why := self.grammar_broken()) is not None:
+            self.fail(GrammarBroken(why, param=getattr(self.processors[-1], "param", "response_format")))
+            return
         finish = self.finish or FinishReason.LENGTH
         calls: list[dict[str, Any]]
         if finish in (FinishReason.CANCELLED, FinishReason.LENGTH):
