@@ -271,6 +271,11 @@ BAD = [
     ("logit-bias", chat(logit_bias={"50256": -100}), "logit_bias", "not supported", None),
     ("stream-options-string", chat(stream=True, stream_options="usage"), "stream_options", "dictionary", None),
     ("max-tokens-zero", chat(max_tokens=0), "max_tokens", "greater than or equal to 1", None),
+    # Typed as OpenAI types them: a number in a string, a boolean or a decimal is not an integer, a word not a boolean.
+    ("max-tokens-string", chat(max_tokens="5"), "max_tokens", "valid integer", None),
+    ("max-tokens-boolean", chat(max_tokens=True), "max_tokens", "valid integer", None),
+    ("max-tokens-decimal", completion(max_tokens=5.0), "max_tokens", "valid integer", None),
+    ("stream-word", chat(stream="yes"), "stream", "valid boolean", None),
     ("temperature-too-high", chat(temperature=3), "temperature", "less than or equal to 2", None),
     ("top-logprobs-without-logprobs", chat(top_logprobs=3), "top_logprobs", "logprobs", None),
     ("audio-out", chat(modalities=["text", "audio"]), "modalities", "text-only", None),

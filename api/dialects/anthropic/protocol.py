@@ -280,11 +280,11 @@ class CountTokensRequest(AnthropicBaseModel):
 class MessagesRequest(CountTokensRequest, SamplingExtras):
     """`POST /v1/messages`."""
 
-    max_tokens: int = Field(ge=1)
+    max_tokens: int = Field(ge=1, strict=True)
     metadata: dict[str, Any] | None = None
     service_tier: str | None = None
     stop_sequences: list[Annotated[str, Field(min_length=1)]] | None = None
-    stream: bool | None = None
+    stream: bool | None = Field(None, strict=True)
     temperature: float | None = Field(None, ge=0, le=1)
     top_p: float | None = Field(None, gt=0, le=1)
     # `top_k` is Anthropic's own; it and the non-spec extras come from mlxq.request.SamplingExtras.

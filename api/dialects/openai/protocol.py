@@ -227,14 +227,14 @@ class GenerationRequest(OpenAIBaseModel, SamplingExtras):
     model: str
     # Token id -> bias; accepted in shape, refused when non-empty (not supported).
     logit_bias: dict[str, float] | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    n: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, strict=True)
+    n: int | None = Field(None, ge=1, strict=True)
     # json_object / json_schema: the answer is decoded under the schema's grammar (mlxq.grammar).
     response_format: ResponseFormat | None = None
     # "flex" (OpenAI's slower, cheaper tier) runs at low priority: after interactive requests.
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
     stop: Stop | None = None
-    stream: bool | None = False
+    stream: bool | None = Field(False, strict=True)
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -267,7 +267,7 @@ class ChatCompletionRequest(GenerationRequest):
     # Output audio: refused (the model is text-only).
     audio: dict[str, Any] | None = None
     logprobs: bool | None = None
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, strict=True)
     metadata: dict[str, Any] | None = None
     modalities: list[Literal["text", "audio"]] | None = None
     prediction: Prediction | None = None

@@ -467,7 +467,7 @@ class ResponsesRequest(ResponsesBaseModel, SamplingExtras):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    max_output_tokens: int | None = Field(None, ge=1)
+    max_output_tokens: int | None = Field(None, ge=1, strict=True)
     max_tool_calls: int | None = Field(None, ge=0)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -484,8 +484,8 @@ class ResponsesRequest(ResponsesBaseModel, SamplingExtras):
     truncation: Literal["auto", "disabled"] | None = None
     include: list[str] | None = None
     store: bool | None = None
-    background: bool | None = None
-    stream: bool | None = None
+    background: bool | None = Field(None, strict=True)
+    stream: bool | None = Field(None, strict=True)
     stream_options: dict[str, Any] | None = None
     client_metadata: dict[str, Any] | None = None
     # Stored on OpenAI's side: refused by to_chat when set.
