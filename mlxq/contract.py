@@ -53,6 +53,17 @@ def job_error(
     return JobError(status=status, type=type, message=message, code=code, param=param)
 
 
+def context_exceeded(prompt_tokens: int, context: int, *, at_least: bool = False) -> str:
+    """The message of a prompt over the context, worded for both kinds of client: OpenAI's ("maximum context length
+    is N tokens"), and Anthropic's ("prompt is too long: N tokens > M maximum"), which Claude Code matches to offer
+    to compact the conversation. `at_least`: the count is a lower bound (the api's, without a tokenizer)."""
+    count = f"at least {prompt_tokens}" if at_least else str(prompt_tokens)
+    return (
+        f"This model's maximum context length is {context} tokens; the prompt has {count} tokens "
+        f"(prompt is too long: {prompt_tokens} tokens > {context} maximum)."
+    )
+
+
 # The counter the api bumps to make every worker drop its prefix cache (DELETE /v1/cache/prefix); each
 # worker compares it with the value it last saw, at every heartbeat.
 PREFIX_CACHE_CLEARS = "prefix_cache_clears"

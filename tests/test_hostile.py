@@ -376,7 +376,7 @@ CASES = [
         MESSAGES,
         400,
         None,
-        "maximum context length",
+        "prompt is too long: ",  # Claude Code's words for it (test_a_prompt_over_the_context_reads_as_both_clients_expect)
         messages(messages=[{"role": "user", "content": HUGE}]),
     ),
     # -- OpenAI Responses ---------------------------------------------------------------------------------------
@@ -715,3 +715,16 @@ def test_the_service_is_whole_after_the_table(api: Api):
     r = httpx.post(f"{api.base}{CHAT}", json=chat(max_tokens=2, temperature=0), timeout=120)
     assert r.status_code == 200, r.text
     assert api.service.health()["status"] == "ok"
+
+
+def test_a_prompt_over_the_context_reads_as_both_clients_expect():
+    """OpenAI's words, and Anthropic's, which Claude Code matches (this pattern, from its code) to offer to compact."""
+    import re
+
+    from mlxq.contract import context_exceeded
+
+    claude_code = re.compile(r"prompt is too long[^0-9]*(\d+)\s*tokens?\s*>\s*(\d+)", re.IGNORECASE)
+    for message in (context_exceeded(21574, 8192), context_exceeded(21574, 8192, at_least=True)):
+        assert "maximum context length is 8192 tokens" in message
+        match = claude_code.search(message)
+        assert match is not None and match.groups() == ("21574", "8192"), message

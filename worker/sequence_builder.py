@@ -14,7 +14,7 @@ from typing import Any
 
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from mlxq.contract import JobError, JobKind, Priority, job_error
+from mlxq.contract import JobError, JobKind, Priority, context_exceeded, job_error
 from mlxq.grammar import Constraint, constraint_for
 from mlxq.request import SAMPLING, Request
 from worker.boundaries import Marks, chat_marks, completion_marks
@@ -212,8 +212,7 @@ class SequenceBuilder:
             marks = completion_marks(prompt) if checkpoints else {}
         if len(prompt) + 1 > self.context_length:
             raise RequestError(
-                f"This model's maximum context length is {self.context_length} tokens; "
-                f"the prompt has {len(prompt)} tokens.",
+                context_exceeded(len(prompt), self.context_length),
                 param="messages" if kind == "chat" else "prompt",
                 code="context_length_exceeded",
             )

@@ -22,6 +22,7 @@ from typing import Any
 
 from api.errors import APIError
 from api.pipeline.model_info import ModelInfo
+from mlxq.contract import context_exceeded
 from mlxq.request import JobKind, Request
 from mlxq.settings import Settings
 
@@ -108,10 +109,10 @@ async def check_context_bound(
     if per_token is None:
         return
     if (size := max(sizes)) > context * per_token * MARGIN:
+        # No token of this model stands for more than `per_token` bytes of text: a lower bound on the count.
         raise APIError(
             400,
-            f"This model's maximum context length is {context} tokens; the prompt has more: {size} bytes of "
-            f"text, and none of this model's tokens stands for more than {per_token}.",
+            context_exceeded(-(-size // per_token), context, at_least=True),
             param="messages" if kind == "chat" else "prompt",
             code="context_length_exceeded",
         )
