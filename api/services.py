@@ -60,7 +60,7 @@ class Services:
         celery = make_celery(settings)
         stats = StatsRecorder(sessions)
         delivery = Delivery(sessions, celery, settings)
-        model_info = ModelInfo(sessions, within_s=max(10.0, 3 * settings.heartbeat_s))
+        model_info = ModelInfo(sessions, within_s=max(10.0, 3 * settings.heartbeat_s), wait_s=settings.worker_wait_s)
         closing = threading.Event()
         health = Health(settings, sessions, stats)
         return cls(
@@ -73,7 +73,7 @@ class Services:
             delivery=delivery,
             model_info=model_info,
             admission=Admission(settings, sessions, delivery, stats, model_info),
-            follower=JobFollower(settings, sessions, channel, delivery, closing),
+            follower=JobFollower(settings, sessions, channel, delivery, closing, model_info),
             health=health,
             metrics=Metrics(health.snapshot),
             auth=Authenticator(settings, sessions),

@@ -87,6 +87,11 @@ class Settings(BaseSettings):
     # `mlxq serve` kills and restarts a worker whose heartbeat has stopped this long (hung, or stopped with
     # SIGSTOP): its process lives, so nothing else would. Its running jobs go back to the queue as a dead one's.
     worker_hung_s: float = Field(default=60.0, gt=0)
+    # How long a request waits for a worker of its model while none is alive (one restarting after a crash, the
+    # watchdog, or loading at start): past it, a request that would need a new inference is a 503
+    # `worker_unavailable` at once, and one already waiting gets it too and its job is cancelled. Submitted jobs,
+    # batch lines and background responses wait regardless (up to job_queue_timeout_s).
+    worker_wait_s: float = Field(default=120.0, gt=0)
     # SSE keepalive comment interval while a streamed job waits or prefills.
     sse_keepalive_s: float = 5.0
     # The worker's memory budget (GB of MLX memory: weights, KV in flight, prefix cache, prefill, buffer cache;

@@ -153,12 +153,16 @@ def test_a_job_restarted_twice_is_relayed_once_or_its_client_told_to_retry(
 
     from api.errors import APIError
     from api.pipeline.follow import JobFollower
+    from api.pipeline.model_info import ModelInfo
     from mlxq.delivery import Delivery
 
     sessions = make_sessionmaker(make_engine(db_url))
     channel = SQLChannel(sessions, poll_interval_s=0.05)
     settings = Settings(database_url=db_url)
-    follower = JobFollower(settings, sessions, channel, Delivery(sessions, Celery(), settings), threading.Event())
+    model_info = ModelInfo(sessions, within_s=10.0)
+    follower = JobFollower(
+        settings, sessions, channel, Delivery(sessions, Celery(), settings), threading.Event(), model_info
+    )
     deltas = lambda *texts: [{"type": "delta", "content": t} for t in texts]  # noqa: E731
     channel.publish_many(
         "j",

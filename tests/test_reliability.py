@@ -204,6 +204,8 @@ def test_a_stream_whose_worker_is_stopped_with_sigterm_goes_on_without_a_repeat(
     assert hit.headers["x-cache"] == "HIT" and hit.parse().choices[0].message.content == text("greedy")
     assert chunks["sampled"][-1].get("error", {}).get("code") == "worker_lost", chunks["sampled"][-2:]
     assert serve.health()["worker"]["restarts"] == 1
+    # The sampled job, whose client was told to retry, is given up: it does not run again for nobody.
+    serve.wait_jobs(lambda jobs: sorted(s for s, _ in jobs) == ["cancelled", "succeeded"], timeout=10)
 
 
 def test_a_hung_worker_is_killed_and_restarted_and_its_job_runs_again(serve_tiny: Callable[..., Serve]):
@@ -265,6 +267,7 @@ def test_a_request_that_kills_the_worker_twice_fails_cleanly_and_the_worker_stay
 def test_sigterm_stops_serve_and_its_worker_within_15s_saving_the_prefix_cache(serve: Serve, tmp_path: Path):
     client = serve.client()
     client.chat.completions.create(**{**ask("Name a fruit."), "max_tokens": 4})  # an entry to save
+    submitted = httpx.post(f"{serve.base}/v1/jobs", json=ask("Write a long essay about rivers."), timeout=30).json()
     waiter, out = in_thread(lambda: client.chat.completions.create(**ask("Write a long story about a dragon.")))
     streamed: list[str] = []  # the data lines of a stream cut by the stop
 
@@ -274,7 +277,7 @@ def test_sigterm_stops_serve_and_its_worker_within_15s_saving_the_prefix_cache(s
             streamed.extend(line for line in r.iter_lines() if line.startswith("data:"))
 
     streamer, _ = in_thread(stream)
-    serve.wait_jobs(lambda jobs: [s for s, _ in jobs[-2:]] == ["running", "running"])
+    serve.wait_jobs(lambda jobs: [s for s, _ in jobs[-3:]] == ["running"] * 3)
     while not any('"content"' in line for line in streamed):
         time.sleep(0.05)
     worker = serve.worker_pid()
@@ -294,8 +297,11 @@ def test_sigterm_stops_serve_and_its_worker_within_15s_saving_the_prefix_cache(s
     streamer.join(5)
     assert '"shutting_down"' in streamed[-2] and streamed[-1].endswith("[DONE]"), streamed[-3:]
     assert list((tmp_path / "data" / "prefix_cache").rglob("*.safetensors"))  # per model, per worker
-    # The interrupted jobs went back to the queue without using up an attempt: the next start runs them.
-    assert serve.jobs()[-2:] == [("queued", 0), ("queued", 0)]
+    # The submitted job went back to the queue without using up an attempt: the next start runs it. The two whose
+    # clients were told to retry are given up: they would run again after the restart for nobody.
+    assert submitted["status"] == "queued"
+    assert [s for s, _ in serve.jobs()[-3:]] == ["queued", "cancelled", "cancelled"], serve.jobs()
+    assert serve.jobs()[-3] == ("queued", 0)
 
 
 def test_a_stream_that_waits_for_its_turn_is_told_of_a_stop_not_cut_short(serve_tiny: Callable[..., Serve]):
@@ -403,3 +409,64 @@ def test_a_zero_cache_lifetime_stores_nothing(tmp_path: Path, tiny_model: Path, 
         raw = client.chat.completions.with_raw_response.create(**request, extra_headers={"Cache-Control": "max-age=0"})
         assert raw.headers["x-cache"] != "HIT"
     assert client.chat.completions.with_raw_response.create(**request).headers["x-cache"] == "MISS"
+
+
+def test_with_no_worker_alive_a_request_is_a_503_not_a_hang(tmp_path: Path, tiny_model: Path, service_factory):
+    """Every worker of the model killed (scaled out, nothing restarts it): a request already waiting is told so once
+    the wait for a worker (MLXQ_WORKER_WAIT_S) is over, and its job is cancelled rather than run later for nobody;
+    after that a new one is a 503 at once with nothing enqueued, in its client's dialect, streamed or not. A cached
+    answer is still served, and a submitted job still waits for a worker, which runs it once one is back."""
+    import anthropic
+
+    wait_s = 10.0  # the floor: a worker is alive while it beat within 10 s
+    svc = service_factory(service_env(tmp_path, tiny_model, MLXQ_WORKER_WAIT_S=str(wait_s))).start()
+    client = openai.OpenAI(base_url=f"{svc.base}/v1", api_key="none", timeout=120, max_retries=0)
+    small = {**LONG, "max_tokens": 4}
+    cached = client.chat.completions.create(**small, messages=[{"role": "user", "content": "kept"}])
+    db = tmp_path / "data" / "mlxq.sqlite"
+
+    def jobs() -> list[tuple[str, str]]:
+        with sqlite3.connect(db) as conn:
+            return conn.execute("SELECT id, status FROM jobs ORDER BY created_at").fetchall()
+
+    worker = svc.procs.pop(1)
+    worker.kill()
+    worker.wait()
+    killed = time.monotonic()
+    # Waiting: the worker may be restarting. Past the wait, no worker came: a 503, and the job is given up.
+    with pytest.raises(openai.APIStatusError) as waited:
+        client.chat.completions.create(**small, messages=[{"role": "user", "content": "waits, then hears"}])
+    took = time.monotonic() - killed
+    assert waited.value.status_code == 503 and waited.value.code == "worker_unavailable", waited.value
+    assert wait_s - 3 < took < wait_s + 15, took
+    time.sleep(1.5)  # the job is left in the background
+    assert jobs()[-1][1] == "cancelled", jobs()
+
+    before = jobs()
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as at_once:
+        client.chat.completions.create(**small, messages=[{"role": "user", "content": "at once"}])
+    assert at_once.value.status_code == 503 and at_once.value.response.headers["retry-after"]
+    with pytest.raises(openai.APIStatusError) as streamed:
+        client.chat.completions.create(**small, stream=True, messages=[{"role": "user", "content": "streamed"}])
+    assert streamed.value.status_code == 503
+    claude = anthropic.Anthropic(base_url=svc.base, api_key="none", max_retries=0)
+    with pytest.raises(anthropic.APIStatusError) as messages:
+        claude.messages.create(model=MODEL_NAME, max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+    assert messages.value.status_code == 503 and messages.value.body["error"]["type"] == "overloaded_error"
+    assert time.monotonic() - started < 10
+    assert jobs() == before, "nothing is enqueued for a request refused"
+    hit = client.chat.completions.with_raw_response.create(**small, messages=[{"role": "user", "content": "kept"}])
+    assert (
+        hit.headers["x-cache"] == "HIT" and hit.parse().choices[0].message.content == cached.choices[0].message.content
+    )
+    job = httpx.post(f"{svc.base}/v1/jobs", json={**small, "messages": [{"role": "user", "content": "later"}]}).json()
+    assert job["status"] == "queued", job
+
+    svc.add_worker("back")
+    svc.wait_health(lambda h: h["model_loaded"])
+    deadline = time.time() + 60
+    while httpx.get(f"{svc.base}/v1/jobs/{job['id']}").json()["status"] != "succeeded":
+        assert time.time() < deadline, httpx.get(f"{svc.base}/v1/jobs/{job['id']}").json()
+        time.sleep(0.2)
+    assert client.chat.completions.create(**small, messages=[{"role": "user", "content": "at once"}]).choices

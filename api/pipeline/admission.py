@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.errors import APIError
 from api.operations.stats import StatsRecorder
-from api.pipeline.model_info import ModelInfo
+from api.pipeline.model_info import ModelInfo, worker_unavailable
 from mlxq.contract import JobKind
 from mlxq.delivery import BrokerUnavailable, Delivery
 from mlxq.jobspec import CachePolicy, JobSpec
@@ -42,6 +42,7 @@ class Outcome:
     job_id: str | None = None  # None: answered from the cache with no job row
     joined: bool = False  # an identical job (or an earlier submit with the same idempotency key) already existed
     waiting_for_room: bool = False  # it joined a low-priority job still waiting for room (mlxq.delivery)
+    unanswered: bool = False  # its client was told to send it again (api.pipeline.follow.told_to_retry)
 
     @property
     def new(self) -> bool:
@@ -115,7 +116,7 @@ class Admission:
 
     # -- the decision ----------------------------------------------------------------------
 
-    def decide(self, session: Session, spec: JobSpec) -> Outcome:
+    def decide(self, session: Session, spec: JobSpec, *, lost: bool = False) -> Outcome:
         """Inside the caller's transaction: the cached answer, an identical job in flight, or a new job.
         Raises IntegrityError when an identical job was created at the same moment: run the caller's transaction
         through `retry_on_conflict`, whose next try joins that job."""
@@ -133,17 +134,19 @@ class Admission:
                 )
             hit = known.status == JobStatus.SUCCEEDED
             return Outcome(known.result or {}, CacheOutcome.HIT if hit else missed, spec.key, known.id, joined=True)
-        outcome = self._decide(session, spec, missed)
+        outcome = self._decide(session, spec, missed, lost=lost)
         if spec.idempotency_key and outcome.job_id:
             idempotency_keys.remember_idempotency_key(session=session, key=spec.idempotency_key, job_id=outcome.job_id)
         return outcome
 
-    def _decide(self, session: Session, spec: JobSpec, missed: CacheOutcome) -> Outcome:
+    def _decide(self, session: Session, spec: JobSpec, missed: CacheOutcome, *, lost: bool = False) -> Outcome:
         if spec.cache.lookup and (cached := cache_entries.lookup_result(session=session, key=spec.key)) is not None:
             if not spec.keep_row:
                 return Outcome(cached, CacheOutcome.HIT, spec.key)
             job = jobs.create_job(session=session, spec=spec, sent=False, result=cached)
             return Outcome(cached, CacheOutcome.HIT, spec.key, job.id)
+        if lost:  # a cached answer is still served; anything that needs the model would wait for nothing
+            raise worker_unavailable(spec.model, self._model_info.wait_s)
         running = jobs.find_inflight(session=session, key=spec.key) if spec.cache.store else None
         if running is not None:
             waiting = jobs.join_job(session=session, job_id=running.id, priority=spec.priority)
@@ -171,14 +174,14 @@ class Admission:
                 continue
         raise APIError(503, "Could not enqueue the request; try again.", code="enqueue_conflict")
 
-    def _admit(self, spec: JobSpec) -> Outcome:
+    def _admit(self, spec: JobSpec, lost: bool) -> Outcome:
         """One thread hop and one transaction for the whole decision, then the delivery of its job (routed
         first, so a new job's row names its worker)."""
         spec = self._delivery.route(spec)
 
         def decided() -> Outcome:
             with self._sessions.begin() as session:
-                return self.decide(session, spec)
+                return self.decide(session, spec, lost=lost)
 
         outcome = self.retry_on_conflict(decided)
         if outcome.job_id is not None and (outcome.new or outcome.waiting_for_room):
@@ -191,8 +194,11 @@ class Admission:
         return outcome
 
     async def submit(self, spec: JobSpec) -> Outcome:
-        """Admit one request (module doc) and count its cache outcome."""
-        outcome = await asyncio.to_thread(self._admit, spec)
+        """Admit one request (module doc) and count its cache outcome. A request someone waits for is refused
+        (503) when no worker of its model has been alive for longer than it would wait (`ModelInfo.lost`), unless
+        the cache answers it; submitted and detached work waits for a worker regardless."""
+        lost = not (spec.keep_row or spec.detached) and await self._model_info.lost(spec.model)
+        outcome = await asyncio.to_thread(self._admit, spec, lost)
         if outcome.cache == CacheOutcome.HIT:
             self._stats.hit(spec.key, spec.namespace)
         else:

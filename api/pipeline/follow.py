@@ -17,6 +17,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.errors import APIError
+from api.pipeline.model_info import WORKER_UNAVAILABLE, ModelInfo, worker_unavailable
 from mlxq import events
 from mlxq.channel import Channel
 from mlxq.contract import job_error
@@ -25,6 +26,14 @@ from mlxq.events import Event
 from mlxq.repos import jobs
 from mlxq.settings import Settings
 from mlxq.states import JOB_FINAL, JobStatus
+
+# The errors that tell a waiting client to send its request again: the job it waited for is its no longer (a
+# retry makes or joins another), so it is given up as a client that left gives it up (api.pipeline.respond).
+RETRY_CODES = frozenset({"shutting_down", "worker_lost", WORKER_UNAVAILABLE})
+
+
+def told_to_retry(exc: APIError) -> bool:
+    return exc.code in RETRY_CODES
 
 
 class JobFollower:
@@ -37,20 +46,22 @@ class JobFollower:
         channel: Channel,
         delivery: Delivery,
         closing: threading.Event,
+        model_info: ModelInfo,
     ) -> None:
         self._settings = settings
+        self._model_info = model_info
         self._sessions = sessions
         self._channel = channel
         self._delivery = delivery
         # Set when the server begins to stop: waiting requests answer 503 at once.
         self._closing = closing
 
-    def _job_state(self, job_id: str) -> tuple[str, dict[str, Any] | None, dict[str, Any] | None]:
+    def _job_state(self, job_id: str) -> tuple[str, str, dict[str, Any] | None, dict[str, Any] | None]:
         with self._sessions() as session:
             job = jobs.get_job(session=session, job_id=job_id)
             if job is None:
                 raise APIError(404, f"No job {job_id}.", code="job_not_found")
-            return job.status, job.result, job.error
+            return job.status, job.model, job.result, job.error
 
     async def events(
         self, job_id: str, *, replayable: bool = True, timeout: bool = True, last_run: bool = False
@@ -58,7 +69,8 @@ class JobFollower:
         """A job's events from the stream channel, ending with `done` or `error`.
 
         The job row is re-checked after each quiet second, so a lost event cannot hang a client;
-        past `request_timeout_s` the iterator raises a 504, and when the server begins to stop, a 503.
+        past `request_timeout_s` the iterator raises a 504, when the server begins to stop a 503, and (with `timeout`)
+        a 503 `worker_unavailable` while the job is queued and no worker of its model has been alive for the wait.
         When the job restarts (its worker died), the text already relayed is not relayed twice: a
         `replayable` (deterministic) job produces it again, so that much of the new text is skipped;
         any other job's new text would not continue the old, so the client gets a 503 to retry. With `last_run`
@@ -87,9 +99,9 @@ class JobFollower:
                     event = await asyncio.wait_for(queue.get(), timeout=1.0)
                 except TimeoutError:
                     try:
-                        status, result, error = await asyncio.to_thread(self._job_state, job_id)
+                        status, model, result, error = await asyncio.to_thread(self._job_state, job_id)
                     except DBAPIError:  # the database is restarting: keep waiting, within the deadline
-                        status, result, error = "unknown", None, None
+                        status, model, result, error = "unknown", "", None, None
                     if status in JOB_FINAL and not ended_quietly:
                         # The row can be ahead of the channel: give the events in flight one more quiet
                         # period to arrive before answering from the row (which has no deltas).
@@ -103,6 +115,9 @@ class JobFollower:
                         raise APIError(
                             504, f"Job {job_id} did not finish in time; poll /v1/jobs/{job_id}.", code="timeout"
                         ) from None
+                    elif timeout and status == JobStatus.QUEUED and await self._model_info.lost(model):
+                        # Its worker died and none came back (or it was queued for one that never came).
+                        raise worker_unavailable(model, self._model_info.wait_s) from None
                     else:
                         yield events.waiting(status)
                         continue

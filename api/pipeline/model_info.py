@@ -18,22 +18,43 @@ from api.errors import APIError
 from mlxq.repos import workers
 from mlxq.settings import Settings
 
-# A worker that stopped beating this recently (killed, not stopped) still makes its model served: it is likely
-# being restarted (`mlxq serve`, compose), and requests for it wait rather than fail.
-RESTARTING_S = 600.0
+# The code of the 503 a request gets when no worker of its model is alive to answer it (mlxq.settings.worker_wait_s).
+WORKER_UNAVAILABLE = "worker_unavailable"
+
+
+def worker_unavailable(model: str, wait_s: float) -> APIError:
+    return APIError(
+        503,
+        f"No worker of the model `{model}` has been alive for {wait_s:g} s; start one, or retry later.",
+        code=WORKER_UNAVAILABLE,
+        headers={"Retry-After": "10"},
+    )
 
 
 class ModelInfo:
-    """Per model, the newest `stats["model"]` block of its live workers (None until one has published), cached
-    briefly; and the models live workers serve."""
+    """Per model, the newest `stats["model"]` block of its workers (None until one has published), cached briefly;
+    the models workers serve, and those none has served for longer than a request waits for one (`lost`).
 
-    def __init__(self, sessions: sessionmaker[Session], *, within_s: float, ttl_s: float = 2.0) -> None:
+    A worker that stopped beating within `wait_s` (killed, not stopped: a clean stop deregisters) still makes its
+    model served: it is likely being restarted (`mlxq serve`, compose), and requests for it wait for it that long.
+    """
+
+    def __init__(
+        self, sessions: sessionmaker[Session], *, within_s: float, wait_s: float = 120.0, ttl_s: float = 2.0
+    ) -> None:
         self._sessions = sessions
         self._within_s = within_s
+        self._wait_s = max(wait_s, within_s)
         self._ttl_s = ttl_s
         self._value: dict[str, dict[str, Any] | None] = {}
         self._read_at = float("-inf")
         self._lock = asyncio.Lock()
+        # Before this, a model no worker has served may have one loading (a fresh start): it is not lost yet.
+        self._patience_until = time.monotonic() + self._wait_s
+
+    @property
+    def wait_s(self) -> float:
+        return self._wait_s
 
     async def _blocks(self) -> dict[str, dict[str, Any] | None]:
         if time.monotonic() - self._read_at < self._ttl_s:
@@ -49,19 +70,27 @@ class ModelInfo:
         return (await self._blocks()).get(model)
 
     async def live_models(self) -> set[str]:
-        """The models a worker serves: one alive, or one that stopped beating lately without stopping cleanly
-        (a clean stop deregisters), which is likely restarting: its requests wait for it."""
+        """The models a worker serves: one alive, or one that stopped beating within the wait (class doc)."""
         return set(await self._blocks())
 
+    async def lost(self, model: str) -> bool:
+        """No worker of `model` has beaten for longer than a request waits for one, and none can be loading for the
+        first time: a request that needs inference would wait for nothing (a 503, not a hang)."""
+        return time.monotonic() > self._patience_until and model not in await self._blocks()
+
     def read(self) -> dict[str, dict[str, Any] | None]:
-        """Each recent worker's model and the newest block of its live workers, from the database now."""
+        """Each recent worker's model and its newest block (a live worker's first: the vocabulary and context a
+        restarting one published still bound requests while it loads), from the database now."""
         with self._sessions() as session:
             alive = {w.name for w in workers.live_workers(session=session, within_s=self._within_s)}
-            recent = workers.live_workers(session=session, within_s=max(self._within_s, RESTARTING_S))
-            rows = sorted((w.last_seen, w.name in alive, w.model, (w.stats or {}).get("model")) for w in recent)
+            recent = workers.live_workers(session=session, within_s=self._wait_s)
+            rows = sorted(
+                ((w.name in alive, w.last_seen, w.model, (w.stats or {}).get("model")) for w in recent),
+                key=lambda row: row[:2],
+            )
         out: dict[str, dict[str, Any] | None] = {}
-        for _, is_alive, model, block in rows:  # oldest first: the newest live block of each model wins
-            out[model] = block if is_alive and isinstance(block, dict) else out.get(model)
+        for *_, model, block in rows:  # dead before alive, oldest first: the newest live block of each model wins
+            out[model] = block if isinstance(block, dict) else out.get(model)
         return out
 
 

@@ -20,6 +20,7 @@ from sse_starlette import ServerSentEvent
 from api.errors import APIError
 from api.operations.metrics import GENERATED_TOKENS, Endpoint, request_counter
 from api.pipeline.admission import Outcome
+from api.pipeline.follow import told_to_retry
 from api.pipeline.streaming import Renderer, event_source, job_events, tap
 from api.services import Services
 from mlxq.jobspec import JobSpec
@@ -68,6 +69,11 @@ async def run(
                     abandoned = True
                     raise APIError(499, "The client closed the request.", type="cancelled", code="client_closed")
             outcome.result = await waiting
+        except APIError as exc:
+            # Told to send it again (a stop, a lost worker, none alive): the job must not run on, or again after a
+            # restart, for nobody.
+            abandoned = abandoned or told_to_retry(exc)
+            raise
         finally:
             waiting.cancel()
             keep = spec.detached or services.settings.finish_abandoned
@@ -136,7 +142,8 @@ async def _stream(
             record(services, endpoint=endpoint, spec=spec, outcome=outcome, started=started, stream=True)
             # A client that went away stops the job, unless another client still waits for it (or it is detached).
             if outcome.job_id:
-                follower.leave_soon(outcome.job_id, abandon=not finished and not spec.detached)
+                abandon = not finished or outcome.unanswered
+                follower.leave_soon(outcome.job_id, abandon=abandon and not spec.detached)
 
     return event_source(guarded(), headers, services.settings.sse_keepalive_s)
 

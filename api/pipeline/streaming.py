@@ -13,7 +13,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.errors import APIError
 from api.pipeline.admission import Outcome
-from api.pipeline.follow import JobFollower
+from api.pipeline.follow import JobFollower, told_to_retry
 from mlxq import events
 from mlxq.contract import job_error
 from mlxq.events import Event
@@ -89,8 +89,13 @@ async def job_events(
 
 
 async def tap(source: AsyncIterator[Event], outcome: Outcome) -> AsyncIterator[Event]:
-    """Pass events through, keeping the final result on the outcome for the request log."""
-    async for event in source:
-        if event["type"] == "done":
-            outcome.result = event.get("result") or {}
-        yield event
+    """Pass events through, keeping the final result on the outcome for the request log (and whether its client was
+    told to send the request again, so that the job is given up)."""
+    try:
+        async for event in source:
+            if event["type"] == "done":
+                outcome.result = event.get("result") or {}
+            yield event
+    except APIError as exc:
+        outcome.unanswered = told_to_retry(exc)
+        raise
