@@ -14,7 +14,7 @@ import pytest
 from anthropic.types import Message, RawMessageStreamEvent
 from pydantic import TypeAdapter, ValidationError
 
-from api.dialects.anthropic.protocol import CountTokensRequest, MessagesRequest, to_chat
+from api.dialects.anthropic.protocol import CountTokensRequest, MessagesRequest, check_system_turns, to_chat
 from api.dialects.anthropic.render import (
     MessageStreamWriter,
     error_body,
@@ -630,8 +630,18 @@ def test_an_api_error_after_the_start_is_an_error_event():
 
 
 def test_what_anthropic_refuses_is_refused_a_system_turn_and_an_empty_turn():
+    """A system turn among the messages is Anthropic's 400 unless the request names the mid-conversation-system beta
+    (Claude Code sends it so, with its agent list): then it reaches the model as the `<system-reminder>` Claude Code
+    itself writes without the beta. Any other role is refused whatever the beta."""
     system_turn = anthropic(messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
-    (error,) = refusal(system_turn)
+    body = MessagesRequest.model_validate(system_turn)
+    with pytest.raises(APIError) as refused:
+        check_system_turns(body, "claude-code-20250219")
+    assert refused.value.param == "messages.0" and "`system`" in refused.value.message
+    check_system_turns(body, "claude-code-20250219,mid-conversation-system-2026-04-07")
+    reminder = {"role": "user", "content": "<system-reminder>\nBe brief.\n</system-reminder>"}
+    assert to_chat(body)["messages"] == [reminder, {"role": "user", "content": "Hi"}]
+    (error,) = refusal(anthropic(messages=[{"role": "developer", "content": "x"}]))
     assert error["type"] == "unexpected_role" and error["loc"][:2] == ("messages", 0) and "`system`" in error["msg"]
     empty = anthropic(messages=[{"role": "user", "content": []}])
     (error,) = refusal(empty)

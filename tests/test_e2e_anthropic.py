@@ -139,6 +139,22 @@ def test_count_tokens_matches_the_tokenizer(svc: Service, smollm2: Path):
     assert counted.input_tokens == len(tokenizer.encode(text, add_special_tokens=False))
 
 
+def test_a_system_turn_is_taken_under_claude_codes_beta_and_refused_without(svc: Service):
+    """Claude Code sends its agent list as a `system` turn with the mid-conversation-system beta; without the beta
+    Anthropic refuses such a turn, and so do we. Answered and counted as the `<system-reminder>` user turn Claude Code
+    writes the same text as without the beta."""
+    turns = [{"role": "system", "content": "Agents: none."}, {"role": "user", "content": "Hi"}]
+    beta = {"anthropic-beta": "claude-code-20250219,mid-conversation-system-2026-04-07"}
+    with pytest.raises(anthropic.BadRequestError):
+        claude(svc).messages.create(**{**ask("Hi"), "messages": turns, "max_tokens": 4})
+    answer = claude(svc).messages.create(**{**ask("Hi"), "messages": turns, "max_tokens": 4}, extra_headers=beta)
+    reminder = [{"role": "user", "content": "<system-reminder>\nAgents: none.\n</system-reminder>"}, turns[1]]
+    same = claude(svc).messages.with_raw_response.create(**{**ask("Hi"), "messages": reminder, "max_tokens": 4})
+    assert same.headers["x-cache"] == "HIT" and same.parse().content == answer.content
+    counted = claude(svc).messages.count_tokens(model=MODEL_NAME, messages=turns, extra_headers=beta)
+    assert counted.input_tokens == claude(svc).messages.count_tokens(model=MODEL_NAME, messages=reminder).input_tokens
+
+
 def test_errors_are_anthropic_shaped_and_raised_as_the_right_classes(svc: Service):
     client = claude(svc)
     with pytest.raises(anthropic.BadRequestError) as bad:

@@ -178,21 +178,34 @@ class AssistantMessage(AnthropicBaseModel):
     content: Annotated[AssistantContent, BeforeValidator(_not_empty)]
 
 
+class SystemMessage(AnthropicBaseModel):
+    """A system turn inside `messages`: Anthropic takes it under the `mid-conversation-system` beta (Claude Code sends
+    its list of agents so) and refuses it otherwise (`check_system_turns`, by the request's `anthropic-beta`)."""
+
+    role: Literal["system"]
+    content: Annotated[SystemContent, BeforeValidator(_not_empty)]
+
+
+UNEXPECTED_ROLE = (
+    'Unexpected role "{role}". The Messages API accepts a top-level `system` parameter, not "system" as an input '
+    "message role; messages take the roles user and assistant"
+)
+# The `anthropic-beta` feature under which a `system` turn may sit among the messages.
+MID_CONVERSATION_SYSTEM = "mid-conversation-system"
+
+
 def _message_role(message: Any) -> Any:
-    """Anthropic's Messages API has user and assistant turns only: a `system` turn is refused, as Anthropic refuses
-    it, with the field that takes a system prompt named."""
+    """Anthropic's Messages API has user and assistant turns (and system ones under a beta, `SystemMessage`): any
+    other role is refused, with the field that takes a system prompt named."""
     role = message.get("role") if isinstance(message, dict) else None
-    if role not in (None, "user", "assistant"):
-        raise PydanticCustomError(
-            "unexpected_role",
-            'Unexpected role "{role}". The Messages API accepts a top-level `system` parameter, not "system" as an '
-            "input message role; messages take the roles user and assistant",
-            {"role": str(role)},
-        )
+    if role not in (None, "user", "assistant", "system"):
+        raise PydanticCustomError("unexpected_role", UNEXPECTED_ROLE, {"role": str(role)})
     return message
 
 
-Message = Annotated[UserMessage | AssistantMessage, Field(discriminator="role"), BeforeValidator(_message_role)]
+Message = Annotated[
+    UserMessage | AssistantMessage | SystemMessage, Field(discriminator="role"), BeforeValidator(_message_role)
+]
 
 
 # -- tools -------------------------------------------------------------------------------------
@@ -375,6 +388,24 @@ def _assistant(content: str | list[Any]) -> dict[str, Any]:
     return message
 
 
+def check_system_turns(body: CountTokensRequest, beta: str | None) -> None:
+    """A `system` turn among the messages is taken only under the `mid-conversation-system` beta, as Anthropic takes
+    it: without it, the 400 Anthropic gives (Claude Code then sends the text in the next user turn instead)."""
+    if beta and any(name.strip().startswith(MID_CONVERSATION_SYSTEM) for name in beta.split(",")):
+        return
+    for i, message in enumerate(body.messages):
+        if isinstance(message, SystemMessage):
+            raise APIError(400, f"messages.{i}: " + UNEXPECTED_ROLE.format(role="system"), param=f"messages.{i}")
+
+
+def _reminder(content: str | list[TextBlock]) -> dict[str, Any]:
+    """A system turn among the messages, as the user-side `<system-reminder>` Claude Code writes the same text as
+    without the beta: every chat template takes a user turn there, where many refuse a system message past the
+    first."""
+    text = content if isinstance(content, str) else "\n\n".join(b.text for b in content)
+    return {"role": "user", "content": f"<system-reminder>\n{text}\n</system-reminder>"}
+
+
 def _tool_choice(choice: Any) -> str | dict[str, Any]:
     if isinstance(choice, ToolChoiceTool):
         return {"type": "function", "function": {"name": choice.name}}
@@ -398,7 +429,7 @@ def _check_tool_results(body: CountTokensRequest) -> None:
                         "`tool_use` block in an earlier assistant message.",
                         param=f"messages.{i}.content.{j}.tool_use_id",
                     )
-        else:
+        elif isinstance(message, AssistantMessage):
             uses.update(b.id for b in message.content if isinstance(b, ToolUseBlock))
 
 
@@ -422,6 +453,8 @@ def to_chat(body: CountTokensRequest) -> dict[str, Any]:
     for message in body.messages:
         if isinstance(message, UserMessage):
             messages.extend(_user(message.content))
+        elif isinstance(message, SystemMessage):
+            messages.append(_reminder(message.content))
         else:
             messages.append(_assistant(message.content))
     out: dict[str, Any] = {"model": body.model, "messages": messages}

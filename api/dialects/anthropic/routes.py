@@ -12,7 +12,7 @@ from fastapi.responses import Response
 
 from api.auth import AUTHENTICATED, Owner
 from api.dialects.anthropic import adapter
-from api.dialects.anthropic.protocol import CountTokensRequest, MessagesRequest
+from api.dialects.anthropic.protocol import CountTokensRequest, MessagesRequest, check_system_turns
 from api.dialects.anthropic.render import MessageStreamWriter, message
 from api.pipeline.prepare import prepare, prepare_specs
 from api.pipeline.relay import relay
@@ -29,7 +29,9 @@ async def messages(
     owner: Owner,
     client: Request,
     cache_control: str | None = Header(None),
+    anthropic_beta: str | None = Header(None),
 ) -> Response:
+    check_system_turns(body, anthropic_beta)
     _, specs = await prepare_specs(services, adapter.incoming(body), owner=owner, cache_control=cache_control)
     model = specs[0].model
     writer = MessageStreamWriter(model=model)
@@ -44,9 +46,12 @@ async def messages(
 
 
 @router.post("/v1/messages/count_tokens")
-async def count_tokens(body: CountTokensRequest, services: ServicesDep, owner: Owner) -> dict[str, Any]:
+async def count_tokens(
+    body: CountTokensRequest, services: ServicesDep, owner: Owner, anthropic_beta: str | None = Header(None)
+) -> dict[str, Any]:
     """The prompt's tokens through the model's tokenizer and chat template, counted by the worker (the one
     process that holds them); counted once per distinct request, then from the response cache."""
+    check_system_turns(body, anthropic_beta)
     prepared = await prepare(services, adapter.counted(body), kind="count")
     spec = await services.admission.spec_for("count", prepared.requests[0], owner=owner)
     outcome = await run(services, spec)
