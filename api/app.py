@@ -18,6 +18,7 @@ from api.operations.housekeeping import HouseKeeping
 from api.services import Services
 from mlxq import __version__
 from mlxq.db import upgrade
+from mlxq.repos.jobs import cancel_orphans
 from mlxq.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,10 @@ def create_app(
         if migrate:
             upgrade(settings)
         services = app.state.services = Services.build(settings)
+        if settings.database_url.startswith("sqlite"):  # embedded: this is the only api, its clients are all new
+            with services.sessions.begin() as session:
+                if orphans := cancel_orphans(session=session):
+                    log.info("cancelled %d jobs whose clients left with the last api process (killed)", orphans)
         try:
             services.warm_up()
         except Exception:  # the broker may come up later; requests will say so if it does not

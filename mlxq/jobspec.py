@@ -92,3 +92,8 @@ class JobSpec:
     @property
     def model(self) -> str:
         return self.request.model
+
+    @property
+    def attached(self) -> bool:
+        """Only a client connected to the api waits for it (sync or streamed): not polled, nor run regardless."""
+        return not (self.keep_row or self.detached)

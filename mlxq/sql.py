@@ -5,7 +5,7 @@ from __future__ import annotations
 import builtins
 from typing import Any, cast
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, Index, Integer, LargeBinary, String, Text, text, true
+from sqlalchemy import JSON, BigInteger, Boolean, Float, Index, Integer, LargeBinary, String, Text, false, text, true
 from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -88,6 +88,9 @@ class Job(Base):
     sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     # Clients waiting for it: a client that goes away cancels the job only when it was the last one.
     waiters: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Only clients connected to an api wait for it (a sync or streamed request, not a submitted job, a batch line or
+    # a background response): when that api is gone, so is every reason to run it (`cancel_orphans`).
+    attached: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # The batch that made it (its lines' jobs are cancelled with it).
     batch_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     # The API key that made it (mlxq.auth.owner_id; None with keys off) and its cache namespace.

@@ -470,3 +470,32 @@ def test_with_no_worker_alive_a_request_is_a_503_not_a_hang(tmp_path: Path, tiny
         assert time.time() < deadline, httpx.get(f"{svc.base}/v1/jobs/{job['id']}").json()
         time.sleep(0.2)
     assert client.chat.completions.create(**small, messages=[{"role": "user", "content": "at once"}]).choices
+
+
+def test_after_serve_is_killed_its_clients_jobs_are_given_up_and_submitted_ones_run(
+    tmp_path: Path, serve_tiny: Callable[..., Serve]
+):
+    """kill -9 of `mlxq serve` takes its clients' connections with it, and nobody is left to tell: on the next start
+    the jobs only they waited for are cancelled (they ran again, to the end of the context, for nobody), while a
+    submitted job, which is polled, runs."""
+    svc = serve_tiny(MLXQ_BATCH_SIZE="1")
+    client = svc.client()
+    in_thread(lambda: client.chat.completions.create(**{**ask("Write a long story."), "max_tokens": 4000}))
+    svc.wait_jobs(lambda jobs: jobs == [("running", 1)])
+    in_thread(lambda: client.chat.completions.create(**{**ask("Write a poem."), "max_tokens": 4000}))
+    svc.wait_jobs(lambda jobs: len(jobs) == 2)
+    submitted = httpx.post(f"{svc.base}/v1/jobs", json={**ask("Name a fruit."), "max_tokens": 8}, timeout=30).json()
+    svc.wait_jobs(lambda jobs: len(jobs) == 3)
+    svc.proc.kill()
+    svc.proc.wait()
+    deadline = time.time() + 30
+    while _pids_of(tmp_path):  # its worker stops by itself
+        assert time.time() < deadline, _pids_of(tmp_path)
+        time.sleep(0.1)
+
+    again = serve_tiny(MLXQ_BATCH_SIZE="1")
+    deadline = time.time() + 60
+    while (job := httpx.get(f"{again.base}/v1/jobs/{submitted['id']}").json())["status"] != "succeeded":
+        assert time.time() < deadline, job
+        time.sleep(0.2)
+    assert [status for status, _ in again.jobs()] == ["cancelled", "cancelled", "succeeded"], again.jobs()

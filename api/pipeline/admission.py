@@ -149,7 +149,7 @@ class Admission:
             raise worker_unavailable(spec.model, self._model_info.wait_s)
         running = jobs.find_inflight(session=session, key=spec.key) if spec.cache.store else None
         if running is not None:
-            waiting = jobs.join_job(session=session, job_id=running.id, priority=spec.priority)
+            waiting = jobs.join_job(session=session, job_id=running.id, priority=spec.priority, attached=spec.attached)
             return Outcome({}, missed, spec.key, running.id, joined=True, waiting_for_room=waiting)
         ceiling = self._settings.max_queue_depth
         if spec.counted and ceiling and jobs.queue_depth(session=session) >= ceiling:
@@ -197,7 +197,7 @@ class Admission:
         """Admit one request (module doc) and count its cache outcome. A request someone waits for is refused
         (503) when no worker of its model has been alive for longer than it would wait (`ModelInfo.lost`), unless
         the cache answers it; submitted and detached work waits for a worker regardless."""
-        lost = not (spec.keep_row or spec.detached) and await self._model_info.lost(spec.model)
+        lost = spec.attached and await self._model_info.lost(spec.model)
         outcome = await asyncio.to_thread(self._admit, spec, lost)
         if outcome.cache == CacheOutcome.HIT:
             self._stats.hit(spec.key, spec.namespace)

@@ -43,6 +43,7 @@ def create_job(*, session: Session, spec: JobSpec, sent: bool, result: dict[str,
         sent_at=now if sent else None,
         attempts=0,
         waiters=1,
+        attached=spec.attached,
         batch_id=spec.batch_id,
         owner=spec.owner,
         namespace=spec.namespace,
@@ -71,16 +72,31 @@ def find_inflight(*, session: Session, key: str) -> Job | None:
     ).first()
 
 
-def join_job(*, session: Session, job_id: str, priority: Priority = "interactive") -> bool:
-    """Another client waits for a job; an interactive one makes it interactive from now on. Returns whether
-    it still needs its message (a low-priority job waiting for room, mlxq.delivery)."""
+def join_job(*, session: Session, job_id: str, priority: Priority = "interactive", attached: bool = True) -> bool:
+    """Another client waits for a job; an interactive one makes it interactive from now on, and one not `attached`
+    (a submitted job, a batch line, a background response: JobSpec.attached) makes it outlive its api. Returns
+    whether it still needs its message (a low-priority job waiting for room, mlxq.delivery)."""
     values: dict[str, Any] = {"waiters": Job.waiters + 1}
     if priority == "interactive":
         values["priority"] = "interactive"
+    if not attached:
+        values["attached"] = False
     row = session.execute(
         update(Job).where(Job.id == job_id).values(**values).returning(Job.sent_at, Job.status)
     ).first()
     return row is not None and row.sent_at is None and row.status == JobStatus.QUEUED
+
+
+def cancel_orphans(*, session: Session) -> int:
+    """Cancel the active jobs only clients of an api that is gone waited for (killed: it could tell no one), so they
+    never run again after a restart for nobody. Only where this api is the only one (the embedded database): a
+    shared database's other apis may still have clients waiting. Returns how many."""
+    done = session.execute(
+        update(Job)
+        .where(Job.attached.is_(True), Job.status.in_(JOB_ACTIVE))
+        .values(status=JobStatus.CANCELLED, error=dict(CANCELLED), finished_at=time.time())
+    )
+    return rowcount(done)
 
 
 def list_jobs(
