@@ -95,6 +95,8 @@ class Runtime:
             self.state.engine.close()
         try:
             with self.state.sessions.begin() as session:
-                workers.remove_worker(session=session, name=self.state.name)
+                workers.retire_worker(
+                    session=session, name=self.state.name, gone_after_s=self.state.settings.worker_lost_after_s
+                )
         except Exception:
             log.exception("could not deregister worker")

@@ -35,8 +35,8 @@ class ModelInfo:
     """Per model, the newest `stats["model"]` block of its workers (None until one has published), cached briefly;
     the models workers serve, and those none has served for longer than a request waits for one (`lost`).
 
-    A worker that stopped beating within `wait_s` (killed, not stopped: a clean stop deregisters) still makes its
-    model served: it is likely being restarted (`mlxq serve`, compose), and requests for it wait for it that long.
+    A worker that stopped beating within `wait_s` (killed, or stopped: mlxq.repos.workers.retire_worker) still makes
+    its model served: it is likely being restarted (`mlxq serve`, compose), and requests for it wait for it that long.
     """
 
     def __init__(

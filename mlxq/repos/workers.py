@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from mlxq.sql import Worker, db_now
@@ -39,5 +39,8 @@ def silence(*, session: Session, name: str) -> float | None:
     return None if value is None else float(value)
 
 
-def remove_worker(*, session: Session, name: str) -> None:
-    session.execute(delete(Worker).where(Worker.name == name))
+def retire_worker(*, session: Session, name: str, gone_after_s: float) -> None:
+    """A worker that stops cleanly: no longer alive for routing and failover (as if silent for longer than
+    `gone_after_s`) at once, yet still a recent worker of its model, as a killed one is for a while, so requests wait
+    for its successor (a restart) rather than being refused (api.pipeline.model_info). Its row is kept, not deleted."""
+    session.execute(update(Worker).where(Worker.name == name).values(last_seen=db_now() - gone_after_s - 1.0))
