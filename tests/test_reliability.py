@@ -418,7 +418,7 @@ def test_with_no_worker_alive_a_request_is_a_503_not_a_hang(tmp_path: Path, tiny
     answer is still served, and a submitted job still waits for a worker, which runs it once one is back."""
     import anthropic
 
-    wait_s = 20.0  # past the 10 s a worker counts as alive after its last beat, as a stopped one is set back
+    wait_s = 30.0  # past the 10 s a worker counts as alive after its last beat, as a stopped one is set back
     svc = service_factory(service_env(tmp_path, tiny_model, MLXQ_WORKER_WAIT_S=str(wait_s))).start()
     client = openai.OpenAI(base_url=f"{svc.base}/v1", api_key="none", timeout=120, max_retries=0)
     small = {**LONG, "max_tokens": 4}
