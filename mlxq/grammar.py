@@ -20,6 +20,7 @@ JSON is compact (no free whitespace), so a small model cannot spend its budget o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -199,22 +200,23 @@ def _probe(grammar: str) -> str | None:
     """The parser's error on the first bytes of some answer the grammar allows (its first allowed byte each step),
     or None. Compiling checks the grammar, not that it can be followed: one that cannot fails here as it would in
     the worker's first steps, where it would leave the answer unconstrained. Bytes, so the api needs no model."""
-    global _BYTES
-    if _BYTES is None:
-        _BYTES = LLTokenizer("byte")
-    matcher = LLMatcher(_BYTES, grammar, limits=parser_limits())
-    mask = allocate_token_bitmask(1, _BYTES.vocab_size)
+    tokenizer = _bytes()
+    matcher = LLMatcher(tokenizer, grammar, limits=parser_limits())
+    mask = allocate_token_bitmask(1, tokenizer.vocab_size)
     for _ in range(PROBE_BYTES):
         if matcher.is_error() or matcher.is_stopped() or matcher.is_accepting():
             break
         fill_next_token_bitmask(matcher, mask, 0)
-        allowed = np.flatnonzero(np.unpackbits(mask.view(np.uint8), bitorder="little")[: _BYTES.vocab_size])
+        allowed = np.flatnonzero(np.unpackbits(mask.view(np.uint8), bitorder="little")[: tokenizer.vocab_size])
         if not allowed.size or not matcher.consume_token(int(allowed[0])):
             break
     return f"no answer can follow it ({matcher.get_error().splitlines()[0]})" if matcher.is_error() else None
 
 
-_BYTES: LLTokenizer | None = None
+@functools.cache
+def _bytes() -> LLTokenizer:
+    """llguidance's byte-level tokenizer: made once, read-only after."""
+    return LLTokenizer("byte")
 
 
 def parser_limits() -> LLParserLimits:

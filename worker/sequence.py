@@ -144,7 +144,7 @@ class Sequence:
 
     def add_token(self, token: int, logprobs: mx.array, finish_reason: str | None) -> bool:
         """Take one generated token; True when the sequence is finished."""
-        if self.grammar_broken() is not None:  # it would go on as free text: ends here, failed (`complete`)
+        if self.broken_grammar() is not None:  # it would go on as free text: ends here, failed (`complete`)
             self.finish = FinishReason.STOP
             return True
         self.generated.append(token)
@@ -210,17 +210,18 @@ class Sequence:
 
     # -- the end -----------------------------------------------------------------------------
 
-    def grammar_broken(self) -> str | None:
-        """Why the grammar that holds the whole answer broke (worker.constrained.GrammarProcessor.broken), or None."""
+    def broken_grammar(self) -> GrammarBroken | None:
+        """The failure of the grammar that holds the whole answer, when it broke (worker.constrained's
+        GrammarProcessor.broken, naming its own field), or None."""
         for processor in self.processors:
             if why := getattr(processor, "broken", None):
-                return str(why)
+                return GrammarBroken(str(why), param=processor.param)
         return None
 
     def complete(self) -> None:
         """Flush what was held back, build the result and wake the consumer."""
-        if (why := self.grammar_broken()) is not None:
-            self.fail(GrammarBroken(why, param=getattr(self.processors[-1], "param", "response_format")))
+        if (broken := self.broken_grammar()) is not None:
+            self.fail(broken)
             return
         finish = self.finish or FinishReason.LENGTH
         calls: list[dict[str, Any]]

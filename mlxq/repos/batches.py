@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import case, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from mlxq.contract import CANCELLED
+from mlxq.repos import jobs
 from mlxq.repos.files import new_id
 from mlxq.repos.pages import newest_first
 from mlxq.sql import Batch, BatchLine, Job, rowcount
@@ -101,13 +101,7 @@ def line_counts(*, session: Session, batch_id: str) -> dict[str, int]:
 
 def cancel_jobs(*, session: Session, batch_id: str) -> int:
     """Cancel the batch's own jobs still queued or running (not jobs it shares with other clients)."""
-    return rowcount(
-        session.execute(
-            update(Job)
-            .where(Job.batch_id == batch_id, Job.status.in_(JOB_ACTIVE))
-            .values(status=JobStatus.CANCELLED, error=dict(CANCELLED), finished_at=time.time())
-        )
-    )
+    return jobs.cancel_active(session=session, where=[Job.batch_id == batch_id])
 
 
 def results(*, session: Session, batch_id: str) -> list[tuple[BatchLine, Job | None]]:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Text, case, cast, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, Text, case, cast, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from mlxq.contract import CANCELLED, Priority, job_error
@@ -91,12 +91,7 @@ def cancel_orphans(*, session: Session) -> int:
     """Cancel the active jobs only clients of an api that is gone waited for (killed: it could tell no one), so they
     never run again after a restart for nobody. Only where this api is the only one (the embedded database): a
     shared database's other apis may still have clients waiting. Returns how many."""
-    done = session.execute(
-        update(Job)
-        .where(Job.attached.is_(True), Job.status.in_(JOB_ACTIVE))
-        .values(status=JobStatus.CANCELLED, error=dict(CANCELLED), finished_at=time.time())
-    )
-    return rowcount(done)
+    return cancel_active(session=session, where=[Job.attached.is_(True)])
 
 
 def list_jobs(
@@ -123,12 +118,18 @@ def leave_job(*, session: Session, job_id: str, abandon: bool) -> bool:
     session.execute(update(Job).where(Job.id == job_id).values(waiters=Job.waiters - 1))
     if not abandon:
         return False
+    return bool(cancel_active(session=session, where=[Job.id == job_id, Job.waiters <= 0]))
+
+
+def cancel_active(*, session: Session, where: list[ColumnElement[bool]]) -> int:
+    """Cancel the active (queued or running) jobs matching `where`: the one way a job is cancelled, whoever asks (a
+    client, the last waiter leaving, a batch, an api's start). Returns how many; a final job is never touched."""
     done = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.waiters <= 0, Job.status.in_(JOB_ACTIVE))
+        .where(*where, Job.status.in_(JOB_ACTIVE))
         .values(status=JobStatus.CANCELLED, error=dict(CANCELLED), finished_at=time.time())
     )
-    return bool(rowcount(done))
+    return rowcount(done)
 
 
 def start_job(*, session: Session, job_id: str, worker: str, model: str) -> Job | None:
@@ -177,12 +178,7 @@ def cancelled_among(*, session: Session, job_ids: list[str]) -> list[str]:
 
 def cancel_job(*, session: Session, job_id: str) -> bool:
     """Ask a queued or running job to stop; the worker notices within a poll interval."""
-    done = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_(JOB_ACTIVE))
-        .values(status=JobStatus.CANCELLED, error=dict(CANCELLED), finished_at=time.time())
-    )
-    return bool(rowcount(done))
+    return bool(cancel_active(session=session, where=[Job.id == job_id]))
 
 
 def finish_job(
