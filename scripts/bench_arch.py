@@ -30,11 +30,14 @@ it: about 0.94 on the hybrid and sliding-window families); the edited turn's sha
 precedes the edit; cold and later-turn TTFT <= 0.9x mlx_lm.server's. The prefix-cache budget and disk-tier targets
 are measured by scripts/bench_prefix_tiers.py and only named here.
 
+With `--size real` each family is built at SmolLM2-135M's width and about its depth (tests.families.REAL_SIZE) rather
+than the tests' tiny size, whose forward is so cheap that a later turn's TTFT measures each server's fixed path.
+
 Both servers load the same directory; on a Linux CPU mlxq's worker runs the 4-bit llama dequantized to float32 (its
 fastest CPU path), mlx_lm.server runs it quantized.
 
     .venv/bin/python scripts/bench_arch.py [--families llama,qwen3_next] [--configs mlxq,mlx_lm] [--quick]
-        [--out .data/bench_arch.png] [--workdir DIR]
+        [--size tiny|real] [--out .data/bench_arch.png] [--workdir DIR]
 
 Prints a table per family, PASS/MISS per target, and one JSON line last.
 """
@@ -436,6 +439,13 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=None, help="turns per session (5; --quick 3)")
     parser.add_argument("--system-tokens", type=int, default=None, help="system prompt length (1000; --quick 300)")
     parser.add_argument("--cold", type=int, default=None, help="cold probes per server (3; --quick 2)")
+    parser.add_argument(
+        "--size",
+        choices=("tiny", "real"),
+        default="tiny",
+        help="the families' models: tiny (the tests') or real (SmolLM2-135M's width and about its depth: "
+        "tests.families.REAL_SIZE)",
+    )
     parser.add_argument("--workdir", default=None, help="keep models and server logs here (default: a temp dir)")
     parser.add_argument("--out", default=str(ROOT / ".data" / "bench_arch.png"), help="the plot")
     args = parser.parse_args()
@@ -472,8 +482,14 @@ def main() -> None:
                 model_dir = smollm2 if quantize else builtin_f32()
             else:
                 family, quantize = MODELS[name]
-                model_dir = build(family, tmp_path / "models" / name, smollm2, quantize=quantize)
-            row: dict[str, Any] = {"family": family, "quantized": quantize, "trimmable": family not in NOT_TRIMMABLE}
+                real = args.size == "real"
+                model_dir = build(family, tmp_path / "models" / name, smollm2, quantize=quantize, real=real)
+            row: dict[str, Any] = {
+                "family": family,
+                "size": "real" if name in REAL else args.size,
+                "quantized": quantize,
+                "trimmable": family not in NOT_TRIMMABLE,
+            }
             for config in configs:  # one server at a time
                 run = run_mlxq if config == "mlxq" else run_mlx_lm
                 row[config] = run(name, model_dir, prompts, args, tmp_path)

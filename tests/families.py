@@ -174,6 +174,75 @@ FAMILIES: dict[str, dict[str, Any]] = {
     },
 }
 
+# Each family at the built-in SmolLM2-135M's width and about its depth (hidden 576, 9 heads of 64, 3 KV heads, MLPs
+# of 1,536): the size of the smallest model a user runs, where a forward costs what the model's compute does and not
+# each server's fixed path. scripts/bench_arch.py --size real measures them; the tests keep the tiny ones.
+REAL_WIDTH: dict[str, Any] = {
+    "hidden_size": 576,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "intermediate_size": 1536,
+}
+REAL_SIZE: dict[str, dict[str, Any]] = {
+    "llama": {"num_hidden_layers": 30},
+    "qwen3_next": {
+        "num_hidden_layers": 24,  # 18 GatedDeltaNet layers, 6 of full attention
+        "head_dim": 64,
+        "linear_num_value_heads": 8,
+        "linear_num_key_heads": 4,
+        "linear_key_head_dim": 64,
+        "linear_value_head_dim": 64,
+        "num_experts": 8,
+        "shared_expert_intermediate_size": 768,
+        "moe_intermediate_size": 384,
+    },
+    "granitemoehybrid": {
+        "layer_types": ["mamba", "attention", "mamba"] * 8,
+        "num_hidden_layers": 24,
+        "num_local_experts": 8,
+        "intermediate_size": 384,  # each expert's
+        "shared_intermediate_size": 768,
+        "mamba_n_heads": 18,
+        "mamba_d_head": 64,
+        "mamba_d_state": 64,
+    },
+    "gemma3_text": {
+        "num_hidden_layers": 30,
+        "head_dim": 64,
+        "query_pre_attn_scalar": 64,
+        "sliding_window": 512,
+        "sliding_window_pattern": 6,  # five sliding layers to one global, as Gemma 3 has them
+    },
+    "qwen3_moe": {"num_hidden_layers": 24, "head_dim": 64, "num_experts": 8, "moe_intermediate_size": 384},
+    "deepseek_v3": {
+        "num_hidden_layers": 24,
+        "moe_intermediate_size": 384,
+        "n_routed_experts": 8,
+        "kv_lora_rank": 256,
+        "q_lora_rank": 384,
+        "qk_rope_head_dim": 32,
+        "qk_nope_head_dim": 64,
+        "v_head_dim": 64,
+    },
+    "nemotron_h": {
+        "hybrid_override_pattern": ["M", "-", "M", "*", "M", "-"] * 5,  # 15 Mamba2 layers, 5 attention, 10 MLPs
+        "head_dim": 64,
+        "mamba_num_heads": 18,
+        "mamba_head_dim": 64,
+        "ssm_state_size": 64,
+    },
+    "falcon_h1": {
+        "num_hidden_layers": 24,
+        "head_dim": 64,
+        "mamba_d_head": 64,
+        "mamba_d_ssm": 576,
+        "mamba_d_state": 64,
+        "mamba_n_heads": 9,
+        "mamba_chunk_size": 128,
+    },
+}
+
+
 # The models the tests run, by test id: (family, 4-bit quantized).
 MODELS: dict[str, tuple[str, bool]] = {
     "llama": ("llama", False),
@@ -188,9 +257,12 @@ MODELS: dict[str, tuple[str, bool]] = {
 }
 
 
-def build(family: str, dest: Path, tokenizer_from: Path, *, quantize: bool = False, seed: int = 0) -> Path:
-    """Write the tiny model of `family` (a key of FAMILIES) to `dest` as an mlx-lm model directory, 4-bit quantized
-    (group size 32, as `mlx_lm.convert -q` would) when asked, with the tokenizer files of `tokenizer_from`."""
+def build(
+    family: str, dest: Path, tokenizer_from: Path, *, quantize: bool = False, seed: int = 0, real: bool = False
+) -> Path:
+    """Write the tiny model of `family` (a key of FAMILIES), or with `real` the one of SmolLM2-135M's size
+    (REAL_SIZE), to `dest` as an mlx-lm model directory, 4-bit quantized (group size 32, as `mlx_lm.convert -q`
+    would) when asked, with the tokenizer files of `tokenizer_from`."""
     from worker.blas import preload_openblas
 
     preload_openblas()
@@ -199,6 +271,8 @@ def build(family: str, dest: Path, tokenizer_from: Path, *, quantize: bool = Fal
     from mlx.utils import tree_flatten, tree_map_with_path
 
     config = dict(FAMILIES[family], eos_token_id=2, bos_token_id=1)
+    if real:
+        config.update(REAL_WIDTH, **REAL_SIZE[family])
     module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
     mx.random.seed(seed)
     model = module.Model(module.ModelArgs.from_dict(config))

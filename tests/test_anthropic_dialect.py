@@ -648,3 +648,63 @@ def test_what_anthropic_refuses_is_refused_a_system_turn_and_an_empty_turn():
     assert error["type"] == "empty_content" and error["loc"][:3] == ("messages", 0, "user")
     prefill = anthropic(messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "The"}])
     assert MessagesRequest.model_validate(prefill).messages[1].role == "assistant"
+
+
+USER_HI = {"role": "user", "content": "Hi"}
+
+
+@pytest.mark.parametrize(
+    ("fields", "kind", "loc"),
+    [
+        ({"messages": [{"role": "user", "content": ""}]}, "empty_content", ("messages", 0, "user", "content")),
+        (
+            {"messages": [USER_HI, {"role": "assistant", "content": ""}, USER_HI]},
+            "empty_content",
+            (),  # the request's own check: only the last turn's position tells the prefill apart
+        ),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": ""}]}]}, "empty_text", ("messages", 0)),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": " \n"}]}]}, "blank_text", ("messages", 0)),
+        ({"system": [{"type": "text", "text": ""}]}, "empty_text", ("system",)),
+        ({"thinking": {"type": "enabled", "budget_tokens": 1023}}, "greater_than_equal", ("thinking",)),
+        ({"thinking": {"type": "enabled"}}, "missing", ("thinking",)),
+        ({"thinking": {"type": "sometimes"}}, "union_tag_invalid", ("thinking",)),
+    ],
+    ids=[
+        "empty-user",
+        "empty-assistant-mid",
+        "empty-block",
+        "blank-block",
+        "empty-system-block",
+        "budget",
+        "no-budget",
+        "thinking-type",
+    ],
+)
+def test_what_anthropic_refuses_in_text_and_thinking_is_refused(fields: dict[str, Any], kind: str, loc: tuple):
+    (error,) = refusal(anthropic(**fields))
+    assert error["type"] == kind and tuple(error["loc"][: len(loc)]) == loc, error
+    if kind == "empty_content" and not loc:
+        assert error["msg"].startswith("messages.1: all messages must have non-empty content")
+
+
+def test_what_anthropic_takes_in_text_and_thinking_is_taken():
+    """A final assistant turn may be empty (a prefill of nothing), a tool result may be empty, the system prompt may
+    be an empty string; thinking is checked, not used, under each of its types (the budget may pass max_tokens, as
+    Anthropic allows under interleaved thinking)."""
+    for fields in (
+        {"messages": [USER_HI, {"role": "assistant", "content": ""}]},
+        {"system": ""},
+        {
+            "messages": [
+                USER_HI,
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": ""}]},
+            ]
+        },
+        {"thinking": {"type": "enabled", "budget_tokens": 1024}},
+        {"thinking": {"type": "enabled", "budget_tokens": 31999}},
+        {"thinking": {"type": "disabled"}},
+        {"thinking": {"type": "adaptive"}},
+    ):
+        MessagesRequest.model_validate(anthropic(**fields))
+        CountTokensRequest.model_validate({k: v for k, v in anthropic(**fields).items() if k != "max_tokens"})

@@ -32,7 +32,7 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer  # noqa: E402
 from mlxq.delivery import WorkerView, choose  # noqa: E402
 from mlxq.keys import prefix_hashes  # noqa: E402
 from mlxq.states import RouteReason  # noqa: E402
-from worker.boundaries import chat_marks, completion_marks, spaced  # noqa: E402
+from worker.boundaries import chat_marks, completion_marks, spaced, stops  # noqa: E402
 from worker.engine import BatchLimits, Engine, wait  # noqa: E402
 from worker.prefix_cache import MANIFEST, materialize  # noqa: E402
 from worker.prefix_index import PrefixIndex  # noqa: E402
@@ -166,6 +166,17 @@ def test_only_the_system_boundary_the_last_few_and_the_end_spaced_apart(tokenize
     assert ("system", None) in shifted.values() and shifted[end] == ("user", 5)
     assert completion_marks([5, 6, 7]) == {2: ("user", 1)} and completion_marks([5]) == {}
     assert spaced({3: ("user", 1), 10: ("user", 2), 12: ("user", 3)}, 12, 4) == {3: ("user", 1), 12: ("user", 3)}
+
+
+def test_a_prefill_stops_only_where_a_stop_closes_what_a_forward_is_worth():
+    """A stop ends a chunk: one that closes fewer than `least` tokens since the prefill's start or the last stop (a later
+    turn's cache hit two tokens before its last answer's boundary) is passed by; the system boundary never is."""
+    marks = {40: ("system", None), 90: ("user", 2), 92: ("user", 3), 130: ("user", 4)}
+    assert stops(marks, 0, 16) == (40, 90, 130)
+    assert stops(marks, 88, 16) == (130,), "90 closes 2 tokens after the hit; 92 only 4"
+    assert stops(marks, 88, 64) == (), "42 tokens are worth less than a forward (the batcher keeps the end anyway)"
+    assert stops(marks, 30, 64) == (40, 130), "the system boundary, however close"
+    assert stops(marks, 130, 16) == ()
 
 
 def test_a_template_that_renders_earlier_turns_otherwise_leaves_those_boundaries_out(tokenizer: Any):

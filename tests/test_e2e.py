@@ -195,6 +195,11 @@ def test_model_that_cannot_load_gives_errors_never_fake_text(tmp_path: Path, ser
     health = svc.wait_health(lambda h: h["worker"]["error"] is not None)
     assert health["model_loaded"] is False and health["status"] == "degraded"
     assert "no-such-model" in health["worker"]["error"]
+    # A balancer reading only the code stops sending here; the body says why, to a person.
+    r = httpx.get(f"{svc.base}/health", timeout=5)
+    assert r.status_code == 503 and r.json()["status"] == "degraded"
+    root = httpx.head(f"{svc.base}/", timeout=5)  # Claude Code's reachability check
+    assert root.status_code == 200
     with pytest.raises(openai.APIStatusError) as exc:
         client(svc).chat.completions.create(model=MODEL_NAME, messages=QUESTION, temperature=0)
     assert exc.value.status_code == 503 and "model not loaded" in exc.value.message

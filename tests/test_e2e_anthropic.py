@@ -8,6 +8,7 @@ import anthropic
 import httpx
 import openai
 import pytest
+from anthropic.lib.tools import beta_tool
 
 from mlxq.procs import Service
 from tests.conftest import MODEL_NAME, service_env
@@ -153,6 +154,39 @@ def test_a_system_turn_is_taken_under_claude_codes_beta_and_refused_without(svc:
     assert same.headers["x-cache"] == "HIT" and same.parse().content == answer.content
     counted = claude(svc).messages.count_tokens(model=MODEL_NAME, messages=turns, extra_headers=beta)
     assert counted.input_tokens == claude(svc).messages.count_tokens(model=MODEL_NAME, messages=reminder).input_tokens
+
+
+def test_a_threaded_request_is_refused_as_the_sdk_reads_it_and_its_tool_runner_goes_on_unthreaded(svc: Service):
+    """`thread` (server-held conversation state) is not kept here. Ignored, a `continue` was answered without the
+    conversation before it; refused with the error code the SDK reads, its tool runner (threaded by default) sends the
+    whole conversation instead, and the loop completes."""
+    body = ask("What is my name?", thread={"type": "continue", "previous_message_id": "msg_unknown"})
+    r = httpx.post(f"{svc.base}/v1/messages", json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["details"]["error_code"] == "thread_unsupported_request", r.text
+
+    calls: list[str] = []
+
+    @beta_tool
+    def get_weather(city: str) -> str:
+        """The weather in a city.
+
+        Args:
+            city: the city's name
+        """
+        calls.append(city)
+        return "Sunny, 21 C"
+
+    runner = claude(svc).beta.messages.tool_runner(
+        model=MODEL_NAME,
+        max_tokens=40,
+        tools=[get_weather],
+        tool_choice={"type": "tool", "name": "get_weather"},
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        max_iterations=2,
+    )
+    replies = list(runner)
+    assert calls and len(replies) == 2, (calls, replies)
+    assert all(reply.content for reply in replies)
 
 
 def test_errors_are_anthropic_shaped_and_raised_as_the_right_classes(svc: Service):

@@ -456,6 +456,8 @@ def test_with_no_worker_alive_a_request_is_a_503_not_a_hang(tmp_path: Path, tiny
     assert messages.value.status_code == 503 and messages.value.body["error"]["type"] == "overloaded_error"
     assert time.monotonic() - started < 10
     assert jobs() == before, "nothing is enqueued for a request refused"
+    refusing = httpx.get(f"{svc.base}/health", timeout=10)  # a balancer reading the code stops sending here
+    assert refusing.status_code == 503 and refusing.json()["status"] == "degraded", refusing.text
     hit = client.chat.completions.with_raw_response.create(**small, messages=[{"role": "user", "content": "kept"}])
     assert (
         hit.headers["x-cache"] == "HIT" and hit.parse().choices[0].message.content == cached.choices[0].message.content
@@ -465,6 +467,7 @@ def test_with_no_worker_alive_a_request_is_a_503_not_a_hang(tmp_path: Path, tiny
 
     svc.add_worker("back")
     svc.wait_health(lambda h: h["model_loaded"])
+    assert httpx.get(f"{svc.base}/health", timeout=10).status_code == 200
     deadline = time.time() + 60
     while httpx.get(f"{svc.base}/v1/jobs/{job['id']}").json()["status"] != "succeeded":
         assert time.time() < deadline, httpx.get(f"{svc.base}/v1/jobs/{job['id']}").json()

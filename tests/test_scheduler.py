@@ -699,9 +699,23 @@ def test_a_prompts_chunk_grows_where_a_forwards_fixed_cost_would_make_it_mostly_
     assert [p.done for p in step.prefilled if p.uid == long] == [8 * 64]
     gen.budget = lambda decoding, depth=0, alone=False: 100  # type: ignore[method-assign]
     gen.cost = copy.deepcopy(gpu_costs)  # whatever the real forward of the step before took
+    # With nobody decoding, the 388 tokens the budget leaves cost less than the forward they would take alone (the
+    # fixed cost is worth 1,538 tokens here): they go in this chunk.
+    assert gen.least_stop(8 * 64 + 100) > 1000
     step = gen.step()
-    assert [p.done for p in step.prefilled if p.uid == long] == [8 * 64 + 100], "the budget bounds it as any chunk"
+    assert [p.done for p in step.prefilled if p.uid == long][0] == 1000 - gen._tail
     gen.remove(long)
+
+    # The budget bounds a chunk as any other where what it leaves is worth a forward (CPU costs: 15 tokens).
+    gen.budget = lambda decoding, depth=0, alone=False: 40  # type: ignore[method-assign]
+    for rest, done in ((50, 90 - gen._tail), (70, 80)):
+        uid = gen.admit(admission(40 + rest, 2))  # a first chunk of 40, then `rest` (tokens past the start)
+        for expected in (40, done):
+            gen.cost = copy.deepcopy(cpu)
+            assert gen.least_stop(40) == 16  # MIN_GAP: 60 / 4 = 15 tokens
+            step = gen.step()
+            assert [p.done for p in step.prefilled if p.uid == uid][0] == expected, (rest, expected)
+        gen.remove(uid)
 
 
 def test_a_step_far_past_its_expected_cost_is_logged_with_what_it_held(model: Any, caplog: pytest.LogCaptureFixture):
@@ -763,6 +777,9 @@ def test_a_long_prompts_tail_goes_whole_within_the_steps_budget_not_beside_its_l
     gen = ChunkedPrefill(config, mx.default_stream(mx.default_device()))
     gen.budget = lambda decoding, depth=0, alone=False: MIN_BUDGET  # type: ignore[method-assign]
     gen.group_budget = lambda watched: 4 * MIN_BUDGET  # type: ignore[method-assign]
+    # With nobody decoding, a tail cheaper than a forward would join the chunk before it (tested above): the bound
+    # tested here is the budget's, which holds beside decoding streams.
+    gen.least_stop = lambda depth: 1  # type: ignore[method-assign]
     total = PrefillCost.START + 3 * MIN_BUDGET + MIN_BUDGET // 2  # its tail is shorter than a chunk
     long = gen.admit(admission(total, 7))
     per_step = []

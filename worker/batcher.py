@@ -51,6 +51,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from mlxq import events
 from mlxq.states import FinishReason
+from worker.boundaries import MIN_GAP, stops
 from worker.generator import (
     DEFAULT_STEP_MS,
     Admission,
@@ -409,8 +410,8 @@ class Batcher:
                 history=history,
                 sampler=seq.sampler,
                 processors=seq.processors,
-                # Those it has not reached yet (a resumed sequence may be past some).
-                checkpoints=tuple(sorted(p for p in seq.checkpoints if p > len(history))) if prefix is not None else (),
+                # Those it has not reached yet (a resumed sequence may be past some), worth a forward each.
+                checkpoints=self._stops(seq, len(history)) if prefix is not None else (),
                 prediction=tuple(seq.prediction),
                 priority=seq.priority,
                 owner=seq.owner,
@@ -421,6 +422,16 @@ class Batcher:
         seq.admitted_at = time.monotonic()
         seq.prefilling = len(rest)
         self._active[seq.uid] = seq
+
+    def _stops(self, seq: Sequence, start: int) -> tuple[int, ...]:
+        """The checkpoints `seq`'s prefill from `start` stops at (worker.boundaries.stops), each closing at least what
+        the generator says a forward's fixed cost is worth in tokens there (`least_stop`; MIN_GAP where it has no
+        measure), and the end of the prompt less its last token: the next turn starts there, and where the decode batch
+        feeds the last token itself (every model that checkpoints, today) the prefill ends there anyway."""
+        least = getattr(self._gen, "least_stop", None)
+        kept = stops(seq.checkpoints, start, least(start) if least is not None else MIN_GAP)
+        end = len(seq.prompt) - 1
+        return (*kept, end) if end > start and end in seq.checkpoints and end not in kept else kept
 
     def _preempt_low(self, seq: Sequence) -> bool:
         """Make room for an interactive sequence: park a low-priority one with its KV cache, the one parked

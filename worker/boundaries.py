@@ -57,6 +57,26 @@ CHECKPOINT_MESSAGES = 3
 MIN_GAP = 16
 
 
+def stops(marks: Marks, start: int, least: int) -> tuple[int, ...]:
+    """The checkpoints of `marks` a prefill from `start` (the tokens its cache already holds) stops at. A stop ends a
+    chunk, so the tokens after it cost another forward's fixed cost: a boundary that closes fewer than `least` tokens
+    since the last stop (or `start`) is passed by: prefilling those few again later (a client that edits that message)
+    costs no more than the forward it saves now. The system boundary is always kept: every session of the agent starts
+    with it. (The batcher keeps the end of the prompt as well: `Batcher._stops`.)
+
+    Measured (issue 24, `scripts/bench_arch.py --size real`, this CPU): an agent's later turn hits the cache at its
+    last answer's end, two tokens before that message's boundary; a stop there cost a whole forward for two tokens, and
+    with the end-of-prompt stop a later turn took three forwards where mlx_lm.server takes one (Gemma 3's later-turn TTFT
+    2.4x mlx_lm.server's)."""
+    kept: list[int] = []
+    last = start
+    for position in sorted(p for p in marks if p > start):
+        if marks[position][0] == "system" or position - last >= least:
+            kept.append(position)
+            last = position
+    return tuple(kept)
+
+
 def completion_marks(prompt: list[int]) -> Marks:
     """A completion's prompt is one piece: only the end-of-prompt checkpoint (its one hash)."""
     return {len(prompt) - 1: ("user", 1)} if len(prompt) > 1 else {}

@@ -42,6 +42,7 @@ import mlx.nn as nn
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache
 
+from worker.boundaries import MIN_GAP
 from worker.sequence import Sampler
 
 log = logging.getLogger(__name__)
@@ -582,7 +583,24 @@ class ChunkedPrefill:
         by_fit = _tokens_within(bound, a, b, c, depth, size)
         most = min(self.cap, bound / per_token, by_fit if by_fit > 0 else math.inf)
         efficient = min(EFFICIENT_CHUNK * a / (b + c * depth), bound / per_token)
-        return int(max(min(max(fits, efficient), most), MIN_BUDGET))
+        # With nobody decoding, no stream pauses for the step, and a newcomer waits for the chunk under way only: a
+        # chunk is never below the efficient size, then, however long a forward's fixed cost makes it. The bounds
+        # above, sized by the average cost per token of chunks kept small by them, held a model whose forward alone
+        # took most of the step to MIN_BUDGET chunks: a 135M Gemma 3 on this CPU (a forward 0.2 s) prefilled 743
+        # tokens in 46 chunks, and a later turn's 26 new tokens in two (scripts/bench_arch.py --size real). It grows
+        # at most twice the last step's budget a step: a fit that noise bent cannot make one step of thousands.
+        alone_floor = 0.0 if decoding else min(EFFICIENT_CHUNK * a / (b + c * depth), 2 * self.last_budget, self.cap)
+        return int(max(min(max(fits, efficient), most), alone_floor, MIN_BUDGET))
+
+    def least_stop(self, depth: int) -> int:
+        """The fewest prompt tokens a prefix-cache checkpoint should close (worker.boundaries.stops): its stop ends a
+        chunk, so the tokens after it cost a forward's fixed cost more, worth this many tokens `depth` tokens into a
+        context by the measured costs (at least MIN_GAP; MIN_GAP before any chunk was timed)."""
+        fit = self.cost.fit_depth()
+        if fit is None:
+            return MIN_GAP
+        a, b, c = fit
+        return max(MIN_GAP, round(a / (b + c * depth)))
 
     def step_s(self, decode: float, alone: bool = False) -> float:
         """This step's length: the target, or beside decoding sequences long enough that their decode forward is at
@@ -830,6 +848,12 @@ class ChunkedPrefill:
                 if p.checkpoints:
                     end = min(end, p.checkpoints[0])  # a chunk never crosses a checkpoint: the cache holds it exactly
                 n = min(end - len(p.tokens), size, budget - spent - _padded(group))
+                left = end - len(p.tokens) - n
+                if not decoding and 0 < left and n + left <= size and left < self.least_stop(len(p.tokens) + n):
+                    # What the budget leaves of its segment costs less than the forward it would take on its own (a
+                    # later turn's 26 new tokens ran as 23 and 3, two forwards of 0.2 s each on this CPU). With
+                    # nobody decoding, the step runs that much longer instead.
+                    n += left
             last = len(p.rest) - self._tail  # a chunk of this many ends its prefill, and it joins the decode batch
             joins_apart = decoding > 0 and p.chunks >= JOIN_APART and n == last
             # A step that holds newcomers back for the prompts under way (`_held_back`) takes the join beside its

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, model_validator
 from pydantic_core import PydanticCustomError
 
 from api.dialects.openai.protocol import one_of
@@ -47,6 +47,19 @@ class TextBlock(AnthropicBaseModel):
     text: str
     cache_control: dict[str, Any] | None = None
     citations: list[Any] | None = None
+
+
+def _has_text(block: TextBlock) -> TextBlock:
+    """Anthropic refuses a text block with nothing to read in a message or the system prompt (a tool result's may be
+    empty): it would render as an empty turn, and key the cache apart from the same prompt without it."""
+    if not block.text:
+        raise PydanticCustomError("empty_text", "text content blocks must be non-empty")
+    if block.text.isspace():
+        raise PydanticCustomError("blank_text", "text content blocks must contain non-whitespace text")
+    return block
+
+
+NonEmptyText = Annotated[TextBlock, AfterValidator(_has_text)]
 
 
 class ToolUseBlock(AnthropicBaseModel):
@@ -127,19 +140,19 @@ USER_BLOCKS = ("text", "tool_result")
 ASSISTANT_BLOCKS = ("text", "tool_use", "thinking", "redacted_thinking")
 
 UserBlock = Annotated[
-    Annotated[TextBlock, Tag("text")] | Annotated[ToolResultBlock, Tag("tool_result")],
+    Annotated[NonEmptyText, Tag("text")] | Annotated[ToolResultBlock, Tag("tool_result")],
     _by_type(USER_BLOCKS),
     _only(USER_BLOCKS, "a user message"),
 ]
 AssistantBlock = Annotated[
-    Annotated[TextBlock, Tag("text")]
+    Annotated[NonEmptyText, Tag("text")]
     | Annotated[ToolUseBlock, Tag("tool_use")]
     | Annotated[ThinkingBlock, Tag("thinking")]
     | Annotated[RedactedThinkingBlock, Tag("redacted_thinking")],
     _by_type(ASSISTANT_BLOCKS),
     _only(ASSISTANT_BLOCKS, "an assistant message"),
 ]
-SystemBlock = Annotated[TextBlock, _only(("text",), "the system prompt")]
+SystemBlock = Annotated[NonEmptyText, _only(("text",), "the system prompt")]
 
 UserContent = Annotated[
     Annotated[str, Tag("string")] | Annotated[list[UserBlock], Tag("array")],
@@ -158,14 +171,19 @@ SystemContent = Annotated[
 # -- messages ----------------------------------------------------------------------------------
 
 
+EMPTY_CONTENT = "all messages must have non-empty content except for the optional final assistant message"
+
+
 def _not_empty(content: Any) -> Any:
-    """Anthropic refuses a turn with an empty list of blocks (only a final assistant turn may be empty, as a
-    string: the prefill of the answer)."""
-    if isinstance(content, list) and not content:
-        raise PydanticCustomError(
-            "empty_content", "all messages must have non-empty content except for the optional final assistant message"
-        )
+    """Anthropic refuses a turn with an empty list of blocks or an empty string, but for a final assistant turn's
+    string, the prefill of the answer (`_assistant_not_empty`, `CountTokensRequest._empty_turns`)."""
+    if content == "" or (isinstance(content, list) and not content):
+        raise PydanticCustomError("empty_content", EMPTY_CONTENT)
     return content
+
+
+def _assistant_not_empty(content: Any) -> Any:
+    return content if content == "" else _not_empty(content)
 
 
 class UserMessage(AnthropicBaseModel):
@@ -175,7 +193,7 @@ class UserMessage(AnthropicBaseModel):
 
 class AssistantMessage(AnthropicBaseModel):
     role: Literal["assistant"]
-    content: Annotated[AssistantContent, BeforeValidator(_not_empty)]
+    content: Annotated[AssistantContent, BeforeValidator(_assistant_not_empty)]
 
 
 class SystemMessage(AnthropicBaseModel):
@@ -278,6 +296,20 @@ class OutputConfig(AnthropicBaseModel):
 # -- requests ----------------------------------------------------------------------------------
 
 
+class ThinkingEnabled(AnthropicBaseModel):
+    type: Literal["enabled"]
+    # Anthropic's floor; its `budget_tokens < max_tokens` is not checked: under the interleaved-thinking beta (Claude
+    # Code's) the budget may exceed max_tokens, and it bounds nothing here.
+    budget_tokens: int = Field(ge=1024, strict=True)
+
+
+class ThinkingOther(AnthropicBaseModel):
+    type: Literal["disabled", "adaptive"]
+
+
+Thinking = Annotated[ThinkingEnabled | ThinkingOther, Field(discriminator="type")]
+
+
 class CountTokensRequest(AnthropicBaseModel):
     """`POST /v1/messages/count_tokens`: the conversation, without what shapes the answer."""
 
@@ -286,8 +318,16 @@ class CountTokensRequest(AnthropicBaseModel):
     system: SystemContent | None = None
     tools: list[CustomTool] | None = None
     tool_choice: ToolChoice | None = None
-    # Extended thinking: accepted and ignored (the served model thinks, or not, by its own template).
-    thinking: dict[str, Any] | None = None
+    # Extended thinking: checked as Anthropic checks it, then ignored (the served model thinks, or not, by its own
+    # template).
+    thinking: Thinking | None = None
+
+    @model_validator(mode="after")
+    def _empty_turns(self) -> CountTokensRequest:
+        for i, turn in enumerate(self.messages[:-1]):
+            if turn.content == "":  # an assistant turn's (`_assistant_not_empty`), but the last is a prefill
+                raise PydanticCustomError("empty_content", "messages.{i}: " + EMPTY_CONTENT, {"i": i})
+        return self
 
 
 class MessagesRequest(CountTokensRequest, SamplingExtras):
@@ -396,6 +436,23 @@ def check_system_turns(body: CountTokensRequest, beta: str | None) -> None:
     for i, message in enumerate(body.messages):
         if isinstance(message, SystemMessage):
             raise APIError(400, f"messages.{i}: " + UNEXPECTED_ROLE.format(role="system"), param=f"messages.{i}")
+
+
+def thread_refusal(body: MessagesRequest) -> dict[str, Any] | None:
+    """The 400 for a request with `thread` (server-held conversation state, the SDK's threads and its tool runner's
+    default), or None. Unread, its `continue` was answered without the conversation before it. The error code is the
+    one the SDK reads (`thread_unsupported_request`): its tool runner then sends the whole conversation, unthreaded."""
+    if (body.model_extra or {}).get("thread") is None:
+        return None
+    return {
+        "type": "error",
+        "error": {
+            "type": "invalid_request_error",
+            "message": "thread: server-held conversation state is not supported here; send the whole conversation "
+            "without `thread`",
+            "details": {"error_code": "thread_unsupported_request"},
+        },
+    }
 
 
 def _reminder(content: str | list[TextBlock]) -> dict[str, Any]:

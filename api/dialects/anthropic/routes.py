@@ -8,11 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Header, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from api.auth import AUTHENTICATED, Owner
 from api.dialects.anthropic import adapter
-from api.dialects.anthropic.protocol import CountTokensRequest, MessagesRequest, check_system_turns
+from api.dialects.anthropic.protocol import CountTokensRequest, MessagesRequest, check_system_turns, thread_refusal
 from api.dialects.anthropic.render import MessageStreamWriter, message
 from api.pipeline.prepare import prepare, prepare_specs
 from api.pipeline.relay import relay
@@ -32,6 +32,8 @@ async def messages(
     anthropic_beta: str | None = Header(None),
 ) -> Response:
     check_system_turns(body, anthropic_beta)
+    if (refusal := thread_refusal(body)) is not None:
+        return JSONResponse(refusal, status_code=400)
     _, specs = await prepare_specs(services, adapter.incoming(body), owner=owner, cache_control=cache_control)
     model = specs[0].model
     writer = MessageStreamWriter(model=model)
