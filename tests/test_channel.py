@@ -190,3 +190,23 @@ def test_a_job_restarted_twice_is_relayed_once_or_its_client_told_to_retry(
     else:
         with pytest.raises(APIError, match="retry"):
             asyncio.run(relayed())
+
+
+def test_a_worker_back_within_the_read_cache_is_not_refused(db_url: str):
+    """api.pipeline.model_info: a read taken while no worker was alive (a request refused, /health polled while the
+    successor loaded) must not refuse the requests that follow for its cache's life once a worker beats again. CI
+    caught a request refused 503 right after /health said the worker was back."""
+    from api.pipeline.model_info import ModelInfo
+    from mlxq.repos import workers
+
+    sessions = make_sessionmaker(make_engine(db_url))
+    model_info = ModelInfo(sessions, within_s=10.0, wait_s=10.0, ttl_s=60.0)
+    model_info._patience_until = 0.0  # past the start's patience: as long after a fresh start
+
+    async def lost() -> bool:
+        return await model_info.lost("m")
+
+    assert asyncio.run(lost()), "no worker: lost"
+    with sessions.begin() as session:
+        workers.heartbeat(session=session, name="w", model="m", model_loaded=True, error=None, started_at=time.time())
+    assert not asyncio.run(lost()), "a worker beats again: served at once, not after the read's 60 s"

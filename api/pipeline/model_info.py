@@ -75,8 +75,13 @@ class ModelInfo:
 
     async def lost(self, model: str) -> bool:
         """No worker of `model` has beaten for longer than a request waits for one, and none can be loading for the
-        first time: a request that needs inference would wait for nothing (a 503, not a hang)."""
-        return time.monotonic() > self._patience_until and model not in await self._blocks()
+        first time: a request that needs inference would wait for nothing (a 503, not a hang). A refusal reads the
+        workers again past the cache: a read taken while the successor loaded (a request refused, /health polled) kept
+        refusing for its TTL after the worker was back."""
+        if time.monotonic() <= self._patience_until or model in await self._blocks():
+            return False
+        self._read_at = float("-inf")
+        return model not in await self._blocks()
 
     def read(self) -> dict[str, dict[str, Any] | None]:
         """Each recent worker's model and its newest block (a live worker's first: the vocabulary and context a
