@@ -582,14 +582,15 @@ class ChunkedPrefill:
         # Without that bound, a stream beside a 2,645-token prompt paused 14.8 s for one chunk (the built-in model).
         by_fit = _tokens_within(bound, a, b, c, depth, size)
         most = min(self.cap, bound / per_token, by_fit if by_fit > 0 else math.inf)
-        efficient = min(EFFICIENT_CHUNK * a / (b + c * depth), bound / per_token)
+        efficient_size = EFFICIENT_CHUNK * a / (b + c * depth)
+        efficient = min(efficient_size, bound / per_token)
         # With nobody decoding, no stream pauses for the step, and a newcomer waits for the chunk under way only: a
         # chunk is never below the efficient size, then, however long a forward's fixed cost makes it. The bounds
         # above, sized by the average cost per token of chunks kept small by them, held a model whose forward alone
         # took most of the step to MIN_BUDGET chunks: a 135M Gemma 3 on this CPU (a forward 0.2 s) prefilled 743
         # tokens in 46 chunks, and a later turn's 26 new tokens in two (scripts/bench_arch.py --size real). It grows
         # at most twice the last step's budget a step: a fit that noise bent cannot make one step of thousands.
-        alone_floor = 0.0 if decoding else min(EFFICIENT_CHUNK * a / (b + c * depth), 2 * self.last_budget, self.cap)
+        alone_floor = 0.0 if decoding else min(efficient_size, 2 * self.last_budget, self.cap)
         return int(max(min(max(fits, efficient), most), alone_floor, MIN_BUDGET))
 
     def least_stop(self, depth: int) -> int:
