@@ -152,6 +152,33 @@ def test_save_load_round_trip(tiny_model: Path, tiny: Engine, tmp_path: Path):
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == mtimes
 
 
+def test_a_save_writes_one_file_at_a_time_and_gives_way_to_a_request(tiny: Engine, tmp_path: Path):
+    """A save holds the engine for one entry's file at a time: a request served between two files, and a save put
+    off for a request keeps what it wrote (the next save writes only the rest)."""
+    for word in ("alpha", "beta", "gamma"):
+        tiny.generate("chat", turn([], f"{word} " * 20))
+
+    asked: list[int] = []
+    assert tiny.save_prefix_cache(tmp_path, 1 << 30, put_off=lambda: asked.append(1) or True) is None
+    files = [p for p in tmp_path.iterdir() if p.suffix == ".safetensors"]
+    assert len(asked) == 1 and len(files) == 1 and not (tmp_path / MANIFEST).exists()
+    written = files[0].stat().st_mtime_ns
+
+    def serve_one() -> bool:
+        # Called on this thread between two files: the engine thread is free to answer.
+        if not asked:
+            asked.append(1)
+            assert tiny.generate("chat", turn([], "delta " * 20))["usage"]["completion_tokens"] > 0
+        return False
+
+    asked.clear()
+    assert tiny.save_prefix_cache(tmp_path, 1 << 30, put_off=serve_one) == 4  # the request's entry listed too
+    assert files[0].stat().st_mtime_ns == written
+    assert {e["file"] for e in manifest(tmp_path)["entries"]} == {
+        p.name for p in tmp_path.iterdir() if p.suffix == ".safetensors"
+    }
+
+
 def test_a_save_that_dies_midway_leaves_the_previous_one_loadable(
     tiny_model: Path, tiny: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):

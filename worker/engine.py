@@ -198,10 +198,20 @@ class Engine:
         )
         return self.prefix
 
-    def save_prefix_cache(self, directory: Path, max_bytes: int) -> int:
-        """Persist the prefix cache from the engine thread: its arrays live on that thread's stream."""
+    def save_prefix_cache(
+        self, directory: Path, max_bytes: int, *, put_off: Callable[[], bool] | None = None
+    ) -> int | None:
+        """Persist the prefix cache from the engine thread (its arrays live on that thread's stream), one entry's file
+        per call, so that the engine steps between them; how many entries the manifest lists. `put_off`, asked between
+        files: True stops the save there (a request is waiting), None returned; the files written are kept, and the
+        next save skips them."""
         prefix = self.prefix
-        return self.batcher.call(lambda: prefix.save(directory, max_bytes)) if prefix is not None else 0
+        if prefix is None:
+            return 0
+        while self.batcher.call(lambda: prefix.write_next(directory, max_bytes)):
+            if put_off is not None and put_off():
+                return None
+        return int(self.batcher.call(lambda: prefix.save(directory, max_bytes)))
 
     @classmethod
     def load(

@@ -604,14 +604,8 @@ class PrefixCache:
         with _locked(directory):
             disk = self.disk if self.disk is not None and self.disk.directory == directory else None
             in_memory = self.partitioned_entries()
-            chosen: list[tuple[str, list[int], list[Any], str]] = []
-            total = 0
-            for partition, tokens, cache, cache_type in reversed(in_memory):
-                size = cache_bytes(cache)
-                if total + size > max_bytes:
-                    continue
-                total += size
-                chosen.append((partition, tokens, cache, cache_type))
+            chosen = self._chosen(in_memory, max_bytes)
+            total = sum(cache_bytes(cache) for _, _, cache, _ in chosen)
             kept: list[DiskEntry] = []  # the tier's entries besides memory's, most recent first
             if disk is not None:
                 held = {_entry_key(partition, tokens) for partition, tokens, _, _ in in_memory}
@@ -647,6 +641,36 @@ class PrefixCache:
                 self._listed[directory] = listed
             self._remove_unlisted(directory, {e["file"] for e in listed})
         return len(listed)
+
+    def write_next(self, directory: Path, max_bytes: int) -> bool:
+        """Write one entry file that `save(directory, max_bytes)` would list and the directory does not hold whole yet;
+        False when none is left. A save then only writes its manifest: the engine thread is held for one entry's file
+        at a time (worker.engine.Engine.save_prefix_cache), and a request that arrives meanwhile waits for that file
+        alone, not for the whole save (hundreds of MB on a hybrid model: a later agent turn waited a second behind it).
+        """
+        directory.mkdir(parents=True, exist_ok=True)
+        with _locked(directory):
+            for partition, tokens, cache, cache_type in reversed(self._chosen(self.partitioned_entries(), max_bytes)):
+                path = directory / self._file_name(tokens, cache_bits(cache), partition)
+                if path not in self._complete or self._complete[path] != _size(path):
+                    self._write(directory, tokens, cache, cache_type, partition)
+                    return True
+        return False
+
+    @staticmethod
+    def _chosen(
+        in_memory: list[tuple[str, list[int], list[Any], str]], max_bytes: int
+    ) -> list[tuple[str, list[int], list[Any], str]]:
+        """The entries in memory a save lists: most recent first, within `max_bytes`."""
+        chosen = []
+        total = 0
+        for partition, tokens, cache, cache_type in reversed(in_memory):
+            size = cache_bytes(cache)
+            if total + size > max_bytes:
+                continue
+            total += size
+            chosen.append((partition, tokens, cache, cache_type))
+        return chosen
 
     def load(self, directory: Path) -> int:
         """Insert the saved entries that match this model and format; skip anything else with a log line. With the

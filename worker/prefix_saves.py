@@ -62,7 +62,8 @@ class PrefixSaves:
         prefix_cache_save_s, and at shutdown (`force`).
 
         The save runs on the engine thread (the trie is its alone), so it waits for an idle engine rather
-        than stall a running batch: put off, it stays due, and the heartbeat tries it again (`save_due`).
+        than stall a running batch, and writes one entry's file at a time, giving way when a request arrives: put
+        off, it stays due, and the heartbeat tries it again (`save_due`).
         """
         self._pending = True
         self._save(force=force)
@@ -93,7 +94,12 @@ class PrefixSaves:
             if not force and self._busy():
                 return  # still due
             self._pending = False  # before the write: a job that ends during it makes it due again
-            written = engine.save_prefix_cache(self.directory, self.disk_bytes(prefix.max_bytes))
+            put_off = None if force else self._busy
+            written = engine.save_prefix_cache(self.directory, self.disk_bytes(prefix.max_bytes), put_off=put_off)
+            if written is None:  # a request came: it goes first, and the heartbeat finishes the save once idle
+                self._pending = True
+                log.info("prefix cache save put off for a request")
+                return
             self._state.prefix_index.save(self.directory)
             log.info("prefix cache saved: %d entries", written)
             self._saved_at = time.monotonic()
