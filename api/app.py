@@ -15,6 +15,7 @@ from api.limits import BodyLimit
 from api.offline import batches, files, jobs
 from api.operations import cache_admin, ops
 from api.operations.housekeeping import HouseKeeping
+from api.request_ids import RequestIds
 from api.services import Services
 from mlxq import __version__
 from mlxq.db import upgrade
@@ -61,6 +62,8 @@ def create_app(
         uploads=("/v1/files", int(settings.max_file_mb * 2**20) + 2**16, "MLXQ_MAX_FILE_MB"),
         shapes=registry.error_shapes(dialects),
     )
+    # Added last, so outermost: a refusal of the body limit carries the id too.
+    app.add_middleware(RequestIds)
     for router in (
         ops.router,
         *registry.routers(dialects),

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.operations.metrics import request_counter
 from api.pipeline.json_values import json_value_problem
+from api.request_ids import request_id_headers
 
 log = logging.getLogger(__name__)
 
@@ -236,4 +237,7 @@ def install(
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return respond(request, 500, "Internal server error.", type="server_error")
+        # Starlette answers this one outside every added middleware (api.request_ids): the id goes on here.
+        return respond(
+            request, 500, "Internal server error.", type="server_error", headers=request_id_headers(request.scope)
+        )

@@ -57,6 +57,16 @@ def test_a_text_answer_and_the_same_streamed(svc: Service):
     assert final.stop_reason == answer.stop_reason
 
 
+def test_every_answer_carries_a_request_id_the_sdk_reads(svc: Service):
+    client = claude(svc)
+    answer = client.messages.create(**ask("Hi", max_tokens=2))
+    assert answer._request_id and answer._request_id.startswith("req_")
+    with client.messages.stream(**ask("Hi", max_tokens=2, extra_headers={"Cache-Control": "no-cache"})) as stream:
+        stream.until_done()
+        streamed = stream.request_id
+    assert streamed and streamed.startswith("req_") and streamed != answer._request_id
+
+
 def test_stop_sequences_end_with_stop_sequence(svc: Service):
     answer = claude(svc).messages.create(
         **ask("Count from 1 to 10, separated by commas.", max_tokens=40, stop_sequences=["5"])

@@ -93,6 +93,19 @@ def test_stream_joins_to_the_same_text_with_usage_and_replays_from_cache(oa):
     assert replayed[-1].choices[0].finish_reason == first_chunks[-1].choices[0].finish_reason
 
 
+def test_every_answer_carries_a_request_id_the_sdk_reads(oa):
+    answer = oa.chat.completions.create(model=MODEL_NAME, messages=QUESTION, temperature=0, max_tokens=2)
+    assert answer._request_id and answer._request_id.startswith("req_")
+    stream = oa.chat.completions.create(
+        model=MODEL_NAME, messages=QUESTION, temperature=0, max_tokens=2, stream=True, extra_headers=NO_CACHE
+    )
+    streamed = stream.response.headers["x-request-id"]
+    assert [c for c in stream]
+    # One id per request, in both dialects' headers.
+    assert streamed.startswith("req_") and streamed != answer._request_id
+    assert stream.response.headers["request-id"] == streamed
+
+
 def test_forced_tool_call_reaches_the_client_and_the_follow_up_runs(oa):
     r = oa.chat.completions.create(
         model=MODEL_NAME,

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -321,6 +322,22 @@ def test_bad_input_is_a_400_naming_the_field_and_nothing_is_enqueued(api: Api, r
     assert error.code == code
     assert error.body["type"] == "invalid_request_error"
     api.assert_nothing_enqueued(before)
+
+
+def test_a_refusal_carries_a_request_id_each_sdk_reads(api: Api):
+    with pytest.raises(openai.BadRequestError) as refused:
+        send(api, *chat(seed=-1))
+    with pytest.raises(anthropic.BadRequestError) as anthropic_refused:
+        anthropic.Anthropic(base_url=api.base, api_key="unused", max_retries=0).messages.create(
+            model=MODEL_NAME, max_tokens=8, messages=[{"role": "user", "content": ""}]
+        )
+    with pytest.raises(openai.NotFoundError) as unknown:  # not a route's: the app's own 404
+        api.oa.get("/nowhere", cast_to=object)
+    ids = [refused.value.request_id, anthropic_refused.value.request_id, unknown.value.request_id]
+    assert all(i and i.startswith("req_") for i in ids) and len(set(ids)) == 3
+    # A refusal of the body limit (answered before the app) carries one too.
+    r = httpx.post(f"{api.base}/v1/chat/completions", content=b"x" * (17 * 2**20), timeout=60)
+    assert r.status_code == 413 and r.headers["x-request-id"] == r.headers["request-id"]
 
 
 RAW = [
