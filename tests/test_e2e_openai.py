@@ -149,6 +149,25 @@ def test_forced_tool_call_reaches_the_client_and_the_follow_up_runs(oa):
     assert answer.usage.prompt_tokens > r.usage.prompt_tokens
 
 
+def raw_chunks(svc, body: dict) -> list[dict]:
+    """A stream's chunks as sent (the SDK reads a null and a missing field alike)."""
+    with httpx.Client(timeout=120) as http:
+        with http.stream("POST", f"{svc.base}/v1/chat/completions", json=body, headers=NO_CACHE) as r:
+            data = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    return [json.loads(d) for d in data[:-1]]
+
+
+def test_a_streamed_forced_call_opens_with_null_content_and_a_text_answer_with_empty(svc):
+    asked = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Weather in Paris?"}], "stream": True}
+    for choice in (FORCED, "required"):
+        chunks = raw_chunks(svc, {**asked, "tools": TOOLS, "tool_choice": choice, "temperature": 0, "max_tokens": 60})
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": None}
+        assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    chunks = raw_chunks(svc, {**asked, "temperature": 0, "max_tokens": 2})
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+
+
 def test_disconnect_mid_stream_cancels_the_job_and_frees_the_worker(svc):
     body = {
         "model": MODEL_NAME,

@@ -13,6 +13,8 @@ from sse_starlette import ServerSentEvent
 from api.errors import openai_error_body
 from api.pipeline.relay import keepalive_comment
 from mlxq.events import Event
+from mlxq.grammar import tool_choice_of
+from mlxq.request import Request
 from mlxq.states import FinishReason
 
 DONE = ServerSentEvent(data="[DONE]", sep="\n")
@@ -106,15 +108,28 @@ def model_list(models: list[str]) -> dict[str, Any]:
     return {"object": "list", "data": data, "has_more": False, "first_id": models[0], "last_id": models[-1]}
 
 
+def forces_a_call(request: Request) -> bool:
+    """Whether the canonical chat `request`'s answer is a tool call from its start (tool_choice "required" or a named
+    function, with tools offered)."""
+    tools, _, mode = tool_choice_of({"tools": request.tools, "tool_choice": request.tool_choice})
+    return bool(tools) and mode == "required"
+
+
 class ChunkWriter:
     """OpenAI's stream writer (api.pipeline.relay.StreamWriter): job events as OpenAI chunks for one stream, one id and
     `created` throughout; `[DONE]` closes it, an error is an error object. `prefix`: what a completion's `echo`
-    puts before the text."""
+    puts before the text; `forced_call`: the answer is a tool call (`forces_a_call`)."""
 
     def __init__(
-        self, *, kind: str, model: str, stream_options: Mapping[str, Any] | None = None, prefix: str = ""
+        self,
+        *,
+        kind: str,
+        model: str,
+        stream_options: Mapping[str, Any] | None = None,
+        prefix: str = "",
+        forced_call: bool = False,
     ) -> None:
-        self.kind, self.model, self.prefix = kind, model, prefix
+        self.kind, self.model, self.prefix, self.forced_call = kind, model, prefix, forced_call
         self.include_usage = bool((stream_options or {}).get("include_usage"))
         self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -135,8 +150,13 @@ class ChunkWriter:
     def start(self, started: Event | None = None) -> list[dict[str, Any]]:
         chunks = []
         if self.kind == "chat":
+            # OpenAI opens a tool call's message with no content (null), a text answer's with "": clients that
+            # tell the two apart by it see a forced call as the call it is.
+            content = None if self.forced_call else ""
             chunks.append(
-                self._chunk({"delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
+                self._chunk(
+                    {"delta": {"role": "assistant", "content": content}, "logprobs": None, "finish_reason": None}
+                )
             )
         if self.prefix:
             chunks += self.delta(self.prefix)

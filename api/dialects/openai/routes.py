@@ -10,7 +10,7 @@ from fastapi.responses import Response
 from api.auth import AUTHENTICATED, Owner
 from api.dialects.openai import adapter
 from api.dialects.openai.protocol import ChatCompletionRequest, CompletionRequest
-from api.dialects.openai.render import ChunkWriter, chat_completion, model_list, text_completion
+from api.dialects.openai.render import ChunkWriter, chat_completion, forces_a_call, model_list, text_completion
 from api.errors import APIError
 from api.pipeline.model_info import resolve_model
 from api.pipeline.prepare import prepare_specs
@@ -31,7 +31,9 @@ async def chat_completions(
 ) -> Response:
     _, specs = await prepare_specs(services, adapter.chat(body), owner=owner, cache_control=cache_control)
     model = specs[0].model
-    writer = ChunkWriter(kind="chat", model=model, stream_options=body.stream_options)
+    writer = ChunkWriter(
+        kind="chat", model=model, stream_options=body.stream_options, forced_call=forces_a_call(specs[0].request)
+    )
     return await answer(
         services,
         specs,
