@@ -168,6 +168,18 @@ def test_a_streamed_forced_call_opens_with_null_content_and_a_text_answer_with_e
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
 
 
+def test_the_answer_says_which_service_tier_served_it(oa):
+    asked = {"model": MODEL_NAME, "messages": QUESTION, "temperature": 0, "max_tokens": 2}
+    # "auto", or no tier, is served by the default tier, and says so; a tier asked for is the one that served it.
+    for requested, served in ((None, "default"), ("auto", "default"), ("flex", "flex"), ("priority", "priority")):
+        tier = {} if requested is None else {"service_tier": requested}
+        assert oa.chat.completions.create(**asked, **tier).service_tier == served
+        stream = oa.chat.completions.create(
+            **asked, **tier, stream=True, stream_options={"include_usage": True}, extra_headers=NO_CACHE
+        )
+        assert {c.service_tier for c in stream} == {served}
+
+
 def test_disconnect_mid_stream_cancels_the_job_and_frees_the_worker(svc):
     body = {
         "model": MODEL_NAME,

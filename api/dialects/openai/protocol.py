@@ -220,6 +220,11 @@ Stop = Annotated[
 # -- requests ----------------------------------------------------------------------------------
 
 
+ServiceTier = Literal["auto", "default", "flex", "scale", "priority"]
+# The tier an answer says served it: OpenAI's "auto" (and no tier) are served by the project's default, "default".
+ServedTier = Literal["default", "flex", "scale", "priority"]
+
+
 class GenerationRequest(OpenAIBaseModel, SamplingExtras):
     """The sampling and delivery fields chat and legacy completions share (`seed`, the penalties and the non-spec
     sampling extras come from mlxq.request.SamplingExtras, declared once for every dialect)."""
@@ -232,7 +237,7 @@ class GenerationRequest(OpenAIBaseModel, SamplingExtras):
     # json_object / json_schema: the answer is decoded under the schema's grammar (mlxq.grammar).
     response_format: ResponseFormat | None = None
     # "flex" (OpenAI's slower, cheaper tier) runs at low priority: after interactive requests.
-    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+    service_tier: ServiceTier | None = None
     stop: Stop | None = None
     stream: bool | None = Field(False, strict=True)
     stream_options: StreamOptions | None = None
@@ -248,6 +253,13 @@ class GenerationRequest(OpenAIBaseModel, SamplingExtras):
     @property
     def priority(self) -> Priority:
         return priority_of(self.service_tier)
+
+    @property
+    def served_tier(self) -> ServedTier:
+        """The `service_tier` the answer carries: the processing that served it, as OpenAI reports it."""
+        if self.service_tier is None or self.service_tier == "auto":
+            return "default"
+        return self.service_tier
 
 
 class Prediction(OpenAIBaseModel):

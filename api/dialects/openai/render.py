@@ -10,6 +10,7 @@ from typing import Any
 
 from sse_starlette import ServerSentEvent
 
+from api.dialects.openai.protocol import ServedTier
 from api.errors import openai_error_body
 from api.pipeline.relay import keepalive_comment
 from mlxq.events import Event
@@ -42,7 +43,7 @@ def usage_block(usage: dict[str, int]) -> dict[str, Any]:
     }
 
 
-def chat_completion(result: dict[str, Any], *, model: str) -> dict[str, Any]:
+def chat_completion(result: dict[str, Any], *, model: str, service_tier: ServedTier = "default") -> dict[str, Any]:
     """Render a worker result as an OpenAI `chat.completion` object (fresh id on every answer)."""
     message: dict[str, Any] = {"role": "assistant", "content": result.get("text", "")}
     if result.get("tool_calls"):
@@ -63,6 +64,7 @@ def chat_completion(result: dict[str, Any], *, model: str) -> dict[str, Any]:
             }
         ],
         "usage": usage_block(result.get("usage", {})),
+        "service_tier": service_tier,
     }
 
 
@@ -118,7 +120,8 @@ def forces_a_call(request: Request) -> bool:
 class ChunkWriter:
     """OpenAI's stream writer (api.pipeline.relay.StreamWriter): job events as OpenAI chunks for one stream, one id and
     `created` throughout; `[DONE]` closes it, an error is an error object. `prefix`: what a completion's `echo`
-    puts before the text; `forced_call`: the answer is a tool call (`forces_a_call`)."""
+    puts before the text; `forced_call`: the answer is a tool call (`forces_a_call`); `service_tier`: what a chat's
+    chunks say served it."""
 
     def __init__(
         self,
@@ -128,21 +131,24 @@ class ChunkWriter:
         stream_options: Mapping[str, Any] | None = None,
         prefix: str = "",
         forced_call: bool = False,
+        service_tier: ServedTier = "default",
     ) -> None:
         self.kind, self.model, self.prefix, self.forced_call = kind, model, prefix, forced_call
+        self.service_tier = service_tier
         self.include_usage = bool((stream_options or {}).get("include_usage"))
         self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.object = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
+    def _head(self) -> dict[str, Any]:
+        """What every chunk of the stream opens with."""
+        head: dict[str, Any] = {"id": self.id, "object": self.object, "created": self.created, "model": self.model}
+        if self.kind == "chat":
+            head["service_tier"] = self.service_tier
+        return head
+
     def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
-        chunk = {
-            "id": self.id,
-            "object": self.object,
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, **choice}],
-        }
+        chunk = {**self._head(), "choices": [{"index": 0, **choice}]}
         if self.include_usage:
             chunk["usage"] = None
         return chunk
@@ -193,16 +199,7 @@ class ChunkWriter:
         else:
             chunks = [self._chunk({"text": "", "logprobs": None, "finish_reason": reason})]
         if self.include_usage:
-            chunks.append(
-                {
-                    "id": self.id,
-                    "object": self.object,
-                    "created": self.created,
-                    "model": self.model,
-                    "choices": [],
-                    "usage": usage_block(result.get("usage", {})),
-                }
-            )
+            chunks.append({**self._head(), "choices": [], "usage": usage_block(result.get("usage", {}))})
         return chunks
 
     def error(self, error: dict[str, Any]) -> list[dict[str, Any]]:

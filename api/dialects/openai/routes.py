@@ -31,14 +31,19 @@ async def chat_completions(
 ) -> Response:
     _, specs = await prepare_specs(services, adapter.chat(body), owner=owner, cache_control=cache_control)
     model = specs[0].model
+    tier = body.served_tier
     writer = ChunkWriter(
-        kind="chat", model=model, stream_options=body.stream_options, forced_call=forces_a_call(specs[0].request)
+        kind="chat",
+        model=model,
+        stream_options=body.stream_options,
+        forced_call=forces_a_call(specs[0].request),
+        service_tier=tier,
     )
     return await answer(
         services,
         specs,
         endpoint="chat",
-        render=lambda results: chat_completion(results[0], model=model),
+        render=lambda results: chat_completion(results[0], model=model, service_tier=tier),
         stream=(lambda source: relay(source, writer)) if body.stream else None,
         client=client,
     )
