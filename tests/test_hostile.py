@@ -10,6 +10,7 @@ Grow it with every dialect and every refusal: a new case is one row.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -433,6 +434,55 @@ CASES = [
         "prompt is too long: ",  # Claude Code's words for it (test_a_prompt_over_the_context_reads_as_both_clients_expect)
         messages(messages=[{"role": "user", "content": HUGE}]),
     ),
+    # What the one path checks, worded in Anthropic's terms (api.pipeline.terms; `ANTHROPIC_UNSAID` guards the rest).
+    Case(
+        "messages-tool-choice-any-without-tools",
+        "POST",
+        MESSAGES,
+        400,
+        "tool_choice",
+        'tool_choice {"type": "any"} needs tools',
+        messages(tool_choice={"type": "any"}),
+    ),
+    Case(
+        "messages-tool-choice-tool-without-tools",
+        "POST",
+        MESSAGES,
+        400,
+        "tool_choice",
+        "names a tool, but no tools",
+        messages(tool_choice={"type": "tool", "name": "get_weather"}),
+    ),
+    Case(
+        "messages-tool-choice-unknown-tool",
+        "POST",
+        MESSAGES,
+        400,
+        "tool_choice",
+        "names the tool `nope`",
+        messages(
+            tools=[{"name": "get_weather", "input_schema": {"type": "object"}}],
+            tool_choice={"type": "tool", "name": "nope"},
+        ),
+    ),
+    Case(
+        "messages-too-many-stop-sequences",
+        "POST",
+        MESSAGES,
+        400,
+        "stop_sequences",
+        "at most 16",
+        messages(stop_sequences=[f"s{i}" for i in range(17)]),
+    ),
+    Case(
+        "messages-output-format-schema-feature",
+        "POST",
+        MESSAGES,
+        400,
+        "output_config.format",
+        "cannot be enforced",
+        messages(output_config={"format": {"type": "json_schema", "schema": {"not": {}}}}),
+    ),
     # -- OpenAI Responses ---------------------------------------------------------------------------------------
     Case(
         "responses-output-answers-no-call",
@@ -729,6 +779,11 @@ def send(api: Api, case: Case) -> httpx.Response:
     return httpx.request(case.method, api.base + case.path, content=content or None, headers=headers, timeout=60)
 
 
+# OpenAI's names for what Anthropic calls `any`, `tool`, `stop_sequences`, `output_config.format`, `tool_use`,
+# `tool_result`: an Anthropic client never reads them.
+ANTHROPIC_UNSAID = re.compile(r"'required'|\bfunction\b|response_format|tool_calls?\b|tool_call_id|[`']stop[`']")
+
+
 def assert_shape(case: Case, body: dict[str, Any]) -> str:
     """The error in the case's dialect shape; its message."""
     if case.dialect == "anthropic":
@@ -736,6 +791,7 @@ def assert_shape(case: Case, body: dict[str, Any]) -> str:
         assert set(body["error"]) == {"type", "message"}, body
         assert body["error"]["type"] == ("not_found_error" if case.status == 404 else "invalid_request_error")
         message = str(body["error"]["message"])
+        assert not ANTHROPIC_UNSAID.search(message), message
         if case.param is not None:
             assert case.param in message, message  # Anthropic has no `param`: the message names the field
         return message
@@ -773,8 +829,6 @@ def test_the_service_is_whole_after_the_table(api: Api):
 
 def test_a_prompt_over_the_context_reads_as_both_clients_expect():
     """OpenAI's words, and Anthropic's, which Claude Code matches (this pattern, from its code) to offer to compact."""
-    import re
-
     from mlxq.contract import context_exceeded
 
     claude_code = re.compile(r"prompt is too long[^0-9]*(\d+)\s*tokens?\s*>\s*(\d+)", re.IGNORECASE)

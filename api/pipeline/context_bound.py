@@ -22,6 +22,7 @@ from typing import Any
 
 from api.errors import APIError
 from api.pipeline.model_info import ModelInfo
+from api.pipeline.terms import OPENAI_TERMS, Terms
 from mlxq.contract import context_exceeded
 from mlxq.request import JobKind, Request
 from mlxq.settings import Settings
@@ -94,7 +95,7 @@ def certain_bytes(kind: JobKind, request: Request) -> int:
 
 
 async def check_context_bound(
-    kind: JobKind, requests: list[Request], *, settings: Settings, model_info: ModelInfo
+    kind: JobKind, requests: list[Request], *, settings: Settings, model_info: ModelInfo, terms: Terms = OPENAI_TERMS
 ) -> None:
     """Refuse a prompt whose text alone cannot fit the context (module doc), as the worker would refuse it."""
     if kind not in ("chat", "completion"):
@@ -113,6 +114,6 @@ async def check_context_bound(
         raise APIError(
             400,
             context_exceeded(-(-size // per_token), context, at_least=True),
-            param="messages" if kind == "chat" else "prompt",
+            param=terms.param("messages") if kind == "chat" else "prompt",
             code="context_length_exceeded",
         )

@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from api.errors import invalid_body
+from api.pipeline.terms import OPENAI_TERMS, Terms
 from mlxq.request import JobKind, Priority, Request
 
 
@@ -23,6 +24,7 @@ class Incoming:
     stream: bool = False
     cache: dict[str, Any] | None = None  # LiteLLM-style cache controls from the body ({"no-store": true, ...})
     echo: list[str] = field(default_factory=list)  # per prompt: what `echo` puts before a completion
+    terms: Terms = OPENAI_TERMS  # how the dialect's errors name the fields (api.pipeline.terms)
 
     @classmethod
     def of(
@@ -35,10 +37,11 @@ class Incoming:
         stream: bool | None = False,
         cache: dict[str, Any] | None = None,
         echo: list[str] | None = None,
+        terms: Terms = OPENAI_TERMS,
     ) -> Incoming:
         """From neutral bodies (the neutral chat form, or one completion body per prompt)."""
         try:
             requests = [Request.from_body(body, priority=priority) for body in bodies]
         except ValidationError as exc:
             raise invalid_body(exc, bodies[0]) from None
-        return cls(kind, requests, raw, bool(stream), cache, echo or [""] * len(requests))
+        return cls(kind, requests, raw, bool(stream), cache, echo or [""] * len(requests), terms)

@@ -61,9 +61,10 @@ async def prepare(services: Services, incoming: Incoming, *, kind: JobKind | Non
     # Canonical under the served name: the answer and its cache entry do not depend on the alias used.
     model = await resolve_model(settings, services.model_info, incoming.requests[0].model)
     requests = [r.model_copy(update={"model": model}) for r in incoming.requests]
-    await check_generation(incoming.kind, requests, settings=settings, model_info=services.model_info)
+    terms = incoming.terms
+    await check_generation(incoming.kind, requests, settings=settings, model_info=services.model_info, terms=terms)
     # Before anything tokenizes it: text that cannot fit the context whatever its tokens is refused at once.
-    await check_context_bound(incoming.kind, requests, settings=settings, model_info=services.model_info)
+    await check_context_bound(incoming.kind, requests, settings=settings, model_info=services.model_info, terms=terms)
     default_max = settings.default_max_tokens
     canonicals = [
         canonical_request(
@@ -74,7 +75,7 @@ async def prepare(services: Services, incoming: Incoming, *, kind: JobKind | Non
         ).model_copy(update={"priority": r.priority, "session": r.session})
         for r in requests
     ]
-    await check_grammar(canonicals[0])  # one response_format for every prompt
+    await check_grammar(canonicals[0], terms)  # one response_format for every prompt
     if settings.max_tokens_ceiling:
         # Clamped as the context clamps it (the answer ends with finish_reason length), not refused.
         ceiling = settings.max_tokens_ceiling

@@ -16,6 +16,7 @@ from typing import Any
 from api.errors import APIError
 from api.pipeline.json_values import json_value_problem
 from api.pipeline.model_info import ModelInfo
+from api.pipeline.terms import OPENAI_TERMS, Terms
 from mlxq.grammar import Constraint, constraint_for, problem
 from mlxq.request import JobKind, Request
 from mlxq.settings import Settings
@@ -33,7 +34,7 @@ def _at_most(count: int, limit: int, what: str, param: str) -> None:
         raise APIError(400, f"Too many {what}: {count}; at most {limit} are accepted.", param=param)
 
 
-def _check_chat(request: Request, settings: Settings) -> None:
+def _check_chat(request: Request, settings: Settings, terms: Terms) -> None:
     _at_most(len(request.messages or []), settings.max_messages, "messages", "messages")
     _at_most(len(request.tools or []), settings.max_tools, "tools", "tools")
     names = request.tool_names
@@ -44,15 +45,15 @@ def _check_chat(request: Request, settings: Settings) -> None:
     if isinstance(choice, dict):
         named = (choice.get("function") or {}).get("name")
         if not names:
-            raise APIError(400, "tool_choice names a function, but no tools are given.", param="tool_choice")
+            raise APIError(400, f"tool_choice names a {terms.tool}, but no tools are given.", param="tool_choice")
         if named not in names:
             raise APIError(
                 400,
-                f"tool_choice names the function `{named}`, which is not among the tools: {', '.join(names)}.",
+                f"tool_choice names the {terms.tool} `{named}`, which is not among the tools: {', '.join(names)}.",
                 param="tool_choice",
             )
     elif choice == "required" and not names:
-        raise APIError(400, "tool_choice 'required' needs tools.", param="tool_choice")
+        raise APIError(400, f"{terms.any_tool} needs tools.", param="tool_choice")
     if request.top_logprobs and not request.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true.", param="top_logprobs")
 
@@ -72,13 +73,14 @@ def _grammar_problem(constraint: Constraint) -> str | None:
     return problem(constraint)  # by the constraint's grammar: a batch's one schema is checked once
 
 
-async def check_grammar(canonical: Request) -> None:
+async def check_grammar(canonical: Request, terms: Terms = OPENAI_TERMS) -> None:
     """Refuse an answer constraint (a JSON schema, a forced tool's parameters) the engine cannot compile, naming
-    the feature, so the worker never gets a request it would refuse."""
+    the feature and the field (in `terms`), so the worker never gets a request it would refuse."""
     try:
         constraint = constraint_for(canonical.wire())
     except ValueError as exc:  # llguidance refuses the schema's JSON outright
-        raise APIError(400, f"Invalid JSON schema: {exc}", param="response_format") from None
+        param = terms.param("response_format")
+        raise APIError(400, f"Invalid JSON schema in {param}: {exc}", param=param) from None
     if constraint is None or not constraint.required:
         return  # nothing to enforce, or best effort: the worker leaves the answer free if it cannot compile
     too_slow = f"it took longer than {GRAMMAR_CHECK_S:g} s to compile (too complex)"
@@ -93,26 +95,29 @@ async def check_grammar(canonical: Request) -> None:
                 _TOO_SLOW.pop(next(iter(_TOO_SLOW)))
             why = too_slow
     if why:
-        raise APIError(
-            400,
-            f"The {constraint.param} schema cannot be enforced: {why}",
-            param=constraint.param,
-            code="invalid_schema",
-        )
+        param = terms.param(constraint.param)
+        raise APIError(400, f"The {param} schema cannot be enforced: {why}", param=param, code="invalid_schema")
 
 
 async def check_generation(
-    kind: JobKind, requests: list[Request], *, settings: Settings, model_info: ModelInfo
+    kind: JobKind,
+    requests: list[Request],
+    *,
+    settings: Settings,
+    model_info: ModelInfo,
+    terms: Terms = OPENAI_TERMS,
 ) -> None:
-    """Refuse what the request models cannot see (module doc); the model is read only when needed."""
+    """Refuse what the request models cannot see (module doc), worded in the asking dialect's `terms`; the model is
+    read only when needed."""
     first = requests[0]  # the prompts of one completions body share every other field
     if first.n not in (None, 1):
         raise APIError(400, "Only n=1 is supported.", param="n")
-    _at_most(len(first.stop or []), settings.max_stop, "stop sequences", "stop")
+    stop = terms.param("stop")
+    _at_most(len(first.stop or []), settings.max_stop, f"stop sequences in `{stop}`", stop)
     if kind == "completion":
         _at_most(len(requests), settings.max_prompts, "prompts", "prompt")
     else:
-        _check_chat(first, settings)
+        _check_chat(first, settings, terms)
     ids = [r.prompt for r in requests if isinstance(r.prompt, list)]
     for tokens in ids:
         if (low := min(tokens, default=0)) < 0:

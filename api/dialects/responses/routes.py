@@ -39,28 +39,17 @@ from mlxq.states import JOB_FINAL, JobStatus, ResponseStatus
 router = APIRouter(prefix="/v1/responses", tags=["responses"], dependencies=AUTHENTICATED)
 
 
-# Fields of the neutral request a 400 may name, and the Responses field the client sent (longest first).
-NEUTRAL_PARAMS = (
-    ("response_format", "text.format"),
-    ("max_tokens", "max_output_tokens"),
-    ("messages", "input"),
-    ("top_logprobs", "top_logprobs"),
-)
-
-
 @contextlib.contextmanager
 def responses_params() -> Iterator[None]:
     """A 400 found on the neutral request names the Responses field the client sent (`text.format`, not
-    `response_format`); a tool's fields are flat in Responses (`tools.0.name`, not `tools.0.function.name`)."""
+    `response_format`: the adapter's terms); a tool's fields are flat in Responses (`tools.0.name`, not
+    `tools.0.function.name`)."""
     try:
         yield
     except APIError as exc:
-        param = exc.param or ""
-        for neutral, own in NEUTRAL_PARAMS:
-            if param == neutral or param.startswith(neutral + "."):
-                exc.param = own + param[len(neutral) :]
-                exc.message = exc.message.replace(f"'{param}'", f"'{exc.param}'")
-                break
+        if param := exc.param:
+            exc.param = adapter.TERMS.param(param)
+            exc.message = exc.message.replace(f"'{param}'", f"'{exc.param}'")
         if exc.param and exc.param.startswith("tools.") and ".function." in exc.param:
             exc.param = exc.param.replace(".function.", ".", 1)
         raise
