@@ -177,6 +177,18 @@ def test_an_assistant_turn_of_tool_calls_only_has_no_content():
     assert out["messages"][2] == {"role": "tool", "tool_call_id": "t", "content": ""}
 
 
+def test_a_tool_use_is_answered_in_the_next_turn_a_system_turn_aside_and_counted_alike():
+    use = {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}]}
+    result = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "x"}]}
+    system = {"role": "system", "content": "Agents: none."}  # the mid-conversation-system beta's turn
+    converted(anthropic(messages=[{"role": "user", "content": "Go"}, use, system, result]))
+    for model in (MessagesRequest, CountTokensRequest):
+        late = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "Go"}, use, use, result]}
+        with pytest.raises(APIError) as refused:
+            to_chat(model.model_validate(late))
+        assert refused.value.message.startswith("messages.1: `tool_use` ids were found without `tool_result` blocks")
+
+
 @pytest.mark.parametrize(
     ("choice", "expected"),
     [

@@ -434,6 +434,48 @@ CASES = [
         "prompt is too long: ",  # Claude Code's words for it (test_a_prompt_over_the_context_reads_as_both_clients_expect)
         messages(messages=[{"role": "user", "content": HUGE}]),
     ),
+    Case(
+        "messages-tool-use-unanswered",
+        "POST",
+        MESSAGES,
+        400,
+        "messages.1",
+        "`tool_use` ids were found without `tool_result` blocks immediately after: toolu_1",
+        messages(
+            messages=[
+                USER,
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}]},
+                USER,
+            ]
+        ),
+    ),
+    Case(
+        "messages-tool-use-ids-twice",
+        "POST",
+        MESSAGES,
+        400,
+        "messages.1.content.1",
+        "`tool_use` ids must be unique",
+        messages(
+            messages=[
+                USER,
+                {
+                    "role": "assistant",
+                    "content": [{"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}] * 2,
+                },
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "x"}]},
+            ]
+        ),
+    ),
+    Case(
+        "messages-prefill-trailing-whitespace",
+        "POST",
+        MESSAGES,
+        400,
+        "messages.1",
+        "final assistant content cannot end with trailing whitespace",
+        messages(messages=[USER, {"role": "assistant", "content": [{"type": "text", "text": "The answer is "}]}]),
+    ),
     # What the one path checks, worded in Anthropic's terms (api.pipeline.terms; `ANTHROPIC_UNSAID` guards the rest).
     Case(
         "messages-tool-choice-any-without-tools",
@@ -492,6 +534,15 @@ CASES = [
         "input.1.call_id",
         "call_9",
         responses(input=[USER, {"type": "function_call_output", "call_id": "call_9", "output": "x"}]),
+    ),
+    Case(
+        "responses-call-without-output",
+        "POST",
+        RESPONSES,
+        400,
+        "input",
+        "No tool output found for function call call_1.",
+        responses(input=[USER, {"type": "function_call", "call_id": "call_1", "name": "f", "arguments": "{}"}, USER]),
     ),
     Case(
         "responses-custom-tool-bad-regex",

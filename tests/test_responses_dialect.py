@@ -176,6 +176,7 @@ def test_function_calls_and_outputs_round_trip():
                 },
                 {"role": "user", "content": "Which is warmer?"},
                 {"type": "function_call", "call_id": "call_3", "name": "weather", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "call_3", "output": "?"},
             ],
             tools=[WEATHER],
             tool_choice="auto",
@@ -198,6 +199,7 @@ def test_function_calls_and_outputs_round_trip():
             "content": None,
             "tool_calls": [{"id": "call_3", "type": "function", "function": {"name": "weather", "arguments": "{}"}}],
         },
+        {"role": "tool", "tool_call_id": "call_3", "content": "?"},
     ]
     assert out["tools"] == [CHAT_WEATHER]
     assert out["tool_choice"] == "auto"
@@ -499,6 +501,21 @@ def test_an_output_that_answers_no_call_is_refused():
         )
     )
     assert error.param == "input.0.call_id"
+
+
+def test_a_call_without_an_output_later_in_the_input_is_refused_as_openai_refuses_it():
+    call = {"type": "function_call", "call_id": "call_1", "name": "weather", "arguments": "{}"}
+    for rest in ([], [{"role": "user", "content": "And?"}]):
+        error = refused_by_conversion(responses(input=[{"role": "user", "content": "Hi"}, call, *rest]))
+        assert (error.param, error.message) == ("input", "No tool output found for function call call_1.")
+    custom = {"type": "custom_tool_call", "call_id": "c_1", "name": "apply_patch", "input": ""}
+    error = refused_by_conversion(responses(input=[custom]))
+    assert error.message == "No tool output found for custom tool call c_1."
+    # Answered later (a user turn between), or in this input for a call the previous response made: served.
+    output = {"type": "function_call_output", "call_id": "call_1", "output": "18C"}
+    converted(responses(input=[call, {"role": "user", "content": "Go on"}, output]))
+    previous = [{"type": "message", "role": "user", "content": "Hi"}, call]
+    assert converted(responses(input=[output]), previous=previous)["messages"][-1]["role"] == "tool"
 
 
 @pytest.mark.parametrize("role", ["tool", "function", "robot"])

@@ -140,6 +140,33 @@ BAD = [
         None,
     ),
     (
+        "tool-calls-unanswered-before-a-user-turn",
+        chat(messages=[USER, {"role": "assistant", "tool_calls": [CALL]}, USER]),
+        "messages.2.role",
+        "The following tool_call_ids did not have response messages: call_1",
+        None,
+    ),
+    (
+        "tool-calls-unanswered-at-the-end",
+        chat(
+            messages=[
+                USER,
+                {"role": "assistant", "tool_calls": [CALL, {**CALL, "id": "call_2"}]},
+                {"role": "tool", "tool_call_id": "call_2", "content": "sunny"},
+            ]
+        ),
+        "messages.2.role",
+        "An assistant message with 'tool_calls' must be followed by tool messages responding to each 'tool_call_id'",
+        None,
+    ),
+    (
+        "tool-call-ids-twice",
+        chat(messages=[USER, {"role": "assistant", "tool_calls": [CALL, CALL]}]),
+        "messages.1.tool_calls.1.id",
+        "Duplicate tool_call id 'call_1'",
+        None,
+    ),
+    (
         "tool-call-function-string",
         chat(
             messages=[

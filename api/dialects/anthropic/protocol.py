@@ -469,16 +469,34 @@ def _tool_choice(choice: Any) -> str | dict[str, Any]:
     return {"auto": "auto", "any": "required", "none": "none"}[choice.type]
 
 
+def _unanswered(pending: tuple[int, list[str]] | None, answered: set[str]) -> None:
+    """Refuse the `tool_use` ids of assistant turn `pending` (its index, its ids) that `answered` (the next turn's
+    `tool_result` ids) leaves out, in Anthropic's words."""
+    if pending is not None and (missing := [use for use in pending[1] if use not in answered]):
+        raise APIError(
+            400,
+            f"messages.{pending[0]}: `tool_use` ids were found without `tool_result` blocks immediately after: "
+            f"{', '.join(missing)}. Each `tool_use` block must have a corresponding `tool_result` block in the next "
+            "message.",
+            param=f"messages.{pending[0]}",
+        )
+
+
 def _check_tool_results(body: CountTokensRequest) -> None:
-    """Each `tool_result` answers a `tool_use` of an earlier assistant turn, as Anthropic requires (it names the
-    block as `messages.N.content.M` and the id in its message; the field here)."""
+    """Tool uses and results pair up as Anthropic requires (it names the turn, or the block as
+    `messages.N.content.M`, in its message): each `tool_result` answers a `tool_use` of an earlier assistant turn;
+    `tool_use` ids are unique; each is answered by a `tool_result` in the next turn (a `system` turn of the
+    mid-conversation beta aside)."""
     uses: set[str] = set()
+    pending: tuple[int, list[str]] | None = None  # the last assistant turn's tool uses, until the next turn
     for i, message in enumerate(body.messages):
-        if isinstance(message.content, str):
+        if isinstance(message, SystemMessage):
             continue
+        blocks = [] if isinstance(message.content, str) else message.content
         if isinstance(message, UserMessage):
-            for j, block in enumerate(message.content):
-                if isinstance(block, ToolResultBlock) and block.tool_use_id not in uses:
+            results = [(j, b) for j, b in enumerate(blocks) if isinstance(b, ToolResultBlock)]
+            for j, block in results:
+                if block.tool_use_id not in uses:
                     raise APIError(
                         400,
                         f"messages.{i}.content.{j}.tool_use_id: unexpected `tool_use_id` found in `tool_result` "
@@ -486,8 +504,37 @@ def _check_tool_results(body: CountTokensRequest) -> None:
                         "`tool_use` block in an earlier assistant message.",
                         param=f"messages.{i}.content.{j}.tool_use_id",
                     )
-        elif isinstance(message, AssistantMessage):
-            uses.update(b.id for b in message.content if isinstance(b, ToolUseBlock))
+            _unanswered(pending, {block.tool_use_id for _, block in results})
+            pending = None
+        else:
+            _unanswered(pending, set())
+            ids: list[str] = []
+            for j, use in enumerate(blocks):
+                if isinstance(use, ToolUseBlock):
+                    if use.id in uses:
+                        raise APIError(
+                            400,
+                            f"messages.{i}.content.{j}: `tool_use` ids must be unique",
+                            param=f"messages.{i}.content.{j}",
+                        )
+                    uses.add(use.id)
+                    ids.append(use.id)
+            pending = (i, ids) if ids else None
+    _unanswered(pending, set())
+
+
+def _check_final_turn(body: CountTokensRequest) -> None:
+    """A final assistant turn is the start of the answer (a prefill): Anthropic refuses one that ends with
+    whitespace (a model's next token usually carries its own leading space)."""
+    i, last = len(body.messages) - 1, body.messages[-1]
+    if not isinstance(last, AssistantMessage):
+        return
+    content = last.content
+    text = content if isinstance(content, str) else content[-1].text if isinstance(content[-1], TextBlock) else ""
+    if text and text[-1].isspace():
+        raise APIError(
+            400, f"messages.{i}: final assistant content cannot end with trailing whitespace", param=f"messages.{i}"
+        )
 
 
 def to_chat(body: CountTokensRequest) -> dict[str, Any]:
@@ -504,6 +551,7 @@ def to_chat(body: CountTokensRequest) -> dict[str, Any]:
     Consecutive turns of one role stay separate messages (the chat template sees them as sent).
     """
     _check_tool_results(body)
+    _check_final_turn(body)
     messages: list[dict[str, Any]] = []
     if body.system is not None and (system := _system(body.system)) is not None:
         messages.append({"role": "system", "content": system})

@@ -15,26 +15,54 @@ def _refuse_common(body: ChatCompletionRequest | CompletionRequest) -> None:
         raise APIError(400, "logit_bias is not supported.", param="logit_bias")
 
 
+def _unanswered(waiting: dict[str, None], at: int) -> None:
+    """Refuse the calls of an assistant message still `waiting` for their tool messages when message `at` (or the
+    end of the conversation) is not one, in OpenAI's words."""
+    if waiting:
+        raise APIError(
+            400,
+            "An assistant message with 'tool_calls' must be followed by tool messages responding to each "
+            f"'tool_call_id'. The following tool_call_ids did not have response messages: {', '.join(waiting)}",
+            param=f"messages.{at}.role",
+        )
+
+
 def _check_tool_results(body: ChatCompletionRequest) -> None:
-    """A `tool` message answers a call an earlier assistant message made (by its `tool_call_id`), as OpenAI
-    requires; a call sent without an id (some clients leave it out) can be answered by any."""
+    """The conversation's tool calls and results pair up as OpenAI requires: an assistant message's calls have
+    distinct ids, and the tool messages right after it answer each; a `tool` message answers a call an earlier
+    assistant message made (by its `tool_call_id`). A call sent without an id (some clients leave it out) can be
+    answered by any, and waits for none."""
     calls: set[str] = set()
     anonymous = False
+    waiting: dict[str, None] = {}  # the ids of the last assistant message's calls no tool message answered yet
     for i, message in enumerate(body.messages):
+        if isinstance(message, ToolMessage):
+            if message.tool_call_id not in calls and not anonymous:
+                raise APIError(
+                    400,
+                    f"Invalid parameter: the tool message's tool_call_id '{message.tool_call_id}' answers no tool "
+                    "call of an earlier assistant message: a message with role 'tool' must answer a preceding "
+                    "message's 'tool_calls'.",
+                    param=f"messages.{i}.tool_call_id",
+                )
+            waiting.pop(message.tool_call_id, None)
+            continue
+        _unanswered(waiting, i)
         if isinstance(message, AssistantMessage):
-            for call in message.tool_calls or []:
+            for j, call in enumerate(message.tool_calls or []):
                 if call.id is None:
                     anonymous = True
+                elif call.id in waiting:
+                    raise APIError(
+                        400,
+                        f"Duplicate tool_call id '{call.id}' in an assistant message's 'tool_calls': each call "
+                        "needs its own id, which its tool message answers.",
+                        param=f"messages.{i}.tool_calls.{j}.id",
+                    )
                 else:
-                    calls.add(call.id)
-        elif isinstance(message, ToolMessage) and message.tool_call_id not in calls and not anonymous:
-            raise APIError(
-                400,
-                f"Invalid parameter: the tool message's tool_call_id '{message.tool_call_id}' answers no tool call "
-                "of an earlier assistant message: a message with role 'tool' must answer a preceding message's "
-                "'tool_calls'.",
-                param=f"messages.{i}.tool_call_id",
-            )
+                    waiting[call.id] = None
+            calls.update(waiting)
+    _unanswered(waiting, len(body.messages) - 1)
 
 
 def chat(body: ChatCompletionRequest) -> Incoming:

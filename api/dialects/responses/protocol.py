@@ -600,17 +600,19 @@ def _messages(items: list[tuple[str, Any]]) -> list[dict[str, Any]]:
     - A `function_call` or `custom_tool_call` joins the assistant message just before it (a chat client sends
       an answer's text and its calls as one message), else starts one with no content.
     - An output (`function_call_output`, `custom_tool_call_output`) becomes a `tool` message; its `call_id` must
-      answer a call earlier in the conversation.
+      answer a call earlier in the conversation, and every call must have one later, as OpenAI requires.
     - `reasoning` items are dropped; `item_reference` is refused.
     """
     messages: list[dict[str, Any]] = []
     calls: set[str] = set()
+    unanswered: dict[str, str] = {}  # call_id -> the call's item type, until its output comes
     for where, item in items:
         if isinstance(item, MessageItem):
             role = "system" if item.role == "developer" else item.role
             messages.append({"role": role, "content": _text(item.content)})
         elif isinstance(item, FunctionCallItem | CustomToolCallItem):
             calls.add(item.call_id)
+            unanswered[item.call_id] = item.type
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant":
                 last.setdefault("tool_calls", []).append(_call(item))
@@ -627,6 +629,7 @@ def _messages(items: list[tuple[str, Any]]) -> list[dict[str, Any]]:
                     "that precedes it.",
                     param=f"{where}.call_id",
                 )
+            unanswered.pop(item.call_id, None)
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": _text(item.output)})
         elif isinstance(item, ItemReference):
             raise APIError(
@@ -636,6 +639,10 @@ def _messages(items: list[tuple[str, Any]]) -> list[dict[str, Any]]:
                 param=f"{where}.id",
             )
         # ReasoningItem: dropped (module doc).
+    if unanswered:  # OpenAI's words, for the first call left without an output
+        call_id, kind = next(iter(unanswered.items()))
+        what = "function call" if kind == "function_call" else "custom tool call"
+        raise APIError(400, f"No tool output found for {what} {call_id}.", param="input")
     return messages
 
 
