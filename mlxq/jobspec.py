@@ -88,6 +88,7 @@ class JobSpec:
     # Anthropic's `metadata.user_id`, else the conversation's opening (mlxq.delivery).
     session: str | None = None
     route: Route | None = None  # set by mlxq.delivery when the job is sent
+    endpoint: str | None = None  # the path the client called (a chat job may come from any dialect's)
 
     @property
     def model(self) -> str:

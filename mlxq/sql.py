@@ -91,6 +91,9 @@ class Job(Base):
     # Only clients connected to an api wait for it (a sync or streamed request, not a submitted job, a batch line or
     # a background response): when that api is gone, so is every reason to run it (`cancel_orphans`).
     attached: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # The path the client called (`/v1/messages`, ...): a job's kind is shared by every dialect's chat. None on rows
+    # made before it was kept.
+    endpoint: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # The batch that made it (its lines' jobs are cancelled with it).
     batch_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     # The API key that made it (mlxq.auth.owner_id; None with keys off) and its cache namespace.

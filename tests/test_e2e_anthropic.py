@@ -67,6 +67,18 @@ def test_every_answer_carries_a_request_id_the_sdk_reads(svc: Service):
     assert streamed and streamed.startswith("req_") and streamed != answer._request_id
 
 
+def test_the_job_listing_names_the_endpoint_each_job_was_asked_at(svc: Service):
+    nothing_cached = {"Cache-Control": "no-cache"}
+    raw = claude(svc).messages.with_raw_response.create(**ask("Hi", max_tokens=2, extra_headers=nothing_cached))
+    openai_client = openai.OpenAI(base_url=f"{svc.base}/v1", api_key="unused", max_retries=0, timeout=120)
+    chat = openai_client.chat.completions.with_raw_response.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=2, extra_headers=nothing_cached
+    )
+    listed = {j["id"]: j["endpoint"] for j in httpx.get(f"{svc.base}/v1/jobs?limit=100", timeout=30).json()["data"]}
+    assert listed[raw.headers["x-job-id"]] == "/v1/messages"
+    assert listed[chat.headers["x-job-id"]] == "/v1/chat/completions"
+
+
 def test_stop_sequences_end_with_stop_sequence(svc: Service):
     answer = claude(svc).messages.create(
         **ask("Count from 1 to 10, separated by commas.", max_tokens=40, stop_sequences=["5"])

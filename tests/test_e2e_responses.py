@@ -67,6 +67,14 @@ def test_paris_sync_and_streamed_with_the_same_text(svc: Service):
     assert kinds.index("response.content_part.done") < kinds.index("response.output_item.done")
 
 
+def test_the_job_listing_names_the_responses_endpoint(svc: Service):
+    raw = client(svc).responses.with_raw_response.create(
+        **ask("Hi", max_output_tokens=2, store=False), extra_headers={"Cache-Control": "no-cache"}
+    )
+    job = httpx.get(f"{svc.base}/v1/jobs/{raw.headers['x-job-id']}", timeout=30).json()
+    assert job["endpoint"] == "/v1/responses"
+
+
 def test_a_function_tool_round_trip(svc: Service):
     oa = client(svc)
     first = oa.responses.create(

@@ -75,5 +75,5 @@ async def _read_line(
     except APIError as exc:
         return _refused(n, exc.code or "invalid_request", exc.message, custom_id)
     low = prepared.requests[0].model_copy(update={"priority": "low"})
-    spec = await services.admission.spec_for(prepared.kind, low, owner=owner)
+    spec = await services.admission.spec_for(prepared.kind, low, owner=owner, endpoint=endpoint)
     return Line(n, custom_id, dataclasses.replace(spec, keep_row=True, windowed=True, counted=False), None)

@@ -42,7 +42,7 @@ def render_result(job: Job) -> dict[str, Any] | None:
 
 
 def job_object(services: Services, job: Job) -> dict[str, Any]:
-    endpoint = KIND_ENDPOINTS.get(job.kind, job.kind)
+    endpoint = job.endpoint or KIND_ENDPOINTS.get(job.kind, job.kind)  # by its kind: a row from before it was kept
     return {
         "id": job.id,
         "object": "job",
@@ -116,6 +116,7 @@ async def submit_job(
         owner=owner,
         policy=CachePolicy.parse(cache_control, incoming.cache),
         stream=True,  # its deltas are published: GET /v1/jobs/{id}/events relays them
+        endpoint=endpoint,
     )
     outcome = await services.admission.submit(services.admission.with_idempotency_key(spec, idempotency_key))
     assert outcome.job_id is not None

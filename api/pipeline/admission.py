@@ -89,9 +89,11 @@ class Admission:
         owner: str | None,
         policy: CachePolicy = CachePolicy(),
         stream: bool = False,
+        endpoint: str | None = None,
     ) -> JobSpec:
-        """The job spec of one canonical request as `owner` (the API key's id; None with keys off). Callers
-        that differ (a submitted job, a batch line) `dataclasses.replace` the fields that say how."""
+        """The job spec of one canonical request to `endpoint` (the path called) as `owner` (the API key's id; None
+        with keys off). Callers that differ (a submitted job, a batch line) `dataclasses.replace` the fields that
+        say how."""
         namespace = self.namespace(owner)
         key = request_key(kind, request, weights=await self.weights(request.model), namespace=namespace)
         cacheable = request.deterministic or self._settings.cache_sampled
@@ -105,6 +107,7 @@ class Admission:
             owner=owner,
             namespace=namespace,
             session=request.session,
+            endpoint=endpoint,
         )
 
     def with_idempotency_key(self, spec: JobSpec, key: str | None) -> JobSpec:

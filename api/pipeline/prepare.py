@@ -84,14 +84,16 @@ async def prepare(services: Services, incoming: Incoming, *, kind: JobKind | Non
 
 
 async def prepare_specs(
-    services: Services, incoming: Incoming, *, owner: str | None, cache_control: str | None
+    services: Services, incoming: Incoming, *, endpoint: str, owner: str | None, cache_control: str | None
 ) -> tuple[Prepared, list[JobSpec]]:
-    """What a route runs: the request prepared, and one job spec per prompt, as `owner`, under the client's
-    cache policy (`Cache-Control`, or the body's `cache`)."""
+    """What the route at `endpoint` runs: the request prepared, and one job spec per prompt, as `owner`, under the
+    client's cache policy (`Cache-Control`, or the body's `cache`)."""
     prepared = await prepare(services, incoming)
     policy = CachePolicy.parse(cache_control, incoming.cache)
     specs = [
-        await services.admission.spec_for(prepared.kind, request, owner=owner, policy=policy, stream=incoming.stream)
+        await services.admission.spec_for(
+            prepared.kind, request, owner=owner, policy=policy, stream=incoming.stream, endpoint=endpoint
+        )
         for request in prepared.requests
     ]
     return prepared, specs

@@ -48,6 +48,7 @@ def create_job(*, session: Session, spec: JobSpec, sent: bool, result: dict[str,
         owner=spec.owner,
         namespace=spec.namespace,
         session=spec.session,
+        endpoint=spec.endpoint,
     )
     if spec.route is not None:
         job.target, job.route_reason, job.route_matched = spec.route.worker, spec.route.reason, spec.route.matched

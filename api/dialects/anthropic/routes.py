@@ -34,7 +34,9 @@ async def messages(
     check_system_turns(body, anthropic_beta)
     if (refusal := thread_refusal(body)) is not None:
         return JSONResponse(refusal, status_code=400)
-    _, specs = await prepare_specs(services, adapter.incoming(body), owner=owner, cache_control=cache_control)
+    _, specs = await prepare_specs(
+        services, adapter.incoming(body), endpoint=client.url.path, owner=owner, cache_control=cache_control
+    )
     model = specs[0].model
     writer = MessageStreamWriter(model=model)
     return await answer(
@@ -49,12 +51,16 @@ async def messages(
 
 @router.post("/v1/messages/count_tokens")
 async def count_tokens(
-    body: CountTokensRequest, services: ServicesDep, owner: Owner, anthropic_beta: str | None = Header(None)
+    body: CountTokensRequest,
+    services: ServicesDep,
+    owner: Owner,
+    client: Request,
+    anthropic_beta: str | None = Header(None),
 ) -> dict[str, Any]:
     """The prompt's tokens through the model's tokenizer and chat template, counted by the worker (the one
     process that holds them); counted once per distinct request, then from the response cache."""
     check_system_turns(body, anthropic_beta)
     prepared = await prepare(services, adapter.counted(body), kind="count")
-    spec = await services.admission.spec_for("count", prepared.requests[0], owner=owner)
+    spec = await services.admission.spec_for("count", prepared.requests[0], owner=owner, endpoint=client.url.path)
     outcome = await run(services, spec)
     return {"input_tokens": int(outcome.result.get("input_tokens", 0))}

@@ -29,7 +29,9 @@ async def chat_completions(
     client: Request,
     cache_control: str | None = Header(None),
 ) -> Response:
-    _, specs = await prepare_specs(services, adapter.chat(body), owner=owner, cache_control=cache_control)
+    _, specs = await prepare_specs(
+        services, adapter.chat(body), endpoint=client.url.path, owner=owner, cache_control=cache_control
+    )
     model = specs[0].model
     tier = body.served_tier
     writer = ChunkWriter(
@@ -57,7 +59,9 @@ async def completions(
     client: Request,
     cache_control: str | None = Header(None),
 ) -> Response:
-    prepared, specs = await prepare_specs(services, adapter.completion(body), owner=owner, cache_control=cache_control)
+    prepared, specs = await prepare_specs(
+        services, adapter.completion(body), endpoint=client.url.path, owner=owner, cache_control=cache_control
+    )
     model, echo = specs[0].model, prepared.echo
     writer = ChunkWriter(kind="completion", model=model, stream_options=body.stream_options, prefix=echo[0])
     return await answer(

@@ -70,7 +70,9 @@ async def create_response(
     previous = await stored.previous_items(services, body.previous_response_id, owner)
     with responses_params():
         incoming = adapter.incoming(body, previous)
-        _, specs = await prepare_specs(services, incoming, owner=owner, cache_control=cache_control)
+        _, specs = await prepare_specs(
+            services, incoming, endpoint=client.url.path, owner=owner, cache_control=cache_control
+        )
     context = ResponseContext(request=body, model=specs[0].model, previous=previous, canonical=specs[0].request.wire())
     keep, background = body.store is not False, bool(body.background)
     # A kept response needs a job row to name even for a cached answer; a background one runs to its end
@@ -99,7 +101,9 @@ async def create_response(
 
 
 @router.post("/input_tokens")
-async def count_input_tokens(body: InputTokensRequest, services: ServicesDep, owner: Owner) -> dict[str, Any]:
+async def count_input_tokens(
+    body: InputTokensRequest, services: ServicesDep, owner: Owner, client: Request
+) -> dict[str, Any]:
     """The input's tokens through the model's tokenizer and chat template, counted by the worker."""
     previous = await stored.previous_items(services, body.previous_response_id, owner)
     raw = body.model_dump(by_alias=True, exclude_none=True)
@@ -107,7 +111,9 @@ async def count_input_tokens(body: InputTokensRequest, services: ServicesDep, ow
     request = await stored.resolve_references(services, request, owner)
     with responses_params():
         prepared = await prepare(services, adapter.counted(request, previous), kind="count")
-    spec = await services.admission.spec_for("count", prepared.requests[0], owner=owner, policy=CachePolicy())
+    spec = await services.admission.spec_for(
+        "count", prepared.requests[0], owner=owner, policy=CachePolicy(), endpoint=client.url.path
+    )
     outcome = await run(services, spec)
     return {"object": "response.input_tokens", "input_tokens": int(outcome.result.get("input_tokens", 0))}
 
