@@ -75,6 +75,13 @@ def test_the_job_listing_names_the_responses_endpoint(svc: Service):
     assert job["endpoint"] == "/v1/responses"
 
 
+def test_a_prompt_over_the_context_names_the_input(svc: Service):
+    # Short enough for the api's bound to let through: the worker's exact count refuses it.
+    with pytest.raises(openai.BadRequestError) as exc:
+        client(svc).responses.create(**ask("hello " * 9000, store=False))
+    assert (exc.value.code, exc.value.param) == ("context_length_exceeded", "input")
+
+
 def test_a_function_tool_round_trip(svc: Service):
     oa = client(svc)
     first = oa.responses.create(

@@ -89,15 +89,16 @@ async def create_response(
         record(services, endpoint="responses", spec=spec, outcome=outcome, started=started, stream=False)
         return JSONResponse(context.render(outcome.result, status=None if outcome.result else ResponseStatus.QUEUED))
     writer = context.stream_writer()
-    return await answer(
-        services,
-        [spec],
-        endpoint="responses",
-        render=lambda results: context.render(results[0]),
-        stream=(lambda source: relay(source, writer)) if body.stream else None,
-        on_admit=keep_it,
-        client=client,
-    )
+    with responses_params():  # the worker's refusals too (a prompt over the context names `input`)
+        return await answer(
+            services,
+            [spec],
+            endpoint="responses",
+            render=lambda results: context.render(results[0]),
+            stream=(lambda source: relay(source, writer)) if body.stream else None,
+            on_admit=keep_it,
+            client=client,
+        )
 
 
 @router.post("/input_tokens")
