@@ -51,7 +51,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from mlxq import events
 from mlxq.states import FinishReason
-from worker.boundaries import MIN_GAP, stops
+from worker.boundaries import MIN_GAP, STOP_WORTH, stops
 from worker.generator import (
     DEFAULT_STEP_MS,
     Admission,
@@ -424,12 +424,12 @@ class Batcher:
         self._active[seq.uid] = seq
 
     def _stops(self, seq: Sequence, start: int) -> tuple[int, ...]:
-        """The checkpoints `seq`'s prefill from `start` stops at (worker.boundaries.stops), each closing at least what
-        the generator says a forward's fixed cost is worth in tokens there (`least_stop`; MIN_GAP where it has no
-        measure), and the end of the prompt less its last token: the next turn starts there, and where the decode batch
+        """The checkpoints `seq`'s prefill from `start` stops at (worker.boundaries.stops), each closing at least
+        STOP_WORTH times what the generator says a forward's fixed cost is worth in tokens there (`least_stop`; MIN_GAP
+        where it has no measure), and the end of the prompt less its last token: the next turn starts there, and where the decode batch
         feeds the last token itself (every model that checkpoints, today) the prefill ends there anyway."""
         least = getattr(self._gen, "least_stop", None)
-        kept = stops(seq.checkpoints, start, least(start) if least is not None else MIN_GAP)
+        kept = stops(seq.checkpoints, start, STOP_WORTH * least(start) if least is not None else MIN_GAP)
         end = len(seq.prompt) - 1
         return (*kept, end) if end > start and end in seq.checkpoints and end not in kept else kept
 

@@ -55,6 +55,13 @@ Marks = dict[int, Mark]
 CHECKPOINT_MESSAGES = 3
 # Positions closer than this to the next kept one are dropped (the system boundary and the end are kept).
 MIN_GAP = 16
+# A stop inside a prompt is paid on every prefill that crosses it (a forward's fixed cost) and repaid only by a later
+# request that diverges right there: an agent's conversation grows at its end, so that is a client editing or retrying
+# a message, not every turn. So a stop must close this many times what a forward's fixed cost is worth in tokens
+# (`Batcher._stops`). At 1x, a real-size Gemma 3 on this CPU prefilled a later turn's 55 new tokens as 28 + 27 tokens
+# (640 ms; 535 ms in one chunk), the stop at its last answer's end, while its later-turn TTFT was 1.2x mlx_lm.server's
+# (scripts/bench_arch.py --size real). Where a forward's fixed cost is small (a GPU, Apple silicon) stops stay close.
+STOP_WORTH = 4
 
 
 def stops(marks: Marks, start: int, least: int) -> tuple[int, ...]:
