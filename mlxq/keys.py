@@ -116,6 +116,8 @@ def _with_output_fields(
         del canon["top_p"]
     if canon.get("logprobs") is False:
         del canon["logprobs"]
+    if canon.get("truncation") == "disabled":
+        del canon["truncation"]
     if not canon.get("tools"):
         canon.pop("tools", None)
         canon.pop("tool_choice", None)

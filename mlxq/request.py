@@ -116,6 +116,10 @@ class Request(Sampling):
     # (an editor's file before its edit). It seeds speculative decoding's drafts (worker.speculative); it does not
     # change the answer, only how fast it comes and the usage's accepted and rejected prediction tokens.
     prediction: str | None = None
+    # The Responses API's `truncation: "auto"`: a conversation longer than the context is answered with its oldest
+    # turns left out (worker.sequence_builder) rather than refused. In the key: it changes the prompt. "disabled"
+    # (the default) is left out of the canonical form (mlxq.keys).
+    truncation: Literal["auto", "disabled"] | None = None
     # The client's session (OpenAI's `prompt_cache_key`, Anthropic's `metadata.user_id`): it keeps a
     # conversation on one worker before its prefix is cached anywhere (mlxq.delivery).
     session: str | None = Field(None, exclude=True)

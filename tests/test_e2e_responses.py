@@ -326,3 +326,35 @@ def test_codex_shaped_turns_send_the_whole_history_and_the_prefix_cache_serves_i
     # Every later turn's prompt is the previous turn's prompt and answer plus a question: all of that is cached.
     for earlier, later in zip(usage, usage[1:], strict=False):
         assert later.input_tokens_details.cached_tokens >= earlier.input_tokens
+
+
+def test_truncation_auto_leaves_out_the_oldest_turns_and_disabled_refuses(
+    service_factory, tmp_path: Path, tiny_model: Path
+):
+    """`truncation: "auto"` answers a conversation over the context (the tiny model's 2,048 tokens) with its oldest
+    turns left out, a tool call and its output together; without it the same input is a 400 naming `input`."""
+    svc = service_factory(service_env(tmp_path, tiny_model)).start()
+    long = "the quick brown fox jumps over the lazy dog " * 80  # about 800 tokens
+    conversation = [
+        {"role": "user", "content": "First: " + long},
+        {"type": "function_call", "call_id": "call_a", "name": "get_weather", "arguments": '{"city": "Oslo"}'},
+        {"type": "function_call_output", "call_id": "call_a", "output": long},
+        {"role": "assistant", "content": "Noted."},
+        {"role": "user", "content": "Second: " + long},
+        {"role": "assistant", "content": "Noted too."},
+        {"role": "user", "content": "What did I say last?"},
+    ]
+    body = {"model": MODEL_NAME, "input": conversation, "tools": [WEATHER], "temperature": 0, "max_output_tokens": 8}
+    with pytest.raises(openai.BadRequestError) as exc:
+        client(svc).responses.create(**body, store=False)
+    assert (exc.value.code, exc.value.param) == ("context_length_exceeded", "input")
+
+    answer = client(svc).responses.create(**body, truncation="auto", store=False)
+    assert answer.status in ("completed", "incomplete") and answer.truncation == "auto"
+    # The first user turn and the tool call with its output are left out; the second turn stays.
+    assert 800 < answer.usage.input_tokens < 1200
+    # The last turn alone over the context: refused all the same.
+    alone = {**body, "input": [{"role": "user", "content": long * 3}], "truncation": "auto"}
+    with pytest.raises(openai.BadRequestError) as exc:
+        client(svc).responses.create(**alone, store=False)
+    assert exc.value.code == "context_length_exceeded"

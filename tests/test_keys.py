@@ -67,6 +67,7 @@ CHANGES = {
     "repetition_penalty": 1.1,
     "cache_salt": "client-1",  # not the answer, but the cache: another salt is not a hit (README)
     "prediction": "the expected answer",  # not the text, but the usage (accepted prediction tokens)
+    "truncation": "auto",  # a conversation over the context is answered with its oldest turns left out
 }
 
 
@@ -89,7 +90,7 @@ def test_aliases_and_defaults_are_resolved():
     assert key({**BASE, "max_completion_tokens": 9}) == key({**BASE, "max_tokens": 9})
     assert key({**BASE, "max_tokens": 512}) == key(BASE)
     assert key({**BASE, "stop": "x"}) == key({**BASE, "stop": ["x"]})
-    assert key({**BASE, "n": 1, "top_p": 1.0, "logprobs": False}) == key(BASE)
+    assert key({**BASE, "n": 1, "top_p": 1.0, "logprobs": False, "truncation": "disabled"}) == key(BASE)
     assert key({**BASE, "tools": [], "tool_choice": "auto"}) == key(BASE)
     parts = {
         **BASE,

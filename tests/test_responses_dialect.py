@@ -425,6 +425,7 @@ def test_sampling_and_extras_are_carried_and_the_rest_dropped():
         "top_k": 40,
         "service_tier": "flex",
         "prompt_cache_key": "pck",  # the session routing keeps on one worker (not in the cache key)
+        "truncation": "auto",  # honoured by the worker (worker.sequence_builder)
     }
     assert request(service_tier="flex").priority == "low"
     assert request().priority == "interactive"

@@ -207,6 +207,10 @@ class SequenceBuilder:
         """`prompt`, and its prefix-cache checkpoints when asked."""
         if kind == "chat":
             prompt, prefill, tools, marks = self._chat(request, continuing=continuing, checkpoints=checkpoints)
+            if len(prompt) + 1 > self.context_length and request.truncation == "auto":
+                shorter = self._truncated(request, continuing=continuing, checkpoints=checkpoints)
+                if shorter is not None:
+                    prompt, prefill, tools, marks = shorter
         else:
             prompt, prefill, tools = self.completion_tokens(request), "", []
             marks = completion_marks(prompt) if checkpoints else {}
@@ -217,6 +221,34 @@ class SequenceBuilder:
                 code="context_length_exceeded",
             )
         return prompt, prefill, tools, marks
+
+    def _truncated(
+        self, request: Request, *, continuing: bool, checkpoints: bool
+    ) -> tuple[list[int], str, list[dict[str, Any]], Marks] | None:
+        """The Responses API's `truncation: "auto"` for a conversation over the context: its oldest turns left out,
+        as few as leave room for the answer (its max_tokens, at most a quarter of the context); None when even the
+        last turn alone leaves none. The leading system messages stay, and the conversation is cut only before a
+        user message, so that no tool result loses its call and a template that wants a user turn first gets one.
+        Its checkpoints name no boundary hash: those are the whole conversation's (mlxq.keys.prefix_hashes)."""
+        messages = request.messages or []
+        lead = next((i for i, m in enumerate(messages) if m.role not in ("system", "developer")), len(messages))
+        cuts = [i for i in range(lead + 1, len(messages)) if messages[i].role == "user"]
+        room = min(request.max_tokens or DEFAULT_MAX_TOKENS, self.context_length // 4)
+        found = None
+        low, high = 0, len(cuts) - 1
+        while low <= high:  # the earliest cut that fits: a later one leaves out more (one render per try)
+            mid = (low + high) // 2
+            shorter = request.model_copy(update={"messages": messages[:lead] + messages[cuts[mid] :]})
+            tried = self._chat(shorter, continuing=continuing, checkpoints=checkpoints)
+            if len(tried[0]) + room <= self.context_length:
+                found, high = tried, mid - 1
+            else:
+                low = mid + 1
+        if found is None:
+            return None
+        prompt, prefill, tools, marks = found
+        log.info("truncation auto: %d of %d messages left out", cuts[low] - lead, len(messages))
+        return prompt, prefill, tools, {position: (cache_type, None) for position, (cache_type, _) in marks.items()}
 
     # -- sampling and constraints --------------------------------------------------------------
 

@@ -84,8 +84,14 @@ def certain_bytes(kind: JobKind, request: Request) -> int:
     """UTF-8 bytes of the text the prompt certainly holds: a completion's prompt, a chat's user and system text."""
     if kind == "completion":
         return len(request.prompt.encode("utf-8", "surrogatepass")) if isinstance(request.prompt, str) else 0
+    messages = request.messages or []
+    if request.truncation == "auto":  # what the worker's truncation keeps whatever it leaves out: the system
+        # messages that lead, and the conversation from its last user message on
+        lead = next((i for i, m in enumerate(messages) if m.role not in ("system", "developer")), len(messages))
+        last = max((i for i, m in enumerate(messages) if m.role == "user"), default=lead)
+        messages = messages[:lead] + messages[max(last, lead) :]
     total = 0
-    for message in request.messages or []:
+    for message in messages:
         if message.role not in ("user", "system", "developer"):
             continue
         content = message.content

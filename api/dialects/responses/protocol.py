@@ -11,9 +11,11 @@ two tools of one name, `prompt` templates and `conversation` objects (stored on 
 
 Accepted and dropped, since they change nothing here: `reasoning` items and the `reasoning` config (the served
 model thinks, or not, by its own template), `metadata`, `store`, `background`, `include` (but for logprobs),
-`prompt_cache_key`, `truncation`, `safety_identifier`, `client_metadata`, `max_tool_calls`, `text.verbosity`.
+`prompt_cache_key`, `safety_identifier`, `client_metadata`, `max_tool_calls`, `text.verbosity`.
 Hosted tools (`web_search`, `file_search`, `mcp`, ...) are dropped from the tools the model sees; `hosted_tools`
 lists them so the answer can say so.
+`truncation: "auto"` is honoured by the worker: a conversation over the context loses its oldest turns
+(worker.sequence_builder).
 
 `to_chat` maps a request onto the neutral chat body (mlxq.request.Request: OpenAI-shaped messages, since that is
 what chat templates take) that says the same conversation, so that it has the same canonical form (mlxq.keys) and
@@ -758,6 +760,7 @@ _SAME_NAME = (
     "cache",
     "prompt_cache_key",  # the session that routing keeps on one worker (mlxq.delivery); not in the cache key
     "cache_salt",
+    "truncation",
 )
 # Responses' service tiers chat completions does not name: the same processing there.
 _SERVICE_TIERS = {"fast": "priority", "ultrafast": "priority"}
