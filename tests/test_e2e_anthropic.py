@@ -74,9 +74,18 @@ def test_the_job_listing_names_the_endpoint_each_job_was_asked_at(svc: Service):
     chat = openai_client.chat.completions.with_raw_response.create(
         model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=2, extra_headers=nothing_cached
     )
-    listed = {j["id"]: j["endpoint"] for j in httpx.get(f"{svc.base}/v1/jobs?limit=100", timeout=30).json()["data"]}
-    assert listed[raw.headers["x-job-id"]] == "/v1/messages"
-    assert listed[chat.headers["x-job-id"]] == "/v1/chat/completions"
+    listed = {j["id"]: j for j in httpx.get(f"{svc.base}/v1/jobs?limit=100", timeout=30).json()["data"]}
+    asked, chatted = listed[raw.headers["x-job-id"]], listed[chat.headers["x-job-id"]]
+    assert (asked["endpoint"], chatted["endpoint"]) == ("/v1/messages", "/v1/chat/completions")
+    # Each result as the endpoint it was asked at answered it, the same however it is read.
+    read = httpx.get(f"{svc.base}/v1/jobs/{asked['id']}", timeout=30).json()
+    assert read["result"] == asked["result"] and asked["status"] == "succeeded"
+    result = anthropic.types.Message.model_validate(asked["result"])
+    assert (asked["result"]["type"], result.role, result.model) == ("message", "assistant", MODEL_NAME)
+    assert [block.model_dump() for block in result.content] == [block.model_dump() for block in raw.parse().content]
+    assert result.stop_reason == raw.parse().stop_reason and result.id.startswith("msg_")
+    assert chatted["result"]["object"] == "chat.completion"
+    assert chatted["result"]["choices"][0]["message"]["content"] == chat.parse().choices[0].message.content
 
 
 def test_stop_sequences_end_with_stop_sequence(svc: Service):

@@ -72,7 +72,12 @@ def test_the_job_listing_names_the_responses_endpoint(svc: Service):
         **ask("Hi", max_output_tokens=2, store=False), extra_headers={"Cache-Control": "no-cache"}
     )
     job = httpx.get(f"{svc.base}/v1/jobs/{raw.headers['x-job-id']}", timeout=30).json()
-    assert job["endpoint"] == "/v1/responses"
+    assert (job["endpoint"], job["status"]) == ("/v1/responses", "succeeded")
+    # Its result as the endpoint answered it: a `response`, the same however often it is read.
+    assert httpx.get(f"{svc.base}/v1/jobs/{job['id']}", timeout=30).json()["result"] == job["result"]
+    result = openai.types.responses.Response.model_validate(job["result"])
+    assert (job["result"]["object"], result.model, result.status) == ("response", MODEL_NAME, raw.parse().status)
+    assert result.output_text == raw.parse().output_text and result.output[0].type == "message"
 
 
 def test_a_prompt_over_the_context_names_the_input(svc: Service):

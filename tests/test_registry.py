@@ -61,6 +61,7 @@ ECHO = Dialect(
             adapt=echo_incoming,
             render=lambda results, model: chat_completion(results[0], model=model),
             writer=lambda model: ChunkWriter(kind="chat", model=model),
+            render_job=lambda job: chat_completion(job.result or {}, model=job.model),
         ),
     ),
     error_body=echo_error,
@@ -177,17 +178,28 @@ def test_what_the_registry_tells_the_rest_of_the_api():
 
 def test_batch_lines_render_as_their_endpoint_answers():
     job: Any = SimpleNamespace(
+        id="0b5e-77",
         model="m",
         result={"text": "Paris.", "finish_reason": "stop", "usage": {}},
         request={"model": "m", "temperature": 0.0},  # the canonical request it ran
+        created_at=1699999999.0,
         finished_at=1700000000.5,
     )
-    lines = {path: route.render_line(job) for path, route in registry.routes().items()}
+    lines = {path: route.render_job(job) for path, route in registry.routes().items()}
+    # One id (the job's) and one time (its end) however often it is read.
+    assert lines == {path: route.render_job(job) for path, route in registry.routes().items()}
+    assert [lines[path]["id"] for path in registry.routes()] == [
+        "chatcmpl-0b5e77",
+        "cmpl-0b5e77",
+        "msg_0b5e77",
+        "resp_0b5e77",
+    ]
+    assert lines["/v1/chat/completions"]["created"] == lines["/v1/completions"]["created"] == 1700000000
     assert lines["/v1/chat/completions"]["choices"][0]["message"]["content"] == "Paris."
     assert lines["/v1/completions"]["choices"][0]["text"] == "Paris."
     assert lines["/v1/messages"]["content"] == [{"type": "text", "text": "Paris."}]
     response = lines["/v1/responses"]
     assert (response["object"], response["status"], response["model"]) == ("response", "completed", "m")
     assert response["output"][0]["content"][0]["text"] == "Paris."
-    assert isinstance(response["created_at"], int)
+    assert response["created_at"] == 1699999999
     assert (response["temperature"], response["top_p"], response["completed_at"]) == (0.0, 1.0, 1700000000)

@@ -3,7 +3,8 @@ endpoints and the batch lifecycle read, so that a new dialect is registered here
 
 A record names its routes (the routers that serve it), its generation endpoints (each with its path, its label in
 /metrics, its job kind, the body it takes and its adapter to the neutral request (api.pipeline.incoming), its JSON renderer,
-its stream writer (api.pipeline.relay) and, where a job or a batch line may name it, the adapter for those), and the shape
+its stream writer (api.pipeline.relay), its rendering of a finished job (a job's `result`, a batch line's body) and,
+where a job or a batch line may name it, the adapter for those), and the shape
 of its errors (the paths whose errors it renders, and how; OpenAI's error object where it names none).
 
 Route modules are named, not imported here: they import api.pipeline.prepare, which reads this registry.
@@ -53,17 +54,21 @@ class Route:
     adapt: Adapter
     render: JSONRenderer
     writer: WriterFactory
+    # A finished job's answer, its id made of the job's and its times the job's (`answered`): what a batch line's
+    # `response.body` and a job's `result` show, the same however often it is read.
+    render_job: Callable[[Job], dict[str, Any]]
     # The adapter of a body a job or a batch line names this path with (None: they may not name it).
     job: Adapter | None = None
 
-    # A finished job's answer when the endpoint renders more of it than its results (None: `render`).
-    render_job: Callable[[Job], dict[str, Any]] | None = None
 
-    def render_line(self, job: Job) -> dict[str, Any]:
-        """A finished job's answer as this endpoint renders it (a batch line's `response.body`)."""
-        if self.render_job is not None:
-            return self.render_job(job)
-        return self.render([job.result or {}], job.model)
+def answered(job: Job) -> int:
+    """When a finished job answered (its end; its start for a row that never kept one)."""
+    return int(job.finished_at or job.created_at)
+
+
+def answer_id(prefix: str, job: Job) -> str:
+    """The id of a finished job's answer: the dialect's prefix and the job's id, one id however often it is read."""
+    return f"{prefix}{job.id.replace('-', '')}"
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,11 @@ OPENAI = Dialect(
             adapt=openai_adapter.chat,
             render=lambda results, model: chat_completion(results[0], model=model),
             writer=lambda model: ChunkWriter(kind="chat", model=model),
+            render_job=lambda job: {
+                **chat_completion(job.result or {}, model=job.model),
+                "id": answer_id("chatcmpl-", job),
+                "created": answered(job),
+            },
             job=openai_adapter.chat,
         ),
         Route(
@@ -114,6 +124,11 @@ OPENAI = Dialect(
             adapt=openai_adapter.completion,
             render=lambda results, model: text_completion(results, model=model),
             writer=lambda model: ChunkWriter(kind="completion", model=model),
+            render_job=lambda job: {
+                **text_completion([job.result or {}], model=job.model),
+                "id": answer_id("cmpl-", job),
+                "created": answered(job),
+            },
             job=openai_adapter.completion,
         ),
     ),
@@ -131,6 +146,7 @@ ANTHROPIC = Dialect(
             adapt=anthropic_adapter.incoming,
             render=lambda results, model: message(results[0], model=model),
             writer=lambda model: MessageStreamWriter(model=model),
+            render_job=lambda job: {**message(job.result or {}, model=job.model), "id": answer_id("msg_", job)},
         ),
     ),
     error_body=error_body,
@@ -149,11 +165,12 @@ RESPONSES = Dialect(
             adapt=responses_adapter.incoming,
             render=lambda results, model: unstored(model).render(results[0]),
             writer=lambda model: unstored(model).stream_writer(),
+            # The sampling it ran with, from its canonical request; created when the job was, completed when it
+            # finished.
+            render_job=lambda job: unstored(
+                job.model, job.request, response_id=answer_id("resp_", job), created_at=int(job.created_at)
+            ).render(job.result or {}, completed_at=job.finished_at),
             job=_stateless,
-            # The sampling it ran with, from its canonical request; completed when the job finished.
-            render_job=lambda job: unstored(job.model, job.request).render(
-                job.result or {}, completed_at=job.finished_at
-            ),
         ),
     ),
 )

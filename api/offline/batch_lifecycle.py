@@ -141,7 +141,7 @@ def _compose(
 def _body(services: Services, endpoint: str, job: Job) -> dict[str, Any] | None:
     """A line's answer as its endpoint renders it (api.dialects.registry: a Responses line as a `response`)."""
     route = registry.route(endpoint)
-    return route.render_line(job) if route is not None else None
+    return route.render_job(job) if route is not None else None
 
 
 def _entry(services: Services, endpoint: str, line: BatchLine, job: Job | None, final: BatchStatus) -> dict[str, Any]:

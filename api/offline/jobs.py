@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import ServerSentEvent
 
 from api.auth import AUTHENTICATED, Owner
-from api.dialects.openai.render import chat_completion, text_completion
+from api.dialects import registry
 from api.errors import APIError
 from api.offline.pages import list_page
 from api.pipeline.prepare import KIND_ENDPOINTS, parse, prepare
@@ -30,15 +30,15 @@ JOB_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 
 
 def render_result(job: Job) -> dict[str, Any] | None:
-    """A job's result as the endpoint it named would have answered, by its model: one id (the job's) and one time
-    (its end) however often it is read."""
+    """A job's result as the endpoint its client called would have answered (an Anthropic `message` for
+    /v1/messages, a `response` for /v1/responses), rendered as a batch line's is (api.dialects.registry): one id
+    (the job's) and one time (its end) however often it is read."""
     if job.result is None:
         return None
-    if job.kind == "chat":
-        rendered, prefix = chat_completion(job.result, model=job.model), "chatcmpl"
-    else:
-        rendered, prefix = text_completion([job.result], model=job.model), "cmpl"
-    return {**rendered, "id": f"{prefix}-{job.id.replace('-', '')}", "created": int(job.finished_at or job.created_at)}
+    endpoints = registry.routes()
+    # By its kind where the row names no generation endpoint: a row from before it was kept, or a count.
+    by_kind = endpoints["/v1/chat/completions" if job.kind == "chat" else "/v1/completions"]
+    return endpoints.get(job.endpoint or "", by_kind).render_job(job)
 
 
 def job_object(services: Services, job: Job) -> dict[str, Any]:
@@ -94,7 +94,7 @@ async def submit_job(
     priority = raw.get("priority")
     if priority is not None and priority not in PRIORITIES:
         raise APIError(400, f"priority must be one of {', '.join(PRIORITIES)}.", param="priority")
-    if endpoint not in JOB_ENDPOINTS:  # a job's result is rendered by its kind, which is all its row keeps
+    if endpoint not in JOB_ENDPOINTS:
         raise APIError(
             400,
             f"Unsupported endpoint {endpoint!r} for a job; use one of {', '.join(JOB_ENDPOINTS)} (other endpoints "

@@ -434,13 +434,21 @@ def response_object(
     return context.render(result, status, completed_at=completed_at)
 
 
-def unstored(model: str, canonical: Mapping[str, Any] | None = None) -> ResponseContext:
-    """The context of a response nothing stored and no request but its model names (a batch line's, a stream
-    writer's made from the model alone), and the canonical request it ran when known: a fresh id, made now."""
+def unstored(
+    model: str,
+    canonical: Mapping[str, Any] | None = None,
+    *,
+    response_id: str | None = None,
+    created_at: int | None = None,
+) -> ResponseContext:
+    """The context of a response nothing stored and no request but its model names (a job's or a batch line's, a
+    stream writer's made from the model alone), and the canonical request it ran when known: a fresh id, made now,
+    unless its id and time are given (a job's answer, the same however often it is read)."""
     return ResponseContext(
         request=ResponsesRequest.model_validate({"model": model}),
         model=model,
-        created_at=int(time.time()),
+        id=response_id or new_response_id(),
+        created_at=int(time.time()) if created_at is None else created_at,
         canonical=canonical,
     )
 
