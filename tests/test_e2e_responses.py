@@ -80,6 +80,27 @@ def test_the_job_listing_names_the_responses_endpoint(svc: Service):
     assert result.output_text == raw.parse().output_text and result.output[0].type == "message"
 
 
+def test_a_submitted_responses_job_is_answered_as_a_response(svc: Service):
+    body = {**ask("Hi", max_output_tokens=2), "store": False}
+    submitted = httpx.post(f"{svc.base}/v1/jobs", json={"endpoint": "/v1/responses", "body": body}, timeout=30)
+    assert submitted.status_code == 202, submitted.text
+    job_id = submitted.json()["id"]
+    deadline = time.monotonic() + 120
+    while (job := httpx.get(f"{svc.base}/v1/jobs/{job_id}", timeout=30).json())["status"] not in (
+        "succeeded",
+        "failed",
+    ):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.2)
+    assert (job["endpoint"], job["status"]) == ("/v1/responses", "succeeded")
+    result = openai.types.responses.Response.model_validate(job["result"])
+    assert job["result"]["object"] == "response" and result.output[0].type == "message"
+    # A stored conversation to continue is refused there: a job has none.
+    continued = {"endpoint": "/v1/responses", "body": {**body, "previous_response_id": "resp_x"}}
+    refused = httpx.post(f"{svc.base}/v1/jobs", json=continued, timeout=30)
+    assert (refused.status_code, refused.json()["error"]["param"]) == (400, "previous_response_id")
+
+
 def test_a_prompt_over_the_context_names_the_input(svc: Service):
     # Short enough for the api's bound to let through: the worker's exact count refuses it.
     with pytest.raises(openai.BadRequestError) as exc:

@@ -214,10 +214,9 @@ def test_jobs_submit_poll_join_late_cancel_idempotent_and_gone_after_retention(
     assert http.get(f"/v1/jobs/{job_id}").json()["error"]["code"] == "job_not_found"
     assert http.post("/v1/jobs", json={**body, "stream": True}).status_code == 400
     assert http.post("/v1/jobs", json={"endpoint": "/v1/nope", "body": body}).status_code == 400
-    # A body of another dialect's endpoint is a batch line's or a background response's: a job's result is rendered
-    # by its kind, which would answer a Responses body as a chat completion.
-    responses = {"endpoint": "/v1/responses", "body": {"model": MODEL_NAME, "input": "hi"}}
-    refused = http.post("/v1/jobs", json=responses)
+    # Anthropic's endpoint takes no job (it has no job adapter in the registry): named, it is refused as unknown.
+    anthropic = {"endpoint": "/v1/messages", "body": {"model": MODEL_NAME, "max_tokens": 2, "messages": []}}
+    refused = http.post("/v1/jobs", json=anthropic)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "endpoint"
 
 

@@ -26,7 +26,6 @@ from mlxq.sql import Job
 from mlxq.states import JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=AUTHENTICATED)
-JOB_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 
 
 def render_result(job: Job) -> dict[str, Any] | None:
@@ -94,14 +93,7 @@ async def submit_job(
     priority = raw.get("priority")
     if priority is not None and priority not in PRIORITIES:
         raise APIError(400, f"priority must be one of {', '.join(PRIORITIES)}.", param="priority")
-    if endpoint not in JOB_ENDPOINTS:
-        raise APIError(
-            400,
-            f"Unsupported endpoint {endpoint!r} for a job; use one of {', '.join(JOB_ENDPOINTS)} (other endpoints "
-            "go in a batch, or for /v1/responses, `background: true`).",
-            param="endpoint",
-        )
-    incoming = parse(endpoint, body_raw)
+    incoming = parse(endpoint, body_raw)  # the endpoints a job may name are the registry's, as a batch line's
     if incoming.stream:
         raise APIError(400, "A job is not streamed in its response; read GET /v1/jobs/{id}/events.", param="stream")
     prepared = await prepare(services, incoming)
