@@ -124,6 +124,14 @@ class Request(Sampling):
     # conversation on one worker before its prefix is cached anywhere (mlxq.delivery).
     session: str | None = Field(None, exclude=True)
 
+    def truncation_cuts(self) -> tuple[int, list[int]]:
+        """Where `truncation: "auto"` may cut the conversation: (how many system messages lead, which stay; the
+        indexes of the later user messages, before which alone it cuts, so that no tool result loses its call and a
+        template that wants a user turn first gets one). Read by the api's early bound and the worker's truncation."""
+        messages = self.messages or []
+        lead = next((i for i, m in enumerate(messages) if m.role not in ("system", "developer")), len(messages))
+        return lead, [i for i in range(lead + 1, len(messages)) if messages[i].role == "user"]
+
     def wire(self) -> dict[str, Any]:
         """The JSON form: what is hashed (mlxq.keys.request_key), stored on the job row and read back."""
         return self.model_dump(exclude_none=True)

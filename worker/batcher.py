@@ -426,8 +426,9 @@ class Batcher:
     def _stops(self, seq: Sequence, start: int) -> tuple[int, ...]:
         """The checkpoints `seq`'s prefill from `start` stops at (worker.boundaries.stops), each closing at least
         STOP_WORTH times what the generator says a forward's fixed cost is worth in tokens there (`least_stop`; MIN_GAP
-        where it has no measure), and the end of the prompt less its last token: the next turn starts there, and where the decode batch
-        feeds the last token itself (every model that checkpoints, today) the prefill ends there anyway."""
+        where it has no measure), and the end of the prompt less its last token: the next turn starts there, and where
+        the decode batch feeds the last token itself (every model that checkpoints, today) the prefill ends there
+        anyway."""
         least = getattr(self._gen, "least_stop", None)
         kept = stops(seq.checkpoints, start, STOP_WORTH * least(start) if least is not None else MIN_GAP)
         end = len(seq.prompt) - 1

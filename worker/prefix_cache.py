@@ -579,13 +579,17 @@ class PrefixCache:
         ident += f":q{bits}" if bits else ""
         return hashlib.sha256(ident.encode()).hexdigest()[:32] + ENTRY_SUFFIX
 
+    def _unvouched(self, path: Path) -> bool:
+        """Whether this process cannot vouch that `path` is whole: never written or loaded here, or its size changed."""
+        return path not in self._complete or self._complete[path] != _size(path)
+
     def _write(
         self, directory: Path, tokens: list[int], cache: list[Any], cache_type: str, partition: str
     ) -> DiskEntry:
         """An entry's file in `directory`, written unless this process already vouches for it."""
         bits = cache_bits(cache)
         path = directory / self._file_name(tokens, bits, partition)
-        if path not in self._complete or self._complete[path] != _size(path):
+        if self._unvouched(path):
             _write_atomic(path, functools.partial(_save_entry, cache=cache))
             self._complete[path] = _size(path)
         return DiskEntry(path.name, list(tokens), self._complete[path] or 0, cache_type, bits, partition)
@@ -652,7 +656,7 @@ class PrefixCache:
         with _locked(directory):
             for partition, tokens, cache, cache_type in reversed(self._chosen(self.partitioned_entries(), max_bytes)):
                 path = directory / self._file_name(tokens, cache_bits(cache), partition)
-                if path not in self._complete or self._complete[path] != _size(path):
+                if self._unvouched(path):
                     self._write(directory, tokens, cache, cache_type, partition)
                     return True
         return False

@@ -227,12 +227,10 @@ class SequenceBuilder:
     ) -> tuple[list[int], str, list[dict[str, Any]], Marks] | None:
         """The Responses API's `truncation: "auto"` for a conversation over the context: its oldest turns left out,
         as few as leave room for the answer (its max_tokens, at most a quarter of the context); None when even the
-        last turn alone leaves none. The leading system messages stay, and the conversation is cut only before a
-        user message, so that no tool result loses its call and a template that wants a user turn first gets one.
-        Its checkpoints name no boundary hash: those are the whole conversation's (mlxq.keys.prefix_hashes)."""
+        last turn alone leaves none; where it may cut: `Request.truncation_cuts`. Its checkpoints name no boundary
+        hash: those are the whole conversation's (mlxq.keys.prefix_hashes)."""
         messages = request.messages or []
-        lead = next((i for i, m in enumerate(messages) if m.role not in ("system", "developer")), len(messages))
-        cuts = [i for i in range(lead + 1, len(messages)) if messages[i].role == "user"]
+        lead, cuts = request.truncation_cuts()
         room = min(request.max_tokens or DEFAULT_MAX_TOKENS, self.context_length // 4)
         found = None
         low, high = 0, len(cuts) - 1

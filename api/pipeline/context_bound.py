@@ -86,10 +86,9 @@ def certain_bytes(kind: JobKind, request: Request) -> int:
         return len(request.prompt.encode("utf-8", "surrogatepass")) if isinstance(request.prompt, str) else 0
     messages = request.messages or []
     if request.truncation == "auto":  # what the worker's truncation keeps whatever it leaves out: the system
-        # messages that lead, and the conversation from its last user message on
-        lead = next((i for i, m in enumerate(messages) if m.role not in ("system", "developer")), len(messages))
-        last = max((i for i, m in enumerate(messages) if m.role == "user"), default=lead)
-        messages = messages[:lead] + messages[max(last, lead) :]
+        # messages that lead, and the conversation from its last cut on
+        lead, cuts = request.truncation_cuts()
+        messages = messages[:lead] + messages[cuts[-1] if cuts else lead :]
     total = 0
     for message in messages:
         if message.role not in ("user", "system", "developer"):
