@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -177,6 +178,43 @@ def test_a_save_writes_one_file_at_a_time_and_gives_way_to_a_request(tiny: Engin
     assert {e["file"] for e in manifest(tmp_path)["entries"]} == {
         p.name for p in tmp_path.iterdir() if p.suffix == ".safetensors"
     }
+
+
+def test_a_save_waits_for_the_engine_to_be_idle_a_while_after_a_job_ends(
+    tiny: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A save due at a job's end waits until the engine has been idle SAVE_IDLE_S: a conversation's next turn, sent as
+    soon as the answer came, then finds the engine free, not writing an entry's file. The heartbeat makes it after."""
+    from types import SimpleNamespace
+
+    from mlxq.settings import Settings
+    from worker import prefix_saves
+    from worker.prefix_index import PrefixIndex
+
+    monkeypatch.setattr(prefix_saves, "SAVE_IDLE_S", 0.5)
+    state = SimpleNamespace(
+        settings=Settings(data_dir=tmp_path, prefix_cache_save_s=0), engine=tiny, prefix_index=PrefixIndex()
+    )
+    saves = prefix_saves.PrefixSaves(state)  # type: ignore[arg-type]
+    tiny.generate("chat", turn([], "the first turn"))
+    saves.save()  # the job's end
+    saves.save_due()  # a heartbeat at once
+    assert not list(saves.directory.glob("*")), "saved while the next turn may be on its way"
+
+    # The next turn within the wait puts the save off again.
+    tiny.generate("chat", turn([], "the second turn"))
+    saves.save()
+    time.sleep(0.3)
+    saves.save_due()
+    assert not list(saves.directory.glob("*"))
+
+    time.sleep(0.3)  # idle for the wait since the last job's end
+    saves.save_due()
+    deadline = time.monotonic() + 30
+    while not (saves.directory / MANIFEST).exists():
+        assert time.monotonic() < deadline, "the save was never made"
+        time.sleep(0.05)
+    assert len(manifest(saves.directory)["entries"]) == 2
 
 
 def test_a_save_that_dies_midway_leaves_the_previous_one_loadable(

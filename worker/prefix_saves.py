@@ -15,6 +15,12 @@ from worker.state import WorkerState
 
 log = logging.getLogger(__name__)
 
+# A save starts only once the engine has been idle this long since a job's end. An agent sends its next turn as soon
+# as a tool has run (often well under a second), and that turn waited for the entry file being written (a real-size
+# Gemma 3's were 100-700 MB, 0.3-2 s at this disk's 350 MB/s with fsync); a save is due every `prefix_cache_save_s` in
+# any case, so waiting this long first loses nothing but this much of a killed worker's latest entries.
+SAVE_IDLE_S = 2.0
+
 
 class PrefixSaves:
     def __init__(self, state: WorkerState) -> None:
@@ -22,6 +28,7 @@ class PrefixSaves:
         self._saved_at = time.monotonic()
         self._saving = threading.Lock()
         self._pending = False  # a job ended since the last save: the cache may hold what the disk does not
+        self._ended_at = 0.0  # when the last job ended (SAVE_IDLE_S)
 
     @property
     def directory(self) -> Path:
@@ -61,11 +68,12 @@ class PrefixSaves:
         """Persist the prefix cache (a job has ended: it may have changed): when the engine is idle, at most every
         prefix_cache_save_s, and at shutdown (`force`).
 
-        The save runs on the engine thread (the trie is its alone), so it waits for an idle engine rather
-        than stall a running batch, and writes one entry's file at a time, giving way when a request arrives: put
-        off, it stays due, and the heartbeat tries it again (`save_due`).
+        The save runs on the engine thread (the trie is its alone), so it waits for an engine idle for SAVE_IDLE_S
+        rather than stall a running batch or a conversation's next turn, and writes one entry's file at a time, giving
+        way when a request arrives: put off, it stays due, and the heartbeat tries it again (`save_due`).
         """
         self._pending = True
+        self._ended_at = time.monotonic()
         self._save(force=force)
 
     def save_due(self) -> None:
@@ -77,7 +85,8 @@ class PrefixSaves:
             threading.Thread(target=self._save, name="mlxq-prefix-save", daemon=True).start()
 
     def _due(self) -> bool:
-        return time.monotonic() - self._saved_at >= self._state.settings.prefix_cache_save_s
+        now = time.monotonic()
+        return now - self._saved_at >= self._state.settings.prefix_cache_save_s and now - self._ended_at >= SAVE_IDLE_S
 
     def _busy(self) -> bool:
         batch = self._state.engine.batcher.stats() if self._state.engine is not None else {}
