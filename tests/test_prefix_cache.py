@@ -302,3 +302,48 @@ def test_truncated_garbage_and_foreign_files_are_skipped(
             assert fresh(tiny_model).load(tmp_path) == 0
         assert MANIFEST in caplog.text and listing(tmp_path) == files
     assert fresh(tiny_model).load(tmp_path / "missing") == 0
+
+
+def test_the_trie_search_finds_what_mlx_lm_s_does():
+    """The prefix trie's search (linear in its entries, where mlx-lm's is quadratic in their tails) answers as mlx-lm's
+    on random tries: entries added, taken out, and shortened by a trimmable insert (`pop_prefixes`), one partition's
+    and another's; of equally short longer entries either may be named."""
+    import random
+
+    from mlx_lm.models.cache import PromptTrie
+
+    rng = random.Random(7)
+    ours, theirs = prefix_cache._EvictionTrie(), PromptTrie()
+    held: dict[str, list[list[int]]] = {"a": [], "b": []}
+
+    def tokens() -> list[int]:
+        base = rng.choice([*[e for h in held.values() for e in h], [1, 2, 3, 4]])
+        cut = rng.randint(0, len(base))
+        return base[:cut] + [rng.randint(0, 3) for _ in range(rng.randint(0, 12))]
+
+    for step in range(3000):
+        model = rng.choice("ab")
+        action = rng.random()
+        if action < 0.35 or not held[model]:
+            entry = tokens()
+            if entry:
+                assert ours.add(model, entry, step) == theirs.add(model, entry, step)
+                if entry not in held[model]:
+                    held[model].append(entry)
+        elif action < 0.45:
+            entry = held[model].pop(rng.randrange(len(held[model])))
+            assert ours.pop(model, entry) == theirs.pop(model, entry)
+            if not held[model]:  # ours drops an emptied partition's root (TieredLRU's own), mlx-lm's keeps it
+                theirs._trie.pop(model, None)
+        elif action < 0.5:
+            entry = rng.choice(held[model])
+            assert ours.pop_prefixes(model, entry) == theirs.pop_prefixes(model, entry)
+            held[model] = [e for e in held[model] if not (len(e) < len(entry) and entry[: len(e)] == e)]
+        query = tokens()
+        got, want = ours.search(model, query), theirs.search(model, query)
+        assert (got.exact, got.shorter, got.common_prefix) == (want.exact, want.shorter, want.common_prefix), query
+        if want.longer is None:
+            assert got.longer is None
+        else:
+            assert got.longer is not None and len(got.longer) == len(want.longer), (query, got.longer, want.longer)
+            assert got.longer in held[model] and got.longer[: got.common_prefix] == query[: got.common_prefix]
