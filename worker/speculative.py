@@ -465,6 +465,7 @@ class SpeculativeBatch:
     # Short prompts come in whole, several at once (worker.generator.ChunkedPrefill's groups): prefilled as they
     # join, together, in one padded forward.
     prefills_together = True
+    samples_first = True  # and samples their first tokens from that forward (`Admission.sample_first`)
     # Set by the scheduler (worker.generator.ChunkedPrefill) while prompts wait for their prefill. It gives prefill
     # what a step's target leaves after decoding, so a drafting step that costs more than a plain one takes its time
     # from the prompts waiting: then only drafts about as cheap as a plain step are tried (where the forward is
