@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,10 @@ def run_together(engine: Engine, requests: list[dict], **kw) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_model: Path) -> Engine:
-    return Engine.load(str(tiny_model), BatchLimits(size=8))
+def tiny(tiny_model: Path) -> Iterator[Engine]:
+    engine = Engine.load(str(tiny_model), BatchLimits(size=8))
+    yield engine
+    engine.close()  # a running engine thread can abort the interpreter's exit (MLX's thread-locals)
 
 
 def test_concurrent_greedy_requests_get_what_they_get_alone(tiny: Engine):

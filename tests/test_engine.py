@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,13 +20,17 @@ USER = {"role": "user", "content": "What is the capital of France?"}
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_model: Path) -> Engine:
-    return Engine.load(str(tiny_model))
+def tiny(tiny_model: Path) -> Iterator[Engine]:
+    engine = Engine.load(str(tiny_model))
+    yield engine
+    engine.close()  # a running engine thread can abort the interpreter's exit (MLX's thread-locals)
 
 
 @pytest.fixture(scope="module")
-def smol(smollm2: Path) -> Engine:
-    return Engine.load(str(smollm2))
+def smol(smollm2: Path) -> Iterator[Engine]:
+    engine = Engine.load(str(smollm2))
+    yield engine
+    engine.close()
 
 
 class Deltas:

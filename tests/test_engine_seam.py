@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,8 @@ preload_openblas()
 
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
-from mlx_lm import generate as mlx_generate  # noqa: E402
 from mlx_lm import load as mlx_load  # noqa: E402
+from mlx_lm import stream_generate as mlx_stream_generate  # noqa: E402
 from mlx_lm.tuner.utils import linear_to_lora_layers  # noqa: E402
 
 import worker.batcher  # noqa: E402
@@ -34,8 +35,10 @@ LORA = {"rank": 4, "scale": 20.0, "dropout": 0.0}
 
 
 @pytest.fixture(scope="module")
-def plain(tiny_model: Path) -> Engine:
-    return Engine.load(str(tiny_model))
+def plain(tiny_model: Path) -> Iterator[Engine]:
+    engine = Engine.load(str(tiny_model))
+    yield engine
+    engine.close()  # its engine thread, left running, aborted the interpreter's exit (MLX's thread-locals)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +96,10 @@ def test_an_adapter_changes_the_key_and_decodes_as_mlx_lm_does(tiny_model: Path,
         request = {"prompt": tokens, "temperature": 0.0, "max_tokens": 16}
         ours = engine.generate("completion", request)
         model, tokenizer = mlx_load(str(tiny_model), adapter_path=str(adapter))
-        theirs = mlx_generate(model, tokenizer, prompt=tokens, max_tokens=16)
+        their_tokens = [r.token for r in mlx_stream_generate(model, tokenizer, prompt=tokens, max_tokens=16)]
+        # The continuation as text after the prompt: a completion keeps its first token's leading space, which
+        # mlx-lm's detokenizer drops (worker.sequence's `keep_space`).
+        theirs = tokenizer.decode(tokens + their_tokens)[len(tokenizer.decode(tokens)) :]
         assert ours["text"] == theirs
         assert ours["text"] != plain.generate("completion", request)["text"], "the adapter must change the answer"
     finally:

@@ -41,6 +41,7 @@ from worker.generator import (  # noqa: E402
     ChunkedPrefill,
     Generator,
     GeneratorConfig,
+    MlxBatchGenerator,
     PrefillCost,
     Step,
     mlx_batch_generator,
@@ -370,19 +371,20 @@ def test_a_prompt_deep_in_its_context_joins_the_decode_batch_from_its_own_cache(
             deep += [(n, depth) for n, depth, _ in gen._chunks if depth >= len(held)]
             out += [g.token for g in step.generated if g.uid == uid]
         if cached:
-            assert deep == [(9, len(held))], "its rest but the decoder's first input, in one chunk of its own"
+            assert deep == [(10, len(held))], "its rest, its last token too, in one chunk of its own"
         answers.append(out)
     assert answers[0] == answers[1]
 
 
-def test_a_prompts_last_chunk_gives_its_first_token_where_the_decode_batch_is_ours(model: Any):
-    """Before the decode batch (worker.speculative), a prompt's last chunk takes its last token too, and its first token
-    is sampled from that forward (or, where `_merges` says so, from a forward of the last token alone, in the same
-    step): it comes with the step that ends the prompt, not after a decode forward of the last prompt token in the step
-    after, as mlx-lm's batch has it (one forward sooner: on this CPU 318 ms against 373 for a 30-token later turn of
-    SmolLM2). Its answer is the one mlx-lm's batch gives, plain and under penalties (processors see the whole prompt
-    first); one that ends on that token (its length, or an end-of-sequence token) leaves with its whole prompt's
-    cache."""
+def test_a_prompts_last_chunk_gives_its_first_token_whichever_the_decode_batch(model: Any):
+    """Before either decode batch (worker.speculative's, or mlx-lm's, which then takes the first token as its first
+    input: `Admission.first`), a prompt's last chunk takes its last token too, and its first token is sampled from that
+    forward (or, where `_merges` says so, from a forward of the last token alone, in the same step): it comes with the
+    step that ends the prompt, not after a decode forward of the last prompt token, as mlx-lm's batch alone has it (one
+    forward sooner: on this CPU 318 ms against 373 for a 30-token later turn of SmolLM2; behind mlx-lm's batch two, its
+    decode running a step ahead: a real-size Gemma 3's later turns came ~150 ms after mlx_lm.server's). Its answer is
+    the one mlx-lm's batch gives alone, plain and under penalties (processors see the whole prompt first); one that
+    ends on that token (its length, or an end-of-sequence token) leaves with its whole prompt's cache."""
     from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.sample_utils import make_logits_processors
 
@@ -390,11 +392,14 @@ def test_a_prompts_last_chunk_gives_its_first_token_where_the_decode_batch_is_ou
     stream = mx.default_stream(mx.default_device())
 
     def run(
-        ours: bool, max_tokens: int, processors: list[Any], merges: bool = False, eos: tuple[int, ...] = ()
-    ) -> tuple[list[Step], int]:
+        inner: str, max_tokens: int, processors: list[Any], merges: bool = False, eos: tuple[int, ...] = ()
+    ) -> tuple[list[Step], int, Any]:
+        """`inner`: "alone" (mlx-lm's batch, no prefill stage), "ours" or "mlx" (the prefill stage before each)."""
         config = GeneratorConfig(model, eos_ids=eos, batch_size=8, prefill_batch_size=8, prefill_step=64)
-        gen = ChunkedPrefill(config, stream, SpeculativeBatch(config, stream) if ours else None)
-        gen._merges = lambda *_: merges  # type: ignore[method-assign]
+        gen: Any = MlxBatchGenerator(config, stream)
+        if inner != "alone":
+            gen = ChunkedPrefill(config, stream, SpeculativeBatch(config, stream) if inner == "ours" else None)
+            gen._merges = lambda *_: merges
         cache = make_prompt_cache(model)
         model(mx.array(held)[None], cache=cache)
         uid = gen.admit(Admission(rest, max_tokens, cache, list(held), None, processors, watched=False))
@@ -402,30 +407,50 @@ def test_a_prompts_last_chunk_gives_its_first_token_where_the_decode_batch_is_ou
         deep: list[int] = []
         while not any(g.uid == uid and g.finish_reason for s in steps for g in s.generated):
             steps.append(gen.step())
-            deep += [n for n, depth, _ in gen._chunks if depth >= len(held)]
+            deep += [n for n, depth, _ in getattr(gen, "_chunks", []) if depth >= len(held)]
             assert len(steps) < 20
-        assert deep == [len(rest) if ours else len(rest) - 1], "its rest in one chunk: all of it with ours"
-        return steps, uid
+        assert deep == ([] if inner == "alone" else [len(rest)]), "its rest in one chunk, all of it"
+        return steps, uid, gen
 
     def answer(steps: list[Step], uid: int) -> list[int]:
         return [g.token for s in steps for g in s.generated if g.uid == uid]
 
     for processors in ([], make_logits_processors(repetition_penalty=1.3, presence_penalty=0.5)):
-        theirs, their_uid = run(False, 6, processors)
-        their_end = next(i for i, s in enumerate(theirs) if any(p.finished for p in s.prefilled))
-        assert not theirs[their_end].generated, "mlx-lm's batch: one decode forward later"
-        for merges in (False, True):
-            ours, uid = run(True, 6, processors, merges)
-            assert answer(ours, uid) == answer(theirs, their_uid)
-            ended = next(i for i, s in enumerate(ours) if any(p.uid == uid and p.finished for p in s.prefilled))
-            assert [g.uid for g in ours[ended].generated] == [uid], "the first token comes with the prompt's end"
+        alone, alone_uid, _ = run("alone", 6, processors)
+        for inner in ("ours", "mlx"):
+            for merges in (False, True):
+                steps, uid, gen = run(inner, 6, processors, merges)
+                assert gen._tail == 0, "either decode batch takes a first token sampled before it"
+                assert answer(steps, uid) == answer(alone, alone_uid), (inner, merges)
+                ended = next(i for i, s in enumerate(steps) if any(p.uid == uid and p.finished for p in s.prefilled))
+                assert [g.uid for g in steps[ended].generated] == [uid], "the first token comes with the prompt's end"
 
-    first = answer(theirs, their_uid)[0]
-    for max_tokens, eos, reason in ((1, (), "length"), (6, (first,), "stop")):
-        steps, uid = run(True, max_tokens, [], eos=eos)
-        (only,) = [g for s in steps for g in s.generated]
-        assert (only.token, only.finish_reason, only.tokens) == (first, reason, held + rest)
-        assert only.cache is not None and cache_length(only.cache) == len(held) + len(rest)
+    first = answer(alone, alone_uid)[0]
+    for inner in ("ours", "mlx"):
+        for max_tokens, eos, reason in ((1, (), "length"), (6, (first,), "stop")):
+            steps, uid, _ = run(inner, max_tokens, [], eos=eos)
+            (only,) = [g for s in steps for g in s.generated]
+            assert (only.token, only.finish_reason, only.tokens) == (first, reason, held + rest)
+            assert only.cache is not None and cache_length(only.cache) == len(held) + len(rest)
+
+
+def test_a_prompts_lone_last_token_is_not_priced_as_a_chunk(model: Any):
+    """A checkpoint just before a prompt's last token (the end-of-prompt one of a model that cannot trim) leaves that
+    token a forward of its own, which samples the first token: a decode's shape, not a chunk's, it stays out of the
+    chunks' cost fit (a real-size Qwen3-Next's one-token forward, 70 ms beside chunks' 200 ms fixed cost, halved its
+    chunks and made its cold prompts 1.7x as long)."""
+    stream = mx.default_stream(mx.default_device())
+    config = GeneratorConfig(model, eos_ids=(), batch_size=8, prefill_batch_size=8, prefill_step=64)
+    gen = ChunkedPrefill(config, stream)
+    priced: list[int] = []
+    add = gen.cost.add
+    gen.cost.add = lambda tokens, seconds, depth=0: (priced.append(tokens), add(tokens, seconds, depth))[1]  # type: ignore[method-assign]
+    prompt = tokens(40, 5)
+    uid = gen.admit(Admission(prompt, 2, None, [], None, [], checkpoints=(len(prompt) - 1,), watched=False))
+    steps = [gen.step() for _ in range(6)]
+    assert any(g.uid == uid for s in steps for g in s.generated), "it answered"
+    assert 1 not in priced and priced, priced
+    assert any(c.tokens == prompt[:-1] for s in steps for c in s.checkpoints), "the checkpoint before the last token"
 
 
 def test_a_group_of_newcomers_gets_its_first_tokens_from_its_own_forward_where_the_decode_batch_is_ours(model: Any):
@@ -647,13 +672,13 @@ def test_a_prompt_s_cache_grows_once_for_its_whole_prefill(model: Any):
     uid = gen.admit(replace(admission(700, 1), max_tokens=3))
     p = gen._prefilling[uid]
     sizes = set()
+    out: list[int] = []  # its first token comes with the step that ends its prefill
     while uid in gen._prefilling:
-        gen.step()
+        out += [g.token for g in gen.step().generated if g.uid == uid]
         sizes.add(p.cache[0].keys.shape[2])
     assert sizes == {768}, "one buffer for the prompt's 700 tokens"
     assert all(type(c) is not KVCache or "step" not in c.__dict__ for c in p.cache), "mlx-lm's step again"
-    out = []
-    while len(out) < 3:
+    for _ in range(10):
         out += [g.token for g in gen.step().generated if g.uid == uid]
     plain = mlx_batch_generator(replace(config, step_ms=0), mx.default_stream(mx.default_device()))
     ref = plain.admit(replace(admission(700, 1), max_tokens=3))

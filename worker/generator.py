@@ -945,7 +945,11 @@ class ChunkedPrefill:
             a = p.admission
             token, logprobs = sample_first(logits, p.tokens + chunk, a.processors or (), a.sampler)
             mx.eval([c.state for c in p.cache], token, logprobs)
-            if last is chunk:  # a forward of the chunk's own: its cost is a chunk's (the last token's alone is not)
+            # A forward of the chunk's own: its cost is a chunk's. The last token's alone is not, nor a chunk of that one
+            # token (a checkpoint just before it): a decode's shape, it runs one token's experts in a mixture of experts,
+            # and a real-size Qwen3-Next's 70 ms beside chunks' 200 ms fixed cost bent the fit, which halved the chunks
+            # (twice the forwards: its cold prompts took 1.7x as long).
+            if last is chunk and n > 1:
                 self.cost.add(n, time.perf_counter() - tic, depth=depth)
             p.first = ints(token)[0], logprobs[0]
         else:
