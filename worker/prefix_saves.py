@@ -74,7 +74,8 @@ class PrefixSaves:
         """
         self._pending = True
         self._ended_at = time.monotonic()
-        self._save(force=force)
+        if force:  # otherwise not due for SAVE_IDLE_S: the heartbeat makes it (`save_due`)
+            self._save(force=True)
 
     def save_due(self) -> None:
         """A save put off while the engine was busy, once it is idle: on a thread of its own, since a large cache
