@@ -453,6 +453,58 @@ def test_a_prompts_lone_last_token_is_not_priced_as_a_chunk(model: Any):
     assert any(c.tokens == prompt[:-1] for s in steps for c in s.checkpoints), "the checkpoint before the last token"
 
 
+@pytest.mark.parametrize("family_model", ["falcon_h1"], indirect=True)
+def test_a_model_called_whole_gets_its_first_token_with_the_step_that_ends_its_prompt(family_model: Path):
+    """Falcon-H1 (its head under logit multipliers; Nemotron-H's body is `backbone`) is not a body under a plain head:
+    it is called whole (`last_logits`, `heads_all`), so a prompt's last chunk runs all but its last token, then that
+    token alone, whose logits give the first token in the same step (not the whole chunk's heads). Before, mlx-lm's
+    batch fed that token and, its decode a step ahead, gave the first token two decode forwards after the prompt. The
+    answer is mlx-lm's batch's alone, plain and under penalties."""
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.sample_utils import make_logits_processors
+
+    model = mlx_load(str(family_model))[0]
+    stream = mx.default_stream(mx.default_device())
+    held, rest = tokens(PrefillCost.START + 88, 3), tokens(30, 4)
+
+    def run(chunked: bool, processors: list[Any]) -> tuple[list[Step], int, list[int]]:
+        config = GeneratorConfig(model, eos_ids=(), batch_size=8, prefill_batch_size=8, prefill_step=64)
+        gen: Any = MlxBatchGenerator(config, stream)
+        widths: list[int] = []
+        if chunked:
+            gen = ChunkedPrefill(config, stream)
+            whole = gen._last_logits
+            assert whole is not None and whole.heads_all, "Falcon-H1 is called whole"
+
+            class Spy:
+                heads_all = True
+
+                def __call__(self, tokens: mx.array, cache: list[Any], at: mx.array | None = None) -> mx.array:
+                    widths.append(tokens.shape[1])
+                    return whole(tokens, cache, at)
+
+            gen._last_logits = Spy()
+        cache = make_prompt_cache(model)
+        model(mx.array(held)[None], cache=cache)
+        uid = gen.admit(Admission(rest, 6, cache, list(held), None, processors, watched=False))
+        steps: list[Step] = []
+        while not any(g.uid == uid and g.finish_reason for s in steps for g in s.generated):
+            steps.append(gen.step())
+            assert len(steps) < 20
+        return steps, uid, widths
+
+    def answer(steps: list[Step], uid: int) -> list[int]:
+        return [g.token for s in steps for g in s.generated if g.uid == uid]
+
+    for processors in ([], make_logits_processors(repetition_penalty=1.3, presence_penalty=0.5)):
+        alone, alone_uid, _ = run(False, processors)
+        steps, uid, widths = run(True, processors)
+        assert answer(steps, uid) == answer(alone, alone_uid)
+        assert widths == [1], "its last token alone, not the chunk's heads"
+        ended = next(i for i, s in enumerate(steps) if any(p.uid == uid and p.finished for p in s.prefilled))
+        assert [g.uid for g in steps[ended].generated] == [uid], "the first token comes with the prompt's end"
+
+
 def test_a_group_of_newcomers_gets_its_first_tokens_from_its_own_forward_where_the_decode_batch_is_ours(model: Any):
     """Short newcomers that go whole to the decode batch (worker.speculative) are prefilled there together, their last
     prompt tokens too, and their first tokens come with the step that prefills them (from the padded forward's logits

@@ -969,7 +969,10 @@ class ChunkedPrefill:
         group's: the decode step its rows wait for). Measured on this CPU: SmolLM2 (30 layers), 30 tokens on 1,100
         cached, 318 ms in one forward against 373 apart; the 2-layer tiny llama, a 1,000-token prompt's last 488
         tokens, 75 ms in one against 25 apart. Chunks all of one size (a group's, eight clients' alike) tell no fixed
-        cost apart: then `apart` alone decides."""
+        cost apart: then `apart` alone decides. A model called whole (`LastLogits.heads_all`) would pay its head at
+        every token of the chunk too, up to a quarter of a token's cost each at SmolLM2's size: apart."""
+        if n > 1 and self._last_logits is not None and self._last_logits.heads_all:
+            return False
         fit = self.cost.fit_depth()
         expected = self.cost.seconds(n, depth)
         if fit is None or expected is None:
@@ -1054,19 +1057,53 @@ def _kv_layout(model: nn.Module) -> list[tuple[int, int, int, int, Any]]:
 
 
 class LastLogits(Protocol):
+    @property
+    def heads_all(self) -> bool:
+        """Whether a forward computes the head (the output projection over the vocabulary) at every position of its
+        tokens, not only at the one wanted (`last_logits`'s fallback): a chunk of n tokens then pays n heads."""
+        ...
+
     def __call__(self, tokens: mx.array, cache: list[Any], at: mx.array | None = None) -> mx.array:
         """Logits [B, V] at each row's last position (`at`: each row's position, else the last) of a forward over
         `tokens` [B, L] into `cache`."""
         ...
 
 
-def last_logits(model: nn.Module) -> LastLogits | None:
+@dataclass(frozen=True)
+class _BodyHead:
+    """The body over every position, the head over the wanted one alone."""
+
+    body: nn.Module
+    head: Any
+    heads_all: bool = False
+
+    def __call__(self, tokens: mx.array, cache: list[Any], at: mx.array | None = None) -> mx.array:
+        hidden = self.body(tokens, cache=cache)
+        return self.head(hidden[:, -1, :] if at is None else hidden[mx.arange(hidden.shape[0]), at])
+
+
+@dataclass(frozen=True)
+class _Whole:
+    """The whole model, as mlx-lm calls it, and the wanted position's logits of all it computes."""
+
+    model: nn.Module
+    heads_all: bool = True
+
+    def __call__(self, tokens: mx.array, cache: list[Any], at: mx.array | None = None) -> mx.array:
+        logits = self.model(tokens, cache=cache)
+        return logits[:, -1, :] if at is None else logits[mx.arange(logits.shape[0]), at]
+
+
+def last_logits(model: nn.Module) -> LastLogits:
     """The model's logits at one position per row of a forward over `tokens` (into `cache`), its body over them all and
     its head (the output projection over the vocabulary) over that position alone: over every position, a chunk of
     n tokens would pay n of the head's forwards, on this CPU a fifth of a SmolLM2 token's cost each. mlx-lm's models
     are a body (`model.model`) under a head (`lm_head`, or the tied embedding's `as_linear`); one that does more (a
-    logit scale, a softcap) is told apart here by comparing body and head with the whole model, over the same
-    positions (the same kernels), and keeps mlx-lm's way (None)."""
+    logit scale, a softcap: Falcon-H1, Granite 4, Nemotron-H's `backbone`) is told apart here by comparing body and
+    head with the whole model, over the same positions (the same kernels), and is called whole (`heads_all`): the
+    prefill stage then forwards a prompt's last token alone (`ChunkedPrefill._merges`) and samples its first token
+    from that forward, rather than have the decode batch feed it, which mlx-lm's runs a step ahead: the first token
+    came a decode forward later (a real-size Falcon-H1's later turns ~0.1 s behind mlx_lm.server's on this CPU)."""
     try:
         body = model["model"]
         head = model["lm_head"] if "lm_head" in model else body["embed_tokens"].as_linear
@@ -1074,15 +1111,10 @@ def last_logits(model: nn.Module) -> LastLogits | None:
         same = bool(mx.array_equal(head(body(probe, cache=make_prompt_cache(model))), model(probe)).item())
     except Exception:  # not a body under a head, or a body that is called otherwise
         same = False
-    if not same:
-        log.info("the model is not a body under an output projection: prompts' last tokens are fed by the decoder")
-        return None
-
-    def last(tokens: mx.array, cache: list[Any], at: mx.array | None = None) -> mx.array:
-        hidden = body(tokens, cache=cache)
-        return head(hidden[:, -1, :] if at is None else hidden[mx.arange(hidden.shape[0]), at])
-
-    return last
+    if same:
+        return _BodyHead(body, head)
+    log.info("the model is not a body under an output projection: a prompt's last token is forwarded whole, alone")
+    return _Whole(model)
 
 
 def sample_first(
