@@ -120,6 +120,31 @@ def _parameters(tool: dict[str, Any]) -> Any:
     return strict_schema(parameters) if function.get("strict") else parameters
 
 
+# Where a schema holds data rather than subschemas: a `$ref` key there is not a reference.
+_DATA_KEYWORDS = ("const", "enum", "default", "examples")
+
+
+def _rebased(schema: Any, base: str) -> Any:
+    """A schema whose local `$ref`s (`#/$defs/x`, `#`) point into it where it is nested at JSON pointer `base` of
+    a larger one: llguidance resolves a `$ref` from the root of the whole schema, so a tool's `#/$defs/x` nested
+    under a call's `arguments` would name nothing (pydantic writes every nested model so)."""
+    if isinstance(schema, list):
+        return [_rebased(sub, base) for sub in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            out[key] = "#" + base + value[1:]
+        elif key in _SUBSCHEMA_MAPS and isinstance(value, dict):  # names, then subschemas: a name is no keyword
+            out[key] = {name: _rebased(sub, base) for name, sub in value.items()}
+        elif key in _DATA_KEYWORDS:
+            out[key] = value
+        else:
+            out[key] = _rebased(value, base)
+    return out
+
+
 def _lark_string(text: str) -> str:
     return json.dumps(text)  # a JSON string literal is a Lark string literal
 
@@ -138,12 +163,14 @@ def _call_grammar(tools: list[dict[str, Any]], forced: str | None, *, lead: str 
                     "type": "object",
                     "properties": {
                         "name": {"const": (t.get("function") or {}).get("name")},
-                        "arguments": _schema(_parameters(t), lenient=lenient),
+                        "arguments": _rebased(
+                            _schema(_parameters(t), lenient=lenient), f"/anyOf/{i}/properties/arguments"
+                        ),
                     },
                     "required": ["name", "arguments"],
                     "additionalProperties": False,
                 }
-                for t in tools
+                for i, t in enumerate(tools)
             ]
         }
         lark = f"start: {lead} call {_lark_string(CALL_CLOSE)}\ncall: %json {json.dumps(_schema(calls, lenient=lenient))}\n"

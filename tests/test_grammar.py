@@ -219,3 +219,21 @@ def test_an_answer_whose_grammar_breaks_fails_instead_of_going_on_free(grammars:
     assert seq.result is None and seq.error is not None
     error = seq.error.error  # type: ignore[attr-defined]
     assert (error["status"], error["code"], error["param"]) == (400, "invalid_schema", "response_format")
+
+
+def test_a_tool_schema_with_local_refs_is_constrained_in_every_call_grammar(grammars: Grammars):
+    # pydantic writes nested models as `$defs` and `#/$defs/...` refs: nested under a call's `arguments`, those
+    # refs must still name the tool's own definitions (else a forced call is a 400 and an auto one goes free).
+    params = {
+        "type": "object",
+        "$defs": {"Unit": {"enum": ["c", "f"]}},
+        "properties": {"city": {"type": "string"}, "unit": {"$ref": "#/$defs/Unit"}},
+        "required": ["city", "unit"],
+    }
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": params}}, TOOLS[1]]
+    for choice in ("required", "auto"):
+        constraint = constraint_for({"tools": tools, "tool_choice": choice})
+        assert constraint is not None and problem(constraint) is None, choice
+    call = '{"name":"get_weather","arguments":{"city":"Paris","unit":"c"}}' + CALL_CLOSE
+    assert accepts(grammars, {"tools": tools, "tool_choice": "required"}, call)
+    assert not accepts(grammars, {"tools": tools, "tool_choice": "required"}, call.replace('"c"', '"k"'))
