@@ -264,13 +264,28 @@ def test_count_tokens_request_has_no_max_tokens():
     [
         [{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}],
         [{"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "x"}}],
-        [{"type": "tool_result", "tool_use_id": "t", "content": [{"type": "image", "source": {}}]}],
     ],
 )
 def test_media_blocks_are_refused_as_text_only(content: list[dict[str, Any]]):
     errors = refusal(anthropic(messages=[{"role": "user", "content": content}]))
     assert errors[0]["type"] == "unsupported_content_block"
     assert "text-only" in errors[0]["msg"]
+
+
+@pytest.mark.parametrize("kind", ["image", "document"])
+def test_a_tool_results_media_is_a_note_to_the_text_only_model_never_a_400(kind: str):
+    # Claude Code's Read of an image or a PDF answers with such a block; a 400 would refuse every later turn too,
+    # since each sends the history again.
+    call = {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {}}]}
+    media = {"type": kind, "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}
+    result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "x"}, media]}
+    out = converted(
+        anthropic(messages=[{"role": "user", "content": "Look"}, call, {"role": "user", "content": [result]}])
+    )
+    assert out["messages"][-1]["content"] == [
+        {"type": "text", "text": "x"},
+        {"type": "text", "text": f"[{kind} omitted: this model reads text only]"},
+    ]
 
 
 def test_blocks_in_the_wrong_turn_are_refused():

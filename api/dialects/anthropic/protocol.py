@@ -2,11 +2,11 @@
 `anthropic` SDK and Claude Code send them, and their conversion to the neutral chat form (mlxq.request) the pipeline runs.
 
 Unknown fields are allowed (Claude Code sends new ones with each release). What this server cannot honour is
-refused here, so the 400 names the field: image and document blocks (the model is text-only), Anthropic-defined
-tools (web search, bash, text editor, ...: their schemas live on Anthropic's side). Accepted and ignored, since
-they change nothing here: `cache_control` anywhere (the worker's prefix cache needs no breakpoints), `citations`,
-the `thinking` config and `thinking`/`redacted_thinking` blocks, `metadata`, `service_tier`,
-`disable_parallel_tool_use`, a tool result's `is_error` (the OpenAI form has no place for it; Claude Code's error
+refused here, so the 400 names the field: image and document blocks (the model is text-only; in a tool result a
+note instead), Anthropic-defined tools (web search, bash, text editor, ...: their schemas live on Anthropic's
+side). Accepted and ignored, since they change nothing here: `cache_control` anywhere (the worker's prefix cache
+needs no breakpoints), `citations`, the `thinking` config and `thinking`/`redacted_thinking` blocks, `metadata`,
+`service_tier`, `disable_parallel_tool_use`, a tool result's `is_error` (the OpenAI form has no place for it; Claude Code's error
 results say so in their text).
 
 `to_chat` maps a request onto the neutral chat body (mlxq.request.Request: OpenAI-shaped messages, since that is
@@ -119,7 +119,24 @@ def _by_type(allowed: tuple[str, ...]) -> Discriminator:
     )
 
 
-ToolResultContentBlock = Annotated[TextBlock, _only(("text",), "a tool result")]
+class MediaBlock(AnthropicBaseModel):
+    """An image or document in a tool's result (Claude Code's Read of an image or a PDF): the model is text-only, so
+    it reads a note in its place. Refusing it instead would refuse every later turn, which sends the history again
+    (as the Responses dialect's `MediaPart` does for Codex's `view_image`)."""
+
+    type: Literal["image", "document"]
+
+    @property
+    def note(self) -> str:
+        return f"[{self.type} omitted: this model reads text only]"
+
+
+TOOL_RESULT_BLOCKS = ("text", *MEDIA_BLOCKS)
+ToolResultContentBlock = Annotated[
+    Annotated[TextBlock, Tag("text")] | Annotated[MediaBlock, Tag("image")] | Annotated[MediaBlock, Tag("document")],
+    _by_type(TOOL_RESULT_BLOCKS),
+    _only(TOOL_RESULT_BLOCKS, "a tool result"),
+]
 
 
 class ToolResultBlock(AnthropicBaseModel):
@@ -128,7 +145,7 @@ class ToolResultBlock(AnthropicBaseModel):
     content: (
         Annotated[
             Annotated[str, Tag("string")] | Annotated[list[ToolResultContentBlock], Tag("array")],
-            one_of("Input should be a string or a list of text blocks"),
+            one_of("Input should be a string or a list of content blocks"),
         ]
         | None
     ) = None
@@ -357,8 +374,8 @@ class MessagesRequest(CountTokensRequest, SamplingExtras):
 _SAME_NAME = ("max_tokens", "temperature", "top_p", *EXTRAS, "stream", "cache", "cache_salt", "metadata")
 
 
-def _text_parts(blocks: list[TextBlock]) -> list[dict[str, Any]]:
-    return [{"type": "text", "text": b.text} for b in blocks]
+def _text_parts(blocks: list[TextBlock | MediaBlock]) -> list[dict[str, Any]]:
+    return [{"type": "text", "text": b.text if isinstance(b, TextBlock) else b.note} for b in blocks]
 
 
 def _parts(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
