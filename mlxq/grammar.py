@@ -130,7 +130,7 @@ def _rebased(schema: Any, base: str) -> Any:
     under a call's `arguments` would name nothing (pydantic writes every nested model so)."""
     if isinstance(schema, list):
         return [_rebased(sub, base) for sub in schema]
-    if not isinstance(schema, dict):
+    if not isinstance(schema, dict) or "$id" in schema:  # a resource of its own: its refs resolve inside it
         return schema
     out: dict[str, Any] = {}
     for key, value in schema.items():

@@ -231,6 +231,13 @@ def test_a_tool_schema_with_local_refs_is_constrained_in_every_call_grammar(gram
         "required": ["city", "unit"],
     }
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": params}}, TOOLS[1]]
+    # A schema with its own `$id` is a resource of its own: its refs resolve inside it, and are left as they are.
+    own = {
+        "$id": "https://example.com/t",
+        "$defs": {"N": {"type": "integer"}},
+        "properties": {"n": {"$ref": "#/$defs/N"}},
+    }
+    tools.append({"type": "function", "function": {"name": "count", "parameters": own}})
     for choice in ("required", "auto"):
         constraint = constraint_for({"tools": tools, "tool_choice": choice})
         assert constraint is not None and problem(constraint) is None, choice
