@@ -297,6 +297,9 @@ BAD = [
     ("stop-empty-string", chat(stop=["END", ""]), "stop.1", "at least 1 character", None),
     ("too-many-stops", chat(stop=[f"s{i}" for i in range(17)]), "stop", "at most 16", None),
     ("logit-bias", chat(logit_bias={"50256": -100}), "logit_bias", "not supported", None),
+    # Ignored, they would answer in text where the client asked for a call.
+    ("legacy-functions", chat(functions=[{"name": "f", "parameters": {}}]), "functions", "`tools`", None),
+    ("legacy-function-call", chat(function_call="auto"), "function_call", "`tool_choice`", None),
     ("stream-options-string", chat(stream=True, stream_options="usage"), "stream_options", "dictionary", None),
     ("max-tokens-zero", chat(max_tokens=0), "max_tokens", "greater than or equal to 1", None),
     # Typed as OpenAI types them: a number in a string, a boolean or a decimal is not an integer, a word not a boolean.

@@ -15,6 +15,19 @@ def _refuse_common(body: ChatCompletionRequest | CompletionRequest) -> None:
         raise APIError(400, "logit_bias is not supported.", param="logit_bias")
 
 
+# OpenAI's deprecated forms of `tools` and `tool_choice`: unknown fields are otherwise let through and ignored, which
+# would answer in text where the client asked for a call, and it would read that as the model choosing not to call.
+LEGACY_FUNCTIONS = ("functions", "function_call")
+
+
+def _refuse_legacy_functions(body: ChatCompletionRequest) -> None:
+    for field in LEGACY_FUNCTIONS:
+        if (body.model_extra or {}).get(field) is not None:
+            raise APIError(
+                400, f"`{field}` (deprecated by OpenAI) is not supported; send `tools` and `tool_choice`.", param=field
+            )
+
+
 def _unanswered(waiting: dict[str, None], at: int) -> None:
     """Refuse the calls of an assistant message still `waiting` for their tool messages when message `at` (or the
     end of the conversation) is not one, in OpenAI's words."""
@@ -67,6 +80,7 @@ def _check_tool_results(body: ChatCompletionRequest) -> None:
 
 def chat(body: ChatCompletionRequest) -> Incoming:
     _refuse_common(body)
+    _refuse_legacy_functions(body)
     _check_tool_results(body)
     if body.audio is not None or (body.modalities and "audio" in body.modalities):
         raise APIError(
