@@ -190,3 +190,22 @@ def test_a_continued_answer_keeps_its_first_space_with_a_sentencepiece_tokenizer
     seq.add_token(6, logprobs, None)
     seq.add_token(7, logprobs, "length")
     assert seq.text == (" Paris." if keep_space else "Paris.")
+
+
+def test_logprobs_bytes_are_each_tokens_own_bytes(smol: Engine):
+    # An emoji is several byte-level tokens, each decoding to U+FFFD alone: the bytes clients join to rebuild it
+    # must be each token's own, not U+FFFD's.
+    request = {
+        "messages": [{"role": "user", "content": "Reply only with emojis: \U0001f680\U0001f525"}],
+        "temperature": 0.0,
+        "max_tokens": 8,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    result = smol.generate("chat", request)
+    entries = result["logprobs"]
+    assert bytes(b for entry in entries for b in entry["bytes"]).decode(errors="replace") == result["text"]
+    pieces = [entry["bytes"] for entry in entries] + [
+        top["bytes"] for entry in entries for top in entry["top_logprobs"]
+    ]
+    assert [0xEF, 0xBF, 0xBD] not in pieces  # U+FFFD's bytes: a piece of a character decoded alone

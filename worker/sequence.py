@@ -55,6 +55,9 @@ class Sequence:
     tool_filter: ToolStreamFilter
     detokenizer: Any
     decode: Callable[[list[int]], str]
+    # A token's own bytes, for logprobs' `bytes`: a token holding part of a character decodes to U+FFFD, whose
+    # bytes are not its own (clients join the pieces' bytes to rebuild the character). None: its text's bytes.
+    token_bytes: Callable[[int], bytes] | None = None
     priority: Priority = "interactive"
     # Whose request it is, for fair shares of the batch (worker.batcher): an API key's id, or else the session; "" none.
     owner: str = ""
@@ -188,12 +191,15 @@ class Sequence:
             self.emit(events.delta(self.text[self.shown : safe], self.pending_logprobs or None))
             self.shown, self.pending_logprobs = safe, []
 
+    def _bytes(self, token: int, text: str) -> list[int]:
+        return list(self.token_bytes(token) if self.token_bytes is not None else text.encode())
+
     def _logprob_entry(self, token: int, logprobs: mx.array) -> dict[str, Any]:
         text = self.decode([token])
         entry: dict[str, Any] = {
             "token": text,
             "logprob": float(logprobs[token]),
-            "bytes": list(text.encode()),
+            "bytes": self._bytes(token, text),
             "top_logprobs": [],
         }
         if top := self.top_logprobs:
@@ -202,7 +208,7 @@ class Sequence:
             ids.sort(key=lambda i: -float(logprobs[i]))
             # A grammar's mask leaves disallowed tokens at -inf, which is not JSON: only finite ones are listed.
             entry["top_logprobs"] = [
-                {"token": (t := self.decode([i])), "logprob": lp, "bytes": list(t.encode())}
+                {"token": (t := self.decode([i])), "logprob": lp, "bytes": self._bytes(i, t)}
                 for i in ids
                 if math.isfinite(lp := float(logprobs[i]))
             ]

@@ -265,6 +265,11 @@ class SequenceBuilder:
         native = kind == "chat" and template_knows_tools(self.chat_template)
         return constraint_for(request.wire(), native_tools=native)
 
+    def token_bytes(self, token: int) -> bytes:
+        """A token's own bytes (a byte-level token may hold part of a character), read through the grammar
+        engine's tokenizer, which knows each family's byte encoding."""
+        return self.grammars.tokenizer().decode_bytes([token])
+
     def grammar(self, constraint: Constraint | None) -> Any:
         """The constraint's logits processor (None when there is none, or a best-effort one did not compile)."""
         if constraint is None:
@@ -317,6 +322,7 @@ class SequenceBuilder:
             detokenizer=self.tokenizer.detokenizer,
             keep_space=continuing,
             decode=self.tokenizer.decode,
+            token_bytes=self.token_bytes if sampling.logprobs else None,
             priority=priority,
             owner=owner,
             prefill=prefill,
