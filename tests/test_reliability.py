@@ -293,6 +293,7 @@ def test_sigterm_stops_serve_and_its_worker_within_15s_saving_the_prefix_cache(s
     waiter.join(5)
     error = out[0]  # the waiting client was told at once, in its dialect
     assert isinstance(error, openai.APIStatusError) and error.status_code == 503 and error.code == "shutting_down"
+    assert error.response.headers.get("retry-after") == "5"  # as every other retryable 503 says when to retry
     # The stream was told too, in its last event: not cut after an ordinary delta (sse-starlette's own drain raced it).
     streamer.join(5)
     assert '"shutting_down"' in streamed[-2] and streamed[-1].endswith("[DONE]"), streamed[-3:]

@@ -94,7 +94,14 @@ class JobFollower:
         try:
             while True:
                 if self._closing.is_set():
-                    raise APIError(503, "The server is shutting down; retry the request.", code="shutting_down")
+                    # Retry-After as every other retryable 503 here has (worker_unavailable, database_unavailable): a
+                    # client that honours it waits for the restart instead of retrying into a refused connection.
+                    raise APIError(
+                        503,
+                        "The server is shutting down; retry the request.",
+                        code="shutting_down",
+                        headers={"Retry-After": "5"},
+                    )
                 try:
                     event = await asyncio.wait_for(queue.get(), timeout=1.0)
                 except TimeoutError:
