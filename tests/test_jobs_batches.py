@@ -246,3 +246,32 @@ def test_the_batch_cli_submits_waits_writes_results_and_lists_jobs(svc: Service,
     assert sorted(a["custom_id"] for a in answers) == [f"cli{i}" for i in range(5)]
     assert "cancelled" not in mlxq("batch", "cancel", batch_id)  # a finished batch stays as it was
     assert mlxq("jobs", "list").count("succeeded") == 5
+
+
+def test_a_jobs_event_stream_waits_past_the_request_timeout_for_a_queued_job(
+    tmp_path: Path, tiny_model: Path, service_factory
+):
+    """A submitted job waits for a worker however long it takes (MLXQ_REQUEST_TIMEOUT_S bounds a client waiting
+    for its answer, not a job): its event stream must not end with an `error` (a 504) while the job is still queued,
+    since a reader takes that for the job's outcome; it ends with the job's `done` once a worker runs it."""
+    import signal
+
+    svc = service_factory(service_env(tmp_path, tiny_model, MLXQ_REQUEST_TIMEOUT_S="2")).start()
+    body = {"model": MODEL_NAME, "temperature": 0, "max_tokens": 4, "messages": [{"role": "user", "content": "later"}]}
+    worker = svc.procs[1]
+    worker.send_signal(signal.SIGSTOP)  # the job stays queued past the request timeout
+    try:
+        job = httpx.post(f"{svc.base}/v1/jobs", json=body, timeout=30).json()
+        types: list[str] = []
+        resumed = False
+        started = time.monotonic()
+        with httpx.stream("GET", f"{svc.base}/v1/jobs/{job['id']}/events", timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("event:"):
+                    types.append(line.split(":", 1)[1].strip())
+                if not resumed and time.monotonic() - started > 5:  # past the timeout, twice over: let it run
+                    worker.send_signal(signal.SIGCONT)
+                    resumed = True
+    finally:
+        worker.send_signal(signal.SIGCONT)
+    assert "error" not in types and types[-1] == "done", types

@@ -145,7 +145,10 @@ async def job_events(job_id: str, services: ServicesDep, owner: Owner) -> Respon
     await asyncio.to_thread(_get, services, job_id, owner)  # 404 before the stream starts
 
     async def stream():
-        async for event in guard(services.follower.events(job_id)):
+        # No deadline: a submitted job waits for a worker however long it takes (request_timeout_s and the wait for a
+        # worker bound a client waiting for its answer), so its stream ends with its outcome, never a 504 or 503 while
+        # it is still queued, as a background response's does (api.dialects.responses.routes).
+        async for event in guard(services.follower.events(job_id, timeout=False)):
             yield ServerSentEvent(data=json.dumps(event, ensure_ascii=False), event=event["type"], sep="\n")
 
     return event_source(stream(), {"X-Job-Id": job_id}, services.settings.sse_keepalive_s)
