@@ -172,6 +172,31 @@ def test_serve_restarts_a_killed_worker_and_its_jobs_run_again_for_sync_and_stre
     assert client.chat.completions.create(**sync_req).choices[0].message.content == answer.choices[0].message.content
 
 
+def test_a_sampled_jobs_events_after_its_worker_is_killed_say_restarted_and_give_the_new_run_whole(serve: Serve):
+    """A submitted job that samples runs again from the start when its worker dies, with other text: its public
+    events pass `restarted` on and then the new run's text whole, so a reader's text after the last `restarted`
+    is the job's answer (skipping as much of the new text as it had spliced two different answers together)."""
+    body = {**ask("Write a long story about a lighthouse."), "temperature": 1.0}
+    job = httpx.post(f"{serve.base}/v1/jobs", json=body, timeout=30).json()
+    seen: list[dict] = []
+
+    def follow() -> None:
+        with httpx.stream("GET", f"{serve.base}/v1/jobs/{job['id']}/events", timeout=240) as r:
+            seen.extend(json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:"))
+
+    reader, _ = in_thread(follow)
+    serve.wait_jobs(lambda jobs: [s for s, _ in jobs] == ["running"])
+    time.sleep(1.5)  # some text sent already
+    os.kill(serve.worker_pid(), signal.SIGKILL)
+    reader.join(240)
+    assert seen and seen[-1]["type"] == "done", seen[-3:]
+    types = [e["type"] for e in seen]
+    assert "restarted" in types, types
+    last = len(types) - 1 - types[::-1].index("restarted")
+    text = "".join(e.get("content") or "" for e in seen[last:] if e["type"] == "delta")
+    assert text == seen[-1]["result"]["text"]
+
+
 def test_a_stream_whose_worker_is_stopped_with_sigterm_goes_on_without_a_repeat(serve: Serve):
     """A stopped worker (kill -TERM, as systemd or Kubernetes stops it) hands its jobs back uncounted and serve
     starts another: a deterministic stream goes on where it was, its text not doubled; a sampled one, whose new

@@ -21,6 +21,7 @@ from api.pipeline.streaming import event_source, guard
 from api.services import Services, ServicesDep
 from mlxq.contract import PRIORITIES
 from mlxq.jobspec import CachePolicy
+from mlxq.keys import is_deterministic
 from mlxq.repos import jobs
 from mlxq.sql import Job
 from mlxq.states import JobStatus
@@ -73,6 +74,13 @@ def _get(services: Services, job_id: str, owner: str | None) -> dict[str, Any]:
         if job is None or (owner is not None and job.owner != owner):
             raise APIError(404, f"No job with id {job_id!r}.", code="job_not_found", param="job_id")
         return job_object(services, job)
+
+
+def _deterministic(services: Services, job_id: str) -> bool:
+    """Whether a run of the job again gives the same text (then a restart's repeat is skipped, not sent again)."""
+    with services.sessions() as session:
+        job = jobs.get_job(session=session, job_id=job_id)
+        return job is None or is_deterministic(job.request)
 
 
 @router.post("", status_code=202)
@@ -143,12 +151,16 @@ async def job_events(job_id: str, services: ServicesDep, owner: Owner) -> Respon
     that connects late gets what was produced so far, then the rest; the stream ends after `done` or
     `error`. Leaving does not cancel the job."""
     await asyncio.to_thread(_get, services, job_id, owner)  # 404 before the stream starts
+    deterministic = await asyncio.to_thread(_deterministic, services, job_id)
 
     async def stream():
         # No deadline: a submitted job waits for a worker however long it takes (request_timeout_s and the wait for a
         # worker bound a client waiting for its answer), so its stream ends with its outcome, never a 504 or 503 while
         # it is still queued, as a background response's does (api.dialects.responses.routes).
-        async for event in guard(services.follower.events(job_id, timeout=False)):
+        # A sampled job's new run (its worker died) does not continue the old text: the reader gets `restarted` and
+        # the new text whole, where skipping as much as it had would splice two different answers.
+        source = services.follower.events(job_id, timeout=False, replayable=deterministic, restarts=True)
+        async for event in guard(source):
             yield ServerSentEvent(data=json.dumps(event, ensure_ascii=False), event=event["type"], sep="\n")
 
     return event_source(stream(), {"X-Job-Id": job_id}, services.settings.sse_keepalive_s)

@@ -64,7 +64,13 @@ class JobFollower:
             return job.status, job.model, job.result, job.error
 
     async def events(
-        self, job_id: str, *, replayable: bool = True, timeout: bool = True, last_run: bool = False
+        self,
+        job_id: str,
+        *,
+        replayable: bool = True,
+        timeout: bool = True,
+        last_run: bool = False,
+        restarts: bool = False,
     ) -> AsyncGenerator[Event, None]:
         """A job's events from the stream channel, ending with `done` or `error`.
 
@@ -74,7 +80,9 @@ class JobFollower:
         When the job restarts (its worker died), the text already relayed is not relayed twice: a
         `replayable` (deterministic) job produces it again, so that much of the new text is skipped;
         any other job's new text would not continue the old, so the client gets a 503 to retry. With `last_run`
-        (a reader of a finished job's kept events, who has been sent nothing yet) only the last run's events.
+        (a reader of a finished job's kept events, who has been sent nothing yet) only the last run's events. With
+        `restarts` (a reader of the public events, who knows the contract) such a job's `restarted` is passed on and
+        the new run's text sent whole, as the job goes on.
         """
 
         queue: asyncio.Queue[Event] = asyncio.Queue()
@@ -138,6 +146,11 @@ class JobFollower:
                     yield kept
                 held = []
                 if event["type"] == "restarted":
+                    if shown and not replayable and restarts:
+                        # The reader is told the text starts over: the old text does not lead into the new.
+                        shown = seen = 0
+                        yield event
+                        continue
                     if shown and not replayable:
                         raise APIError(
                             503,
