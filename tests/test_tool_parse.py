@@ -238,12 +238,35 @@ def test_code_whose_braces_hold_a_stray_quote_streams_on():
 
 
 def test_json_that_is_not_a_call_is_released_once_it_closes():
-    text = 'The config is {"debug": true, "level": 3} as asked.\nDone.'
+    text = 'The config is {"name": "x", "level": 3} as asked.\nDone.'
     f = ToolStreamFilter(TOOLS)
-    assert f.safe_length(text[: text.index("true")]) <= text.index("{")  # may still be a call
+    assert f.safe_length(text[: text.index("level")]) <= text.index("{")  # may still be a call
     assert f.safe_length(text[: text.index("as asked")]) >= text.index("}")  # closed: not a call
     shown, rest, calls = stream(text)
     assert calls == [] and shown + rest == text
+
+
+def test_a_json_answer_streams_once_its_first_key_shows_it_is_no_call():
+    # A JSON answer (fenced or bare) with tools offered was held until it closed: 443 characters in one chunk after
+    # 10 s on this CPU. A call opens with a call's key; an object that opens with another is content as it comes.
+    body = '{"debug": true, "items": [' + ", ".join(f'{{"id": {i}}}' for i in range(30)) + "]}"
+    for text in (f"```json\n{body}\n```\nDone.", f"Here: {body} then\n", f"[{body}]"):
+        f = ToolStreamFilter(TOOLS)
+        mid = text.index('"id": 20')
+        assert f.safe_length(text[:mid]) >= text.index('"id": 19'), text[:20]  # before it closes
+        shown, rest, calls = stream(text)
+        assert calls == [] and shown + rest == text
+        assert parse_tool_calls(text, TOOLS) == (text, [])
+    # Neither way is an object that opens with another key a call, though it holds a call's keys later on.
+    text = '{"answer": 1, "name": "get_weather", "arguments": {"city": "Paris"}}'
+    assert parse_tool_calls(text, TOOLS) == (text, []) and stream(text)[2] == []
+    # A call after such a value is still found, and not shown.
+    text = '{"debug": true}\n{"name": "run_shell", "arguments": {"command": "ls"}}'
+    shown, rest, calls = stream(text)
+    assert [c["function"]["name"] for c in calls] == ["run_shell"] and "run_shell" not in shown
+    # Inside a call's marker the first key is not asked for.
+    text = '<tool_call>{"thought": "list", "name": "run_shell", "arguments": {"command": "ls"}}</tool_call>'
+    assert calls_of(text)[1] == [("run_shell", {"command": "ls"})]
 
 
 def test_a_fenced_call_is_held_from_its_fence():

@@ -32,6 +32,9 @@ _THINK_LINE = re.compile(rf"(?:^|\n)[ \t]*{THINK_OPEN}")
 _GENERIC_MARKERS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>", "<function=")
 _NAME_KEYS = ("name", "tool", "tool_name", "function")
 _ARG_KEYS = ("arguments", "parameters", "args", "input")
+# A JSON call opens with one of these keys (models write the name, or OpenAI's `type`/`id`, first): an object that
+# opens with another is no call, which a stream can tell from its first key, not only once it closes.
+_CALL_KEYS = frozenset((*_NAME_KEYS, *_ARG_KEYS, "id", "type"))
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,8 @@ def _as_call(obj: Any) -> tuple[str, Any] | None:
 _decoder = json.JSONDecoder()
 _SPACE = re.compile(r"\s*")
 _JSON_START = re.compile(r"\{\s*[\"}]|\[\s*\{")
+# A JSON value's first key (its first object's, in a list), once written with its colon.
+_FIRST_KEY = re.compile(r'(?:\[\s*)?\{\s*("(?:[^"\\]|\\.)*")\s*:')
 _XML_FUNCTION = re.compile(r"<function=([^>\s]+)>(.*?)(?:</function>|$)", re.DOTALL)
 _XML_PARAM = re.compile(r"<parameter=([^>\s]+)>\n?(.*?)\n?</parameter>", re.DOTALL)
 
@@ -159,9 +164,14 @@ def _json_values(text: str) -> list[tuple[Any, int, int]]:
     return found
 
 
-def _calls_in_json(value: Any) -> list[tuple[str, Any]]:
+def _calls_in_json(value: Any, bare: bool = True) -> list[tuple[str, Any]]:
+    """The calls a JSON value is: an object with a call's shape, or a list of them. A `bare` one (no call's marker
+    around it) must also open each with a call's key (`_CALL_KEYS`)."""
     items = value if isinstance(value, list) else [value]
-    calls = [_as_call(item) for item in items]
+    calls = [
+        _as_call(item) if not bare or (isinstance(item, dict) and next(iter(item), None) in _CALL_KEYS) else None
+        for item in items
+    ]
     return [c for c in calls if c is not None] if all(c is not None for c in calls) else []
 
 
@@ -175,7 +185,7 @@ def _parse_tagged(body: str, tools: list[dict[str, Any]] | None) -> list[tuple[s
     if calls:
         return calls
     for value, _, _ in _json_values(body):
-        calls.extend(_calls_in_json(value))
+        calls.extend(_calls_in_json(value, bare=False))
     if not calls:
         calls = _repaired(body)
     return calls
@@ -188,7 +198,7 @@ def _repaired(body: str) -> list[tuple[str, Any]]:
         return []
     for k in (1, 2):
         try:
-            return _calls_in_json(json.loads(text + "}" * k))
+            return _calls_in_json(json.loads(text + "}" * k), bare=False)
         except (ValueError, RecursionError):
             continue
     return []
@@ -546,7 +556,10 @@ class ToolStreamFilter:
                 self._scan = _JsonScan(start)
             end = self._scan.end(text[:limit])
             if end is None:
-                return hold
+                # Open, but its first key may already show it is no call (`_as_call`): shown as it is written, the
+                # scan going on to its end, after which a call may still come. A JSON answer (a fenced one too) had
+                # arrived as one chunk at its end: 443 characters after 10 s on this CPU.
+                return limit if self._no_call(text, start, limit) else hold
             try:
                 parsed = _decoder.raw_decode(text[:end], start)[0]
             except (ValueError, RecursionError):  # not JSON: the one-shot parse looks again one character on
@@ -557,6 +570,17 @@ class ToolStreamFilter:
                 return hold
             pos, self._scan = end, None
             self.settled = pos
+
+    @staticmethod
+    def _no_call(text: str, start: int, limit: int) -> bool:
+        """Whether the JSON value at `start` has shown, by its first key, that it is no call."""
+        key = _FIRST_KEY.match(text, start, limit)
+        if key is None:
+            return False
+        try:
+            return json.loads(key.group(1)) not in _CALL_KEYS
+        except ValueError:
+            return True  # not a JSON string: the value cannot parse
 
     def finish(self, text: str, shown: int) -> tuple[str, list[dict[str, Any]]]:
         """(content still to show, tool calls) once generation is over."""
