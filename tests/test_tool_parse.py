@@ -238,7 +238,7 @@ def test_code_whose_braces_hold_a_stray_quote_streams_on():
 
 
 def test_json_that_is_not_a_call_is_released_once_it_closes():
-    text = 'The config is {"name": "x", "level": 3} as asked.\nDone.'
+    text = 'The config is {"id": 7, "level": 3} as asked.\nDone.'
     f = ToolStreamFilter(TOOLS)
     assert f.safe_length(text[: text.index("level")]) <= text.index("{")  # may still be a call
     assert f.safe_length(text[: text.index("as asked")]) >= text.index("}")  # closed: not a call
@@ -264,6 +264,22 @@ def test_a_json_answer_streams_once_its_first_key_shows_it_is_no_call():
     text = '{"debug": true}\n{"name": "run_shell", "arguments": {"command": "ls"}}'
     shown, rest, calls = stream(text)
     assert [c["function"]["name"] for c in calls] == ["run_shell"] and "run_shell" not in shown
+    # A call's shape naming no offered tool is shown once its name has closed: SmolLM2's JSON answer with tools offered.
+    args = '"arguments": {"fruits": [' + ", ".join(f'{{"name": "f{i}", "colour": "red"}}' for i in range(20)) + "]}}"
+    for text in ('{"type": "function", "function": {"name": "fruit_1", ' + args + "}", '{"name": "nope", ' + args):
+        f = ToolStreamFilter(TOOLS)
+        assert f.safe_length(text[: text.index('"f10"')]) >= text.index('"f9"'), text[:30]
+        shown, rest, calls = stream(text)
+        assert calls == [] and shown + rest == text and parse_tool_calls(text, TOOLS) == (text, [])
+    # One naming an offered tool is still held, and is a call; so is one whose name comes after its arguments.
+    for text in (
+        '{"type": "function", "function": {"name": "get_weather", ' + args + "}",
+        "{" + args[:-1] + ', "name": "get_weather"}',
+    ):
+        f = ToolStreamFilter(TOOLS)
+        assert f.safe_length(text[: text.index('"f10"')]) == 0, text[:30]
+        shown, rest, calls = stream(text)
+        assert shown == "" and [c["function"]["name"] for c in calls] == ["get_weather"], text[:30]
     # Inside a call's marker the first key is not asked for.
     text = '<tool_call>{"thought": "list", "name": "run_shell", "arguments": {"command": "ls"}}</tool_call>'
     assert calls_of(text)[1] == [("run_shell", {"command": "ls"})]

@@ -143,6 +143,12 @@ _SPACE = re.compile(r"\s*")
 _JSON_START = re.compile(r"\{\s*[\"}]|\[\s*\{")
 # A JSON value's first key (its first object's, in a list), once written with its colon.
 _FIRST_KEY = re.compile(r'(?:\[\s*)?\{\s*("(?:[^"\\]|\\.)*")\s*:')
+# Its call's name where a model writes it, before anything else but string `type`/`id` fields: `{"name": "x"` or
+# OpenAI's `{"type": "function", "function": {"name": "x"`, once the name's string has closed.
+_STRING = r'"(?:[^"\\]|\\.)*"'
+_FIRST_NAME = re.compile(
+    rf'(?:\[\s*)?\{{\s*(?:"(?:type|id)"\s*:\s*{_STRING}\s*,\s*)*(?:"function"\s*:\s*\{{\s*)?"name"\s*:\s*({_STRING})'
+)
 _XML_FUNCTION = re.compile(r"<function=([^>\s]+)>(.*?)(?:</function>|$)", re.DOTALL)
 _XML_PARAM = re.compile(r"<parameter=([^>\s]+)>\n?(.*?)\n?</parameter>", re.DOTALL)
 
@@ -571,14 +577,16 @@ class ToolStreamFilter:
             pos, self._scan = end, None
             self.settled = pos
 
-    @staticmethod
-    def _no_call(text: str, start: int, limit: int) -> bool:
-        """Whether the JSON value at `start` has shown, by its first key, that it is no call."""
-        key = _FIRST_KEY.match(text, start, limit)
-        if key is None:
-            return False
+    def _no_call(self, text: str, start: int, limit: int) -> bool:
+        """Whether the JSON value at `start` has shown that it is no call to an offered tool: by its first key, or by
+        its call's name (SmolLM2 answers a JSON request with tools offered in a call's shape, `{"type": "function",
+        "function": {"name": "fruit_1", ...`, held until it closed)."""
         try:
-            return json.loads(key.group(1)) not in _CALL_KEYS
+            key = _FIRST_KEY.match(text, start, limit)
+            if key is not None and json.loads(key.group(1)) not in _CALL_KEYS:
+                return True
+            name = _FIRST_NAME.match(text, start, limit)
+            return name is not None and json.loads(name.group(1)) not in self.names
         except ValueError:
             return True  # not a JSON string: the value cannot parse
 
