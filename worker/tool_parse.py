@@ -141,13 +141,14 @@ def _as_call(obj: Any) -> tuple[str, Any] | None:
 _decoder = json.JSONDecoder()
 _SPACE = re.compile(r"\s*")
 _JSON_START = re.compile(r"\{\s*[\"}]|\[\s*\{")
-# A JSON value's first key (its first object's, in a list), once written with its colon.
-_FIRST_KEY = re.compile(r'(?:\[\s*)?\{\s*("(?:[^"\\]|\\.)*")\s*:')
+# A JSON string, and the opening of a value's first object (in a list too).
+_STRING, _OPENING = r'"(?:[^"\\]|\\.)*"', r"(?:\[\s*)?\{\s*"
+# A JSON value's first key, once written with its colon.
+_FIRST_KEY = re.compile(rf"{_OPENING}({_STRING})\s*:")
 # Its call's name where a model writes it, before anything else but string `type`/`id` fields: `{"name": "x"` or
 # OpenAI's `{"type": "function", "function": {"name": "x"`, once the name's string has closed.
-_STRING = r'"(?:[^"\\]|\\.)*"'
 _FIRST_NAME = re.compile(
-    rf'(?:\[\s*)?\{{\s*(?:"(?:type|id)"\s*:\s*{_STRING}\s*,\s*)*(?:"function"\s*:\s*\{{\s*)?"name"\s*:\s*({_STRING})'
+    rf'{_OPENING}(?:"(?:type|id)"\s*:\s*{_STRING}\s*,\s*)*(?:"function"\s*:\s*\{{\s*)?"name"\s*:\s*({_STRING})'
 )
 _XML_FUNCTION = re.compile(r"<function=([^>\s]+)>(.*?)(?:</function>|$)", re.DOTALL)
 _XML_PARAM = re.compile(r"<parameter=([^>\s]+)>\n?(.*?)\n?</parameter>", re.DOTALL)
@@ -562,7 +563,7 @@ class ToolStreamFilter:
                 self._scan = _JsonScan(start)
             end = self._scan.end(text[:limit])
             if end is None:
-                # Open, but its first key may already show it is no call (`_as_call`): shown as it is written, the
+                # Open, but its first key or its name may already show it is no call (`_no_call`): shown as it is written, the
                 # scan going on to its end, after which a call may still come. A JSON answer (a fenced one too) had
                 # arrived as one chunk at its end: 443 characters after 10 s on this CPU.
                 return limit if self._no_call(text, start, limit) else hold

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query
 from fastapi.responses import JSONResponse, Response
+from sqlalchemy.orm import Session
 from sse_starlette import ServerSentEvent
 
 from api.auth import AUTHENTICATED, Owner
@@ -67,20 +68,24 @@ def job_object(services: Services, job: Job) -> dict[str, Any]:
     }
 
 
-def _get(services: Services, job_id: str, owner: str | None) -> dict[str, Any]:
+def _owned(session: Session, job_id: str, owner: str | None) -> Job:
     """The job, if it is the caller's: another key's job is as absent as an unknown one (404)."""
-    with services.sessions() as session:
-        job = jobs.get_job(session=session, job_id=job_id)
-        if job is None or (owner is not None and job.owner != owner):
-            raise APIError(404, f"No job with id {job_id!r}.", code="job_not_found", param="job_id")
-        return job_object(services, job)
+    job = jobs.get_job(session=session, job_id=job_id)
+    if job is None or (owner is not None and job.owner != owner):
+        raise APIError(404, f"No job with id {job_id!r}.", code="job_not_found", param="job_id")
+    return job
 
 
-def _deterministic(services: Services, job_id: str) -> bool:
-    """Whether a run of the job again gives the same text (then a restart's repeat is skipped, not sent again)."""
+def _get(services: Services, job_id: str, owner: str | None) -> dict[str, Any]:
     with services.sessions() as session:
-        job = jobs.get_job(session=session, job_id=job_id)
-        return job is None or is_deterministic(job.request)
+        return job_object(services, _owned(session, job_id, owner))
+
+
+def _deterministic(services: Services, job_id: str, owner: str | None) -> bool:
+    """Whether a run of the caller's job again gives the same text (then a restart's repeat is skipped, not sent
+    again); 404 as `_get`."""
+    with services.sessions() as session:
+        return is_deterministic(_owned(session, job_id, owner).request)
 
 
 @router.post("", status_code=202)
@@ -150,8 +155,7 @@ async def job_events(job_id: str, services: ServicesDep, owner: Owner) -> Respon
     """The job's events as SSE (`event:` its type, `data:` the JSON of mlxq.events), from the first: a client
     that connects late gets what was produced so far, then the rest; the stream ends after `done` or
     `error`. Leaving does not cancel the job."""
-    await asyncio.to_thread(_get, services, job_id, owner)  # 404 before the stream starts
-    deterministic = await asyncio.to_thread(_deterministic, services, job_id)
+    deterministic = await asyncio.to_thread(_deterministic, services, job_id, owner)  # 404 before the stream starts
 
     async def stream():
         # No deadline: a submitted job waits for a worker however long it takes (request_timeout_s and the wait for a
