@@ -90,22 +90,28 @@ _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SUBSCHEMA_ONE = ("items", "additionalProperties", "not", "contains")
 
 
+def _subschemas_mapped(schema: dict[str, Any], fn: Any, lists: tuple[str, ...] = _SUBSCHEMA_LISTS) -> dict[str, Any]:
+    """A copy of `schema` with `fn` applied to each of its direct subschemas (those in `lists` among the lists)."""
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: fn(sub) for name, sub in value.items()}
+        elif key in lists and isinstance(value, list):
+            out[key] = [fn(sub) for sub in value]
+        elif key in _SUBSCHEMA_ONE:
+            out[key] = fn(value)
+        else:
+            out[key] = value
+    return out
+
+
 def strict_schema(schema: Any) -> Any:
     """OpenAI's `strict: true`: every object has exactly its declared properties, all of them present (a field is
     optional only as a union with null). Applied to what is decoded, so a strict answer never has an undeclared
     or a missing field, where the schema alone (JSON Schema's defaults) would allow both."""
     if not isinstance(schema, dict):
         return schema
-    out: dict[str, Any] = {}
-    for key, value in schema.items():
-        if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
-            out[key] = {name: strict_schema(sub) for name, sub in value.items()}
-        elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
-            out[key] = [strict_schema(sub) for sub in value]
-        elif key in _SUBSCHEMA_ONE:
-            out[key] = strict_schema(value)
-        else:
-            out[key] = value
+    out = _subschemas_mapped(schema, strict_schema)
     if out.get("type") == "object" or "properties" in out:
         out.setdefault("additionalProperties", False)
         if isinstance(out.get("properties"), dict):
@@ -113,11 +119,31 @@ def strict_schema(schema: Any) -> Any:
     return out
 
 
+def closed_schema(schema: Any) -> Any:
+    """A tool's arguments schema whose objects that declare `properties` and say nothing of other keys take only
+    those, as llama.cpp's grammars read every schema: JSON Schema's default lets any other key in, with any value,
+    and a small model forced into a call then fills it with keys of its own (SmolLM2 wrote `{"type": {"type": ...`
+    until max_tokens, and the call came back as text). A tool runs on the arguments it declares. Left open: an
+    `allOf`'s branches (each sees only its own properties: closed, they would have no object in common) and an
+    object that requires a key it does not declare."""
+    if not isinstance(schema, dict):
+        return schema
+    out = _subschemas_mapped(schema, closed_schema, lists=("anyOf", "oneOf", "prefixItems"))
+    properties, required = out.get("properties"), out.get("required")
+    declared = isinstance(properties, dict) and (
+        not isinstance(required, list) or all(isinstance(r, str) and r in properties for r in required)
+    )
+    others = {"additionalProperties", "patternProperties", "unevaluatedProperties", "allOf"} & out.keys()
+    if declared and not others:
+        out["additionalProperties"] = False
+    return out
+
+
 def _parameters(tool: dict[str, Any]) -> Any:
-    """A tool's arguments schema, strict when the tool says so."""
+    """A tool's arguments schema: strict when the tool says so, else closed to its declared keys."""
     function = tool.get("function") or {}
     parameters = function.get("parameters")
-    return strict_schema(parameters) if function.get("strict") else parameters
+    return strict_schema(parameters) if function.get("strict") else closed_schema(parameters)
 
 
 # Where a schema holds data rather than subschemas: a `$ref` key there is not a reference.

@@ -170,6 +170,33 @@ def test_strict_holds_an_answer_to_exactly_its_declared_fields(grammars: Grammar
     assert accepts(grammars, named, '{"a":1,"b":"x"}}' + CALL_CLOSE)
 
 
+def test_a_tools_arguments_take_only_the_keys_it_declares_unless_it_says_otherwise(grammars: Grammars):
+    def named(parameters: dict) -> dict:
+        tool = {"type": "function", "function": {"name": "f", "parameters": parameters}}
+        return {"tools": [tool], "tool_choice": {"type": "function", "function": {"name": "f"}}}
+
+    nested = {"type": "object", "properties": {"q": {"type": "string"}, "opts": {"type": "object", "properties": {}}}}
+    assert accepts(grammars, named(nested), '{"q":"x","opts":{}}}' + CALL_CLOSE)
+    assert not accepts(grammars, named(nested), '{"q":"x","type":{"type":1}}}' + CALL_CLOSE)  # the runaway
+    assert not accepts(grammars, named(nested), '{"q":"x","opts":{"z":1}}}' + CALL_CLOSE)
+    required = {"tools": [named(nested)["tools"][0]], "tool_choice": "required"}
+    assert not accepts(grammars, required, '{"name":"f","arguments":{"q":"x","z":1}}' + CALL_CLOSE)
+    # What a schema says of other keys stands, and so does an object with no declared keys, or one that requires
+    # a key it does not declare (closing it would allow no object at all).
+    for open_ in (
+        {**nested, "additionalProperties": True},
+        {**nested, "additionalProperties": {"type": "integer"}},
+        {"type": "object"},
+        {**nested, "required": ["z"]},
+    ):
+        assert accepts(grammars, named(open_), '{"q":"x","z":1}}' + CALL_CLOSE), open_
+    both = {"allOf": [{"properties": {"q": {"type": "string"}}}, {"properties": {"z": {"type": "integer"}}}]}
+    assert accepts(grammars, named(both), '{"q":"x","z":1}}' + CALL_CLOSE)
+    # response_format keeps JSON Schema's reading: only `strict` closes its objects.
+    loose = {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": nested}}}
+    assert accepts(grammars, loose, '{"q":"x","z":1}')
+
+
 # Schemas that compile and cannot be followed: a reference to itself alone, and a property that requires itself.
 UNFOLLOWABLE = {
     "self-reference": {"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}},
