@@ -344,6 +344,10 @@ async def together(http: httpx.AsyncClient, target: Target, prompts: Prompts, to
     # prefill, its join to the batch, its end.
     pauses = [(b - a, a - long.sent) for a, b in zip(dec.chunks, dec.chunks[1:], strict=False) if b > long.sent]
     pauses = [p for p in pauses if p[1] + long.sent < window_end]
+    # The gaps either side of the longest: a long step is flanked by steps of its usual length, where a chunk that
+    # reached the client late (its process kept off the CPU) is followed by a short one.
+    at = gaps.index(max(gaps)) if gaps else None
+    around = [round(g, 3) for g in gaps[max(at - 1, 0) : at + 2]] if at is not None else []
     return {
         "short_ttft": short.ttft,
         "long_ttft": long.ttft,
@@ -352,6 +356,8 @@ async def together(http: httpx.AsyncClient, target: Target, prompts: Prompts, to
         "max_gap_at": max(pauses)[1] if pauses else None,
         "gaps_over_target": sum(g > TARGET_GAP_S for g in gaps),
         "decoder_median_gap": median(before),
+        "decoder_median_gap_during": median(gaps),
+        "max_gap_around": around,
         "decoder_covered": covered,
         "long_prompt_tokens": long.prompt_tokens,
         "timeline": [dec, long, short],
@@ -443,7 +449,8 @@ async def run_target(target: Target, prompts: Prompts, args) -> dict[str, Any]:
                     f"  {target.name} ~{tokens} tokens #{attempt + 1}: short idle {idle[-1]:.3f}s, "
                     f"during {run['short_ttft']:.3f}s; long alone {alone[-1].ttft:.3f}s, "
                     f"with others {run['long_ttft']:.3f}s; decoder max gap {run['max_gap'] or 0:.3f}s"
-                    f" at {run['max_gap_at'] or 0:.2f}s ({run['gaps_over_target']} over {TARGET_GAP_S} s)"
+                    f" at {run['max_gap_at'] or 0:.2f}s ({run['gaps_over_target']} over {TARGET_GAP_S} s; with its"
+                    f" neighbours {run['max_gap_around']}, median {run['decoder_median_gap_during'] or 0:.3f}s)"
                     f"{'' if run['decoder_covered'] else ' (decoder ended inside the window)'}"
                     f"{'' if run['short_during_prefill'] else ' (short sent after the long first token)'}"
                 )
