@@ -134,6 +134,9 @@ class Settings(BaseSettings):
     # sequences wait, and one gives way (parked, resumed later) to another key's interactive request.
     key_weights: dict[str, float] = {}
     key_max_inflight: int = Field(default=0, ge=0)
+    # A low-priority request (a job, a batch line) waiting this long in the worker is admitted and prefilled as an
+    # interactive one: strict priority would hold it for as long as an interactive flood lasts. 0: strict priority.
+    low_priority_age_s: float = Field(default=30.0, ge=0)
     # Speculative decoding in the batch (worker.speculative): "lookup" drafts tokens by prompt lookup (n-grams of
     # each sequence's own prompt and output, and the client's `prediction`; an answer that copies its prompt gets
     # several tokens per step, and one that copies nothing decodes plainly), "off" decodes one token per step.

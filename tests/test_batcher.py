@@ -148,6 +148,36 @@ def test_interactive_request_overtakes_a_full_batch_of_low_priority_work(tiny_mo
     assert [r["text"] for r in low_results[:4]] == [r["text"] for r in alone]
 
 
+@pytest.mark.parametrize("age_s", [1.0, 0.0])
+def test_an_interactive_flood_that_never_lets_up_does_not_starve_low_priority_work(tiny_model: Path, age_s: float):
+    """Six clients keep a batch of two full and its queue never empty; a low-priority request that has waited `age_s`
+    is admitted as an interactive one and ends while the flood goes on. 0: strict priority, which holds it to the end."""
+    engine = Engine.load(str(tiny_model), BatchLimits(size=2, low_age_s=age_s))
+    flooding = threading.Event()
+    flooding.set()
+
+    def client(i: int) -> None:
+        n = 0
+        while flooding.is_set():
+            engine.generate("chat", chat(f"client {i} turn {n}", max_tokens=24))
+            n += 1
+
+    clients = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+    for t in clients:
+        t.start()
+    try:
+        time.sleep(0.5)
+        low = engine.submit("chat", chat("a batch line", max_tokens=8), priority="low")
+        ended = low.done.wait(timeout=age_s + 15 if age_s else 8)
+        assert ended == bool(age_s), "strict priority let it in" if not age_s else "still starved"
+    finally:
+        flooding.clear()
+        for t in clients:
+            t.join(timeout=60)
+    assert wait(low, lambda _e: None)["usage"]["completion_tokens"] == 8
+    engine.close()
+
+
 def test_request_over_the_token_budget_waits_and_completes(tiny_model: Path):
     engine = Engine.load(str(tiny_model), BatchLimits(size=8, tokens=200))
     big = chat("a long question " * 20, max_tokens=80)  # over the budget beside anything else

@@ -4,7 +4,8 @@ Decoding is memory-bound, so sequences that share a forward pass cost little mor
 engine thread loops over four small steps:
 
 - admit: move waiting sequences into the generator (worker.generator: a prefill stage in front of mlx-lm's
-  `BatchGenerator`, behind a small interface), interactive before low priority, within `batch_size`
+  `BatchGenerator`, behind a small interface), interactive before low priority (a low-priority sequence that has
+  waited `low_age_s` counts as interactive: an interactive flood cannot starve it), within `batch_size`
   sequences and the KV bytes the memory budget gives (`KvLimit`: each sequence reserves prompt +
   max_tokens, and mlx-lm's batch cache pads every sequence to the longest). Within a priority, owners
   (API keys; with keys off, sessions) take fair shares of the batch: the next admitted is the oldest
@@ -105,6 +106,7 @@ class Batcher:
         step_ms: float = DEFAULT_STEP_MS,
         key_weights: Mapping[str, float] | None = None,
         key_max_inflight: int = 0,
+        low_age_s: float = 0.0,
         chunks_grow: bool = False,
     ) -> None:
         self.model = model
@@ -126,6 +128,8 @@ class Batcher:
         # another waits (0: half the batch).
         self.key_weights = dict(key_weights or {})
         self.key_max_inflight = key_max_inflight
+        # A low-priority sequence waiting this long is promoted (`_promote_aged`); 0: never.
+        self.low_age_s = low_age_s
         self.prefix = prefix
         self._cond = threading.Condition()
         self._waiting: dict[str, deque[Sequence]] = {"interactive": deque(), "low": deque()}
@@ -148,6 +152,7 @@ class Batcher:
 
     def submit(self, seq: Sequence) -> None:
         with self._cond:
+            seq.queued_at = time.monotonic()
             self._waiting[seq.priority].append(seq)
             self._arrivals += seq.priority == "interactive"
             self._cond.notify()
@@ -352,6 +357,7 @@ class Batcher:
         self._drop_cancelled_waiting()
         with self._cond:  # those resumed, or whose cache went, are parked no more
             self._parked = [s for s in self._parked if s.resume is not None and s.resume[0] is not None]
+            self._promote_aged()
         while True:
             with self._cond:
                 seq = self._pick()
@@ -367,6 +373,19 @@ class Batcher:
                 # Waiting prompts that may share its prefix-cache entry: its own partition's only.
                 others = [s.prompt for q in self._waiting.values() for s in q if s.partition == seq.partition]
             self._start(seq, others)
+
+    def _promote_aged(self) -> None:
+        """Low-priority sequences that have waited `low_age_s` since they were submitted (parked ones too) join the
+        interactive queue, in the order they came, and are admitted, prefilled and parked as interactive from then on.
+        Under strict priority an interactive flood that never lets up held a low-priority job `running` with nothing
+        decoded for as long as it lasted (20 clients on a batch of 16: 60 s, and it ended 11 s after them)."""
+        if not self.low_age_s:
+            return
+        low, now = self._waiting["low"], time.monotonic()
+        for seq in [s for s in low if now - s.queued_at >= self.low_age_s]:
+            low.remove(seq)
+            seq.priority = "interactive"
+            self._waiting["interactive"].append(seq)
 
     def _drop_cancelled_waiting(self) -> None:
         with self._cond:

@@ -75,6 +75,7 @@ class BatchLimits:
     step_ms: float = field(default_factory=lambda: get_settings().step_target_ms)
     key_weights: Mapping[str, float] = field(default_factory=lambda: dict(get_settings().key_weights))
     key_max_inflight: int = field(default_factory=lambda: get_settings().key_max_inflight)
+    low_age_s: float = field(default_factory=lambda: get_settings().low_priority_age_s)
     speculative: str = field(default_factory=lambda: get_settings().speculative)  # worker.speculative: lookup | off
 
 
@@ -325,6 +326,7 @@ class Engine:
                     step_ms=self.batch.step_ms,
                     key_weights=self.batch.key_weights,
                     key_max_inflight=self.batch.key_max_inflight,
+                    low_age_s=self.batch.low_age_s,
                 )
             return self._batcher
 

@@ -80,6 +80,7 @@ class Sequence:
 
     # -- filled in as it runs (engine thread) --------------------------------------------------
     uid: int | None = None  # in the generator while admitted
+    queued_at: float = 0.0  # when it was submitted to the batcher (time.monotonic)
     admitted_at: float = 0.0
     preemptions: int = 0
     # The stop string that ended the answer, if one did (Anthropic reports it as `stop_sequence`).
