@@ -290,3 +290,22 @@ def test_a_fenced_call_is_held_from_its_fence():
     shown, rest, calls = stream(text)
     assert shown.strip() == "Sure." and [c["function"]["name"] for c in calls] == ["get_weather"]
     assert "```" not in shown
+
+
+def test_a_tool_name_inside_code_streams_as_text_and_a_spaced_call_is_one():
+    # A method or a longer name that ends in a tool's name is no call to the one-shot parse; streamed, it was held from
+    # the name on and came out as a call of that tool: `client.get_weather(city="Paris")` in an answer's code.
+    for text in (
+        '```python\nw = client.get_weather(city="Paris")\nprint(w)\n```\nThat is all.',
+        'Use api.get_weather({"city": "Paris"}) or my_get_weather(city="Rome") to fetch it.',
+    ):
+        f = ToolStreamFilter(TOOLS)
+        mid = text.index("Paris") + 8
+        assert f.safe_length(text[:mid]) >= text.index("Paris"), text  # shown as it comes
+        shown, rest, calls = stream(text)
+        assert calls == [] and shown + rest == text == parse_tool_calls(text, TOOLS)[0]
+    # And a space before the parenthesis, which the one-shot parse reads as a call, is held as one.
+    text = 'Checking.\nget_weather ({"city": "Paris"})'
+    shown, rest, calls = stream(text, step=1)
+    assert shown == "Checking." and [c["function"]["name"] for c in calls] == ["get_weather"]
+    assert (shown + rest, calls_of(text)[1]) == (calls_of(text)[0], [("get_weather", {"city": "Paris"})])

@@ -475,6 +475,14 @@ class _JsonScan:
 _FENCE = re.compile(r"```([^\n`]*)\n")
 
 
+def _overlap(text: str, name: str) -> int:
+    """The length of the longest start of `name` (short of all of it) that `text` ends with; 0 for none."""
+    for k in range(min(len(name) - 1, len(text)), 0, -1):
+        if text.endswith(name[:k]):
+            return k
+    return 0
+
+
 @dataclass
 class ToolStreamFilter:
     """Decides how much of the growing text is safe to stream as content.
@@ -494,12 +502,17 @@ class ToolStreamFilter:
     # Everything before `settled` is content for good (scanned, no call can start in it).
     settled: int = 0
     _scan: _JsonScan | None = None
+    _call_from: int = 0  # no call of `name(` syntax starts before this
 
     def __post_init__(self) -> None:
         names = tool_names(self.tools)
         self.names = names
         extra = (self.model_format.start,) if self.model_format else ()
-        self.markers = tuple(dict.fromkeys(extra + _GENERIC_MARKERS + tuple(f"{n}(" for n in names)))
+        self.markers = tuple(dict.fromkeys(extra + _GENERIC_MARKERS))
+        # `name(` opens a call only where the one-shot parse (`_function_syntax`) reads one: not inside a longer name
+        # or after a dot (`client.get_weather(` in code is no call), with space before the parenthesis allowed.
+        either = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+        self._call_open = re.compile(rf"(?<![\w.-])(?:{either})\s*\(")
         self.active = bool(names)
 
     def safe_length(self, text: str) -> int:
@@ -523,10 +536,34 @@ class ToolStreamFilter:
                     if text.endswith(marker[:k]):
                         cut = min(cut, len(text) - k)
                         break
+        start = max(floor, self._call_from)
+        if (call := self._call_open.search(text, start)) is not None:
+            cut = min(cut, call.start())
+            self.held_from = cut
+        else:
+            # An opening can only start where the end of the text may still grow into one: the next look starts there.
+            self._call_from = max(start, self._call_tail(text))
+            cut = min(cut, self._call_from)
         if self.held_from is None:
             cut = min(cut, self._json_hold(text, floor, cut))
         # Trailing whitespace may precede a call; hold it until we know.
         return len(text[:cut].rstrip()) if cut < len(text) or text[cut - 1 : cut].isspace() else cut
+
+    def _call_tail(self, text: str) -> int:
+        """Where the end of `text` may still grow into a `name(` opening (a name's first characters, or all of it and
+        space), at a name's start as `_call_open` reads it; `len(text)` where it cannot."""
+        stripped = text.rstrip()
+        tail = len(text)
+        for name in self.names:
+            if stripped.endswith(name):
+                at = len(stripped) - len(name)
+            elif stripped == text and (k := _overlap(text, name)):
+                at = len(text) - k
+            else:
+                continue
+            if at < tail and not (at and (text[at - 1].isalnum() or text[at - 1] in "_.-")):
+                tail = at
+        return tail
 
     def _json_hold(self, text: str, floor: int, limit: int) -> int:
         """Where the first JSON value (or the fence around it) that may still be a call starts, before `limit`;
