@@ -217,6 +217,22 @@ def test_a_background_response_polled_streamed_late_and_cancelled(svc: Service):
     assert oa.responses.retrieve(long.id).status == "cancelled"
 
 
+def test_a_streamed_background_response_outlives_an_identical_request_whose_client_leaves(svc: Service):
+    # A background response's stream left, then an identical sync request joined its job and its client left: the
+    # last waiter gone, the background response was cancelled, though it runs to its end whoever leaves.
+    oa = client(svc)
+    story = ask(f"Write a very long story about a lighthouse. {time.time()}", max_output_tokens=300)
+    with oa.responses.create(**story, background=True, stream=True) as live:
+        response_id = next(iter(live)).response.id  # response.created
+        next(e for e in live if e.type == "response.output_text.delta")  # then the client leaves
+    assert oa.responses.retrieve(response_id).status == "in_progress"
+    with pytest.raises(httpx.ReadTimeout):  # joins the running job, then gives up and closes its connection
+        httpx.post(f"{svc.base}/v1/responses", json={**story, "store": False}, timeout=httpx.Timeout(60, read=2))
+    time.sleep(2)
+    assert oa.responses.retrieve(response_id).status == "in_progress"
+    assert oa.responses.cancel(response_id).status == "cancelled"  # its own cancel still stops it
+
+
 def test_a_background_response_survives_its_worker_being_killed(tmp_path: Path, smollm2: Path, service_factory):
     service = service_factory(service_env(tmp_path, smollm2)).start()
     oa = client(service)

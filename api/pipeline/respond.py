@@ -121,8 +121,8 @@ async def _stream(
         live = await job_events(follower, outcome, replayable=replayable, timeout=not spec.detached)
         source = tap(live, outcome)
     except BaseException:
-        if outcome.job_id:
-            follower.leave_soon(outcome.job_id, abandon=not spec.detached)
+        if outcome.job_id and not spec.detached:
+            follower.leave_soon(outcome.job_id, abandon=True)
         raise
     sse = render(source)
     headers = cache_headers([outcome])
@@ -140,10 +140,11 @@ async def _stream(
             finished = True
         finally:
             record(services, endpoint=endpoint, spec=spec, outcome=outcome, started=started, stream=True)
-            # A client that went away stops the job, unless another client still waits for it (or it is detached).
-            if outcome.job_id:
-                abandon = not finished or outcome.unanswered
-                follower.leave_soon(outcome.job_id, abandon=abandon and not spec.detached)
+            # A client that went away stops the job, unless another client still waits for it. A detached job (a
+            # background response) keeps its waiter, as a submitted job does: only its own cancel leaves it
+            # (mlxq.repos.responses.cancel_response), so a joined client that leaves never cancels it.
+            if outcome.job_id and not spec.detached:
+                follower.leave_soon(outcome.job_id, abandon=not finished or outcome.unanswered)
 
     return event_source(guarded(), headers, services.settings.sse_keepalive_s)
 
