@@ -735,3 +735,12 @@ def test_what_anthropic_takes_in_text_and_thinking_is_taken():
     ):
         MessagesRequest.model_validate(anthropic(**fields))
         CountTokensRequest.model_validate({k: v for k, v in anthropic(**fields).items() if k != "max_tokens"})
+
+
+def test_a_stream_that_joined_a_job_nobody_streamed_has_its_text_before_its_calls():
+    # Such a job publishes no deltas, only its calls and its end: the text the stream missed came after the calls, a
+    # text block after the tool_use blocks, where the same answer not streamed has it first.
+    result = {"text": "Checking.", "finish_reason": "tool_calls", "tool_calls": [CALL], "usage": USAGE}
+    sent = run_stream([events.started(120, 100), events.tool_calls([CALL]), events.done(result)])
+    assert accumulate(sent)["content"] == message(result, model="m")["content"]
+    assert [block["type"] for block in accumulate(sent)["content"]] == ["text", "tool_use"]

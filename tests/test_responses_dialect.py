@@ -1171,3 +1171,14 @@ def test_a_custom_tool_answer_sent_back_continues():
 def test_a_namespace_without_a_description_is_echoed_as_the_sdk_requires():
     _, sdk = render({"text": "x"}, tools=[{"type": "namespace", "name": "ns", "tools": [WEATHER]}])
     assert sdk.tools[0].type == "namespace"
+
+
+def test_a_stream_that_joined_a_job_nobody_streamed_has_its_text_and_then_its_calls():
+    # Such a job publishes no deltas, only its calls and its end: the text the stream missed, sent after the calls,
+    # was lost (the response's output only the function call).
+    result = {"text": "Checking.", "finish_reason": "tool_calls", "tool_calls": [CALL], "usage": USAGE}
+    sent = run_stream([events.started(120, 100), events.tool_calls([CALL]), events.done(result)])
+    added = [data["item"]["type"] for name, data in sent if name == "response.output_item.added"]
+    final = sent[-1][1]["response"]
+    assert added == [o["type"] for o in final["output"]] == ["message", "function_call"]
+    assert final["output"][0]["content"][0]["text"] == "Checking."

@@ -1,9 +1,9 @@
 """The one stream relay: a job's events (live or replayed, api.pipeline.streaming) in, a dialect's SSE events out.
 
 The relay holds the loop every dialect shares: guard the source (an APIError once streaming is an error event),
-start, relay text and tool calls as they come, keep the connection alive while the job waits or prefills, end
-with the result (and the text a joined job's stream missed), or with the error, then the closing event if the
-dialect has one. What each event looks like is the dialect's: its `StreamWriter` (api.dialects.*.render).
+start, relay text as it comes, keep the connection alive while the job waits or prefills, end with the result (the
+text a joined job's stream missed, then the tool calls), or with the error, then the closing event if the dialect has
+one. What each event looks like is the dialect's: its `StreamWriter` (api.dialects.*.render).
 """
 
 from __future__ import annotations
@@ -93,6 +93,7 @@ async def relay(source: AsyncIterator[Event], writer: StreamWriter) -> AsyncIter
     for payload in writer.start(first if first is not None and first["type"] == "started" else None):
         yield writer.frame(payload)
     sent = ""
+    calls: list[dict[str, Any]] = []
     async for event in _chain(first, guarded):
         kind = event["type"]
         payloads: list[Payload] = []
@@ -100,13 +101,19 @@ async def relay(source: AsyncIterator[Event], writer: StreamWriter) -> AsyncIter
             sent += event["content"]
             payloads = writer.delta(event["content"], event.get("logprobs"))
         elif kind == "tool_calls":
-            payloads = writer.tool_calls(event["tool_calls"])
+            # Sent with the end, which follows at once: a stream that joined a job nobody streamed has the text
+            # only then, and it goes before the calls, as in the answer (a text block after the tool_use blocks).
+            calls = event["tool_calls"]
         elif kind in ("progress", "waiting"):
             yield writer.keepalive(event)
         elif kind == "done":
             result = event.get("result") or {}
             rest = missed_text(result, sent)
-            payloads = [*(writer.missed(rest) if rest else []), *writer.finish(result)]
+            payloads = [
+                *(writer.missed(rest) if rest else []),
+                *(writer.tool_calls(calls) if calls else []),
+                *writer.finish(result),
+            ]
         elif kind == "error":
             payloads = writer.error(event.get("error") or {})
         for payload in payloads:
