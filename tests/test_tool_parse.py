@@ -309,3 +309,19 @@ def test_a_tool_name_inside_code_streams_as_text_and_a_spaced_call_is_one():
     shown, rest, calls = stream(text, step=1)
     assert shown == "Checking." and [c["function"]["name"] for c in calls] == ["get_weather"]
     assert (shown + rest, calls_of(text)[1]) == (calls_of(text)[0], [("get_weather", {"city": "Paris"})])
+
+
+def test_a_tool_name_in_code_that_is_no_call_is_held_only_until_its_parenthesis_closes():
+    # SmolLM2 asked to explain a tool writes `def get_weather(data):` in a fence: held from there to the end of the
+    # answer (207 characters in one chunk, after 16 s), though once `(data)` closes it is no call.
+    code = "```python\ndef get_weather(data):\n" + "".join(f"    x{i} = data[{i}]\n" for i in range(20)) + "```\n"
+    f = ToolStreamFilter(TOOLS)
+    assert f.safe_length(code[: code.index("x10")]) >= code.index("x9")
+    shown, rest, calls = stream(code)
+    assert calls == [] and shown + rest == code == parse_tool_calls(code, TOOLS)[0]
+    assert len(shown) >= code.index("x19")
+    # A call in that syntax is still held from its name, and one not closed yet too.
+    text = 'Sure.\nget_weather(city="Paris")'
+    assert ToolStreamFilter(TOOLS).safe_length(text[:-3]) == len("Sure.")
+    shown, rest, calls = stream(text, step=1)
+    assert shown == "Sure." and [c["function"]["name"] for c in calls] == ["get_weather"]

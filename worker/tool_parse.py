@@ -537,9 +537,16 @@ class ToolStreamFilter:
                         cut = min(cut, len(text) - k)
                         break
         start = max(floor, self._call_from)
-        if (call := self._call_open.search(text, start)) is not None:
-            cut = min(cut, call.start())
-            self.held_from = cut
+        while (call := self._call_open.search(text, start)) is not None:
+            # Held until its parenthesis closes; then a call holds the rest, and anything else (`def get_weather(data):`
+            # in code) is content, as the one-shot parse reads it, rather than holding the rest of the answer.
+            end = _call_end(text, call.end())
+            if end is None or _function_syntax(text[call.start() : end], self.names):
+                cut = min(cut, call.start())
+                if end is not None:
+                    self.held_from = cut
+                break
+            start = self._call_from = end
         else:
             # An opening can only start where the end of the text may still grow into one: the next look starts there.
             self._call_from = max(start, self._call_tail(text))
