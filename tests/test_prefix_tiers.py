@@ -348,3 +348,39 @@ def test_a_model_that_checkpoints_is_served_from_disk_too(family_model: Path, tm
     assert got["usage"]["cached_tokens"] >= len(engine.chat_tokens(first)) - 1
     assert got["text"] == plain.generate("chat", turn)["text"]
     assert prefix.snapshot()["disk_hits"] == 1
+
+
+@pytest.mark.parametrize("family_model", ["qwen3_next"], indirect=True)
+def test_an_entry_read_back_from_disk_serves_its_request_though_memory_holds_only_its_system_prompt(
+    family_model: Path, tmp_path: Path
+):
+    """Memory is kept balanced between the kinds of entries (answers go first, system prompts last): with only a system
+    prompt left in memory, an answer or end-of-prompt checkpoint read back from disk was the one entry of its kind, so
+    the insert that loaded it evicted it again before its lookup, and the turn was prefilled from its system prompt."""
+    engine, plain = Engine.load(str(family_model)), Engine.load(str(family_model))
+    try:
+        prefix = engine.enable_prefix_cache(max_entries=16, max_bytes=1 << 30)
+        prefix.attach_disk(tmp_path, 1 << 30)
+        first = chat("Tell me a story about a cat on a boat.", max_tokens=10)
+        answer = engine.generate("chat", first)["text"]
+
+        def squeeze() -> None:
+            """A bound that holds the system prompt and none of the session's other entries beside it."""
+            typed = prefix.typed_entries()
+            system = sum(cache_bytes(c) for _, c, kind in typed if kind == "system")
+            prefix.lru.max_bytes = system + min(cache_bytes(c) for _, c, kind in typed if kind != "system") - 1
+            prefix.lru.trim_to(n_bytes=prefix.lru.max_bytes)
+
+        engine.batcher.call(squeeze)
+        assert [kind for _, _, kind in prefix.typed_entries()] == ["system"] and prefix.snapshot()["spills"] >= 2
+        history = [{"role": "user", "content": "Tell me a story about a cat on a boat."}]
+        history.append({"role": "assistant", "content": answer})
+        turn = chat("Make it shorter, please.", history=history, max_tokens=10)
+        got = engine.generate("chat", turn)
+        assert got["usage"]["cached_tokens"] >= len(engine.chat_tokens(first)) - 1, got["usage"]
+        assert got["text"] == plain.generate("chat", turn)["text"]
+        assert prefix.snapshot()["disk_hits"] == 1
+        assert prefix.snapshot()["bytes"] <= prefix.lru.max_bytes
+    finally:
+        engine.close()
+        plain.close()

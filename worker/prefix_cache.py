@@ -245,6 +245,8 @@ class PrefixCache:
     def _fetched(
         self, tokens: list[int], cache: list[Any] | None, rest: list[int], taken: int | None, from_disk: int
     ) -> Fetched:
+        if from_disk:
+            self.lru.trim_to(n_sequences=self.lru.max_size, n_bytes=self.lru.max_bytes)  # it is taken or copied by now
         if cache is None:
             self.stats.misses += 1
             return Fetched(make_prompt_cache(self.model), list(tokens), 0)
@@ -290,7 +292,11 @@ class PrefixCache:
             disk.remove(entry, unlink=True)
             self._complete.pop(disk.directory / entry.file, None)
             return 0
-        self.lru.insert_cache(self._model(entry.partition), list(entry.tokens), cache, cache_type=entry.cache_type)
+        # Bounded only once the lookup has it (`_fetched`): the bound evicts the kinds of entries in turn, and one read
+        # back alone of its kind (an answer or a prompt's end, memory holding only system prompts) went first.
+        self.lru.insert_cache(
+            self._model(entry.partition), list(entry.tokens), cache, cache_type=entry.cache_type, fit=False
+        )
         return serves
 
     def _take(
@@ -896,16 +902,21 @@ class TieredLRU(LRUPromptCache):
         self._spill = spill
 
     def insert_cache(
-        self, model: Any, tokens: list[int], prompt_cache: list[Any], *, cache_type: str = "assistant"
+        self, model: Any, tokens: list[int], prompt_cache: list[Any], *, cache_type: str = "assistant", fit: bool = True
     ) -> None:
+        """With `fit` False the bounds wait for the caller's `trim_to`."""
         bound, self.max_bytes = self.max_bytes, 1 << 63  # the byte bound is applied below, cheaper forms first
+        size = self.max_size
+        if not fit:
+            self.max_size = 1 << 63
         try:
             with self._evicting():
                 super().insert_cache(model, tokens, prompt_cache, cache_type=cache_type)
         finally:
-            self.max_bytes = bound
-        self._fit(bound)
-        self.settle()
+            self.max_bytes, self.max_size = bound, size
+        if fit:
+            self._fit(bound)
+            self.settle()
 
     def trim_to(self, *, n_sequences: int | None = None, n_bytes: int | None = None) -> None:
         if n_sequences is not None:
