@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,14 @@ def model_report(path: Path) -> dict[str, Any]:
     report["quantization"] = (
         {"bits": quantization.get("bits"), "group_size": quantization.get("group_size")} if quantization else None
     )
+    if quantization:
+        # A mixed recipe (mlx_lm.convert --quant-predicate mixed_3_6) gives each layer its own bits: the top-level
+        # bits are only the default, which may be no layer's.
+        per_layer = Counter(v["bits"] for v in quantization.values() if isinstance(v, dict) and "bits" in v)
+        if per_layer:
+            report["quantization"]["layer_bits"] = {str(b): n for b, n in sorted(per_layer.items())}
+        if quantization.get("mode") not in (None, "affine"):  # mxfp4, nvfp4, mxfp8 (mlx_lm.convert --q-mode)
+            report["quantization"]["mode"] = quantization["mode"]
     try:
         model, _ = load_model(path, lazy=True)
         cache = make_prompt_cache(model)
@@ -141,6 +150,10 @@ def models_check(
         else:
             reuse = "not trimmable (recurrent state): prompts are reused from checkpoints taken at message boundaries"
         bits = f"{q['bits']}-bit, group size {q['group_size']}" if q else "none"
+        if q and q.get("mode"):
+            bits = f"{q['mode']}, {bits}"
+        if q and q.get("layer_bits"):
+            bits += f" (by layer: {', '.join(f'{b}-bit ×{n}' for b, n in q['layer_bits'].items())})"
         console.print(f"model          {report['path']}")
         console.print(f"family         {report['family'] or '?'}")
         console.print(f"quantization   {bits}")

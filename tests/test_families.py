@@ -280,6 +280,37 @@ def test_models_check_says_what_a_directory_is_and_that_mlxq_serves_it(
     assert ("checkpoints" in text.output) is not trimmable
 
 
+@pytest.mark.parametrize(
+    ("options", "quantization", "says"),
+    [
+        (
+            {"quant_predicate": "mixed_3_6"},
+            {"bits": 4, "group_size": 64, "layer_bits": {"3": 13, "6": 2}},
+            "4-bit, group size 64 (by layer: 3-bit ×13, 6-bit ×2)",
+        ),
+        (
+            {"q_mode": "mxfp4", "q_group_size": 32, "q_bits": 4},
+            {"bits": 4, "group_size": 32, "mode": "mxfp4"},
+            "mxfp4, 4-bit, group size 32",
+        ),
+    ],
+)
+def test_models_check_names_a_mixed_or_floating_point_quantization(
+    family_models, tmp_path: Path, options: dict[str, Any], quantization: dict[str, Any], says: str
+):
+    """mlx_lm.convert's mixed recipes give every layer its own bits and leave the top-level bits a default no layer
+    may have (a 3- and 6-bit model was said to be 4-bit); its other modes are not affine integers."""
+    from mlx_lm.convert import convert
+
+    convert(str(family_models("llama")), mlx_path=str(tmp_path / "q"), quantize=True, **options)
+    runner = CliRunner()
+    result = runner.invoke(app, ["models", "check", str(tmp_path / "q"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["quantization"] == quantization
+    text = runner.invoke(app, ["models", "check", str(tmp_path / "q")], terminal_width=200)
+    assert f"quantization   {says}\n" in text.output
+
+
 def test_models_check_refuses_what_is_not_a_model(tmp_path: Path):
     result = CliRunner().invoke(app, ["models", "check", str(tmp_path)])
     assert result.exit_code == 1 and "config.json" in result.output
