@@ -26,7 +26,7 @@ preload_openblas()
 
 import mlx.core as mx  # noqa: E402
 from mlx_lm import stream_generate  # noqa: E402
-from mlx_lm.models.cache import ArraysCache  # noqa: E402
+from mlx_lm.models.cache import ArraysCache, RotatingKVCache  # noqa: E402
 from mlx_lm.tokenizer_utils import load as load_tokenizer  # noqa: E402
 
 from mlxq.delivery import WorkerView, choose  # noqa: E402
@@ -233,6 +233,22 @@ def test_a_four_turn_session_reuses_its_prefix_on_every_later_turn(engine: Engin
         assert seq.checkpoint_entries, "each turn keeps checkpoints of what it prefilled"
     snap = engine.prefix.snapshot()
     assert snap["checkpoints"] >= len(TURNS) and snap["skips"] == 0 and snap["hits"] == len(TURNS) - 1
+
+
+@pytest.mark.parametrize("family_model", ["gemma3_text"], indirect=True)
+def test_a_sliding_windows_checkpoint_holds_its_window_and_no_more(engine: Engine):
+    # Prefilled in 16-token chunks, a 32-token window held up to 47 tokens when a checkpoint was taken; every turn
+    # still gets mlx-lm's own answer (`session` checks) from checkpoints cut to the window.
+    seqs = session(engine, TURNS[:3])
+    assert all(seq.cached_tokens > 0 for seq in seqs[1:])
+    windows = [
+        layer
+        for _tokens, cache in engine.prefix.entries()
+        for layer in cache
+        if isinstance(layer, RotatingKVCache) and layer.offset > layer.max_size
+    ]
+    assert windows and engine.prefix.snapshot()["checkpoints"] >= 3
+    assert max(layer.keys.shape[2] for layer in windows) == windows[0].max_size
 
 
 @each_hybrid

@@ -409,6 +409,7 @@ class PrefixCache:
                 raise ValueError(f"unknown cache type {cache_type!r}")
             if not tokens or cache_length(cache, len(tokens)) != len(tokens):
                 raise ValueError(f"checkpoint holds {cache_length(cache, len(tokens))} tokens, not {len(tokens)}")
+            window_only(cache)
             materialize(cache)
             self.lru.insert_cache(self._model(partition), list(tokens), cache, cache_type=cache_type)
             self.stats.checkpoints += 1
@@ -1277,6 +1278,21 @@ def materialize(cache: list[Any]) -> None:
             # mx.array copies always; mx.contiguous returns a small view as it is (still pinning the batch's buffer).
             layer.cache = [None if a is None else mx.array(a) for a in layer.cache]
     mx.eval([c.state for c in cache])
+
+
+def window_only(cache: list[Any]) -> None:
+    """Cut each sliding window of a checkpoint taken during prefill down to the window. mlx-lm leaves a window that a
+    chunk of n tokens went into holding its size + n - 1 tokens, so that each of them sees a whole window; what comes
+    after needs only the last `max_size` (a chunk keeps `max_size - 1` of them, a token overwrites the oldest, and
+    the batch merges the last `max_size`). Kept whole, a Gemma 3 checkpoint held up to 1.5x its window in every
+    sliding layer (a 512-token chunk beside a 1,024-token window), and a tiny one with a 32-token window 17x."""
+    for layer in layers(cache):
+        if isinstance(layer, RotatingKVCache) and layer.keys is not None and layer.keys.shape[2] > layer.max_size:
+            keep, recent = layer.keep, layer.max_size - layer.keep
+            keys, values = layer._temporal_order(layer.keys), layer._temporal_order(layer.values)
+            layer.keys = mx.concatenate([keys[..., :keep, :], keys[..., -recent:, :]], axis=2)
+            layer.values = mx.concatenate([values[..., :keep, :], values[..., -recent:, :]], axis=2)
+            layer._idx = layer.max_size
 
 
 def cache_bytes(cache: list[Any]) -> int:
