@@ -70,4 +70,12 @@ def owner_of(request: Request) -> str | None:
 
 
 Owner = Annotated[str | None, Depends(owner_of)]
+
+
+def owns(owner: str | None, row_owner: str | None) -> bool:
+    """Whether the caller (`owner`: None with keys off) may see a stored object of `row_owner`'s: another key's job,
+    batch, file or response is as absent as an unknown one (a 404, never a 403 that tells it exists)."""
+    return owner is None or row_owner == owner
+
+
 AUTHENTICATED = [Depends(authenticate)]

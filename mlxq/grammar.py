@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -90,7 +91,9 @@ _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SUBSCHEMA_ONE = ("items", "additionalProperties", "not", "contains")
 
 
-def _subschemas_mapped(schema: dict[str, Any], fn: Any, lists: tuple[str, ...] = _SUBSCHEMA_LISTS) -> dict[str, Any]:
+def _subschemas_mapped(
+    schema: dict[str, Any], fn: Callable[[Any], Any], lists: tuple[str, ...] = _SUBSCHEMA_LISTS
+) -> dict[str, Any]:
     """A copy of `schema` with `fn` applied to each of its direct subschemas (those in `lists` among the lists)."""
     out: dict[str, Any] = {}
     for key, value in schema.items():

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Body, Query
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
-from api.auth import AUTHENTICATED, Owner
+from api.auth import AUTHENTICATED, Owner, owns
 from api.errors import APIError
 from api.offline import batch_lifecycle
 from api.offline.batch_lines import read_lines
@@ -79,7 +79,7 @@ def batch_object(session: Session, batch: Batch) -> dict[str, Any]:
 def _owned(session: Session, batch_id: str, owner: str | None) -> Batch:
     """The batch, if it is the caller's: another key's batch is as absent as an unknown one (404)."""
     batch = batches.get_batch(session=session, batch_id=batch_id)
-    if batch is None or (owner is not None and batch.owner != owner):
+    if batch is None or not owns(owner, batch.owner):
         raise APIError(404, f"No batch with id {batch_id!r}.", code="batch_not_found", param="batch_id")
     return batch
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import Response
 from sqlalchemy.orm import Session
 
-from api.auth import AUTHENTICATED, Owner
+from api.auth import AUTHENTICATED, Owner, owns
 from api.errors import APIError
 from api.offline.pages import list_page
 from api.services import ServicesDep
@@ -37,7 +37,7 @@ def file_object(file: FileRow) -> dict[str, Any]:
 def owned_file(session: Session, file_id: str, owner: str | None, *, param: str = "file_id") -> FileRow:
     """The file, if it is the caller's: another key's file is as absent as an unknown one (404)."""
     file = files.get_file(session=session, file_id=file_id)
-    if file is None or (owner is not None and file.owner != owner):
+    if file is None or not owns(owner, file.owner):
         raise APIError(404, f"No file with id {file_id!r}.", code="file_not_found", param=param)
     return file
 

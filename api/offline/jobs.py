@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy.orm import Session
 from sse_starlette import ServerSentEvent
 
-from api.auth import AUTHENTICATED, Owner
+from api.auth import AUTHENTICATED, Owner, owns
 from api.dialects import registry
 from api.errors import APIError
 from api.offline.pages import list_page
@@ -71,7 +71,7 @@ def job_object(services: Services, job: Job) -> dict[str, Any]:
 def _owned(session: Session, job_id: str, owner: str | None) -> Job:
     """The job, if it is the caller's: another key's job is as absent as an unknown one (404)."""
     job = jobs.get_job(session=session, job_id=job_id)
-    if job is None or (owner is not None and job.owner != owner):
+    if job is None or not owns(owner, job.owner):
         raise APIError(404, f"No job with id {job_id!r}.", code="job_not_found", param="job_id")
     return job
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from api.auth import owns
 from api.dialects.responses.protocol import ItemReference, ResponsesRequest
 from api.dialects.responses.render import ResponseContext, item_id, output_items
 from api.errors import APIError
@@ -27,7 +28,7 @@ def _read(
     with services.sessions() as session:
         found = responses.get_response(session=session, response_id=response_id)
     row, job = found if found is not None else (None, None)
-    if row is None or job is None or (owner is not None and row.owner != owner):  # past retention, another key's
+    if row is None or job is None or not owns(owner, row.owner):  # past retention, another key's
         raise APIError(404, f"No response with id '{response_id}' is stored.", code="not_found", param=param)
     return row, job
 
